@@ -1,0 +1,17 @@
+//! Compiles proto/ with protox (pure Rust), so a build needs cargo alone: no system protoc.
+use prost::Message;
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/callout/v1/callout.proto";
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile([proto], ["proto"])?;
+    // The encoded set (imports included) feeds server reflection.
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(out.join("callout_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
+//! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+mod outcome;
+mod retry;
+mod status;
+mod validate;
+
+pub use outcome::{
+    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
+};
+pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
+pub use status::{StatusSpec, StatusSpecError};
+pub use validate::{FieldViolation, InvalidAction};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use std::{collections::HashMap, time::Duration};
+
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default timeout of one attempt (headers and body).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default body cap for `Execute`: the reply must fit gRPC clients' default 4 MiB limit.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 2 * 1024 * 1024;
+/// Default number of redirects followed.
+pub const DEFAULT_MAX_REDIRECTS: u32 = 10;
+
+/// An action as the caller wrote it, before validation. Empty strings and zeros mean "default".
+#[derive(Debug, Clone, Default)]
+pub struct ActionInput {
+    pub action_id: String,
+    pub method: String,
+    pub url: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: BodyInput,
+    pub content_type: String,
+    pub timeouts: TimeoutsInput,
+    pub success_codes: String,
+    pub on_failure: OnFailure,
+    pub error_messages: Vec<(String, String)>,
+    pub retry: RetryInput,
+    pub redirects: RedirectsInput,
+    pub tls: TlsInput,
+    pub proxy_url: String,
+    pub max_response_bytes: u64,
+}
+
+/// The request body as written.
+#[derive(Debug, Clone, Default)]
+pub enum BodyInput {
+    #[default]
+    None,
+    /// JSON text; must parse. Default Content-Type `application/json`.
+    Json(String),
+    /// Form fields, urlencoded. Default Content-Type `application/x-www-form-urlencoded`.
+    Form(Vec<(String, String)>),
+    /// Text sent as-is, no Content-Type added.
+    Text(String),
+    /// Bytes sent as-is, no Content-Type added.
+    Raw(Bytes),
+}
+
+/// Timeouts as written; `None` takes the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimeoutsInput {
+    pub connect: Option<Duration>,
+    pub attempt: Option<Duration>,
+    pub total: Option<Duration>,
+}
+
+/// Retry policy as written; zeros and `None` take the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RetryInput {
+    pub max_attempts: u32,
+    pub initial_backoff: Option<Duration>,
+    pub max_backoff: Option<Duration>,
+    pub multiplier: f64,
+    pub jitter: Option<bool>,
+    pub retry_on_status: String,
+    pub retry_on_errors: Vec<ErrorKind>,
+    pub honor_retry_after: Option<bool>,
+    pub retry_non_idempotent: bool,
+}
+
+/// Redirect policy as written.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedirectsInput {
+    pub follow: Option<bool>,
+    pub max_hops: u32,
+}
+
+/// Per-action TLS options as written.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInput {
+    pub insecure_skip_verify: bool,
+    pub ca_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+}
+
+/// What the engine should do when the action fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    #[default]
+    Abort,
+    Continue,
+}
+
+/// A validated action: everything the executor needs, nothing left to check.
+#[derive(Debug, Clone)]
+pub struct HttpAction {
+    pub id: String,
+    pub method: Method,
+    /// The full URL, query appended, credentials and fragment removed.
+    pub url: url::Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub timeouts: Timeouts,
+    pub success: StatusSpec,
+    pub on_failure: OnFailure,
+    pub error_messages: ErrorMessages,
+    pub retry: RetryPolicy,
+    pub redirects: RedirectPolicy,
+    /// `None`: the caller did not set one (the executor applies its default for the call kind).
+    pub max_response_bytes: Option<u64>,
+}
+
+/// Validated timeouts. `total` is `None` when the caller left it to the server and deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub attempt: Duration,
+    pub total: Option<Duration>,
+}
+
+/// Validated redirect policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedirectPolicy {
+    pub follow: bool,
+    pub max_hops: u32,
+}
+
+/// Messages to report per status or class of status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorMessages {
+    by_status: HashMap<u16, String>,
+    by_class: HashMap<u16, String>,
+}
+
+impl ErrorMessages {
+    /// The message for `status`: an exact entry wins over its class.
+    pub fn lookup(&self, status: u16) -> Option<&str> {
+        self.by_status
+            .get(&status)
+            .or_else(|| self.by_class.get(&(status / 100)))
+            .map(String::as_str)
+    }
+}
+
+impl HttpAction {
+    /// Validates `input`, collecting every problem with the field it concerns.
+    pub fn from_input(input: ActionInput) -> Result<Self, InvalidAction> {
+        validate::validate(input)
+    }
+
+    /// The host and port the action goes to, for logs (never credentials or the path).
+    pub fn destination(&self) -> String {
+        match (self.url.host_str(), self.url.port_or_known_default()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            _ => String::new(),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! What an action produced: the outcome, the last response, every attempt and their timings.
+use bytes::Bytes;
+use std::{
+    fmt,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+/// Why an action, or one attempt, failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    InvalidRequest,
+    DeniedByPolicy,
+    Dns,
+    Connect,
+    Tls,
+    Timeout,
+    Protocol,
+    BodyTooLarge,
+    UnexpectedStatus,
+    RateLimited,
+    CircuitOpen,
+    Cancelled,
+}
+
+impl ErrorKind {
+    /// The contract's name for the kind, e.g. `"TIMEOUT"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "INVALID_REQUEST",
+            Self::DeniedByPolicy => "DENIED_BY_POLICY",
+            Self::Dns => "DNS",
+            Self::Connect => "CONNECT",
+            Self::Tls => "TLS",
+            Self::Timeout => "TIMEOUT",
+            Self::Protocol => "PROTOCOL",
+            Self::BodyTooLarge => "BODY_TOO_LARGE",
+            Self::UnexpectedStatus => "UNEXPECTED_STATUS",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::CircuitOpen => "CIRCUIT_OPEN",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure with its kind and a message fit to show (no secrets, no URL credentials).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ActionError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ActionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// A response head, as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub reason: String,
+    pub version: &'static str,
+    /// In the order received, repeated names kept.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The last response of an action, with its (possibly capped) body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseData {
+    pub head: ResponseHead,
+    pub body: Bytes,
+    pub body_json: Option<serde_json::Value>,
+    pub body_text: Option<String>,
+    pub truncated: bool,
+}
+
+/// Timings of one attempt. Connection phases are zero when a pooled connection was reused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptTiming {
+    pub dns: Duration,
+    pub connect: Duration,
+    pub tls: Duration,
+    pub first_byte: Option<Duration>,
+    pub total: Duration,
+    pub reused_connection: bool,
+}
+
+/// One try and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub status: Option<u16>,
+    pub error: Option<ActionError>,
+    pub timing: AttemptTiming,
+    pub remote_addr: Option<SocketAddr>,
+    /// The wait before the next attempt; `None` on the last one.
+    pub backoff: Option<Duration>,
+}
+
+/// The verdict of a whole action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub action_id: String,
+    pub succeeded: bool,
+    /// Whether the engine should go on: succeeded, or failed under CONTINUE.
+    pub proceed: bool,
+    pub error: Option<ActionError>,
+    pub response: Option<ResponseData>,
+    pub attempts: Vec<AttemptRecord>,
+    pub started_at: SystemTime,
+    pub total: Duration,
+}

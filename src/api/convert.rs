@@ -1,0 +1,250 @@
+//! Proto ⇄ domain conversion. The only place that knows both shapes.
+use crate::{
+    action::{
+        ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind,
+        InvalidAction, OnFailure, Outcome, RedirectsInput, ResponseData, ResponseHead, RetryInput,
+        TimeoutsInput, TlsInput,
+    },
+    pb,
+};
+use std::time::{Duration, SystemTime};
+
+/// The request as the domain's input. Proto-level problems (a negative duration, an unknown
+/// enum value) are added to `bad` with their field path.
+pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) -> ActionInput {
+    let timeouts = req.timeouts.unwrap_or_default();
+    let retry = req.retry.unwrap_or_default();
+    let redirects = req.redirects.unwrap_or_default();
+    let tls = req.tls.unwrap_or_default();
+    let on_failure = match pb::OnFailure::try_from(req.on_failure) {
+        Ok(pb::OnFailure::Unspecified | pb::OnFailure::Abort) => OnFailure::Abort,
+        Ok(pb::OnFailure::Continue) => OnFailure::Continue,
+        Err(_) => {
+            bad.push("on_failure", format!("unknown value {}", req.on_failure));
+            OnFailure::Abort
+        }
+    };
+    let mut retry_on_errors = Vec::with_capacity(retry.retry_on_errors.len());
+    for (i, raw) in retry.retry_on_errors.iter().enumerate() {
+        match pb::ErrorKind::try_from(*raw).ok().and_then(error_kind_from) {
+            Some(kind) => retry_on_errors.push(kind),
+            None => bad.push(
+                format!("retry.retry_on_errors[{i}]"),
+                format!("unknown error kind {raw}"),
+            ),
+        }
+    }
+    let mut error_messages: Vec<(String, String)> = req.error_messages.into_iter().collect();
+    error_messages.sort();
+    let body = match req.body {
+        None => BodyInput::None,
+        Some(pb::execute_http_action_request::Body::Json(json)) => BodyInput::Json(json),
+        Some(pb::execute_http_action_request::Body::Form(form)) => {
+            BodyInput::Form(pairs(form.fields))
+        }
+        Some(pb::execute_http_action_request::Body::Text(text)) => BodyInput::Text(text),
+        Some(pb::execute_http_action_request::Body::Raw(raw)) => BodyInput::Raw(raw.into()),
+    };
+    ActionInput {
+        action_id: req.action_id,
+        method: req.method,
+        url: req.url,
+        query: pairs(req.query),
+        headers: pairs(req.headers),
+        body,
+        content_type: req.content_type,
+        timeouts: TimeoutsInput {
+            connect: duration("timeouts.connect", timeouts.connect, bad),
+            attempt: duration("timeouts.attempt", timeouts.attempt, bad),
+            total: duration("timeouts.total", timeouts.total, bad),
+        },
+        success_codes: req.success_codes,
+        on_failure,
+        error_messages,
+        retry: RetryInput {
+            max_attempts: retry.max_attempts,
+            initial_backoff: duration("retry.initial_backoff", retry.initial_backoff, bad),
+            max_backoff: duration("retry.max_backoff", retry.max_backoff, bad),
+            multiplier: retry.multiplier,
+            jitter: retry.jitter,
+            retry_on_status: retry.retry_on_status,
+            retry_on_errors,
+            honor_retry_after: retry.honor_retry_after,
+            retry_non_idempotent: retry.retry_non_idempotent,
+        },
+        redirects: RedirectsInput {
+            follow: redirects.follow,
+            max_hops: redirects.max_hops,
+        },
+        tls: TlsInput {
+            insecure_skip_verify: tls.insecure_skip_verify,
+            ca_pem: tls.ca_pem,
+            client_cert_pem: tls.client_cert_pem,
+            client_key_pem: tls.client_key_pem,
+        },
+        proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
+        max_response_bytes: req.max_response_bytes,
+    }
+}
+
+fn pairs(kvs: Vec<pb::KeyValue>) -> Vec<(String, String)> {
+    kvs.into_iter().map(|kv| (kv.name, kv.value)).collect()
+}
+
+fn duration(
+    field: &str,
+    d: Option<prost_types::Duration>,
+    bad: &mut InvalidAction,
+) -> Option<Duration> {
+    let d = d?;
+    match Duration::try_from(d) {
+        Ok(d) => Some(d),
+        Err(_) => {
+            bad.push(field, "must be positive");
+            None
+        }
+    }
+}
+
+fn error_kind_from(kind: pb::ErrorKind) -> Option<ErrorKind> {
+    Some(match kind {
+        pb::ErrorKind::Unspecified => return None,
+        pb::ErrorKind::InvalidRequest => ErrorKind::InvalidRequest,
+        pb::ErrorKind::DeniedByPolicy => ErrorKind::DeniedByPolicy,
+        pb::ErrorKind::Dns => ErrorKind::Dns,
+        pb::ErrorKind::Connect => ErrorKind::Connect,
+        pb::ErrorKind::Tls => ErrorKind::Tls,
+        pb::ErrorKind::Timeout => ErrorKind::Timeout,
+        pb::ErrorKind::Protocol => ErrorKind::Protocol,
+        pb::ErrorKind::BodyTooLarge => ErrorKind::BodyTooLarge,
+        pb::ErrorKind::UnexpectedStatus => ErrorKind::UnexpectedStatus,
+        pb::ErrorKind::RateLimited => ErrorKind::RateLimited,
+        pb::ErrorKind::CircuitOpen => ErrorKind::CircuitOpen,
+        pb::ErrorKind::Cancelled => ErrorKind::Cancelled,
+    })
+}
+
+fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
+    match kind {
+        ErrorKind::InvalidRequest => pb::ErrorKind::InvalidRequest,
+        ErrorKind::DeniedByPolicy => pb::ErrorKind::DeniedByPolicy,
+        ErrorKind::Dns => pb::ErrorKind::Dns,
+        ErrorKind::Connect => pb::ErrorKind::Connect,
+        ErrorKind::Tls => pb::ErrorKind::Tls,
+        ErrorKind::Timeout => pb::ErrorKind::Timeout,
+        ErrorKind::Protocol => pb::ErrorKind::Protocol,
+        ErrorKind::BodyTooLarge => pb::ErrorKind::BodyTooLarge,
+        ErrorKind::UnexpectedStatus => pb::ErrorKind::UnexpectedStatus,
+        ErrorKind::RateLimited => pb::ErrorKind::RateLimited,
+        ErrorKind::CircuitOpen => pb::ErrorKind::CircuitOpen,
+        ErrorKind::Cancelled => pb::ErrorKind::Cancelled,
+    }
+}
+
+pub fn action_error(e: &ActionError) -> pb::ActionError {
+    pb::ActionError {
+        kind: error_kind(e.kind) as i32,
+        message: e.message.clone(),
+    }
+}
+
+pub fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+pub fn key_values(pairs: &[(String, String)]) -> Vec<pb::KeyValue> {
+    pairs
+        .iter()
+        .map(|(name, value)| pb::KeyValue {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+pub fn attempt_timing(t: &AttemptTiming) -> pb::AttemptTiming {
+    pb::AttemptTiming {
+        dns: Some(proto_duration(t.dns)),
+        connect: Some(proto_duration(t.connect)),
+        tls: Some(proto_duration(t.tls)),
+        first_byte: t.first_byte.map(proto_duration),
+        total: Some(proto_duration(t.total)),
+        reused_connection: t.reused_connection,
+    }
+}
+
+fn attempt(a: &AttemptRecord) -> pb::Attempt {
+    pb::Attempt {
+        number: a.number,
+        status: a.status.map(u32::from).unwrap_or_default(),
+        error: a.error.as_ref().map(action_error),
+        timing: Some(attempt_timing(&a.timing)),
+        remote_address: a.remote_addr.map(|r| r.to_string()).unwrap_or_default(),
+        backoff: a.backoff.map(proto_duration),
+    }
+}
+
+pub fn response_head(head: &ResponseHead) -> pb::HttpResponse {
+    pb::HttpResponse {
+        status: u32::from(head.status),
+        reason: head.reason.clone(),
+        http_version: head.version.to_owned(),
+        headers: key_values(&head.headers),
+        ..Default::default()
+    }
+}
+
+fn response(r: ResponseData) -> pb::HttpResponse {
+    pb::HttpResponse {
+        body: r.body.to_vec(),
+        body_json: r.body_json.map(json_value),
+        body_text: r.body_text,
+        truncated: r.truncated,
+        ..response_head(&r.head)
+    }
+}
+
+/// The outcome as Execute's reply.
+pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
+    pb::ExecuteHttpActionResponse {
+        action_id: o.action_id,
+        outcome: if o.succeeded {
+            pb::Outcome::Succeeded
+        } else {
+            pb::Outcome::Failed
+        } as i32,
+        proceed: o.proceed,
+        error: o.error.as_ref().map(action_error),
+        response: o.response.map(response),
+        attempts: o.attempts.iter().map(attempt).collect(),
+        timing: Some(pb::ActionTiming {
+            started_at: Some(timestamp(o.started_at)),
+            total: Some(proto_duration(o.total)),
+        }),
+    }
+}
+
+/// JSON as google.protobuf.Value.
+pub fn json_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(json_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map.into_iter().map(|(k, v)| (k, json_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

@@ -1,0 +1,8 @@
+//! The gRPC edge: proto ⇄ domain conversion, the service, streaming. Thin by design; proto
+//! types stop here.
+pub mod convert;
+mod service;
+mod status;
+
+pub use service::HttpActionService;
+pub use status::invalid_argument;

@@ -1,0 +1,202 @@
+//! `callout.v1.HttpActionService`: turn the message into an action, run it on the executor,
+//! map the result. ExecuteStream runs the action in a task feeding a channel, so a caller that
+//! goes away is noticed and the action stops.
+use super::{convert, status::invalid_argument};
+use crate::{
+    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead},
+    exec::{Executor, Gone, Observer},
+    pb::{self, action_event::Event},
+};
+use bytes::Bytes;
+use std::{net::SocketAddr, pin::Pin, time::Duration};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{metadata::MetadataMap, Request, Response, Status};
+
+/// Events buffered between the action and a slow reader: bounded, so a slow caller slows the
+/// upstream read instead of growing memory.
+const STREAM_BUFFER: usize = 16;
+
+pub struct HttpActionService {
+    executor: Executor,
+}
+
+impl HttpActionService {
+    pub fn new(executor: Executor) -> Self {
+        Self { executor }
+    }
+}
+
+/// Validates the request; proto-level and domain problems are reported together.
+fn action_of(req: pb::ExecuteHttpActionRequest) -> Result<HttpAction, Status> {
+    let mut bad = InvalidAction::default();
+    let input = convert::action_input(req, &mut bad);
+    match HttpAction::from_input(input) {
+        Ok(action) if bad.is_empty() => Ok(action),
+        Ok(_) => Err(invalid_argument(&bad)),
+        Err(more) => {
+            bad.violations.extend(more.violations);
+            Err(invalid_argument(&bad))
+        }
+    }
+}
+
+/// The caller's deadline, from the `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
+fn grpc_deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::http_action_service_server::HttpActionService for HttpActionService {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteHttpActionRequest>,
+    ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
+        let budget = grpc_deadline(request.metadata());
+        let action = action_of(request.into_inner())?;
+        let outcome = self.executor.execute(&action, budget).await;
+        Ok(Response::new(convert::outcome(outcome)))
+    }
+
+    type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ActionEvent, Status>> + Send>>;
+
+    async fn execute_stream(
+        &self,
+        request: Request<pb::ExecuteHttpActionRequest>,
+    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+        let budget = grpc_deadline(request.metadata());
+        let action = action_of(request.into_inner())?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let executor = self.executor.clone();
+        tokio::spawn(async move {
+            let mut events = EventSink { tx: tx.clone() };
+            let accepted = Event::Accepted(pb::Accepted {
+                action_id: action.id.clone(),
+                accepted_at: Some(convert::timestamp(std::time::SystemTime::now())),
+            });
+            if events.send(accepted).await.is_err() {
+                return;
+            }
+            // The caller going away drops the action (and its upstream request) at once.
+            tokio::select! {
+                outcome = executor.run(&action, budget, &mut events) => {
+                    let mut result = convert::outcome(outcome);
+                    if let Some(response) = result.response.as_mut() {
+                        // The body went out as BodyChunk events.
+                        response.body.clear();
+                    }
+                    let _ = events.send(Event::Completed(pb::Completed { result: Some(result) })).await;
+                }
+                _ = tx.closed() => {
+                    tracing::info!(action_id = %action.id, "stream caller went away; action cancelled");
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Feeds executor observations into the stream as `ActionEvent`s.
+struct EventSink {
+    tx: mpsc::Sender<Result<pb::ActionEvent, Status>>,
+}
+
+impl EventSink {
+    async fn send(&mut self, event: Event) -> Result<(), Gone> {
+        self.tx
+            .send(Ok(pb::ActionEvent { event: Some(event) }))
+            .await
+            .map_err(|_| Gone)
+    }
+}
+
+impl Observer for EventSink {
+    fn streams_body(&self) -> bool {
+        true
+    }
+
+    async fn attempt_started(&mut self, attempt: u32) -> Result<(), Gone> {
+        let started_at = Some(convert::timestamp(std::time::SystemTime::now()));
+        self.send(Event::AttemptStarted(pb::AttemptStarted {
+            attempt,
+            started_at,
+        }))
+        .await
+    }
+
+    async fn response_head(
+        &mut self,
+        attempt: u32,
+        head: &ResponseHead,
+        timing: &AttemptTiming,
+        remote: Option<SocketAddr>,
+    ) -> Result<(), Gone> {
+        let mut timing = convert::attempt_timing(timing);
+        timing.total = None;
+        self.send(Event::ResponseHead(pb::ResponseHead {
+            attempt,
+            status: u32::from(head.status),
+            reason: head.reason.clone(),
+            http_version: head.version.to_owned(),
+            headers: convert::key_values(&head.headers),
+            timing: Some(timing),
+            remote_address: remote.map(|r| r.to_string()).unwrap_or_default(),
+        }))
+        .await
+    }
+
+    async fn body_chunk(&mut self, attempt: u32, offset: u64, data: Bytes) -> Result<(), Gone> {
+        self.send(Event::BodyChunk(pb::BodyChunk {
+            attempt,
+            offset,
+            data: data.to_vec(),
+        }))
+        .await
+    }
+
+    async fn attempt_failed(
+        &mut self,
+        record: &AttemptRecord,
+        will_retry: bool,
+    ) -> Result<(), Gone> {
+        self.send(Event::AttemptFailed(pb::AttemptFailed {
+            attempt: record.number,
+            error: record.error.as_ref().map(convert::action_error),
+            status: record.status.map(u32::from).unwrap_or_default(),
+            will_retry,
+            backoff: record.backoff.map(convert::proto_duration),
+        }))
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut md = MetadataMap::new();
+        for (raw, want) in [
+            ("10S", Some(Duration::from_secs(10))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("2H", Some(Duration::from_secs(7200))),
+            ("5x", None),
+            ("S", None),
+        ] {
+            md.insert("grpc-timeout", raw.parse().unwrap());
+            assert_eq!(grpc_deadline(&md), want, "{raw}");
+        }
+    }
+}

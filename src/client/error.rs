@@ -1,0 +1,78 @@
+//! Classifies a failed send into an error kind, once, by walking the cause chain; and says
+//! whether the request may have reached the upstream (which decides if a POST may retry).
+use super::connect::ConnectError;
+use crate::action::ErrorKind;
+use std::error::Error as StdError;
+
+/// A send that produced no response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendFailure {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// False when the request surely never left (no connection was made).
+    pub sent: bool,
+}
+
+impl SendFailure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>, sent: bool) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            sent,
+        }
+    }
+}
+
+pub(crate) fn classify(err: &hyper_util::client::legacy::Error) -> SendFailure {
+    if let Some(connect) = find::<ConnectError>(err) {
+        return SendFailure::new(connect.kind, connect.message.clone(), false);
+    }
+    if err.is_connect() {
+        return SendFailure::new(ErrorKind::Connect, chain(err), false);
+    }
+    if let Some(hyper_err) = find::<hyper::Error>(err) {
+        if hyper_err.is_parse() || hyper_err.is_parse_status() || hyper_err.is_user() {
+            return SendFailure::new(
+                ErrorKind::Protocol,
+                format!("invalid HTTP response: {}", chain(err)),
+                true,
+            );
+        }
+        if hyper_err.is_timeout() {
+            return SendFailure::new(ErrorKind::Timeout, chain(err), true);
+        }
+    }
+    // Closed or reset before a response head: the connection broke, the request may have
+    // arrived. CONNECT so idempotent requests retry; `sent` keeps POSTs from repeating.
+    SendFailure::new(
+        ErrorKind::Connect,
+        format!("connection failed before a response: {}", chain(err)),
+        true,
+    )
+}
+
+fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// The messages of an error and its causes, joined, repeats skipped.
+pub(crate) fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    out
+}

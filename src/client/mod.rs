@@ -1,0 +1,93 @@
+//! The outbound HTTP stack: one pooled hyper-util client over the timed connector, shared by
+//! every action. Each concern sits in its own module: `connect` (DNS/TCP/TLS with timings),
+//! `error` (classifying failures), `redirect` (following Location), `response` (reading heads
+//! and capped bodies).
+pub mod connect;
+pub mod error;
+pub mod redirect;
+pub mod response;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::ConfigBuilderExt;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use std::{sync::Arc, time::Duration};
+
+pub use connect::{ConnInfo, ConnMeta};
+pub use error::SendFailure;
+
+/// Request bodies are built whole from the action, so a full buffer is enough.
+pub type RequestBody = Full<Bytes>;
+
+/// Pool and protocol settings of the shared client.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// How long an idle pooled connection is kept. Default 90 s.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per host. Default 64.
+    pub pool_max_idle_per_host: usize,
+    /// Offer HTTP/2 by ALPN on https. Default true.
+    pub http2: bool,
+    /// Connect timeout when an action does not carry one. Default 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 64,
+            http2: true,
+            connect_timeout: crate::action::DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("building the TLS client configuration: {0}")]
+pub struct ClientBuildError(#[from] rustls::Error);
+
+/// The shared, pooled HTTP client.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<connect::TimedConnector, RequestBody>,
+}
+
+impl HttpClient {
+    pub fn new(settings: &ClientSettings) -> Result<Self, ClientBuildError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_webpki_roots()
+            .with_no_client_auth();
+        tls.alpn_protocols = if settings.http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let connector = connect::TimedConnector::new(Arc::new(tls), settings.connect_timeout);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Ok(Self { inner })
+    }
+
+    /// Sends one request (no redirects followed), connecting within `connect_timeout` when no
+    /// pooled connection is free.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        connect::CONNECT_TIMEOUT
+            .scope(connect_timeout, self.inner.request(request))
+            .await
+            .map_err(|e| error::classify(&e))
+    }
+}

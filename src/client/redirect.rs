@@ -1,0 +1,198 @@
+//! Following redirects: where the next hop goes, with which method, body and headers.
+//! 301/302 turn POST into GET and 303 turns anything but HEAD into GET (as browsers do);
+//! 307/308 keep method and body. Credentials never cross to another origin.
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, StatusCode};
+use url::Url;
+
+/// One request of a redirect chain.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why a redirect chain stopped with an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedirectError {
+    #[error("more than {0} redirects")]
+    TooMany(u32),
+    #[error("redirect loop: {0} was already visited")]
+    Loop(String),
+    #[error("redirect Location is not a valid URL: {0}")]
+    BadLocation(String),
+    #[error("redirect to scheme {0:?} is not allowed; only http and https")]
+    BadScheme(String),
+}
+
+const CREDENTIAL_HEADERS: [header::HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The hop after `current`, when its response is a redirect to follow; `None` when the
+/// response is final (not a redirect, or no Location). `visited` holds the URLs so far.
+pub fn next_hop(
+    current: &Hop,
+    status: StatusCode,
+    location: Option<&header::HeaderValue>,
+    visited: &[Url],
+    max_hops: u32,
+) -> Result<Option<Hop>, RedirectError> {
+    let change_to_get = match status.as_u16() {
+        301 | 302 => current.method == Method::POST,
+        303 => current.method != Method::HEAD,
+        307 | 308 => false,
+        _ => return Ok(None),
+    };
+    let Some(location) = location else {
+        return Ok(None);
+    };
+    let location = location
+        .to_str()
+        .map_err(|_| RedirectError::BadLocation("it is not visible ASCII".into()))?;
+    let mut url = current
+        .url
+        .join(location)
+        .map_err(|e| RedirectError::BadLocation(e.to_string()))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(RedirectError::BadScheme(url.scheme().to_owned()));
+    }
+    // Fragments are not sent; a Location without one keeps no fragment either.
+    url.set_fragment(None);
+    if visited.len() as u32 > max_hops {
+        return Err(RedirectError::TooMany(max_hops));
+    }
+    if visited.contains(&url) {
+        return Err(RedirectError::Loop(format!(
+            "{}{}",
+            url.origin().ascii_serialization(),
+            url.path()
+        )));
+    }
+    let mut next = Hop {
+        method: current.method.clone(),
+        url,
+        headers: current.headers.clone(),
+        body: current.body.clone(),
+    };
+    if change_to_get {
+        next.method = Method::GET;
+        next.body = Bytes::new();
+        next.headers.remove(header::CONTENT_TYPE);
+        next.headers.remove(header::CONTENT_ENCODING);
+    }
+    if next.url.origin() != current.url.origin() {
+        for name in &CREDENTIAL_HEADERS {
+            next.headers.remove(name);
+        }
+    }
+    Ok(Some(next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn hop(method: Method, url: &str) -> Hop {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Hop {
+            method,
+            url: Url::parse(url).unwrap(),
+            headers,
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    fn follow(h: &Hop, status: u16, to: &'static str) -> Result<Option<Hop>, RedirectError> {
+        next_hop(
+            h,
+            StatusCode::from_u16(status).unwrap(),
+            Some(&HeaderValue::from_static(to)),
+            &[h.url.clone()],
+            10,
+        )
+    }
+
+    #[test]
+    fn post_becomes_get_on_301_302_303() {
+        for status in [301, 302, 303] {
+            let next = follow(&hop(Method::POST, "http://a.test/x"), status, "/y")
+                .unwrap()
+                .unwrap();
+            assert_eq!(next.method, Method::GET);
+            assert!(next.body.is_empty());
+            assert!(!next.headers.contains_key(header::CONTENT_TYPE));
+            assert_eq!(next.url.as_str(), "http://a.test/y");
+            assert!(
+                next.headers.contains_key(header::AUTHORIZATION),
+                "same origin keeps credentials"
+            );
+        }
+        let put = follow(&hop(Method::PUT, "http://a.test/x"), 302, "/y")
+            .unwrap()
+            .unwrap();
+        assert_eq!(put.method, Method::PUT);
+        let head = follow(&hop(Method::HEAD, "http://a.test/x"), 303, "/y")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.method, Method::HEAD);
+    }
+
+    #[test]
+    fn temporary_and_permanent_keep_method_and_body() {
+        for status in [307, 308] {
+            let next = follow(&hop(Method::POST, "http://a.test/x"), status, "/y")
+                .unwrap()
+                .unwrap();
+            assert_eq!(next.method, Method::POST);
+            assert_eq!(next.body, "{}");
+        }
+    }
+
+    #[test]
+    fn credentials_do_not_cross_origins() {
+        let next = follow(
+            &hop(Method::GET, "http://a.test/x"),
+            302,
+            "http://a.test:8080/y",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!next.headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn loops_limits_and_bad_locations() {
+        let h = hop(Method::GET, "http://a.test/x");
+        assert!(matches!(follow(&h, 302, "/x"), Err(RedirectError::Loop(_))));
+        assert!(matches!(
+            follow(&h, 302, "ftp://a.test/"),
+            Err(RedirectError::BadScheme(_))
+        ));
+        let visited: Vec<Url> = (0..11)
+            .map(|i| Url::parse(&format!("http://a.test/{i}")).unwrap())
+            .collect();
+        let r = next_hop(
+            &h,
+            StatusCode::FOUND,
+            Some(&HeaderValue::from_static("/z")),
+            &visited,
+            10,
+        );
+        assert_eq!(r.unwrap_err(), RedirectError::TooMany(10));
+        assert!(follow(&h, 200, "/y").unwrap().is_none());
+        assert!(next_hop(&h, StatusCode::FOUND, None, &[], 10)
+            .unwrap()
+            .is_none());
+    }
+}

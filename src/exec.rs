@@ -1,0 +1,649 @@
+//! Runs one action through the client stack and builds its outcome: attempts, retries and
+//! backoff under the total deadline, redirects within an attempt, the body read under its cap.
+//! The gRPC service, the stream and `callout exec` all drive this one executor.
+use crate::{
+    action::{
+        parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind,
+        HttpAction, OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision,
+        DEFAULT_MAX_RESPONSE_BYTES,
+    },
+    client::{
+        redirect::{next_hop, Hop},
+        response::{head_of, pieces, views, BodyError, CappedBody},
+        ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, SendFailure,
+    },
+};
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::time::timeout_at;
+
+/// Settings of the executor.
+#[derive(Debug, Clone)]
+pub struct ExecSettings {
+    /// Total time of an action that sets none, before the gRPC deadline. Default 5 min.
+    pub default_total_timeout: Duration,
+    /// Body cap of ExecuteStream. Default 1 GiB.
+    pub stream_max_response_bytes: u64,
+    pub client: ClientSettings,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self {
+            default_total_timeout: Duration::from_secs(300),
+            stream_max_response_bytes: 1 << 30,
+            client: ClientSettings::default(),
+        }
+    }
+}
+
+/// The caller went away; the action stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Gone;
+
+/// Watches an action as it runs. `ExecuteStream` turns these calls into events; a body is
+/// streamed through `body_chunk` instead of being buffered when `streams_body` is true.
+pub trait Observer: Send {
+    fn streams_body(&self) -> bool;
+    fn attempt_started(&mut self, attempt: u32) -> impl Future<Output = Result<(), Gone>> + Send;
+    fn response_head(
+        &mut self,
+        attempt: u32,
+        head: &ResponseHead,
+        timing: &AttemptTiming,
+        remote: Option<SocketAddr>,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+    fn body_chunk(
+        &mut self,
+        attempt: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+    fn attempt_failed(
+        &mut self,
+        record: &AttemptRecord,
+        will_retry: bool,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+}
+
+/// Observes nothing and buffers the body: the unary `Execute` and `callout exec`.
+pub struct Buffered;
+
+impl Observer for Buffered {
+    fn streams_body(&self) -> bool {
+        false
+    }
+    async fn attempt_started(&mut self, _: u32) -> Result<(), Gone> {
+        Ok(())
+    }
+    async fn response_head(
+        &mut self,
+        _: u32,
+        _: &ResponseHead,
+        _: &AttemptTiming,
+        _: Option<SocketAddr>,
+    ) -> Result<(), Gone> {
+        Ok(())
+    }
+    async fn body_chunk(&mut self, _: u32, _: u64, _: Bytes) -> Result<(), Gone> {
+        Ok(())
+    }
+    async fn attempt_failed(&mut self, _: &AttemptRecord, _: bool) -> Result<(), Gone> {
+        Ok(())
+    }
+}
+
+/// Runs actions on the shared client.
+#[derive(Clone)]
+pub struct Executor {
+    client: HttpClient,
+    settings: ExecSettings,
+}
+
+const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
+
+/// Which clock ended an attempt.
+#[derive(Debug, Clone, Copy)]
+enum Clock {
+    Attempt(Duration),
+    Total(Duration),
+}
+
+impl Clock {
+    fn error(self) -> ActionError {
+        let (which, d) = match self {
+            Clock::Attempt(d) => ("attempt", d),
+            Clock::Total(d) => ("total", d),
+        };
+        ActionError::new(
+            ErrorKind::Timeout,
+            format!("{which} timeout of {} elapsed", fmt_duration(d)),
+        )
+    }
+}
+
+/// How one attempt ended.
+struct AttemptResult {
+    record: AttemptRecord,
+    end: Option<AttemptEnd>,
+    response: Option<ResponseData>,
+    /// Body bytes were already handed to the observer: the attempt cannot be repeated.
+    streamed: bool,
+}
+
+impl Executor {
+    pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
+        Ok(Self {
+            client: HttpClient::new(&settings.client)?,
+            settings,
+        })
+    }
+
+    pub fn settings(&self) -> &ExecSettings {
+        &self.settings
+    }
+
+    /// Runs `action` with its body buffered (Execute, `callout exec`). `budget` is the time the
+    /// caller allows (the gRPC deadline), which bounds the total.
+    pub async fn execute(&self, action: &HttpAction, budget: Option<Duration>) -> Outcome {
+        self.run(action, budget, &mut Buffered).await
+    }
+
+    /// Runs `action`, reporting to `observer` as it goes.
+    pub async fn run<O: Observer>(
+        &self,
+        action: &HttpAction,
+        budget: Option<Duration>,
+        observer: &mut O,
+    ) -> Outcome {
+        let started_at = SystemTime::now();
+        let t0 = Instant::now();
+        let total = self.total_budget(action, budget);
+        let deadline = t0 + total;
+        let mut attempts: Vec<AttemptRecord> = Vec::new();
+        let mut last_response: Option<ResponseData> = None;
+        let mut error: Option<ActionError> = None;
+
+        for number in 1..=action.retry.max_attempts {
+            if observer.attempt_started(number).await.is_err() {
+                error = Some(cancelled());
+                break;
+            }
+            let mut result = self
+                .attempt(action, number, deadline, total, observer)
+                .await;
+            if let Some(response) = result.response.take() {
+                last_response = Some(response);
+            }
+            let Some(end) = result.end else {
+                error = None;
+                attempts.push(result.record);
+                break;
+            };
+            let decision = if result.streamed {
+                RetryDecision::Stop {
+                    reason: "the body was already streamed".into(),
+                }
+            } else if matches!(end, AttemptEnd::Error { kind, .. } if !retryable_kind(kind)) {
+                RetryDecision::Stop {
+                    reason: "this error is final".into(),
+                }
+            } else {
+                action.retry.decide(
+                    number,
+                    end,
+                    deadline.saturating_duration_since(Instant::now()),
+                )
+            };
+            let attempt_error = result.record.error.clone();
+            let (will_retry, backoff) = match &decision {
+                RetryDecision::Retry { backoff, reason } => {
+                    tracing::debug!(action_id = %action.id, attempt = number, %reason, ?backoff, "retrying");
+                    (true, Some(*backoff))
+                }
+                RetryDecision::Stop { reason } => {
+                    tracing::debug!(action_id = %action.id, attempt = number, %reason, "not retrying");
+                    (false, None)
+                }
+            };
+            result.record.backoff = backoff;
+            let gone = observer
+                .attempt_failed(&result.record, will_retry)
+                .await
+                .is_err();
+            attempts.push(result.record);
+            error = attempt_error;
+            if gone {
+                error = Some(cancelled());
+                break;
+            }
+            match backoff {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => break,
+            }
+        }
+
+        let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        log_outcome(action, &outcome);
+        outcome
+    }
+
+    fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
+        let total = action
+            .timeouts
+            .total
+            .unwrap_or(self.settings.default_total_timeout);
+        match budget {
+            // Finish a little before the caller's deadline so the reply still reaches it.
+            Some(budget) => {
+                total.min(budget.saturating_sub((budget / 20).min(Duration::from_millis(100))))
+            }
+            None => total,
+        }
+    }
+
+    async fn attempt<O: Observer>(
+        &self,
+        action: &HttpAction,
+        number: u32,
+        deadline: Instant,
+        total: Duration,
+        observer: &mut O,
+    ) -> AttemptResult {
+        let start = Instant::now();
+        let attempt_deadline = start + action.timeouts.attempt;
+        let (until, clock) = if attempt_deadline < deadline {
+            (attempt_deadline, Clock::Attempt(action.timeouts.attempt))
+        } else {
+            (deadline, Clock::Total(total))
+        };
+        let mut record = AttemptRecord {
+            number,
+            status: None,
+            error: None,
+            timing: AttemptTiming::default(),
+            remote_addr: None,
+            backoff: None,
+        };
+        let fail = |mut record: AttemptRecord,
+                    error: ActionError,
+                    end: Option<AttemptEnd>,
+                    response,
+                    streamed| {
+            record.timing.total = start.elapsed();
+            record.error = Some(error);
+            AttemptResult {
+                record,
+                end,
+                response,
+                streamed,
+            }
+        };
+
+        let sent = timeout_at(until.into(), self.send_following_redirects(action)).await;
+        let response = match sent {
+            Err(_) => {
+                let end = AttemptEnd::Error {
+                    kind: ErrorKind::Timeout,
+                    sent: true,
+                };
+                return fail(record, clock.error(), Some(end), None, false);
+            }
+            Ok(Err(failure)) => {
+                let end = AttemptEnd::Error {
+                    kind: failure.kind,
+                    sent: failure.sent,
+                };
+                return fail(
+                    record,
+                    ActionError::new(failure.kind, failure.message),
+                    Some(end),
+                    None,
+                    false,
+                );
+            }
+            Ok(Ok(response)) => response,
+        };
+
+        record.timing.first_byte = Some(start.elapsed());
+        if let Some(ConnInfo(meta)) = response.extensions().get::<ConnInfo>() {
+            record.remote_addr = Some(meta.remote);
+            if meta.claim_for(start) {
+                record.timing.dns = meta.dns;
+                record.timing.connect = meta.connect;
+                record.timing.tls = meta.tls();
+            } else {
+                record.timing.reused_connection = true;
+            }
+        }
+        let head = head_of(&response);
+        let status = head.status;
+        record.status = Some(status);
+        if observer
+            .response_head(number, &head, &record.timing, record.remote_addr)
+            .await
+            .is_err()
+        {
+            return fail(record, cancelled(), Some(CANCELLED_END), None, false);
+        }
+
+        let success = action.success.contains(status);
+        let status_end = (!success).then(|| AttemptEnd::Status {
+            status,
+            retry_after: retry_after(&response),
+        });
+        // A status that will be retried is not worth its body: skip reading it.
+        if let Some(end) = status_end {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if matches!(
+                action.retry.decide(number, end, remaining),
+                RetryDecision::Retry { .. }
+            ) {
+                let response = ResponseData {
+                    head,
+                    body: Bytes::new(),
+                    body_json: None,
+                    body_text: None,
+                    truncated: false,
+                };
+                return fail(
+                    record,
+                    status_error(action, &response.head),
+                    Some(end),
+                    Some(response),
+                    false,
+                );
+            }
+        }
+
+        let streams = observer.streams_body();
+        let cap = self.body_cap(action, streams);
+        let read = timeout_at(
+            until.into(),
+            read_body(response.into_body(), cap, number, observer),
+        )
+        .await;
+        let (body, body_failure): (BodyRead, Option<(ActionError, bool)>) = match read {
+            Err(_) => (BodyRead::default(), Some((clock.error(), true))),
+            Ok(read) if read.gone => (read, Some((cancelled(), false))),
+            Ok(read) => {
+                let failure = read.error.as_ref().map(|e| match e {
+                    BodyError::TooLarge(_) => (
+                        ActionError::new(ErrorKind::BodyTooLarge, e.to_string()),
+                        false,
+                    ),
+                    BodyError::Read(_) => {
+                        (ActionError::new(ErrorKind::Protocol, e.to_string()), true)
+                    }
+                });
+                (read, failure)
+            }
+        };
+        let truncated = matches!(body.error, Some(BodyError::TooLarge(_)));
+        let streamed = streams && body.len > 0;
+        let (body_json, body_text) = if truncated || streams {
+            (None, None)
+        } else {
+            views(&head, &body.bytes)
+        };
+        let response = ResponseData {
+            head,
+            body: body.bytes,
+            body_json,
+            body_text,
+            truncated,
+        };
+        record.timing.total = start.elapsed();
+
+        if let Some((error, _)) = body_failure {
+            // BODY_TOO_LARGE and CANCELLED are final (see retryable_kind); a broken or slow
+            // body may retry by the policy.
+            let end = AttemptEnd::Error {
+                kind: error.kind,
+                sent: true,
+            };
+            return fail(record, error, Some(end), Some(response), streamed);
+        }
+        match status_end {
+            Some(end) => {
+                let error = status_error(action, &response.head);
+                fail(record, error, Some(end), Some(response), streamed)
+            }
+            None => AttemptResult {
+                record,
+                end: None,
+                response: Some(response),
+                streamed,
+            },
+        }
+    }
+
+    fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
+        if streams {
+            let server = self.settings.stream_max_response_bytes;
+            action
+                .max_response_bytes
+                .map_or(server, |own| own.min(server))
+        } else {
+            action
+                .max_response_bytes
+                .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+        }
+    }
+
+    /// Sends the action, following redirects by its policy; returns the final response.
+    async fn send_following_redirects(
+        &self,
+        action: &HttpAction,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        let mut hop = Hop {
+            method: action.method.clone(),
+            url: action.url.clone(),
+            headers: action.headers.clone(),
+            body: action.body.clone(),
+        };
+        let mut visited = vec![hop.url.clone()];
+        loop {
+            let response = self
+                .client
+                .send(build_request(&hop)?, action.timeouts.connect)
+                .await?;
+            if !action.redirects.follow {
+                return Ok(response);
+            }
+            let location = response.headers().get(header::LOCATION);
+            let next = next_hop(
+                &hop,
+                response.status(),
+                location,
+                &visited,
+                action.redirects.max_hops,
+            )
+            .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
+            match next {
+                None => return Ok(response),
+                Some(next) => {
+                    tracing::debug!(action_id = %action.id, status = response.status().as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
+                    visited.push(next.url.clone());
+                    hop = next;
+                }
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        action: &HttpAction,
+        started_at: SystemTime,
+        t0: Instant,
+        attempts: Vec<AttemptRecord>,
+        response: Option<ResponseData>,
+        error: Option<ActionError>,
+    ) -> Outcome {
+        let succeeded = error.is_none() && response.is_some();
+        let error = match (succeeded, error) {
+            (false, None) => Some(ActionError::new(
+                ErrorKind::Cancelled,
+                "the action ended before any attempt",
+            )),
+            (_, e) => e,
+        };
+        Outcome {
+            action_id: action.id.clone(),
+            succeeded,
+            proceed: succeeded || action.on_failure == OnFailure::Continue,
+            error,
+            response,
+            attempts,
+            started_at,
+            total: t0.elapsed(),
+        }
+    }
+}
+
+/// Errors that no retry can mend: the request itself or its response was wrong.
+fn retryable_kind(kind: ErrorKind) -> bool {
+    !matches!(
+        kind,
+        ErrorKind::BodyTooLarge
+            | ErrorKind::InvalidRequest
+            | ErrorKind::DeniedByPolicy
+            | ErrorKind::Cancelled
+    )
+}
+
+const CANCELLED_END: AttemptEnd = AttemptEnd::Error {
+    kind: ErrorKind::Cancelled,
+    sent: true,
+};
+
+fn cancelled() -> ActionError {
+    ActionError::new(ErrorKind::Cancelled, "the caller went away")
+}
+
+fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
+    let message = match action.error_messages.lookup(head.status) {
+        Some(mapped) => mapped.to_owned(),
+        None => format!(
+            "status {} {} is not in success_codes \"{}\"",
+            head.status,
+            head.reason,
+            action.success.as_str()
+        ),
+    };
+    ActionError::new(ErrorKind::UnexpectedStatus, message)
+}
+
+fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
+    let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, SystemTime::now())
+}
+
+fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
+    let uri: http::Uri = hop.url.as_str().parse().map_err(|_| {
+        SendFailure::new(
+            ErrorKind::InvalidRequest,
+            "URL cannot be sent as an HTTP request target",
+            false,
+        )
+    })?;
+    let mut request = Request::new(RequestBody::new(hop.body.clone()));
+    *request.method_mut() = hop.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = hop.headers.clone();
+    request
+        .headers_mut()
+        .entry(header::USER_AGENT)
+        .or_insert(HeaderValue::from_static(USER_AGENT));
+    Ok(request)
+}
+
+#[derive(Default)]
+struct BodyRead {
+    bytes: Bytes,
+    len: u64,
+    error: Option<BodyError>,
+    /// The observer went away mid-body.
+    gone: bool,
+}
+
+/// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
+async fn read_body<O: Observer>(
+    body: Incoming,
+    cap: u64,
+    attempt: u32,
+    observer: &mut O,
+) -> BodyRead {
+    let streams = observer.streams_body();
+    let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
+    let mut body = CappedBody::new(body, cap);
+    let mut buf = BytesMut::new();
+    if !streams {
+        buf.reserve(hint as usize);
+    }
+    let mut error = None;
+    let mut gone = false;
+    loop {
+        match body.next_chunk().await {
+            Ok(Some(data)) => {
+                if streams {
+                    let mut offset = body.read() - data.len() as u64;
+                    for piece in pieces(data) {
+                        let len = piece.len() as u64;
+                        if observer.body_chunk(attempt, offset, piece).await.is_err() {
+                            gone = true;
+                            break;
+                        }
+                        offset += len;
+                    }
+                    if gone {
+                        break;
+                    }
+                } else {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    BodyRead {
+        bytes: buf.freeze(),
+        len: body.read(),
+        error,
+        gone,
+    }
+}
+
+fn log_outcome(action: &HttpAction, outcome: &Outcome) {
+    let status = outcome.response.as_ref().map(|r| r.head.status);
+    let kind = outcome.error.as_ref().map(|e| e.kind.as_str());
+    tracing::info!(
+        action_id = %action.id,
+        method = %action.method,
+        destination = %action.destination(),
+        status,
+        outcome = if outcome.succeeded { "SUCCEEDED" } else { "FAILED" },
+        error = kind,
+        attempts = outcome.attempts.len(),
+        duration_ms = outcome.total.as_secs_f64() * 1000.0,
+        "action finished"
+    );
+}
+
+/// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(
+        d.as_millis().min(u64::MAX as u128) as u64
+    ))
+    .to_string()
+}

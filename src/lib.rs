@@ -1,0 +1,18 @@
+//! callout: a gRPC sidecar that executes HTTP actions for workflow engines.
+#![forbid(unsafe_code)]
+
+pub mod action;
+
+/// Generated protobuf and gRPC code. Used only at the gRPC edge (`api`) and by clients.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("callout.v1");
+    /// Encoded descriptors of the contract and its imports, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("callout_descriptor");
+}
+pub mod api;
+pub mod client;
+pub mod exec;
+pub mod report;
+pub mod server;

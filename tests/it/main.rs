@@ -1,0 +1,4 @@
+//! Integration tests: one binary, one module per concern, against real loopback servers and
+//! the real gRPC server.
+mod smoke;
+mod support;

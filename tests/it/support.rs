@@ -1,0 +1,297 @@
+//! Test harness: a scripted loopback HTTP upstream (hyper, HTTP/1.1 and h2c) that records what
+//! it saw, and the real callout gRPC server on a loopback port with a generated tonic client.
+#![allow(dead_code)]
+use bytes::Bytes;
+use callout::{
+    exec::{ExecSettings, Executor},
+    pb::{self, http_action_service_client::HttpActionServiceClient},
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// The body type upstream handlers answer with: may stream, may fail mid-way.
+pub type UpBody = BoxBody<Bytes, std::io::Error>;
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, as sent on the wire.
+    pub target: String,
+    pub version: http::Version,
+    /// In received order, repeats kept.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Seen {
+    /// All values of header `name` (lower case).
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header_values(name).into_iter().next()
+    }
+}
+
+/// Aborts the task when dropped, so servers stop with their test.
+struct AbortOnDrop(JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A loopback HTTP upstream answering every request with `handler`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _task: AbortOnDrop,
+}
+
+impl Upstream {
+    pub async fn start<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<UpBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let handler = Arc::new(handler);
+        let recorded = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let handler = handler.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let recorded = recorded.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let seen = Seen {
+                                method: parts.method.to_string(),
+                                target: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default(),
+                                version: parts.version,
+                                headers: parts
+                                    .headers
+                                    .iter()
+                                    .map(|(n, v)| {
+                                        (
+                                            n.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
+                                    .collect(),
+                                body,
+                            };
+                            recorded.lock().unwrap().push(seen.clone());
+                            Ok::<_, Infallible>(handler(seen).await)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// An upstream that answers every request with `status` and `body`.
+    pub async fn fixed(status: u16, body: &'static str) -> Self {
+        Self::start(move |_| async move { text(status, body) }).await
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+/// A full body.
+pub fn body(bytes: impl Into<Bytes>) -> UpBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A response with `status` and a text/plain body.
+pub fn text(status: u16, text: &'static str) -> Response<UpBody> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(body(text))
+        .unwrap()
+}
+
+/// A response with `status` and a JSON body.
+pub fn json(status: u16, value: serde_json::Value) -> Response<UpBody> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .header("content-type", "application/json")
+        .body(body(value.to_string()))
+        .unwrap()
+}
+
+/// The real callout gRPC server on a loopback port, and a client connected to it.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    pub client: HttpActionServiceClient<Channel>,
+    _task: AbortOnDrop,
+}
+
+impl Sidecar {
+    pub async fn start() -> Self {
+        Self::start_with(ExecSettings::default()).await
+    }
+
+    pub async fn start_with(settings: ExecSettings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let executor = Executor::new(settings).unwrap();
+        let task = tokio::spawn(async move {
+            callout::server::serve(listener, executor, std::future::pending())
+                .await
+                .unwrap();
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            addr,
+            client: HttpActionServiceClient::new(channel),
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// A new channel to the same server (for health, reflection, or separate calls).
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Execute, panicking on a gRPC error.
+    pub async fn execute(
+        &self,
+        req: pb::ExecuteHttpActionRequest,
+    ) -> pb::ExecuteHttpActionResponse {
+        self.client.clone().execute(req).await.unwrap().into_inner()
+    }
+
+    /// Execute, returning the gRPC status on error.
+    pub async fn try_execute(
+        &self,
+        req: pb::ExecuteHttpActionRequest,
+    ) -> Result<pb::ExecuteHttpActionResponse, tonic::Status> {
+        self.client
+            .clone()
+            .execute(req)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// ExecuteStream, collecting every event until the stream ends.
+    pub async fn stream(
+        &self,
+        req: pb::ExecuteHttpActionRequest,
+    ) -> Result<Vec<pb::action_event::Event>, tonic::Status> {
+        let mut stream = self.client.clone().execute_stream(req).await?.into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await? {
+            events.push(event.event.expect("event set"));
+        }
+        Ok(events)
+    }
+}
+
+/// A request for `method` and `url` with retries off (one attempt), so tests see exactly one
+/// try unless they opt in.
+pub fn request(method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
+    pb::ExecuteHttpActionRequest {
+        method: method.into(),
+        url: url.into(),
+        retry: Some(pb::RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn kv(name: &str, value: &str) -> pb::KeyValue {
+    pb::KeyValue {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+pub fn dur(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap()
+}
+
+/// The field paths of an INVALID_ARGUMENT status's google.rpc.BadRequest.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// The response's error kind.
+pub fn error_kind(resp: &pb::ExecuteHttpActionResponse) -> pb::ErrorKind {
+    resp.error
+        .as_ref()
+        .map(|e| e.kind())
+        .unwrap_or(pb::ErrorKind::Unspecified)
+}
