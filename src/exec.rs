@@ -545,7 +545,8 @@ fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
     parse_retry_after(value, SystemTime::now())
 }
 
-fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
+/// The hyper request for one hop: the action's headers plus a default User-Agent.
+pub fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
     let uri: http::Uri = hop.url.as_str().parse().map_err(|_| {
         SendFailure::new(
             ErrorKind::InvalidRequest,
