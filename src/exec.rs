@@ -3,9 +3,8 @@
 //! The gRPC service, the stream and `callout exec` all drive this one executor.
 use crate::{
     action::{
-        parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind,
-        HttpAction, OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision,
-        DEFAULT_MAX_RESPONSE_BYTES,
+        parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind, HttpAction,
+        OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision, DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         redirect::{next_hop, Hop},
@@ -121,10 +120,7 @@ impl Clock {
             Clock::Attempt(d) => ("attempt", d),
             Clock::Total(d) => ("total", d),
         };
-        ActionError::new(
-            ErrorKind::Timeout,
-            format!("{which} timeout of {} elapsed", fmt_duration(d)),
-        )
+        ActionError::new(ErrorKind::Timeout, format!("{which} timeout of {} elapsed", fmt_duration(d)))
     }
 }
 
@@ -135,14 +131,14 @@ struct AttemptResult {
     response: Option<ResponseData>,
     /// Body bytes were already handed to the observer: the attempt cannot be repeated.
     streamed: bool,
+    /// The retry decision, when the attempt already had to make it (a failing status decides
+    /// before its body is read, so a body that will be retried is not read).
+    decision: Option<RetryDecision>,
 }
 
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
-        Ok(Self {
-            client: HttpClient::new(&settings.client)?,
-            settings,
-        })
+        Ok(Self { client: HttpClient::new(&settings.client)?, settings })
     }
 
     pub fn settings(&self) -> &ExecSettings {
@@ -175,9 +171,7 @@ impl Executor {
                 error = Some(cancelled());
                 break;
             }
-            let mut result = self
-                .attempt(action, number, deadline, total, observer)
-                .await;
+            let mut result = self.attempt(action, number, deadline, total, observer).await;
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
@@ -186,20 +180,14 @@ impl Executor {
                 attempts.push(result.record);
                 break;
             };
-            let decision = if result.streamed {
-                RetryDecision::Stop {
-                    reason: "the body was already streamed".into(),
-                }
+            let decision = if let Some(decided) = result.decision.take() {
+                decided
+            } else if result.streamed {
+                RetryDecision::Stop { reason: "the body was already streamed".into() }
             } else if matches!(end, AttemptEnd::Error { kind, .. } if !retryable_kind(kind)) {
-                RetryDecision::Stop {
-                    reason: "this error is final".into(),
-                }
+                RetryDecision::Stop { reason: "this error is final".into() }
             } else {
-                action.retry.decide(
-                    number,
-                    end,
-                    deadline.saturating_duration_since(Instant::now()),
-                )
+                action.retry.decide(number, end, deadline.saturating_duration_since(Instant::now()))
             };
             let attempt_error = result.record.error.clone();
             let (will_retry, backoff) = match &decision {
@@ -213,10 +201,7 @@ impl Executor {
                 }
             };
             result.record.backoff = backoff;
-            let gone = observer
-                .attempt_failed(&result.record, will_retry)
-                .await
-                .is_err();
+            let gone = observer.attempt_failed(&result.record, will_retry).await.is_err();
             attempts.push(result.record);
             error = attempt_error;
             if gone {
@@ -235,15 +220,10 @@ impl Executor {
     }
 
     fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
-        let total = action
-            .timeouts
-            .total
-            .unwrap_or(self.settings.default_total_timeout);
+        let total = action.timeouts.total.unwrap_or(self.settings.default_total_timeout);
         match budget {
             // Finish a little before the caller's deadline so the reply still reaches it.
-            Some(budget) => {
-                total.min(budget.saturating_sub((budget / 20).min(Duration::from_millis(100))))
-            }
+            Some(budget) => total.min(budget.saturating_sub((budget / 20).min(Duration::from_millis(100)))),
             None => total,
         }
     }
@@ -271,42 +251,22 @@ impl Executor {
             remote_addr: None,
             backoff: None,
         };
-        let fail = |mut record: AttemptRecord,
-                    error: ActionError,
-                    end: Option<AttemptEnd>,
-                    response,
-                    streamed| {
-            record.timing.total = start.elapsed();
-            record.error = Some(error);
-            AttemptResult {
-                record,
-                end,
-                response,
-                streamed,
-            }
-        };
+        let fail =
+            |mut record: AttemptRecord, error: ActionError, end: Option<AttemptEnd>, response, streamed| {
+                record.timing.total = start.elapsed();
+                record.error = Some(error);
+                AttemptResult { record, end, response, streamed, decision: None }
+            };
 
         let sent = timeout_at(until.into(), self.send_following_redirects(action)).await;
         let response = match sent {
             Err(_) => {
-                let end = AttemptEnd::Error {
-                    kind: ErrorKind::Timeout,
-                    sent: true,
-                };
+                let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
                 return fail(record, clock.error(), Some(end), None, false);
             }
             Ok(Err(failure)) => {
-                let end = AttemptEnd::Error {
-                    kind: failure.kind,
-                    sent: failure.sent,
-                };
-                return fail(
-                    record,
-                    ActionError::new(failure.kind, failure.message),
-                    Some(end),
-                    None,
-                    false,
-                );
+                let end = AttemptEnd::Error { kind: failure.kind, sent: failure.sent };
+                return fail(record, ActionError::new(failure.kind, failure.message), Some(end), None, false);
             }
             Ok(Ok(response)) => response,
         };
@@ -325,123 +285,76 @@ impl Executor {
         let head = head_of(&response);
         let status = head.status;
         record.status = Some(status);
-        if observer
-            .response_head(number, &head, &record.timing, record.remote_addr)
-            .await
-            .is_err()
-        {
+        if observer.response_head(number, &head, &record.timing, record.remote_addr).await.is_err() {
             return fail(record, cancelled(), Some(CANCELLED_END), None, false);
         }
 
         let success = action.success.contains(status);
-        let status_end = (!success).then(|| AttemptEnd::Status {
-            status,
-            retry_after: retry_after(&response),
-        });
-        // A status that will be retried is not worth its body: skip reading it.
-        if let Some(end) = status_end {
+        let status_end =
+            (!success).then(|| AttemptEnd::Status { status, retry_after: retry_after(&response) });
+        // A status that will be retried is not worth its body: decide now, skip reading it.
+        let status_decision = status_end.map(|end| {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if matches!(
-                action.retry.decide(number, end, remaining),
-                RetryDecision::Retry { .. }
-            ) {
-                let response = ResponseData {
-                    head,
-                    body: Bytes::new(),
-                    body_json: None,
-                    body_text: None,
-                    truncated: false,
-                };
-                return fail(
-                    record,
-                    status_error(action, &response.head),
-                    Some(end),
-                    Some(response),
-                    false,
-                );
-            }
+            action.retry.decide(number, end, remaining)
+        });
+        if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
+            let response =
+                ResponseData { head, body: Bytes::new(), body_json: None, body_text: None, truncated: false };
+            let mut result =
+                fail(record, status_error(action, &response.head), Some(end), Some(response), false);
+            result.decision = Some(retry.clone());
+            return result;
         }
 
         let streams = observer.streams_body();
         let cap = self.body_cap(action, streams);
-        let read = timeout_at(
-            until.into(),
-            read_body(response.into_body(), cap, number, observer),
-        )
-        .await;
-        let (body, body_failure): (BodyRead, Option<(ActionError, bool)>) = match read {
-            Err(_) => (BodyRead::default(), Some((clock.error(), true))),
-            Ok(read) if read.gone => (read, Some((cancelled(), false))),
+        let read = timeout_at(until.into(), read_body(response.into_body(), cap, number, observer)).await;
+        let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
+            Err(_) => (BodyRead::default(), Some(clock.error())),
+            Ok(read) if read.gone => (read, Some(cancelled())),
             Ok(read) => {
                 let failure = read.error.as_ref().map(|e| match e {
-                    BodyError::TooLarge(_) => (
-                        ActionError::new(ErrorKind::BodyTooLarge, e.to_string()),
-                        false,
-                    ),
-                    BodyError::Read(_) => {
-                        (ActionError::new(ErrorKind::Protocol, e.to_string()), true)
-                    }
+                    BodyError::TooLarge(_) => ActionError::new(ErrorKind::BodyTooLarge, e.to_string()),
+                    BodyError::Read(_) => ActionError::new(ErrorKind::Protocol, e.to_string()),
                 });
                 (read, failure)
             }
         };
         let truncated = matches!(body.error, Some(BodyError::TooLarge(_)));
         let streamed = streams && body.len > 0;
-        let (body_json, body_text) = if truncated || streams {
-            (None, None)
-        } else {
-            views(&head, &body.bytes)
-        };
-        let response = ResponseData {
-            head,
-            body: body.bytes,
-            body_json,
-            body_text,
-            truncated,
-        };
+        let (body_json, body_text) =
+            if truncated || streams { (None, None) } else { views(&head, &body.bytes) };
+        let response = ResponseData { head, body: body.bytes, body_json, body_text, truncated };
         record.timing.total = start.elapsed();
 
-        if let Some((error, _)) = body_failure {
+        if let Some(error) = body_failure {
             // BODY_TOO_LARGE and CANCELLED are final (see retryable_kind); a broken or slow
             // body may retry by the policy.
-            let end = AttemptEnd::Error {
-                kind: error.kind,
-                sent: true,
-            };
+            let end = AttemptEnd::Error { kind: error.kind, sent: true };
             return fail(record, error, Some(end), Some(response), streamed);
         }
         match status_end {
             Some(end) => {
                 let error = status_error(action, &response.head);
-                fail(record, error, Some(end), Some(response), streamed)
+                let mut result = fail(record, error, Some(end), Some(response), streamed);
+                result.decision = status_decision;
+                result
             }
-            None => AttemptResult {
-                record,
-                end: None,
-                response: Some(response),
-                streamed,
-            },
+            None => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
         }
     }
 
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
         if streams {
             let server = self.settings.stream_max_response_bytes;
-            action
-                .max_response_bytes
-                .map_or(server, |own| own.min(server))
+            action.max_response_bytes.map_or(server, |own| own.min(server))
         } else {
-            action
-                .max_response_bytes
-                .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+            action.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
         }
     }
 
     /// Sends the action, following redirects by its policy; returns the final response.
-    async fn send_following_redirects(
-        &self,
-        action: &HttpAction,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    async fn send_following_redirects(&self, action: &HttpAction) -> Result<Response<Incoming>, SendFailure> {
         let mut hop = Hop {
             method: action.method.clone(),
             url: action.url.clone(),
@@ -450,22 +363,13 @@ impl Executor {
         };
         let mut visited = vec![hop.url.clone()];
         loop {
-            let response = self
-                .client
-                .send(build_request(&hop)?, action.timeouts.connect)
-                .await?;
+            let response = self.client.send(build_request(&hop)?, action.timeouts.connect).await?;
             if !action.redirects.follow {
                 return Ok(response);
             }
             let location = response.headers().get(header::LOCATION);
-            let next = next_hop(
-                &hop,
-                response.status(),
-                location,
-                &visited,
-                action.redirects.max_hops,
-            )
-            .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
+            let next = next_hop(&hop, response.status(), location, &visited, action.redirects.max_hops)
+                .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
             match next {
                 None => return Ok(response),
                 Some(next) => {
@@ -488,10 +392,9 @@ impl Executor {
     ) -> Outcome {
         let succeeded = error.is_none() && response.is_some();
         let error = match (succeeded, error) {
-            (false, None) => Some(ActionError::new(
-                ErrorKind::Cancelled,
-                "the action ended before any attempt",
-            )),
+            (false, None) => {
+                Some(ActionError::new(ErrorKind::Cancelled, "the action ended before any attempt"))
+            }
             (_, e) => e,
         };
         Outcome {
@@ -518,10 +421,7 @@ fn retryable_kind(kind: ErrorKind) -> bool {
     )
 }
 
-const CANCELLED_END: AttemptEnd = AttemptEnd::Error {
-    kind: ErrorKind::Cancelled,
-    sent: true,
-};
+const CANCELLED_END: AttemptEnd = AttemptEnd::Error { kind: ErrorKind::Cancelled, sent: true };
 
 fn cancelled() -> ActionError {
     ActionError::new(ErrorKind::Cancelled, "the caller went away")
@@ -548,20 +448,13 @@ fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
 /// The hyper request for one hop: the action's headers plus a default User-Agent.
 pub fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
     let uri: http::Uri = hop.url.as_str().parse().map_err(|_| {
-        SendFailure::new(
-            ErrorKind::InvalidRequest,
-            "URL cannot be sent as an HTTP request target",
-            false,
-        )
+        SendFailure::new(ErrorKind::InvalidRequest, "URL cannot be sent as an HTTP request target", false)
     })?;
     let mut request = Request::new(RequestBody::new(hop.body.clone()));
     *request.method_mut() = hop.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = hop.headers.clone();
-    request
-        .headers_mut()
-        .entry(header::USER_AGENT)
-        .or_insert(HeaderValue::from_static(USER_AGENT));
+    request.headers_mut().entry(header::USER_AGENT).or_insert(HeaderValue::from_static(USER_AGENT));
     Ok(request)
 }
 
@@ -575,12 +468,7 @@ struct BodyRead {
 }
 
 /// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
-async fn read_body<O: Observer>(
-    body: Incoming,
-    cap: u64,
-    attempt: u32,
-    observer: &mut O,
-) -> BodyRead {
+async fn read_body<O: Observer>(body: Incoming, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
     let streams = observer.streams_body();
     let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
     let mut body = CappedBody::new(body, cap);
@@ -617,12 +505,7 @@ async fn read_body<O: Observer>(
             }
         }
     }
-    BodyRead {
-        bytes: buf.freeze(),
-        len: body.read(),
-        error,
-        gone,
-    }
+    BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
 }
 
 fn log_outcome(action: &HttpAction, outcome: &Outcome) {
@@ -643,8 +526,5 @@ fn log_outcome(action: &HttpAction, outcome: &Outcome) {
 
 /// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").
 pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(
-        d.as_millis().min(u64::MAX as u128) as u64
-    ))
-    .to_string()
+    humantime::format_duration(Duration::from_millis(d.as_millis().min(u64::MAX as u128) as u64)).to_string()
 }

@@ -8,8 +8,7 @@ pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("callout.v1");
     /// Encoded descriptors of the contract and its imports, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("callout_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("callout_descriptor");
 }
 pub mod api;
 pub mod client;

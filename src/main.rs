@@ -2,9 +2,7 @@
 //! same executor and prints its outcome as JSON.
 #![forbid(unsafe_code)]
 use callout::{
-    action::{
-        ActionInput, BodyInput, HttpAction, OnFailure, RedirectsInput, RetryInput, TimeoutsInput,
-    },
+    action::{ActionInput, BodyInput, HttpAction, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
     exec::{ExecSettings, Executor},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -28,7 +26,7 @@ enum Command {
     Serve(ServeArgs),
     /// Run one action and print its outcome as JSON. Exit 0 when it succeeded, 1 when it
     /// failed, 2 when it is invalid.
-    Exec(ExecArgs),
+    Exec(Box<ExecArgs>),
 }
 
 #[derive(clap::Args)]
@@ -117,17 +115,14 @@ struct ExecArgs {
 
 fn init_logs(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
-        Command::Exec(args) => exec(args).await,
+        Command::Exec(args) => exec(*args).await,
     }
 }
 
@@ -155,10 +150,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(listen = %local, "callout serving");
     match callout::server::serve(listener, executor, shutdown_signal()).await {
         Ok(()) => {
@@ -199,38 +191,18 @@ fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), Stri
 }
 
 fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
-    let headers = args
-        .headers
-        .iter()
-        .map(|h| split_pair(h, ':', "header"))
-        .collect::<Result<_, _>>()?;
-    let query = args
-        .query
-        .iter()
-        .map(|q| split_pair(q, '=', "query"))
-        .collect::<Result<_, _>>()?;
-    let error_messages = args
-        .error_messages
-        .iter()
-        .map(|m| split_pair(m, '=', "error message"))
-        .collect::<Result<_, _>>()?;
+    let headers = args.headers.iter().map(|h| split_pair(h, ':', "header")).collect::<Result<_, _>>()?;
+    let query = args.query.iter().map(|q| split_pair(q, '=', "query")).collect::<Result<_, _>>()?;
+    let error_messages =
+        args.error_messages.iter().map(|m| split_pair(m, '=', "error message")).collect::<Result<_, _>>()?;
     let body = if let Some(json) = args.json {
         BodyInput::Json(json)
     } else if !args.form.is_empty() {
-        BodyInput::Form(
-            args.form
-                .iter()
-                .map(|f| split_pair(f, '=', "form field"))
-                .collect::<Result<_, _>>()?,
-        )
+        BodyInput::Form(args.form.iter().map(|f| split_pair(f, '=', "form field")).collect::<Result<_, _>>()?)
     } else if let Some(text) = args.data {
         BodyInput::Text(text)
     } else if let Some(path) = args.data_file {
-        BodyInput::Raw(
-            std::fs::read(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?
-                .into(),
-        )
+        BodyInput::Raw(std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?.into())
     } else {
         BodyInput::None
     };
@@ -252,14 +224,8 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
             FailureMode::Continue => OnFailure::Continue,
         },
         error_messages,
-        retry: RetryInput {
-            max_attempts: args.attempts.unwrap_or(0),
-            ..RetryInput::default()
-        },
-        redirects: RedirectsInput {
-            follow: Some(!args.no_follow),
-            max_hops: 0,
-        },
+        retry: RetryInput { max_attempts: args.attempts.unwrap_or(0), ..RetryInput::default() },
+        redirects: RedirectsInput { follow: Some(!args.no_follow), max_hops: 0 },
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
         ..ActionInput::default()
     })
@@ -286,10 +252,7 @@ async fn exec(args: ExecArgs) -> ExitCode {
     };
     let outcome = executor.execute(&action, None).await;
     let json = callout::report::outcome_json(&outcome);
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    );
+    println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
     if outcome.succeeded {
         ExitCode::SUCCESS
     } else {

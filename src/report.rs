@@ -35,19 +35,13 @@ pub fn outcome_json(o: &Outcome) -> Value {
         m.insert("status".into(), json!(r.head.status));
         m.insert("reason".into(), json!(r.head.reason));
         m.insert("http_version".into(), json!(r.head.version));
-        m.insert(
-            "headers".into(),
-            Value::Array(r.head.headers.iter().map(|(n, v)| json!([n, v])).collect()),
-        );
+        m.insert("headers".into(), Value::Array(r.head.headers.iter().map(|(n, v)| json!([n, v])).collect()));
         if let Some(body) = &r.body_json {
             m.insert("body_json".into(), body.clone());
         } else if let Some(text) = &r.body_text {
             m.insert("body_text".into(), json!(text));
         } else if !r.body.is_empty() {
-            m.insert(
-                "body_base64".into(),
-                json!(base64::engine::general_purpose::STANDARD.encode(&r.body)),
-            );
+            m.insert("body_base64".into(), json!(base64::engine::general_purpose::STANDARD.encode(&r.body)));
         }
         m.insert("body_bytes".into(), json!(r.body.len()));
         m.insert("truncated".into(), json!(r.truncated));

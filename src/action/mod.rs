@@ -151,10 +151,7 @@ pub struct ErrorMessages {
 impl ErrorMessages {
     /// The message for `status`: an exact entry wins over its class.
     pub fn lookup(&self, status: u16) -> Option<&str> {
-        self.by_status
-            .get(&status)
-            .or_else(|| self.by_class.get(&(status / 100)))
-            .map(String::as_str)
+        self.by_status.get(&status).or_else(|| self.by_class.get(&(status / 100))).map(String::as_str)
     }
 }
 

@@ -31,10 +31,7 @@ pub const DEFAULT_RETRY_ON_ERRORS: [ErrorKind; 2] = [ErrorKind::Connect, ErrorKi
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptEnd {
     /// A response with a status that did not count as success.
-    Status {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
+    Status { status: u16, retry_after: Option<Duration> },
     /// A transport failure. `sent` is false when the request surely never left (DNS, refused
     /// connection, TLS handshake, connect timeout).
     Error { kind: ErrorKind, sent: bool },
@@ -52,10 +49,7 @@ impl RetryPolicy {
     /// `remaining` is the time left before the total deadline; a wait that cannot fit stops.
     pub fn decide(&self, attempt: u32, end: AttemptEnd, remaining: Duration) -> RetryDecision {
         if attempt >= self.max_attempts {
-            return stop(format!(
-                "attempt {attempt} of {} was the last",
-                self.max_attempts
-            ));
+            return stop(format!("attempt {attempt} of {} was the last", self.max_attempts));
         }
         let (retryable, surely_unprocessed, what) = match end {
             AttemptEnd::Status { status, .. } => (
@@ -63,11 +57,9 @@ impl RetryPolicy {
                 status == 429 || status == 503,
                 format!("status {status}"),
             ),
-            AttemptEnd::Error { kind, sent } => (
-                self.retry_on_errors.contains(&kind),
-                !sent,
-                format!("{kind} error"),
-            ),
+            AttemptEnd::Error { kind, sent } => {
+                (self.retry_on_errors.contains(&kind), !sent, format!("{kind} error"))
+            }
         };
         if !retryable {
             return stop(format!("{what} is not retried by the policy"));
@@ -79,10 +71,7 @@ impl RetryPolicy {
             ));
         }
         let retry_after = match end {
-            AttemptEnd::Status {
-                retry_after: Some(wait),
-                ..
-            } if self.honor_retry_after => Some(wait),
+            AttemptEnd::Status { retry_after: Some(wait), .. } if self.honor_retry_after => Some(wait),
             _ => None,
         };
         let (backoff, why) = match retry_after {
@@ -96,10 +85,7 @@ impl RetryPolicy {
                 humantime::format_duration(round_ms(remaining)),
             ));
         }
-        RetryDecision::Retry {
-            backoff,
-            reason: format!("{what} is retried after {why}"),
-        }
+        RetryDecision::Retry { backoff, reason: format!("{what} is retried after {why}") }
     }
 
     /// The wait after attempt number `attempt` (1-based): exponential, capped, and with full
@@ -107,9 +93,7 @@ impl RetryPolicy {
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(64) as i32;
         let ceiling = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exponent);
-        let ceiling = Duration::try_from_secs_f64(ceiling)
-            .unwrap_or(self.max_backoff)
-            .min(self.max_backoff);
+        let ceiling = Duration::try_from_secs_f64(ceiling).unwrap_or(self.max_backoff).min(self.max_backoff);
         if self.jitter {
             ceiling.mul_f64(fastrand::f64())
         } else {
@@ -156,10 +140,7 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     fn status(status: u16) -> AttemptEnd {
-        AttemptEnd::Status {
-            status,
-            retry_after: None,
-        }
+        AttemptEnd::Status { status, retry_after: None }
     }
 
     #[test]
@@ -173,10 +154,7 @@ mod tests {
 
     #[test]
     fn full_jitter_stays_under_the_ceiling() {
-        let p = RetryPolicy {
-            jitter: true,
-            ..policy(true)
-        };
+        let p = RetryPolicy { jitter: true, ..policy(true) };
         for _ in 0..200 {
             assert!(p.backoff(3) <= Duration::from_secs(2));
         }
@@ -185,64 +163,28 @@ mod tests {
     #[test]
     fn retries_listed_statuses_until_the_last_attempt() {
         let p = policy(true);
-        assert!(matches!(
-            p.decide(1, status(503), HOUR),
-            RetryDecision::Retry { .. }
-        ));
-        assert!(matches!(
-            p.decide(2, status(502), HOUR),
-            RetryDecision::Retry { .. }
-        ));
-        assert!(matches!(
-            p.decide(3, status(503), HOUR),
-            RetryDecision::Stop { .. }
-        ));
-        assert!(matches!(
-            p.decide(1, status(500), HOUR),
-            RetryDecision::Stop { .. }
-        ));
+        assert!(matches!(p.decide(1, status(503), HOUR), RetryDecision::Retry { .. }));
+        assert!(matches!(p.decide(2, status(502), HOUR), RetryDecision::Retry { .. }));
+        assert!(matches!(p.decide(3, status(503), HOUR), RetryDecision::Stop { .. }));
+        assert!(matches!(p.decide(1, status(500), HOUR), RetryDecision::Stop { .. }));
     }
 
     #[test]
     fn non_idempotent_retries_only_when_surely_unprocessed() {
         let p = policy(false);
-        assert!(matches!(
-            p.decide(1, status(502), HOUR),
-            RetryDecision::Stop { .. }
-        ));
-        assert!(matches!(
-            p.decide(1, status(503), HOUR),
-            RetryDecision::Retry { .. }
-        ));
-        assert!(matches!(
-            p.decide(1, status(429), HOUR),
-            RetryDecision::Retry { .. }
-        ));
-        let refused = AttemptEnd::Error {
-            kind: ErrorKind::Connect,
-            sent: false,
-        };
-        let reset = AttemptEnd::Error {
-            kind: ErrorKind::Connect,
-            sent: true,
-        };
-        assert!(matches!(
-            p.decide(1, refused, HOUR),
-            RetryDecision::Retry { .. }
-        ));
-        assert!(matches!(
-            p.decide(1, reset, HOUR),
-            RetryDecision::Stop { .. }
-        ));
+        assert!(matches!(p.decide(1, status(502), HOUR), RetryDecision::Stop { .. }));
+        assert!(matches!(p.decide(1, status(503), HOUR), RetryDecision::Retry { .. }));
+        assert!(matches!(p.decide(1, status(429), HOUR), RetryDecision::Retry { .. }));
+        let refused = AttemptEnd::Error { kind: ErrorKind::Connect, sent: false };
+        let reset = AttemptEnd::Error { kind: ErrorKind::Connect, sent: true };
+        assert!(matches!(p.decide(1, refused, HOUR), RetryDecision::Retry { .. }));
+        assert!(matches!(p.decide(1, reset, HOUR), RetryDecision::Stop { .. }));
     }
 
     #[test]
     fn retry_after_is_honoured_but_never_past_the_deadline() {
         let p = policy(true);
-        let end = AttemptEnd::Status {
-            status: 429,
-            retry_after: Some(Duration::from_secs(1)),
-        };
+        let end = AttemptEnd::Status { status: 429, retry_after: Some(Duration::from_secs(1)) };
         assert_eq!(
             p.decide(1, end, HOUR),
             RetryDecision::Retry {
@@ -250,27 +192,15 @@ mod tests {
                 reason: "status 429 is retried after Retry-After".into()
             }
         );
-        assert!(matches!(
-            p.decide(1, end, Duration::from_millis(900)),
-            RetryDecision::Stop { .. }
-        ));
+        assert!(matches!(p.decide(1, end, Duration::from_millis(900)), RetryDecision::Stop { .. }));
     }
 
     #[test]
     fn parses_retry_after_forms() {
         let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(784111777);
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now), Some(Duration::from_secs(10)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

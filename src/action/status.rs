@@ -31,23 +31,16 @@ impl StatusSpec {
                 if text.trim().is_empty() {
                     return Err(StatusSpecError::Empty);
                 }
-                return Err(StatusSpecError::BadItem {
-                    item: raw.to_owned(),
-                });
+                return Err(StatusSpecError::BadItem { item: raw.to_owned() });
             }
             ranges.push(parse_item(item)?);
         }
-        Ok(Self {
-            ranges,
-            text: text.trim().to_owned(),
-        })
+        Ok(Self { ranges, text: text.trim().to_owned() })
     }
 
     /// Whether `status` is in the set.
     pub fn contains(&self, status: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|&(lo, hi)| (lo..=hi).contains(&status))
+        self.ranges.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
     }
 
     /// The spec as written (trimmed), for messages.
@@ -63,9 +56,7 @@ impl fmt::Display for StatusSpec {
 }
 
 fn parse_item(item: &str) -> Result<(u16, u16), StatusSpecError> {
-    let bad = || StatusSpecError::BadItem {
-        item: item.to_owned(),
-    };
+    let bad = || StatusSpecError::BadItem { item: item.to_owned() };
     if let Some(class) = parse_class(item) {
         return Ok((class * 100, class * 100 + 99));
     }
@@ -73,9 +64,7 @@ fn parse_item(item: &str) -> Result<(u16, u16), StatusSpecError> {
         let lo = parse_status(lo.trim()).ok_or_else(bad)?;
         let hi = parse_status(hi.trim()).ok_or_else(bad)?;
         if lo > hi {
-            return Err(StatusSpecError::Backwards {
-                item: item.to_owned(),
-            });
+            return Err(StatusSpecError::Backwards { item: item.to_owned() });
         }
         return Ok((lo, hi));
     }
@@ -86,10 +75,7 @@ fn parse_item(item: &str) -> Result<(u16, u16), StatusSpecError> {
 /// `"4xx"` → `Some(4)`, for classes 1 to 5 (case-insensitive).
 pub(crate) fn parse_class(item: &str) -> Option<u16> {
     let bytes = item.as_bytes();
-    if bytes.len() == 3
-        && bytes[1].eq_ignore_ascii_case(&b'x')
-        && bytes[2].eq_ignore_ascii_case(&b'x')
-    {
+    if bytes.len() == 3 && bytes[1].eq_ignore_ascii_case(&b'x') && bytes[2].eq_ignore_ascii_case(&b'x') {
         let class = (bytes[0] as char).to_digit(10)? as u16;
         return (1..=5).contains(&class).then_some(class);
     }
@@ -128,17 +114,12 @@ mod tests {
     #[test]
     fn rejects_bad_specs() {
         assert_eq!(StatusSpec::parse(" "), Err(StatusSpecError::Empty));
-        for bad in [
-            "abc", "2x", "6xx", "0xx", "99", "600", "200,", "20a", "200-abc", "-200", "2000",
-        ] {
+        for bad in ["abc", "2x", "6xx", "0xx", "99", "600", "200,", "20a", "200-abc", "-200", "2000"] {
             assert!(
                 matches!(StatusSpec::parse(bad), Err(StatusSpecError::BadItem { .. })),
                 "{bad:?} should be rejected"
             );
         }
-        assert!(matches!(
-            StatusSpec::parse("299-200"),
-            Err(StatusSpecError::Backwards { .. })
-        ));
+        assert!(matches!(StatusSpec::parse("299-200"), Err(StatusSpecError::Backwards { .. })));
     }
 }

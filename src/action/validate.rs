@@ -1,8 +1,8 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    retry, ActionInput, BodyInput, ErrorMessages, HttpAction, RedirectPolicy, RetryPolicy,
-    StatusSpec, Timeouts, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
+    retry, ActionInput, BodyInput, ErrorMessages, HttpAction, RedirectPolicy, RetryPolicy, StatusSpec,
+    Timeouts, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
 };
 use base64::Engine as _;
 use bytes::Bytes;
@@ -26,10 +26,7 @@ pub struct InvalidAction {
 
 impl InvalidAction {
     pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.violations.push(FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        });
+        self.violations.push(FieldViolation { field: field.into(), description: description.into() });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -53,24 +50,13 @@ impl fmt::Display for InvalidAction {
 impl std::error::Error for InvalidAction {}
 
 /// Unreserved characters (RFC 3986) stay; everything else in a query name or value is encoded.
-const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 const MAX_ACTION_ID_LEN: usize = 128;
 const MAX_ATTEMPTS_LIMIT: u32 = 10_000;
 const MAX_REDIRECTS_LIMIT: u32 = 50;
 /// Headers whose framing callout owns: a caller's value would break or smuggle the request.
-const MANAGED_HEADERS: [&str; 7] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "proxy-connection",
-];
+const MANAGED_HEADERS: [&str; 7] =
+    ["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "proxy-connection"];
 const IDEMPOTENCY_HEADERS: [&str; 2] = ["idempotency-key", "x-idempotency-key"];
 
 pub(super) fn validate(input: ActionInput) -> Result<HttpAction, InvalidAction> {
@@ -99,8 +85,7 @@ pub(super) fn validate(input: ActionInput) -> Result<HttpAction, InvalidAction> 
             if !headers.contains_key(header::AUTHORIZATION) {
                 let user = percent_decode(url.username());
                 let pass = url.password().map(percent_decode).unwrap_or_default();
-                let token =
-                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
                 if let Ok(mut value) = HeaderValue::from_str(&format!("Basic {token}")) {
                     value.set_sensitive(true);
                     headers.insert(header::AUTHORIZATION, value);
@@ -136,10 +121,7 @@ fn action_id(id: &str, bad: &mut InvalidAction) -> String {
         return uuid::Uuid::new_v4().to_string();
     }
     if id.len() > MAX_ACTION_ID_LEN {
-        bad.push(
-            "action_id",
-            format!("is longer than {MAX_ACTION_ID_LEN} bytes"),
-        );
+        bad.push("action_id", format!("is longer than {MAX_ACTION_ID_LEN} bytes"));
     } else if id.chars().any(char::is_control) {
         bad.push("action_id", "contains control characters");
     }
@@ -156,17 +138,11 @@ fn method(method: &str, bad: &mut InvalidAction) -> Option<Method> {
         "HEAD" => Method::HEAD,
         "OPTIONS" => Method::OPTIONS,
         "" => {
-            bad.push(
-                "method",
-                "is required (GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS)",
-            );
+            bad.push("method", "is required (GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS)");
             return None;
         }
         _ => {
-            bad.push(
-                "method",
-                "must be GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS",
-            );
+            bad.push("method", "must be GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS");
             return None;
         }
     };
@@ -187,13 +163,7 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
         }
     };
     if url.scheme() != "http" && url.scheme() != "https" {
-        bad.push(
-            "url",
-            format!(
-                "scheme {:?} is not allowed; use http or https",
-                url.scheme()
-            ),
-        );
+        bad.push("url", format!("scheme {:?} is not allowed; use http or https", url.scheme()));
         return None;
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -232,9 +202,7 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
 }
 
 fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 fn headers(pairs: &[(String, String)], bad: &mut InvalidAction) -> HeaderMap {
@@ -243,20 +211,13 @@ fn headers(pairs: &[(String, String)], bad: &mut InvalidAction) -> HeaderMap {
         let name = match HeaderName::from_bytes(name.as_bytes()) {
             Ok(name) => name,
             Err(_) => {
-                let why = if name.is_empty() {
-                    "is empty"
-                } else {
-                    "is not a valid HTTP header name"
-                };
+                let why = if name.is_empty() { "is empty" } else { "is not a valid HTTP header name" };
                 bad.push(format!("headers[{i}].name"), why);
                 continue;
             }
         };
         if MANAGED_HEADERS.contains(&name.as_str()) {
-            bad.push(
-                format!("headers[{i}].name"),
-                format!("{name} is managed by callout and cannot be set"),
-            );
+            bad.push(format!("headers[{i}].name"), format!("{name} is managed by callout and cannot be set"));
             continue;
         }
         // The value is never echoed: it may be a token.
@@ -300,10 +261,7 @@ fn body(body: BodyInput, bad: &mut InvalidAction) -> (Bytes, Option<&'static str
                 }
                 form.append_pair(name, value);
             }
-            (
-                Bytes::from(form.finish()),
-                Some("application/x-www-form-urlencoded"),
-            )
+            (Bytes::from(form.finish()), Some("application/x-www-form-urlencoded"))
         }
         BodyInput::Text(text) => (Bytes::from(text), None),
         BodyInput::Raw(bytes) => (bytes, None),
@@ -325,10 +283,7 @@ fn content_type(
         match HeaderValue::from_str(explicit) {
             Ok(v) => Some(v),
             Err(_) => {
-                bad.push(
-                    "content_type",
-                    "contains CR, LF or other bytes not allowed in a header",
-                );
+                bad.push("content_type", "contains CR, LF or other bytes not allowed in a header");
                 None
             }
         }
@@ -338,12 +293,7 @@ fn content_type(
     }
 }
 
-fn positive(
-    field: &str,
-    value: Option<Duration>,
-    default: Duration,
-    bad: &mut InvalidAction,
-) -> Duration {
+fn positive(field: &str, value: Option<Duration>, default: Duration, bad: &mut InvalidAction) -> Duration {
     match value {
         Some(d) if d.is_zero() => {
             bad.push(field, "must be positive");
@@ -358,31 +308,15 @@ fn timeouts(t: &super::TimeoutsInput, bad: &mut InvalidAction) -> Timeouts {
     let connect = positive("timeouts.connect", t.connect, DEFAULT_CONNECT_TIMEOUT, bad);
     let attempt = positive("timeouts.attempt", t.attempt, DEFAULT_ATTEMPT_TIMEOUT, bad);
     let total = t.total.map(|d| positive("timeouts.total", Some(d), d, bad));
-    Timeouts {
-        connect,
-        attempt,
-        total,
-    }
+    Timeouts { connect, attempt, total }
 }
 
-fn status_spec(
-    field: &str,
-    text: &str,
-    default: &str,
-    bad: &mut InvalidAction,
-) -> Option<StatusSpec> {
-    let text = if text.trim().is_empty() {
-        default
-    } else {
-        text
-    };
+fn status_spec(field: &str, text: &str, default: &str, bad: &mut InvalidAction) -> Option<StatusSpec> {
+    let text = if text.trim().is_empty() { default } else { text };
     match StatusSpec::parse(text) {
         Ok(spec) => Some(spec),
         Err(e) => {
-            bad.push(
-                field,
-                format!("{e}; write codes, classes and ranges like \"200-299,304\""),
-            );
+            bad.push(field, format!("{e}; write codes, classes and ranges like \"200-299,304\""));
             None
         }
     }
@@ -397,10 +331,7 @@ fn error_messages(pairs: Vec<(String, String)>, bad: &mut InvalidAction) -> Erro
         } else if let Some(status) = super::status::parse_status(trimmed) {
             messages.by_status.insert(status, message);
         } else {
-            bad.push(
-                format!("error_messages[{key:?}]"),
-                "key must be a status (404) or a class (4xx, 5xx)",
-            );
+            bad.push(format!("error_messages[{key:?}]"), "key must be a status (404) or a class (4xx, 5xx)");
         }
     }
     messages
@@ -408,20 +339,10 @@ fn error_messages(pairs: Vec<(String, String)>, bad: &mut InvalidAction) -> Erro
 
 fn redirects(r: &super::RedirectsInput, bad: &mut InvalidAction) -> RedirectPolicy {
     if r.max_hops > MAX_REDIRECTS_LIMIT {
-        bad.push(
-            "redirects.max_hops",
-            format!("must be at most {MAX_REDIRECTS_LIMIT}"),
-        );
+        bad.push("redirects.max_hops", format!("must be at most {MAX_REDIRECTS_LIMIT}"));
     }
-    let max_hops = if r.max_hops == 0 {
-        DEFAULT_MAX_REDIRECTS
-    } else {
-        r.max_hops
-    };
-    RedirectPolicy {
-        follow: r.follow.unwrap_or(true),
-        max_hops,
-    }
+    let max_hops = if r.max_hops == 0 { DEFAULT_MAX_REDIRECTS } else { r.max_hops };
+    RedirectPolicy { follow: r.follow.unwrap_or(true), max_hops }
 }
 
 fn retry_policy(
@@ -431,34 +352,14 @@ fn retry_policy(
     bad: &mut InvalidAction,
 ) -> Option<RetryPolicy> {
     if r.max_attempts > MAX_ATTEMPTS_LIMIT {
-        bad.push(
-            "retry.max_attempts",
-            format!("must be at most {MAX_ATTEMPTS_LIMIT}"),
-        );
+        bad.push("retry.max_attempts", format!("must be at most {MAX_ATTEMPTS_LIMIT}"));
     }
-    let initial = positive(
-        "retry.initial_backoff",
-        r.initial_backoff,
-        retry::DEFAULT_INITIAL_BACKOFF,
-        bad,
-    );
-    let max = positive(
-        "retry.max_backoff",
-        r.max_backoff,
-        retry::DEFAULT_MAX_BACKOFF.max(initial),
-        bad,
-    );
+    let initial = positive("retry.initial_backoff", r.initial_backoff, retry::DEFAULT_INITIAL_BACKOFF, bad);
+    let max = positive("retry.max_backoff", r.max_backoff, retry::DEFAULT_MAX_BACKOFF.max(initial), bad);
     if max < initial {
-        bad.push(
-            "retry.max_backoff",
-            "must not be shorter than retry.initial_backoff",
-        );
+        bad.push("retry.max_backoff", "must not be shorter than retry.initial_backoff");
     }
-    let multiplier = if r.multiplier == 0.0 {
-        retry::DEFAULT_MULTIPLIER
-    } else {
-        r.multiplier
-    };
+    let multiplier = if r.multiplier == 0.0 { retry::DEFAULT_MULTIPLIER } else { r.multiplier };
     if !multiplier.is_finite() || multiplier < 1.0 {
         bad.push("retry.multiplier", "must be at least 1");
     }
@@ -468,20 +369,12 @@ fn retry_policy(
         r.retry_on_errors.clone()
     };
     retry_on_errors.dedup();
-    let retry_on_status = status_spec(
-        "retry.retry_on_status",
-        &r.retry_on_status,
-        retry::DEFAULT_RETRY_ON_STATUS,
-        bad,
-    )?;
+    let retry_on_status =
+        status_spec("retry.retry_on_status", &r.retry_on_status, retry::DEFAULT_RETRY_ON_STATUS, bad)?;
     let idempotent = method.is_some_and(|m| !matches!(*m, Method::POST | Method::PATCH));
     let keyed = IDEMPOTENCY_HEADERS.iter().any(|h| headers.contains_key(*h));
     Some(RetryPolicy {
-        max_attempts: if r.max_attempts == 0 {
-            retry::DEFAULT_MAX_ATTEMPTS
-        } else {
-            r.max_attempts
-        },
+        max_attempts: if r.max_attempts == 0 { retry::DEFAULT_MAX_ATTEMPTS } else { r.max_attempts },
         initial_backoff: initial,
         max_backoff: max,
         multiplier,
@@ -518,11 +411,7 @@ mod tests {
     use crate::action::{ActionInput, BodyInput, TimeoutsInput};
 
     fn input(method: &str, url: &str) -> ActionInput {
-        ActionInput {
-            method: method.into(),
-            url: url.into(),
-            ..Default::default()
-        }
+        ActionInput { method: method.into(), url: url.into(), ..Default::default() }
     }
 
     fn fields(err: InvalidAction) -> Vec<String> {
@@ -547,11 +436,7 @@ mod tests {
     #[test]
     fn query_is_appended_encoded_in_order() {
         let mut i = input("GET", "http://h.test/p?a=1");
-        i.query = vec![
-            ("q".into(), "a b&c".into()),
-            ("ü".into(), "~x/y".into()),
-            ("q".into(), "2".into()),
-        ];
+        i.query = vec![("q".into(), "a b&c".into()), ("ü".into(), "~x/y".into()), ("q".into(), "2".into())];
         let a = HttpAction::from_input(i).unwrap();
         assert_eq!(a.url.query(), Some("a=1&q=a%20b%26c&%C3%BC=~x%2Fy&q=2"));
     }
@@ -576,26 +461,17 @@ mod tests {
             "application/vnd.api+json"
         );
         i.headers = vec![("Content-Type".into(), "text/x-explicit".into())];
-        assert_eq!(
-            HttpAction::from_input(i).unwrap().headers[header::CONTENT_TYPE],
-            "text/x-explicit"
-        );
+        assert_eq!(HttpAction::from_input(i).unwrap().headers[header::CONTENT_TYPE], "text/x-explicit");
 
         let mut i = input("POST", "http://h.test/");
         i.body = BodyInput::Form(vec![("a b".into(), "1&2".into()), ("c".into(), "é".into())]);
         let a = HttpAction::from_input(i).unwrap();
         assert_eq!(a.body, "a+b=1%262&c=%C3%A9");
-        assert_eq!(
-            a.headers[header::CONTENT_TYPE],
-            "application/x-www-form-urlencoded"
-        );
+        assert_eq!(a.headers[header::CONTENT_TYPE], "application/x-www-form-urlencoded");
 
         let mut i = input("POST", "http://h.test/");
         i.body = BodyInput::Text("hi".into());
-        assert!(!HttpAction::from_input(i)
-            .unwrap()
-            .headers
-            .contains_key(header::CONTENT_TYPE));
+        assert!(!HttpAction::from_input(i).unwrap().headers.contains_key(header::CONTENT_TYPE));
     }
 
     #[test]
@@ -618,11 +494,8 @@ mod tests {
         ];
         i.body = BodyInput::Json("{nope".into());
         i.success_codes = "2xx,abc".into();
-        i.timeouts = TimeoutsInput {
-            connect: Some(Duration::ZERO),
-            attempt: None,
-            total: Some(Duration::ZERO),
-        };
+        i.timeouts =
+            TimeoutsInput { connect: Some(Duration::ZERO), attempt: None, total: Some(Duration::ZERO) };
         i.error_messages = vec![("teapot".into(), "x".into())];
         i.retry.multiplier = 0.5;
         let err = HttpAction::from_input(i).unwrap_err();
@@ -661,10 +534,7 @@ mod tests {
     #[test]
     fn error_message_lookup_prefers_exact_status() {
         let mut i = input("GET", "http://h.test/");
-        i.error_messages = vec![
-            ("4xx".into(), "client".into()),
-            ("404".into(), "missing".into()),
-        ];
+        i.error_messages = vec![("4xx".into(), "client".into()), ("404".into(), "missing".into())];
         let a = HttpAction::from_input(i).unwrap();
         assert_eq!(a.error_messages.lookup(404), Some("missing"));
         assert_eq!(a.error_messages.lookup(400), Some("client"));

@@ -1,9 +1,8 @@
 //! Proto ⇄ domain conversion. The only place that knows both shapes.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind,
-        InvalidAction, OnFailure, Outcome, RedirectsInput, ResponseData, ResponseHead, RetryInput,
-        TimeoutsInput, TlsInput,
+        ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind, InvalidAction,
+        OnFailure, Outcome, RedirectsInput, ResponseData, ResponseHead, RetryInput, TimeoutsInput, TlsInput,
     },
     pb,
 };
@@ -28,10 +27,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
     for (i, raw) in retry.retry_on_errors.iter().enumerate() {
         match pb::ErrorKind::try_from(*raw).ok().and_then(error_kind_from) {
             Some(kind) => retry_on_errors.push(kind),
-            None => bad.push(
-                format!("retry.retry_on_errors[{i}]"),
-                format!("unknown error kind {raw}"),
-            ),
+            None => bad.push(format!("retry.retry_on_errors[{i}]"), format!("unknown error kind {raw}")),
         }
     }
     let mut error_messages: Vec<(String, String)> = req.error_messages.into_iter().collect();
@@ -39,9 +35,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
     let body = match req.body {
         None => BodyInput::None,
         Some(pb::execute_http_action_request::Body::Json(json)) => BodyInput::Json(json),
-        Some(pb::execute_http_action_request::Body::Form(form)) => {
-            BodyInput::Form(pairs(form.fields))
-        }
+        Some(pb::execute_http_action_request::Body::Form(form)) => BodyInput::Form(pairs(form.fields)),
         Some(pb::execute_http_action_request::Body::Text(text)) => BodyInput::Text(text),
         Some(pb::execute_http_action_request::Body::Raw(raw)) => BodyInput::Raw(raw.into()),
     };
@@ -72,10 +66,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             honor_retry_after: retry.honor_retry_after,
             retry_non_idempotent: retry.retry_non_idempotent,
         },
-        redirects: RedirectsInput {
-            follow: redirects.follow,
-            max_hops: redirects.max_hops,
-        },
+        redirects: RedirectsInput { follow: redirects.follow, max_hops: redirects.max_hops },
         tls: TlsInput {
             insecure_skip_verify: tls.insecure_skip_verify,
             ca_pem: tls.ca_pem,
@@ -91,11 +82,7 @@ fn pairs(kvs: Vec<pb::KeyValue>) -> Vec<(String, String)> {
     kvs.into_iter().map(|kv| (kv.name, kv.value)).collect()
 }
 
-fn duration(
-    field: &str,
-    d: Option<prost_types::Duration>,
-    bad: &mut InvalidAction,
-) -> Option<Duration> {
+fn duration(field: &str, d: Option<prost_types::Duration>, bad: &mut InvalidAction) -> Option<Duration> {
     let d = d?;
     match Duration::try_from(d) {
         Ok(d) => Some(d),
@@ -142,17 +129,11 @@ fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
 }
 
 pub fn action_error(e: &ActionError) -> pb::ActionError {
-    pb::ActionError {
-        kind: error_kind(e.kind) as i32,
-        message: e.message.clone(),
-    }
+    pb::ActionError { kind: error_kind(e.kind) as i32, message: e.message.clone() }
 }
 
 pub fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
-        seconds: i64::MAX,
-        nanos: 0,
-    })
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
 }
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -160,13 +141,7 @@ pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 }
 
 pub fn key_values(pairs: &[(String, String)]) -> Vec<pb::KeyValue> {
-    pairs
-        .iter()
-        .map(|(name, value)| pb::KeyValue {
-            name: name.clone(),
-            value: value.clone(),
-        })
-        .collect()
+    pairs.iter().map(|(name, value)| pb::KeyValue { name: name.clone(), value: value.clone() }).collect()
 }
 
 pub fn attempt_timing(t: &AttemptTiming) -> pb::AttemptTiming {
@@ -211,15 +186,28 @@ fn response(r: ResponseData) -> pb::HttpResponse {
     }
 }
 
-/// The outcome as Execute's reply.
+/// Largest Execute reply callout sends: gRPC clients refuse messages over 4 MiB by default.
+pub const REPLY_BUDGET: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+/// The outcome as Execute's reply. When the derived body views would push the reply past
+/// `REPLY_BUDGET`, they are dropped (JSON first, then text); the body bytes always stay.
 pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
+    let mut reply = outcome_unbounded(o);
+    if let Some(response) = reply.response.as_mut() {
+        if response.body_json.is_some() && prost::Message::encoded_len(response) > REPLY_BUDGET {
+            response.body_json = None;
+        }
+        if response.body_text.is_some() && prost::Message::encoded_len(response) > REPLY_BUDGET {
+            response.body_text = None;
+        }
+    }
+    reply
+}
+
+fn outcome_unbounded(o: Outcome) -> pb::ExecuteHttpActionResponse {
     pb::ExecuteHttpActionResponse {
         action_id: o.action_id,
-        outcome: if o.succeeded {
-            pb::Outcome::Succeeded
-        } else {
-            pb::Outcome::Failed
-        } as i32,
+        outcome: if o.succeeded { pb::Outcome::Succeeded } else { pb::Outcome::Failed } as i32,
         proceed: o.proceed,
         error: o.error.as_ref().map(action_error),
         response: o.response.map(response),
@@ -239,9 +227,9 @@ pub fn json_value(v: serde_json::Value) -> prost_types::Value {
         serde_json::Value::Bool(b) => Kind::BoolValue(b),
         serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
         serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.into_iter().map(json_value).collect(),
-        }),
+        serde_json::Value::Array(items) => {
+            Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(json_value).collect() })
+        }
         serde_json::Value::Object(map) => Kind::StructValue(prost_types::Struct {
             fields: map.into_iter().map(|(k, v)| (k, json_value(v))).collect(),
         }),

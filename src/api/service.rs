@@ -114,10 +114,7 @@ struct EventSink {
 
 impl EventSink {
     async fn send(&mut self, event: Event) -> Result<(), Gone> {
-        self.tx
-            .send(Ok(pb::ActionEvent { event: Some(event) }))
-            .await
-            .map_err(|_| Gone)
+        self.tx.send(Ok(pb::ActionEvent { event: Some(event) })).await.map_err(|_| Gone)
     }
 }
 
@@ -128,11 +125,7 @@ impl Observer for EventSink {
 
     async fn attempt_started(&mut self, attempt: u32) -> Result<(), Gone> {
         let started_at = Some(convert::timestamp(std::time::SystemTime::now()));
-        self.send(Event::AttemptStarted(pb::AttemptStarted {
-            attempt,
-            started_at,
-        }))
-        .await
+        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at })).await
     }
 
     async fn response_head(
@@ -157,19 +150,10 @@ impl Observer for EventSink {
     }
 
     async fn body_chunk(&mut self, attempt: u32, offset: u64, data: Bytes) -> Result<(), Gone> {
-        self.send(Event::BodyChunk(pb::BodyChunk {
-            attempt,
-            offset,
-            data: data.to_vec(),
-        }))
-        .await
+        self.send(Event::BodyChunk(pb::BodyChunk { attempt, offset, data: data.to_vec() })).await
     }
 
-    async fn attempt_failed(
-        &mut self,
-        record: &AttemptRecord,
-        will_retry: bool,
-    ) -> Result<(), Gone> {
+    async fn attempt_failed(&mut self, record: &AttemptRecord, will_retry: bool) -> Result<(), Gone> {
         self.send(Event::AttemptFailed(pb::AttemptFailed {
             attempt: record.number,
             error: record.error.as_ref().map(convert::action_error),

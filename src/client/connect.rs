@@ -72,11 +72,7 @@ pub struct ConnectError {
 
 impl ConnectError {
     fn new(kind: ErrorKind, message: String, source: Option<io::Error>) -> Self {
-        Self {
-            kind,
-            message,
-            source,
-        }
+        Self { kind, message, source }
     }
 }
 
@@ -104,11 +100,7 @@ impl hyper::rt::Read for TimedTcp {
 }
 
 impl hyper::rt::Write for TimedTcp {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -138,10 +130,7 @@ pub struct TimedConnector {
 
 impl TimedConnector {
     pub fn new(tls: Arc<rustls::ClientConfig>, default_timeout: Duration) -> Self {
-        Self {
-            tls: tokio_rustls::TlsConnector::from(tls),
-            default_timeout,
-        }
+        Self { tls: tokio_rustls::TlsConnector::from(tls), default_timeout }
     }
 }
 
@@ -155,19 +144,14 @@ impl tower::Service<Uri> for TimedConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = CONNECT_TIMEOUT
-            .try_with(|t| *t)
-            .unwrap_or(self.default_timeout);
+        let timeout = CONNECT_TIMEOUT.try_with(|t| *t).unwrap_or(self.default_timeout);
         let tls = self.tls.clone();
         Box::pin(async move {
             match tokio::time::timeout(timeout, connect(uri, tls)).await {
                 Ok(result) => result,
                 Err(_) => Err(ConnectError::new(
                     ErrorKind::Timeout,
-                    format!(
-                        "connect timeout of {} elapsed",
-                        humantime::format_duration(timeout)
-                    ),
+                    format!("connect timeout of {} elapsed", humantime::format_duration(timeout)),
                     None,
                 )),
             }
@@ -190,11 +174,7 @@ async fn connect(uri: Uri, tls: tokio_rustls::TlsConnector) -> Result<Stream, Co
             let addrs = tokio::net::lookup_host((host.as_str(), port))
                 .await
                 .map_err(|e| {
-                    ConnectError::new(
-                        ErrorKind::Dns,
-                        format!("could not resolve {host}: {e}"),
-                        Some(e),
-                    )
+                    ConnectError::new(ErrorKind::Dns, format!("could not resolve {host}: {e}"), Some(e))
                 })?
                 .collect();
             (addrs, started.elapsed())
@@ -222,11 +202,7 @@ async fn connect(uri: Uri, tls: tokio_rustls::TlsConnector) -> Result<Stream, Co
             ))
         }
         (None, None) => {
-            return Err(ConnectError::new(
-                ErrorKind::Dns,
-                format!("{host} resolved to no address"),
-                None,
-            ))
+            return Err(ConnectError::new(ErrorKind::Dns, format!("{host} resolved to no address"), None))
         }
     };
     let connect = started.elapsed() - dns;
@@ -241,30 +217,18 @@ async fn connect(uri: Uri, tls: tokio_rustls::TlsConnector) -> Result<Stream, Co
         remote,
         claimed: AtomicBool::new(false),
     });
-    let timed = TimedTcp {
-        io: TokioIo::new(tcp),
-        meta: meta.clone(),
-    };
+    let timed = TimedTcp { io: TokioIo::new(tcp), meta: meta.clone() };
     if !https {
         return Ok(MaybeHttpsStream::Http(timed));
     }
 
     let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
-        ConnectError::new(
-            ErrorKind::Tls,
-            format!("{host} is not a valid TLS server name: {e}"),
-            None,
-        )
+        ConnectError::new(ErrorKind::Tls, format!("{host} is not a valid TLS server name: {e}"), None)
     })?;
     let handshake = Instant::now();
     let stream = tls.connect(name, TokioIo::new(timed)).await.map_err(|e| {
-        ConnectError::new(
-            ErrorKind::Tls,
-            format!("TLS handshake with {host} failed: {e}"),
-            Some(e),
-        )
+        ConnectError::new(ErrorKind::Tls, format!("TLS handshake with {host} failed: {e}"), Some(e))
     })?;
-    meta.tls_nanos
-        .store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    meta.tls_nanos.store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
     Ok(MaybeHttpsStream::Https(TokioIo::new(stream)))
 }

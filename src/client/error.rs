@@ -15,11 +15,7 @@ pub struct SendFailure {
 
 impl SendFailure {
     pub fn new(kind: ErrorKind, message: impl Into<String>, sent: bool) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            sent,
-        }
+        Self { kind, message: message.into(), sent }
     }
 }
 
@@ -44,11 +40,7 @@ pub(crate) fn classify(err: &hyper_util::client::legacy::Error) -> SendFailure {
     }
     // Closed or reset before a response head: the connection broke, the request may have
     // arrived. CONNECT so idempotent requests retry; `sent` keeps POSTs from repeating.
-    SendFailure::new(
-        ErrorKind::Connect,
-        format!("connection failed before a response: {}", chain(err)),
-        true,
-    )
+    SendFailure::new(ErrorKind::Connect, format!("connection failed before a response: {}", chain(err)), true)
 }
 
 fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {

@@ -27,11 +27,8 @@ pub enum RedirectError {
     BadScheme(String),
 }
 
-const CREDENTIAL_HEADERS: [header::HeaderName; 3] = [
-    header::AUTHORIZATION,
-    header::COOKIE,
-    header::PROXY_AUTHORIZATION,
-];
+const CREDENTIAL_HEADERS: [header::HeaderName; 3] =
+    [header::AUTHORIZATION, header::COOKIE, header::PROXY_AUTHORIZATION];
 
 /// The hop after `current`, when its response is a redirect to follow; `None` when the
 /// response is final (not a redirect, or no Location). `visited` holds the URLs so far.
@@ -51,13 +48,9 @@ pub fn next_hop(
     let Some(location) = location else {
         return Ok(None);
     };
-    let location = location
-        .to_str()
-        .map_err(|_| RedirectError::BadLocation("it is not visible ASCII".into()))?;
-    let mut url = current
-        .url
-        .join(location)
-        .map_err(|e| RedirectError::BadLocation(e.to_string()))?;
+    let location =
+        location.to_str().map_err(|_| RedirectError::BadLocation("it is not visible ASCII".into()))?;
+    let mut url = current.url.join(location).map_err(|e| RedirectError::BadLocation(e.to_string()))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(RedirectError::BadScheme(url.scheme().to_owned()));
     }
@@ -67,11 +60,7 @@ pub fn next_hop(
         return Err(RedirectError::TooMany(max_hops));
     }
     if visited.contains(&url) {
-        return Err(RedirectError::Loop(format!(
-            "{}{}",
-            url.origin().ascii_serialization(),
-            url.path()
-        )));
+        return Err(RedirectError::Loop(format!("{}{}", url.origin().ascii_serialization(), url.path())));
     }
     let mut next = Hop {
         method: current.method.clone(),
@@ -101,16 +90,8 @@ mod tests {
     fn hop(method: Method, url: &str) -> Hop {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        Hop {
-            method,
-            url: Url::parse(url).unwrap(),
-            headers,
-            body: Bytes::from_static(b"{}"),
-        }
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Hop { method, url: Url::parse(url).unwrap(), headers, body: Bytes::from_static(b"{}") }
     }
 
     fn follow(h: &Hop, status: u16, to: &'static str) -> Result<Option<Hop>, RedirectError> {
@@ -126,34 +107,23 @@ mod tests {
     #[test]
     fn post_becomes_get_on_301_302_303() {
         for status in [301, 302, 303] {
-            let next = follow(&hop(Method::POST, "http://a.test/x"), status, "/y")
-                .unwrap()
-                .unwrap();
+            let next = follow(&hop(Method::POST, "http://a.test/x"), status, "/y").unwrap().unwrap();
             assert_eq!(next.method, Method::GET);
             assert!(next.body.is_empty());
             assert!(!next.headers.contains_key(header::CONTENT_TYPE));
             assert_eq!(next.url.as_str(), "http://a.test/y");
-            assert!(
-                next.headers.contains_key(header::AUTHORIZATION),
-                "same origin keeps credentials"
-            );
+            assert!(next.headers.contains_key(header::AUTHORIZATION), "same origin keeps credentials");
         }
-        let put = follow(&hop(Method::PUT, "http://a.test/x"), 302, "/y")
-            .unwrap()
-            .unwrap();
+        let put = follow(&hop(Method::PUT, "http://a.test/x"), 302, "/y").unwrap().unwrap();
         assert_eq!(put.method, Method::PUT);
-        let head = follow(&hop(Method::HEAD, "http://a.test/x"), 303, "/y")
-            .unwrap()
-            .unwrap();
+        let head = follow(&hop(Method::HEAD, "http://a.test/x"), 303, "/y").unwrap().unwrap();
         assert_eq!(head.method, Method::HEAD);
     }
 
     #[test]
     fn temporary_and_permanent_keep_method_and_body() {
         for status in [307, 308] {
-            let next = follow(&hop(Method::POST, "http://a.test/x"), status, "/y")
-                .unwrap()
-                .unwrap();
+            let next = follow(&hop(Method::POST, "http://a.test/x"), status, "/y").unwrap().unwrap();
             assert_eq!(next.method, Method::POST);
             assert_eq!(next.body, "{}");
         }
@@ -161,13 +131,8 @@ mod tests {
 
     #[test]
     fn credentials_do_not_cross_origins() {
-        let next = follow(
-            &hop(Method::GET, "http://a.test/x"),
-            302,
-            "http://a.test:8080/y",
-        )
-        .unwrap()
-        .unwrap();
+        let next =
+            follow(&hop(Method::GET, "http://a.test/x"), 302, "http://a.test:8080/y").unwrap().unwrap();
         assert!(!next.headers.contains_key(header::AUTHORIZATION));
     }
 
@@ -175,24 +140,11 @@ mod tests {
     fn loops_limits_and_bad_locations() {
         let h = hop(Method::GET, "http://a.test/x");
         assert!(matches!(follow(&h, 302, "/x"), Err(RedirectError::Loop(_))));
-        assert!(matches!(
-            follow(&h, 302, "ftp://a.test/"),
-            Err(RedirectError::BadScheme(_))
-        ));
-        let visited: Vec<Url> = (0..11)
-            .map(|i| Url::parse(&format!("http://a.test/{i}")).unwrap())
-            .collect();
-        let r = next_hop(
-            &h,
-            StatusCode::FOUND,
-            Some(&HeaderValue::from_static("/z")),
-            &visited,
-            10,
-        );
+        assert!(matches!(follow(&h, 302, "ftp://a.test/"), Err(RedirectError::BadScheme(_))));
+        let visited: Vec<Url> = (0..11).map(|i| Url::parse(&format!("http://a.test/{i}")).unwrap()).collect();
+        let r = next_hop(&h, StatusCode::FOUND, Some(&HeaderValue::from_static("/z")), &visited, 10);
         assert_eq!(r.unwrap_err(), RedirectError::TooMany(10));
         assert!(follow(&h, 200, "/y").unwrap().is_none());
-        assert!(next_hop(&h, StatusCode::FOUND, None, &[], 10)
-            .unwrap()
-            .is_none());
+        assert!(next_hop(&h, StatusCode::FOUND, None, &[], 10).unwrap().is_none());
     }
 }

@@ -22,18 +22,10 @@ pub fn head_of<B>(response: &Response<B>) -> ResponseHead {
         .headers()
         .iter()
         .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
+            (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned())
         })
         .collect();
-    ResponseHead {
-        status: status.as_u16(),
-        reason,
-        version: version_str(response.version()),
-        headers,
-    }
+    ResponseHead { status: status.as_u16(), reason, version: version_str(response.version()), headers }
 }
 
 fn version_str(version: Version) -> &'static str {
@@ -66,12 +58,7 @@ pub struct CappedBody {
 
 impl CappedBody {
     pub fn new(body: Incoming, cap: u64) -> Self {
-        Self {
-            body,
-            cap,
-            read: 0,
-            over: false,
-        }
+        Self { body, cap, read: 0, over: false }
     }
 
     /// Bytes handed out so far.
@@ -112,13 +99,15 @@ impl CappedBody {
 
 /// Splits `data` into pieces of at most `MAX_CHUNK` bytes without copying.
 pub fn pieces(mut data: Bytes) -> impl Iterator<Item = Bytes> {
-    std::iter::from_fn(move || {
-        if data.is_empty() {
-            None
-        } else {
-            Some(data.split_to(data.len().min(MAX_CHUNK)))
-        }
-    })
+    std::iter::from_fn(
+        move || {
+            if data.is_empty() {
+                None
+            } else {
+                Some(data.split_to(data.len().min(MAX_CHUNK)))
+            }
+        },
+    )
 }
 
 /// The media type of a head, lower-cased, parameters dropped.
@@ -126,28 +115,15 @@ fn media_type(head: &ResponseHead) -> Option<String> {
     head.headers
         .iter()
         .find(|(name, _)| name == header::CONTENT_TYPE.as_str())
-        .map(|(_, value)| {
-            value
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|(_, value)| value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
 }
 
 /// The body as JSON (when the content type is JSON and it parses) and as text (when the content
 /// type is textual or absent, and it is UTF-8).
 pub fn views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, Option<String>) {
     let media = media_type(head);
-    let is_json = media
-        .as_deref()
-        .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
-    let json = if is_json && !body.is_empty() {
-        serde_json::from_slice(body).ok()
-    } else {
-        None
-    };
+    let is_json = media.as_deref().is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+    let json = if is_json && !body.is_empty() { serde_json::from_slice(body).ok() } else { None };
     let textual = match media.as_deref() {
         None => true,
         Some(m) => {
@@ -164,11 +140,7 @@ pub fn views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, O
                 )
         }
     };
-    let text = if textual {
-        std::str::from_utf8(body).ok().map(str::to_owned)
-    } else {
-        None
-    };
+    let text = if textual { std::str::from_utf8(body).ok().map(str::to_owned) } else { None };
     (json, text)
 }
 
@@ -181,29 +153,21 @@ mod tests {
             status: 200,
             reason: "OK".into(),
             version: "HTTP/1.1",
-            headers: content_type
-                .map(|c| vec![("content-type".into(), c.into())])
-                .unwrap_or_default(),
+            headers: content_type.map(|c| vec![("content-type".into(), c.into())]).unwrap_or_default(),
         }
     }
 
     #[test]
     fn json_and_text_views() {
         let body = Bytes::from_static(br#"{"a":[1,2]}"#);
-        let (json, text) = views(
-            &head(Some("application/problem+json; charset=utf-8")),
-            &body,
-        );
+        let (json, text) = views(&head(Some("application/problem+json; charset=utf-8")), &body);
         assert_eq!(json, Some(serde_json::json!({"a": [1, 2]})));
         assert_eq!(text.as_deref(), Some(r#"{"a":[1,2]}"#));
         let (json, text) = views(&head(Some("text/plain")), &body);
         assert!(json.is_none() && text.is_some());
         let (json, text) = views(&head(Some("application/octet-stream")), &body);
         assert!(json.is_none() && text.is_none());
-        let (json, text) = views(
-            &head(Some("application/json")),
-            &Bytes::from_static(b"{bad"),
-        );
+        let (json, text) = views(&head(Some("application/json")), &Bytes::from_static(b"{bad"));
         assert!(json.is_none() && text.is_some());
         let (_, text) = views(&head(None), &Bytes::from_static(b"\xff\xfe"));
         assert!(text.is_none());
