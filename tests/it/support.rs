@@ -37,11 +37,7 @@ pub struct Seen {
 impl Seen {
     /// All values of header `name` (lower case).
     pub fn header_values(&self, name: &str) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.clone()).collect()
     }
     pub fn header(&self, name: &str) -> Option<String> {
         self.header_values(name).into_iter().next()
@@ -87,27 +83,16 @@ impl Upstream {
                         let recorded = recorded.clone();
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let seen = Seen {
                                 method: parts.method.to_string(),
-                                target: parts
-                                    .uri
-                                    .path_and_query()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_default(),
+                                target: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
                                 version: parts.version,
                                 headers: parts
                                     .headers
                                     .iter()
                                     .map(|(n, v)| {
-                                        (
-                                            n.to_string(),
-                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                        )
+                                        (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())
                                     })
                                     .collect(),
                                 body,
@@ -122,11 +107,7 @@ impl Upstream {
                 });
             }
         });
-        Self {
-            addr,
-            seen,
-            _task: AbortOnDrop(task),
-        }
+        Self { addr, seen, _task: AbortOnDrop(task) }
     }
 
     /// An upstream that answers every request with `status` and `body`.
@@ -151,9 +132,7 @@ impl Upstream {
 
 /// A full body.
 pub fn body(bytes: impl Into<Bytes>) -> UpBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
 }
 
 /// A response with `status` and a text/plain body.
@@ -191,36 +170,19 @@ impl Sidecar {
         let addr = listener.local_addr().unwrap();
         let executor = Executor::new(settings).unwrap();
         let task = tokio::spawn(async move {
-            callout::server::serve(listener, executor, std::future::pending())
-                .await
-                .unwrap();
+            callout::server::serve(listener, executor, std::future::pending()).await.unwrap();
         });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            addr,
-            client: HttpActionServiceClient::new(channel),
-            _task: AbortOnDrop(task),
-        }
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        Self { addr, client: HttpActionServiceClient::new(channel), _task: AbortOnDrop(task) }
     }
 
     /// A new channel to the same server (for health, reflection, or separate calls).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
     }
 
     /// Execute, panicking on a gRPC error.
-    pub async fn execute(
-        &self,
-        req: pb::ExecuteHttpActionRequest,
-    ) -> pb::ExecuteHttpActionResponse {
+    pub async fn execute(&self, req: pb::ExecuteHttpActionRequest) -> pb::ExecuteHttpActionResponse {
         self.client.clone().execute(req).await.unwrap().into_inner()
     }
 
@@ -229,11 +191,7 @@ impl Sidecar {
         &self,
         req: pb::ExecuteHttpActionRequest,
     ) -> Result<pb::ExecuteHttpActionResponse, tonic::Status> {
-        self.client
-            .clone()
-            .execute(req)
-            .await
-            .map(|r| r.into_inner())
+        self.client.clone().execute(req).await.map(|r| r.into_inner())
     }
 
     /// ExecuteStream, collecting every event until the stream ends.
@@ -256,19 +214,13 @@ pub fn request(method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
     pb::ExecuteHttpActionRequest {
         method: method.into(),
         url: url.into(),
-        retry: Some(pb::RetryPolicy {
-            max_attempts: 1,
-            ..Default::default()
-        }),
+        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
         ..Default::default()
     }
 }
 
 pub fn kv(name: &str, value: &str) -> pb::KeyValue {
-    pb::KeyValue {
-        name: name.into(),
-        value: value.into(),
-    }
+    pb::KeyValue { name: name.into(), value: value.into() }
 }
 
 pub fn dur(d: std::time::Duration) -> prost_types::Duration {
@@ -290,8 +242,5 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 
 /// The response's error kind.
 pub fn error_kind(resp: &pb::ExecuteHttpActionResponse) -> pb::ErrorKind {
-    resp.error
-        .as_ref()
-        .map(|e| e.kind())
-        .unwrap_or(pb::ErrorKind::Unspecified)
+    resp.error.as_ref().map(|e| e.kind()).unwrap_or(pb::ErrorKind::Unspecified)
 }
