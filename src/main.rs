@@ -49,6 +49,9 @@ struct ServeArgs {
     /// Do not offer HTTP/2 to https upstreams.
     #[arg(long)]
     no_http2: bool,
+    /// PEM file of extra CA certificates trusted for upstreams, besides the webpki roots.
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -136,6 +139,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
     settings.client.pool_idle_timeout = args.pool_idle_timeout;
     settings.client.pool_max_idle_per_host = args.pool_max_idle_per_host;
     settings.client.http2 = !args.no_http2;
+    if let Some(path) = &args.ca_file {
+        match std::fs::read_to_string(path) {
+            Ok(pem) => settings.client.extra_ca_pem = Some(pem),
+            Err(e) => {
+                tracing::error!("cannot read --ca-file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let executor = match Executor::new(settings) {
         Ok(e) => e,
         Err(e) => {

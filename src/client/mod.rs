@@ -1,17 +1,17 @@
 //! The outbound HTTP stack: one pooled hyper-util client over the timed connector, shared by
 //! every action. Each concern sits in its own module: `connect` (DNS/TCP/TLS with timings),
 //! `error` (classifying failures), `redirect` (following Location), `response` (reading heads
-//! and capped bodies).
+//! and capped bodies), `tls` (roots and ALPN).
 pub mod connect;
 pub mod error;
 pub mod redirect;
 pub mod response;
+pub mod tls;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::ConfigBuilderExt;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use std::{sync::Arc, time::Duration};
 
@@ -32,6 +32,8 @@ pub struct ClientSettings {
     pub http2: bool,
     /// Connect timeout when an action does not carry one. Default 10 s.
     pub connect_timeout: Duration,
+    /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
+    pub extra_ca_pem: Option<String>,
 }
 
 impl Default for ClientSettings {
@@ -41,14 +43,15 @@ impl Default for ClientSettings {
             pool_max_idle_per_host: 64,
             http2: true,
             connect_timeout: crate::action::DEFAULT_CONNECT_TIMEOUT,
+            extra_ca_pem: None,
         }
     }
 }
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("building the TLS client configuration: {0}")]
-pub struct ClientBuildError(#[from] rustls::Error);
+#[error("building the HTTP client: {0}")]
+pub struct ClientBuildError(#[from] tls::TlsConfigError);
 
 /// The shared, pooled HTTP client.
 #[derive(Clone)]
@@ -58,16 +61,7 @@ pub struct HttpClient {
 
 impl HttpClient {
     pub fn new(settings: &ClientSettings) -> Result<Self, ClientBuildError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_webpki_roots()
-            .with_no_client_auth();
-        tls.alpn_protocols = if settings.http2 {
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-        } else {
-            vec![b"http/1.1".to_vec()]
-        };
+        let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2)?;
         let connector = connect::TimedConnector::new(Arc::new(tls), settings.connect_timeout);
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)

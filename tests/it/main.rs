@@ -1,4 +1,6 @@
 //! Integration tests: one binary, one module per concern, against real loopback servers and
 //! the real gRPC server.
-mod smoke;
 mod support;
+
+mod smoke;
+mod tls;
