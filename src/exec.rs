@@ -222,8 +222,12 @@ impl Executor {
     fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
         let total = action.timeouts.total.unwrap_or(self.settings.default_total_timeout);
         match budget {
-            // Finish a little before the caller's deadline so the reply still reaches it.
-            Some(budget) => total.min(budget.saturating_sub((budget / 20).min(Duration::from_millis(100)))),
+            // Finish a little before the caller's deadline so the reply still reaches it: a
+            // tenth of the budget, between 10 ms and 250 ms.
+            Some(budget) => {
+                let margin = (budget / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+                total.min(budget.saturating_sub(margin))
+            }
             None => total,
         }
     }
