@@ -2,5 +2,8 @@
 //! the real gRPC server.
 mod support;
 
+mod redirects;
+mod retries;
 mod smoke;
+mod timeouts;
 mod tls;

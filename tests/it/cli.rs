@@ -1,0 +1,121 @@
+//! `callout exec`, the real binary: exit codes (0 succeeded, 1 failed, 2 invalid), the JSON it
+//! prints, and what reaches a loopback upstream.
+use crate::support::*;
+use serde_json::Value;
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
+
+/// Runs `callout exec ARGS...` off the runtime's threads (the upstream keeps serving) and
+/// returns its output.
+async fn exec(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_callout"))
+            .arg("exec")
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("callout runs")
+    });
+    tokio::time::timeout(Duration::from_secs(60), run).await.expect("callout exec finishes").unwrap()
+}
+
+/// The outcome JSON printed on stdout.
+fn printed(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[tokio::test]
+async fn expected_status_succeeds_with_exit_0() {
+    let upstream = Upstream::start(|_| async { json(201, serde_json::json!({ "id": 1 })) }).await;
+    let url = upstream.url("/orders");
+    let out = exec(&["POST", &url, "-H", "X-Token: t", "--json", r#"{"id":1}"#, "--expect", "201"]).await;
+    let printed = printed(&out);
+
+    assert_eq!(out.status.code(), Some(0), "{printed:#}");
+    assert_eq!(printed["outcome"], "SUCCEEDED");
+    assert_eq!(printed["proceed"], true);
+    assert!(printed["error"].is_null());
+    assert_eq!(printed["response"]["status"], 201);
+    assert_eq!(printed["response"]["body_json"], serde_json::json!({ "id": 1 }));
+    assert_eq!(printed["attempts"].as_array().map(Vec::len), Some(1));
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].target, "/orders");
+    assert_eq!(seen[0].body, r#"{"id":1}"#);
+    assert_eq!(seen[0].header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(seen[0].header("x-token").as_deref(), Some("t"));
+}
+
+#[tokio::test]
+async fn other_status_fails_with_exit_1() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/orders");
+    let out = exec(&["POST", &url, "-H", "X-Token: t", "--json", r#"{"id":1}"#, "--expect", "201"]).await;
+    let printed = printed(&out);
+
+    assert_eq!(out.status.code(), Some(1), "{printed:#}");
+    assert_eq!(printed["outcome"], "FAILED");
+    assert_eq!(printed["proceed"], false);
+    assert_eq!(printed["error"]["kind"], "UNEXPECTED_STATUS");
+    assert_eq!(printed["response"]["status"], 200);
+    assert_eq!(printed["response"]["body_text"], "ok");
+    // 200 is not a retryable status: one request.
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn invalid_call_exits_2_naming_the_fields() {
+    let out = exec(&["FETCH", "ftp://x"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("method"), "stderr: {stderr}");
+    assert!(stderr.contains("url"), "stderr: {stderr}");
+    assert!(out.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test]
+async fn invalid_call_sends_nothing() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/orders");
+    let out = exec(&["FETCH", &url, "--json", "{not json"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("method"), "stderr: {stderr}");
+    assert!(stderr.contains("json"), "stderr: {stderr}");
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn form_fields_are_sent_urlencoded() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/form");
+    let out = exec(&["POST", &url, "--form", "a=1", "--form", "b=x y"]).await;
+
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let seen = upstream.seen();
+    assert_eq!(seen[0].body, "a=1&b=x+y");
+    assert_eq!(seen[0].header("content-type").as_deref(), Some("application/x-www-form-urlencoded"));
+}
+
+#[tokio::test]
+async fn query_values_are_percent_encoded() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/search");
+    let out = exec(&["GET", &url, "-q", "k=a b"]).await;
+
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    assert_eq!(upstream.seen()[0].target, "/search?k=a%20b");
+}
