@@ -2,8 +2,14 @@
 //! the real gRPC server.
 mod support;
 
+mod invalid;
 mod redirects;
+mod requests;
 mod retries;
+mod service;
 mod smoke;
+mod streaming;
 mod timeouts;
+mod timings;
 mod tls;
+mod verdict;

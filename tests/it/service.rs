@@ -37,6 +37,7 @@ enum Ask {
 
 /// A reflection answer, the same in v1 and v1alpha.
 #[derive(Debug)]
+#[allow(dead_code)] // The payloads are read through Debug, in failure messages.
 enum Answer {
     Services(Vec<String>),
     Files(Vec<Vec<u8>>),
@@ -85,7 +86,9 @@ macro_rules! reflection_asker {
                     MessageResponse::ListServicesResponse(list) => {
                         Answer::Services(list.service.into_iter().map(|s| s.name).collect())
                     }
-                    MessageResponse::FileDescriptorResponse(files) => Answer::Files(files.file_descriptor_proto),
+                    MessageResponse::FileDescriptorResponse(files) => {
+                        Answer::Files(files.file_descriptor_proto)
+                    }
                     MessageResponse::ErrorResponse(e) => Answer::Error(e.error_code, e.error_message),
                     other => Answer::Other(format!("{other:?}")),
                 });
@@ -109,7 +112,9 @@ fn files(answer: &Answer) -> Vec<FileDescriptorProto> {
     match answer {
         Answer::Files(raw) => {
             assert!(!raw.is_empty(), "no descriptors");
-            raw.iter().map(|bytes| FileDescriptorProto::decode(bytes.as_slice()).expect("descriptor")).collect()
+            raw.iter()
+                .map(|bytes| FileDescriptorProto::decode(bytes.as_slice()).expect("descriptor"))
+                .collect()
         }
         other => panic!("expected descriptors, got {other:?}"),
     }
@@ -125,12 +130,8 @@ fn check_contract(file: &FileDescriptorProto) {
         .enumerate()
         .find(|(_, m)| m.name() == "ExecuteHttpActionRequest")
         .expect("ExecuteHttpActionRequest in the descriptor");
-    let (field_index, field) = msg
-        .field
-        .iter()
-        .enumerate()
-        .find(|(_, f)| f.name() == "success_codes")
-        .expect("success_codes field");
+    let (field_index, field) =
+        msg.field.iter().enumerate().find(|(_, f)| f.name() == "success_codes").expect("success_codes field");
     assert_eq!(field.r#type(), Type::String);
     assert_eq!(field.json_name(), "successCodes");
 
@@ -161,7 +162,11 @@ where
     let sidecar = Sidecar::start().await;
     let answers = ask(
         sidecar.channel().await,
-        vec![Ask::ListServices, Ask::Symbol("callout.v1.ExecuteHttpActionRequest"), Ask::Symbol("nope.Nothing")],
+        vec![
+            Ask::ListServices,
+            Ask::Symbol("callout.v1.ExecuteHttpActionRequest"),
+            Ask::Symbol("nope.Nothing"),
+        ],
     )
     .await;
     let listed = services(&answers[0]);
@@ -179,10 +184,15 @@ where
 
     // grpcurl then fetches each import by name; all must resolve.
     assert!(!contract.dependency.is_empty());
-    let deps = ask(sidecar.channel().await, contract.dependency.iter().cloned().map(Ask::File).collect()).await;
+    let deps =
+        ask(sidecar.channel().await, contract.dependency.iter().cloned().map(Ask::File).collect()).await;
     for (name, answer) in contract.dependency.iter().zip(&deps) {
         let got = files(answer);
-        assert!(got.iter().any(|f| f.name() == name), "{name}: got {:?}", got.iter().map(|f| f.name()).collect::<Vec<_>>());
+        assert!(
+            got.iter().any(|f| f.name() == name),
+            "{name}: got {:?}",
+            got.iter().map(|f| f.name()).collect::<Vec<_>>()
+        );
     }
 }
 

@@ -374,8 +374,13 @@ async fn caller_dropping_the_stream_stops_the_upstream_read() {
     .await;
     let sidecar = Sidecar::start().await;
 
-    let mut stream =
-        sidecar.client.clone().execute_stream(request("GET", &upstream.url("/endless"))).await.unwrap().into_inner();
+    let mut stream = sidecar
+        .client
+        .clone()
+        .execute_stream(request("GET", &upstream.url("/endless")))
+        .await
+        .unwrap()
+        .into_inner();
     let mut seen_accepted = false;
     loop {
         let event = tokio::time::timeout(Duration::from_secs(2), stream.message())

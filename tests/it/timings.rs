@@ -122,7 +122,10 @@ async fn action_timing_covers_every_attempt_and_backoff() {
     let total = std_dur(&timing.total);
     let attempts: Duration = resp.attempts.iter().map(|a| std_dur(&a.timing.as_ref().unwrap().total)).sum();
     assert!(attempts > Duration::ZERO);
-    assert!(total >= attempts + backoff, "action total {total:?} < attempts {attempts:?} + backoff {backoff:?}");
+    assert!(
+        total >= attempts + backoff,
+        "action total {total:?} < attempts {attempts:?} + backoff {backoff:?}"
+    );
     assert!(total <= after.duration_since(before).unwrap(), "action total {total:?} longer than the call");
     assert_eq!(std_dur(&resp.attempts[0].backoff), backoff);
     assert!(resp.attempts[1].backoff.is_none(), "the last attempt has no backoff");
