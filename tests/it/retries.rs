@@ -17,38 +17,8 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// Retries on, with the given attempts, a 10 ms first backoff doubling, and no jitter.
-fn fast_retry(max_attempts: u32) -> pb::RetryPolicy {
-    pb::RetryPolicy {
-        max_attempts,
-        initial_backoff: Some(dur(ms(10))),
-        jitter: Some(false),
-        ..Default::default()
-    }
-}
-
 fn backoff(a: &pb::Attempt) -> Option<Duration> {
     a.backoff.map(|d| Duration::try_from(d).unwrap())
-}
-
-/// An upstream that answers `failures` requests with `status` (and `headers`), then 200 "ok".
-async fn failing(failures: usize, status: u16, headers: &'static [(&'static str, &'static str)]) -> Upstream {
-    let calls = Arc::new(AtomicUsize::new(0));
-    Upstream::start(move |_| {
-        let n = calls.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n < failures {
-                let mut resp = text(status, "failing");
-                for (name, value) in headers {
-                    resp.headers_mut().insert(*name, value.parse().unwrap());
-                }
-                resp
-            } else {
-                text(200, "ok")
-            }
-        }
-    })
-    .await
 }
 
 /// `http://127.0.0.1:PORT/` where nothing listens.

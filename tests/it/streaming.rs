@@ -8,7 +8,7 @@ use hyper::body::Frame;
 use std::{
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -182,19 +182,7 @@ async fn empty_action_id_gets_a_generated_uuid() {
 
 #[tokio::test]
 async fn retried_status_shows_both_attempts() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = calls.clone();
-    let upstream = Upstream::start(move |_| {
-        let n = counter.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n == 0 {
-                text(503, "busy")
-            } else {
-                text(200, "done")
-            }
-        }
-    })
-    .await;
+    let upstream = failing(1, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/flaky"));
     req.retry = Some(pb::RetryPolicy {
@@ -228,7 +216,7 @@ async fn retried_status_shows_both_attempts() {
     assert_eq!(failed.status, 503);
     assert_eq!(to_std(&failed.backoff), Some(Duration::from_millis(10)), "no jitter: the initial backoff");
     // Only the successful attempt's body is streamed.
-    assert_eq!(reassemble(&events), b"done");
+    assert_eq!(reassemble(&events), b"ok");
     let result = completed(&events);
     assert_eq!(result.attempts.len(), 2);
     assert_eq!(result.attempts[0].status, 503);

@@ -14,6 +14,7 @@ use std::{
     convert::Infallible,
     future::Future,
     net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
     sync::{Arc, Mutex},
 };
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -243,4 +244,39 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
 /// The response's error kind.
 pub fn error_kind(resp: &pb::ExecuteHttpActionResponse) -> pb::ErrorKind {
     resp.error.as_ref().map(|e| e.kind()).unwrap_or(pb::ErrorKind::Unspecified)
+}
+
+/// Retries on: `max_attempts` tries, a 10 ms first backoff doubling each time, no jitter.
+pub fn fast_retry(max_attempts: u32) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_attempts,
+        initial_backoff: Some(dur(std::time::Duration::from_millis(10))),
+        jitter: Some(false),
+        ..Default::default()
+    }
+}
+
+/// An upstream that answers the first `failures` requests with `status` (and `headers`), then
+/// 200 "ok".
+pub async fn failing(
+    failures: usize,
+    status: u16,
+    headers: &'static [(&'static str, &'static str)],
+) -> Upstream {
+    let calls = Arc::new(AtomicUsize::new(0));
+    Upstream::start(move |_| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n < failures {
+                let mut resp = text(status, "failing");
+                for (name, value) in headers {
+                    resp.headers_mut().insert(*name, value.parse().unwrap());
+                }
+                resp
+            } else {
+                text(200, "ok")
+            }
+        }
+    })
+    .await
 }

@@ -35,17 +35,6 @@ fn message(resp: &pb::ExecuteHttpActionResponse) -> String {
     resp.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()
 }
 
-/// A fast retry policy: `max_attempts` tries, 10 ms apart, no jitter.
-fn fast_retry(max_attempts: u32) -> pb::RetryPolicy {
-    pb::RetryPolicy {
-        max_attempts,
-        initial_backoff: Some(dur(ms(10))),
-        multiplier: 1.0,
-        jitter: Some(false),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn slow_response_head_hits_the_attempt_timeout() {
     let upstream = slow_upstream(Duration::from_secs(5)).await;

@@ -1,13 +1,7 @@
 //! Attempt and action timings: connector phases, pooled-connection reuse, DNS, remote address.
 use crate::support::*;
 use callout::pb;
-use std::{
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 /// A proto duration as std; an absent one counts as zero.
 fn std_dur(d: &Option<prost_types::Duration>) -> Duration {
@@ -86,19 +80,7 @@ async fn localhost_is_resolved_and_timed() {
 
 #[tokio::test]
 async fn action_timing_covers_every_attempt_and_backoff() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = calls.clone();
-    let upstream = Upstream::start(move |_| {
-        let n = counter.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n == 0 {
-                text(503, "busy")
-            } else {
-                text(200, "done")
-            }
-        }
-    })
-    .await;
+    let upstream = failing(1, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
     let backoff = Duration::from_millis(30);
