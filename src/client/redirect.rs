@@ -99,7 +99,7 @@ mod tests {
             h,
             StatusCode::from_u16(status).unwrap(),
             Some(&HeaderValue::from_static(to)),
-            &[h.url.clone()],
+            std::slice::from_ref(&h.url),
             10,
         )
     }

@@ -2,6 +2,7 @@
 //! the real gRPC server.
 mod support;
 
+mod cli;
 mod invalid;
 mod redirects;
 mod requests;
