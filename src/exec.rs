@@ -7,6 +7,9 @@ use crate::{
         OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision, DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
+        admission::{Destination, LimitSettings, Limits},
+        breaker::Health,
+        concurrency::{Admission, Overloaded},
         redirect::{next_hop, Hop},
         response::{head_of, pieces, views, BodyError, CappedBody},
         ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, SendFailure,
@@ -18,6 +21,7 @@ use hyper::body::Incoming;
 use std::{
     future::Future,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
@@ -30,6 +34,8 @@ pub struct ExecSettings {
     /// Body cap of ExecuteStream. Default 1 GiB.
     pub stream_max_response_bytes: u64,
     pub client: ClientSettings,
+    /// Queue bound, concurrency caps, rate limits and circuit breaking.
+    pub limits: LimitSettings,
 }
 
 impl Default for ExecSettings {
@@ -38,6 +44,7 @@ impl Default for ExecSettings {
             default_total_timeout: Duration::from_secs(300),
             stream_max_response_bytes: 1 << 30,
             client: ClientSettings::default(),
+            limits: LimitSettings::default(),
         }
     }
 }
@@ -102,6 +109,7 @@ impl Observer for Buffered {
 #[derive(Clone)]
 pub struct Executor {
     client: HttpClient,
+    limits: Arc<Limits>,
     settings: ExecSettings,
 }
 
@@ -138,7 +146,11 @@ struct AttemptResult {
 
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
-        Ok(Self { client: HttpClient::new(&settings.client)?, settings })
+        Ok(Self {
+            client: HttpClient::new(&settings.client)?,
+            limits: Arc::new(Limits::new(&settings.limits)),
+            settings,
+        })
     }
 
     pub fn settings(&self) -> &ExecSettings {
@@ -151,9 +163,38 @@ impl Executor {
         self.run(action, budget, &mut Buffered).await
     }
 
-    /// Runs `action`, reporting to `observer` as it goes.
+    /// A place in the server for a new action, or `Overloaded` at once when its queue is full
+    /// (the gRPC edge answers RESOURCE_EXHAUSTED).
+    pub fn admit(&self) -> Result<Admission, Overloaded> {
+        self.limits.admit()
+    }
+
+    /// The server's limits (for in-flight and queue gauges).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Admits and runs `action`, reporting to `observer` as it goes. A full queue ends the
+    /// action as RATE_LIMITED; the gRPC edge calls `admit` first to answer RESOURCE_EXHAUSTED.
     pub async fn run<O: Observer>(
         &self,
+        action: &HttpAction,
+        budget: Option<Duration>,
+        observer: &mut O,
+    ) -> Outcome {
+        match self.admit() {
+            Ok(admission) => self.run_admitted(admission, action, budget, observer).await,
+            Err(overloaded) => {
+                let error = ActionError::new(ErrorKind::RateLimited, overloaded.to_string());
+                self.finish(action, SystemTime::now(), Instant::now(), Vec::new(), None, Some(error))
+            }
+        }
+    }
+
+    /// Runs an admitted `action`: waits for a running slot, then tries it by its retry policy.
+    pub async fn run_admitted<O: Observer>(
+        &self,
+        _admission: Admission,
         action: &HttpAction,
         budget: Option<Duration>,
         observer: &mut O,
@@ -165,13 +206,34 @@ impl Executor {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
+        let destination = Destination::of(&action.url);
 
-        for number in 1..=action.retry.max_attempts {
+        let running = match self.limits.run_slot(deadline).await {
+            Ok(slot) => Some(slot),
+            Err(refused) => {
+                error = Some(refused);
+                None
+            }
+        };
+        let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
+        for number in 1..=attempts_allowed {
+            // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
+            // end the action: no attempt is recorded for them.
+            let slot = match self.limits.enter(&destination, deadline).await {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
+                    error = Some(refused);
+                    break;
+                }
+            };
             if observer.attempt_started(number).await.is_err() {
                 error = Some(cancelled());
                 break;
             }
             let mut result = self.attempt(action, number, deadline, total, observer).await;
+            self.limits.report(&destination, health_of(&result), too_many_requests_wait(&result));
+            drop(slot);
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
@@ -411,6 +473,24 @@ impl Executor {
             started_at,
             total: t0.elapsed(),
         }
+    }
+}
+
+/// How an attempt speaks of its destination's health (for the circuit breaker).
+fn health_of(result: &AttemptResult) -> Health {
+    match (result.record.status, result.record.error.as_ref().map(|e| e.kind)) {
+        (Some(status), _) if status >= 500 => Health::Failing,
+        (Some(_), _) => Health::Healthy,
+        (None, Some(ErrorKind::Connect | ErrorKind::Timeout)) => Health::Failing,
+        _ => Health::Unknown,
+    }
+}
+
+/// The Retry-After of a 429, which cools the destination down for every action.
+fn too_many_requests_wait(result: &AttemptResult) -> Option<Duration> {
+    match result.end {
+        Some(AttemptEnd::Status { status: 429, retry_after }) => retry_after,
+        _ => None,
     }
 }
 

@@ -3,6 +3,12 @@
 #![forbid(unsafe_code)]
 use callout::{
     action::{ActionInput, BodyInput, HttpAction, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
+    client::{
+        admission::LimitSettings,
+        breaker::BreakerSettings,
+        concurrency::ConcurrencySettings,
+        rate_limit::{Rate, RateLimitRule, RateLimitSettings},
+    },
     exec::{ExecSettings, Executor},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -23,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC sidecar (HttpActionService, health, reflection).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run one action and print its outcome as JSON. Exit 0 when it succeeded, 1 when it
     /// failed, 2 when it is invalid.
     Exec(Box<ExecArgs>),
@@ -52,6 +58,32 @@ struct ServeArgs {
     /// PEM file of extra CA certificates trusted for upstreams, besides the webpki roots.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
+    /// Actions running at once.
+    #[arg(long, default_value_t = 512)]
+    max_in_flight: usize,
+    /// Actions waiting for a running slot; past this, new calls get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 2048)]
+    max_queued: usize,
+    /// Attempts in flight to one destination (host:port) at once.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight_per_host: usize,
+    /// Limit on all sends together, e.g. "200/s" or "200/s burst 50".
+    #[arg(long, value_name = "RATE")]
+    global_rate_limit: Option<Rate>,
+    /// Limit per destination host:port matching a pattern, e.g. "*.example.com=10/s burst 20";
+    /// repeatable, the first matching rule applies.
+    #[arg(long = "rate-limit", value_name = "PATTERN=RATE")]
+    rate_limits: Vec<RateLimitRule>,
+    /// Longest shared cool-down that a 429 Retry-After imposes on a destination.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    max_host_cool_down: Duration,
+    /// Consecutive failures (connect errors, timeouts, 5xx) that open a destination's circuit;
+    /// 0 turns circuit breaking off.
+    #[arg(long, default_value_t = 10)]
+    breaker_failures: u32,
+    /// How long an open circuit refuses before one probe may go through.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    breaker_cool_down: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,7 +156,7 @@ fn init_logs(default: &str) {
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Exec(args) => exec(*args).await,
     }
 }
@@ -139,6 +171,22 @@ async fn serve(args: ServeArgs) -> ExitCode {
     settings.client.pool_idle_timeout = args.pool_idle_timeout;
     settings.client.pool_max_idle_per_host = args.pool_max_idle_per_host;
     settings.client.http2 = !args.no_http2;
+    settings.limits = LimitSettings {
+        concurrency: ConcurrencySettings {
+            max_in_flight: args.max_in_flight,
+            max_queued: args.max_queued,
+            max_in_flight_per_host: args.max_in_flight_per_host,
+        },
+        rate: RateLimitSettings {
+            global: args.global_rate_limit,
+            per_host: args.rate_limits,
+            max_cool_down: args.max_host_cool_down,
+        },
+        breaker: BreakerSettings {
+            failure_threshold: args.breaker_failures,
+            cool_down: args.breaker_cool_down,
+        },
+    };
     if let Some(path) = &args.ca_file {
         match std::fs::read_to_string(path) {
             Ok(pem) => settings.client.extra_ca_pem = Some(pem),

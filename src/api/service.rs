@@ -4,7 +4,8 @@
 use super::{convert, status::invalid_argument};
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead},
-    exec::{Executor, Gone, Observer},
+    client::concurrency::Overloaded,
+    exec::{Buffered, Executor, Gone, Observer},
     pb::{self, action_event::Event},
 };
 use bytes::Bytes;
@@ -41,6 +42,12 @@ fn action_of(req: pb::ExecuteHttpActionRequest) -> Result<HttpAction, Status> {
     }
 }
 
+/// A full queue: the caller should back off and try again.
+fn overloaded(e: Overloaded) -> Status {
+    tracing::warn!(in_flight = e.in_flight, queued = e.queued, "action refused: queue full");
+    Status::resource_exhausted(e.to_string())
+}
+
 /// The caller's deadline, from the `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
 fn grpc_deadline(metadata: &MetadataMap) -> Option<Duration> {
     let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
@@ -65,7 +72,8 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
         let budget = grpc_deadline(request.metadata());
         let action = action_of(request.into_inner())?;
-        let outcome = self.executor.execute(&action, budget).await;
+        let admission = self.executor.admit().map_err(overloaded)?;
+        let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         Ok(Response::new(convert::outcome(outcome)))
     }
 
@@ -77,6 +85,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let budget = grpc_deadline(request.metadata());
         let action = action_of(request.into_inner())?;
+        let admission = self.executor.admit().map_err(overloaded)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {
@@ -90,7 +99,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
             }
             // The caller going away drops the action (and its upstream request) at once.
             tokio::select! {
-                outcome = executor.run(&action, budget, &mut events) => {
+                outcome = executor.run_admitted(admission, &action, budget, &mut events) => {
                     let mut result = convert::outcome(outcome);
                     if let Some(response) = result.response.as_mut() {
                         // The body went out as BodyChunk events.

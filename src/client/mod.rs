@@ -1,9 +1,15 @@
 //! The outbound HTTP stack: one pooled hyper-util client over the timed connector, shared by
 //! every action. Each concern sits in its own module: `connect` (DNS/TCP/TLS with timings),
 //! `error` (classifying failures), `redirect` (following Location), `response` (reading heads
-//! and capped bodies), `tls` (roots and ALPN).
+//! and capped bodies), `tls` (roots and ALPN). What an action passes before it sends sits in
+//! `admission`, built from `concurrency`, `rate_limit` and `breaker` (keyed by `host_pattern`).
+pub mod admission;
+pub mod breaker;
+pub mod concurrency;
 pub mod connect;
 pub mod error;
+pub mod host_pattern;
+pub mod rate_limit;
 pub mod redirect;
 pub mod response;
 pub mod tls;

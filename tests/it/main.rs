@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod invalid;
+mod limits;
 mod redirects;
 mod requests;
 mod retries;

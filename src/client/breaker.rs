@@ -1,0 +1,192 @@
+//! Circuit breaking per destination: after `failure_threshold` consecutive failures (connect
+//! errors, timeouts, 5xx) the circuit opens and actions to that host fail CIRCUIT_OPEN without
+//! sending; after `cool_down` one probe goes through (half-open), and its result closes the
+//! circuit again or re-opens it.
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Circuit-breaker settings of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open a destination's circuit; 0 turns breaking off. Default 10.
+    pub failure_threshold: u32,
+    /// How long an open circuit refuses before it lets a probe through. Default 15 s.
+    pub cool_down: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self { failure_threshold: 10, cool_down: Duration::from_secs(15) }
+    }
+}
+
+/// How an attempt went, as far as the breaker cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The host answered below 500.
+    Healthy,
+    /// Connect error, timeout, or a 5xx answer.
+    Failing,
+    /// Says nothing about the host (e.g. the caller went away, a bad certificate).
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// A probe was let through at `since`; another goes only after a further cool-down.
+    HalfOpen {
+        since: Instant,
+    },
+}
+
+/// Why an action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CircuitOpen(pub String);
+
+/// Closed circuits with no recent failure are forgotten past this many tracked destinations.
+const PRUNE_ABOVE: usize = 10_000;
+
+/// The breakers of every destination.
+pub struct CircuitBreakers {
+    settings: BreakerSettings,
+    hosts: Mutex<HashMap<String, State>>,
+}
+
+impl CircuitBreakers {
+    pub fn new(settings: BreakerSettings) -> Self {
+        Self { settings, hosts: Mutex::default() }
+    }
+
+    /// Whether an action may go to `key` now. An open circuit whose cool-down is over lets
+    /// this one through as the probe.
+    pub fn check(&self, key: &str) -> Result<(), CircuitOpen> {
+        if self.settings.failure_threshold == 0 {
+            return Ok(());
+        }
+        let Ok(mut hosts) = self.hosts.lock() else {
+            return Ok(());
+        };
+        let Some(state) = hosts.get_mut(key) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        match *state {
+            State::Closed { .. } => Ok(()),
+            State::Open { until } if now >= until => {
+                *state = State::HalfOpen { since: now };
+                tracing::info!(destination = %key, "circuit half-open: letting one probe through");
+                Ok(())
+            }
+            State::Open { until } => Err(CircuitOpen(format!(
+                "circuit for {key} is open after {} consecutive failures; next probe in {}",
+                self.settings.failure_threshold,
+                crate::exec::fmt_duration(until - now)
+            ))),
+            // The probe never reported (its caller went away): let another one go.
+            State::HalfOpen { since } if now >= since + self.settings.cool_down => {
+                *state = State::HalfOpen { since: now };
+                Ok(())
+            }
+            State::HalfOpen { .. } => {
+                Err(CircuitOpen(format!("circuit for {key} is half-open and a probe is in flight")))
+            }
+        }
+    }
+
+    /// Records how an attempt to `key` went.
+    pub fn record(&self, key: &str, health: Health) {
+        if self.settings.failure_threshold == 0 || health == Health::Unknown {
+            return;
+        }
+        let Ok(mut hosts) = self.hosts.lock() else {
+            return;
+        };
+        if health == Health::Healthy {
+            if let Some(State::HalfOpen { .. } | State::Open { .. }) = hosts.remove(key) {
+                tracing::info!(destination = %key, "circuit closed: the probe succeeded");
+            }
+            return;
+        }
+        if hosts.len() > PRUNE_ABOVE {
+            hosts.retain(|_, state| !matches!(state, State::Closed { .. }));
+        }
+        let now = Instant::now();
+        let open = State::Open { until: now + self.settings.cool_down };
+        let state = hosts.entry(key.to_owned()).or_insert(State::Closed { failures: 0 });
+        match *state {
+            State::Closed { failures } if failures + 1 >= self.settings.failure_threshold => {
+                *state = open;
+                tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
+            }
+            State::Closed { failures } => *state = State::Closed { failures: failures + 1 },
+            State::HalfOpen { .. } => {
+                *state = open;
+                tracing::warn!(destination = %key, "circuit re-opened: the probe failed");
+            }
+            State::Open { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
+        CircuitBreakers::new(BreakerSettings {
+            failure_threshold: threshold,
+            cool_down: Duration::from_millis(cool_down_ms),
+        })
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_only() {
+        let b = breakers(3, 60_000);
+        b.record("h:80", Health::Failing);
+        b.record("h:80", Health::Failing);
+        b.record("h:80", Health::Healthy); // resets the count
+        b.record("h:80", Health::Failing);
+        b.record("h:80", Health::Failing);
+        b.record("h:80", Health::Unknown);
+        assert!(b.check("h:80").is_ok());
+        b.record("h:80", Health::Failing);
+        let err = b.check("h:80").unwrap_err();
+        assert!(err.0.contains("3 consecutive failures"), "{err}");
+        assert!(b.check("other:80").is_ok(), "per destination");
+    }
+
+    #[test]
+    fn half_open_lets_one_probe_then_closes_or_reopens() {
+        let b = breakers(1, 30);
+        b.record("h:80", Health::Failing);
+        assert!(b.check("h:80").is_err());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.check("h:80").is_ok(), "the probe");
+        assert!(b.check("h:80").is_err(), "only one probe");
+        b.record("h:80", Health::Failing);
+        assert!(b.check("h:80").is_err(), "re-opened");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.check("h:80").is_ok());
+        b.record("h:80", Health::Healthy);
+        assert!(b.check("h:80").is_ok() && b.check("h:80").is_ok(), "closed");
+    }
+
+    #[test]
+    fn zero_threshold_turns_it_off() {
+        let b = breakers(0, 60_000);
+        for _ in 0..100 {
+            b.record("h:80", Health::Failing);
+        }
+        assert!(b.check("h:80").is_ok());
+    }
+}

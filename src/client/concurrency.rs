@@ -1,0 +1,177 @@
+//! Concurrency caps: at most `max_in_flight` actions run at once, at most `max_queued` more wait
+//! for a slot (past that a new action is refused at once: backpressure, never unbounded
+//! memory), and at most `max_in_flight_per_host` attempts go to one destination at once.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Concurrency settings of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencySettings {
+    /// Actions running at once. Default 512.
+    pub max_in_flight: usize,
+    /// Actions waiting for a running slot; past this new ones are refused. Default 2048.
+    pub max_queued: usize,
+    /// Attempts in flight to one destination (host:port) at once. Default 64.
+    pub max_in_flight_per_host: usize,
+}
+
+impl Default for ConcurrencySettings {
+    fn default() -> Self {
+        Self { max_in_flight: 512, max_queued: 2048, max_in_flight_per_host: 64 }
+    }
+}
+
+/// The server is at its queue bound.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("callout is at capacity: {in_flight} actions in flight and {queued} queued; try again later")]
+pub struct Overloaded {
+    pub in_flight: usize,
+    pub queued: usize,
+}
+
+/// A place in the server: held for the whole action, from admission to its outcome.
+#[derive(Debug)]
+pub struct Admission {
+    _place: OwnedSemaphorePermit,
+}
+
+/// A running slot (global) or a destination slot (per attempt): released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// No slot came free before the deadline.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct NoSlot(pub String);
+
+/// Per-destination semaphores are dropped once idle, when this many are tracked.
+const PRUNE_ABOVE: usize = 1024;
+
+/// The server's concurrency caps, shared by every action.
+pub struct Concurrency {
+    settings: ConcurrencySettings,
+    /// max_in_flight + max_queued places: an action that gets none is refused.
+    places: Arc<Semaphore>,
+    running: Arc<Semaphore>,
+    per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Concurrency {
+    pub fn new(settings: ConcurrencySettings) -> Self {
+        let max_in_flight = settings.max_in_flight.max(1);
+        let places = max_in_flight.saturating_add(settings.max_queued).min(Semaphore::MAX_PERMITS);
+        Self {
+            settings,
+            places: Arc::new(Semaphore::new(places)),
+            running: Arc::new(Semaphore::new(max_in_flight.min(Semaphore::MAX_PERMITS))),
+            per_host: Mutex::default(),
+        }
+    }
+
+    /// A place for a new action, or `Overloaded` at once when running and queued are full.
+    pub fn admit(&self) -> Result<Admission, Overloaded> {
+        match self.places.clone().try_acquire_owned() {
+            Ok(place) => Ok(Admission { _place: place }),
+            Err(_) => Err(Overloaded { in_flight: self.in_flight(), queued: self.queued() }),
+        }
+    }
+
+    /// Waits in the queue for a running slot until `deadline`.
+    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, NoSlot> {
+        acquire(self.running.clone(), deadline).await.ok_or_else(|| {
+            NoSlot(format!(
+                "no running slot came free before the deadline ({} actions in flight)",
+                self.settings.max_in_flight
+            ))
+        })
+    }
+
+    /// Waits for a slot to destination `key` until `deadline`.
+    pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, NoSlot> {
+        let semaphore = {
+            let Ok(mut hosts) = self.per_host.lock() else {
+                return Err(NoSlot("per-host slots are unavailable".into()));
+            };
+            if hosts.len() > PRUNE_ABOVE {
+                // Only this map holds an idle destination's semaphore.
+                hosts.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            hosts
+                .entry(key.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1))))
+                .clone()
+        };
+        acquire(semaphore, deadline).await.ok_or_else(|| {
+            NoSlot(format!(
+                "{key} already has {} attempts in flight and none ended before the deadline",
+                self.settings.max_in_flight_per_host
+            ))
+        })
+    }
+
+    /// Actions running now.
+    pub fn in_flight(&self) -> usize {
+        self.settings.max_in_flight.max(1) - self.running.available_permits()
+    }
+
+    /// Actions admitted and waiting for a running slot.
+    pub fn queued(&self) -> usize {
+        let total = self.settings.max_in_flight.max(1).saturating_add(self.settings.max_queued);
+        let admitted = total.saturating_sub(self.places.available_permits());
+        admitted.saturating_sub(self.in_flight())
+    }
+}
+
+async fn acquire(semaphore: Arc<Semaphore>, deadline: Instant) -> Option<Slot> {
+    match tokio::time::timeout_at(deadline.into(), semaphore.acquire_owned()).await {
+        Ok(Ok(permit)) => Some(Slot { _permit: permit }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn refuses_past_the_queue_bound_and_frees_on_drop() {
+        let c = Concurrency::new(ConcurrencySettings {
+            max_in_flight: 1,
+            max_queued: 1,
+            max_in_flight_per_host: 1,
+        });
+        let first = c.admit().unwrap();
+        let second = c.admit().unwrap();
+        let refused = c.admit().unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "callout is at capacity: 0 actions in flight and 2 queued; try again later"
+        );
+        let soon = Instant::now() + Duration::from_millis(50);
+        let running = c.run_slot(soon).await.unwrap();
+        assert_eq!((c.in_flight(), c.queued()), (1, 1));
+        assert!(c.run_slot(soon).await.is_err(), "the second waits and times out");
+        drop((running, first));
+        assert!(c.admit().is_ok());
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn per_host_slots_are_per_destination() {
+        let c = Concurrency::new(ConcurrencySettings { max_in_flight_per_host: 1, ..Default::default() });
+        let soon = Instant::now() + Duration::from_millis(30);
+        let a = c.host_slot("a:80", soon).await.unwrap();
+        let _b = c.host_slot("b:80", soon).await.unwrap();
+        let err = c.host_slot("a:80", soon).await.unwrap_err();
+        assert!(err.0.contains("a:80 already has 1 attempts in flight"), "{err}");
+        drop(a);
+        assert!(c.host_slot("a:80", Instant::now() + Duration::from_millis(30)).await.is_ok());
+    }
+}

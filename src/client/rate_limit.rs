@@ -1,0 +1,314 @@
+//! Rate limits on sending: a global limit and per-destination limits picked by host pattern
+//! (GCRA from `governor`), plus the shared cool-down a host asks for with 429 + Retry-After.
+//! A wait counts against the action's deadline; a wait that cannot fit fails at once.
+use super::host_pattern::{HostPattern, HostPatternError};
+use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::{
+    collections::HashMap,
+    fmt,
+    num::NonZeroU32,
+    str::FromStr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// A rate: `count` sends per `period`, with bursts of up to `burst` at once.
+/// Written `10/s`, `600/m`, `5000/h`, optionally followed by ` burst 20` (default: the count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub period: Duration,
+    pub burst: NonZeroU32,
+}
+
+/// Why a rate or a rule does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    #[error("rate {0:?}: write it as COUNT/UNIT with UNIT s, m or h, then optionally \"burst N\" (e.g. \"10/s burst 20\")")]
+    Syntax(String),
+    #[error("rate {0:?}: count and burst must be at least 1")]
+    Zero(String),
+    #[error("rate limit rule {0:?}: write it as PATTERN=RATE (e.g. \"*.example.com=10/s burst 20\")")]
+    Rule(String),
+    #[error(transparent)]
+    Pattern(#[from] HostPatternError),
+}
+
+impl FromStr for Rate {
+    type Err = RateError;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let syntax = || RateError::Syntax(raw.to_owned());
+        let zero = || RateError::Zero(raw.to_owned());
+        let mut words = raw.split_whitespace();
+        let (count, unit) = words.next().and_then(|w| w.split_once('/')).ok_or_else(syntax)?;
+        let count: u32 = count.trim().parse().map_err(|_| syntax())?;
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(syntax()),
+        };
+        let count = NonZeroU32::new(count).ok_or_else(zero)?;
+        let burst = match (words.next(), words.next(), words.next()) {
+            (None, _, _) => count,
+            (Some("burst"), Some(n), None) => {
+                NonZeroU32::new(n.parse().map_err(|_| syntax())?).ok_or_else(zero)?
+            }
+            _ => return Err(syntax()),
+        };
+        Ok(Self { count, period, burst })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit} burst {}", self.count, self.burst)
+    }
+}
+
+impl Rate {
+    fn quota(&self) -> Quota {
+        // One send per period/count; `count` >= 1 so the interval is never zero.
+        let interval = self.period / self.count.get();
+        Quota::with_period(interval.max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| Quota::per_second(self.count))
+            .allow_burst(self.burst)
+    }
+}
+
+/// A per-destination limit: every destination (host:port) that matches `pattern` gets its own
+/// bucket of `rate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitRule {
+    pub pattern: HostPattern,
+    pub rate: Rate,
+}
+
+impl FromStr for RateLimitRule {
+    type Err = RateError;
+
+    /// `PATTERN=RATE`, e.g. `*.example.com=10/s burst 20`.
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let (pattern, rate) = raw.split_once('=').ok_or_else(|| RateError::Rule(raw.to_owned()))?;
+        Ok(Self { pattern: pattern.parse()?, rate: rate.parse()? })
+    }
+}
+
+/// Rate-limit settings of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    /// Limit on all sends together. Default none.
+    pub global: Option<Rate>,
+    /// Per-destination limits; the first rule whose pattern matches applies. Default none.
+    pub per_host: Vec<RateLimitRule>,
+    /// Longest shared cool-down a 429's Retry-After may impose on a host. Default 10 min.
+    pub max_cool_down: Duration,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self { global: None, per_host: Vec::new(), max_cool_down: Duration::from_secs(600) }
+    }
+}
+
+/// Why a send may not go before the deadline.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RateLimited(pub String);
+
+/// Keyed buckets are dropped once full again, when this many destinations are tracked.
+const PRUNE_ABOVE: usize = 10_000;
+
+/// The server's rate limiters and the hosts' cool-downs, shared by every action.
+pub struct RateLimits {
+    global: Option<(Rate, DefaultDirectRateLimiter)>,
+    rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<String>)>,
+    cool_downs: Mutex<HashMap<String, Instant>>,
+    max_cool_down: Duration,
+}
+
+impl RateLimits {
+    pub fn new(settings: &RateLimitSettings) -> Self {
+        Self {
+            global: settings.global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
+            rules: settings
+                .per_host
+                .iter()
+                .map(|rule| (rule.clone(), RateLimiter::keyed(rule.rate.quota())))
+                .collect(),
+            cool_downs: Mutex::default(),
+            max_cool_down: settings.max_cool_down,
+        }
+    }
+
+    /// Waits until `key` (host:port of `host` on `port`) may be sent to: its cool-down, its
+    /// per-destination limit, then the global limit. Returns the time waited, or fails at once
+    /// when a wait would pass `deadline`.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        host: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<Duration, RateLimited> {
+        let started = Instant::now();
+        if let Some(until) = self.cool_down_of(key) {
+            if until > deadline {
+                return Err(RateLimited(format!(
+                    "{key} asked callers to back off (429 Retry-After) for {} more, past the deadline",
+                    crate::exec::fmt_duration(until.saturating_duration_since(Instant::now()))
+                )));
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
+        if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
+            let key = key.to_owned();
+            wait_for(deadline, || {
+                limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+            })
+            .await
+            .map_err(|wait| {
+                RateLimited(format!(
+                    "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
+                    rule.rate,
+                    rule.pattern,
+                    crate::exec::fmt_duration(wait)
+                ))
+            })?;
+            if limiter.len() > PRUNE_ABOVE {
+                limiter.retain_recent();
+            }
+        }
+        if let Some((rate, limiter)) = &self.global {
+            wait_for(deadline, || {
+                limiter.check().map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+            })
+            .await
+            .map_err(|wait| {
+                RateLimited(format!(
+                    "global rate limit {rate} needs a wait of {}, past the deadline",
+                    crate::exec::fmt_duration(wait)
+                ))
+            })?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// `key` answered 429 with Retry-After `wait`: every action to it waits that long (capped).
+    pub fn cool_down(&self, key: &str, wait: Duration) {
+        let until = Instant::now() + wait.min(self.max_cool_down);
+        let Ok(mut cool_downs) = self.cool_downs.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if cool_downs.len() > PRUNE_ABOVE {
+            cool_downs.retain(|_, until| *until > now);
+        }
+        let entry = cool_downs.entry(key.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+        tracing::info!(destination = %key, wait = %crate::exec::fmt_duration(wait.min(self.max_cool_down)), "host asked to back off; cooling down for every action");
+    }
+
+    /// When `key`'s cool-down ends, if it has one still running.
+    fn cool_down_of(&self, key: &str) -> Option<Instant> {
+        let mut cool_downs = self.cool_downs.lock().ok()?;
+        let until = *cool_downs.get(key)?;
+        if until <= Instant::now() {
+            cool_downs.remove(key);
+            return None;
+        }
+        Some(until)
+    }
+}
+
+/// Calls `check` until it allows, sleeping as long as it says; fails with the wait it asked
+/// for when that wait would pass `deadline`.
+async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -> Result<(), Duration> {
+    loop {
+        match check() {
+            Ok(()) => return Ok(()),
+            Err(wait) if Instant::now() + wait > deadline => return Err(wait),
+            Err(wait) => tokio::time::sleep(wait).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(s: &str) -> Rate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_rates_and_rules() {
+        let r = rate("10/s burst 20");
+        assert_eq!((r.count.get(), r.period, r.burst.get()), (10, Duration::from_secs(1), 20));
+        assert_eq!(rate("600/m").burst.get(), 600);
+        assert_eq!(rate("5/h").period, Duration::from_secs(3600));
+        assert_eq!(rate("10/s burst 20").to_string(), "10/s burst 20");
+        for bad in ["", "10", "10/d", "0/s", "10/s burst 0", "10/s burst", "10/s bust 2", "x/s"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+        let rule: RateLimitRule = "*.example.com=10/s burst 20".parse().unwrap();
+        assert!(rule.pattern.matches("api.example.com", 443));
+        assert!("*.example.com".parse::<RateLimitRule>().is_err());
+        assert!("a.*=1/s".parse::<RateLimitRule>().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_cannot_fit_fails_at_once() {
+        let limits = RateLimits::new(&RateLimitSettings {
+            per_host: vec!["h=1/m".parse().unwrap()],
+            ..RateLimitSettings::default()
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(limits.acquire("h:80", "h", 80, deadline).await.is_ok());
+        let started = Instant::now();
+        let err = limits.acquire("h:80", "h", 80, deadline).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1), "failed without sleeping");
+        assert!(err.0.contains("1/m burst 1"), "{err}");
+        // Other destinations matching the pattern have their own bucket; others have none.
+        assert!(limits.acquire("h:81", "h", 81, deadline).await.is_ok());
+        assert!(limits.acquire("other:80", "other", 80, deadline).await.is_ok());
+        assert!(limits.acquire("other:80", "other", 80, deadline).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn global_limit_spaces_sends() {
+        let limits = RateLimits::new(&RateLimitSettings {
+            global: Some(rate("20/s burst 1")),
+            ..RateLimitSettings::default()
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let started = Instant::now();
+        for i in 0..4 {
+            limits.acquire(&format!("h{i}:80"), "h", 80, deadline).await.unwrap();
+        }
+        // 4 sends at 20/s with no burst: at least 3 intervals of 50 ms.
+        assert!(started.elapsed() >= Duration::from_millis(140), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn cool_down_is_shared_and_capped_by_the_deadline() {
+        let limits = RateLimits::new(&RateLimitSettings::default());
+        limits.cool_down("h:80", Duration::from_millis(100));
+        let started = Instant::now();
+        limits.acquire("h:80", "h", 80, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(90));
+        limits.cool_down("h:80", Duration::from_secs(60));
+        let err = limits.acquire("h:80", "h", 80, Instant::now() + Duration::from_secs(1)).await.unwrap_err();
+        assert!(err.0.contains("429"), "{err}");
+        assert!(limits
+            .acquire("other:80", "other", 80, Instant::now() + Duration::from_secs(1))
+            .await
+            .is_ok());
+    }
+}
