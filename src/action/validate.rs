@@ -293,10 +293,18 @@ fn content_type(
     }
 }
 
+/// Longest timeout or backoff an action may ask for: long horizons (a day of retrying 429s)
+/// fit, while deadlines stay far from the clock's overflow.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn positive(field: &str, value: Option<Duration>, default: Duration, bad: &mut InvalidAction) -> Duration {
     match value {
         Some(d) if d.is_zero() => {
             bad.push(field, "must be positive");
+            default
+        }
+        Some(d) if d > MAX_DURATION => {
+            bad.push(field, "must be at most 30 days");
             default
         }
         Some(d) => d,
@@ -523,6 +531,18 @@ mod tests {
         i.headers = vec![("Authorization".into(), "Bearer secret-token\n".into())];
         let err = HttpAction::from_input(i).unwrap_err();
         assert!(!err.to_string().contains("secret-token"), "{err}");
+    }
+
+    #[test]
+    fn durations_allow_long_horizons_but_not_overflow() {
+        let mut i = input("GET", "http://h.test/");
+        i.timeouts.total = Some(Duration::from_secs(24 * 3600));
+        i.retry.max_backoff = Some(Duration::from_secs(3600));
+        assert!(HttpAction::from_input(i.clone()).is_ok());
+        i.timeouts.attempt = Some(Duration::from_secs(u64::MAX));
+        i.retry.initial_backoff = Some(Duration::from_secs(u64::MAX / 2));
+        let err = HttpAction::from_input(i).unwrap_err();
+        assert_eq!(fields(err), ["timeouts.attempt", "retry.initial_backoff"]);
     }
 
     #[test]
