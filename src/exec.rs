@@ -14,6 +14,7 @@ use crate::{
         response::{head_of, pieces, views, BodyError, CappedBody},
         ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, SendFailure,
     },
+    secrets::{SecretSettings, SecretStore},
 };
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response};
@@ -36,6 +37,8 @@ pub struct ExecSettings {
     pub client: ClientSettings,
     /// Queue bound, concurrency caps, rate limits and circuit breaking.
     pub limits: LimitSettings,
+    /// Where `{{secret:NAME}}` references are read from.
+    pub secrets: SecretSettings,
 }
 
 impl Default for ExecSettings {
@@ -45,6 +48,7 @@ impl Default for ExecSettings {
             stream_max_response_bytes: 1 << 30,
             client: ClientSettings::default(),
             limits: LimitSettings::default(),
+            secrets: SecretSettings::default(),
         }
     }
 }
@@ -110,6 +114,7 @@ impl Observer for Buffered {
 pub struct Executor {
     client: HttpClient,
     limits: Arc<Limits>,
+    secrets: SecretStore,
     settings: ExecSettings,
 }
 
@@ -149,6 +154,7 @@ impl Executor {
         Ok(Self {
             client: HttpClient::new(&settings.client)?,
             limits: Arc::new(Limits::new(&settings.limits)),
+            secrets: SecretStore::new(settings.secrets.clone()),
             settings,
         })
     }
@@ -167,6 +173,11 @@ impl Executor {
     /// (the gRPC edge answers RESOURCE_EXHAUSTED).
     pub fn admit(&self) -> Result<Admission, Overloaded> {
         self.limits.admit()
+    }
+
+    /// The secrets that actions' `{{secret:NAME}}` references are read from.
+    pub fn secrets(&self) -> &SecretStore {
+        &self.secrets
     }
 
     /// The server's limits (for in-flight and queue gauges).

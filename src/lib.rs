@@ -14,4 +14,5 @@ pub mod api;
 pub mod client;
 pub mod exec;
 pub mod report;
+pub mod secrets;
 pub mod server;

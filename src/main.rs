@@ -10,6 +10,7 @@ use callout::{
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
     },
     exec::{ExecSettings, Executor},
+    secrets::{SecretSettings, SecretStore},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -84,6 +85,25 @@ struct ServeArgs {
     /// How long an open circuit refuses before one probe may go through.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     breaker_cool_down: Duration,
+    #[command(flatten)]
+    secrets: SecretArgs,
+}
+
+/// Where `{{secret:NAME}}` references in actions are read from.
+#[derive(clap::Args, Clone)]
+struct SecretArgs {
+    /// Directory with one file per secret (e.g. a mounted Kubernetes Secret); read at each use.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Read secret NAME from the environment variable PREFIX+NAME (when no file has it).
+    #[arg(long, value_name = "PREFIX")]
+    secrets_env_prefix: Option<String>,
+}
+
+impl SecretArgs {
+    fn settings(self) -> SecretSettings {
+        SecretSettings { dir: self.secrets_dir, env_prefix: self.secrets_env_prefix }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -146,6 +166,8 @@ struct ExecArgs {
     /// Body cap in bytes.
     #[arg(long)]
     max_response_bytes: Option<u64>,
+    #[command(flatten)]
+    secrets: SecretArgs,
 }
 
 fn init_logs(default: &str) {
@@ -171,6 +193,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     settings.client.pool_idle_timeout = args.pool_idle_timeout;
     settings.client.pool_max_idle_per_host = args.pool_max_idle_per_host;
     settings.client.http2 = !args.no_http2;
+    settings.secrets = args.secrets.settings();
     settings.limits = LimitSettings {
         concurrency: ConcurrencySettings {
             max_in_flight: args.max_in_flight,
@@ -293,9 +316,11 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
 
 async fn exec(args: ExecArgs) -> ExitCode {
     init_logs("warn");
+    let settings = ExecSettings { secrets: args.secrets.clone().settings(), ..ExecSettings::default() };
+    let secrets = SecretStore::new(settings.secrets.clone());
     let action = match exec_input(args)
         .map_err(|e| e.to_string())
-        .and_then(|input| HttpAction::from_input(input).map_err(|e| e.to_string()))
+        .and_then(|input| HttpAction::from_input_with_secrets(input, &secrets).map_err(|e| e.to_string()))
     {
         Ok(action) => action,
         Err(e) => {
@@ -303,7 +328,7 @@ async fn exec(args: ExecArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let executor = match Executor::new(ExecSettings::default()) {
+    let executor = match Executor::new(settings) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("callout: {e}");

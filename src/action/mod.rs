@@ -2,6 +2,7 @@
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
 mod outcome;
 mod retry;
+pub mod secret_ref;
 mod status;
 mod validate;
 
@@ -157,8 +158,17 @@ impl ErrorMessages {
 
 impl HttpAction {
     /// Validates `input`, collecting every problem with the field it concerns.
+    /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with_secrets`.
     pub fn from_input(input: ActionInput) -> Result<Self, InvalidAction> {
-        validate::validate(input)
+        validate::validate(input, &secret_ref::NoSecrets)
+    }
+
+    /// Validates `input` after replacing its `{{secret:NAME}}` references from `secrets`.
+    pub fn from_input_with_secrets(
+        input: ActionInput,
+        secrets: &dyn secret_ref::SecretSource,
+    ) -> Result<Self, InvalidAction> {
+        validate::validate(input, secrets)
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

@@ -1,8 +1,9 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    retry, ActionInput, BodyInput, ErrorMessages, HttpAction, RedirectPolicy, RetryPolicy, StatusSpec,
-    Timeouts, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
+    retry, secret_ref, secret_ref::SecretSource, ActionInput, BodyInput, ErrorMessages, HttpAction,
+    RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_REDIRECTS,
 };
 use base64::Engine as _;
 use bytes::Bytes;
@@ -59,13 +60,18 @@ const MANAGED_HEADERS: [&str; 7] =
     ["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "proxy-connection"];
 const IDEMPOTENCY_HEADERS: [&str; 2] = ["idempotency-key", "x-idempotency-key"];
 
-pub(super) fn validate(input: ActionInput) -> Result<HttpAction, InvalidAction> {
+pub(super) fn validate(
+    mut input: ActionInput,
+    secrets: &dyn SecretSource,
+) -> Result<HttpAction, InvalidAction> {
     let mut bad = InvalidAction::default();
+    // Secrets first, so every check below sees the values that will be sent.
+    let secret_headers = secret_ref::resolve(&mut input, secrets, &mut bad);
 
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);
     let url = url(&input.url, &input.query, &mut bad);
-    let mut headers = headers(&input.headers, &mut bad);
+    let mut headers = headers(&input.headers, &secret_headers, &mut bad);
     unsupported(&input, &mut bad);
     let (body, default_type) = body(input.body, &mut bad);
     content_type(&input.content_type, default_type, &mut headers, &mut bad);
@@ -205,7 +211,7 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
-fn headers(pairs: &[(String, String)], bad: &mut InvalidAction) -> HeaderMap {
+fn headers(pairs: &[(String, String)], secret_headers: &[usize], bad: &mut InvalidAction) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(pairs.len());
     for (i, (name, value)) in pairs.iter().enumerate() {
         let name = match HeaderName::from_bytes(name.as_bytes()) {
@@ -228,7 +234,7 @@ fn headers(pairs: &[(String, String)], bad: &mut InvalidAction) -> HeaderMap {
             );
             continue;
         };
-        if is_sensitive(&name) {
+        if is_sensitive(&name) || secret_headers.contains(&i) {
             value.set_sensitive(true);
         }
         map.append(name, value);

@@ -8,6 +8,7 @@ mod limits;
 mod redirects;
 mod requests;
 mod retries;
+mod secrets;
 mod service;
 mod smoke;
 mod streaming;

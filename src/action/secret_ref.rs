@@ -1,0 +1,199 @@
+//! Secret references: an action may write `{{secret:NAME}}` in its URL, a query value, a header
+//! value or its body, and callout puts the secret's value there before validation, so the
+//! workflow engine never carries the token. Values are never echoed in errors.
+use super::{ActionInput, BodyInput, InvalidAction};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+const OPEN: &str = "{{secret:";
+const CLOSE: &str = "}}";
+const MAX_NAME_LEN: usize = 253;
+/// In a URL a value is percent-encoded as a whole component, so it cannot add a path, a query
+/// or a host of its own.
+const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Where secret values come from (a secrets directory, the environment, a test map).
+pub trait SecretSource: Send + Sync {
+    /// The value of secret `name`, or `None` when there is no such secret.
+    fn secret(&self, name: &str) -> Option<String>;
+}
+
+/// No secrets at all: every reference is unknown.
+pub struct NoSecrets;
+
+impl SecretSource for NoSecrets {
+    fn secret(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+/// Whether `name` may name a secret: letters, digits, `_`, `-` and `.`, not starting with `.`
+/// (so it is always a plain file name, never a path).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// How a value is written where the reference stood.
+#[derive(Clone, Copy)]
+enum Escape {
+    /// As is (header values, query values and form fields are encoded later).
+    None,
+    /// Inside a JSON string literal.
+    JsonString,
+    /// Percent-encoded as one URL component.
+    Url,
+}
+
+/// Header indices whose values held a secret (to be kept out of logs and HPACK tables).
+pub type SecretHeaders = Vec<usize>;
+
+/// Replaces every reference in `input` by its secret's value, reporting unknown secrets and
+/// malformed references with their field.
+pub fn resolve(input: &mut ActionInput, source: &dyn SecretSource, bad: &mut InvalidAction) -> SecretHeaders {
+    let mut fill = |text: &mut String, field: &dyn Fn() -> String, escape: Escape| -> bool {
+        if !text.contains(OPEN) {
+            return false;
+        }
+        match expand(text, source, escape) {
+            Ok(expanded) => {
+                *text = expanded;
+                true
+            }
+            Err(problem) => {
+                bad.push(field(), problem);
+                false
+            }
+        }
+    };
+    fill(&mut input.url, &|| "url".into(), Escape::Url);
+    for (i, (_, value)) in input.query.iter_mut().enumerate() {
+        fill(value, &|| format!("query[{i}].value"), Escape::None);
+    }
+    let mut secret_headers = Vec::new();
+    for (i, (_, value)) in input.headers.iter_mut().enumerate() {
+        if fill(value, &|| format!("headers[{i}].value"), Escape::None) {
+            secret_headers.push(i);
+        }
+    }
+    match &mut input.body {
+        BodyInput::Json(text) => {
+            fill(text, &|| "json".into(), Escape::JsonString);
+        }
+        BodyInput::Text(text) => {
+            fill(text, &|| "text".into(), Escape::None);
+        }
+        BodyInput::Form(fields) => {
+            for (i, (_, value)) in fields.iter_mut().enumerate() {
+                fill(value, &|| format!("form.fields[{i}].value"), Escape::None);
+            }
+        }
+        BodyInput::None | BodyInput::Raw(_) => {}
+    }
+    secret_headers
+}
+
+/// `text` with each `{{secret:NAME}}` replaced, or what is wrong (naming the secret, never a
+/// value).
+fn expand(text: &str, source: &dyn SecretSource, escape: Escape) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let end = after.find(CLOSE).ok_or("has a {{secret: reference without its closing }}")?;
+        let name = after[..end].trim();
+        if !is_valid_name(name) {
+            return Err(format!(
+                "secret name {:?} is not valid: use letters, digits, '_', '-' and '.'",
+                truncate(name)
+            ));
+        }
+        let value = source.secret(name).ok_or_else(|| format!("refers to unknown secret {name:?}"))?;
+        match escape {
+            Escape::None => out.push_str(&value),
+            Escape::Url => out.extend(utf8_percent_encode(&value, URL_COMPONENT)),
+            Escape::JsonString => {
+                let quoted = serde_json::Value::String(value).to_string();
+                out.push_str(&quoted[1..quoted.len() - 1]);
+            }
+        }
+        rest = &after[end + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<&'static str, &'static str>);
+    impl SecretSource for Map {
+        fn secret(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    fn source() -> Map {
+        Map(HashMap::from([("TOKEN", "s3cr\"t/?&"), ("user.name", "bob")]))
+    }
+
+    #[test]
+    fn expands_each_place_with_its_escaping() {
+        let mut input = ActionInput {
+            url: "https://h.test/{{secret:user.name}}/x?k={{secret:TOKEN}}".into(),
+            query: vec![("q".into(), "{{ secret:TOKEN }}".into()), ("plain".into(), "{{x}}".into())],
+            headers: vec![
+                ("X".into(), "v".into()),
+                ("Authorization".into(), "Bearer {{secret:TOKEN}}".into()),
+            ],
+            body: BodyInput::Json(r#"{"t":"{{secret:TOKEN}}"}"#.into()),
+            ..ActionInput::default()
+        };
+        let mut bad = InvalidAction::default();
+        let secret_headers = resolve(&mut input, &source(), &mut bad);
+        assert!(bad.is_empty(), "{bad}");
+        assert_eq!(input.url, "https://h.test/bob/x?k=s3cr%22t%2F%3F%26");
+        assert_eq!(input.query[0].1, "{{ secret:TOKEN }}", "only the exact form is a reference");
+        assert_eq!(input.query[1].1, "{{x}}");
+        assert_eq!(input.headers[1].1, "Bearer s3cr\"t/?&");
+        assert_eq!(secret_headers, [1]);
+        let BodyInput::Json(json) = &input.body else { panic!() };
+        let parsed: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed["t"], "s3cr\"t/?&");
+    }
+
+    #[test]
+    fn unknown_and_malformed_references_name_the_field_and_the_secret() {
+        let mut input = ActionInput {
+            headers: vec![("A".into(), "{{secret:MISSING}}".into())],
+            query: vec![("q".into(), "{{secret:../etc/passwd}}".into())],
+            body: BodyInput::Text("x {{secret:TOKEN".into()),
+            ..ActionInput::default()
+        };
+        let mut bad = InvalidAction::default();
+        resolve(&mut input, &source(), &mut bad);
+        let found: Vec<_> =
+            bad.violations.iter().map(|v| (v.field.as_str(), v.description.as_str())).collect();
+        assert_eq!(found[0].0, "query[0].value");
+        assert!(found[0].1.contains("not valid"));
+        assert_eq!(found[1], ("headers[0].value", "refers to unknown secret \"MISSING\""));
+        assert_eq!(found[2].0, "text");
+        assert!(!bad.to_string().contains("s3cr"));
+    }
+
+    #[test]
+    fn names_are_plain_file_names() {
+        assert!(is_valid_name("api-key_2.prod"));
+        for bad in ["", ".hidden", "a/b", "..", "a b", "ключ"] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+}
