@@ -11,6 +11,7 @@ use callout::{
     },
     exec::{ExecSettings, Executor},
     secrets::{SecretSettings, SecretStore},
+    server::{Listener, ServerOptions, ServerTls},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -38,9 +39,25 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on: HOST:PORT, or unix:PATH for a Unix domain socket.
     #[arg(long, default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
+    listen: ListenAddr,
+    /// File mode of the Unix domain socket, in octal.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    unix_socket_mode: u32,
+    /// File holding a bearer token that action calls must send as "authorization: Bearer
+    /// <token>" metadata (health and reflection stay open).
+    #[arg(long, value_name = "PATH")]
+    auth_token_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gRPC listener (with --tls-cert).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates that clients' certificates must chain to (mutual TLS).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Total time of an action that sets none (still bounded by each call's gRPC deadline).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     default_total_timeout: Duration,
@@ -193,7 +210,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     settings.client.pool_idle_timeout = args.pool_idle_timeout;
     settings.client.pool_max_idle_per_host = args.pool_max_idle_per_host;
     settings.client.http2 = !args.no_http2;
-    settings.secrets = args.secrets.settings();
+    settings.secrets = args.secrets.clone().settings();
     settings.limits = LimitSettings {
         concurrency: ConcurrencySettings {
             max_in_flight: args.max_in_flight,
@@ -202,7 +219,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         rate: RateLimitSettings {
             global: args.global_rate_limit,
-            per_host: args.rate_limits,
+            per_host: args.rate_limits.clone(),
             max_cool_down: args.max_host_cool_down,
         },
         breaker: BreakerSettings {
@@ -226,16 +243,36 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+    let options = match server_options(&args) {
+        Ok(options) => options,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bound = match &args.listen {
+        ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
+        ListenAddr::Unix(path) => Listener::bind_unix(path.clone(), args.unix_socket_mode),
+    };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("cannot listen on {}: {e}", args.listen);
             return ExitCode::FAILURE;
         }
     };
-    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(listen = %local, "callout serving");
-    match callout::server::serve(listener, executor, shutdown_signal()).await {
+    let local = match &listener {
+        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+    };
+    tracing::info!(
+        listen = %local,
+        tls = options.tls.is_some(),
+        mutual_tls = options.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+        bearer_token = options.auth_token.is_some(),
+        "callout serving"
+    );
+    match callout::server::serve_with(listener, executor, options, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("callout stopped");
             ExitCode::SUCCESS
@@ -245,6 +282,68 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A listen address: TCP or a Unix domain socket path.
+#[derive(Clone)]
+enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a socket path, e.g. unix:/run/callout/callout.sock".into()),
+            Some(path) => Ok(Self::Unix(PathBuf::from(path))),
+            None => {
+                raw.parse().map(Self::Tcp).map_err(|e| format!("{raw:?} is not HOST:PORT or unix:PATH: {e}"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+fn parse_mode(raw: &str) -> Result<u32, String> {
+    u32::from_str_radix(raw.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{raw:?} is not an octal file mode such as 600"))
+}
+
+/// Reads the listener's token and TLS files; names the flag and file of any problem.
+fn server_options(args: &ServeArgs) -> Result<ServerOptions, String> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read --{flag} {}: {e}", path.display()))
+    };
+    let auth_token = match &args.auth_token_file {
+        Some(path) => {
+            let token = read("auth-token-file", path)?.trim().to_owned();
+            if token.is_empty() {
+                return Err(format!("--auth-token-file {} is empty", path.display()));
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls {
+            cert_pem: read("tls-cert", cert)?,
+            key_pem: read("tls-key", key)?,
+            client_ca_pem: args.tls_client_ca.as_ref().map(|ca| read("tls-client-ca", ca)).transpose()?,
+        }),
+        _ => None,
+    };
+    Ok(ServerOptions { auth_token, tls })
 }
 
 /// SIGINT or SIGTERM.

@@ -1,5 +1,6 @@
 //! The gRPC edge: proto ⇄ domain conversion, the service, streaming. Thin by design; proto
 //! types stop here.
+pub mod auth;
 pub mod convert;
 mod service;
 mod status;

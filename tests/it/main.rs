@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod invalid;
 mod limits;
+mod listener;
 mod redirects;
 mod requests;
 mod retries;
