@@ -9,12 +9,11 @@ use crate::{
     client::{
         redirect::{next_hop, Hop},
         response::{head_of, pieces, views, BodyError, CappedBody},
-        ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, SendFailure,
+        ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, ResponseBody, SendFailure,
     },
 };
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use std::{
     future::Future,
     net::SocketAddr,
@@ -358,7 +357,10 @@ impl Executor {
     }
 
     /// Sends the action, following redirects by its policy; returns the final response.
-    async fn send_following_redirects(&self, action: &HttpAction) -> Result<Response<Incoming>, SendFailure> {
+    async fn send_following_redirects(
+        &self,
+        action: &HttpAction,
+    ) -> Result<Response<ResponseBody>, SendFailure> {
         let mut hop = Hop {
             method: action.method.clone(),
             url: action.url.clone(),
@@ -472,7 +474,7 @@ struct BodyRead {
 }
 
 /// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
-async fn read_body<O: Observer>(body: Incoming, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
+async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
     let streams = observer.streams_body();
     let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
     let mut body = CappedBody::new(body, cap);

@@ -1,7 +1,8 @@
 //! The outbound HTTP stack: one pooled hyper-util client over the timed connector, shared by
 //! every action. Each concern sits in its own module: `connect` (DNS/TCP/TLS with timings),
 //! `error` (classifying failures), `redirect` (following Location), `response` (reading heads
-//! and capped bodies), `tls` (roots and ALPN).
+//! and capped bodies), `tls` (roots and ALPN). Response bodies are decoded (gzip, deflate, br,
+//! zstd) by tower-http before anyone counts them, so body caps apply to the decoded size.
 pub mod connect;
 pub mod error;
 pub mod redirect;
@@ -14,12 +15,17 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use std::{sync::Arc, time::Duration};
+use tower::ServiceExt as _;
+use tower_http::decompression::{Decompression, DecompressionBody};
 
 pub use connect::{ConnInfo, ConnMeta};
 pub use error::SendFailure;
 
 /// Request bodies are built whole from the action, so a full buffer is enough.
 pub type RequestBody = Full<Bytes>;
+
+/// A response body as the executor reads it: decoded per its Content-Encoding.
+pub type ResponseBody = DecompressionBody<Incoming>;
 
 /// Pool and protocol settings of the shared client.
 #[derive(Debug, Clone)]
@@ -56,7 +62,7 @@ pub struct ClientBuildError(#[from] tls::TlsConfigError);
 /// The shared, pooled HTTP client.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<connect::TimedConnector, RequestBody>,
+    inner: Decompression<Client<connect::TimedConnector, RequestBody>>,
 }
 
 impl HttpClient {
@@ -69,6 +75,9 @@ impl HttpClient {
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
+        // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
+        // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
+        let inner = Decompression::new(inner);
         Ok(Self { inner })
     }
 
@@ -78,9 +87,9 @@ impl HttpClient {
         &self,
         request: Request<RequestBody>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    ) -> Result<Response<ResponseBody>, SendFailure> {
         connect::CONNECT_TIMEOUT
-            .scope(connect_timeout, self.inner.request(request))
+            .scope(connect_timeout, self.inner.clone().oneshot(request))
             .await
             .map_err(|e| error::classify(&e))
     }

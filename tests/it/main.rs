@@ -3,6 +3,7 @@
 mod support;
 
 mod cli;
+mod decompression;
 mod invalid;
 mod redirects;
 mod requests;
