@@ -9,7 +9,7 @@ use crate::{
     client::{
         redirect::{next_hop, Hop},
         response::{head_of, pieces, views, BodyError, CappedBody},
-        ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, ResponseBody, SendFailure,
+        ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
     },
 };
 use bytes::{Bytes, BytesMut};
@@ -100,7 +100,7 @@ impl Observer for Buffered {
 /// Runs actions on the shared client.
 #[derive(Clone)]
 pub struct Executor {
-    client: HttpClient,
+    clients: Clients,
     settings: ExecSettings,
 }
 
@@ -137,7 +137,7 @@ struct AttemptResult {
 
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
-        Ok(Self { client: HttpClient::new(&settings.client)?, settings })
+        Ok(Self { clients: Clients::new(&settings.client)?, settings })
     }
 
     pub fn settings(&self) -> &ExecSettings {
@@ -157,6 +157,7 @@ impl Executor {
         budget: Option<Duration>,
         observer: &mut O,
     ) -> Outcome {
+        crate::client::warn_if_insecure(action);
         let started_at = SystemTime::now();
         let t0 = Instant::now();
         let total = self.total_budget(action, budget);
@@ -368,8 +369,12 @@ impl Executor {
             body: action.body.clone(),
         };
         let mut visited = vec![hop.url.clone()];
+        let client = self
+            .clients
+            .for_action(action)
+            .map_err(|e| SendFailure::new(ErrorKind::InvalidRequest, e.to_string(), false))?;
         loop {
-            let response = self.client.send(build_request(&hop)?, action.timeouts.connect).await?;
+            let response = client.send(build_request(&hop)?, action.timeouts.connect).await?;
             if !action.redirects.follow {
                 return Ok(response);
             }

@@ -2,7 +2,10 @@
 //! same executor and prints its outcome as JSON.
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, HttpAction, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
+    action::{
+        ActionInput, BodyInput, HttpAction, OnFailure, ProxyUrl, RedirectsInput, RetryInput, TimeoutsInput,
+    },
+    client::Proxies,
     exec::{ExecSettings, Executor},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -52,6 +55,10 @@ struct ServeArgs {
     /// PEM file of extra CA certificates trusted for upstreams, besides the webpki roots.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
+    /// http:// proxy for actions that set none (CONNECT for https targets). Without it,
+    /// HTTPS_PROXY and HTTP_PROXY apply; NO_PROXY applies either way.
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,6 +121,9 @@ struct ExecArgs {
     /// Body cap in bytes.
     #[arg(long)]
     max_response_bytes: Option<u64>,
+    /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 fn init_logs(default: &str) {
@@ -148,6 +158,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    settings.client.proxies = match server_proxies(args.proxy.as_deref()) {
+        Ok(proxies) => proxies,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let executor = match Executor::new(settings) {
         Ok(e) => e,
         Err(e) => {
@@ -174,6 +191,19 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The server's proxies: the environment's, read once here, with `--proxy` (when given)
+/// replacing HTTP(S)_PROXY. Errors name the flag or variable, never the URL (it may hold a
+/// password).
+fn server_proxies(flag: Option<&str>) -> Result<Proxies, String> {
+    let mut proxies = Proxies::from_env()?;
+    if let Some(raw) = flag {
+        let proxy = ProxyUrl::parse(raw).map_err(|e| format!("--proxy {e}"))?;
+        proxies.http = Some(proxy.clone());
+        proxies.https = Some(proxy);
+    }
+    Ok(proxies)
 }
 
 /// SIGINT or SIGTERM.
@@ -239,6 +269,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         retry: RetryInput { max_attempts: args.attempts.unwrap_or(0), ..RetryInput::default() },
         redirects: RedirectsInput { follow: Some(!args.no_follow), max_hops: 0 },
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
+        proxy_url: args.proxy.unwrap_or_default(),
         ..ActionInput::default()
     })
 }
@@ -255,7 +286,15 @@ async fn exec(args: ExecArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let executor = match Executor::new(ExecSettings::default()) {
+    let mut settings = ExecSettings::default();
+    settings.client.proxies = match Proxies::from_env() {
+        Ok(proxies) => proxies,
+        Err(e) => {
+            eprintln!("callout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let executor = match Executor::new(settings) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("callout: {e}");
