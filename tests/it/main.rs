@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod decompression;
 mod invalid;
+mod proxy;
 mod redirects;
 mod requests;
 mod retries;
