@@ -369,10 +369,7 @@ impl Executor {
             body: action.body.clone(),
         };
         let mut visited = vec![hop.url.clone()];
-        let client = self
-            .clients
-            .for_action(action)
-            .map_err(|e| SendFailure::new(ErrorKind::InvalidRequest, e.to_string(), false))?;
+        let client = self.clients.for_action(action)?;
         loop {
             let response = client.send(build_request(&hop)?, action.timeouts.connect).await?;
             if !action.redirects.follow {

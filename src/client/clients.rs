@@ -1,7 +1,8 @@
 //! The clients an executor sends with: the shared default client, and a small bounded cache of
 //! clients built for actions that bring their own TLS options or proxy. Connections made with
 //! different TLS or proxy settings never share a pool, since each setting has its own client.
-use super::{ClientBuildError, ClientSettings, HttpClient, Proxies};
+use super::{ClientBuildError, ClientSettings, HttpClient, Proxies, SendFailure};
+use crate::action::ErrorKind;
 use crate::action::{HttpAction, ProxyUrl, TlsOptions};
 use std::{
     collections::HashMap,
@@ -47,8 +48,9 @@ impl Clients {
         })
     }
 
-    /// The client for `action`: the default one unless it sets TLS options or a proxy.
-    pub fn for_action(&self, action: &HttpAction) -> Result<HttpClient, ClientBuildError> {
+    /// The client for `action`: the default one unless it sets TLS options or a proxy. A client
+    /// that cannot be built (options validation could not foresee) fails the action unsent.
+    pub fn for_action(&self, action: &HttpAction) -> Result<HttpClient, SendFailure> {
         if action.tls.is_default() && action.proxy.is_none() {
             return Ok(self.default.clone());
         }
@@ -66,7 +68,8 @@ impl Clients {
             Some(proxy) => Proxies::only(proxy.clone()),
             None => self.settings.proxies.clone(),
         };
-        let client = HttpClient::with_options(&self.settings, &key.tls, proxies)?;
+        let client = HttpClient::with_options(&self.settings, &key.tls, proxies)
+            .map_err(|e| SendFailure::new(ErrorKind::InvalidRequest, e.to_string(), false))?;
         if cache.entries.len() >= MAX_CACHED_CLIENTS {
             let oldest = cache.entries.iter().min_by_key(|(_, c)| c.last_used).map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
