@@ -12,13 +12,12 @@ use crate::{
         concurrency::{Admission, Overloaded},
         redirect::{next_hop, Hop},
         response::{head_of, pieces, views, BodyError, CappedBody},
-        ClientBuildError, ClientSettings, ConnInfo, HttpClient, RequestBody, SendFailure,
+        ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
     },
     secrets::{SecretSettings, SecretStore},
 };
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use std::{
     future::Future,
     net::SocketAddr,
@@ -112,7 +111,7 @@ impl Observer for Buffered {
 /// Runs actions on the shared client.
 #[derive(Clone)]
 pub struct Executor {
-    client: HttpClient,
+    clients: Clients,
     limits: Arc<Limits>,
     secrets: SecretStore,
     settings: ExecSettings,
@@ -152,7 +151,7 @@ struct AttemptResult {
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
         Ok(Self {
-            client: HttpClient::new(&settings.client)?,
+            clients: Clients::new(&settings.client)?,
             limits: Arc::new(Limits::new(&settings.limits)),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
@@ -210,6 +209,7 @@ impl Executor {
         budget: Option<Duration>,
         observer: &mut O,
     ) -> Outcome {
+        crate::client::warn_if_insecure(action);
         let started_at = SystemTime::now();
         let t0 = Instant::now();
         let total = self.total_budget(action, budget);
@@ -431,7 +431,10 @@ impl Executor {
     }
 
     /// Sends the action, following redirects by its policy; returns the final response.
-    async fn send_following_redirects(&self, action: &HttpAction) -> Result<Response<Incoming>, SendFailure> {
+    async fn send_following_redirects(
+        &self,
+        action: &HttpAction,
+    ) -> Result<Response<ResponseBody>, SendFailure> {
         let mut hop = Hop {
             method: action.method.clone(),
             url: action.url.clone(),
@@ -439,8 +442,9 @@ impl Executor {
             body: action.body.clone(),
         };
         let mut visited = vec![hop.url.clone()];
+        let client = self.clients.for_action(action)?;
         loop {
-            let response = self.client.send(build_request(&hop)?, action.timeouts.connect).await?;
+            let response = client.send(build_request(&hop)?, action.timeouts.connect).await?;
             if !action.redirects.follow {
                 return Ok(response);
             }
@@ -563,7 +567,7 @@ struct BodyRead {
 }
 
 /// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
-async fn read_body<O: Observer>(body: Incoming, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
+async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
     let streams = observer.streams_body();
     let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
     let mut body = CappedBody::new(body, cap);

@@ -2,12 +2,15 @@
 //! same executor and prints its outcome as JSON.
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, HttpAction, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
+    action::{
+        ActionInput, BodyInput, HttpAction, OnFailure, ProxyUrl, RedirectsInput, RetryInput, TimeoutsInput,
+    },
     client::{
         admission::LimitSettings,
         breaker::BreakerSettings,
         concurrency::ConcurrencySettings,
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
+        Proxies,
     },
     exec::{ExecSettings, Executor},
     secrets::{SecretSettings, SecretStore},
@@ -76,6 +79,10 @@ struct ServeArgs {
     /// PEM file of extra CA certificates trusted for upstreams, besides the webpki roots.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
+    /// http:// proxy for actions that set none (CONNECT for https targets). Without it,
+    /// HTTPS_PROXY and HTTP_PROXY apply; NO_PROXY applies either way.
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
     /// Actions running at once.
     #[arg(long, default_value_t = 512)]
     max_in_flight: usize,
@@ -185,6 +192,9 @@ struct ExecArgs {
     max_response_bytes: Option<u64>,
     #[command(flatten)]
     secrets: SecretArgs,
+    /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
 }
 
 fn init_logs(default: &str) {
@@ -236,6 +246,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    settings.client.proxies = match server_proxies(args.proxy.as_deref()) {
+        Ok(proxies) => proxies,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let executor = match Executor::new(settings) {
         Ok(e) => e,
         Err(e) => {
@@ -346,6 +363,19 @@ fn server_options(args: &ServeArgs) -> Result<ServerOptions, String> {
     Ok(ServerOptions { auth_token, tls })
 }
 
+/// The server's proxies: the environment's, read once here, with `--proxy` (when given)
+/// replacing HTTP(S)_PROXY. Errors name the flag or variable, never the URL (it may hold a
+/// password).
+fn server_proxies(flag: Option<&str>) -> Result<Proxies, String> {
+    let mut proxies = Proxies::from_env()?;
+    if let Some(raw) = flag {
+        let proxy = ProxyUrl::parse(raw).map_err(|e| format!("--proxy {e}"))?;
+        proxies.http = Some(proxy.clone());
+        proxies.https = Some(proxy);
+    }
+    Ok(proxies)
+}
+
 /// SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -409,19 +439,27 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         retry: RetryInput { max_attempts: args.attempts.unwrap_or(0), ..RetryInput::default() },
         redirects: RedirectsInput { follow: Some(!args.no_follow), max_hops: 0 },
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
+        proxy_url: args.proxy.unwrap_or_default(),
         ..ActionInput::default()
     })
 }
 
 async fn exec(args: ExecArgs) -> ExitCode {
     init_logs("warn");
-    let settings = ExecSettings { secrets: args.secrets.clone().settings(), ..ExecSettings::default() };
+    let mut settings = ExecSettings { secrets: args.secrets.clone().settings(), ..ExecSettings::default() };
     let secrets = SecretStore::new(settings.secrets.clone());
     let action = match exec_input(args)
         .map_err(|e| e.to_string())
         .and_then(|input| HttpAction::from_input_with_secrets(input, &secrets).map_err(|e| e.to_string()))
     {
         Ok(action) => action,
+        Err(e) => {
+            eprintln!("callout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    settings.client.proxies = match Proxies::from_env() {
+        Ok(proxies) => proxies,
         Err(e) => {
             eprintln!("callout: {e}");
             return ExitCode::from(2);

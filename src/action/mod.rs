@@ -4,6 +4,7 @@ mod outcome;
 mod retry;
 pub mod secret_ref;
 mod status;
+mod transport;
 mod validate;
 
 pub use outcome::{
@@ -11,6 +12,7 @@ pub use outcome::{
 };
 pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
+pub use transport::{ClientIdentity, ProxyUrl, TlsOptions};
 pub use validate::{FieldViolation, InvalidAction};
 
 use bytes::Bytes;
@@ -123,6 +125,10 @@ pub struct HttpAction {
     pub error_messages: ErrorMessages,
     pub retry: RetryPolicy,
     pub redirects: RedirectPolicy,
+    /// Per-action TLS options; the default uses the server's.
+    pub tls: TlsOptions,
+    /// Per-action proxy; `None` uses the server's proxy settings.
+    pub proxy: Option<ProxyUrl>,
     /// `None`: the caller did not set one (the executor applies its default for the call kind).
     pub max_response_bytes: Option<u64>,
 }

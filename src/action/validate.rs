@@ -1,9 +1,9 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    retry, secret_ref, secret_ref::SecretSource, ActionInput, BodyInput, ErrorMessages, HttpAction,
-    RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_REDIRECTS,
+    retry, secret_ref, secret_ref::SecretSource, transport, ActionInput, BodyInput, ClientIdentity,
+    ErrorMessages, HttpAction, ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, TlsOptions,
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
 };
 use base64::Engine as _;
 use bytes::Bytes;
@@ -72,7 +72,7 @@ pub(super) fn validate(
     let method = method(&input.method, &mut bad);
     let url = url(&input.url, &input.query, &mut bad);
     let mut headers = headers(&input.headers, &secret_headers, &mut bad);
-    unsupported(&input, &mut bad);
+    let (tls, proxy) = transport_options(&input, &mut bad);
     let (body, default_type) = body(input.body, &mut bad);
     content_type(&input.content_type, default_type, &mut headers, &mut bad);
     let timeouts = timeouts(&input.timeouts, &mut bad);
@@ -116,6 +116,8 @@ pub(super) fn validate(
             error_messages,
             retry,
             redirects,
+            tls,
+            proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
         }),
         _ => Err(bad),
@@ -400,23 +402,42 @@ fn retry_policy(
     })
 }
 
-/// Contract fields this build cannot honour yet are refused rather than silently ignored: an
-/// ignored CA or proxy would send the request somewhere the caller did not mean.
-fn unsupported(input: &ActionInput, bad: &mut InvalidAction) {
+/// The TLS options and proxy of the action. PEM is parsed here so a bad field is refused
+/// before anything is sent; problems are described without quoting PEM or the proxy URL.
+fn transport_options(input: &ActionInput, bad: &mut InvalidAction) -> (TlsOptions, Option<ProxyUrl>) {
     let tls = &input.tls;
-    let not_yet = "is not supported by this build of callout yet; the action was not sent";
-    if tls.insecure_skip_verify {
-        bad.push("tls.insecure_skip_verify", not_yet);
+    let ca_pem = (!tls.ca_pem.trim().is_empty()).then(|| tls.ca_pem.clone());
+    if let Some(Err(e)) = ca_pem.as_deref().map(transport::check_ca_certificates) {
+        bad.push("tls.ca_pem", e);
     }
-    if !tls.ca_pem.is_empty() {
-        bad.push("tls.ca_pem", not_yet);
-    }
-    if !tls.client_cert_pem.is_empty() || !tls.client_key_pem.is_empty() {
-        bad.push("tls.client_cert_pem", not_yet);
-    }
-    if !input.proxy_url.is_empty() {
-        bad.push("proxy.url", not_yet);
-    }
+    let (cert, key) = (tls.client_cert_pem.trim(), tls.client_key_pem.trim());
+    let client_identity = match (cert.is_empty(), key.is_empty()) {
+        (true, true) => None,
+        (false, true) => {
+            bad.push("tls.client_key_pem", "is required with tls.client_cert_pem");
+            None
+        }
+        (true, false) => {
+            bad.push("tls.client_cert_pem", "is required with tls.client_key_pem");
+            None
+        }
+        (false, false) => {
+            if let Err((field, e)) = transport::check_client_identity(cert, key) {
+                bad.push(field, e);
+            }
+            Some(ClientIdentity {
+                cert_pem: tls.client_cert_pem.clone(),
+                key_pem: tls.client_key_pem.clone(),
+            })
+        }
+    };
+    let proxy = if input.proxy_url.trim().is_empty() {
+        None
+    } else {
+        ProxyUrl::parse(&input.proxy_url).map_err(|e| bad.push("proxy.url", e)).ok()
+    };
+    let options = TlsOptions { insecure_skip_verify: tls.insecure_skip_verify, ca_pem, client_identity };
+    (options, proxy)
 }
 
 #[cfg(test)]

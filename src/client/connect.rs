@@ -1,6 +1,11 @@
 //! The connector: DNS, TCP and TLS with each phase timed, so attempts report measured timings.
 //! The timings ride on the connection (`ConnInfo`) into every response sent over it.
-use crate::action::ErrorKind;
+//!
+//! One connection is made in fixed steps: pick the route (direct or through a proxy) → resolve
+//! the host dialled → connect to one of the resolved addresses → for an https target through a
+//! proxy, open a CONNECT tunnel → for https, the TLS handshake with the target.
+use super::proxy::{self, Proxies};
+use crate::action::{ErrorKind, ProxyUrl};
 use http::Uri;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::{
@@ -81,11 +86,13 @@ impl ConnectError {
 pub struct TimedTcp {
     io: TokioIo<TcpStream>,
     meta: Arc<ConnMeta>,
+    /// Plain HTTP to a forwarding proxy: requests go out in absolute form.
+    forward_proxy: bool,
 }
 
 impl Connection for TimedTcp {
     fn connected(&self) -> Connected {
-        Connected::new().extra(ConnInfo(self.meta.clone()))
+        Connected::new().extra(ConnInfo(self.meta.clone())).proxy(self.forward_proxy)
     }
 }
 
@@ -121,16 +128,18 @@ impl hyper::rt::Write for TimedTcp {
     }
 }
 
-/// Resolves, connects and (for https) handshakes, timing each phase.
+/// Resolves, connects, tunnels through a proxy when one applies and (for https) handshakes,
+/// timing each phase.
 #[derive(Clone)]
 pub struct TimedConnector {
     tls: tokio_rustls::TlsConnector,
+    proxies: Arc<Proxies>,
     default_timeout: Duration,
 }
 
 impl TimedConnector {
-    pub fn new(tls: Arc<rustls::ClientConfig>, default_timeout: Duration) -> Self {
-        Self { tls: tokio_rustls::TlsConnector::from(tls), default_timeout }
+    pub fn new(tls: Arc<rustls::ClientConfig>, proxies: Arc<Proxies>, default_timeout: Duration) -> Self {
+        Self { tls: tokio_rustls::TlsConnector::from(tls), proxies, default_timeout }
     }
 }
 
@@ -145,9 +154,9 @@ impl tower::Service<Uri> for TimedConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = CONNECT_TIMEOUT.try_with(|t| *t).unwrap_or(self.default_timeout);
-        let tls = self.tls.clone();
+        let this = self.clone();
         Box::pin(async move {
-            match tokio::time::timeout(timeout, connect(uri, tls)).await {
+            match tokio::time::timeout(timeout, this.connect(uri)).await {
                 Ok(result) => result,
                 Err(_) => Err(ConnectError::new(
                     ErrorKind::Timeout,
@@ -159,76 +168,112 @@ impl tower::Service<Uri> for TimedConnector {
     }
 }
 
-async fn connect(uri: Uri, tls: tokio_rustls::TlsConnector) -> Result<Stream, ConnectError> {
-    let https = uri.scheme_str() == Some("https");
-    let host = uri
-        .host()
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
-        .ok_or_else(|| ConnectError::new(ErrorKind::Connect, "URL has no host".into(), None))?;
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+impl TimedConnector {
+    async fn connect(self, uri: Uri) -> Result<Stream, ConnectError> {
+        let https = uri.scheme_str() == Some("https");
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .ok_or_else(|| ConnectError::new(ErrorKind::Connect, "URL has no host".into(), None))?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
 
-    let started = Instant::now();
-    let (addrs, dns): (Vec<SocketAddr>, Duration) = match host.parse::<IpAddr>() {
-        Ok(ip) => (vec![SocketAddr::new(ip, port)], Duration::ZERO),
-        Err(_) => {
-            let addrs = tokio::net::lookup_host((host.as_str(), port))
+        // Route: the host dialled is the proxy's when one applies to this target.
+        let proxy = self.proxies.for_target(https, &host).cloned();
+        let (dial_host, dial_port) = match &proxy {
+            Some(p) => (p.host(), p.port()),
+            None => (host.as_str(), port),
+        };
+
+        let started = Instant::now();
+        let (addrs, dns) = resolve(dial_host, dial_port, proxy.as_ref()).await?;
+        // Every address dialled is in `addrs`: an egress policy checks them here, before any
+        // connection, so the address checked is the address used.
+        let (mut tcp, remote) = dial(&addrs, proxy.as_ref()).await?;
+        // Requests are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+        if let (Some(proxy), true) = (&proxy, https) {
+            proxy::tunnel(&mut tcp, proxy, &host, port)
                 .await
-                .map_err(|e| {
-                    ConnectError::new(ErrorKind::Dns, format!("could not resolve {host}: {e}"), Some(e))
-                })?
-                .collect();
-            (addrs, started.elapsed())
+                .map_err(|e| ConnectError::new(ErrorKind::Connect, e.to_string(), None))?;
         }
-    };
+        // Connect time includes the CONNECT exchange: both come before the target's TLS.
+        let connect = started.elapsed() - dns;
 
+        let meta = Arc::new(ConnMeta {
+            started,
+            dns,
+            connect,
+            tls_nanos: AtomicU64::new(0),
+            remote,
+            claimed: AtomicBool::new(false),
+        });
+        let timed =
+            TimedTcp { io: TokioIo::new(tcp), meta: meta.clone(), forward_proxy: proxy.is_some() && !https };
+        if !https {
+            return Ok(MaybeHttpsStream::Http(timed));
+        }
+
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+            ConnectError::new(ErrorKind::Tls, format!("{host} is not a valid TLS server name: {e}"), None)
+        })?;
+        let handshake = Instant::now();
+        let stream = self.tls.connect(name, TokioIo::new(timed)).await.map_err(|e| {
+            ConnectError::new(ErrorKind::Tls, format!("TLS handshake with {host} failed: {e}"), Some(e))
+        })?;
+        meta.tls_nanos.store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(MaybeHttpsStream::Https(TokioIo::new(stream)))
+    }
+}
+
+/// "proxy http://host:port " when dialling a proxy, for messages.
+fn via(proxy: Option<&ProxyUrl>) -> String {
+    proxy.map(|p| format!("proxy {p} ")).unwrap_or_default()
+}
+
+/// The addresses of `host` (an IP literal needs no lookup) and how long the lookup took.
+async fn resolve(
+    host: &str,
+    port: u16,
+    proxy: Option<&ProxyUrl>,
+) -> Result<(Vec<SocketAddr>, Duration), ConnectError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok((vec![SocketAddr::new(ip, port)], Duration::ZERO));
+    }
+    let started = Instant::now();
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| {
+            ConnectError::new(ErrorKind::Dns, format!("could not resolve {}{host}: {e}", via(proxy)), Some(e))
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ConnectError::new(
+            ErrorKind::Dns,
+            format!("{}{host} resolved to no address", via(proxy)),
+            None,
+        ));
+    }
+    Ok((addrs, started.elapsed()))
+}
+
+/// Connects to the first of `addrs` that accepts.
+async fn dial(
+    addrs: &[SocketAddr],
+    proxy: Option<&ProxyUrl>,
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let mut last_err = None;
-    let mut tcp = None;
-    for addr in &addrs {
+    for addr in addrs {
         match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                tcp = Some((stream, *addr));
-                break;
-            }
+            Ok(stream) => return Ok((stream, *addr)),
             Err(e) => last_err = Some((e, *addr)),
         }
     }
-    let (tcp, remote) = match (tcp, last_err) {
-        (Some(found), _) => found,
-        (None, Some((e, addr))) => {
-            return Err(ConnectError::new(
-                ErrorKind::Connect,
-                format!("connect to {addr} failed: {e}"),
-                Some(e),
-            ))
-        }
-        (None, None) => {
-            return Err(ConnectError::new(ErrorKind::Dns, format!("{host} resolved to no address"), None))
-        }
-    };
-    let connect = started.elapsed() - dns;
-    // Requests are small and latency matters more than packet count.
-    let _ = tcp.set_nodelay(true);
-
-    let meta = Arc::new(ConnMeta {
-        started,
-        dns,
-        connect,
-        tls_nanos: AtomicU64::new(0),
-        remote,
-        claimed: AtomicBool::new(false),
-    });
-    let timed = TimedTcp { io: TokioIo::new(tcp), meta: meta.clone() };
-    if !https {
-        return Ok(MaybeHttpsStream::Http(timed));
-    }
-
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
-        ConnectError::new(ErrorKind::Tls, format!("{host} is not a valid TLS server name: {e}"), None)
-    })?;
-    let handshake = Instant::now();
-    let stream = tls.connect(name, TokioIo::new(timed)).await.map_err(|e| {
-        ConnectError::new(ErrorKind::Tls, format!("TLS handshake with {host} failed: {e}"), Some(e))
-    })?;
-    meta.tls_nanos.store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    Ok(MaybeHttpsStream::Https(TokioIo::new(stream)))
+    Err(match last_err {
+        Some((e, addr)) => ConnectError::new(
+            ErrorKind::Connect,
+            format!("connect to {}{addr} failed: {e}", via(proxy)),
+            Some(e),
+        ),
+        None => ConnectError::new(ErrorKind::Dns, "no address to connect to".into(), None),
+    })
 }

@@ -38,6 +38,12 @@ pub(crate) fn classify(err: &hyper_util::client::legacy::Error) -> SendFailure {
             return SendFailure::new(ErrorKind::Timeout, chain(err), true);
         }
     }
+    // TLS 1.3 finishes the client's handshake before the server judges its certificate, so a
+    // server refusing a client certificate (or the lack of one) shows up as an alert on the
+    // first read, not in the connector.
+    if let Some(tls) = find_tls_error(err) {
+        return SendFailure::new(ErrorKind::Tls, format!("TLS failed after the handshake: {tls}"), true);
+    }
     // Closed or reset before a response head: the connection broke, the request may have
     // arrived. CONNECT so idempotent requests retry; `sent` keeps POSTs from repeating.
     SendFailure::new(ErrorKind::Connect, format!("connection failed before a response: {}", chain(err)), true)
@@ -47,6 +53,26 @@ fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// A rustls error in the cause chain; tokio-rustls wraps it in an io::Error, whose `source()`
+/// skips the wrapped error itself, so it is looked up with `get_ref`.
+fn find_tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+            return Some(found);
+        }
+        if let Some(found) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
             return Some(found);
         }
         cur = e.source();

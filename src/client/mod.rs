@@ -1,31 +1,44 @@
-//! The outbound HTTP stack: one pooled hyper-util client over the timed connector, shared by
-//! every action. Each concern sits in its own module: `connect` (DNS/TCP/TLS with timings),
-//! `error` (classifying failures), `redirect` (following Location), `response` (reading heads
-//! and capped bodies), `tls` (roots and ALPN). What an action passes before it sends sits in
-//! `admission`, built from `concurrency`, `rate_limit` and `breaker` (keyed by `host_pattern`).
+//! The outbound HTTP stack: pooled hyper-util clients over the timed connector. Each concern
+//! sits in its own module: `clients` (the shared client, and clients for actions with their own
+//! TLS or proxy), `connect` (DNS/TCP/proxy/TLS with timings), `error` (classifying failures),
+//! `proxy` (which proxy, CONNECT tunnels), `redirect` (following Location), `response` (reading
+//! heads and capped bodies), `tls` (roots, client certificates, ALPN). Response bodies are
+//! decoded (gzip, deflate, br, zstd) by tower-http before anyone counts them, so body caps apply
+//! to the decoded size. What an action passes before it sends sits in `admission`, built from
+//! `concurrency`, `rate_limit` and `breaker` (keyed by `host_pattern`).
 pub mod admission;
 pub mod breaker;
+pub mod clients;
 pub mod concurrency;
 pub mod connect;
 pub mod error;
 pub mod host_pattern;
+pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
 pub mod tls;
 
+use crate::action::TlsOptions;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use std::{sync::Arc, time::Duration};
+use tower::ServiceExt as _;
+use tower_http::decompression::{Decompression, DecompressionBody};
 
+pub use clients::Clients;
 pub use connect::{ConnInfo, ConnMeta};
 pub use error::SendFailure;
+pub use proxy::{NoProxy, Proxies};
 
 /// Request bodies are built whole from the action, so a full buffer is enough.
 pub type RequestBody = Full<Bytes>;
+
+/// A response body as the executor reads it: decoded per its Content-Encoding.
+pub type ResponseBody = DecompressionBody<Incoming>;
 
 /// Pool and protocol settings of the shared client.
 #[derive(Debug, Clone)]
@@ -40,6 +53,9 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
     pub extra_ca_pem: Option<String>,
+    /// Proxies for actions that set none: `--proxy`, else HTTP(S)_PROXY and NO_PROXY read at
+    /// start. Default none (direct connections).
+    pub proxies: Proxies,
 }
 
 impl Default for ClientSettings {
@@ -50,6 +66,7 @@ impl Default for ClientSettings {
             http2: true,
             connect_timeout: crate::action::DEFAULT_CONNECT_TIMEOUT,
             extra_ca_pem: None,
+            proxies: Proxies::default(),
         }
     }
 }
@@ -59,35 +76,75 @@ impl Default for ClientSettings {
 #[error("building the HTTP client: {0}")]
 pub struct ClientBuildError(#[from] tls::TlsConfigError);
 
-/// The shared, pooled HTTP client.
+/// A pooled HTTP client with one TLS configuration and one set of proxies.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<connect::TimedConnector, RequestBody>,
+    inner: Decompression<Client<connect::TimedConnector, RequestBody>>,
+    proxies: Arc<Proxies>,
 }
 
 impl HttpClient {
+    /// The server's client: its trust roots and proxies.
     pub fn new(settings: &ClientSettings) -> Result<Self, ClientBuildError> {
-        let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2)?;
-        let connector = connect::TimedConnector::new(Arc::new(tls), settings.connect_timeout);
+        Self::with_options(settings, &TlsOptions::default(), settings.proxies.clone())
+    }
+
+    /// A client with the server's settings, the action's TLS options added and `proxies`.
+    pub fn with_options(
+        settings: &ClientSettings,
+        tls: &TlsOptions,
+        proxies: Proxies,
+    ) -> Result<Self, ClientBuildError> {
+        let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2, tls)?;
+        let proxies = Arc::new(proxies);
+        let connector =
+            connect::TimedConnector::new(Arc::new(tls), proxies.clone(), settings.connect_timeout);
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        Ok(Self { inner })
+        // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
+        // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
+        let inner = Decompression::new(inner);
+        Ok(Self { inner, proxies })
     }
 
     /// Sends one request (no redirects followed), connecting within `connect_timeout` when no
     /// pooled connection is free.
     pub async fn send(
         &self,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    ) -> Result<Response<ResponseBody>, SendFailure> {
+        // Plain http through a forwarding proxy: the proxy reads its credentials from the
+        // request itself (https targets send them in CONNECT instead).
+        let uri = request.uri();
+        if uri.scheme_str() == Some("http") {
+            let proxy = uri.host().and_then(|host| self.proxies.for_target(false, host));
+            if let Some(auth) = proxy.and_then(|p| p.authorization()) {
+                if let Ok(mut value) = HeaderValue::from_str(auth) {
+                    value.set_sensitive(true);
+                    request.headers_mut().insert(header::PROXY_AUTHORIZATION, value);
+                }
+            }
+        }
         connect::CONNECT_TIMEOUT
-            .scope(connect_timeout, self.inner.request(request))
+            .scope(connect_timeout, self.inner.clone().oneshot(request))
             .await
             .map_err(|e| error::classify(&e))
+    }
+}
+
+/// Logs, once per action, that it skips certificate verification: the operator should see every
+/// action that opts out. Nothing of the TLS options themselves is logged.
+pub fn warn_if_insecure(action: &crate::action::HttpAction) {
+    if action.tls.insecure_skip_verify {
+        tracing::warn!(
+            action_id = %action.id,
+            destination = %action.destination(),
+            "tls.insecure_skip_verify is set: the upstream's certificate is NOT verified for this action"
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! Reading a response: its head as the domain sees it, its body in chunks under a byte cap
 //! (never a buffer past the cap), and the body's JSON / text views.
+use super::ResponseBody;
 use crate::action::ResponseHead;
 use bytes::Bytes;
 use http::{header, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 /// Largest chunk handed on at once (ExecuteStream's BodyChunk limit).
 pub const MAX_CHUNK: usize = 64 * 1024;
@@ -48,16 +48,17 @@ pub enum BodyError {
     Read(String),
 }
 
-/// A response body read chunk by chunk, stopping at `cap` bytes.
+/// A response body read chunk by chunk, stopping at `cap` bytes. It counts the decoded bytes
+/// it hands out, so a compressed body cannot grow past the cap (a gzip bomb stops at it).
 pub struct CappedBody {
-    body: Incoming,
+    body: ResponseBody,
     cap: u64,
     read: u64,
     over: bool,
 }
 
 impl CappedBody {
-    pub fn new(body: Incoming, cap: u64) -> Self {
+    pub fn new(body: ResponseBody, cap: u64) -> Self {
         Self { body, cap, read: 0, over: false }
     }
 
@@ -76,7 +77,7 @@ impl CappedBody {
             let Some(frame) = self.body.frame().await else {
                 return Ok(None);
             };
-            let frame = frame.map_err(|e| BodyError::Read(super::error::chain(&e)))?;
+            let frame = frame.map_err(|e| BodyError::Read(super::error::chain(&*e)))?;
             let Ok(mut data) = frame.into_data() else {
                 continue;
             }; // trailers

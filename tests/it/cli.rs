@@ -16,6 +16,11 @@ async fn exec(args: &[&str]) -> Output {
             .arg("exec")
             .args(&args)
             .env_remove("RUST_LOG")
+            // Upstreams are on loopback: a proxy from the test's own environment must not apply.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
             .output()
             .expect("callout runs")
     });

@@ -237,25 +237,27 @@ async fn every_problem_is_reported_in_one_status() {
 }
 
 #[tokio::test]
-async fn tls_and_proxy_options_are_refused_until_supported() {
+async fn bad_tls_and_proxy_options_are_refused() {
     let (upstream, sidecar) = setup().await;
     let req = pb::ExecuteHttpActionRequest {
         tls: Some(pb::TlsOptions {
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            client_cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             ..Default::default()
         }),
         ..request("GET", &upstream.url("/"))
     };
     let status = rejected(&upstream, &sidecar, req).await;
-    assert_eq!(violated_fields(&status), ["tls.ca_pem"]);
+    assert_eq!(violated_fields(&status), ["tls.ca_pem", "tls.client_key_pem"]);
 
     // The proxy is the live upstream itself: had it been used, the upstream would have seen it.
     let req = pb::ExecuteHttpActionRequest {
-        proxy: Some(pb::ProxyOptions { url: upstream.url("") }),
+        proxy: Some(pb::ProxyOptions { url: upstream.url("").replace("http://", "https://user:s3cret@") }),
         ..request("GET", "http://example.invalid/")
     };
     let status = rejected(&upstream, &sidecar, req).await;
     assert_eq!(violated_fields(&status), ["proxy.url"]);
+    assert!(!format!("{status:?}").contains("s3cret"), "{status:?}");
 }
 
 #[tokio::test]

@@ -3,9 +3,11 @@
 mod support;
 
 mod cli;
+mod decompression;
 mod invalid;
 mod limits;
 mod listener;
+mod proxy;
 mod redirects;
 mod requests;
 mod retries;

@@ -1,5 +1,6 @@
 //! Test harness: a scripted loopback HTTP upstream (hyper, HTTP/1.1 and h2c) that records what
-//! it saw, and the real callout gRPC server on a loopback port with a generated tonic client.
+//! it saw, a test PKI and HTTPS upstream (optionally demanding client certificates), and the
+//! real callout gRPC server on a loopback port with a generated tonic client.
 #![allow(dead_code)]
 use bytes::Bytes;
 use callout::{
@@ -10,6 +11,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::{
     convert::Infallible,
     future::Future,
@@ -29,6 +32,8 @@ pub struct Seen {
     pub method: String,
     /// Path and query, as sent on the wire.
     pub target: String,
+    /// The request target as received: absolute form (`http://host/path`) through a proxy.
+    pub uri: String,
     pub version: http::Version,
     /// In received order, repeats kept.
     pub headers: Vec<(String, String)>,
@@ -46,7 +51,7 @@ impl Seen {
 }
 
 /// Aborts the task when dropped, so servers stop with their test.
-struct AbortOnDrop(JoinHandle<()>);
+pub struct AbortOnDrop(pub JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -88,6 +93,7 @@ impl Upstream {
                             let seen = Seen {
                                 method: parts.method.to_string(),
                                 target: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                                uri: parts.uri.to_string(),
                                 version: parts.version,
                                 headers: parts
                                     .headers
@@ -279,4 +285,90 @@ pub async fn failing(
         }
     })
     .await
+}
+
+/// A CA made at test time and a leaf for 127.0.0.1 and localhost signed by it.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub ca: CertificateDer<'static>,
+    pub leaf: CertificateDer<'static>,
+    pub leaf_key: PrivateKeyDer<'static>,
+    /// A client certificate (clientAuth) signed by the same CA, and its key, PEM.
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+}
+
+pub fn pki() -> TestPki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["workflow-engine".to_owned()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    TestPki {
+        ca_pem: ca_cert.pem(),
+        ca: ca_cert.der().clone(),
+        leaf: leaf.der().clone(),
+        leaf_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        client_cert_pem: client.pem(),
+        client_key_pem: client_key.serialize_pem(),
+    }
+}
+
+/// An HTTPS upstream offering `alpn`, answering "secure" to every request.
+pub async fn tls_upstream(pki: &TestPki, alpn: &[&[u8]]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (addr, task, _) = tls_upstream_with(pki, alpn, false).await;
+    (addr, task)
+}
+
+/// An HTTPS upstream; with `require_client_cert` it demands a client certificate signed by the
+/// test CA (mutual TLS). The counter says how many TCP connections it accepted.
+pub async fn tls_upstream_with(
+    pki: &TestPki,
+    alpn: &[&[u8]],
+    require_client_cert: bool,
+) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(vec![pki.leaf.clone()], pki.leaf_key.clone_key()).unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service =
+                    hyper::service::service_fn(|_req| async { Ok::<_, std::io::Error>(text(200, "secure")) });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task, accepted)
 }

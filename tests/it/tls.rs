@@ -1,65 +1,9 @@
 //! HTTPS upstreams: rustls with ALPN (h2 and http/1.1), the TLS handshake timed, a server-level
-//! extra CA trusted, and an untrusted certificate failing as TLS.
+//! extra CA trusted, an untrusted certificate failing as TLS, and the per-action TLS options:
+//! `ca_pem`, `insecure_skip_verify`, client certificates against an mTLS upstream.
 use crate::support::*;
 use callout::{exec::ExecSettings, pb};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::{net::SocketAddr, sync::Arc};
-use tokio::net::TcpListener;
-
-/// A CA made at test time and a leaf for 127.0.0.1 and localhost signed by it.
-struct TestPki {
-    ca_pem: String,
-    leaf: CertificateDer<'static>,
-    leaf_key: PrivateKeyDer<'static>,
-}
-
-fn pki() -> TestPki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf_params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-    TestPki {
-        ca_pem: ca_cert.pem(),
-        leaf: leaf.der().clone(),
-        leaf_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-    }
-}
-
-/// An HTTPS upstream offering `alpn`, answering "secure" to every request.
-async fn tls_upstream(pki: &TestPki, alpn: &[&[u8]]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![pki.leaf.clone()], pki.leaf_key.clone_key())
-        .unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let service =
-                    hyper::service::service_fn(|_req| async { Ok::<_, std::io::Error>(text(200, "secure")) });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    (addr, task)
-}
+use std::sync::atomic::Ordering;
 
 fn trusting(ca_pem: &str, http2: bool) -> ExecSettings {
     let mut settings = ExecSettings::default();
@@ -111,5 +55,98 @@ async fn untrusted_certificate_fails_as_tls() {
     assert_eq!(error_kind(&resp), pb::ErrorKind::Tls);
     let message = &resp.error.unwrap().message;
     assert!(message.contains("certificate"), "{message}");
+    task.abort();
+}
+
+fn with_tls(url: &str, tls: pb::TlsOptions) -> pb::ExecuteHttpActionRequest {
+    pb::ExecuteHttpActionRequest { tls: Some(tls), ..request("GET", url) }
+}
+
+#[tokio::test]
+async fn action_ca_pem_trusts_an_upstream_the_server_does_not() {
+    let pki = pki();
+    let (addr, task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
+    let sidecar = Sidecar::start().await;
+    let url = format!("https://{addr}/");
+    let tls = pb::TlsOptions { ca_pem: pki.ca_pem.clone(), ..Default::default() };
+    let resp = sidecar.execute(with_tls(&url, tls)).await;
+    assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
+    assert_eq!(resp.response.unwrap().body, b"secure");
+
+    // The trust was the action's alone: the next action without it does not ride its pool.
+    let resp = sidecar.execute(request("GET", &url)).await;
+    assert_eq!(error_kind(&resp), pb::ErrorKind::Tls, "{resp:?}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn insecure_skip_verify_accepts_an_unknown_ca_for_that_action_only() {
+    let pki = pki();
+    let (addr, task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
+    let sidecar = Sidecar::start().await;
+    let url = format!("https://{addr}/");
+    let tls = pb::TlsOptions { insecure_skip_verify: true, ..Default::default() };
+    let resp = sidecar.execute(with_tls(&url, tls)).await;
+    assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
+    assert_eq!(resp.response.unwrap().body, b"secure");
+
+    let resp = sidecar.execute(request("GET", &url)).await;
+    assert_eq!(error_kind(&resp), pb::ErrorKind::Tls, "verification is back on: {resp:?}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn mtls_upstream_needs_the_client_certificate() {
+    let pki = pki();
+    let (addr, task, _) = tls_upstream_with(&pki, &[b"http/1.1"], true).await;
+    let sidecar = Sidecar::start().await;
+    let url = format!("https://{addr}/");
+
+    let without = pb::TlsOptions { ca_pem: pki.ca_pem.clone(), ..Default::default() };
+    let resp = sidecar.execute(with_tls(&url, without)).await;
+    assert_eq!(resp.outcome(), pb::Outcome::Failed);
+    assert_eq!(error_kind(&resp), pb::ErrorKind::Tls, "{resp:?}");
+    let message = resp.error.unwrap().message;
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+
+    let with = pb::TlsOptions {
+        ca_pem: pki.ca_pem.clone(),
+        client_cert_pem: pki.client_cert_pem.clone(),
+        client_key_pem: pki.client_key_pem.clone(),
+        ..Default::default()
+    };
+    let resp = sidecar.execute(with_tls(&url, with)).await;
+    assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
+    assert_eq!(resp.response.unwrap().body, b"secure");
+    task.abort();
+}
+
+#[tokio::test]
+async fn bad_client_pem_is_invalid_and_nothing_connects() {
+    let other = pki();
+    let pki = pki();
+    let (addr, task, accepted) = tls_upstream_with(&pki, &[b"http/1.1"], true).await;
+    let sidecar = Sidecar::start().await;
+    let url = format!("https://{addr}/");
+    let cases = [
+        ("not a key".to_owned(), "tls.client_key_pem"),
+        // A real key, but not the certificate's.
+        (other.client_key_pem.clone(), "tls.client_key_pem"),
+    ];
+    for (key, field) in cases {
+        let tls = pb::TlsOptions {
+            ca_pem: pki.ca_pem.clone(),
+            client_cert_pem: pki.client_cert_pem.clone(),
+            client_key_pem: key.clone(),
+            ..Default::default()
+        };
+        let status = sidecar.try_execute(with_tls(&url, tls)).await.unwrap_err();
+        assert_eq!(violated_fields(&status), [field]);
+        assert!(!status.message().contains("PRIVATE KEY-----"), "{status:?}");
+    }
+    let tls = pb::TlsOptions { client_cert_pem: pki.client_cert_pem.clone(), ..Default::default() };
+    let status = sidecar.try_execute(with_tls(&url, tls)).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["tls.client_key_pem"]);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing may connect for an invalid action");
     task.abort();
 }

@@ -1,0 +1,179 @@
+//! How an action reaches its upstream: per-action TLS options and proxy, validated. PEM is kept
+//! as text once it is known to parse; the client builds its TLS configuration from it. Key
+//! material and proxy credentials never appear in `Debug` output or error messages.
+use base64::Engine as _;
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use std::fmt;
+
+/// Validated per-action TLS options. The default verifies with the server's trust roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsOptions {
+    /// Accept any server certificate (handshake signatures are still checked). Logged loudly.
+    pub insecure_skip_verify: bool,
+    /// Extra trusted CA certificates, PEM, besides the webpki roots and the server's CA file.
+    pub ca_pem: Option<String>,
+    /// Client certificate and key for mutual TLS.
+    pub client_identity: Option<ClientIdentity>,
+}
+
+impl TlsOptions {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A client certificate chain and its private key, both PEM.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ClientIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM CERTIFICATE block".into());
+    }
+    Ok(certs)
+}
+
+/// Checks that `pem` holds CA certificates usable as trust anchors. The description never
+/// quotes the PEM.
+pub(super) fn check_ca_certificates(pem: &str) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(pem)? {
+        roots.add(cert).map_err(|e| format!("holds a certificate that cannot be trusted as a CA: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Checks a client certificate chain and key: both parse, the key is of a supported type and
+/// belongs to the certificate. Returns the field at fault and why; key bytes are never quoted.
+pub(super) fn check_client_identity(cert_pem: &str, key_pem: &str) -> Result<(), (&'static str, String)> {
+    let certs = certificates(cert_pem).map_err(|e| ("tls.client_cert_pem", e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        let why = match e {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                "holds no PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)"
+            }
+            _ => "is not a valid PEM private key",
+        };
+        ("tls.client_key_pem", why.to_owned())
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider).map(drop).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            ("tls.client_key_pem", "does not belong to the certificate in tls.client_cert_pem".to_owned())
+        }
+        _ => ("tls.client_key_pem", "is not a supported private key (RSA, ECDSA or Ed25519)".to_owned()),
+    })
+}
+
+/// An `http://` proxy: where to connect, and the Proxy-Authorization to send when the URL
+/// carried `user:pass@`. Displays as `http://host:port`, credentials left out.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ProxyUrl {
+    host: String,
+    port: u16,
+    authorization: Option<String>,
+}
+
+impl ProxyUrl {
+    /// Parses an `http://[user:pass@]host[:port]` URL (port 80 when absent). The error never
+    /// echoes the URL: it may hold a password.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let url = url::Url::parse(raw.trim()).map_err(|e| format!("is not an absolute URL: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!("scheme {:?} is not supported; use an http:// proxy URL", url.scheme()));
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => return Err("has no host".into()),
+        };
+        let port = url.port_or_known_default().unwrap_or(80);
+        let authorization = (!url.username().is_empty() || url.password().is_some()).then(|| {
+            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+            let user = decode(url.username());
+            let pass = url.password().map(decode).unwrap_or_default();
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+        });
+        Ok(Self { host, port, authorization })
+    }
+
+    /// Host name or IP (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `Basic ...` when the URL carried credentials.
+    pub fn authorization(&self) -> Option<&str> {
+        self.authorization.as_deref()
+    }
+}
+
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = if self.authorization.is_some() { " (with credentials)" } else { "" };
+        write!(f, "ProxyUrl({self}{auth})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_url_keeps_credentials_out_of_sight() {
+        let p = ProxyUrl::parse("http://us%20er:s3cret@proxy.test:3128/").unwrap();
+        assert_eq!((p.host(), p.port()), ("proxy.test", 3128));
+        assert_eq!(p.authorization(), Some("Basic dXMgZXI6czNjcmV0"));
+        assert_eq!(p.to_string(), "http://proxy.test:3128");
+        assert!(!format!("{p:?}").contains("s3cret"));
+        assert_eq!(ProxyUrl::parse("http://[::1]").unwrap().to_string(), "http://[::1]:80");
+    }
+
+    #[test]
+    fn proxy_url_must_be_http() {
+        for bad in ["https://u:s3cret@p.test", "socks5://p.test:1080", "p.test:3128", ""] {
+            let err = ProxyUrl::parse(bad).unwrap_err();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn pem_checks_name_the_problem() {
+        assert!(check_ca_certificates("no pem here").is_err());
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        assert!(check_ca_certificates(cert).is_err());
+        assert_eq!(check_client_identity(cert, cert).unwrap_err().0, "tls.client_key_pem");
+        assert_eq!(check_client_identity("", "").unwrap_err().0, "tls.client_cert_pem");
+        let debug = format!("{:?}", ClientIdentity { cert_pem: "c".into(), key_pem: "SECRET".into() });
+        assert!(!debug.contains("SECRET"), "{debug}");
+    }
+}
