@@ -76,6 +76,12 @@ struct ServeArgs {
     /// Do not offer HTTP/2 to https upstreams.
     #[arg(long)]
     no_http2: bool,
+    /// TCP keep-alive probes on upstream connections after this idle time; "0s" turns them off.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    tcp_keepalive: Duration,
+    /// HTTP/2 PING interval on upstream connections (also while idle); default none.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    http2_keep_alive_interval: Option<Duration>,
     /// PEM file of extra CA certificates trusted for upstreams, besides the webpki roots.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
@@ -220,6 +226,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     settings.client.pool_idle_timeout = args.pool_idle_timeout;
     settings.client.pool_max_idle_per_host = args.pool_max_idle_per_host;
     settings.client.http2 = !args.no_http2;
+    settings.client.tcp_keepalive = (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive);
+    settings.client.http2_keep_alive_interval = args.http2_keep_alive_interval;
     settings.secrets = args.secrets.clone().settings();
     settings.limits = LimitSettings {
         concurrency: ConcurrencySettings {

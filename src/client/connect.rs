@@ -135,11 +135,18 @@ pub struct TimedConnector {
     tls: tokio_rustls::TlsConnector,
     proxies: Arc<Proxies>,
     default_timeout: Duration,
+    tcp_keepalive: Option<Duration>,
 }
 
 impl TimedConnector {
     pub fn new(tls: Arc<rustls::ClientConfig>, proxies: Arc<Proxies>, default_timeout: Duration) -> Self {
-        Self { tls: tokio_rustls::TlsConnector::from(tls), proxies, default_timeout }
+        Self { tls: tokio_rustls::TlsConnector::from(tls), proxies, default_timeout, tcp_keepalive: None }
+    }
+
+    /// Sends TCP keep-alive probes after `idle` without traffic (`None`: none).
+    pub fn with_tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.tcp_keepalive = idle;
+        self
     }
 }
 
@@ -191,6 +198,12 @@ impl TimedConnector {
         let (mut tcp, remote) = dial(&addrs, proxy.as_ref()).await?;
         // Requests are small and latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
+        if let Some(idle) = self.tcp_keepalive {
+            let keepalive = socket2::TcpKeepalive::new().with_time(idle);
+            if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+                tracing::debug!("cannot set TCP keep-alive: {e}");
+            }
+        }
         if let (Some(proxy), true) = (&proxy, https) {
             proxy::tunnel(&mut tcp, proxy, &host, port)
                 .await

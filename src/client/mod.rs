@@ -49,6 +49,11 @@ pub struct ClientSettings {
     pub pool_max_idle_per_host: usize,
     /// Offer HTTP/2 by ALPN on https. Default true.
     pub http2: bool,
+    /// TCP keep-alive probes on upstream connections after this much idle time; `None` turns
+    /// them off. Default 60 s (so dead peers behind NAT or load balancers are noticed).
+    pub tcp_keepalive: Option<Duration>,
+    /// HTTP/2 PING interval on upstream connections; `None` (the default) sends none.
+    pub http2_keep_alive_interval: Option<Duration>,
     /// Connect timeout when an action does not carry one. Default 10 s.
     pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
@@ -64,6 +69,8 @@ impl Default for ClientSettings {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 64,
             http2: true,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            http2_keep_alive_interval: None,
             connect_timeout: crate::action::DEFAULT_CONNECT_TIMEOUT,
             extra_ca_pem: None,
             proxies: Proxies::default(),
@@ -98,13 +105,19 @@ impl HttpClient {
         let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2, tls)?;
         let proxies = Arc::new(proxies);
         let connector =
-            connect::TimedConnector::new(Arc::new(tls), proxies.clone(), settings.connect_timeout);
-        let inner = Client::builder(TokioExecutor::new())
+            connect::TimedConnector::new(Arc::new(tls), proxies.clone(), settings.connect_timeout)
+                .with_tcp_keepalive(settings.tcp_keepalive);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+            .timer(hyper_util::rt::TokioTimer::new());
+        if let Some(interval) = settings.http2_keep_alive_interval {
+            // PINGs also while idle, so a pooled h2 connection that died is found before use.
+            builder.http2_keep_alive_interval(interval).http2_keep_alive_while_idle(true);
+        }
+        let inner = builder.build(connector);
         // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
         // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
         let inner = Decompression::new(inner);
