@@ -9,15 +9,21 @@ use callout::{
         admission::LimitSettings,
         breaker::BreakerSettings,
         concurrency::ConcurrencySettings,
+        egress::{EgressRule, EgressSettings},
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
-        Proxies,
+        ClientSettings, Proxies,
     },
     exec::{ExecSettings, Executor},
     secrets::{SecretSettings, SecretStore},
     server::{Listener, ServerOptions, ServerTls},
 };
 use clap::{Parser, Subcommand, ValueEnum};
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -117,6 +123,54 @@ struct ServeArgs {
     breaker_cool_down: Duration,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    egress: EgressArgs,
+}
+
+/// Which destinations may be dialled (checked on every resolved address and redirect hop).
+#[derive(clap::Args, Clone)]
+struct EgressArgs {
+    /// Dev mode: allow loopback and private ranges (127/8, ::1, 10/8, 172.16/12, 192.168/16,
+    /// 100.64/10, fc00::/7), denied by default. Cloud metadata and link-local stay denied.
+    #[arg(long)]
+    allow_private_networks: bool,
+    /// Allow only destinations matching one of these (repeatable): a host pattern
+    /// ("*.example.com", "api.example.com:443") or a CIDR ("203.0.113.0/24"). A CIDR also
+    /// opens built-in denied ranges it covers.
+    #[arg(long = "egress-allow", value_name = "RULE")]
+    allow: Vec<EgressRule>,
+    /// Never dial destinations matching one of these (repeatable): host pattern or CIDR.
+    #[arg(long = "egress-deny", value_name = "RULE")]
+    deny: Vec<EgressRule>,
+    /// Only these ports may be dialled, e.g. "443,8443" (default: any).
+    #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+    allowed_ports: Vec<u16>,
+    /// Use these addresses for HOST instead of DNS, "HOST=IP[,IP...]" (repeatable); the
+    /// egress policy still checks them.
+    #[arg(long = "resolve", value_name = "HOST=IPS", value_parser = parse_resolve)]
+    resolve: Vec<(String, Vec<IpAddr>)>,
+}
+
+impl EgressArgs {
+    fn apply(self, client: &mut ClientSettings) {
+        client.egress = EgressSettings {
+            allow_private_networks: self.allow_private_networks,
+            allow: self.allow,
+            deny: self.deny,
+            allowed_ports: self.allowed_ports,
+        };
+        client.resolve = self.resolve;
+    }
+}
+
+fn parse_resolve(raw: &str) -> Result<(String, Vec<IpAddr>), String> {
+    let (host, ips) = raw.split_once('=').ok_or_else(|| format!("{raw:?} must look like HOST=IP[,IP...]"))?;
+    let ips = ips
+        .split(',')
+        .map(|ip| ip.trim().trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{raw:?}: {e}"))?;
+    Ok((host.trim().to_ascii_lowercase(), ips))
 }
 
 /// Where `{{secret:NAME}}` references in actions are read from.
@@ -198,6 +252,8 @@ struct ExecArgs {
     max_response_bytes: Option<u64>,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    egress: EgressArgs,
     /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
@@ -229,6 +285,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     settings.client.tcp_keepalive = (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive);
     settings.client.http2_keep_alive_interval = args.http2_keep_alive_interval;
     settings.secrets = args.secrets.clone().settings();
+    args.egress.clone().apply(&mut settings.client);
     settings.limits = LimitSettings {
         concurrency: ConcurrencySettings {
             max_in_flight: args.max_in_flight,
@@ -455,6 +512,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
 async fn exec(args: ExecArgs) -> ExitCode {
     init_logs("warn");
     let mut settings = ExecSettings { secrets: args.secrets.clone().settings(), ..ExecSettings::default() };
+    args.egress.clone().apply(&mut settings.client);
     let secrets = SecretStore::new(settings.secrets.clone());
     let action = match exec_input(args)
         .map_err(|e| e.to_string())

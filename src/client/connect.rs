@@ -4,7 +4,10 @@
 //! One connection is made in fixed steps: pick the route (direct or through a proxy) → resolve
 //! the host dialled → connect to one of the resolved addresses → for an https target through a
 //! proxy, open a CONNECT tunnel → for https, the TLS handshake with the target.
-use super::proxy::{self, Proxies};
+use super::{
+    egress::{Denied, EgressPolicy},
+    proxy::{self, Proxies},
+};
 use crate::action::{ErrorKind, ProxyUrl};
 use http::Uri;
 use hyper_rustls::MaybeHttpsStream;
@@ -13,6 +16,7 @@ use hyper_util::{
     rt::TokioIo,
 };
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
@@ -136,11 +140,54 @@ pub struct TimedConnector {
     proxies: Arc<Proxies>,
     default_timeout: Duration,
     tcp_keepalive: Option<Duration>,
+    egress: Arc<EgressPolicy>,
+    /// Host names with fixed addresses, looked up before DNS.
+    fixed: Arc<HashMap<String, Vec<IpAddr>>>,
 }
 
 impl TimedConnector {
     pub fn new(tls: Arc<rustls::ClientConfig>, proxies: Arc<Proxies>, default_timeout: Duration) -> Self {
-        Self { tls: tokio_rustls::TlsConnector::from(tls), proxies, default_timeout, tcp_keepalive: None }
+        Self {
+            tls: tokio_rustls::TlsConnector::from(tls),
+            proxies,
+            default_timeout,
+            tcp_keepalive: None,
+            egress: Arc::default(),
+            fixed: Arc::default(),
+        }
+    }
+
+    /// Checks every connection against `egress`; `fixed` names hosts whose addresses are set
+    /// instead of looked up.
+    pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &[(String, Vec<IpAddr>)]) -> Self {
+        self.egress = egress;
+        self.fixed =
+            Arc::new(fixed.iter().map(|(host, ips)| (host.to_ascii_lowercase(), ips.clone())).collect());
+        self
+    }
+
+    /// The addresses of `addrs` the policy allows; all refused is DENIED_BY_POLICY naming the
+    /// rule, and nothing is dialled.
+    fn allowed(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, ConnectError> {
+        let mut first_denial = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|addr| match self.egress.check_ip(host, addr.port(), addr.ip()) {
+                Ok(()) => true,
+                Err(denied) => {
+                    first_denial.get_or_insert(denied);
+                    false
+                }
+            })
+            .collect();
+        match (allowed.is_empty(), first_denial) {
+            (true, Some(denied)) => Err(denied_by_policy(denied)),
+            (_, Some(denied)) => {
+                tracing::debug!("skipping a denied address: {denied}");
+                Ok(allowed)
+            }
+            _ => Ok(allowed),
+        }
     }
 
     /// Sends TCP keep-alive probes after `idle` without traffic (`None`: none).
@@ -191,10 +238,23 @@ impl TimedConnector {
             None => (host.as_str(), port),
         };
 
+        // Egress, before any lookup: the target's name and port. Through a proxy the proxy
+        // resolves the name, so only a target written as an address can be checked by address.
+        self.egress.check_host(&host, port).map_err(denied_by_policy)?;
+        let caller_proxy = proxy.is_some() && self.proxies.chosen_by_caller;
+        if caller_proxy {
+            self.egress.check_host(dial_host, dial_port).map_err(denied_by_policy)?;
+        }
+        if let (Some(_), Ok(ip)) = (&proxy, host.parse::<IpAddr>()) {
+            self.egress.check_ip(&host, port, ip).map_err(denied_by_policy)?;
+        }
+
         let started = Instant::now();
-        let (addrs, dns) = resolve(dial_host, dial_port, proxy.as_ref()).await?;
-        // Every address dialled is in `addrs`: an egress policy checks them here, before any
-        // connection, so the address checked is the address used.
+        let (addrs, dns) = resolve(dial_host, dial_port, proxy.as_ref(), &self.fixed).await?;
+        // Every address dialled passes the policy here, after DNS, so the address checked is the
+        // address used (no rebinding between check and connect). The operator's own proxy is
+        // trusted wherever it lives; a caller's proxy is checked like any destination.
+        let addrs = if proxy.is_none() || caller_proxy { self.allowed(dial_host, addrs)? } else { addrs };
         let (mut tcp, remote) = dial(&addrs, proxy.as_ref()).await?;
         // Requests are small and latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
@@ -238,6 +298,10 @@ impl TimedConnector {
     }
 }
 
+fn denied_by_policy(denied: Denied) -> ConnectError {
+    ConnectError::new(ErrorKind::DeniedByPolicy, denied.to_string(), None)
+}
+
 /// "proxy http://host:port " when dialling a proxy, for messages.
 fn via(proxy: Option<&ProxyUrl>) -> String {
     proxy.map(|p| format!("proxy {p} ")).unwrap_or_default()
@@ -248,7 +312,11 @@ async fn resolve(
     host: &str,
     port: u16,
     proxy: Option<&ProxyUrl>,
+    fixed: &HashMap<String, Vec<IpAddr>>,
 ) -> Result<(Vec<SocketAddr>, Duration), ConnectError> {
+    if let Some(ips) = fixed.get(host.trim_end_matches('.').to_ascii_lowercase().as_str()) {
+        return Ok((ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(), Duration::ZERO));
+    }
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok((vec![SocketAddr::new(ip, port)], Duration::ZERO));
     }

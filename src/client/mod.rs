@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod clients;
 pub mod concurrency;
 pub mod connect;
+pub mod egress;
 pub mod error;
 pub mod host_pattern;
 pub mod proxy;
@@ -21,11 +22,12 @@ pub mod tls;
 
 use crate::action::TlsOptions;
 use bytes::Bytes;
+use egress::{EgressPolicy, EgressSettings};
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 use tower::ServiceExt as _;
 use tower_http::decompression::{Decompression, DecompressionBody};
 
@@ -58,6 +60,10 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
     pub extra_ca_pem: Option<String>,
+    /// Which destinations may be dialled. Default: public addresses only.
+    pub egress: EgressSettings,
+    /// Fixed addresses for host names, used instead of DNS (as curl's --resolve). Default none.
+    pub resolve: Vec<(String, Vec<IpAddr>)>,
     /// Proxies for actions that set none: `--proxy`, else HTTP(S)_PROXY and NO_PROXY read at
     /// start. Default none (direct connections).
     pub proxies: Proxies,
@@ -74,6 +80,8 @@ impl Default for ClientSettings {
             connect_timeout: crate::action::DEFAULT_CONNECT_TIMEOUT,
             extra_ca_pem: None,
             proxies: Proxies::default(),
+            egress: EgressSettings::default(),
+            resolve: Vec::new(),
         }
     }
 }
@@ -106,7 +114,8 @@ impl HttpClient {
         let proxies = Arc::new(proxies);
         let connector =
             connect::TimedConnector::new(Arc::new(tls), proxies.clone(), settings.connect_timeout)
-                .with_tcp_keepalive(settings.tcp_keepalive);
+                .with_tcp_keepalive(settings.tcp_keepalive)
+                .with_egress(Arc::new(EgressPolicy::new(settings.egress.clone())), &settings.resolve);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(settings.pool_idle_timeout)

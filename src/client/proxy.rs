@@ -60,12 +60,20 @@ pub struct Proxies {
     pub http: Option<ProxyUrl>,
     pub https: Option<ProxyUrl>,
     pub no_proxy: NoProxy,
+    /// The proxy came from an action, not the operator: its own address must pass the egress
+    /// policy like any destination (else a caller could point it at a metadata service).
+    pub chosen_by_caller: bool,
 }
 
 impl Proxies {
     /// One proxy for every target, no exceptions: an action's own `proxy.url`.
     pub fn only(proxy: ProxyUrl) -> Self {
-        Self { http: Some(proxy.clone()), https: Some(proxy), no_proxy: NoProxy::default() }
+        Self {
+            http: Some(proxy.clone()),
+            https: Some(proxy),
+            no_proxy: NoProxy::default(),
+            chosen_by_caller: true,
+        }
     }
 
     /// The proxy for a target, or `None` to connect directly.
@@ -93,6 +101,7 @@ impl Proxies {
             http: proxy("HTTP_PROXY")?,
             https: proxy("HTTPS_PROXY")?,
             no_proxy: read("NO_PROXY").map(|(_, v)| NoProxy::parse(&v)).unwrap_or_default(),
+            chosen_by_caller: false,
         })
     }
 

@@ -14,6 +14,8 @@ async fn exec(args: &[&str]) -> Output {
     let run = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_callout"))
             .arg("exec")
+            // Test upstreams are on loopback, which the egress policy denies by default.
+            .arg("--allow-private-networks")
             .args(&args)
             .env_remove("RUST_LOG")
             // Upstreams are on loopback: a proxy from the test's own environment must not apply.

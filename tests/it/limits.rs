@@ -22,7 +22,7 @@ fn ms(n: u64) -> Duration {
 }
 
 fn with_limits(limits: LimitSettings) -> ExecSettings {
-    ExecSettings { limits, ..ExecSettings::default() }
+    ExecSettings { limits, ..test_settings() }
 }
 
 fn rate_limited(rule: &str) -> ExecSettings {

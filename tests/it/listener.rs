@@ -2,7 +2,7 @@
 //! socket listener with its file mode, and TLS / mutual TLS on the gRPC listener.
 use crate::support::*;
 use callout::{
-    exec::{ExecSettings, Executor},
+    exec::Executor,
     pb::{self, http_action_service_client::HttpActionServiceClient},
     server::{serve_with, Listener, ServerOptions, ServerTls},
 };
@@ -22,7 +22,7 @@ const TOKEN: &str = "listener-t0ken";
 
 /// Starts the real server on `listener` with `options`; it stops when the test ends.
 fn spawn_server(listener: Listener, options: ServerOptions) -> tokio::task::JoinHandle<()> {
-    let executor = Executor::new(ExecSettings::default()).unwrap();
+    let executor = Executor::new(test_settings()).unwrap();
     tokio::spawn(async move {
         serve_with(listener, executor, options, std::future::pending()).await.unwrap();
     })
@@ -198,7 +198,7 @@ async fn serve_flags_for_a_protected_unix_socket() {
     let (socket, token_file) = (dir.join("c.sock"), dir.join("token"));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callout"))
-        .arg("serve")
+        .args(["serve", "--allow-private-networks"])
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .args(["--unix-socket-mode", "660", "--auth-token-file"])

@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod decompression;
+mod egress;
 mod invalid;
 mod limits;
 mod listener;

@@ -92,7 +92,7 @@ fn via(url: &str, proxy: &str) -> pb::ExecuteHttpActionRequest {
 }
 
 fn trusting(pki: &TestPki) -> ExecSettings {
-    let mut settings = ExecSettings::default();
+    let mut settings = test_settings();
     settings.client.extra_ca_pem = Some(pki.ca_pem.clone());
     settings
 }
@@ -157,7 +157,7 @@ async fn http_is_forwarded_in_absolute_form_with_proxy_credentials() {
 async fn server_default_proxy_applies_unless_no_proxy_matches() {
     let proxy = Upstream::fixed(200, "from the proxy").await;
     let direct = Upstream::fixed(200, "direct").await;
-    let mut settings = ExecSettings::default();
+    let mut settings = test_settings();
     settings.client.proxies = Proxies::only(ProxyUrl::parse(&proxy.url("")).unwrap());
     settings.client.proxies.no_proxy = NoProxy::parse("localhost");
     let sidecar = Sidecar::start_with(settings).await;
@@ -177,7 +177,7 @@ async fn server_default_proxy_applies_unless_no_proxy_matches() {
 async fn action_proxy_replaces_the_servers() {
     let server_proxy = Upstream::fixed(200, "server proxy").await;
     let action_proxy = Upstream::fixed(200, "action proxy").await;
-    let mut settings = ExecSettings::default();
+    let mut settings = test_settings();
     settings.client.proxies = Proxies::only(ProxyUrl::parse(&server_proxy.url("")).unwrap());
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(via("http://api.example.test/", &action_proxy.url(""))).await;

@@ -25,7 +25,7 @@ fn secrets_dir(test: &str, files: &[(&str, &str)]) -> PathBuf {
 fn with_secrets(dir: &std::path::Path) -> ExecSettings {
     ExecSettings {
         secrets: SecretSettings { dir: Some(dir.to_owned()), env_prefix: None },
-        ..ExecSettings::default()
+        ..test_settings()
     }
 }
 
@@ -83,7 +83,15 @@ async fn exec_reads_secrets_from_the_environment_and_logs_none() {
     let url = upstream.url("/");
     let run = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_callout"))
-            .args(["exec", "GET", &url, "-H", "X-Api-Key: {{secret:API_KEY}}", "-H"])
+            .args([
+                "exec",
+                "--allow-private-networks",
+                "GET",
+                &url,
+                "-H",
+                "X-Api-Key: {{secret:API_KEY}}",
+                "-H",
+            ])
             .arg(format!("Authorization: Bearer {TOKEN}"))
             .args(["--secrets-env-prefix", "CALLOUT_IT_SECRET_", "--attempts", "1"])
             .env("CALLOUT_IT_SECRET_API_KEY", TOKEN)
@@ -107,7 +115,7 @@ async fn serve_logs_no_secret_values() {
     let dir = secrets_dir("serve-logs", &[("api-token", TOKEN)]);
     let upstream = Upstream::fixed(503, "down").await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_callout"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--secrets-dir"])
+        .args(["serve", "--allow-private-networks", "--listen", "127.0.0.1:0", "--secrets-dir"])
         .arg(&dir)
         .env("RUST_LOG", "trace")
         .env("NO_COLOR", "1")

@@ -71,7 +71,16 @@ impl Upstream {
         F: Fn(Seen) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<UpBody>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", handler).await
+    }
+
+    /// The same on a given loopback address (e.g. "127.0.0.2:0").
+    pub async fn start_on<F, Fut>(bind: &str, handler: F) -> Self
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<UpBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let handler = Arc::new(handler);
@@ -160,6 +169,14 @@ pub fn json(status: u16, value: serde_json::Value) -> Response<UpBody> {
         .unwrap()
 }
 
+/// Default settings with the egress policy's dev mode on: every test upstream is on loopback,
+/// which the default policy denies.
+pub fn test_settings() -> ExecSettings {
+    let mut settings = ExecSettings::default();
+    settings.client.egress.allow_private_networks = true;
+    settings
+}
+
 /// The real callout gRPC server on a loopback port, and a client connected to it.
 pub struct Sidecar {
     pub addr: SocketAddr,
@@ -169,7 +186,7 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start() -> Self {
-        Self::start_with(ExecSettings::default()).await
+        Self::start_with(test_settings()).await
     }
 
     pub async fn start_with(settings: ExecSettings) -> Self {

@@ -6,7 +6,7 @@ use callout::{exec::ExecSettings, pb};
 use std::sync::atomic::Ordering;
 
 fn trusting(ca_pem: &str, http2: bool) -> ExecSettings {
-    let mut settings = ExecSettings::default();
+    let mut settings = test_settings();
     settings.client.extra_ca_pem = Some(ca_pem.to_owned());
     settings.client.http2 = http2;
     settings
