@@ -3,8 +3,9 @@
 //! The gRPC service, the stream and `callout exec` all drive this one executor.
 use crate::{
     action::{
-        parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind, HttpAction,
-        OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision, DEFAULT_MAX_RESPONSE_BYTES,
+        parse_retry_after, ActionError, ActionInput, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind,
+        HttpAction, InvalidAction, OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision,
+        DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         admission::{Destination, LimitSettings, Limits},
@@ -38,6 +39,9 @@ pub struct ExecSettings {
     pub limits: LimitSettings,
     /// Where `{{secret:NAME}}` references are read from.
     pub secrets: SecretSettings,
+    /// Headers whose values are sensitive besides Authorization, Proxy-Authorization, Cookie,
+    /// Set-Cookie and API-key headers: kept out of logs and HTTP/2 compression tables.
+    pub sensitive_headers: Vec<http::HeaderName>,
 }
 
 impl Default for ExecSettings {
@@ -48,6 +52,7 @@ impl Default for ExecSettings {
             client: ClientSettings::default(),
             limits: LimitSettings::default(),
             secrets: SecretSettings::default(),
+            sensitive_headers: Vec::new(),
         }
     }
 }
@@ -174,9 +179,13 @@ impl Executor {
         self.limits.admit()
     }
 
-    /// The secrets that actions' `{{secret:NAME}}` references are read from.
-    pub fn secrets(&self) -> &SecretStore {
-        &self.secrets
+    /// Validates `input` into an action: its `{{secret:NAME}}` references filled from the
+    /// server's secrets, its sensitive headers marked. The server and `callout exec` both call
+    /// this, so an action means the same wherever it comes from.
+    pub fn action(&self, input: ActionInput) -> Result<HttpAction, InvalidAction> {
+        let mut action = HttpAction::from_input_with_secrets(input, &self.secrets)?;
+        action.mark_sensitive(&self.settings.sensitive_headers);
+        Ok(action)
     }
 
     /// The server's limits (for in-flight and queue gauges).

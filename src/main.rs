@@ -2,9 +2,7 @@
 //! same executor and prints its outcome as JSON.
 #![forbid(unsafe_code)]
 use callout::{
-    action::{
-        ActionInput, BodyInput, HttpAction, OnFailure, ProxyUrl, RedirectsInput, RetryInput, TimeoutsInput,
-    },
+    action::{ActionInput, BodyInput, OnFailure, ProxyUrl, RedirectsInput, RetryInput, TimeoutsInput},
     client::{
         admission::LimitSettings,
         breaker::BreakerSettings,
@@ -14,7 +12,7 @@ use callout::{
         ClientSettings, Proxies,
     },
     exec::{ExecSettings, Executor},
-    secrets::{SecretSettings, SecretStore},
+    secrets::SecretSettings,
     server::{Listener, ServerOptions, ServerTls},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -513,17 +511,6 @@ async fn exec(args: ExecArgs) -> ExitCode {
     init_logs("warn");
     let mut settings = ExecSettings { secrets: args.secrets.clone().settings(), ..ExecSettings::default() };
     args.egress.clone().apply(&mut settings.client);
-    let secrets = SecretStore::new(settings.secrets.clone());
-    let action = match exec_input(args)
-        .map_err(|e| e.to_string())
-        .and_then(|input| HttpAction::from_input_with_secrets(input, &secrets).map_err(|e| e.to_string()))
-    {
-        Ok(action) => action,
-        Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::from(2);
-        }
-    };
     settings.client.proxies = match Proxies::from_env() {
         Ok(proxies) => proxies,
         Err(e) => {
@@ -536,6 +523,13 @@ async fn exec(args: ExecArgs) -> ExitCode {
         Err(e) => {
             eprintln!("callout: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let action = match exec_input(args).and_then(|input| executor.action(input).map_err(|e| e.to_string())) {
+        Ok(action) => action,
+        Err(e) => {
+            eprintln!("callout: {e}");
+            return ExitCode::from(2);
         }
     };
     let outcome = executor.execute(&action, None).await;

@@ -16,7 +16,7 @@ pub use transport::{ClientIdentity, ProxyUrl, TlsOptions};
 pub use validate::{FieldViolation, InvalidAction};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 use std::{collections::HashMap, time::Duration};
 
 /// Default connect timeout.
@@ -111,7 +111,7 @@ pub enum OnFailure {
 }
 
 /// A validated action: everything the executor needs, nothing left to check.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpAction {
     pub id: String,
     pub method: Method,
@@ -162,7 +162,41 @@ impl ErrorMessages {
     }
 }
 
+/// Safe to log: the URL shows as its destination (its path and query may hold a secret), the
+/// body as its size, and sensitive header values as `Sensitive`.
+impl std::fmt::Debug for HttpAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpAction")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("destination", &self.destination())
+            .field("headers", &self.headers)
+            .field("body_bytes", &self.body.len())
+            .field("timeouts", &self.timeouts)
+            .field("success", &self.success.as_str())
+            .field("on_failure", &self.on_failure)
+            .field("retry", &self.retry)
+            .field("redirects", &self.redirects)
+            .field("tls", &self.tls)
+            .field("proxy", &self.proxy)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HttpAction {
+    /// Marks the values of headers named in `names` sensitive (kept out of logs and HTTP/2
+    /// header compression tables), besides the built-in ones.
+    pub fn mark_sensitive(&mut self, names: &[HeaderName]) {
+        for name in names {
+            if let http::header::Entry::Occupied(mut entry) = self.headers.entry(name) {
+                for value in entry.iter_mut() {
+                    value.set_sensitive(true);
+                }
+            }
+        }
+    }
+
     /// Validates `input`, collecting every problem with the field it concerns.
     /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with_secrets`.
     pub fn from_input(input: ActionInput) -> Result<Self, InvalidAction> {

@@ -573,6 +573,22 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_hides_secrets() {
+        let mut i = input("POST", "https://h.test/p/secret-path?token=secret-query");
+        i.headers = vec![
+            ("Authorization".into(), "Bearer secret-auth".into()),
+            ("X-Custom".into(), "secret-custom".into()),
+            ("Accept".into(), "text/plain".into()),
+        ];
+        i.body = BodyInput::Text("secret-body".into());
+        let mut a = HttpAction::from_input(i).unwrap();
+        a.mark_sensitive(&[HeaderName::from_static("x-custom")]);
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("h.test:443") && shown.contains("text/plain"), "{shown}");
+    }
+
+    #[test]
     fn empty_method_and_url_are_required() {
         let err = HttpAction::from_input(ActionInput::default()).unwrap_err();
         assert_eq!(fields(err), ["method", "url"]);

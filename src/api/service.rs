@@ -3,9 +3,7 @@
 //! goes away is noticed and the action stops.
 use super::{convert, status::invalid_argument};
 use crate::{
-    action::{
-        secret_ref::SecretSource, AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead,
-    },
+    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead},
     client::concurrency::Overloaded,
     exec::{Buffered, Executor, Gone, Observer},
     pb::{self, action_event::Event},
@@ -31,10 +29,10 @@ impl HttpActionService {
 }
 
 /// Validates the request; proto-level and domain problems are reported together.
-fn action_of(req: pb::ExecuteHttpActionRequest, secrets: &dyn SecretSource) -> Result<HttpAction, Status> {
+fn action_of(req: pb::ExecuteHttpActionRequest, executor: &Executor) -> Result<HttpAction, Status> {
     let mut bad = InvalidAction::default();
     let input = convert::action_input(req, &mut bad);
-    match HttpAction::from_input_with_secrets(input, secrets) {
+    match executor.action(input) {
         Ok(action) if bad.is_empty() => Ok(action),
         Ok(_) => Err(invalid_argument(&bad)),
         Err(more) => {
@@ -73,7 +71,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         request: Request<pb::ExecuteHttpActionRequest>,
     ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
         let budget = grpc_deadline(request.metadata());
-        let action = action_of(request.into_inner(), self.executor.secrets())?;
+        let action = action_of(request.into_inner(), &self.executor)?;
         let admission = self.executor.admit().map_err(overloaded)?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         Ok(Response::new(convert::outcome(outcome)))
@@ -86,7 +84,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         request: Request<pb::ExecuteHttpActionRequest>,
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let budget = grpc_deadline(request.metadata());
-        let action = action_of(request.into_inner(), self.executor.secrets())?;
+        let action = action_of(request.into_inner(), &self.executor)?;
         let admission = self.executor.admit().map_err(overloaded)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
