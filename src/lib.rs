@@ -12,6 +12,7 @@ pub mod pb {
 }
 pub mod api;
 pub mod client;
+pub mod config;
 pub mod exec;
 pub mod report;
 pub mod secrets;
