@@ -460,7 +460,7 @@ impl Config {
             }),
             _ => None,
         };
-        Ok(ServerOptions { auth_token, tls })
+        Ok(ServerOptions { auth_token, tls, drain_timeout: s.drain_timeout })
     }
 
     /// The configuration as TOML, with credentials in the proxy URL hidden.

@@ -15,6 +15,7 @@ use crate::{
         response::{head_of, pieces, views, BodyError, CappedBody},
         ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
     },
+    metrics,
     secrets::{SecretSettings, SecretStore},
 };
 use bytes::{Bytes, BytesMut};
@@ -228,13 +229,15 @@ impl Executor {
         let mut error: Option<ActionError> = None;
         let destination = Destination::of(&action.url);
 
+        let queued = metrics::Raised::new(metrics::QUEUED);
         let running = match self.limits.run_slot(deadline).await {
-            Ok(slot) => Some(slot),
+            Ok(slot) => Some((slot, metrics::Raised::new(metrics::IN_FLIGHT))),
             Err(refused) => {
                 error = Some(refused);
                 None
             }
         };
+        drop(queued);
         let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
         for number in 1..=attempts_allowed {
             // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
@@ -298,6 +301,7 @@ impl Executor {
 
         let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
         log_outcome(action, &outcome);
+        metrics::action_finished(&outcome, &destination.key);
         outcome
     }
 

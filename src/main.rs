@@ -1,21 +1,21 @@
 //! `callout serve` runs the gRPC sidecar; `callout exec` runs one action by hand through the
-//! same executor and prints its outcome as JSON.
+//! same executor and prints its outcome as JSON; `callout config print` shows the effective
+//! configuration. Settings come from a TOML file, then `CALLOUT_SECTION__KEY` environment
+//! variables, then the flags below (see `callout::config`).
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, OnFailure, ProxyUrl, RedirectsInput, RetryInput, TimeoutsInput},
+    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
     client::{
-        admission::LimitSettings,
-        breaker::BreakerSettings,
-        concurrency::ConcurrencySettings,
-        egress::{EgressRule, EgressSettings},
-        rate_limit::{Rate, RateLimitRule, RateLimitSettings},
-        ClientSettings, Proxies,
+        egress::EgressRule,
+        rate_limit::{Rate, RateLimitRule},
     },
-    exec::{ExecSettings, Executor},
-    secrets::SecretSettings,
-    server::{Listener, ServerOptions, ServerTls},
+    config::{Config, ListenAddr, LogConfig, LogFormat},
+    exec::Executor,
+    server::Listener,
 };
 use clap::{Parser, Subcommand, ValueEnum};
+use figment::Figment;
+use serde::Serialize;
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -37,128 +37,162 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gRPC sidecar (HttpActionService, health, reflection).
+    /// Run the gRPC sidecar (HttpActionService, health, reflection) and the metrics endpoint.
     Serve(Box<ServeArgs>),
     /// Run one action and print its outcome as JSON. Exit 0 when it succeeded, 1 when it
     /// failed, 2 when it is invalid.
     Exec(Box<ExecArgs>),
+    /// The configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults < file < environment < flags) as TOML, with
+    /// credentials redacted. Takes the same options as `serve`.
+    Print(Box<ServeArgs>),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on: HOST:PORT, or unix:PATH for a Unix domain socket.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    listen: ListenAddr,
-    /// File mode of the Unix domain socket, in octal.
-    #[arg(long, default_value = "600", value_parser = parse_mode)]
-    unix_socket_mode: u32,
-    /// File holding a bearer token that action calls must send as "authorization: Bearer
-    /// <token>" metadata (health and reflection stay open).
+    /// TOML config file (every key is documented in callout.example.toml). Environment
+    /// variables CALLOUT_SECTION__KEY override it, and flags override both.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: ServeFlags,
+    #[command(flatten)]
+    egress: EgressFlags,
+    #[command(flatten)]
+    secrets: SecretFlags,
+}
+
+/// Flags of `serve`: each overrides the config key named in brackets (defaults in
+/// callout.example.toml). A list flag given at least once replaces the key's list.
+#[derive(clap::Args)]
+struct ServeFlags {
+    /// [server.listen] HOST:PORT, or unix:PATH for a Unix domain socket.
+    #[arg(long)]
+    listen: Option<ListenAddr>,
+    /// [server.unix_socket_mode] file mode of the Unix socket, octal (600).
+    #[arg(long, value_name = "OCTAL")]
+    unix_socket_mode: Option<String>,
+    /// [server.auth_token_file] bearer token action calls must send.
     #[arg(long, value_name = "PATH")]
     auth_token_file: Option<PathBuf>,
-    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
-    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    /// [server.tls_cert] PEM certificate chain: TLS on the gRPC listener.
+    #[arg(long, value_name = "PATH")]
     tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS on the gRPC listener (with --tls-cert).
-    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    /// [server.tls_key] PEM private key for --tls-cert.
+    #[arg(long, value_name = "PATH")]
     tls_key: Option<PathBuf>,
-    /// PEM CA certificates that clients' certificates must chain to (mutual TLS).
-    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    /// [server.tls_client_ca] PEM CAs client certificates must chain to (mutual TLS).
+    #[arg(long, value_name = "PATH")]
     tls_client_ca: Option<PathBuf>,
-    /// Total time of an action that sets none (still bounded by each call's gRPC deadline).
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    default_total_timeout: Duration,
-    /// Body cap of ExecuteStream, in bytes.
-    #[arg(long, default_value_t = 1 << 30)]
-    stream_max_response_bytes: u64,
-    /// How long idle pooled upstream connections are kept.
-    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
-    pool_idle_timeout: Duration,
-    /// Idle pooled connections kept per upstream host.
-    #[arg(long, default_value_t = 64)]
-    pool_max_idle_per_host: usize,
-    /// Do not offer HTTP/2 to https upstreams.
+    /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish (25s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// [server.default_total_timeout] total time of an action that sets none (5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    default_total_timeout: Option<Duration>,
+    /// [server.stream_max_response_bytes] body cap of ExecuteStream (1 GiB).
+    #[arg(long)]
+    stream_max_response_bytes: Option<u64>,
+    /// [server.sensitive_headers] a header whose values are secret; repeatable.
+    #[arg(long = "sensitive-header", value_name = "NAME")]
+    sensitive_headers: Vec<String>,
+    /// [log.format] pretty or json.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// [log.level] tracing filter, e.g. info or callout=debug (RUST_LOG wins when set).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// [metrics.listen] address of the Prometheus /metrics endpoint (127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// [metrics.enabled = false] serve no metrics endpoint.
+    #[arg(long)]
+    no_metrics: bool,
+    /// [client.pool_idle_timeout] idle pooled upstream connections are closed after this (90s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pool_idle_timeout: Option<Duration>,
+    /// [client.pool_max_idle_per_host] idle connections kept per host; 0 turns reuse off (64).
+    #[arg(long)]
+    pool_max_idle_per_host: Option<usize>,
+    /// [client.http2 = false] do not offer HTTP/2 to https upstreams.
     #[arg(long)]
     no_http2: bool,
-    /// TCP keep-alive probes on upstream connections after this idle time; "0s" turns them off.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    tcp_keepalive: Duration,
-    /// HTTP/2 PING interval on upstream connections (also while idle); default none.
+    /// [client.tcp_keepalive] TCP keep-alive after this idle time; 0s turns it off (60s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tcp_keepalive: Option<Duration>,
+    /// [client.http2_keep_alive_interval] HTTP/2 PING interval (none).
     #[arg(long, value_parser = humantime::parse_duration)]
     http2_keep_alive_interval: Option<Duration>,
-    /// PEM file of extra CA certificates trusted for upstreams, besides the webpki roots.
+    /// [client.ca_file] PEM file of extra CAs trusted for upstreams.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
-    /// http:// proxy for actions that set none (CONNECT for https targets). Without it,
-    /// HTTPS_PROXY and HTTP_PROXY apply; NO_PROXY applies either way.
+    /// [client.proxy] http:// proxy for actions that set none (replaces HTTP(S)_PROXY).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
-    /// Actions running at once.
-    #[arg(long, default_value_t = 512)]
-    max_in_flight: usize,
-    /// Actions waiting for a running slot; past this, new calls get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 2048)]
-    max_queued: usize,
-    /// Attempts in flight to one destination (host:port) at once.
-    #[arg(long, default_value_t = 64)]
-    max_in_flight_per_host: usize,
-    /// Limit on all sends together, e.g. "200/s" or "200/s burst 50".
+    /// [limits.max_in_flight] actions running at once (512).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// [limits.max_queued] actions waiting for a slot; past this, RESOURCE_EXHAUSTED (2048).
+    #[arg(long)]
+    max_queued: Option<usize>,
+    /// [limits.max_in_flight_per_host] attempts in flight to one host:port (64).
+    #[arg(long)]
+    max_in_flight_per_host: Option<usize>,
+    /// [limits.global_rate_limit] limit on all sends, e.g. "200/s burst 50".
     #[arg(long, value_name = "RATE")]
     global_rate_limit: Option<Rate>,
-    /// Limit per destination host:port matching a pattern, e.g. "*.example.com=10/s burst 20";
-    /// repeatable, the first matching rule applies.
+    /// [limits.rate_limits] "PATTERN=RATE" per destination, e.g. "*.example.com=10/s burst 20";
+    /// repeatable, first match wins.
     #[arg(long = "rate-limit", value_name = "PATTERN=RATE")]
     rate_limits: Vec<RateLimitRule>,
-    /// Longest shared cool-down that a 429 Retry-After imposes on a destination.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    max_host_cool_down: Duration,
-    /// Consecutive failures (connect errors, timeouts, 5xx) that open a destination's circuit;
-    /// 0 turns circuit breaking off.
-    #[arg(long, default_value_t = 10)]
-    breaker_failures: u32,
-    /// How long an open circuit refuses before one probe may go through.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    breaker_cool_down: Duration,
-    #[command(flatten)]
-    secrets: SecretArgs,
-    #[command(flatten)]
-    egress: EgressArgs,
+    /// [limits.max_host_cool_down] longest shared cool-down from a 429 Retry-After (10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_host_cool_down: Option<Duration>,
+    /// [limits.breaker_failures] consecutive failures that open a circuit; 0 is off (10).
+    #[arg(long)]
+    breaker_failures: Option<u32>,
+    /// [limits.breaker_cool_down] how long an open circuit refuses before a probe (15s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    breaker_cool_down: Option<Duration>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
-#[derive(clap::Args, Clone)]
-struct EgressArgs {
-    /// Dev mode: allow loopback and private ranges (127/8, ::1, 10/8, 172.16/12, 192.168/16,
-    /// 100.64/10, fc00::/7), denied by default. Cloud metadata and link-local stay denied.
+#[derive(clap::Args, Default)]
+struct EgressFlags {
+    /// [egress.allow_private_networks = true] dev mode: loopback and private ranges may be
+    /// dialled. Cloud metadata and link-local stay denied.
     #[arg(long)]
     allow_private_networks: bool,
-    /// Allow only destinations matching one of these (repeatable): a host pattern
-    /// ("*.example.com", "api.example.com:443") or a CIDR ("203.0.113.0/24"). A CIDR also
-    /// opens built-in denied ranges it covers.
+    /// [egress.allow] only destinations matching a rule are dialled: host pattern
+    /// ("*.example.com", "api.example.com:443") or CIDR ("203.0.113.0/24"); repeatable.
     #[arg(long = "egress-allow", value_name = "RULE")]
     allow: Vec<EgressRule>,
-    /// Never dial destinations matching one of these (repeatable): host pattern or CIDR.
+    /// [egress.deny] never dial destinations matching a rule; repeatable.
     #[arg(long = "egress-deny", value_name = "RULE")]
     deny: Vec<EgressRule>,
-    /// Only these ports may be dialled, e.g. "443,8443" (default: any).
+    /// [egress.allowed_ports] ports that may be dialled, e.g. "443,8443".
     #[arg(long, value_name = "PORTS", value_delimiter = ',')]
     allowed_ports: Vec<u16>,
-    /// Use these addresses for HOST instead of DNS, "HOST=IP[,IP...]" (repeatable); the
-    /// egress policy still checks them.
+    /// [client.resolve] addresses for HOST instead of DNS, "HOST=IP[,IP...]"; repeatable.
     #[arg(long = "resolve", value_name = "HOST=IPS", value_parser = parse_resolve)]
     resolve: Vec<(String, Vec<IpAddr>)>,
 }
 
-impl EgressArgs {
-    fn apply(self, client: &mut ClientSettings) {
-        client.egress = EgressSettings {
-            allow_private_networks: self.allow_private_networks,
-            allow: self.allow,
-            deny: self.deny,
-            allowed_ports: self.allowed_ports,
-        };
-        client.resolve = self.resolve;
-    }
+/// Where `{{secret:NAME}}` references in actions are read from.
+#[derive(clap::Args, Default)]
+struct SecretFlags {
+    /// [secrets.dir] one file per secret (e.g. a mounted Kubernetes Secret); read at each use.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// [secrets.env_prefix] read secret NAME from the environment variable PREFIX+NAME.
+    #[arg(long, value_name = "PREFIX")]
+    secrets_env_prefix: Option<String>,
 }
 
 fn parse_resolve(raw: &str) -> Result<(String, Vec<IpAddr>), String> {
@@ -171,20 +205,83 @@ fn parse_resolve(raw: &str) -> Result<(String, Vec<IpAddr>), String> {
     Ok((host.trim().to_ascii_lowercase(), ips))
 }
 
-/// Where `{{secret:NAME}}` references in actions are read from.
-#[derive(clap::Args, Clone)]
-struct SecretArgs {
-    /// Directory with one file per secret (e.g. a mounted Kubernetes Secret); read at each use.
-    #[arg(long, value_name = "DIR")]
-    secrets_dir: Option<PathBuf>,
-    /// Read secret NAME from the environment variable PREFIX+NAME (when no file has it).
-    #[arg(long, value_name = "PREFIX")]
-    secrets_env_prefix: Option<String>,
+/// Flags as a config layer: each flag given becomes one key.
+struct Layer(Figment);
+
+impl Layer {
+    fn set<T: Serialize>(self, key: &str, value: Option<T>) -> Self {
+        match value {
+            Some(value) => Self(self.0.merge((key, value))),
+            None => self,
+        }
+    }
+    fn list<T: Serialize>(self, key: &str, values: Vec<T>) -> Self {
+        let value = (!values.is_empty()).then_some(values);
+        self.set(key, value)
+    }
+    fn flag(self, key: &str, given: bool, value: bool) -> Self {
+        self.set(key, given.then_some(value))
+    }
+    fn duration(self, key: &str, value: Option<Duration>) -> Self {
+        self.set(key, value.map(|d| humantime::format_duration(d).to_string()))
+    }
 }
 
-impl SecretArgs {
-    fn settings(self) -> SecretSettings {
-        SecretSettings { dir: self.secrets_dir, env_prefix: self.secrets_env_prefix }
+impl EgressFlags {
+    fn layer(self, layer: Layer) -> Layer {
+        let resolve: Option<std::collections::BTreeMap<String, Vec<IpAddr>>> =
+            (!self.resolve.is_empty()).then(|| self.resolve.into_iter().collect());
+        layer
+            .flag("egress.allow_private_networks", self.allow_private_networks, true)
+            .list("egress.allow", self.allow)
+            .list("egress.deny", self.deny)
+            .list("egress.allowed_ports", self.allowed_ports)
+            .set("client.resolve", resolve)
+    }
+}
+
+impl SecretFlags {
+    fn layer(self, layer: Layer) -> Layer {
+        layer.set("secrets.dir", self.secrets_dir).set("secrets.env_prefix", self.secrets_env_prefix)
+    }
+}
+
+impl ServeArgs {
+    /// The effective configuration: defaults < file < environment < these flags.
+    fn config(self) -> Result<Config, String> {
+        let f = self.flags;
+        let layer = Layer(Config::layers(self.config.as_deref()))
+            .set("server.listen", f.listen)
+            .set("server.unix_socket_mode", f.unix_socket_mode)
+            .set("server.auth_token_file", f.auth_token_file)
+            .set("server.tls_cert", f.tls_cert)
+            .set("server.tls_key", f.tls_key)
+            .set("server.tls_client_ca", f.tls_client_ca)
+            .duration("server.drain_timeout", f.drain_timeout)
+            .duration("server.default_total_timeout", f.default_total_timeout)
+            .set("server.stream_max_response_bytes", f.stream_max_response_bytes)
+            .list("server.sensitive_headers", f.sensitive_headers)
+            .set("log.format", f.log_format)
+            .set("log.level", f.log_level)
+            .set("metrics.listen", f.metrics_listen)
+            .flag("metrics.enabled", f.no_metrics, false)
+            .duration("client.pool_idle_timeout", f.pool_idle_timeout)
+            .set("client.pool_max_idle_per_host", f.pool_max_idle_per_host)
+            .flag("client.http2", f.no_http2, false)
+            .duration("client.tcp_keepalive", f.tcp_keepalive)
+            .duration("client.http2_keep_alive_interval", f.http2_keep_alive_interval)
+            .set("client.ca_file", f.ca_file)
+            .set("client.proxy", f.proxy)
+            .set("limits.max_in_flight", f.max_in_flight)
+            .set("limits.max_queued", f.max_queued)
+            .set("limits.max_in_flight_per_host", f.max_in_flight_per_host)
+            .set("limits.global_rate_limit", f.global_rate_limit)
+            .list("limits.rate_limits", f.rate_limits)
+            .duration("limits.max_host_cool_down", f.max_host_cool_down)
+            .set("limits.breaker_failures", f.breaker_failures)
+            .duration("limits.breaker_cool_down", f.breaker_cool_down);
+        let layer = self.secrets.layer(self.egress.layer(layer));
+        Config::extract(&layer.0).map_err(|e| e.to_string())
     }
 }
 
@@ -248,18 +345,26 @@ struct ExecArgs {
     /// Body cap in bytes.
     #[arg(long)]
     max_response_bytes: Option<u64>,
+    /// TOML config file; its egress, secrets and client settings apply.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    secrets: SecretArgs,
+    secrets: SecretFlags,
     #[command(flatten)]
-    egress: EgressArgs,
+    egress: EgressFlags,
     /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
 }
 
-fn init_logs(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+fn init_logs(log: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        // One JSON object per line, the event's fields at the top level, for log pipelines.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Pretty => logs.init(),
+    }
 }
 
 #[tokio::main]
@@ -267,92 +372,29 @@ async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args).await,
         Command::Exec(args) => exec(*args).await,
+        Command::Config(ConfigCommand::Print(args)) => match args.config() {
+            Ok(config) => {
+                print!("{}", config.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("callout: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    init_logs("info");
-    let mut settings = ExecSettings {
-        default_total_timeout: args.default_total_timeout,
-        stream_max_response_bytes: args.stream_max_response_bytes,
-        ..ExecSettings::default()
-    };
-    settings.client.pool_idle_timeout = args.pool_idle_timeout;
-    settings.client.pool_max_idle_per_host = args.pool_max_idle_per_host;
-    settings.client.http2 = !args.no_http2;
-    settings.client.tcp_keepalive = (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive);
-    settings.client.http2_keep_alive_interval = args.http2_keep_alive_interval;
-    settings.secrets = args.secrets.clone().settings();
-    args.egress.clone().apply(&mut settings.client);
-    settings.limits = LimitSettings {
-        concurrency: ConcurrencySettings {
-            max_in_flight: args.max_in_flight,
-            max_queued: args.max_queued,
-            max_in_flight_per_host: args.max_in_flight_per_host,
-        },
-        rate: RateLimitSettings {
-            global: args.global_rate_limit,
-            per_host: args.rate_limits.clone(),
-            max_cool_down: args.max_host_cool_down,
-        },
-        breaker: BreakerSettings {
-            failure_threshold: args.breaker_failures,
-            cool_down: args.breaker_cool_down,
-        },
-    };
-    if let Some(path) = &args.ca_file {
-        match std::fs::read_to_string(path) {
-            Ok(pem) => settings.client.extra_ca_pem = Some(pem),
-            Err(e) => {
-                tracing::error!("cannot read --ca-file {}: {e}", path.display());
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    settings.client.proxies = match server_proxies(args.proxy.as_deref()) {
-        Ok(proxies) => proxies,
+    let config = match args.config() {
+        Ok(config) => config,
         Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
+            eprintln!("callout: {e}");
+            return ExitCode::from(2);
         }
     };
-    let executor = match Executor::new(settings) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let options = match server_options(&args) {
-        Ok(options) => options,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let bound = match &args.listen {
-        ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
-        ListenAddr::Unix(path) => Listener::bind_unix(path.clone(), args.unix_socket_mode),
-    };
-    let listener = match bound {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on {}: {e}", args.listen);
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = match &listener {
-        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        Listener::Unix { path, .. } => format!("unix:{}", path.display()),
-    };
-    tracing::info!(
-        listen = %local,
-        tls = options.tls.is_some(),
-        mutual_tls = options.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
-        bearer_token = options.auth_token.is_some(),
-        "callout serving"
-    );
-    match callout::server::serve_with(listener, executor, options, shutdown_signal()).await {
+    init_logs(&config.log);
+    match run_server(config).await {
         Ok(()) => {
             tracing::info!("callout stopped");
             ExitCode::SUCCESS
@@ -364,79 +406,44 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// A listen address: TCP or a Unix domain socket path.
-#[derive(Clone)]
-enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(raw: &str) -> Result<Self, String> {
-        match raw.strip_prefix("unix:") {
-            Some("") => Err("unix: needs a socket path, e.g. unix:/run/callout/callout.sock".into()),
-            Some(path) => Ok(Self::Unix(PathBuf::from(path))),
-            None => {
-                raw.parse().map(Self::Tcp).map_err(|e| format!("{raw:?} is not HOST:PORT or unix:PATH: {e}"))
-            }
+/// Builds everything the configuration names, binds the listeners, serves until SIGTERM or
+/// SIGINT and a drain.
+async fn run_server(config: Config) -> Result<(), String> {
+    let settings = config.exec_settings().map_err(|e| e.to_string())?;
+    let options = config.server_options().map_err(|e| e.to_string())?;
+    let executor = Executor::new(settings).map_err(|e| e.to_string())?;
+    let listener = match &config.server.listen {
+        ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
+        ListenAddr::Unix(path) => {
+            let mode = config.unix_socket_mode().map_err(|e| e.to_string())?;
+            Listener::bind_unix(path.clone(), mode)
         }
     }
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Tcp(addr) => write!(f, "{addr}"),
-            Self::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-fn parse_mode(raw: &str) -> Result<u32, String> {
-    u32::from_str_radix(raw.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| format!("{raw:?} is not an octal file mode such as 600"))
-}
-
-/// Reads the listener's token and TLS files; names the flag and file of any problem.
-fn server_options(args: &ServeArgs) -> Result<ServerOptions, String> {
-    let read = |flag: &str, path: &PathBuf| {
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read --{flag} {}: {e}", path.display()))
+    .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let metrics = if config.metrics.enabled {
+        let bound = tokio::net::TcpListener::bind(config.metrics.listen)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
+        Some(callout::metrics::install(bound, &config.metrics).map_err(|e| e.to_string())?)
+    } else {
+        None
     };
-    let auth_token = match &args.auth_token_file {
-        Some(path) => {
-            let token = read("auth-token-file", path)?.trim().to_owned();
-            if token.is_empty() {
-                return Err(format!("--auth-token-file {} is empty", path.display()));
-            }
-            Some(token)
-        }
-        None => None,
+    let local = match &listener {
+        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        Listener::Unix { path, .. } => format!("unix:{}", path.display()),
     };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(ServerTls {
-            cert_pem: read("tls-cert", cert)?,
-            key_pem: read("tls-key", key)?,
-            client_ca_pem: args.tls_client_ca.as_ref().map(|ca| read("tls-client-ca", ca)).transpose()?,
-        }),
-        _ => None,
-    };
-    Ok(ServerOptions { auth_token, tls })
-}
-
-/// The server's proxies: the environment's, read once here, with `--proxy` (when given)
-/// replacing HTTP(S)_PROXY. Errors name the flag or variable, never the URL (it may hold a
-/// password).
-fn server_proxies(flag: Option<&str>) -> Result<Proxies, String> {
-    let mut proxies = Proxies::from_env()?;
-    if let Some(raw) = flag {
-        let proxy = ProxyUrl::parse(raw).map_err(|e| format!("--proxy {e}"))?;
-        proxies.http = Some(proxy.clone());
-        proxies.https = Some(proxy);
-    }
-    Ok(proxies)
+    tracing::info!(
+        listen = %local,
+        metrics = %metrics.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        tls = options.tls.is_some(),
+        mutual_tls = options.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+        bearer_token = options.auth_token.is_some(),
+        private_networks = config.egress.allow_private_networks,
+        "callout serving"
+    );
+    callout::server::serve_with(listener, executor, options, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// SIGINT or SIGTERM.
@@ -444,7 +451,6 @@ async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -453,10 +459,8 @@ async fn shutdown_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+    tracing::info!("shutdown signal received");
 }
 
 fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), String> {
@@ -507,30 +511,30 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
     })
 }
 
-async fn exec(args: ExecArgs) -> ExitCode {
-    init_logs("warn");
-    let mut settings = ExecSettings { secrets: args.secrets.clone().settings(), ..ExecSettings::default() };
-    args.egress.clone().apply(&mut settings.client);
-    settings.client.proxies = match Proxies::from_env() {
-        Ok(proxies) => proxies,
-        Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::from(2);
-        }
+async fn exec(mut args: ExecArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("callout: {e}");
+        ExitCode::from(2)
     };
-    let executor = match Executor::new(settings) {
+    let layer = Layer(Config::layers(args.config.as_deref()));
+    let layer = std::mem::take(&mut args.secrets).layer(std::mem::take(&mut args.egress).layer(layer));
+    let config = match Config::extract(&layer.0) {
+        Ok(config) => config,
+        Err(e) => return fail(e.to_string()),
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let executor = match config
+        .exec_settings()
+        .map_err(|e| e.to_string())
+        .and_then(|s| Executor::new(s).map_err(|e| e.to_string()))
+    {
         Ok(e) => e,
-        Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(e),
     };
     let action = match exec_input(args).and_then(|input| executor.action(input).map_err(|e| e.to_string())) {
         Ok(action) => action,
-        Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(e),
     };
     let outcome = executor.execute(&action, None).await;
     let json = callout::report::outcome_json(&outcome);

@@ -6,7 +6,15 @@ use crate::{
     exec::Executor,
     pb::{self, http_action_service_server::HttpActionServiceServer},
 };
-use std::{future::Future, path::PathBuf};
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -39,13 +47,25 @@ pub struct ServerTls {
     pub client_ca_pem: Option<String>,
 }
 
-/// How the listener is protected. Default: no token, no TLS.
-#[derive(Debug, Clone, Default)]
+/// How the listener is protected and how it stops.
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Bearer token required on action calls (health and reflection stay open).
+    /// Bearer token required on action calls (health and reflection stay open). Default none.
     pub auth_token: Option<String>,
+    /// Default none.
     pub tls: Option<ServerTls>,
+    /// After the shutdown signal, how long in-flight actions may finish. Default 25 s.
+    pub drain_timeout: Duration,
 }
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { auth_token: None, tls: None, drain_timeout: Duration::from_secs(25) }
+    }
+}
+
+/// After a drain, how long the server waits for connections to close before it stops anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl Listener {
     /// Binds a Unix domain socket at `path` with file mode `mode` (e.g. 0o600). A stale socket
@@ -76,7 +96,9 @@ pub async fn serve(
     serve_with(Listener::Tcp(listener), executor, ServerOptions::default(), shutdown).await
 }
 
-/// Serves on `listener` with `options` until `shutdown` resolves.
+/// Serves on `listener` with `options` until `shutdown` resolves, then drains: health turns
+/// NOT_SERVING, new action calls get UNAVAILABLE, and in-flight actions run until they end or
+/// `drain_timeout` passes.
 pub async fn serve_with(
     listener: Listener,
     executor: Executor,
@@ -94,7 +116,30 @@ pub async fn serve_with(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let auth = BearerAuth::new(options.auth_token.as_deref());
-    let actions = HttpActionServiceServer::with_interceptor(HttpActionService::new(executor), auth);
+    let draining = Arc::new(AtomicBool::new(false));
+    let service = HttpActionService::new(executor.clone(), draining.clone());
+    let actions = HttpActionServiceServer::with_interceptor(service, auth);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_timeout = options.drain_timeout;
+    let drain = async move {
+        shutdown.await;
+        draining.store(true, Ordering::SeqCst);
+        health.set_not_serving::<HttpActionServiceServer<HttpActionService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let admitted = executor.limits().admitted();
+        tracing::info!(in_flight = admitted, drain_timeout = ?drain_timeout, "draining: health is NOT_SERVING, new actions are refused");
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while executor.limits().admitted() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match executor.limits().admitted() {
+            0 => tracing::info!("drained: every action finished"),
+            left => {
+                tracing::warn!(cut_off = left, "drain timeout passed; stopping with actions still running")
+            }
+        }
+        let _ = drained_tx.send(());
+    };
 
     let mut server = tonic::transport::Server::builder()
         // Many small calls from one engine: keep latency low.
@@ -111,16 +156,23 @@ pub async fn serve_with(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(actions);
-    match listener {
+    // Connections left open after the drain (a stream cut off, a client that keeps its
+    // connection) get a short grace, then the server stops regardless.
+    let stop_anyway = async move {
+        let _ = drained_rx.await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    let served = match listener {
         Listener::Tcp(listener) => {
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
+            let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+            tokio::select! { served = serve => served, _ = stop_anyway => Ok(()) }
         }
         Listener::Unix { listener, path } => {
-            let served =
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown).await;
+            let serve = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), drain);
+            let served = tokio::select! { served = serve => served, _ = stop_anyway => Ok(()) };
             let _ = std::fs::remove_file(&path);
-            served?;
+            served
         }
-    }
-    Ok(())
+    };
+    Ok(served?)
 }

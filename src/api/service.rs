@@ -4,12 +4,20 @@
 use super::{convert, status::invalid_argument};
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead},
-    client::concurrency::Overloaded,
+    client::concurrency::{Admission, Overloaded},
     exec::{Buffered, Executor, Gone, Observer},
     pb::{self, action_event::Event},
 };
 use bytes::Bytes;
-use std::{net::SocketAddr, pin::Pin, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{metadata::MetadataMap, Request, Response, Status};
@@ -20,11 +28,22 @@ const STREAM_BUFFER: usize = 16;
 
 pub struct HttpActionService {
     executor: Executor,
+    /// Set when the server drains: new actions are refused with UNAVAILABLE.
+    draining: Arc<AtomicBool>,
 }
 
 impl HttpActionService {
-    pub fn new(executor: Executor) -> Self {
-        Self { executor }
+    pub fn new(executor: Executor, draining: Arc<AtomicBool>) -> Self {
+        Self { executor, draining }
+    }
+
+    /// A place for a new action: refused while draining or when the queue is full.
+    fn admit(&self) -> Result<Admission, Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            crate::metrics::refused("draining");
+            return Err(Status::unavailable("callout is shutting down; send the action to another instance"));
+        }
+        self.executor.admit().map_err(overloaded)
     }
 }
 
@@ -45,6 +64,7 @@ fn action_of(req: pb::ExecuteHttpActionRequest, executor: &Executor) -> Result<H
 /// A full queue: the caller should back off and try again.
 fn overloaded(e: Overloaded) -> Status {
     tracing::warn!(in_flight = e.in_flight, queued = e.queued, "action refused: queue full");
+    crate::metrics::refused("queue_full");
     Status::resource_exhausted(e.to_string())
 }
 
@@ -72,7 +92,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
         let budget = grpc_deadline(request.metadata());
         let action = action_of(request.into_inner(), &self.executor)?;
-        let admission = self.executor.admit().map_err(overloaded)?;
+        let admission = self.admit()?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         Ok(Response::new(convert::outcome(outcome)))
     }
@@ -85,7 +105,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let budget = grpc_deadline(request.metadata());
         let action = action_of(request.into_inner(), &self.executor)?;
-        let admission = self.executor.admit().map_err(overloaded)?;
+        let admission = self.admit()?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {

@@ -79,6 +79,7 @@ impl Limits {
             .map_err(|e| ActionError::new(ErrorKind::RateLimited, e.0))?;
         if !waited.is_zero() {
             tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
+            crate::metrics::rate_limit_waited(&to.key, waited);
         }
         self.concurrency
             .host_slot(&to.key, deadline)
@@ -103,6 +104,11 @@ impl Limits {
     /// Actions waiting for a running slot.
     pub fn queued(&self) -> usize {
         self.concurrency.queued()
+    }
+
+    /// Actions admitted and not yet finished (running or queued).
+    pub fn admitted(&self) -> usize {
+        self.concurrency.admitted()
     }
 }
 

@@ -114,6 +114,7 @@ impl CircuitBreakers {
         if health == Health::Healthy {
             if let Some(State::HalfOpen { .. } | State::Open { .. }) = hosts.remove(key) {
                 tracing::info!(destination = %key, "circuit closed: the probe succeeded");
+                crate::metrics::circuit(key, false);
             }
             return;
         }
@@ -127,6 +128,7 @@ impl CircuitBreakers {
             State::Closed { failures } if failures + 1 >= self.settings.failure_threshold => {
                 *state = open;
                 tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
+                crate::metrics::circuit(key, true);
             }
             State::Closed { failures } => *state = State::Closed { failures: failures + 1 },
             State::HalfOpen { .. } => {

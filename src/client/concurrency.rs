@@ -122,9 +122,13 @@ impl Concurrency {
 
     /// Actions admitted and waiting for a running slot.
     pub fn queued(&self) -> usize {
+        self.admitted().saturating_sub(self.in_flight())
+    }
+
+    /// Actions admitted and not finished: running or queued.
+    pub fn admitted(&self) -> usize {
         let total = self.settings.max_in_flight.max(1).saturating_add(self.settings.max_queued);
-        let admitted = total.saturating_sub(self.places.available_permits());
-        admitted.saturating_sub(self.in_flight())
+        total.min(Semaphore::MAX_PERMITS).saturating_sub(self.places.available_permits())
     }
 }
 

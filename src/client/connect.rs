@@ -92,6 +92,8 @@ pub struct TimedTcp {
     meta: Arc<ConnMeta>,
     /// Plain HTTP to a forwarding proxy: requests go out in absolute form.
     forward_proxy: bool,
+    /// Counts the connection as open until it is dropped.
+    _open: crate::metrics::Raised,
 }
 
 impl Connection for TimedTcp {
@@ -280,8 +282,12 @@ impl TimedConnector {
             remote,
             claimed: AtomicBool::new(false),
         });
-        let timed =
-            TimedTcp { io: TokioIo::new(tcp), meta: meta.clone(), forward_proxy: proxy.is_some() && !https };
+        let timed = TimedTcp {
+            io: TokioIo::new(tcp),
+            meta: meta.clone(),
+            forward_proxy: proxy.is_some() && !https,
+            _open: crate::metrics::connection_opened(),
+        };
         if !https {
             return Ok(MaybeHttpsStream::Http(timed));
         }

@@ -47,7 +47,8 @@ async fn health_of(channel: Channel) -> ServingStatus {
 #[tokio::test]
 async fn action_calls_need_the_bearer_token_and_health_stays_open() {
     let upstream = Upstream::fixed(200, "ok").await;
-    let (addr, _server) = tcp_server(ServerOptions { auth_token: Some(TOKEN.into()), tls: None }).await;
+    let (addr, _server) =
+        tcp_server(ServerOptions { auth_token: Some(TOKEN.into()), ..ServerOptions::default() }).await;
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut client = HttpActionServiceClient::new(channel.clone());
 
@@ -159,7 +160,8 @@ async fn tls_and_mutual_tls_on_the_grpc_listener() {
     let upstream = Upstream::fixed(200, "ok").await;
     let tls =
         ServerTls { cert_pem: pki.server.0.clone(), key_pem: pki.server.1.clone(), client_ca_pem: None };
-    let (addr, _server) = tcp_server(ServerOptions { auth_token: None, tls: Some(tls.clone()) }).await;
+    let (addr, _server) =
+        tcp_server(ServerOptions { tls: Some(tls.clone()), ..ServerOptions::default() }).await;
     let channel = tls_channel(&addr, &pki, false).await.unwrap();
     let resp =
         HttpActionServiceClient::new(channel).execute(request("GET", &upstream.url("/"))).await.unwrap();
@@ -172,7 +174,7 @@ async fn tls_and_mutual_tls_on_the_grpc_listener() {
 
     // Mutual TLS: a client without a certificate is turned away at the handshake.
     let mutual = ServerTls { client_ca_pem: Some(pki.ca.clone()), ..tls };
-    let (addr, _server) = tcp_server(ServerOptions { auth_token: None, tls: Some(mutual) }).await;
+    let (addr, _server) = tcp_server(ServerOptions { tls: Some(mutual), ..ServerOptions::default() }).await;
     let anonymous = match tls_channel(&addr, &pki, false).await {
         Ok(channel) => {
             HttpActionServiceClient::new(channel).execute(request("GET", &upstream.url("/"))).await.err()
@@ -198,7 +200,7 @@ async fn serve_flags_for_a_protected_unix_socket() {
     let (socket, token_file) = (dir.join("c.sock"), dir.join("token"));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callout"))
-        .args(["serve", "--allow-private-networks"])
+        .args(["serve", "--allow-private-networks", "--no-metrics"])
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .args(["--unix-socket-mode", "660", "--auth-token-file"])

@@ -8,6 +8,7 @@ mod egress;
 mod invalid;
 mod limits;
 mod listener;
+mod operations;
 mod properties;
 mod proxy;
 mod redirects;

@@ -2,12 +2,7 @@
 //! unknown secrets refused with their field, and secret values kept out of logs and replies.
 use crate::support::*;
 use callout::{exec::ExecSettings, pb, secrets::SecretSettings};
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 const TOKEN: &str = "tok-5ecret-c0ffee";
 
@@ -114,37 +109,9 @@ async fn exec_reads_secrets_from_the_environment_and_logs_none() {
 async fn serve_logs_no_secret_values() {
     let dir = secrets_dir("serve-logs", &[("api-token", TOKEN)]);
     let upstream = Upstream::fixed(503, "down").await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_callout"))
-        .args(["serve", "--allow-private-networks", "--listen", "127.0.0.1:0", "--secrets-dir"])
-        .arg(&dir)
-        .env("RUST_LOG", "trace")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("listen=") {
-                let addr: String = line[at + 7..].chars().take_while(|c| !c.is_whitespace()).collect();
-                let _ = addr_tx.send(addr);
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .expect("callout serve printed its address");
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut client = pb::http_action_service_client::HttpActionServiceClient::new(channel);
+    let serve =
+        ServeProcess::spawn(&["--secrets-dir", dir.to_str().unwrap()], &[("RUST_LOG", "trace")]).await;
+    let mut client = pb::http_action_service_client::HttpActionServiceClient::new(serve.channel().await);
     let mut req = request("POST", &upstream.url("/x"));
     req.headers =
         vec![kv("X-Api-Key", "{{secret:api-token}}"), kv("Authorization", &format!("Bearer {TOKEN}"))];
@@ -153,9 +120,8 @@ async fn serve_logs_no_secret_values() {
     assert_eq!(resp.attempts.len(), 2, "503 retried: more to log");
     assert_eq!(upstream.seen()[0].header("x-api-key").as_deref(), Some(TOKEN));
 
-    let _ = child.kill();
-    let _ = child.wait();
-    let logs = reader.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let logs = serve.logs();
     assert!(logs.contains("action finished"), "logs were captured:\n{logs}");
     assert!(!logs.contains(TOKEN), "secret in the logs:\n{logs}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -389,3 +389,103 @@ pub async fn tls_upstream_with(
     });
     (addr, task, accepted)
 }
+
+/// The real `callout serve` binary with gRPC and metrics on loopback port 0 and loopback
+/// upstreams allowed; its stderr (the logs) collected. Killed when dropped.
+pub struct ServeProcess {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT` of the gRPC listener.
+    pub grpc: String,
+    /// `127.0.0.1:PORT` of `/metrics`, when metrics are on.
+    pub metrics: Option<String>,
+    logs: Arc<Mutex<String>>,
+}
+
+impl ServeProcess {
+    /// Starts `callout serve` with `args` after the loopback defaults, and `env`.
+    pub async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callout"));
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--allow-private-networks",
+            ])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("callout serve starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let logs: Arc<Mutex<String>> = Arc::default();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let collected = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("callout serving") {
+                    let _ = started_tx.send(line.clone());
+                }
+                let mut logs = collected.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let line =
+            tokio::task::spawn_blocking(move || started_rx.recv_timeout(std::time::Duration::from_secs(30)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| panic!("callout serve did not start:\n{}", logs.lock().unwrap()));
+        let field = |name: &str| {
+            let at = line.find(&format!("{name}="))? + name.len() + 1;
+            Some(line[at..].chars().take_while(|c| !c.is_whitespace()).collect::<String>())
+        };
+        let grpc = field("listen").expect("listen address logged");
+        let metrics = field("metrics").filter(|m| m != "off");
+        Self { child, grpc, metrics, logs }
+    }
+
+    /// A client channel to the gRPC listener.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc)).unwrap().connect().await.unwrap()
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        let status =
+            std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -TERM");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn exit_status(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

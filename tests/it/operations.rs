@@ -1,0 +1,187 @@
+//! Operations, against the real `callout serve` binary: Prometheus metrics after real actions,
+//! the SIGTERM drain (health NOT_SERVING, new calls UNAVAILABLE, in-flight actions finish,
+//! exit 0), and configuration layering (file < environment < flags) with bad keys named.
+use crate::support::*;
+use callout::pb::{self, http_action_service_client::HttpActionServiceClient};
+use std::{
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+/// GET `path` from `addr` over plain HTTP/1.1; the body.
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .find(|line| labels.iter().all(|l| line.contains(l)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_real_actions_by_outcome_status_class_and_host() {
+    let ok = Upstream::fixed(200, "ok").await;
+    let down = Upstream::fixed(503, "down").await;
+    let serve = ServeProcess::spawn(&[], &[]).await;
+    let mut client = HttpActionServiceClient::new(serve.channel().await);
+    for _ in 0..2 {
+        client.execute(request("GET", &ok.url("/"))).await.unwrap();
+    }
+    let mut failing = request("GET", &down.url("/"));
+    failing.retry = Some(fast_retry(2));
+    client.execute(failing).await.unwrap();
+
+    let text = http_get(serve.metrics.as_deref().expect("metrics on"), "/metrics").await;
+    let ok_host = format!("host=\"{}\"", ok.addr);
+    let down_host = format!("host=\"{}\"", down.addr);
+    let get = |name: &str, labels: &[&str]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} in\n{text}"))
+    };
+    assert_eq!(
+        get("callout_actions_total", &["outcome=\"succeeded\"", "error_kind=\"none\"", &ok_host]),
+        2.0
+    );
+    assert_eq!(
+        get("callout_actions_total", &["outcome=\"failed\"", "error_kind=\"UNEXPECTED_STATUS\"", &down_host]),
+        1.0
+    );
+    assert_eq!(get("callout_upstream_responses_total", &["class=\"2xx\"", &ok_host]), 2.0);
+    assert_eq!(get("callout_upstream_responses_total", &["class=\"5xx\"", &down_host]), 2.0);
+    assert_eq!(get("callout_attempts_total", &[&down_host]), 2.0);
+    assert_eq!(get("callout_retries_total", &[&down_host]), 1.0);
+    assert_eq!(get("callout_action_duration_seconds_count", &[&ok_host]), 2.0);
+    assert_eq!(get("callout_first_byte_seconds_count", &[&down_host]), 2.0);
+    assert_eq!(get("callout_actions_in_flight", &[]), 0.0);
+    assert_eq!(get("callout_upstream_connections_opened_total", &[]), 2.0, "one per upstream: pooled");
+    assert!(text.contains("# HELP callout_actions_total"), "described");
+    assert!(!text.contains("/x") && !text.contains("http://"), "no URLs in labels");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_actions_refuses_new_ones_and_exits_0() {
+    let slow = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        text(200, "slow but fine")
+    })
+    .await;
+    let mut serve = ServeProcess::spawn(&["--drain-timeout", "10s"], &[]).await;
+    let channel = serve.channel().await;
+    let in_flight = {
+        let mut client = HttpActionServiceClient::new(channel.clone());
+        let req = request("GET", &slow.url("/"));
+        tokio::spawn(async move { client.execute(req).await })
+    };
+    while slow.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    serve.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let refused =
+        HttpActionServiceClient::new(channel.clone()).execute(request("GET", &slow.url("/new"))).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unavailable);
+    let health =
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(health.into_inner().status(), ServingStatus::NotServing, "readiness reflects the drain");
+
+    let finished = in_flight.await.unwrap().expect("the in-flight action finishes").into_inner();
+    assert_eq!(finished.outcome(), pb::Outcome::Succeeded);
+    let status = serve.exit_status(Duration::from_secs(10)).await.expect("exits after the drain");
+    assert!(status.success(), "{status:?}\n{}", serve.logs());
+    assert_eq!(slow.hits(), 1, "the refused call sent nothing");
+    assert!(serve.logs().contains("drained"), "{}", serve.logs());
+}
+
+#[tokio::test]
+async fn the_drain_timeout_bounds_shutdown() {
+    let stuck = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        text(200, "too late")
+    })
+    .await;
+    let mut serve = ServeProcess::spawn(&["--drain-timeout", "300ms"], &[]).await;
+    let mut client = HttpActionServiceClient::new(serve.channel().await);
+    let _call = tokio::spawn(async move { client.execute(request("GET", &stuck.url("/"))).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    serve.terminate();
+    let status = serve.exit_status(Duration::from_secs(8)).await.expect("exits despite the stuck action");
+    assert!(status.success());
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(serve.logs().contains("drain timeout passed"), "{}", serve.logs());
+}
+
+fn callout(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_callout"));
+    command.args(args).env_remove("RUST_LOG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+fn config_file(test: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("callout-{test}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn config_layers_file_then_environment_then_flags() {
+    let path = config_file(
+        "layers",
+        "[limits]\nmax_in_flight = 10\nmax_queued = 20\nbreaker_failures = 3\n[client]\nproxy = \"http://u:s3cret@proxy.test:3128\"\n",
+    );
+    let out = callout(
+        &["config", "print", "--config", path.to_str().unwrap(), "--breaker-failures", "5"],
+        &[
+            ("CALLOUT_LIMITS__MAX_QUEUED", "30"),
+            ("CALLOUT_LIMITS__BREAKER_FAILURES", "4"),
+            // A secrets prefix of the same family is not mistaken for a config key.
+            ("CALLOUT_SECRET_TOKEN", "x"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: toml::Value = toml::from_str(&stdout).unwrap();
+    let limits = &printed["limits"];
+    assert_eq!(limits["max_in_flight"].as_integer(), Some(10), "from the file");
+    assert_eq!(limits["max_queued"].as_integer(), Some(30), "the environment overrides the file");
+    assert_eq!(limits["breaker_failures"].as_integer(), Some(5), "a flag overrides both");
+    assert_eq!(limits["max_in_flight_per_host"].as_integer(), Some(64), "defaults fill the rest");
+    assert!(!stdout.contains("s3cret") && stdout.contains("<redacted>@proxy.test"), "{stdout}");
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn bad_configuration_fails_at_start_naming_the_key() {
+    let path = config_file("bad-key", "[limits]\nmax_in_flihgt = 10\n");
+    let out = callout(&["serve", "--config", path.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("max_in_flihgt"), "{stderr}");
+    std::fs::remove_file(path).unwrap();
+
+    let out = callout(&["serve"], &[("CALLOUT_LIMITS__MAX_IN_FLIGHT", "many")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("limits.max_in_flight") && stderr.contains("environment"), "{stderr}");
+
+    let out = callout(&["serve", "--config", "/nonexistent/callout.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/callout.toml"));
+}
