@@ -5,7 +5,7 @@ use crate::{
     action::{
         parse_retry_after, ActionError, ActionInput, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind,
         HttpAction, InvalidAction, OnFailure, Outcome, ResponseData, ResponseHead, RetryDecision,
-        DEFAULT_MAX_RESPONSE_BYTES,
+        TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         admission::{Destination, LimitSettings, Limits},
@@ -27,6 +27,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
+use tracing::Instrument as _;
 
 /// Settings of the executor.
 #[derive(Debug, Clone)]
@@ -212,7 +213,26 @@ impl Executor {
     }
 
     /// Runs an admitted `action`: waits for a running slot, then tries it by its retry policy.
+    /// Everything it logs sits in an `action` span (with the caller's trace id, when it sent
+    /// one), each attempt in an `attempt` span inside it.
     pub async fn run_admitted<O: Observer>(
+        &self,
+        admission: Admission,
+        action: &HttpAction,
+        budget: Option<Duration>,
+        observer: &mut O,
+    ) -> Outcome {
+        let span = tracing::info_span!(
+            "action",
+            action_id = %action.id,
+            method = %action.method,
+            destination = %action.destination(),
+            trace_id = action.trace.as_ref().map(|t| t.trace_id.as_str()),
+        );
+        self.run_in_span(admission, action, budget, observer).instrument(span).await
+    }
+
+    async fn run_in_span<O: Observer>(
         &self,
         _admission: Admission,
         action: &HttpAction,
@@ -254,7 +274,10 @@ impl Executor {
                 error = Some(cancelled());
                 break;
             }
-            let mut result = self.attempt(action, number, deadline, total, observer).await;
+            let mut result = self
+                .attempt(action, number, deadline, total, observer)
+                .instrument(tracing::info_span!("attempt", number))
+                .await;
             self.limits.report(&destination, health_of(&result), too_many_requests_wait(&result));
             drop(slot);
             if let Some(response) = result.response.take() {
@@ -457,7 +480,11 @@ impl Executor {
         let mut visited = vec![hop.url.clone()];
         let client = self.clients.for_action(action)?;
         loop {
-            let response = client.send(build_request(&hop)?, action.timeouts.connect).await?;
+            let mut request = build_request(&hop)?;
+            if let Some(trace) = &action.trace {
+                continue_trace(request.headers_mut(), trace);
+            }
+            let response = client.send(request, action.timeouts.connect).await?;
             if !action.redirects.follow {
                 return Ok(response);
             }
@@ -555,6 +582,20 @@ fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
 fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
     let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
     parse_retry_after(value, SystemTime::now())
+}
+
+/// Continues the caller's trace on an outbound request, unless the action set its own
+/// `traceparent` header: each request is a new span of the caller's trace.
+fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
+    if headers.contains_key("traceparent") {
+        return;
+    }
+    if let Ok(parent) = HeaderValue::from_str(&trace.child_traceparent()) {
+        headers.insert("traceparent", parent);
+    }
+    if let Some(state) = trace.state.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+        headers.entry("tracestate").or_insert(state);
+    }
 }
 
 /// The hyper request for one hop: the action's headers plus a default User-Agent.

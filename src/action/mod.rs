@@ -4,6 +4,7 @@ mod outcome;
 mod retry;
 pub mod secret_ref;
 mod status;
+mod trace;
 mod transport;
 mod validate;
 
@@ -12,6 +13,7 @@ pub use outcome::{
 };
 pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
+pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyUrl, TlsOptions};
 pub use validate::{FieldViolation, InvalidAction};
 
@@ -131,6 +133,8 @@ pub struct HttpAction {
     pub proxy: Option<ProxyUrl>,
     /// `None`: the caller did not set one (the executor applies its default for the call kind).
     pub max_response_bytes: Option<u64>,
+    /// The caller's trace, continued by every outbound attempt. Set at the gRPC edge.
+    pub trace: Option<TraceContext>,
 }
 
 /// Validated timeouts. `total` is `None` when the caller left it to the server and deadline.

@@ -119,6 +119,7 @@ pub(super) fn validate(
             tls,
             proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
+            trace: None,
         }),
         _ => Err(bad),
     }

@@ -3,7 +3,7 @@
 //! goes away is noticed and the action stops.
 use super::{convert, status::invalid_argument};
 use crate::{
-    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead},
+    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
     client::concurrency::{Admission, Overloaded},
     exec::{Buffered, Executor, Gone, Observer},
     pb::{self, action_event::Event},
@@ -48,11 +48,18 @@ impl HttpActionService {
 }
 
 /// Validates the request; proto-level and domain problems are reported together.
-fn action_of(req: pb::ExecuteHttpActionRequest, executor: &Executor) -> Result<HttpAction, Status> {
+fn action_of(
+    request: Request<pb::ExecuteHttpActionRequest>,
+    executor: &Executor,
+) -> Result<HttpAction, Status> {
+    let trace = trace_context(request.metadata());
     let mut bad = InvalidAction::default();
-    let input = convert::action_input(req, &mut bad);
+    let input = convert::action_input(request.into_inner(), &mut bad);
     match executor.action(input) {
-        Ok(action) if bad.is_empty() => Ok(action),
+        Ok(mut action) if bad.is_empty() => {
+            action.trace = trace;
+            Ok(action)
+        }
         Ok(_) => Err(invalid_argument(&bad)),
         Err(more) => {
             bad.violations.extend(more.violations);
@@ -66,6 +73,12 @@ fn overloaded(e: Overloaded) -> Status {
     tracing::warn!(in_flight = e.in_flight, queued = e.queued, "action refused: queue full");
     crate::metrics::refused("queue_full");
     Status::resource_exhausted(e.to_string())
+}
+
+/// The caller's W3C trace context (`traceparent`, `tracestate` metadata), when well-formed.
+fn trace_context(metadata: &MetadataMap) -> Option<TraceContext> {
+    let parent = metadata.get("traceparent")?.to_str().ok()?;
+    TraceContext::parse(parent, metadata.get("tracestate").and_then(|s| s.to_str().ok()))
 }
 
 /// The caller's deadline, from the `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
@@ -91,7 +104,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         request: Request<pb::ExecuteHttpActionRequest>,
     ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
         let budget = grpc_deadline(request.metadata());
-        let action = action_of(request.into_inner(), &self.executor)?;
+        let action = action_of(request, &self.executor)?;
         let admission = self.admit()?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         Ok(Response::new(convert::outcome(outcome)))
@@ -104,7 +117,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         request: Request<pb::ExecuteHttpActionRequest>,
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let budget = grpc_deadline(request.metadata());
-        let action = action_of(request.into_inner(), &self.executor)?;
+        let action = action_of(request, &self.executor)?;
         let admission = self.admit()?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();

@@ -185,3 +185,59 @@ fn bad_configuration_fails_at_start_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/callout.toml"));
 }
+
+#[tokio::test]
+async fn the_callers_trace_continues_to_the_upstream() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let sidecar = Sidecar::start().await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = |req: pb::ExecuteHttpActionRequest| {
+        let mut request = tonic::Request::new(req);
+        request.metadata_mut().insert("traceparent", parent.parse().unwrap());
+        request.metadata_mut().insert("tracestate", "congo=t61rcWkgMzE".parse().unwrap());
+        request
+    };
+    let mut retried = request("GET", &upstream.url("/a"));
+    retried.retry = Some(fast_retry(1));
+    sidecar.client.clone().execute(traced(retried)).await.unwrap();
+    let seen = &upstream.seen()[0];
+    let sent = seen.header("traceparent").expect("traceparent sent upstream");
+    assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{sent}");
+    assert!(sent.ends_with("-01") && !sent.contains("00f067aa0ba902b7"), "a new span id: {sent}");
+    assert_eq!(seen.header("tracestate").as_deref(), Some("congo=t61rcWkgMzE"));
+
+    // The action's own traceparent header wins; without caller context none is invented.
+    let mut own = request("GET", &upstream.url("/b"));
+    own.headers = vec![kv("traceparent", "00-11111111111111111111111111111111-2222222222222222-00")];
+    sidecar.client.clone().execute(traced(own)).await.unwrap();
+    assert_eq!(
+        upstream.seen()[1].header("traceparent").as_deref(),
+        Some("00-11111111111111111111111111111111-2222222222222222-00")
+    );
+    sidecar.execute(request("GET", &upstream.url("/c"))).await;
+    assert_eq!(upstream.seen()[2].header("traceparent"), None);
+}
+
+#[tokio::test]
+async fn json_logs_carry_one_line_per_action_with_its_span() {
+    let upstream = Upstream::fixed(201, "made").await;
+    let serve = ServeProcess::spawn(&["--log-format", "json"], &[]).await;
+    let mut client = HttpActionServiceClient::new(serve.channel().await);
+    let mut req = request("POST", &upstream.url("/orders"));
+    req.action_id = "wf-7/step-2".into();
+    client.execute(req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let logs = serve.logs();
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "action finished")
+        .unwrap_or_else(|| panic!("a JSON line per action:\n{logs}"));
+    assert_eq!(line["action_id"], "wf-7/step-2");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["status"], 201);
+    assert_eq!(line["outcome"], "SUCCEEDED");
+    assert_eq!(line["destination"], upstream.addr.to_string());
+    assert!(line["duration_ms"].is_number());
+    assert_eq!(line["span"]["name"], "action");
+}

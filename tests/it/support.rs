@@ -444,7 +444,12 @@ impl ServeProcess {
                 .await
                 .unwrap()
                 .unwrap_or_else(|_| panic!("callout serve did not start:\n{}", logs.lock().unwrap()));
+        // The start line in either log format: `name=value` (pretty) or a JSON object.
+        let json: Option<serde_json::Value> = serde_json::from_str(&line).ok();
         let field = |name: &str| {
+            if let Some(json) = &json {
+                return json[name].as_str().map(str::to_owned);
+            }
             let at = line.find(&format!("{name}="))? + name.len() + 1;
             Some(line[at..].chars().take_while(|c| !c.is_whitespace()).collect::<String>())
         };
