@@ -1,6 +1,6 @@
 //! `callout.example.toml` stays true: it loads to exactly the defaults, its commented-out
 //! optional keys are valid when switched on, and it names every key of `Config`, so a new key
-//! without documentation fails here with its name.
+//! without documentation fails here with its name. The config in deploy/configmap.yaml loads too.
 use callout::config::Config;
 use figment::{
     error::Kind,
@@ -144,4 +144,35 @@ fn the_documentation_check_notices_a_missing_key() {
         text.lines().filter(|l| !l.starts_with("breaker_cool_down")).map(|l| format!("{l}\n")).collect();
     assert!(!documented(&without, "limits", "breaker_cool_down"));
     assert!(known_fields(Some("server")).contains(&"tls_client_ca"));
+}
+
+/// The `callout.toml` block of `deploy/configmap.yaml` (a YAML literal block indented 4 spaces).
+fn deploy_config_text() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/configmap.yaml");
+    let yaml = std::fs::read_to_string(&path).expect("deploy/configmap.yaml");
+    let block: Vec<&str> = yaml
+        .lines()
+        .skip_while(|line| line.trim() != "callout.toml: |")
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| line.get(4..).unwrap_or(""))
+        .collect();
+    assert!(!block.is_empty(), "no `callout.toml: |` block in {}", path.display());
+    block.join("\n")
+}
+
+#[test]
+fn deploy_configmap_config_loads_and_keeps_private_networks_denied() {
+    let figment = Figment::from(figment::providers::Serialized::defaults(Config::default()))
+        .merge(Toml::string(&deploy_config_text()));
+    let config =
+        Config::extract(&figment).unwrap_or_else(|e| panic!("deploy/configmap.yaml's callout.toml: {e}"));
+    assert!(!config.egress.allow_private_networks);
+    assert_eq!(
+        config.server.listen.to_string(),
+        "0.0.0.0:50051",
+        "the kubelet's gRPC probes dial the pod IP"
+    );
+    assert!(config.server.auth_token_file.is_some(), "a listener beyond loopback needs the bearer token");
+    assert!(config.secrets.dir.is_some());
 }
