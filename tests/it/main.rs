@@ -3,6 +3,7 @@
 mod support;
 
 mod cli;
+mod config_example;
 mod decompression;
 mod egress;
 mod invalid;
