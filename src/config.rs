@@ -54,10 +54,10 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// `HOST:PORT`, or `unix:PATH` for a Unix domain socket. Default `127.0.0.1:50051`.
+    /// `IP:PORT`, or `unix:PATH` for a Unix domain socket. Default `127.0.0.1:50051`.
     pub listen: ListenAddr,
-    /// File mode of the Unix socket, octal. Default `600`.
-    pub unix_socket_mode: String,
+    /// File mode of the Unix socket, octal: `"600"` or `600`. Default `600`.
+    pub unix_socket_mode: FileMode,
     /// File with the bearer token action calls must send. Default none.
     pub auth_token_file: Option<PathBuf>,
     /// PEM certificate chain and key: TLS on the listener. Default none.
@@ -81,7 +81,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
-            unix_socket_mode: "600".into(),
+            unix_socket_mode: FileMode(0o600),
             auth_token_file: None,
             tls_cert: None,
             tls_key: None,
@@ -251,6 +251,50 @@ pub struct SecretsConfig {
     pub env_prefix: Option<String>,
 }
 
+/// A file mode written in octal digits, as `chmod` takes it: `600` or `"600"` or `"0o600"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl FromStr for FileMode {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, String> {
+        u32::from_str_radix(raw.trim().trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .map(Self)
+            .ok_or_else(|| format!("{raw:?} is not an octal file mode such as 600"))
+    }
+}
+
+impl fmt::Display for FileMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:o}", self.0)
+    }
+}
+
+impl Serialize for FileMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for FileMode {
+    /// A TOML integer or an environment value such as 660 is read as its octal digits.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Digits(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Digits(n) => n.to_string(),
+            Raw::Text(s) => s,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A listen address: TCP, or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -265,7 +309,7 @@ impl FromStr for ListenAddr {
             Some("") => Err("unix: needs a socket path, e.g. unix:/run/callout/callout.sock".into()),
             Some(path) => Ok(Self::Unix(PathBuf::from(path))),
             None => {
-                raw.parse().map(Self::Tcp).map_err(|e| format!("{raw:?} is not HOST:PORT or unix:PATH: {e}"))
+                raw.parse().map(Self::Tcp).map_err(|e| format!("{raw:?} is not IP:PORT or unix:PATH: {e}"))
             }
         }
     }
@@ -339,8 +383,15 @@ impl Config {
 
     /// Checks what types alone cannot.
     fn check(&self) -> Result<(), ConfigError> {
-        self.unix_socket_mode()?;
         self.sensitive_headers()?;
+        for (key, value) in [
+            ("limits.max_in_flight", self.limits.max_in_flight),
+            ("limits.max_in_flight_per_host", self.limits.max_in_flight_per_host),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{key} must be at least 1")));
+            }
+        }
         if let Some(proxy) = &self.client.proxy {
             ProxyUrl::parse(proxy).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
         }
@@ -353,13 +404,6 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(())
-    }
-
-    pub fn unix_socket_mode(&self) -> Result<u32, ConfigError> {
-        let raw = &self.server.unix_socket_mode;
-        u32::from_str_radix(raw.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| {
-            ConfigError(format!("server.unix_socket_mode {raw:?} is not an octal file mode such as 600"))
-        })
     }
 
     fn sensitive_headers(&self) -> Result<Vec<http::HeaderName>, ConfigError> {
@@ -511,6 +555,21 @@ mod tests {
             .merge(Toml::string("[limits]\nglobal_rate_limit = \"1/d\""));
         let err = Config::extract(&bad).unwrap_err().to_string();
         assert!(err.contains("global_rate_limit") && err.contains("COUNT/UNIT"), "{err}");
+    }
+
+    #[test]
+    fn file_modes_read_as_octal_digits_from_integers_and_strings() {
+        let from = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+                .map(|c| c.server.unix_socket_mode.0)
+        };
+        assert_eq!(from("[server]\nunix_socket_mode = 660").unwrap(), 0o660);
+        assert_eq!(from("[server]\nunix_socket_mode = \"0o640\"").unwrap(), 0o640);
+        assert!(from("[server]\nunix_socket_mode = 999").is_err());
+        assert!(from("[limits]\nmax_in_flight = 0")
+            .unwrap_err()
+            .to_string()
+            .contains("limits.max_in_flight"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use callout::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
     },
-    config::{Config, ListenAddr, LogConfig, LogFormat},
+    config::{Config, FileMode, ListenAddr, LogConfig, LogFormat},
     exec::Executor,
     server::Listener,
 };
@@ -72,12 +72,12 @@ struct ServeArgs {
 /// callout.example.toml). A list flag given at least once replaces the key's list.
 #[derive(clap::Args)]
 struct ServeFlags {
-    /// [server.listen] HOST:PORT, or unix:PATH for a Unix domain socket.
+    /// [server.listen] IP:PORT, or unix:PATH for a Unix domain socket.
     #[arg(long)]
     listen: Option<ListenAddr>,
     /// [server.unix_socket_mode] file mode of the Unix socket, octal (600).
     #[arg(long, value_name = "OCTAL")]
-    unix_socket_mode: Option<String>,
+    unix_socket_mode: Option<FileMode>,
     /// [server.auth_token_file] bearer token action calls must send.
     #[arg(long, value_name = "PATH")]
     auth_token_file: Option<PathBuf>,
@@ -414,10 +414,7 @@ async fn run_server(config: Config) -> Result<(), String> {
     let executor = Executor::new(settings).map_err(|e| e.to_string())?;
     let listener = match &config.server.listen {
         ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
-        ListenAddr::Unix(path) => {
-            let mode = config.unix_socket_mode().map_err(|e| e.to_string())?;
-            Listener::bind_unix(path.clone(), mode)
-        }
+        ListenAddr::Unix(path) => Listener::bind_unix(path.clone(), config.server.unix_socket_mode.0),
     }
     .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let metrics = if config.metrics.enabled {
