@@ -48,6 +48,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub egress: EgressConfig,
     pub secrets: SecretsConfig,
+    pub tracing: TracingConfig,
 }
 
 /// The gRPC listener and the actions' server-wide defaults.
@@ -239,6 +240,23 @@ pub struct EgressConfig {
     pub deny: Vec<EgressRule>,
     /// Ports that may be dialled; empty is any. Default any.
     pub allowed_ports: Vec<u16>,
+}
+
+/// Span export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector to export spans to, e.g. `http://127.0.0.1:4317`. Needs a build
+    /// with `--features otlp`. Default none (spans are only logged).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans. Default `callout`.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: "callout".into() }
+    }
 }
 
 /// Where `{{secret:NAME}}` values come from.

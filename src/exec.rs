@@ -229,6 +229,9 @@ impl Executor {
             destination = %action.destination(),
             trace_id = action.trace.as_ref().map(|t| t.trace_id.as_str()),
         );
+        if let Some(trace) = &action.trace {
+            crate::telemetry::join_trace(&span, trace);
+        }
         self.run_in_span(admission, action, budget, observer).instrument(span).await
     }
 
@@ -590,7 +593,8 @@ fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
     if headers.contains_key("traceparent") {
         return;
     }
-    if let Ok(parent) = HeaderValue::from_str(&trace.child_traceparent()) {
+    let span_id = crate::telemetry::current_span_id();
+    if let Ok(parent) = HeaderValue::from_str(&trace.child_traceparent(span_id.as_deref())) {
         headers.insert("traceparent", parent);
     }
     if let Some(state) = trace.state.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {

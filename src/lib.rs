@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod report;
 pub mod secrets;
 pub mod server;
+pub mod telemetry;

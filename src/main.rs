@@ -12,6 +12,7 @@ use callout::{
     config::{Config, FileMode, ListenAddr, LogConfig, LogFormat},
     exec::Executor,
     server::Listener,
+    telemetry,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use figment::Figment;
@@ -22,7 +23,6 @@ use std::{
     process::ExitCode,
     time::Duration,
 };
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -357,16 +357,6 @@ struct ExecArgs {
     proxy: Option<String>,
 }
 
-fn init_logs(log: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match log.format {
-        // One JSON object per line, the event's fields at the top level, for log pipelines.
-        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
-        LogFormat::Pretty => logs.init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
@@ -393,8 +383,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(&config.log);
-    match run_server(config).await {
+    let telemetry = match telemetry::init(&config.log, &config.tracing) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("callout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match run_server(config).await {
         Ok(()) => {
             tracing::info!("callout stopped");
             ExitCode::SUCCESS
@@ -403,7 +399,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 /// Builds everything the configuration names, binds the listeners, serves until SIGTERM or
@@ -519,8 +517,12 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(e.to_string()),
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // By hand, only warnings and errors go to stderr: stdout is the outcome.
+    let log = LogConfig { level: "warn".into(), ..config.log.clone() };
+    let telemetry = match telemetry::init(&log, &config.tracing) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return fail(e),
+    };
     let executor = match config
         .exec_settings()
         .map_err(|e| e.to_string())
@@ -534,6 +536,7 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let outcome = executor.execute(&action, None).await;
+    telemetry.shutdown();
     let json = callout::report::outcome_json(&outcome);
     println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
     if outcome.succeeded {

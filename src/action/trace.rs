@@ -45,11 +45,24 @@ impl TraceContext {
         })
     }
 
-    /// A `traceparent` for one outbound attempt: this trace, a new span id.
-    pub fn child_traceparent(&self) -> String {
-        let span = fastrand::u64(1..=u64::MAX);
+    /// A `traceparent` for one outbound attempt: this trace, with `span_id` (the attempt's own
+    /// exported span) or else a new random span id.
+    pub fn child_traceparent(&self, span_id: Option<&str>) -> String {
         let mut out = String::with_capacity(55);
-        let _ = write!(out, "00-{}-{span:016x}-{:02x}", self.trace_id, self.flags);
+        match span_id.filter(|id| is_hex(id, 16)) {
+            Some(id) => {
+                let _ = write!(out, "00-{}-{id}-{:02x}", self.trace_id, self.flags);
+            }
+            None => {
+                let _ = write!(
+                    out,
+                    "00-{}-{:016x}-{:02x}",
+                    self.trace_id,
+                    fastrand::u64(1..=u64::MAX),
+                    self.flags
+                );
+            }
+        }
         out
     }
 }
@@ -65,7 +78,11 @@ mod tests {
         let t = TraceContext::parse(PARENT, Some("congo=t61rcWkgMzE")).unwrap();
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.flags, 1);
-        let child = t.child_traceparent();
+        assert_eq!(
+            t.child_traceparent(Some("1111111111111111")),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01"
+        );
+        let child = t.child_traceparent(None);
         let parsed = TraceContext::parse(&child, None).unwrap();
         assert_eq!(parsed.trace_id, t.trace_id);
         assert_ne!(parsed.parent_id, t.parent_id, "a new span id");

@@ -10,6 +10,7 @@ mod invalid;
 mod limits;
 mod listener;
 mod operations;
+mod otlp;
 mod properties;
 mod proxy;
 mod redirects;
