@@ -39,6 +39,18 @@ fn with_token<T>(mut request: tonic::Request<T>, header: &str) -> tonic::Request
     request
 }
 
+/// A gRPC channel over the Unix socket at `path`.
+async fn uds_channel(path: PathBuf) -> Channel {
+    // The URI is required by the API but unused: the connector dials the socket.
+    Endpoint::from_static("http://callout.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .unwrap()
+}
+
 async fn health_of(channel: Channel) -> ServingStatus {
     let check = HealthCheckRequest { service: String::new() };
     HealthClient::new(channel).check(check).await.unwrap().into_inner().status()
@@ -91,15 +103,7 @@ async fn a_unix_socket_listener_serves_grpc_clients_with_its_file_mode() {
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     let _server = spawn_server(listener, ServerOptions::default());
 
-    let socket: PathBuf = path.clone();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://callout.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
-        }))
-        .await
-        .unwrap();
+    let channel = uds_channel(path.clone()).await;
     let upstream = Upstream::fixed(200, "over uds").await;
     let resp = HttpActionServiceClient::new(channel.clone())
         .execute(request("GET", &upstream.url("/")))
@@ -215,14 +219,7 @@ async fn serve_flags_for_a_protected_unix_socket() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(mode(&socket), Some(0o660));
-    let path = socket.clone();
-    let channel = Endpoint::from_static("http://callout.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await
-        .unwrap();
+    let channel = uds_channel(socket.clone()).await;
     let upstream = Upstream::fixed(200, "ok").await;
     let mut client = HttpActionServiceClient::new(channel);
     let refused = client.execute(request("GET", &upstream.url("/"))).await.unwrap_err();
