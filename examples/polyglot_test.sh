@@ -85,11 +85,18 @@ fail() {
 # ------------------------------------------------------------------------------- setup
 
 step "python packages (venv $VENV)"
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+if [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"; then
+    PY="$VENV/bin/python"
+    timeout 600 "$PY" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
+else
+    # No venv module (Debian without python3-venv): install into a directory of our own,
+    # never into the system site-packages.
+    echo "python3 -m venv is not available; installing into $VENV-packages instead"
+    PY="python3"
+    timeout 600 python3 -m pip install --quiet --disable-pip-version-check \
+        --target "$VENV-packages" "${PY_PACKAGES[@]}"
+    export PYTHONPATH="$VENV-packages${PYTHONPATH:+:$PYTHONPATH}"
 fi
-PY="$VENV/bin/python"
-timeout 600 "$PY" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
 "$PY" -c 'import grpc, grpc_tools, grpc_status, grpc_reflection; print("grpcio", grpc.__version__)'
 
 step "node packages (examples/node)"

@@ -8,6 +8,7 @@ mod egress;
 mod invalid;
 mod limits;
 mod listener;
+mod proto_compat;
 mod proxy;
 mod redirects;
 mod requests;
