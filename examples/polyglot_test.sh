@@ -11,12 +11,13 @@
 #
 # Needs: cargo, python3 (with venv or pip), node and npm, and PyPI and npm registries (or
 # their mirrors) reachable. Environment: POLYGLOT_VENV (default target/polyglot-venv),
-# POLYGLOT_TIMEOUT.
+# POLYGLOT_TIMEOUT, CARGO_TARGET_DIR.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-VENV="${POLYGLOT_VENV:-$ROOT/target/polyglot-venv}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+VENV="${POLYGLOT_VENV:-$TARGET_DIR/polyglot-venv}"
 LIMIT="${POLYGLOT_TIMEOUT:-900}"
 CALL_TIMEOUT=60
 PY_PACKAGES=('grpcio==1.85.*' 'grpcio-tools==1.85.*' 'grpcio-status==1.85.*' 'grpcio-reflection==1.85.*')
@@ -136,10 +137,10 @@ start() {
 
 step "start echo_upstream and callout on loopback"
 start echo_upstream 's/^echo upstream listening on http:\/\/\(127\.0\.0\.1:[0-9]*\).*/\1/p' \
-    target/debug/examples/echo_upstream --listen 127.0.0.1:0
+    "$TARGET_DIR/debug/examples/echo_upstream" --listen 127.0.0.1:0
 UPSTREAM="http://$ADDR"
 RUST_LOG=info start callout 's/.*callout serving listen=\(127\.0\.0\.1:[0-9]*\).*/\1/p' \
-    target/debug/callout serve --allow-private-networks --listen 127.0.0.1:0
+    "$TARGET_DIR/debug/callout" serve --allow-private-networks --listen 127.0.0.1:0
 GRPC="$ADDR"
 
 PYC=("$PY" examples/python/callout_client.py --target "$GRPC" --deadline 30)
