@@ -12,6 +12,7 @@ mod listener;
 mod operations;
 mod otlp;
 mod properties;
+mod proto_compat;
 mod proxy;
 mod redirects;
 mod requests;
