@@ -14,7 +14,9 @@
 //! - C: callout over gRPC on a Unix socket.
 //!
 //! Options: `--duration SECS` per cell (3), `--warmup SECS` (0.5), `--callout PATH`,
-//! `--upstream PATH`, `--quick` (1 s cells, concurrency 1 and 64 only).
+//! `--upstream PATH`, `--quick` (1 s cells, concurrency 1 and 64 only), `--conc 1,64` (the
+//! concurrencies), `--modes BC` (which of A, B, C run; e.g. `--modes B` as a load to profile),
+//! `--sidecar-arg ARG` (repeatable: passed to `callout serve`, e.g. `--log-level`).
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
@@ -461,6 +463,9 @@ struct Options {
     warmup: Duration,
     quick: bool,
     scale: bool,
+    conc: Vec<usize>,
+    modes: String,
+    sidecar_args: Vec<String>,
     paths: Paths,
 }
 
@@ -470,6 +475,9 @@ fn options() -> Result<Options, Error> {
         warmup: Duration::from_millis(500),
         quick: false,
         scale: false,
+        conc: vec![1, 16, 64, 256],
+        modes: "ABC".into(),
+        sidecar_args: Vec::new(),
         paths: default_paths(),
     };
     let mut args = std::env::args().skip(1);
@@ -480,10 +488,21 @@ fn options() -> Result<Options, Error> {
             "--warmup" => o.warmup = Duration::from_secs_f64(value()?.parse()?),
             "--callout" => o.paths.callout = value()?.into(),
             "--upstream" => o.paths.upstream = value()?.into(),
-            "--quick" => o.quick = true,
+            "--quick" => {
+                o.quick = true;
+                o.conc = vec![1, 64];
+            }
+            "--conc" => {
+                o.conc = value()?.split(',').map(|c| c.parse::<usize>()).collect::<Result<_, _>>()?;
+                if o.conc.iter().any(|&c| c == 0 || c > 4096) {
+                    return Err("--conc takes 1..=4096".into());
+                }
+            }
+            "--modes" => o.modes = value()?.to_ascii_uppercase(),
+            "--sidecar-arg" => o.sidecar_args.push(value()?),
             "--scale" => o.scale = true,
             "--help" | "-h" => {
-                println!("usage: loadgen [--scale] [--quick] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
+                println!("usage: loadgen [--scale] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -510,10 +529,11 @@ async fn throughput(o: &Options) -> Result<(), Error> {
     let sock = socket_path();
     let unix = Listen::Unix(sock.clone());
     let t = Instant::now();
-    let side_b = spawn_sidecar(&o.paths.callout, &tcp, &[])?;
+    let extra: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
+    let side_b = spawn_sidecar(&o.paths.callout, &tcp, &extra)?;
     let ready_b = wait_serving(&tcp, t, Duration::from_secs(10)).await?;
     let t = Instant::now();
-    let side_c = spawn_sidecar(&o.paths.callout, &unix, &[])?;
+    let side_c = spawn_sidecar(&o.paths.callout, &unix, &extra)?;
     let ready_c = wait_serving(&unix, t, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     println!(
@@ -535,7 +555,8 @@ async fn throughput(o: &Options) -> Result<(), Error> {
 
     let post = Bytes::from(vec![b'p'; POST_BYTES]);
     let direct = direct_client();
-    let concurrencies: &[usize] = if o.quick { &[1, 64] } else { &[1, 16, 64, 256] };
+    let concurrencies = &o.conc;
+    let run = |m: char| o.modes.contains(m);
     let mut saturation_b64 = None;
     println!(
         "| workload | conc | A direct act/s | A p50/p99 us | B tcp act/s | B p50/p99 us | B/A | B cpu us/act | C uds act/s | C p50/p99 us | C/A | C cpu us/act | RSS B/C MiB | errors A/B/C |"
@@ -543,7 +564,7 @@ async fn throughput(o: &Options) -> Result<(), Error> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for workload in [Workload::Get1k, Workload::Post16k] {
         let url = upstream_url(&up, workload, None);
-        for &c in concurrencies {
+        for &c in concurrencies.iter() {
             let a = Target::Direct { client: Box::new(direct.clone()), url: url.clone(), post: post.clone() };
             let b = Target::Sidecar {
                 clients: sidecar_clients(&tcp, channels_for(c)).await?,
@@ -555,9 +576,23 @@ async fn throughput(o: &Options) -> Result<(), Error> {
                 url: url.clone(),
                 post: post.clone(),
             };
-            let ra = closed_loop(&a, workload, c, o.warmup, o.duration, None).await;
-            let rb = closed_loop(&b, workload, c, o.warmup, o.duration, Some(side_b.pid())).await;
-            let rc = closed_loop(&cc, workload, c, o.warmup, o.duration, Some(side_c.pid())).await;
+            let skip =
+                Cell { actions_per_s: f64::NAN, p50_us: f64::NAN, p99_us: f64::NAN, ..Cell::default() };
+            let ra = if run('A') {
+                closed_loop(&a, workload, c, o.warmup, o.duration, None).await
+            } else {
+                skip.clone()
+            };
+            let rb = if run('B') {
+                closed_loop(&b, workload, c, o.warmup, o.duration, Some(side_b.pid())).await
+            } else {
+                skip.clone()
+            };
+            let rc = if run('C') {
+                closed_loop(&cc, workload, c, o.warmup, o.duration, Some(side_c.pid())).await
+            } else {
+                skip.clone()
+            };
             if workload == Workload::Get1k && c == 64 {
                 saturation_b64 = Some(rb.actions_per_s);
             }
@@ -587,6 +622,11 @@ async fn throughput(o: &Options) -> Result<(), Error> {
     }
 
     // Open loop at half of B's saturation (concurrency 64, GET 1 KiB).
+    if !(run('A') && run('B') && saturation_b64.is_some()) {
+        drop((side_b, side_c));
+        let _ = std::fs::remove_file(&sock);
+        return Ok(());
+    }
     let rate = (saturation_b64.unwrap_or(1000.0) / 2.0).max(10.0);
     let open = o.duration.max(Duration::from_secs(2)) + Duration::from_secs(1);
     println!("\nopen loop, GET 1 KiB, {rate:.0} actions/s for {open:?} (half of B's saturation at concurrency 64); latency from the scheduled send time");
