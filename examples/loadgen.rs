@@ -721,6 +721,48 @@ async fn scale(o: &Options) -> Result<(), Error> {
     println!("| measure | value |\n|---|---|");
     println!("| idle RSS | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
 
+    // 1 GiB streamed through ExecuteStream; the client only counts bytes.
+    let mut client = sidecar_clients(&tcp, 1).await?.remove(0);
+    let req = pb::ExecuteHttpActionRequest {
+        method: "GET".into(),
+        url: format!("http://{up}/stream/{STREAM_BYTES}"),
+        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
+        timeouts: Some(pb::Timeouts {
+            attempt: Some(prost_types::Duration { seconds: 300, nanos: 0 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // First, on the fresh sidecar: the stream must not grow its memory.
+    let before = vm_kib(side.pid(), "VmRSS");
+    let (stop, sampler) = rss_sampler(side.pid());
+    let t = Instant::now();
+    let mut stream = client.execute_stream(req).await?.into_inner();
+    let (mut bytes, mut outcome) = (0u64, None);
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(pb::action_event::Event::BodyChunk(c)) => bytes += c.data.len() as u64,
+            Some(pb::action_event::Event::Completed(c)) => outcome = c.result.map(|r| r.outcome()),
+            _ => {}
+        }
+    }
+    let took = t.elapsed();
+    let _ = stop.send(());
+    let (lo, hi, all) = sampler.await?;
+    let mid = all.get(all.len() / 2).copied();
+    println!(
+        "| 1 GiB ExecuteStream | {bytes} bytes, {outcome:?}, {took:.2?} ({:.0} MiB/s) |",
+        bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+    );
+    println!(
+        "| RSS during the stream: before / min / median / max | {} / {} / {} / {} MiB ({} samples) |",
+        mib(before),
+        mib(Some(lo)),
+        mib(mid),
+        mib(Some(hi)),
+        all.len()
+    );
+
     // 10,000 actions in flight at once; the upstream holds each response 5 s.
     let clients = sidecar_clients(&tcp, IN_FLIGHT / PER_CHANNEL).await?;
     let url = upstream_url(&up, Workload::Get1k, Some(HOLD_MS));
@@ -765,46 +807,6 @@ async fn scale(o: &Options) -> Result<(), Error> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     println!("| RSS 1 s after | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
 
-    // 1 GiB streamed through ExecuteStream; the client only counts bytes.
-    let mut client = sidecar_clients(&tcp, 1).await?.remove(0);
-    let req = pb::ExecuteHttpActionRequest {
-        method: "GET".into(),
-        url: format!("http://{up}/stream/{STREAM_BYTES}"),
-        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
-        timeouts: Some(pb::Timeouts {
-            attempt: Some(prost_types::Duration { seconds: 300, nanos: 0 }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let before = vm_kib(side.pid(), "VmRSS");
-    let (stop, sampler) = rss_sampler(side.pid());
-    let t = Instant::now();
-    let mut stream = client.execute_stream(req).await?.into_inner();
-    let (mut bytes, mut outcome) = (0u64, None);
-    while let Some(event) = stream.message().await? {
-        match event.event {
-            Some(pb::action_event::Event::BodyChunk(c)) => bytes += c.data.len() as u64,
-            Some(pb::action_event::Event::Completed(c)) => outcome = c.result.map(|r| r.outcome()),
-            _ => {}
-        }
-    }
-    let took = t.elapsed();
-    let _ = stop.send(());
-    let (lo, hi, all) = sampler.await?;
-    let mid = all.get(all.len() / 2).copied();
-    println!(
-        "| 1 GiB ExecuteStream | {bytes} bytes, {outcome:?}, {took:.2?} ({:.0} MiB/s) |",
-        bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
-    );
-    println!(
-        "| RSS during the stream: before / min / median / max | {} / {} / {} / {} MiB ({} samples) |",
-        mib(before),
-        mib(Some(lo)),
-        mib(mid),
-        mib(Some(hi)),
-        all.len()
-    );
     drop(side);
 
     // Cold start: spawn, poll health until SERVING.
