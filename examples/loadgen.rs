@@ -708,7 +708,7 @@ async fn scale(o: &Options) -> Result<(), Error> {
                 .to_owned()))
             .unwrap_or_default()
     );
-    let (_upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let (upstream, up) = spawn_upstream(&o.paths.upstream)?;
     let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
     let t = Instant::now();
     let side = spawn_sidecar(
@@ -806,6 +806,11 @@ async fn scale(o: &Options) -> Result<(), Error> {
     drop(clients);
     tokio::time::sleep(Duration::from_secs(1)).await;
     println!("| RSS 1 s after | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
+    // For scale: a bare hyper server holding the same 10,000 connections and sleeping requests.
+    println!(
+        "| upstream (bench_upstream) VmHWM, for comparison | {} MiB |",
+        mib(vm_kib(upstream.pid(), "VmHWM"))
+    );
 
     drop(side);
 
