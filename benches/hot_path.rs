@@ -1,5 +1,6 @@
 //! Benchmarks of the per-action hot path outside the network: validating an action, building
-//! the hyper request, matching success codes, and converting an outcome to the proto reply.
+//! the hyper request, matching success codes, converting an outcome to the proto reply, and
+//! turning a received response (head and ~1 KiB JSON body) into that reply, JSON view included.
 //!
 //! `cargo bench --bench hot_path`; `cargo test --benches` runs each once as a smoke test.
 use bytes::Bytes;
@@ -9,10 +10,14 @@ use callout::{
         ResponseHead, StatusSpec,
     },
     api::convert,
-    client::redirect::Hop,
+    client::{
+        redirect::Hop,
+        response::{head_of, views},
+    },
     exec::build_request,
 };
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use http_body_util::{BodyExt, Full};
 use std::{
     hint::black_box,
     time::{Duration, SystemTime},
@@ -145,5 +150,53 @@ fn reply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(hot_path, validate, request, success_codes, reply);
+/// A received response as hyper hands it over: the head, and the body in one frame.
+fn received(body: &Bytes) -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .header("date", "Wed, 25 Nov 2026 06:00:00 GMT")
+        .body(Full::new(body.clone()))
+        .unwrap()
+}
+
+/// What the executor does with a response it received, up to the proto reply: the head as
+/// the domain sees it, the body read to its end, its JSON and text views, the outcome, and
+/// the conversion. (The executor reads through `CappedBody`, which needs hyper's `Incoming`;
+/// here the body is a ready buffer, so this measures the CPU work, not the socket.)
+fn response_to_reply(
+    body: &Bytes,
+    template: &Outcome,
+    rt: &tokio::runtime::Runtime,
+) -> callout::pb::ExecuteHttpActionResponse {
+    let response = received(body);
+    let head = head_of(&response);
+    let body = rt.block_on(response.into_body().collect()).unwrap().to_bytes();
+    let (body_json, body_text) = views(&head, &body);
+    let mut outcome = template.clone();
+    outcome.response = Some(ResponseData { head, body, body_json, body_text, truncated: false });
+    convert::outcome(outcome)
+}
+
+fn read_and_convert(c: &mut Criterion) {
+    let body = json_body();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    // Everything but the response, made once (the response is what is measured).
+    let template = Outcome { response: None, ..outcome() };
+    let reply = response_to_reply(&body, &template, &rt);
+    assert!(reply.response.as_ref().unwrap().body_json.is_some(), "the body parses as JSON");
+    let mut group = c.benchmark_group("response");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("views_1k_json", |b| {
+        let head = head_of(&received(&body));
+        b.iter(|| views(black_box(&head), black_box(&body)))
+    });
+    group.bench_function("to_reply_1k_json", |b| {
+        b.iter(|| response_to_reply(black_box(&body), &template, &rt))
+    });
+    group.finish();
+}
+
+criterion_group!(hot_path, validate, request, success_codes, reply, read_and_convert);
 criterion_main!(hot_path);

@@ -34,7 +34,10 @@ type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.level`.
 pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: escape codes in a log file or pipeline are noise,
+    // and styling every field costs several microseconds per action line.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let fmt: BoxedLayer = match log.format {
         // One JSON object per line, the event's fields at the top level, for log pipelines.
         LogFormat::Json => Box::new(fmt.json().flatten_event(true).with_current_span(true)),

@@ -194,10 +194,17 @@ pub const REPLY_BUDGET: usize = 4 * 1024 * 1024 - 64 * 1024;
 pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
     let mut reply = outcome_unbounded(o);
     if let Some(response) = reply.response.as_mut() {
-        if response.body_json.is_some() && prost::Message::encoded_len(response) > REPLY_BUDGET {
-            response.body_json = None;
+        // Sizing walks the whole JSON tree: do it once in the common case (the reply fits),
+        // and again only after dropping the JSON view.
+        if response.body_json.is_none() && response.body_text.is_none() {
+            return reply;
         }
-        if response.body_text.is_some() && prost::Message::encoded_len(response) > REPLY_BUDGET {
+        let mut len = prost::Message::encoded_len(response);
+        if len > REPLY_BUDGET && response.body_json.is_some() {
+            response.body_json = None;
+            len = prost::Message::encoded_len(response);
+        }
+        if len > REPLY_BUDGET {
             response.body_text = None;
         }
     }

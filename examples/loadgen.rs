@@ -1,0 +1,848 @@
+//! Throughput and latency of callout against a direct HTTP client, in one run, on loopback.
+//!
+//! ```sh
+//! cargo build --release --examples --bins
+//! target/release/examples/loadgen            # closed loop + open loop tables (~2 min)
+//! target/release/examples/loadgen --scale    # 10,000 in flight, 1 GiB stream, cold start
+//! ```
+//!
+//! Every process is separate, so CPU is counted apart: this load generator, the upstream
+//! (`examples/bench_upstream`, spawned) and the sidecar (`target/release/callout serve`, spawned
+//! once on TCP and once on a Unix socket). Modes:
+//! - A: a direct in-process hyper-util client to the upstream (the ceiling);
+//! - B: callout over gRPC on TCP loopback (tonic client, retries off);
+//! - C: callout over gRPC on a Unix socket.
+//!
+//! Options: `--duration SECS` per cell (3), `--warmup SECS` (0.5), `--callout PATH`,
+//! `--upstream PATH`, `--quick` (1 s cells, concurrency 1 and 64 only), `--conc 1,64` (the
+//! concurrencies), `--modes BC` (which of A, B, C run; e.g. `--modes B` as a load to profile),
+//! `--sidecar-arg ARG` (repeatable: passed to `callout serve`, e.g. `--log-level`).
+//! Every spawned process is killed when loadgen exits, also on error or panic.
+use bytes::Bytes;
+use callout::pb::{
+    self, execute_http_action_request::Body as ActionBody,
+    http_action_service_client::HttpActionServiceClient,
+};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+};
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+// ---------------------------------------------------------------- processes
+
+/// A spawned process, killed (and reaped) when dropped: on success, error and panic alike.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("[loadgen] stopped {} (pid {})", self.name, self.child.id());
+    }
+}
+
+/// CPU time (utime + stime) of a process, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_secs_f64((utime + stime) as f64 / clock_ticks() as f64))
+}
+
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// A `Vm*` line of /proc/PID/status, in KiB.
+fn vm_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].trim_start_matches(':').split_whitespace().next()?.parse().ok()
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+struct Paths {
+    callout: PathBuf,
+    upstream: PathBuf,
+}
+
+fn default_paths() -> Paths {
+    // target/release/examples/loadgen -> target/release/{callout, examples/bench_upstream}
+    let exe = std::env::current_exe().unwrap_or_default();
+    let examples = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let release = examples.parent().map(Path::to_path_buf).unwrap_or_default();
+    Paths { callout: release.join("callout"), upstream: examples.join("bench_upstream") }
+}
+
+/// Starts the upstream and returns it with its address (read from its first line).
+fn spawn_upstream(path: &Path) -> Result<(Proc, String), Error> {
+    let mut child = Command::new(path)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| {
+            format!("starting {}: {e} (build with `cargo build --release --examples`)", path.display())
+        })?;
+    let stdout = child.stdout.take().ok_or("upstream stdout")?;
+    let proc = Proc { name: "bench_upstream", child };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr =
+        line.trim().strip_prefix("listening on http://").ok_or_else(|| format!("upstream said {line:?}"))?;
+    Ok((proc, addr.to_owned()))
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Where a sidecar listens.
+#[derive(Clone)]
+enum Listen {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    fn arg(&self) -> String {
+        match self {
+            Listen::Tcp(addr) => addr.clone(),
+            Listen::Unix(path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, Error> {
+    let child = Command::new(path)
+        .args(["serve", "--allow-private-networks", "--no-metrics", "--listen", &listen.arg()])
+        .args(extra)
+        // The per-action log line is part of the cost (default level info); it goes nowhere.
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e} (build with `cargo build --release`)", path.display()))?;
+    Ok(Proc { name: "callout", child })
+}
+
+async fn channel(listen: &Listen) -> Result<Channel, Error> {
+    Ok(match listen {
+        Listen::Tcp(addr) => {
+            Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?
+        }
+        Listen::Unix(path) => {
+            let path = path.clone();
+            // The URI is required but unused: the connector dials the socket.
+            Endpoint::from_static("http://callout.invalid")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move { UnixStream::connect(path).await.map(TokioIo::new) }
+                }))
+                .await?
+        }
+    })
+}
+
+/// Polls grpc.health.v1 Check until SERVING (bounded by `limit`); returns the time taken.
+async fn wait_serving(listen: &Listen, since: Instant, limit: Duration) -> Result<Duration, Error> {
+    while since.elapsed() < limit {
+        if let Ok(ch) = channel(listen).await {
+            let check = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await;
+            if check.is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving) {
+                return Ok(since.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Err(format!("sidecar on {} not SERVING within {limit:?}", listen.arg()).into())
+}
+
+// ---------------------------------------------------------------- targets
+
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    Get1k,
+    Post16k,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Get1k => "GET 1 KiB",
+            Workload::Post16k => "POST 16 KiB",
+        }
+    }
+}
+
+const POST_BYTES: usize = 16 * 1024;
+
+/// One way of running an action.
+#[derive(Clone)]
+enum Target {
+    Direct { client: Box<Client<HttpConnector, Full<Bytes>>>, url: String, post: Bytes },
+    Sidecar { clients: Vec<HttpActionServiceClient<Channel>>, url: String, post: Bytes },
+}
+
+fn upstream_url(upstream: &str, workload: Workload, hold_ms: Option<u64>) -> String {
+    let n = match workload {
+        Workload::Get1k => 1024,
+        Workload::Post16k => POST_BYTES,
+    };
+    match hold_ms {
+        Some(ms) => format!("http://{upstream}/bytes/{n}?hold_ms={ms}"),
+        None => format!("http://{upstream}/bytes/{n}"),
+    }
+}
+
+fn action(workload: Workload, url: &str, post: &Bytes) -> pb::ExecuteHttpActionRequest {
+    let (method, body) = match workload {
+        Workload::Get1k => ("GET", None),
+        Workload::Post16k => ("POST", Some(ActionBody::Raw(post.to_vec()))),
+    };
+    pb::ExecuteHttpActionRequest {
+        method: method.into(),
+        url: url.into(),
+        body,
+        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+impl Target {
+    async fn call(&self, worker: usize, workload: Workload) -> Result<(), Error> {
+        match self {
+            Target::Direct { client, url, post } => {
+                let mut req = http::Request::builder().uri(url.as_str());
+                let body = match workload {
+                    Workload::Get1k => Full::new(Bytes::new()),
+                    Workload::Post16k => {
+                        req = req.method("POST").header("content-type", "application/octet-stream");
+                        Full::new(post.clone())
+                    }
+                };
+                let resp = client.request(req.body(body)?).await?;
+                let ok = resp.status().is_success();
+                let body = resp.into_body().collect().await?.to_bytes();
+                if !ok || body.is_empty() {
+                    return Err("direct: bad response".into());
+                }
+                Ok(())
+            }
+            Target::Sidecar { clients, url, post } => {
+                let mut client = clients[worker % clients.len()].clone();
+                let reply = client.execute(action(workload, url, post)).await?.into_inner();
+                if reply.outcome() != pb::Outcome::Succeeded {
+                    return Err(format!("sidecar: {:?}", reply.error).into());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn direct_client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(http)
+}
+
+/// `n` channels to a sidecar: HTTP/2 streams per connection are capped (200 by hyper's
+/// default), and one connection is one task on each side.
+async fn sidecar_clients(listen: &Listen, n: usize) -> Result<Vec<HttpActionServiceClient<Channel>>, Error> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(HttpActionServiceClient::new(channel(listen).await?));
+    }
+    Ok(clients)
+}
+
+fn channels_for(concurrency: usize) -> usize {
+    concurrency.div_ceil(64).max(1)
+}
+
+// ---------------------------------------------------------------- measuring
+
+#[derive(Default, Clone)]
+struct Cell {
+    actions_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    cpu_us_per_action: Option<f64>,
+    rss_kib: Option<u64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64
+}
+
+/// Closed loop: `concurrency` workers each send the next action when the last one ends.
+/// Completions within the measured window (after `warmup`) count.
+async fn closed_loop(
+    target: &Target,
+    workload: Workload,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    sidecar: Option<u32>,
+) -> Cell {
+    let start = Instant::now() + warmup;
+    let end = start + duration;
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu_before = Arc::new(Mutex::new(None));
+    let meter = {
+        let cpu_before = cpu_before.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            *cpu_before.lock().unwrap_or_else(|e| e.into_inner()) = sidecar.and_then(cpu_time);
+        })
+    };
+    let mut workers = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let target = target.clone();
+        let errors = errors.clone();
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = target.call(w, workload).await.is_ok();
+                let done = Instant::now();
+                if done >= start && done < end {
+                    if ok {
+                        lat.push((done - t).as_micros() as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if !ok {
+                    // Do not spin on a broken target.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            lat
+        }));
+    }
+    let _ = meter.await;
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = sidecar.and_then(cpu_time);
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await.unwrap_or_default());
+    }
+    lat.sort_unstable();
+    let n = lat.len() as f64;
+    let cpu_before = *cpu_before.lock().unwrap_or_else(|e| e.into_inner());
+    let cpu = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) if n > 0.0 => Some((a - b).as_secs_f64() * 1e6 / n),
+        _ => None,
+    };
+    Cell {
+        actions_per_s: n / duration.as_secs_f64(),
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        errors: errors.load(Ordering::Relaxed),
+        cpu_us_per_action: cpu,
+        rss_kib: sidecar.and_then(|p| vm_kib(p, "VmRSS")),
+    }
+}
+
+/// Open loop: actions are scheduled at a fixed `rate`; latency counts from the scheduled send
+/// time, so a slow response delays nothing and hides nothing (no coordinated omission).
+async fn open_loop(target: &Target, workload: Workload, rate: f64, duration: Duration) -> (Cell, u64) {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let count = (duration.as_secs_f64() * rate) as u64;
+    let lat = Arc::new(Mutex::new(Vec::with_capacity(count as usize)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let handle = tokio::runtime::Handle::current();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<u64>();
+    let target = target.clone();
+    let (lat2, errors2, in_flight2) = (lat.clone(), errors.clone(), in_flight.clone());
+    // A plain thread schedules, so the runtime's 1 ms timer does not bunch the sends.
+    std::thread::spawn(move || {
+        let t0 = Instant::now() + Duration::from_millis(50);
+        let mut skipped = 0;
+        for i in 0..count {
+            let scheduled = t0 + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            // Bounded: past 4096 outstanding the target is not keeping up; count, don't pile.
+            if in_flight2.load(Ordering::Relaxed) >= 4096 {
+                skipped += 1;
+                continue;
+            }
+            in_flight2.fetch_add(1, Ordering::Relaxed);
+            let (target, lat, errors, in_flight) =
+                (target.clone(), lat2.clone(), errors2.clone(), in_flight2.clone());
+            handle.spawn(async move {
+                let ok = target.call(i as usize, workload).await.is_ok();
+                let took = scheduled.elapsed().as_micros() as u64;
+                if ok {
+                    lat.lock().unwrap_or_else(|e| e.into_inner()).push(took);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        let _ = done_tx.send(skipped);
+    });
+    let skipped = done_rx.await.unwrap_or(0);
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut lat = std::mem::take(&mut *lat.lock().unwrap_or_else(|e| e.into_inner()));
+    lat.sort_unstable();
+    let cell = Cell {
+        actions_per_s: lat.len() as f64 / duration.as_secs_f64(),
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        errors: errors.load(Ordering::Relaxed),
+        cpu_us_per_action: None,
+        rss_kib: None,
+    };
+    (cell, skipped)
+}
+
+// ---------------------------------------------------------------- runs
+
+struct Options {
+    duration: Duration,
+    warmup: Duration,
+    quick: bool,
+    scale: bool,
+    conc: Vec<usize>,
+    modes: String,
+    sidecar_args: Vec<String>,
+    paths: Paths,
+}
+
+fn options() -> Result<Options, Error> {
+    let mut o = Options {
+        duration: Duration::from_secs(3),
+        warmup: Duration::from_millis(500),
+        quick: false,
+        scale: false,
+        conc: vec![1, 16, 64, 256],
+        modes: "ABC".into(),
+        sidecar_args: Vec::new(),
+        paths: default_paths(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--duration" => o.duration = Duration::from_secs_f64(value()?.parse()?),
+            "--warmup" => o.warmup = Duration::from_secs_f64(value()?.parse()?),
+            "--callout" => o.paths.callout = value()?.into(),
+            "--upstream" => o.paths.upstream = value()?.into(),
+            "--quick" => {
+                o.quick = true;
+                o.conc = vec![1, 64];
+            }
+            "--conc" => {
+                o.conc = value()?.split(',').map(|c| c.parse::<usize>()).collect::<Result<_, _>>()?;
+                if o.conc.iter().any(|&c| c == 0 || c > 4096) {
+                    return Err("--conc takes 1..=4096".into());
+                }
+            }
+            "--modes" => o.modes = value()?.to_ascii_uppercase(),
+            "--sidecar-arg" => o.sidecar_args.push(value()?),
+            "--scale" => o.scale = true,
+            "--help" | "-h" => {
+                println!("usage: loadgen [--scale] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    if o.quick {
+        o.duration = Duration::from_secs(1);
+    }
+    o.duration = o.duration.min(Duration::from_secs(30));
+    Ok(o)
+}
+
+fn socket_path() -> PathBuf {
+    std::env::temp_dir().join(format!("callout-loadgen-{}.sock", std::process::id()))
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+async fn throughput(o: &Options) -> Result<(), Error> {
+    let (_upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let sock = socket_path();
+    let unix = Listen::Unix(sock.clone());
+    let t = Instant::now();
+    let extra: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
+    let side_b = spawn_sidecar(&o.paths.callout, &tcp, &extra)?;
+    let ready_b = wait_serving(&tcp, t, Duration::from_secs(10)).await?;
+    let t = Instant::now();
+    let side_c = spawn_sidecar(&o.paths.callout, &unix, &extra)?;
+    let ready_c = wait_serving(&unix, t, Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    println!(
+        "upstream http://{up}; sidecar B tcp {} (SERVING after {ready_b:?}), C {} (after {ready_c:?})",
+        tcp.arg(),
+        unix.arg()
+    );
+    println!(
+        "idle sidecar RSS: B {} MiB, C {} MiB",
+        mib(vm_kib(side_b.pid(), "VmRSS")),
+        mib(vm_kib(side_c.pid(), "VmRSS"))
+    );
+    println!(
+        "cells: {:?} measured after {:?} warm-up; clock ticks {} per s\n",
+        o.duration,
+        o.warmup,
+        clock_ticks()
+    );
+
+    let post = Bytes::from(vec![b'p'; POST_BYTES]);
+    let direct = direct_client();
+    let concurrencies = &o.conc;
+    let run = |m: char| o.modes.contains(m);
+    let mut saturation_b64 = None;
+    println!(
+        "| workload | conc | A direct act/s | A p50/p99 us | B tcp act/s | B p50/p99 us | B/A | B cpu us/act | C uds act/s | C p50/p99 us | C/A | C cpu us/act | RSS B/C MiB | errors A/B/C |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for workload in [Workload::Get1k, Workload::Post16k] {
+        let url = upstream_url(&up, workload, None);
+        for &c in concurrencies.iter() {
+            let a = Target::Direct { client: Box::new(direct.clone()), url: url.clone(), post: post.clone() };
+            let b = Target::Sidecar {
+                clients: sidecar_clients(&tcp, channels_for(c)).await?,
+                url: url.clone(),
+                post: post.clone(),
+            };
+            let cc = Target::Sidecar {
+                clients: sidecar_clients(&unix, channels_for(c)).await?,
+                url: url.clone(),
+                post: post.clone(),
+            };
+            let skip =
+                Cell { actions_per_s: f64::NAN, p50_us: f64::NAN, p99_us: f64::NAN, ..Cell::default() };
+            let ra = if run('A') {
+                closed_loop(&a, workload, c, o.warmup, o.duration, None).await
+            } else {
+                skip.clone()
+            };
+            let rb = if run('B') {
+                closed_loop(&b, workload, c, o.warmup, o.duration, Some(side_b.pid())).await
+            } else {
+                skip.clone()
+            };
+            let rc = if run('C') {
+                closed_loop(&cc, workload, c, o.warmup, o.duration, Some(side_c.pid())).await
+            } else {
+                skip.clone()
+            };
+            if workload == Workload::Get1k && c == 64 {
+                saturation_b64 = Some(rb.actions_per_s);
+            }
+            println!(
+                "| {} | {c} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {}/{} | {}/{}/{} |",
+                workload.name(),
+                ra.actions_per_s,
+                ra.p50_us,
+                ra.p99_us,
+                rb.actions_per_s,
+                rb.p50_us,
+                rb.p99_us,
+                rb.actions_per_s / ra.actions_per_s,
+                fmt_opt(rb.cpu_us_per_action),
+                rc.actions_per_s,
+                rc.p50_us,
+                rc.p99_us,
+                rc.actions_per_s / ra.actions_per_s,
+                fmt_opt(rc.cpu_us_per_action),
+                mib(rb.rss_kib),
+                mib(rc.rss_kib),
+                ra.errors,
+                rb.errors,
+                rc.errors,
+            );
+        }
+    }
+
+    // Open loop at half of B's saturation (concurrency 64, GET 1 KiB).
+    if !(run('A') && run('B') && saturation_b64.is_some()) {
+        drop((side_b, side_c));
+        let _ = std::fs::remove_file(&sock);
+        return Ok(());
+    }
+    let rate = (saturation_b64.unwrap_or(1000.0) / 2.0).max(10.0);
+    let open = o.duration.max(Duration::from_secs(2)) + Duration::from_secs(1);
+    println!("\nopen loop, GET 1 KiB, {rate:.0} actions/s for {open:?} (half of B's saturation at concurrency 64); latency from the scheduled send time");
+    println!("| mode | done act/s | p50 us | p99 us | added p50 us | added p99 us | errors | skipped |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let url = upstream_url(&up, Workload::Get1k, None);
+    let a = Target::Direct { client: Box::new(direct.clone()), url: url.clone(), post: post.clone() };
+    let b =
+        Target::Sidecar { clients: sidecar_clients(&tcp, 2).await?, url: url.clone(), post: post.clone() };
+    let cc = Target::Sidecar { clients: sidecar_clients(&unix, 2).await?, url, post };
+    let (ra, sa) = open_loop(&a, Workload::Get1k, rate, open).await;
+    println!(
+        "| A direct | {:.0} | {:.0} | {:.0} | - | - | {} | {sa} |",
+        ra.actions_per_s, ra.p50_us, ra.p99_us, ra.errors
+    );
+    for (name, target) in [("B tcp", &b), ("C uds", &cc)] {
+        let (r, s) = open_loop(target, Workload::Get1k, rate, open).await;
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {s} |",
+            r.actions_per_s,
+            r.p50_us,
+            r.p99_us,
+            r.p50_us - ra.p50_us,
+            r.p99_us - ra.p99_us,
+            r.errors
+        );
+    }
+    println!(
+        "\nsidecar peak RSS (VmHWM): B {} MiB, C {} MiB; sidecar CPU total: B {:?}, C {:?}",
+        mib(vm_kib(side_b.pid(), "VmHWM")),
+        mib(vm_kib(side_c.pid(), "VmHWM")),
+        cpu_time(side_b.pid()).unwrap_or_default(),
+        cpu_time(side_c.pid()).unwrap_or_default(),
+    );
+    drop((side_b, side_c));
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// (min, max, every sample) of RSS in KiB.
+type RssSamples = (u64, u64, Vec<u64>);
+
+/// Samples a process's RSS every 100 ms until stopped (at most 10 minutes).
+fn rss_sampler(pid: u32) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<RssSamples>) {
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let (mut lo, mut hi, mut all) = (u64::MAX, 0, Vec::new());
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..6000 {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                _ = tick.tick() => {
+                    if let Some(k) = vm_kib(pid, "VmRSS") {
+                        lo = lo.min(k);
+                        hi = hi.max(k);
+                        all.push(k);
+                    }
+                }
+            }
+        }
+        (lo, hi, all)
+    });
+    (stop_tx, task)
+}
+
+async fn scale(o: &Options) -> Result<(), Error> {
+    const IN_FLIGHT: usize = 10_000;
+    const PER_CHANNEL: usize = 100;
+    const HOLD_MS: u64 = 5_000;
+    const STREAM_BYTES: u64 = 1 << 30;
+    println!(
+        "open files limit (soft): {}",
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| l.lines().find(|l| l.starts_with("Max open files")).map(|l| l
+                .split_whitespace()
+                .nth(3)
+                .unwrap_or("?")
+                .to_owned()))
+            .unwrap_or_default()
+    );
+    let (upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let t = Instant::now();
+    let side = spawn_sidecar(
+        &o.paths.callout,
+        &tcp,
+        &["--max-in-flight", "10000", "--max-in-flight-per-host", "10000", "--max-queued", "1000"],
+    )?;
+    wait_serving(&tcp, t, Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("| measure | value |\n|---|---|");
+    println!("| idle RSS | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
+
+    // 1 GiB streamed through ExecuteStream; the client only counts bytes.
+    let mut client = sidecar_clients(&tcp, 1).await?.remove(0);
+    let req = pb::ExecuteHttpActionRequest {
+        method: "GET".into(),
+        url: format!("http://{up}/stream/{STREAM_BYTES}"),
+        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
+        timeouts: Some(pb::Timeouts {
+            attempt: Some(prost_types::Duration { seconds: 300, nanos: 0 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // First, on the fresh sidecar: the stream must not grow its memory.
+    let before = vm_kib(side.pid(), "VmRSS");
+    let (stop, sampler) = rss_sampler(side.pid());
+    let t = Instant::now();
+    let mut stream = client.execute_stream(req).await?.into_inner();
+    let (mut bytes, mut outcome) = (0u64, None);
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(pb::action_event::Event::BodyChunk(c)) => bytes += c.data.len() as u64,
+            Some(pb::action_event::Event::Completed(c)) => outcome = c.result.map(|r| r.outcome()),
+            _ => {}
+        }
+    }
+    let took = t.elapsed();
+    let _ = stop.send(());
+    let (lo, hi, all) = sampler.await?;
+    let mid = all.get(all.len() / 2).copied();
+    println!(
+        "| 1 GiB ExecuteStream | {bytes} bytes, {outcome:?}, {took:.2?} ({:.0} MiB/s) |",
+        bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+    );
+    println!(
+        "| RSS during the stream: before / min / median / max | {} / {} / {} / {} MiB ({} samples) |",
+        mib(before),
+        mib(Some(lo)),
+        mib(mid),
+        mib(Some(hi)),
+        all.len()
+    );
+
+    // 10,000 actions in flight at once; the upstream holds each response 5 s.
+    let clients = sidecar_clients(&tcp, IN_FLIGHT / PER_CHANNEL).await?;
+    let url = upstream_url(&up, Workload::Get1k, Some(HOLD_MS));
+    let (stop, sampler) = rss_sampler(side.pid());
+    let t = Instant::now();
+    let mut calls = Vec::with_capacity(IN_FLIGHT);
+    for i in 0..IN_FLIGHT {
+        let mut client = clients[i % clients.len()].clone();
+        let url = url.clone();
+        calls.push(tokio::spawn(async move {
+            let req = action(Workload::Get1k, &url, &Bytes::new());
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(Duration::from_secs(60));
+            match client.execute(req).await {
+                Ok(r) if r.get_ref().outcome() == pb::Outcome::Succeeded => Ok(()),
+                Ok(r) => Err(format!("{:?}", r.into_inner().error)),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            }
+        }));
+    }
+    let (mut ok, mut first_err) = (0, None);
+    for c in calls {
+        match c.await {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(e) => first_err = first_err.or(Some(e.to_string())),
+        }
+    }
+    let took = t.elapsed();
+    let _ = stop.send(());
+    let (_, hi, _) = sampler.await?;
+    println!("| {IN_FLIGHT} in flight (hold {HOLD_MS} ms): succeeded | {ok} in {took:.2?} |");
+    if let Some(e) = first_err {
+        println!("| first error | {e} |");
+    }
+    println!(
+        "| {IN_FLIGHT} in flight: peak RSS sampled / VmHWM | {} / {} MiB |",
+        mib(Some(hi)),
+        mib(vm_kib(side.pid(), "VmHWM"))
+    );
+    drop(clients);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!("| RSS 1 s after | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
+    // For scale: a bare hyper server holding the same 10,000 connections and sleeping requests.
+    println!(
+        "| upstream (bench_upstream) VmHWM, for comparison | {} MiB |",
+        mib(vm_kib(upstream.pid(), "VmHWM"))
+    );
+
+    drop(side);
+
+    // Cold start: spawn, poll health until SERVING.
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        let listen = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+        let t = Instant::now();
+        let proc = spawn_sidecar(&o.paths.callout, &listen, &[])?;
+        let took = wait_serving(&listen, t, Duration::from_secs(10)).await?;
+        starts.push(took.as_secs_f64() * 1000.0);
+        drop(proc);
+    }
+    println!(
+        "| cold start to SERVING, 5 runs | {} ms |",
+        starts.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let o = options()?;
+    let ld = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "loadgen: nproc {}, loadavg {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ld.trim()
+    );
+    if o.scale {
+        scale(&o).await
+    } else {
+        throughput(&o).await
+    }
+}
