@@ -8,13 +8,14 @@
 //! - `GET /stream/{n}`: 200 with `n` bytes of `application/octet-stream`, sent in 64 KiB chunks
 //!   from one shared buffer as the reader takes them (nothing is buffered per response).
 //! - `?hold_ms=M` on either: wait M milliseconds (at most 60 s) before answering.
+#[path = "support/serve.rs"]
+mod serve;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::{convert::Infallible, net::SocketAddr, process::ExitCode, sync::OnceLock, time::Duration};
-use tokio::net::TcpListener;
+use std::{convert::Infallible, process::ExitCode, sync::OnceLock, time::Duration};
 
 const USAGE: &str = "usage: bench_upstream [--listen ADDR]   (default 127.0.0.1:0)";
 const CHUNK: usize = 64 * 1024;
@@ -102,55 +103,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     Ok(response)
 }
 
-fn listen_addr() -> Result<SocketAddr, String> {
-    let mut addr = "127.0.0.1:0".to_owned();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--listen" | "-l" => addr = args.next().ok_or("--listen needs an address")?,
-            "--help" | "-h" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("--listen {addr:?}: {e}"))?;
-    if !addr.ip().is_loopback() {
-        return Err("bench_upstream listens on loopback only".to_owned());
-    }
-    Ok(addr)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let addr = match listen_addr() {
-        Ok(addr) => addr,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = listener.local_addr().unwrap_or(addr);
-    println!("listening on http://{local}");
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                eprintln!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(handle))
-                .await;
-        });
-    }
+    serve::serve("127.0.0.1:0", USAGE, "listening on", handle).await
 }

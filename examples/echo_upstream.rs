@@ -5,31 +5,16 @@
 //! - any path: 200 with `{"method","path","query","headers":[[name,value],...],"body"}`
 //! - `/status/{code}`: the same echo, with that status
 //! - `/delay/{ms}`: waits that many milliseconds, then the echo with 200
+#[path = "support/serve.rs"]
+mod serve;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::{convert::Infallible, net::SocketAddr, process::ExitCode, time::Duration};
-use tokio::net::TcpListener;
+use std::{convert::Infallible, process::ExitCode, time::Duration};
 
 const USAGE: &str = "usage: echo_upstream [--listen ADDR]   (default 127.0.0.1:8080)";
-
-fn listen_addr() -> Result<SocketAddr, String> {
-    let mut addr = "127.0.0.1:8080".to_owned();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--listen" | "-l" => addr = args.next().ok_or("--listen needs an address")?,
-            "--help" | "-h" => return Err(USAGE.to_owned()),
-            other => match other.strip_prefix("--listen=") {
-                Some(value) => addr = value.to_owned(),
-                None => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-            },
-        }
-    }
-    addr.parse().map_err(|e| format!("--listen {addr:?}: {e}"))
-}
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
@@ -69,37 +54,5 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let addr = match listen_addr() {
-        Ok(addr) => addr,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = listener.local_addr().unwrap_or(addr);
-    println!("echo upstream listening on http://{local}");
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                eprintln!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        tokio::spawn(async move {
-            // HTTP/1.1 and h2c both, so callout's pooled client can use either.
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(echo))
-                .await;
-        });
-    }
+    serve::serve("127.0.0.1:8080", USAGE, "echo upstream listening on", echo).await
 }
