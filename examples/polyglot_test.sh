@@ -161,29 +161,30 @@ run() {
         pass "$name: exit status $rc"
     else
         fail "$name: exit status $rc, want $want"
-        sed 's/^/    | /' "$OUT" | cut -c1-300
+        show_output
+    fi
+}
+
+# show_output: the last run's output, indented, for a failure.
+show_output() {
+    sed 's/^/    | /' "$OUT" | cut -c1-300
+}
+
+# grep_check FLAG NEEDLE WHAT: the last run's output has NEEDLE (grep -FLAG), reported as WHAT.
+grep_check() {
+    if grep -"$1"q -- "$2" "$OUT"; then
+        pass "$CURRENT: $3"
+    else
+        fail "$CURRENT: missing $3"
+        show_output
     fi
 }
 
 # expect REGEX: the last run's output has a line matching REGEX (grep -E).
-expect() {
-    if grep -Eq -- "$1" "$OUT"; then
-        pass "$CURRENT: /$1/"
-    else
-        fail "$CURRENT: no line matches /$1/"
-        sed 's/^/    | /' "$OUT" | cut -c1-300
-    fi
-}
+expect() { grep_check E "$1" "/$1/"; }
 
 # expect_text TEXT: the last run's output contains TEXT (grep -F).
-expect_text() {
-    if grep -Fq -- "$1" "$OUT"; then
-        pass "$CURRENT: contains $1"
-    else
-        fail "$CURRENT: does not contain $1"
-        sed 's/^/    | /' "$OUT" | cut -c1-300
-    fi
-}
+expect_text() { grep_check F "$1" "contains $1"; }
 
 # expect_events PATTERN: the event names, runs of bodyChunk folded, match PATTERN (grep -E).
 expect_events() {

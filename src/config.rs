@@ -11,9 +11,8 @@ use crate::{
         breaker::BreakerSettings,
         concurrency::ConcurrencySettings,
         egress::{EgressRule, EgressSettings},
-        host_pattern::HostPattern,
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
-        Proxies,
+        ClientSettings, Proxies,
     },
     exec::ExecSettings,
     secrets::SecretSettings,
@@ -79,7 +78,9 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
+    // The runtime settings' defaults are the one source; the config only names them.
     fn default() -> Self {
+        let exec = ExecSettings::default();
         Self {
             listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
             unix_socket_mode: FileMode(0o600),
@@ -87,9 +88,9 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
-            drain_timeout: Duration::from_secs(25),
-            default_total_timeout: Duration::from_secs(300),
-            stream_max_response_bytes: 1 << 30,
+            drain_timeout: ServerOptions::default().drain_timeout,
+            default_total_timeout: exec.default_total_timeout,
+            stream_max_response_bytes: exec.stream_max_response_bytes,
             sensitive_headers: Vec::new(),
         }
     }
@@ -173,12 +174,13 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
+        let client = ClientSettings::default();
         Self {
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 64,
-            http2: true,
-            tcp_keepalive: Duration::from_secs(60),
-            http2_keep_alive_interval: None,
+            pool_idle_timeout: client.pool_idle_timeout,
+            pool_max_idle_per_host: client.pool_max_idle_per_host,
+            http2: client.http2,
+            tcp_keepalive: client.tcp_keepalive.unwrap_or(Duration::ZERO),
+            http2_keep_alive_interval: client.http2_keep_alive_interval,
             ca_file: None,
             proxy: None,
             resolve: BTreeMap::new(),
@@ -364,7 +366,7 @@ macro_rules! serde_as_string {
         }
     )*};
 }
-serde_as_string!(ListenAddr, Rate, RateLimitRule, EgressRule, HostPattern);
+serde_as_string!(ListenAddr, Rate, RateLimitRule, EgressRule);
 
 /// Why the configuration is not usable; the message names the key.
 #[derive(Debug, thiserror::Error)]

@@ -190,7 +190,7 @@ impl Executor {
         Ok(action)
     }
 
-    /// The server's limits (for in-flight and queue gauges).
+    /// The server's limits (the drain waits for their admitted actions).
     pub fn limits(&self) -> &Limits {
         &self.limits
     }

@@ -96,16 +96,6 @@ impl Limits {
         }
     }
 
-    /// Actions running now.
-    pub fn in_flight(&self) -> usize {
-        self.concurrency.in_flight()
-    }
-
-    /// Actions waiting for a running slot.
-    pub fn queued(&self) -> usize {
-        self.concurrency.queued()
-    }
-
     /// Actions admitted and not yet finished (running or queued).
     pub fn admitted(&self) -> usize {
         self.concurrency.admitted()

@@ -102,10 +102,15 @@ impl Concurrency {
                 // Only this map holds an idle destination's semaphore.
                 hosts.retain(|_, s| Arc::strong_count(s) > 1);
             }
-            hosts
-                .entry(key.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1))))
-                .clone()
+            // Look up before inserting: the common case allocates no key.
+            match hosts.get(key) {
+                Some(semaphore) => semaphore.clone(),
+                None => {
+                    let semaphore = Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1)));
+                    hosts.insert(key.to_owned(), semaphore.clone());
+                    semaphore
+                }
+            }
         };
         acquire(semaphore, deadline).await.ok_or_else(|| {
             NoSlot(format!(
