@@ -14,7 +14,7 @@ use crate::{
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
         ClientSettings, Proxies,
     },
-    exec::ExecSettings,
+    exec::{ActionLog, ExecSettings},
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
 };
@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub stream_max_response_bytes: u64,
     /// Header names whose values are sensitive besides the built-in ones. Default none.
     pub sensitive_headers: Vec<String>,
+    /// Runtime workers: 0 is one per usable core, 1 the current-thread scheduler. Default 0.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +94,7 @@ impl Default for ServerConfig {
             default_total_timeout: exec.default_total_timeout,
             stream_max_response_bytes: exec.stream_max_response_bytes,
             sensitive_headers: Vec::new(),
+            worker_threads: 0,
         }
     }
 }
@@ -105,11 +108,13 @@ pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, `callout=debug,info`. `RUST_LOG`, when set, wins.
     /// Default `info`.
     pub level: String,
+    /// Which finished actions get a line: `all`, `failed` or `off`. Default `failed`.
+    pub actions: ActionLog,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, level: "info".into() }
+        Self { format: LogFormat::Pretty, level: "info".into(), actions: ExecSettings::default().action_log }
     }
 }
 
@@ -492,6 +497,7 @@ impl Config {
         settings.secrets =
             SecretSettings { dir: self.secrets.dir.clone(), env_prefix: self.secrets.env_prefix.clone() };
         settings.sensitive_headers = self.sensitive_headers()?;
+        settings.action_log = self.log.actions;
         Ok(settings)
     }
 

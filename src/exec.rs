@@ -44,6 +44,24 @@ pub struct ExecSettings {
     /// Headers whose values are sensitive besides Authorization, Proxy-Authorization, Cookie,
     /// Set-Cookie and API-key headers: kept out of logs and HTTP/2 compression tables.
     pub sensitive_headers: Vec<http::HeaderName>,
+    /// Which finished actions get an `action finished` log line. Default failed ones.
+    pub action_log: ActionLog,
+}
+
+/// Which finished actions are logged (at info, one line each). Every action is counted in the
+/// metrics either way; a line per success is an access log, worth its cost only when wanted.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionLog {
+    /// Every action.
+    All,
+    /// Failed actions (including refused and cancelled ones).
+    #[default]
+    Failed,
+    /// None.
+    Off,
 }
 
 impl Default for ExecSettings {
@@ -55,6 +73,7 @@ impl Default for ExecSettings {
             limits: LimitSettings::default(),
             secrets: SecretSettings::default(),
             sensitive_headers: Vec::new(),
+            action_log: ActionLog::default(),
         }
     }
 }
@@ -232,7 +251,9 @@ impl Executor {
         if let Some(trace) = &action.trace {
             crate::telemetry::join_trace(&span, trace);
         }
-        self.run_in_span(admission, action, budget, observer).instrument(span).await
+        // Boxed here and below: these futures are kilobytes, and every move of an unboxed one
+        // (into `instrument`, into its caller's state) copies all of it.
+        Box::pin(self.run_in_span(admission, action, budget, observer)).instrument(span).await
     }
 
     async fn run_in_span<O: Observer>(
@@ -277,8 +298,7 @@ impl Executor {
                 error = Some(cancelled());
                 break;
             }
-            let mut result = self
-                .attempt(action, number, deadline, total, observer)
+            let mut result = Box::pin(self.attempt(action, number, deadline, total, observer))
                 .instrument(tracing::info_span!("attempt", number))
                 .await;
             self.limits.report(&destination, health_of(&result), too_many_requests_wait(&result));
@@ -326,9 +346,30 @@ impl Executor {
         }
 
         let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
-        log_outcome(action, &outcome);
+        self.log_outcome(action, &outcome);
         metrics::action_finished(&outcome, &destination.key);
         outcome
+    }
+
+    fn log_outcome(&self, action: &HttpAction, outcome: &Outcome) {
+        match self.settings.action_log {
+            ActionLog::All => {}
+            ActionLog::Failed if !outcome.succeeded => {}
+            ActionLog::Failed | ActionLog::Off => return,
+        }
+        let status = outcome.response.as_ref().map(|r| r.head.status);
+        let kind = outcome.error.as_ref().map(|e| e.kind.as_str());
+        tracing::info!(
+            action_id = %action.id,
+            method = %action.method,
+            destination = %action.destination(),
+            status,
+            outcome = if outcome.succeeded { "SUCCEEDED" } else { "FAILED" },
+            error = kind,
+            attempts = outcome.attempts.len(),
+            duration_ms = outcome.total.as_secs_f64() * 1000.0,
+            "action finished"
+        );
     }
 
     fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
@@ -374,7 +415,7 @@ impl Executor {
                 AttemptResult { record, end, response, streamed, decision: None }
             };
 
-        let sent = timeout_at(until.into(), self.send_following_redirects(action)).await;
+        let sent = timeout_at(until.into(), Box::pin(self.send_following_redirects(action))).await;
         let response = match sent {
             Err(_) => {
                 let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
@@ -663,22 +704,6 @@ async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, obse
         }
     }
     BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
-}
-
-fn log_outcome(action: &HttpAction, outcome: &Outcome) {
-    let status = outcome.response.as_ref().map(|r| r.head.status);
-    let kind = outcome.error.as_ref().map(|e| e.kind.as_str());
-    tracing::info!(
-        action_id = %action.id,
-        method = %action.method,
-        destination = %action.destination(),
-        status,
-        outcome = if outcome.succeeded { "SUCCEEDED" } else { "FAILED" },
-        error = kind,
-        attempts = outcome.attempts.len(),
-        duration_ms = outcome.total.as_secs_f64() * 1000.0,
-        "action finished"
-    );
 }
 
 /// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").

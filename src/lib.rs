@@ -16,6 +16,7 @@ pub mod config;
 pub mod exec;
 pub mod metrics;
 pub mod report;
+pub mod runtime;
 pub mod secrets;
 pub mod server;
 pub mod telemetry;

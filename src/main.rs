@@ -10,7 +10,7 @@ use callout::{
         rate_limit::{Rate, RateLimitRule},
     },
     config::{Config, FileMode, ListenAddr, LogConfig, LogFormat},
-    exec::Executor,
+    exec::{ActionLog, Executor},
     server::Listener,
     telemetry,
 };
@@ -99,6 +99,9 @@ struct ServeFlags {
     /// [server.stream_max_response_bytes] body cap of ExecuteStream (1 GiB).
     #[arg(long)]
     stream_max_response_bytes: Option<u64>,
+    /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread (0).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
     /// [server.sensitive_headers] a header whose values are secret; repeatable.
     #[arg(long = "sensitive-header", value_name = "NAME")]
     sensitive_headers: Vec<String>,
@@ -108,6 +111,9 @@ struct ServeFlags {
     /// [log.level] tracing filter, e.g. info or callout=debug (RUST_LOG wins when set).
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// [log.actions] which finished actions get a log line (failed).
+    #[arg(long, value_enum)]
+    log_actions: Option<ActionLog>,
     /// [metrics.listen] address of the Prometheus /metrics endpoint (127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -261,8 +267,10 @@ impl ServeArgs {
             .duration("server.default_total_timeout", f.default_total_timeout)
             .set("server.stream_max_response_bytes", f.stream_max_response_bytes)
             .list("server.sensitive_headers", f.sensitive_headers)
+            .set("server.worker_threads", f.worker_threads)
             .set("log.format", f.log_format)
             .set("log.level", f.log_level)
+            .set("log.actions", f.log_actions)
             .set("metrics.listen", f.metrics_listen)
             .flag("metrics.enabled", f.no_metrics, false)
             .duration("client.pool_idle_timeout", f.pool_idle_timeout)
@@ -357,11 +365,17 @@ struct ExecArgs {
     proxy: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(args) => serve(*args).await,
-        Command::Exec(args) => exec(*args).await,
+        Command::Serve(args) => serve(*args),
+        // One action needs no more than one thread.
+        Command::Exec(args) => match callout::runtime::build(1) {
+            Ok(runtime) => runtime.block_on(exec(*args)),
+            Err(e) => {
+                eprintln!("callout: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Config(ConfigCommand::Print(args)) => match args.config() {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
@@ -375,7 +389,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+fn serve(args: ServeArgs) -> ExitCode {
     let config = match args.config() {
         Ok(config) => config,
         Err(e) => {
@@ -383,25 +397,34 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let telemetry = match telemetry::init(&config.log, &config.tracing) {
-        Ok(telemetry) => telemetry,
+    let runtime = match callout::runtime::build(config.server.worker_threads) {
+        Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::from(2);
+            eprintln!("callout: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    let code = match run_server(config).await {
-        Ok(()) => {
-            tracing::info!("callout stopped");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    };
-    telemetry.shutdown();
-    code
+    runtime.block_on(async {
+        let telemetry = match telemetry::init(&config.log, &config.tracing) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("callout: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let code = match run_server(config).await {
+            Ok(()) => {
+                tracing::info!("callout stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+        telemetry.shutdown();
+        code
+    })
 }
 
 /// Builds everything the configuration names, binds the listeners, serves until SIGTERM or
@@ -434,6 +457,7 @@ async fn run_server(config: Config) -> Result<(), String> {
         mutual_tls = options.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
         bearer_token = options.auth_token.is_some(),
         private_networks = config.egress.allow_private_networks,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "callout serving"
     );
     callout::server::serve_with(listener, executor, options, shutdown_signal())

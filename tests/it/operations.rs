@@ -221,7 +221,7 @@ async fn the_callers_trace_continues_to_the_upstream() {
 #[tokio::test]
 async fn json_logs_carry_one_line_per_action_with_its_span() {
     let upstream = Upstream::fixed(201, "made").await;
-    let serve = ServeProcess::spawn(&["--log-format", "json"], &[]).await;
+    let serve = ServeProcess::spawn(&["--log-format", "json", "--log-actions", "all"], &[]).await;
     let mut client = HttpActionServiceClient::new(serve.channel().await);
     let mut req = request("POST", &upstream.url("/orders"));
     req.action_id = "wf-7/step-2".into();
@@ -240,4 +240,58 @@ async fn json_logs_carry_one_line_per_action_with_its_span() {
     assert_eq!(line["destination"], upstream.addr.to_string());
     assert!(line["duration_ms"].is_number());
     assert_eq!(line["span"]["name"], "action");
+}
+
+/// By default only failed actions are logged: a line per success is an access log, asked for
+/// with `log.actions = "all"`; `off` logs none.
+#[tokio::test]
+async fn by_default_only_failed_actions_are_logged() {
+    let ok = Upstream::fixed(200, "fine").await;
+    let down = Upstream::fixed(500, "down").await;
+    let finished = |logs: &str| -> Vec<serde_json::Value> {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == "action finished")
+            .collect()
+    };
+    for (args, want_ok, want_failed) in
+        [(&["--log-format", "json"][..], 0, 1), (&["--log-format", "json", "--log-actions", "off"][..], 0, 0)]
+    {
+        let serve = ServeProcess::spawn(args, &[]).await;
+        let mut client = HttpActionServiceClient::new(serve.channel().await);
+        let mut good = request("GET", &ok.url("/fine"));
+        good.action_id = "fine-1".into();
+        let mut bad = request("GET", &down.url("/down"));
+        bad.action_id = "down-1".into();
+        bad.retry = Some(fast_retry(1));
+        client.execute(good).await.unwrap();
+        client.execute(bad).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let logs = serve.logs();
+        let lines = finished(&logs);
+        let count = |id: &str| lines.iter().filter(|l| l["action_id"] == id).count();
+        assert_eq!(count("fine-1"), want_ok, "{args:?}: succeeded action lines:\n{logs}");
+        assert_eq!(count("down-1"), want_failed, "{args:?}: failed action lines:\n{logs}");
+        if want_failed == 1 {
+            let line = lines.iter().find(|l| l["action_id"] == "down-1").unwrap();
+            assert_eq!(line["outcome"], "FAILED");
+            assert_eq!(line["status"], 500);
+        }
+    }
+}
+
+/// `server.worker_threads` sizes the runtime: 1 is the single-thread scheduler, N that many
+/// workers; either way actions run.
+#[tokio::test]
+async fn worker_threads_size_the_runtime() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    for workers in ["1", "3"] {
+        let serve = ServeProcess::spawn(&["--worker-threads", workers], &[]).await;
+        let mut client = HttpActionServiceClient::new(serve.channel().await);
+        let reply = client.execute(request("GET", &upstream.url("/"))).await.unwrap().into_inner();
+        assert_eq!(reply.response.map(|r| r.status), Some(200));
+        let logs = serve.logs();
+        let start = logs.lines().find(|l| l.contains("callout serving")).unwrap();
+        assert!(start.contains(&format!("workers={workers}")), "{start}");
+    }
 }

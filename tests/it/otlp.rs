@@ -66,11 +66,22 @@ fn futures_stream<T>(items: Vec<T>) -> tokio_stream::Iter<std::vec::IntoIter<T>>
 }
 
 #[tokio::test]
-async fn spans_are_exported_joined_to_the_callers_trace() {
+async fn spans_are_exported_joined_to_the_callers_trace_on_one_worker() {
+    exports_spans_and_stops("1").await;
+}
+
+#[tokio::test]
+async fn spans_are_exported_joined_to_the_callers_trace_on_two_workers() {
+    exports_spans_and_stops("2").await;
+}
+
+/// On either scheduler (one worker is the current-thread one), spans reach the collector and
+/// the flush at exit finishes.
+async fn exports_spans_and_stops(workers: &str) {
     let (endpoint, bodies, _collector) = collector().await;
     let upstream = Upstream::fixed(200, "ok").await;
-    let serve = ServeProcess::spawn(
-        &[],
+    let mut serve = ServeProcess::spawn(
+        &["--worker-threads", workers],
         &[("CALLOUT_TRACING__OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
     )
     .await;
@@ -99,4 +110,7 @@ async fn spans_are_exported_joined_to_the_callers_trace() {
         "the collector received the action and attempt spans of trace {TRACE_ID}:\n{}",
         serve.logs()
     );
+    serve.terminate();
+    let status = serve.exit_status(Duration::from_secs(15)).await;
+    assert!(status.is_some_and(|s| s.success()), "callout exits after flushing spans:\n{}", serve.logs());
 }
