@@ -68,6 +68,11 @@ impl Drop for Proc {
     }
 }
 
+/// CPU time of several processes together; None when one cannot be read.
+fn cpu_sum(pids: &[Option<u32>]) -> Option<Duration> {
+    pids.iter().map(|p| p.and_then(cpu_time)).sum()
+}
+
 /// CPU time (utime + stime) of a process, from /proc/PID/stat.
 fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -239,7 +244,7 @@ fn upstream_url(upstream: &str, workload: Workload, hold_ms: Option<u64>) -> Str
 fn action(workload: Workload, url: &str, post: &Bytes) -> pb::ExecuteHttpActionRequest {
     let (method, body) = match workload {
         Workload::Get1k => ("GET", None),
-        Workload::Post16k => ("POST", Some(ActionBody::Raw(post.to_vec()))),
+        Workload::Post16k => ("POST", Some(ActionBody::Raw(post.clone()))),
     };
     pb::ExecuteHttpActionRequest {
         method: method.into(),
@@ -311,6 +316,9 @@ struct Cell {
     p99_us: f64,
     errors: u64,
     cpu_us_per_action: Option<f64>,
+    /// CPU of every process on the path (loadgen, upstream, sidecar if any) per action: with
+    /// all three on the same cores, B/A can be no better than A's total over B's.
+    total_cpu_us_per_action: Option<f64>,
     rss_kib: Option<u64>,
 }
 
@@ -331,16 +339,19 @@ async fn closed_loop(
     warmup: Duration,
     duration: Duration,
     sidecar: Option<u32>,
+    upstream: u32,
 ) -> Cell {
     let start = Instant::now() + warmup;
     let end = start + duration;
     let errors = Arc::new(AtomicU64::new(0));
-    let cpu_before = Arc::new(Mutex::new(None));
+    let others = [Some(upstream), Some(std::process::id())];
+    let cpu_before = Arc::new(Mutex::new((None, None)));
     let meter = {
         let cpu_before = cpu_before.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
-            *cpu_before.lock().unwrap_or_else(|e| e.into_inner()) = sidecar.and_then(cpu_time);
+            *cpu_before.lock().unwrap_or_else(|e| e.into_inner()) =
+                (sidecar.and_then(cpu_time), cpu_sum(&others));
         })
     };
     let mut workers = Vec::with_capacity(concurrency);
@@ -374,15 +385,23 @@ async fn closed_loop(
     let _ = meter.await;
     tokio::time::sleep_until(end.into()).await;
     let cpu_after = sidecar.and_then(cpu_time);
+    let others_after = cpu_sum(&others);
     let mut lat = Vec::new();
     for w in workers {
         lat.extend(w.await.unwrap_or_default());
     }
     lat.sort_unstable();
     let n = lat.len() as f64;
-    let cpu_before = *cpu_before.lock().unwrap_or_else(|e| e.into_inner());
-    let cpu = match (cpu_before, cpu_after) {
-        (Some(b), Some(a)) if n > 0.0 => Some((a - b).as_secs_f64() * 1e6 / n),
+    let (cpu_before, others_before) = *cpu_before.lock().unwrap_or_else(|e| e.into_inner());
+    let per_action = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
+        (Some(b), Some(a)) if n > 0.0 => Some((a.saturating_sub(b)).as_secs_f64() * 1e6 / n),
+        _ => None,
+    };
+    let cpu = per_action(cpu_before, cpu_after);
+    let others = per_action(others_before, others_after);
+    let total = match (sidecar, cpu, others) {
+        (None, _, Some(o)) => Some(o),
+        (Some(_), Some(c), Some(o)) => Some(c + o),
         _ => None,
     };
     Cell {
@@ -391,6 +410,7 @@ async fn closed_loop(
         p99_us: percentile(&lat, 0.99),
         errors: errors.load(Ordering::Relaxed),
         cpu_us_per_action: cpu,
+        total_cpu_us_per_action: total,
         rss_kib: sidecar.and_then(|p| vm_kib(p, "VmRSS")),
     }
 }
@@ -451,6 +471,7 @@ async fn open_loop(target: &Target, workload: Workload, rate: f64, duration: Dur
         p99_us: percentile(&lat, 0.99),
         errors: errors.load(Ordering::Relaxed),
         cpu_us_per_action: None,
+        total_cpu_us_per_action: None,
         rss_kib: None,
     };
     (cell, skipped)
@@ -524,7 +545,8 @@ fn fmt_opt(v: Option<f64>) -> String {
 }
 
 async fn throughput(o: &Options) -> Result<(), Error> {
-    let (_upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let (upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let upstream_pid = upstream.pid();
     let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
     let sock = socket_path();
     let unix = Listen::Unix(sock.clone());
@@ -559,9 +581,9 @@ async fn throughput(o: &Options) -> Result<(), Error> {
     let run = |m: char| o.modes.contains(m);
     let mut saturation_b64 = None;
     println!(
-        "| workload | conc | A direct act/s | A p50/p99 us | B tcp act/s | B p50/p99 us | B/A | B cpu us/act | C uds act/s | C p50/p99 us | C/A | C cpu us/act | RSS B/C MiB | errors A/B/C |"
+        "| workload | conc | A direct act/s | A p50/p99 us | B tcp act/s | B p50/p99 us | B/A | B cpu us/act | C uds act/s | C p50/p99 us | C/A | C cpu us/act | all cpu us/act A/B/C | RSS B/C MiB | errors A/B/C |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for workload in [Workload::Get1k, Workload::Post16k] {
         let url = upstream_url(&up, workload, None);
         for &c in concurrencies.iter() {
@@ -579,17 +601,17 @@ async fn throughput(o: &Options) -> Result<(), Error> {
             let skip =
                 Cell { actions_per_s: f64::NAN, p50_us: f64::NAN, p99_us: f64::NAN, ..Cell::default() };
             let ra = if run('A') {
-                closed_loop(&a, workload, c, o.warmup, o.duration, None).await
+                closed_loop(&a, workload, c, o.warmup, o.duration, None, upstream_pid).await
             } else {
                 skip.clone()
             };
             let rb = if run('B') {
-                closed_loop(&b, workload, c, o.warmup, o.duration, Some(side_b.pid())).await
+                closed_loop(&b, workload, c, o.warmup, o.duration, Some(side_b.pid()), upstream_pid).await
             } else {
                 skip.clone()
             };
             let rc = if run('C') {
-                closed_loop(&cc, workload, c, o.warmup, o.duration, Some(side_c.pid())).await
+                closed_loop(&cc, workload, c, o.warmup, o.duration, Some(side_c.pid()), upstream_pid).await
             } else {
                 skip.clone()
             };
@@ -597,7 +619,7 @@ async fn throughput(o: &Options) -> Result<(), Error> {
                 saturation_b64 = Some(rb.actions_per_s);
             }
             println!(
-                "| {} | {c} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {}/{} | {}/{}/{} |",
+                "| {} | {c} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {}/{}/{} | {}/{} | {}/{}/{} |",
                 workload.name(),
                 ra.actions_per_s,
                 ra.p50_us,
@@ -612,6 +634,9 @@ async fn throughput(o: &Options) -> Result<(), Error> {
                 rc.p99_us,
                 rc.actions_per_s / ra.actions_per_s,
                 fmt_opt(rc.cpu_us_per_action),
+                fmt_opt(ra.total_cpu_us_per_action),
+                fmt_opt(rb.total_cpu_us_per_action),
+                fmt_opt(rc.total_cpu_us_per_action),
                 mib(rb.rss_kib),
                 mib(rc.rss_kib),
                 ra.errors,

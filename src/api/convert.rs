@@ -37,7 +37,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         Some(pb::execute_http_action_request::Body::Json(json)) => BodyInput::Json(json),
         Some(pb::execute_http_action_request::Body::Form(form)) => BodyInput::Form(pairs(form.fields)),
         Some(pb::execute_http_action_request::Body::Text(text)) => BodyInput::Text(text),
-        Some(pb::execute_http_action_request::Body::Raw(raw)) => BodyInput::Raw(raw.into()),
+        Some(pb::execute_http_action_request::Body::Raw(raw)) => BodyInput::Raw(raw),
     };
     ActionInput {
         action_id: req.action_id,
@@ -178,7 +178,7 @@ pub fn response_head(head: &ResponseHead) -> pb::HttpResponse {
 
 fn response(r: ResponseData) -> pb::HttpResponse {
     pb::HttpResponse {
-        body: r.body.to_vec(),
+        body: r.body,
         body_json: r.body_json.map(json_value),
         body_text: r.body_text,
         truncated: r.truncated,

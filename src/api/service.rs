@@ -192,7 +192,7 @@ impl Observer for EventSink {
     }
 
     async fn body_chunk(&mut self, attempt: u32, offset: u64, data: Bytes) -> Result<(), Gone> {
-        self.send(Event::BodyChunk(pb::BodyChunk { attempt, offset, data: data.to_vec() })).await
+        self.send(Event::BodyChunk(pb::BodyChunk { attempt, offset, data })).await
     }
 
     async fn attempt_failed(&mut self, record: &AttemptRecord, will_retry: bool) -> Result<(), Gone> {

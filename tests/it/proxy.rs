@@ -106,7 +106,7 @@ async fn https_goes_through_a_connect_tunnel_with_proxy_credentials() {
     let proxy_url = proxy.url().replace("http://", "http://user:s3cret@");
     let resp = sidecar.execute(via(&format!("https://{upstream}/"), &proxy_url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.as_ref().unwrap().body, b"secure");
+    assert_eq!(resp.response.as_ref().unwrap().body, &b"secure"[..]);
     // TLS ran end to end through the tunnel, with h2 negotiated with the target itself.
     assert_eq!(resp.response.unwrap().http_version, "HTTP/2.0");
     assert_eq!(resp.attempts[0].remote_address, proxy.addr.to_string());
@@ -146,7 +146,7 @@ async fn http_is_forwarded_in_absolute_form_with_proxy_credentials() {
     let proxy_url = proxy.url("").replace("http://", "http://user:s3cret@");
     let resp = sidecar.execute(via("http://orders.example.test:8080/a?b=1", &proxy_url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, b"from the proxy");
+    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..]);
     let seen = &proxy.seen()[0];
     assert_eq!(seen.uri, "http://orders.example.test:8080/a?b=1");
     assert_eq!(seen.header("host").as_deref(), Some("orders.example.test:8080"));
@@ -163,12 +163,12 @@ async fn server_default_proxy_applies_unless_no_proxy_matches() {
     let sidecar = Sidecar::start_with(settings).await;
 
     let resp = sidecar.execute(request("GET", "http://api.example.test/x")).await;
-    assert_eq!(resp.response.unwrap().body, b"from the proxy");
+    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..]);
     assert_eq!(proxy.seen()[0].uri, "http://api.example.test/x");
 
     // localhost is in NO_PROXY: straight to the upstream.
     let resp = sidecar.execute(request("GET", &format!("http://localhost:{}/y", direct.addr.port()))).await;
-    assert_eq!(resp.response.unwrap().body, b"direct");
+    assert_eq!(resp.response.unwrap().body, &b"direct"[..]);
     assert_eq!(direct.seen()[0].uri, "/y");
     assert_eq!(proxy.hits(), 1);
 }
@@ -181,6 +181,6 @@ async fn action_proxy_replaces_the_servers() {
     settings.client.proxies = Proxies::only(ProxyUrl::parse(&server_proxy.url("")).unwrap());
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(via("http://api.example.test/", &action_proxy.url(""))).await;
-    assert_eq!(resp.response.unwrap().body, b"action proxy");
+    assert_eq!(resp.response.unwrap().body, &b"action proxy"[..]);
     assert_eq!(server_proxy.hits(), 0);
 }

@@ -127,7 +127,7 @@ async fn text_body_is_sent_as_is_without_a_content_type() {
 #[tokio::test]
 async fn raw_body_is_sent_as_is_without_a_content_type() {
     let bytes = vec![0u8, 0x9f, 0x92, 0x96, 0xff, b'\n', 0x00, b'x'];
-    let seen = sent(|url| with_body(request("PUT", &url), Body::Raw(bytes.clone()))).await;
+    let seen = sent(|url| with_body(request("PUT", &url), Body::Raw(bytes.clone().into()))).await;
     assert_eq!(seen.header("content-type"), None, "{seen:?}");
     assert_eq!(seen.body, bytes);
 }
@@ -150,7 +150,7 @@ async fn content_type_field_overrides_the_bodys_default() {
 
     let seen = sent(|url| pb::ExecuteHttpActionRequest {
         content_type: "application/octet-stream".into(),
-        ..with_body(request("POST", &url), Body::Raw(vec![1, 2, 3]))
+        ..with_body(request("POST", &url), Body::Raw(vec![1, 2, 3].into()))
     })
     .await;
     assert_eq!(seen.header_values("content-type"), ["application/octet-stream"]);

@@ -62,7 +62,7 @@ async fn response_carries_status_reason_version_repeated_headers_and_body() {
     assert_eq!(headers_named(&r, "x-rep"), ["one=1", "two=2"]);
     assert_eq!(headers_named(&r, "x-single"), ["s"]);
     assert_eq!(headers_named(&r, "content-type"), ["text/plain; charset=utf-8"]);
-    assert_eq!(r.body, b"accepted, thanks");
+    assert_eq!(r.body, &b"accepted, thanks"[..]);
     assert_eq!(r.body_text.as_deref(), Some("accepted, thanks"));
     assert!(r.body_json.is_none());
     assert!(!r.truncated);
