@@ -1,7 +1,9 @@
 //! A loopback upstream for benchmarks (`examples/loadgen.rs` starts it as its own process).
 //!
-//! `cargo run --release --example bench_upstream -- [--listen 127.0.0.1:0]`
-//! prints `listening on http://ADDR` on its first line.
+//! `cargo run --release --example bench_upstream -- [--listen 127.0.0.1:0] [--tls-dir DIR]`
+//! prints `listening on http://ADDR` on its first line (`https://` with `--tls-dir`: TLS with a
+//! certificate made at start for 127.0.0.1, HTTP/1.1 or h2 by ALPN, its CA written to
+//! `DIR/ca.pem`).
 //!
 //! - `GET|POST /bytes/{n}`: 200 with a JSON body of exactly `n` bytes (`{"d":"xxx…"}`,
 //!   or plain `x`s below 8 bytes). A POST body is read to its end first.
@@ -17,7 +19,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use std::{convert::Infallible, process::ExitCode, sync::OnceLock, time::Duration};
 
-const USAGE: &str = "usage: bench_upstream [--listen ADDR]   (default 127.0.0.1:0)";
+const USAGE: &str = "usage: bench_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:0, plaintext)";
 const CHUNK: usize = 64 * 1024;
 /// Largest `/bytes/{n}` body: bodies are built whole.
 const MAX_BYTES: usize = 64 << 20;

@@ -1,6 +1,8 @@
 //! A demo upstream for trying callout by hand: echoes every request back as JSON.
 //!
-//! `cargo run --example echo_upstream -- [--listen 127.0.0.1:8080]`
+//! `cargo run --example echo_upstream -- [--listen 127.0.0.1:8080] [--tls-dir DIR]`
+//! (`--tls-dir`: HTTPS with a certificate made at start, its CA written to `DIR/ca.pem` for
+//! `callout serve --ca-file DIR/ca.pem`)
 //!
 //! - any path: 200 with `{"method","path","query","headers":[[name,value],...],"body"}`
 //! - `/status/{code}`: the same echo, with that status
@@ -14,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use std::{convert::Infallible, process::ExitCode, time::Duration};
 
-const USAGE: &str = "usage: echo_upstream [--listen ADDR]   (default 127.0.0.1:8080)";
+const USAGE: &str = "usage: echo_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:8080, plaintext)";
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();

@@ -123,8 +123,14 @@ fn default_paths() -> Paths {
 
 /// Starts the upstream and returns it with its address (read from its first line).
 fn spawn_upstream(path: &Path) -> Result<(Proc, String), Error> {
+    spawn_upstream_with(path, &[]).map(|(proc, addr, _)| (proc, addr))
+}
+
+/// The upstream with `extra` arguments: its process, `IP:PORT`, and whether it serves TLS.
+fn spawn_upstream_with(path: &Path, extra: &[&str]) -> Result<(Proc, String, bool), Error> {
     let mut child = Command::new(path)
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -135,9 +141,12 @@ fn spawn_upstream(path: &Path) -> Result<(Proc, String), Error> {
     let proc = Proc { name: "bench_upstream", child };
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    let addr =
-        line.trim().strip_prefix("listening on http://").ok_or_else(|| format!("upstream said {line:?}"))?;
-    Ok((proc, addr.to_owned()))
+    let at = line.trim().strip_prefix("listening on ").ok_or_else(|| format!("upstream said {line:?}"))?;
+    match (at.strip_prefix("http://"), at.strip_prefix("https://")) {
+        (Some(addr), _) => Ok((proc, addr.to_owned(), false)),
+        (_, Some(addr)) => Ok((proc, addr.to_owned(), true)),
+        _ => Err(format!("upstream said {line:?}").into()),
+    }
 }
 
 fn free_port() -> Result<u16, Error> {
@@ -487,6 +496,8 @@ struct Options {
     conc: Vec<usize>,
     modes: String,
     sidecar_args: Vec<String>,
+    /// Open-loop rates run after the one at half of saturation.
+    open_rates: Vec<f64>,
     paths: Paths,
 }
 
@@ -499,6 +510,7 @@ fn options() -> Result<Options, Error> {
         conc: vec![1, 16, 64, 256],
         modes: "ABC".into(),
         sidecar_args: Vec::new(),
+        open_rates: Vec::new(),
         paths: default_paths(),
     };
     let mut args = std::env::args().skip(1);
@@ -521,9 +533,15 @@ fn options() -> Result<Options, Error> {
             }
             "--modes" => o.modes = value()?.to_ascii_uppercase(),
             "--sidecar-arg" => o.sidecar_args.push(value()?),
+            "--open-rates" => {
+                o.open_rates = value()?.split(',').map(|r| r.parse::<f64>()).collect::<Result<_, _>>()?;
+                if o.open_rates.iter().any(|&r| !(1.0..=200_000.0).contains(&r)) {
+                    return Err("--open-rates takes 1..=200000 actions/s".into());
+                }
+            }
             "--scale" => o.scale = true,
             "--help" | "-h" => {
-                println!("usage: loadgen [--scale] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
+                println!("usage: loadgen [--scale] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -652,32 +670,50 @@ async fn throughput(o: &Options) -> Result<(), Error> {
         let _ = std::fs::remove_file(&sock);
         return Ok(());
     }
-    let rate = (saturation_b64.unwrap_or(1000.0) / 2.0).max(10.0);
+    let half = (saturation_b64.unwrap_or(1000.0) / 2.0).max(10.0);
     let open = o.duration.max(Duration::from_secs(2)) + Duration::from_secs(1);
-    println!("\nopen loop, GET 1 KiB, {rate:.0} actions/s for {open:?} (half of B's saturation at concurrency 64); latency from the scheduled send time");
-    println!("| mode | done act/s | p50 us | p99 us | added p50 us | added p99 us | errors | skipped |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\nopen loop, GET 1 KiB, {open:?} per mode: first at {half:.0} actions/s (half of B's saturation at concurrency 64), then any --open-rates; latency from the scheduled send time, total CPU per action of every process on the path");
+    println!("| rate/s | mode | done act/s | p50 us | p99 us | added p50 us | added p99 us | all cpu us/act | errors | skipped |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let url = upstream_url(&up, Workload::Get1k, None);
     let a = Target::Direct { client: Box::new(direct.clone()), url: url.clone(), post: post.clone() };
     let b =
         Target::Sidecar { clients: sidecar_clients(&tcp, 2).await?, url: url.clone(), post: post.clone() };
     let cc = Target::Sidecar { clients: sidecar_clients(&unix, 2).await?, url, post };
-    let (ra, sa) = open_loop(&a, Workload::Get1k, rate, open).await;
-    println!(
-        "| A direct | {:.0} | {:.0} | {:.0} | - | - | {} | {sa} |",
-        ra.actions_per_s, ra.p50_us, ra.p99_us, ra.errors
-    );
-    for (name, target) in [("B tcp", &b), ("C uds", &cc)] {
-        let (r, s) = open_loop(target, Workload::Get1k, rate, open).await;
+    for rate in std::iter::once(half).chain(o.open_rates.iter().copied()) {
+        let cpu = |sidecar: Option<u32>| {
+            let pids = [Some(upstream_pid), Some(std::process::id()), sidecar];
+            cpu_sum(&pids[..if sidecar.is_some() { 3 } else { 2 }])
+        };
+        let before = cpu(None);
+        let (ra, sa) = open_loop(&a, Workload::Get1k, rate, open).await;
+        let per = |before: Option<Duration>, after: Option<Duration>, done: f64| {
+            fmt_opt(before.zip(after).map(|(b, a)| a.saturating_sub(b).as_secs_f64() * 1e6 / done))
+        };
+        let done = ra.actions_per_s * open.as_secs_f64();
         println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {s} |",
-            r.actions_per_s,
-            r.p50_us,
-            r.p99_us,
-            r.p50_us - ra.p50_us,
-            r.p99_us - ra.p99_us,
-            r.errors
+            "| {rate:.0} | A direct | {:.0} | {:.0} | {:.0} | - | - | {} | {} | {sa} |",
+            ra.actions_per_s,
+            ra.p50_us,
+            ra.p99_us,
+            per(before, cpu(None), done),
+            ra.errors
         );
+        for (name, target, pid) in [("B tcp", &b, side_b.pid()), ("C uds", &cc, side_c.pid())] {
+            let before = cpu(Some(pid));
+            let (r, s) = open_loop(target, Workload::Get1k, rate, open).await;
+            let done = r.actions_per_s * open.as_secs_f64();
+            println!(
+                "| {rate:.0} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {s} |",
+                r.actions_per_s,
+                r.p50_us,
+                r.p99_us,
+                r.p50_us - ra.p50_us,
+                r.p99_us - ra.p99_us,
+                per(before, cpu(Some(pid)), done),
+                r.errors
+            );
+        }
     }
     println!(
         "\nsidecar peak RSS (VmHWM): B {} MiB, C {} MiB; sidecar CPU total: B {:?}, C {:?}",
@@ -718,9 +754,6 @@ fn rss_sampler(pid: u32) -> (tokio::sync::oneshot::Sender<()>, tokio::task::Join
 }
 
 async fn scale(o: &Options) -> Result<(), Error> {
-    const IN_FLIGHT: usize = 10_000;
-    const PER_CHANNEL: usize = 100;
-    const HOLD_MS: u64 = 5_000;
     const STREAM_BYTES: u64 = 1 << 30;
     println!(
         "open files limit (soft): {}",
@@ -736,11 +769,12 @@ async fn scale(o: &Options) -> Result<(), Error> {
     let (upstream, up) = spawn_upstream(&o.paths.upstream)?;
     let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
     let t = Instant::now();
-    let side = spawn_sidecar(
-        &o.paths.callout,
-        &tcp,
-        &["--max-in-flight", "10000", "--max-in-flight-per-host", "10000", "--max-queued", "1000"],
-    )?;
+    let burst_args: Vec<&str> =
+        ["--max-in-flight", "10000", "--max-in-flight-per-host", "10000", "--max-queued", "1000"]
+            .into_iter()
+            .chain(o.sidecar_args.iter().map(String::as_str))
+            .collect();
+    let side = spawn_sidecar(&o.paths.callout, &tcp, &burst_args)?;
     wait_serving(&tcp, t, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!("| measure | value |\n|---|---|");
@@ -789,14 +823,77 @@ async fn scale(o: &Options) -> Result<(), Error> {
     );
 
     // 10,000 actions in flight at once; the upstream holds each response 5 s.
-    let clients = sidecar_clients(&tcp, IN_FLIGHT / PER_CHANNEL).await?;
     let url = upstream_url(&up, Workload::Get1k, Some(HOLD_MS));
-    let (stop, sampler) = rss_sampler(side.pid());
+    let clients = in_flight_burst(&tcp, side.pid(), &url, "HTTP/1.1").await?;
+    drop(clients);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!("| RSS 1 s after | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
+    // For scale: a bare hyper server holding the same 10,000 connections and sleeping requests.
+    println!(
+        "| upstream (bench_upstream) VmHWM, for comparison | {} MiB |",
+        mib(vm_kib(upstream.pid(), "VmHWM"))
+    );
+    drop(side);
+
+    // The same burst to an HTTPS upstream that speaks h2 (by ALPN): the 10,000 share one
+    // connection instead of needing one each.
+    let tls_dir = std::env::temp_dir().join(format!("callout-loadgen-tls-{}", std::process::id()));
+    let tls_dir_arg = tls_dir.to_string_lossy().into_owned();
+    let (upstream_h2, up_h2, _) = spawn_upstream_with(&o.paths.upstream, &["--tls-dir", &tls_dir_arg])?;
+    let ca = tls_dir.join("ca.pem").to_string_lossy().into_owned();
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let t = Instant::now();
+    let side = spawn_sidecar(&o.paths.callout, &tcp, &[&burst_args[..], &["--ca-file", &ca]].concat())?;
+    wait_serving(&tcp, t, Duration::from_secs(10)).await?;
+    let url = upstream_url(&up_h2, Workload::Get1k, Some(HOLD_MS)).replacen("http://", "https://", 1);
+    let clients = in_flight_burst(&tcp, side.pid(), &url, "h2 over TLS").await?;
+    drop(clients);
+    println!(
+        "| upstream (h2 over TLS) VmHWM, for comparison | {} MiB |",
+        mib(vm_kib(upstream_h2.pid(), "VmHWM"))
+    );
+    drop((side, upstream_h2));
+    let _ = std::fs::remove_dir_all(&tls_dir);
+
+    // Cold start: spawn, poll health until SERVING.
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        let listen = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+        let t = Instant::now();
+        let proc = spawn_sidecar(&o.paths.callout, &listen, &[])?;
+        let took = wait_serving(&listen, t, Duration::from_secs(10)).await?;
+        starts.push(took.as_secs_f64() * 1000.0);
+        drop(proc);
+    }
+    println!(
+        "| cold start to SERVING, 5 runs | {} ms |",
+        starts.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+/// The scale run's burst: this many actions at once, over channels of this many streams each,
+/// to an upstream that holds every response this long.
+const IN_FLIGHT: usize = 10_000;
+const PER_CHANNEL: usize = 100;
+const HOLD_MS: u64 = 5_000;
+
+/// `IN_FLIGHT` Execute calls at once to `url` (held by the upstream) through the sidecar on
+/// `listen`; prints how many succeeded and the sidecar's peak RSS. Returns the channels, so
+/// the caller decides when they close.
+async fn in_flight_burst(
+    listen: &Listen,
+    pid: u32,
+    url: &str,
+    label: &str,
+) -> Result<Vec<HttpActionServiceClient<Channel>>, Error> {
+    let clients = sidecar_clients(listen, IN_FLIGHT / PER_CHANNEL).await?;
+    let (stop, sampler) = rss_sampler(pid);
     let t = Instant::now();
     let mut calls = Vec::with_capacity(IN_FLIGHT);
     for i in 0..IN_FLIGHT {
         let mut client = clients[i % clients.len()].clone();
-        let url = url.clone();
+        let url = url.to_owned();
         calls.push(tokio::spawn(async move {
             let req = action(Workload::Get1k, &url, &Bytes::new());
             let mut req = tonic::Request::new(req);
@@ -819,41 +916,16 @@ async fn scale(o: &Options) -> Result<(), Error> {
     let took = t.elapsed();
     let _ = stop.send(());
     let (_, hi, _) = sampler.await?;
-    println!("| {IN_FLIGHT} in flight (hold {HOLD_MS} ms): succeeded | {ok} in {took:.2?} |");
+    println!("| {IN_FLIGHT} in flight, {label} (hold {HOLD_MS} ms): succeeded | {ok} in {took:.2?} |");
     if let Some(e) = first_err {
         println!("| first error | {e} |");
     }
     println!(
-        "| {IN_FLIGHT} in flight: peak RSS sampled / VmHWM | {} / {} MiB |",
+        "| {IN_FLIGHT} in flight, {label}: peak RSS sampled / VmHWM | {} / {} MiB |",
         mib(Some(hi)),
-        mib(vm_kib(side.pid(), "VmHWM"))
+        mib(vm_kib(pid, "VmHWM"))
     );
-    drop(clients);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    println!("| RSS 1 s after | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
-    // For scale: a bare hyper server holding the same 10,000 connections and sleeping requests.
-    println!(
-        "| upstream (bench_upstream) VmHWM, for comparison | {} MiB |",
-        mib(vm_kib(upstream.pid(), "VmHWM"))
-    );
-
-    drop(side);
-
-    // Cold start: spawn, poll health until SERVING.
-    let mut starts = Vec::new();
-    for _ in 0..5 {
-        let listen = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
-        let t = Instant::now();
-        let proc = spawn_sidecar(&o.paths.callout, &listen, &[])?;
-        let took = wait_serving(&listen, t, Duration::from_secs(10)).await?;
-        starts.push(took.as_secs_f64() * 1000.0);
-        drop(proc);
-    }
-    println!(
-        "| cold start to SERVING, 5 runs | {} ms |",
-        starts.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(", ")
-    );
-    Ok(())
+    Ok(clients)
 }
 
 #[tokio::main]

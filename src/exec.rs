@@ -251,8 +251,9 @@ impl Executor {
         if let Some(trace) = &action.trace {
             crate::telemetry::join_trace(&span, trace);
         }
-        // Boxed here and below: these futures are kilobytes, and every move of an unboxed one
-        // (into `instrument`, into its caller's state) copies all of it.
+        // Boxed here and below: these futures are kilobytes. Unboxed, every move (into
+        // `instrument`, into the caller's state) copies all of it, and the largest state (the
+        // body read) would be reserved for the whole wait for the response head.
         Box::pin(self.run_in_span(admission, action, budget, observer)).instrument(span).await
     }
 
@@ -465,7 +466,8 @@ impl Executor {
 
         let streams = observer.streams_body();
         let cap = self.body_cap(action, streams);
-        let read = timeout_at(until.into(), read_body(response.into_body(), cap, number, observer)).await;
+        let read =
+            timeout_at(until.into(), Box::pin(read_body(response.into_body(), cap, number, observer))).await;
         let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
             Err(_) => (BodyRead::default(), Some(clock.error())),
             Ok(read) if read.gone => (read, Some(cancelled())),
