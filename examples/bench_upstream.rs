@@ -19,7 +19,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use std::{convert::Infallible, process::ExitCode, sync::OnceLock, time::Duration};
 
-const USAGE: &str = "usage: bench_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:0, plaintext)";
+const USAGE: &str =
+    "usage: bench_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:0, plaintext)";
 const CHUNK: usize = 64 * 1024;
 /// Largest `/bytes/{n}` body: bodies are built whole.
 const MAX_BYTES: usize = 64 << 20;

@@ -16,7 +16,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use std::{convert::Infallible, process::ExitCode, time::Duration};
 
-const USAGE: &str = "usage: echo_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:8080, plaintext)";
+const USAGE: &str =
+    "usage: echo_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:8080, plaintext)";
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();

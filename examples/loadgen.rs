@@ -171,7 +171,14 @@ impl Listen {
 
 fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, Error> {
     let child = Command::new(path)
-        .args(["serve", "--allow-private-networks", "--no-metrics", "--listen", &listen.arg()])
+        .args([
+            "serve",
+            "--allow-private-networks",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--listen",
+            &listen.arg(),
+        ])
         .args(extra)
         // The per-action log line is part of the cost (default level info); it goes nowhere.
         .stdout(Stdio::null())

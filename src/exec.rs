@@ -274,9 +274,9 @@ impl Executor {
         let mut error: Option<ActionError> = None;
         let destination = Destination::of(&action.url);
 
-        let queued = metrics::Raised::new(metrics::QUEUED);
+        let queued = metrics::Raised::queued();
         let running = match self.limits.run_slot(deadline).await {
-            Ok(slot) => Some((slot, metrics::Raised::new(metrics::IN_FLIGHT))),
+            Ok(slot) => Some((slot, metrics::Raised::in_flight())),
             Err(refused) => {
                 error = Some(refused);
                 None

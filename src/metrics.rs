@@ -7,12 +7,15 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge,
+    Histogram, Unit,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 use tokio::net::TcpListener;
@@ -31,35 +34,93 @@ pub const CIRCUIT_OPEN: &str = "callout_circuit_open";
 pub const CONNECTIONS: &str = "callout_upstream_connections";
 pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total";
 
-/// Which hosts get their own label.
+/// Which hosts get their own label, and their series.
 struct HostLabels {
     allowed: HashSet<String>,
     max: usize,
-    seen: Mutex<HashSet<String>>,
+    series: Mutex<HashMap<String, Arc<HostSeries>>>,
+    other: Arc<HostSeries>,
+}
+
+impl HostLabels {
+    /// `host`'s series: its own when allowed (or while the first `max` hosts are being seen),
+    /// else `other`'s.
+    fn series(&self, host: &str) -> Arc<HostSeries> {
+        let Ok(mut series) = self.series.lock() else {
+            return self.other.clone();
+        };
+        if let Some(known) = series.get(host) {
+            return known.clone();
+        }
+        let own = if self.allowed.is_empty() { series.len() < self.max } else { self.allowed.contains(host) };
+        if !own {
+            return self.other.clone();
+        }
+        let made = Arc::new(HostSeries::new(host));
+        series.insert(host.to_owned(), made.clone());
+        made
+    }
+}
+
+/// One destination's series, registered once: recording an action then costs no label
+/// building, hashing or registry lookup.
+struct HostSeries {
+    label: String,
+    attempts: Counter,
+    retries: Counter,
+    /// Responses by status class, 1xx to 5xx.
+    responses: [Counter; 5],
+    first_byte: Histogram,
+    duration: Histogram,
+    /// Actions that succeeded with no error: the common case, made up front.
+    succeeded: Counter,
+    /// Other actions by (succeeded, error kind), made when first seen.
+    others: Mutex<HashMap<(bool, &'static str), Counter>>,
+}
+
+impl HostSeries {
+    fn new(label: &str) -> Self {
+        let host = || label.to_owned();
+        let class = |class: &'static str| counter!(RESPONSES, "class" => class, "host" => host());
+        Self {
+            label: label.to_owned(),
+            attempts: counter!(ATTEMPTS, "host" => host()),
+            retries: counter!(RETRIES, "host" => host()),
+            responses: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            first_byte: histogram!(FIRST_BYTE_SECONDS, "host" => host()),
+            duration: histogram!(ACTION_SECONDS, "host" => host()),
+            succeeded: counter!(ACTIONS, "outcome" => "succeeded", "error_kind" => "none", "host" => host()),
+            others: Mutex::default(),
+        }
+    }
+
+    fn actions(&self, succeeded: bool, kind: &'static str) -> Option<Counter> {
+        if succeeded && kind == "none" {
+            return Some(self.succeeded.clone());
+        }
+        let mut others = self.others.lock().ok()?;
+        let label = self.label.clone();
+        let outcome = if succeeded { "succeeded" } else { "failed" };
+        let made = || counter!(ACTIONS, "outcome" => outcome, "error_kind" => kind, "host" => label);
+        Some(others.entry((succeeded, kind)).or_insert_with(made).clone())
+    }
+}
+
+/// Gauges without labels, registered once.
+struct Gauges {
+    in_flight: Gauge,
+    queued: Gauge,
+    connections: Gauge,
+    connections_opened: Counter,
 }
 
 static HOSTS: OnceLock<HostLabels> = OnceLock::new();
+static GAUGES: OnceLock<Gauges> = OnceLock::new();
 
 /// The `host` label for `host`: itself when allowed (or while the first `max_hosts` are being
 /// seen), else `other`. Before `install`, every host is `other`.
 pub fn host_label(host: &str) -> String {
-    let Some(labels) = HOSTS.get() else {
-        return "other".into();
-    };
-    if !labels.allowed.is_empty() {
-        return if labels.allowed.contains(host) { host.to_owned() } else { "other".into() };
-    }
-    let Ok(mut seen) = labels.seen.lock() else {
-        return "other".into();
-    };
-    if seen.contains(host) {
-        return host.to_owned();
-    }
-    if seen.len() < labels.max {
-        seen.insert(host.to_owned());
-        return host.to_owned();
-    }
-    "other".into()
+    HOSTS.get().map_or_else(|| "other".to_owned(), |labels| labels.series(host).label.clone())
 }
 
 /// Why metrics could not start.
@@ -79,7 +140,14 @@ pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAd
     let _ = HOSTS.set(HostLabels {
         allowed: config.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         max: config.max_hosts,
-        seen: Mutex::default(),
+        series: Mutex::default(),
+        other: Arc::new(HostSeries::new("other")),
+    });
+    let _ = GAUGES.set(Gauges {
+        in_flight: gauge!(IN_FLIGHT),
+        queued: gauge!(QUEUED),
+        connections: gauge!(CONNECTIONS),
+        connections_opened: counter!(CONNECTIONS_OPENED),
     });
     describe();
     // The upkeep drains histograms' idle buckets; the recorder needs it every few seconds.
@@ -144,29 +212,27 @@ async fn serve(listener: TcpListener, handle: PrometheusHandle) {
 
 /// Records a finished action: its outcome, attempts, statuses and times.
 pub fn action_finished(outcome: &Outcome, host: &str) {
-    let host = host_label(host);
-    let result = if outcome.succeeded { "succeeded" } else { "failed" };
+    let Some(labels) = HOSTS.get() else {
+        return;
+    };
+    let series = labels.series(host);
     let kind = outcome.error.as_ref().map_or("none", |e| e.kind.as_str());
-    counter!(ACTIONS, "outcome" => result, "error_kind" => kind, "host" => host.clone()).increment(1);
+    if let Some(actions) = series.actions(outcome.succeeded, kind) {
+        actions.increment(1);
+    }
     let attempts = outcome.attempts.len() as u64;
-    counter!(ATTEMPTS, "host" => host.clone()).increment(attempts);
-    counter!(RETRIES, "host" => host.clone()).increment(attempts.saturating_sub(1));
+    series.attempts.increment(attempts);
+    series.retries.increment(attempts.saturating_sub(1));
     for attempt in &outcome.attempts {
         if let Some(status) = attempt.status {
-            let class = match status / 100 {
-                1 => "1xx",
-                2 => "2xx",
-                3 => "3xx",
-                4 => "4xx",
-                _ => "5xx",
-            };
-            counter!(RESPONSES, "class" => class, "host" => host.clone()).increment(1);
+            let class = usize::from(status / 100).clamp(1, 5) - 1;
+            series.responses[class].increment(1);
         }
         if let Some(first_byte) = attempt.timing.first_byte {
-            histogram!(FIRST_BYTE_SECONDS, "host" => host.clone()).record(first_byte.as_secs_f64());
+            series.first_byte.record(first_byte.as_secs_f64());
         }
     }
-    histogram!(ACTION_SECONDS, "host" => host).record(outcome.total.as_secs_f64());
+    series.duration.record(outcome.total.as_secs_f64());
 }
 
 /// A call refused before it ran.
@@ -186,23 +252,40 @@ pub fn circuit(host: &str, open: bool) {
 
 /// Keeps a gauge raised while alive: an action running, queued, or a connection open.
 #[derive(Debug)]
-pub struct Raised(&'static str);
+pub struct Raised(Option<Gauge>);
 
 impl Raised {
-    pub fn new(name: &'static str) -> Self {
-        gauge!(name).increment(1.0);
-        Self(name)
+    fn raise(gauge: impl Fn(&Gauges) -> &Gauge) -> Self {
+        let gauge = GAUGES.get().map(|g| gauge(g).clone());
+        if let Some(gauge) = &gauge {
+            gauge.increment(1.0);
+        }
+        Self(gauge)
+    }
+
+    /// An action waiting for a running slot.
+    pub fn queued() -> Self {
+        Self::raise(|g| &g.queued)
+    }
+
+    /// An action running.
+    pub fn in_flight() -> Self {
+        Self::raise(|g| &g.in_flight)
     }
 }
 
 impl Drop for Raised {
     fn drop(&mut self) {
-        gauge!(self.0).decrement(1.0);
+        if let Some(gauge) = &self.0 {
+            gauge.decrement(1.0);
+        }
     }
 }
 
 /// An upstream connection opened; the returned guard lowers the open-connections gauge.
 pub fn connection_opened() -> Raised {
-    counter!(CONNECTIONS_OPENED).increment(1);
-    Raised::new(CONNECTIONS)
+    if let Some(g) = GAUGES.get() {
+        g.connections_opened.increment(1);
+    }
+    Raised::raise(|g| &g.connections)
 }

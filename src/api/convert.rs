@@ -166,23 +166,18 @@ fn attempt(a: &AttemptRecord) -> pb::Attempt {
     }
 }
 
-pub fn response_head(head: &ResponseHead) -> pb::HttpResponse {
-    pb::HttpResponse {
-        status: u32::from(head.status),
-        reason: head.reason.clone(),
-        http_version: head.version.to_owned(),
-        headers: key_values(&head.headers),
-        ..Default::default()
-    }
-}
-
+/// The reply's response, taking the head's strings rather than copying them.
 fn response(r: ResponseData) -> pb::HttpResponse {
+    let ResponseHead { status, reason, version, headers } = r.head;
     pb::HttpResponse {
+        status: u32::from(status),
+        reason,
+        http_version: version.to_owned(),
+        headers: headers.into_iter().map(|(name, value)| pb::KeyValue { name, value }).collect(),
         body: r.body,
         body_json: r.body_json.map(json_value),
         body_text: r.body_text,
         truncated: r.truncated,
-        ..response_head(&r.head)
     }
 }
 

@@ -158,6 +158,7 @@ impl RateLimits {
         deadline: Instant,
     ) -> Result<Duration, RateLimited> {
         let started = Instant::now();
+        let mut slept = false;
         if let Some(until) = self.cool_down_of(key) {
             if until > deadline {
                 return Err(RateLimited(format!(
@@ -166,10 +167,11 @@ impl RateLimits {
                 )));
             }
             tokio::time::sleep_until(until.into()).await;
+            slept = true;
         }
         if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
             let key = key.to_owned();
-            wait_for(deadline, || {
+            slept |= wait_for(deadline, || {
                 limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
             })
             .await
@@ -186,7 +188,7 @@ impl RateLimits {
             }
         }
         if let Some((rate, limiter)) = &self.global {
-            wait_for(deadline, || {
+            slept |= wait_for(deadline, || {
                 limiter.check().map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
             })
             .await
@@ -197,7 +199,8 @@ impl RateLimits {
                 ))
             })?;
         }
-        Ok(started.elapsed())
+        // No wait is zero, not the few nanoseconds these checks took.
+        Ok(if slept { started.elapsed() } else { Duration::ZERO })
     }
 
     /// `key` answered 429 with Retry-After `wait`: every action to it waits that long (capped).
@@ -227,14 +230,18 @@ impl RateLimits {
     }
 }
 
-/// Calls `check` until it allows, sleeping as long as it says; fails with the wait it asked
-/// for when that wait would pass `deadline`.
-async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -> Result<(), Duration> {
+/// Calls `check` until it allows, sleeping as long as it says; returns whether it slept, or
+/// fails with the wait it asked for when that wait would pass `deadline`.
+async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -> Result<bool, Duration> {
+    let mut slept = false;
     loop {
         match check() {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(slept),
             Err(wait) if Instant::now() + wait > deadline => return Err(wait),
-            Err(wait) => tokio::time::sleep(wait).await,
+            Err(wait) => {
+                tokio::time::sleep(wait).await;
+                slept = true;
+            }
         }
     }
 }
@@ -276,7 +283,11 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1), "failed without sleeping");
         assert!(err.0.contains("1/m burst 1"), "{err}");
         // Other destinations matching the pattern have their own bucket; others have none.
-        assert!(limits.acquire("h:81", "h", 81, deadline).await.is_ok());
+        assert_eq!(
+            limits.acquire("h:81", "h", 81, deadline).await.unwrap(),
+            Duration::ZERO,
+            "no wait is zero"
+        );
         assert!(limits.acquire("other:80", "other", 80, deadline).await.is_ok());
         assert!(limits.acquire("other:80", "other", 80, deadline).await.is_ok());
     }

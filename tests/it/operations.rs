@@ -295,3 +295,50 @@ async fn worker_threads_size_the_runtime() {
         assert!(start.contains(&format!("workers={workers}")), "{start}");
     }
 }
+
+/// Host labels are bounded: past `metrics.max_hosts` destinations, the rest share `other`. The
+/// in-flight and open-connection gauges follow a running action.
+#[tokio::test]
+async fn metrics_bound_host_labels_and_gauges_follow_running_actions() {
+    let first = Upstream::fixed(200, "first").await;
+    let second = Upstream::fixed(200, "second").await;
+    let slow = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        text(200, "slow")
+    })
+    .await;
+    let serve = ServeProcess::spawn(&[], &[("CALLOUT_METRICS__MAX_HOSTS", "1")]).await;
+    let metrics = serve.metrics.clone().expect("metrics on");
+    let mut client = HttpActionServiceClient::new(serve.channel().await);
+    client.execute(request("GET", &first.url("/"))).await.unwrap();
+    client.execute(request("GET", &second.url("/"))).await.unwrap();
+    let running = {
+        let mut client = client.clone();
+        let req = request("GET", &slow.url("/"));
+        tokio::spawn(async move { client.execute(req).await })
+    };
+    while slow.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let during = http_get(&metrics, "/metrics").await;
+    running.await.unwrap().unwrap();
+    let after = http_get(&metrics, "/metrics").await;
+
+    let get = |text: &str, name: &str, labels: &[&str]| {
+        sample(text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} in\n{text}"))
+    };
+    let own = format!("host=\"{}\"", first.addr);
+    let ok = ["outcome=\"succeeded\"", "error_kind=\"none\""];
+    assert_eq!(get(&after, "callout_actions_total", &[ok[0], ok[1], &own]), 1.0);
+    assert_eq!(get(&after, "callout_actions_total", &[ok[0], ok[1], "host=\"other\""]), 2.0);
+    assert!(!after.contains(&second.addr.to_string()) && !after.contains(&slow.addr.to_string()), "{after}");
+    assert_eq!(get(&during, "callout_actions_in_flight", &[]), 1.0);
+    assert_eq!(get(&during, "callout_upstream_connections", &[]), 3.0, "three upstreams, pooled");
+    assert_eq!(get(&after, "callout_actions_in_flight", &[]), 0.0);
+    assert_eq!(get(&after, "callout_actions_queued", &[]), 0.0);
+    assert_eq!(
+        sample(&after, "callout_rate_limit_wait_seconds_count", &[]),
+        None,
+        "no limit, no wait:\n{after}"
+    );
+}
