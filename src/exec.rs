@@ -145,6 +145,21 @@ pub struct Executor {
 
 const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
 
+/// Bodies this large or larger are parsed (and their replies built) on tokio's blocking pool: a
+/// megabyte of JSON costs milliseconds of CPU, which would stall every other action on a
+/// single-thread runtime (`server.worker_threads = 1`, or a one-CPU container).
+pub const OFFLOAD_BODY_BYTES: usize = 64 * 1024;
+
+/// The body's JSON and text views; parsed off the runtime's threads when it is large.
+async fn body_views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, Option<String>) {
+    if body.len() < OFFLOAD_BODY_BYTES {
+        return views(head, body);
+    }
+    let (head, body) = (head.clone(), body.clone());
+    // A panic in the parser leaves the views out; the body bytes are still returned.
+    tokio::task::spawn_blocking(move || views(&head, &body)).await.unwrap_or((None, None))
+}
+
 /// Which clock ended an attempt.
 #[derive(Debug, Clone, Copy)]
 enum Clock {
@@ -482,7 +497,7 @@ impl Executor {
         let truncated = matches!(body.error, Some(BodyError::TooLarge(_)));
         let streamed = streams && body.len > 0;
         let (body_json, body_text) =
-            if truncated || streams { (None, None) } else { views(&head, &body.bytes) };
+            if truncated || streams { (None, None) } else { body_views(&head, &body.bytes).await };
         let response = ResponseData { head, body: body.bytes, body_json, body_text, truncated };
         record.timing.total = start.elapsed();
 

@@ -5,7 +5,7 @@ use super::{convert, status::invalid_argument};
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
     client::concurrency::{Admission, Overloaded},
-    exec::{Buffered, Executor, Gone, Observer},
+    exec::{Buffered, Executor, Gone, Observer, OFFLOAD_BODY_BYTES},
     pb::{self, action_event::Event},
 };
 use bytes::Bytes;
@@ -107,7 +107,16 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let action = action_of(request, &self.executor)?;
         let admission = self.admit()?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
-        Ok(Response::new(convert::outcome(outcome)))
+        // A large JSON body is a large tree to convert and size: off the runtime's threads.
+        let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES);
+        let reply = if large {
+            tokio::task::spawn_blocking(move || convert::outcome(outcome))
+                .await
+                .map_err(|e| Status::internal(format!("building the reply failed: {e}")))?
+        } else {
+            convert::outcome(outcome)
+        };
+        Ok(Response::new(reply))
     }
 
     type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ActionEvent, Status>> + Send>>;

@@ -110,6 +110,32 @@ async fn json_body_becomes_a_protobuf_value() {
     assert_eq!(text["count"], 42);
 }
 
+/// A body past `OFFLOAD_BODY_BYTES` is parsed and converted on the blocking pool: the views
+/// and the reply come out the same.
+#[tokio::test]
+async fn a_large_json_body_gets_the_same_views() {
+    let items: Vec<serde_json::Value> = (0..3000)
+        .map(|i| serde_json::json!({"id": i, "name": format!("item-{i}"), "tags": ["a", "b"]}))
+        .collect();
+    let doc = serde_json::json!({ "items": items });
+    let bytes = serde_json::to_vec(&doc).unwrap();
+    assert!(bytes.len() > callout::exec::OFFLOAD_BODY_BYTES, "{} bytes", bytes.len());
+    let served = bytes.clone();
+    let upstream = Upstream::start(move |_| {
+        let served = served.clone();
+        async move { typed(200, "application/json", served) }
+    })
+    .await;
+    let sidecar = Sidecar::start().await;
+    let resp = sidecar.execute(request("GET", &upstream.url("/"))).await;
+    let r = resp.response.expect("response");
+    assert_eq!(&r.body[..], &bytes[..]);
+    let json = to_json(r.body_json.as_ref().expect("body_json"));
+    assert_eq!(json["items"].as_array().map(Vec::len), Some(3000));
+    assert_eq!(json["items"][2999]["name"], "item-2999");
+    assert_eq!(r.body_text.as_deref().map(str::len), Some(bytes.len()));
+}
+
 #[tokio::test]
 async fn problem_json_is_parsed_as_json() {
     let upstream = Upstream::start(|_| async {
