@@ -3,12 +3,12 @@
 //! ```sh
 //! cargo build --release --examples --bins
 //! target/release/examples/loadgen            # closed loop + open loop tables (~2 min)
-//! target/release/examples/loadgen --scale    # 10,000 in flight, 1 GiB stream, cold start
+//! target/release/examples/loadgen --scale    # 10,000 in flight (HTTP/1.1, then h2), 1 GiB stream, cold start
 //! ```
 //!
 //! Every process is separate, so CPU is counted apart: this load generator, the upstream
 //! (`examples/bench_upstream`, spawned) and the sidecar (`target/release/callout serve`, spawned
-//! once on TCP and once on a Unix socket). Modes:
+//! once on TCP and once on a Unix socket, metrics on as deployed). Modes:
 //! - A: a direct in-process hyper-util client to the upstream (the ceiling);
 //! - B: callout over gRPC on TCP loopback (tonic client, retries off);
 //! - C: callout over gRPC on a Unix socket.
@@ -16,7 +16,8 @@
 //! Options: `--duration SECS` per cell (3), `--warmup SECS` (0.5), `--callout PATH`,
 //! `--upstream PATH`, `--quick` (1 s cells, concurrency 1 and 64 only), `--conc 1,64` (the
 //! concurrencies), `--modes BC` (which of A, B, C run; e.g. `--modes B` as a load to profile),
-//! `--sidecar-arg ARG` (repeatable: passed to `callout serve`, e.g. `--log-level`).
+//! `--sidecar-arg ARG` (repeatable: passed to `callout serve`, e.g. `--worker-threads`, `1`),
+//! `--open-rates 1000,5000` (open-loop rates after the one at half of saturation).
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
