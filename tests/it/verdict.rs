@@ -11,6 +11,15 @@ fn typed(status: u16, content_type: &str, bytes: impl Into<bytes::Bytes>) -> Res
     Response::builder().status(status).header("content-type", content_type).body(body(bytes)).unwrap()
 }
 
+/// An upstream answering 200 with `bytes` of `content_type` to every request.
+async fn serving(content_type: &'static str, bytes: Vec<u8>) -> Upstream {
+    Upstream::start(move |_| {
+        let bytes = bytes.clone();
+        async move { typed(200, content_type, bytes) }
+    })
+    .await
+}
+
 /// An upstream answering `/<status>` with that status (no body for 204 and 304).
 async fn status_from_path() -> Upstream {
     Upstream::start(|seen: Seen| async move {
@@ -120,12 +129,7 @@ async fn a_large_json_body_gets_the_same_views() {
     let doc = serde_json::json!({ "items": items });
     let bytes = serde_json::to_vec(&doc).unwrap();
     assert!(bytes.len() > callout::exec::OFFLOAD_BODY_BYTES, "{} bytes", bytes.len());
-    let served = bytes.clone();
-    let upstream = Upstream::start(move |_| {
-        let served = served.clone();
-        async move { typed(200, "application/json", served) }
-    })
-    .await;
+    let upstream = serving("application/json", bytes.clone()).await;
     let sidecar = Sidecar::start().await;
     let resp = sidecar.execute(request("GET", &upstream.url("/"))).await;
     let r = resp.response.expect("response");
@@ -313,12 +317,7 @@ async fn unmapped_status_gets_callouts_own_message_naming_it() {
 #[tokio::test]
 async fn body_over_max_response_bytes_is_cut_at_the_cap() {
     let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-    let served = payload.clone();
-    let upstream = Upstream::start(move |_| {
-        let served = served.clone();
-        async move { typed(200, "application/octet-stream", served) }
-    })
-    .await;
+    let upstream = serving("application/octet-stream", payload.clone()).await;
     let sidecar = Sidecar::start().await;
 
     let req = pb::ExecuteHttpActionRequest { max_response_bytes: 1000, ..request("GET", &upstream.url("/")) };
