@@ -150,16 +150,6 @@ const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
 /// single-thread runtime (`server.worker_threads = 1`, or a one-CPU container).
 pub const OFFLOAD_BODY_BYTES: usize = 64 * 1024;
 
-/// The body's JSON and text views; parsed off the runtime's threads when it is large.
-async fn body_views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, Option<String>) {
-    if body.len() < OFFLOAD_BODY_BYTES {
-        return views(head, body);
-    }
-    let (head, body) = (head.clone(), body.clone());
-    // A panic in the parser leaves the views out; the body bytes are still returned.
-    tokio::task::spawn_blocking(move || views(&head, &body)).await.unwrap_or((None, None))
-}
-
 /// Which clock ended an attempt.
 #[derive(Debug, Clone, Copy)]
 enum Clock {
@@ -680,6 +670,16 @@ struct BodyRead {
     error: Option<BodyError>,
     /// The observer went away mid-body.
     gone: bool,
+}
+
+/// The body's JSON and text views; parsed off the runtime's threads when it is large.
+async fn body_views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, Option<String>) {
+    if body.len() < OFFLOAD_BODY_BYTES {
+        return views(head, body);
+    }
+    let (head, body) = (head.clone(), body.clone());
+    // A panic in the parser leaves the views out; the body bytes are still returned.
+    tokio::task::spawn_blocking(move || views(&head, &body)).await.unwrap_or((None, None))
 }
 
 /// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
