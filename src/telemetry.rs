@@ -51,6 +51,7 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Strin
         Some(endpoint) => {
             let (layer, provider) = otlp::layer(endpoint, &tracing.service_name)?;
             layers.push(layer);
+            SPANS_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
             Telemetry { provider: Some(provider) }
         }
         None => telemetry,
@@ -61,6 +62,15 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Strin
     }
     tracing_subscriber::registry().with(layers.with_filter(filter)).try_init().map_err(|e| e.to_string())?;
     Ok(telemetry)
+}
+
+/// Set once spans are exported (OTLP).
+static SPANS_EXPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans leave the process. Spans that only give log lines context can then be made at
+/// debug level: at info nothing is logged inside them, so they would only cost time.
+pub fn spans_exported() -> bool {
+    SPANS_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Makes `span` a child of the caller's trace, so exported spans join it.
