@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub worker_threads: usize,
 }
 
+/// More runtime workers than this is a typo, not a plan: each is an OS thread made at start.
+const MAX_WORKER_THREADS: usize = 1024;
+
 impl Default for ServerConfig {
     // The runtime settings' defaults are the one source; the config only names them.
     fn default() -> Self {
@@ -417,6 +420,11 @@ impl Config {
                 return Err(ConfigError(format!("{key} must be at least 1")));
             }
         }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(ConfigError(format!(
+                "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
+            )));
+        }
         if let Some(proxy) = &self.client.proxy {
             ProxyUrl::parse(proxy).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
         }
@@ -581,6 +589,15 @@ mod tests {
             .merge(Toml::string("[limits]\nglobal_rate_limit = \"1/d\""));
         let err = Config::extract(&bad).unwrap_err().to_string();
         assert!(err.contains("global_rate_limit") && err.contains("COUNT/UNIT"), "{err}");
+        for (toml, key) in [
+            ("[log]\nactions = \"some\"", "actions"),
+            ("[server]\nworker_threads = 5000", "server.worker_threads"),
+            ("[server]\nworker_threads = -1", "worker_threads"),
+        ] {
+            let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
+            let err = Config::extract(&bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]
