@@ -122,13 +122,9 @@ fn default_paths() -> Paths {
     Paths { callout: release.join("callout"), upstream: examples.join("bench_upstream") }
 }
 
-/// Starts the upstream and returns it with its address (read from its first line).
-fn spawn_upstream(path: &Path) -> Result<(Proc, String), Error> {
-    spawn_upstream_with(path, &[]).map(|(proc, addr, _)| (proc, addr))
-}
-
-/// The upstream with `extra` arguments: its process, `IP:PORT`, and whether it serves TLS.
-fn spawn_upstream_with(path: &Path, extra: &[&str]) -> Result<(Proc, String, bool), Error> {
+/// Starts the upstream with `extra` arguments; returns it and its base URL, `http://IP:PORT`
+/// (or `https://` with `--tls-dir`), read from its first line.
+fn spawn_upstream(path: &Path, extra: &[&str]) -> Result<(Proc, String), Error> {
     let mut child = Command::new(path)
         .args(["--listen", "127.0.0.1:0"])
         .args(extra)
@@ -142,12 +138,12 @@ fn spawn_upstream_with(path: &Path, extra: &[&str]) -> Result<(Proc, String, boo
     let proc = Proc { name: "bench_upstream", child };
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    let at = line.trim().strip_prefix("listening on ").ok_or_else(|| format!("upstream said {line:?}"))?;
-    match (at.strip_prefix("http://"), at.strip_prefix("https://")) {
-        (Some(addr), _) => Ok((proc, addr.to_owned(), false)),
-        (_, Some(addr)) => Ok((proc, addr.to_owned(), true)),
-        _ => Err(format!("upstream said {line:?}").into()),
-    }
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .filter(|url| url.starts_with("http://") || url.starts_with("https://"))
+        .ok_or_else(|| format!("upstream said {line:?}"))?;
+    Ok((proc, base.to_owned()))
 }
 
 fn free_port() -> Result<u16, Error> {
@@ -247,14 +243,14 @@ enum Target {
     Sidecar { clients: Vec<HttpActionServiceClient<Channel>>, url: String, post: Bytes },
 }
 
-fn upstream_url(upstream: &str, workload: Workload, hold_ms: Option<u64>) -> String {
+fn upstream_url(base: &str, workload: Workload, hold_ms: Option<u64>) -> String {
     let n = match workload {
         Workload::Get1k => 1024,
         Workload::Post16k => POST_BYTES,
     };
     match hold_ms {
-        Some(ms) => format!("http://{upstream}/bytes/{n}?hold_ms={ms}"),
-        None => format!("http://{upstream}/bytes/{n}"),
+        Some(ms) => format!("{base}/bytes/{n}?hold_ms={ms}"),
+        None => format!("{base}/bytes/{n}"),
     }
 }
 
@@ -571,7 +567,7 @@ fn fmt_opt(v: Option<f64>) -> String {
 }
 
 async fn throughput(o: &Options) -> Result<(), Error> {
-    let (upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let (upstream, up) = spawn_upstream(&o.paths.upstream, &[])?;
     let upstream_pid = upstream.pid();
     let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
     let sock = socket_path();
@@ -585,7 +581,7 @@ async fn throughput(o: &Options) -> Result<(), Error> {
     let ready_c = wait_serving(&unix, t, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     println!(
-        "upstream http://{up}; sidecar B tcp {} (SERVING after {ready_b:?}), C {} (after {ready_c:?})",
+        "upstream {up}; sidecar B tcp {} (SERVING after {ready_b:?}), C {} (after {ready_c:?})",
         tcp.arg(),
         unix.arg()
     );
@@ -774,7 +770,7 @@ async fn scale(o: &Options) -> Result<(), Error> {
                 .to_owned()))
             .unwrap_or_default()
     );
-    let (upstream, up) = spawn_upstream(&o.paths.upstream)?;
+    let (upstream, up) = spawn_upstream(&o.paths.upstream, &[])?;
     let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
     let t = Instant::now();
     let burst_args: Vec<&str> =
@@ -792,7 +788,7 @@ async fn scale(o: &Options) -> Result<(), Error> {
     let mut client = sidecar_clients(&tcp, 1).await?.remove(0);
     let req = pb::ExecuteHttpActionRequest {
         method: "GET".into(),
-        url: format!("http://{up}/stream/{STREAM_BYTES}"),
+        url: format!("{up}/stream/{STREAM_BYTES}"),
         retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
         timeouts: Some(pb::Timeouts {
             attempt: Some(prost_types::Duration { seconds: 300, nanos: 0 }),
@@ -847,13 +843,13 @@ async fn scale(o: &Options) -> Result<(), Error> {
     // connection instead of needing one each.
     let tls_dir = std::env::temp_dir().join(format!("callout-loadgen-tls-{}", std::process::id()));
     let tls_dir_arg = tls_dir.to_string_lossy().into_owned();
-    let (upstream_h2, up_h2, _) = spawn_upstream_with(&o.paths.upstream, &["--tls-dir", &tls_dir_arg])?;
+    let (upstream_h2, up_h2) = spawn_upstream(&o.paths.upstream, &["--tls-dir", &tls_dir_arg])?;
     let ca = tls_dir.join("ca.pem").to_string_lossy().into_owned();
     let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
     let t = Instant::now();
     let side = spawn_sidecar(&o.paths.callout, &tcp, &[&burst_args[..], &["--ca-file", &ca]].concat())?;
     wait_serving(&tcp, t, Duration::from_secs(10)).await?;
-    let url = upstream_url(&up_h2, Workload::Get1k, Some(HOLD_MS)).replacen("http://", "https://", 1);
+    let url = upstream_url(&up_h2, Workload::Get1k, Some(HOLD_MS));
     let clients = in_flight_burst(&tcp, side.pid(), &url, "h2 over TLS").await?;
     drop(clients);
     println!(
