@@ -680,6 +680,34 @@ mod tests {
     }
 
     #[test]
+    fn a_deep_json_body_is_checked_without_deep_recursion() {
+        // serde_json skips an IgnoredAny without recursing: no depth limit, no stack overflow.
+        for depth in [128, 129, 100_000] {
+            let mut i = input("POST", "http://h.test/");
+            i.body = BodyInput::Json(format!("{}{}", "[".repeat(depth), "]".repeat(depth)));
+            assert!(HttpAction::from_input(i).is_ok(), "{depth}");
+        }
+    }
+
+    #[test]
+    fn hostless_http_urls_are_refused() {
+        for url in [
+            "http:///h.test/",
+            "https:///h.test",
+            "http:/h.test/",
+            "http:h.test",
+            "http:\\\\h.test/",
+            "http://?x",
+        ] {
+            let err = HttpAction::from_input(input("GET", url)).unwrap_err();
+            assert_eq!(fields(err), ["url"], "{url}");
+        }
+        for url in ["http://h.test", " HTTPS://h.test/x ", "http://u@h.test/"] {
+            assert!(HttpAction::from_input(input("GET", url)).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
     fn empty_method_and_url_are_required() {
         let err = HttpAction::from_input(ActionInput::default()).unwrap_err();
         assert_eq!(fields(err), ["method", "url"]);
