@@ -189,10 +189,6 @@ impl Executor {
         })
     }
 
-    pub fn settings(&self) -> &ExecSettings {
-        &self.settings
-    }
-
     /// Runs `action` with its body buffered (Execute, `callout exec`). `budget` is the time the
     /// caller allows (the gRPC deadline), which bounds the total.
     pub async fn execute(&self, action: &HttpAction, budget: Option<Duration>) -> Outcome {

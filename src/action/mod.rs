@@ -54,6 +54,19 @@ pub struct ActionInput {
     pub max_response_bytes: u64,
 }
 
+impl ActionInput {
+    /// Whether validating this input may block a thread: a `{{secret:NAME}}` reference may
+    /// read a file, TLS PEM is parsed (keys checked against certificates). Everything else is
+    /// microseconds of CPU, cheaper than a hop to the blocking pool.
+    pub fn blocks_to_validate(&self) -> bool {
+        let tls = &self.tls;
+        !tls.ca_pem.is_empty()
+            || !tls.client_cert_pem.is_empty()
+            || !tls.client_key_pem.is_empty()
+            || secret_ref::has_references(self)
+    }
+}
+
 /// The request body as written.
 #[derive(Debug, Clone, Default)]
 pub enum BodyInput {

@@ -56,8 +56,6 @@ pub struct ClientSettings {
     pub tcp_keepalive: Option<Duration>,
     /// HTTP/2 PING interval on upstream connections; `None` (the default) sends none.
     pub http2_keep_alive_interval: Option<Duration>,
-    /// Connect timeout when an action does not carry one. Default 10 s.
-    pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
     pub extra_ca_pem: Option<String>,
     /// Which destinations may be dialled. Default: public addresses only.
@@ -77,7 +75,6 @@ impl Default for ClientSettings {
             http2: true,
             tcp_keepalive: Some(Duration::from_secs(60)),
             http2_keep_alive_interval: None,
-            connect_timeout: crate::action::DEFAULT_CONNECT_TIMEOUT,
             extra_ca_pem: None,
             proxies: Proxies::default(),
             egress: EgressSettings::default(),
@@ -112,10 +109,15 @@ impl HttpClient {
     ) -> Result<Self, ClientBuildError> {
         let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2, tls)?;
         let proxies = Arc::new(proxies);
-        let connector =
-            connect::TimedConnector::new(Arc::new(tls), proxies.clone(), settings.connect_timeout)
-                .with_tcp_keepalive(settings.tcp_keepalive)
-                .with_egress(Arc::new(EgressPolicy::new(settings.egress.clone())), &settings.resolve);
+        // Every send scopes the action's own connect timeout; the default only covers a dial
+        // made outside `send`.
+        let connector = connect::TimedConnector::new(
+            Arc::new(tls),
+            proxies.clone(),
+            crate::action::DEFAULT_CONNECT_TIMEOUT,
+        )
+        .with_tcp_keepalive(settings.tcp_keepalive)
+        .with_egress(Arc::new(EgressPolicy::new(settings.egress.clone())), &settings.resolve);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(settings.pool_idle_timeout)
