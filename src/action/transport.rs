@@ -95,7 +95,9 @@ impl ProxyUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let url = url::Url::parse(raw.trim()).map_err(|e| format!("is not an absolute URL: {e}"))?;
         if url.scheme() != "http" {
-            return Err(format!("scheme {:?} is not supported; use an http:// proxy URL", url.scheme()));
+            // A scheme is ASCII, but as long as the caller likes: quoted as an excerpt.
+            let scheme = url.scheme().get(..32).unwrap_or(url.scheme());
+            return Err(format!("scheme {scheme:?} is not supported; use an http:// proxy URL"));
         }
         let host = match url.host() {
             Some(url::Host::Ipv6(ip)) => ip.to_string(),

@@ -690,6 +690,13 @@ mod tests {
     }
 
     #[test]
+    fn excerpts_cut_at_char_boundaries() {
+        assert_eq!(excerpt("short", 64), "short");
+        assert_eq!(excerpt("ééé", 3), "é…");
+        assert_eq!(excerpt(&"ü".repeat(1000), 64).len(), 64 + "…".len());
+    }
+
+    #[test]
     fn hostless_http_urls_are_refused() {
         for url in [
             "http:///h.test/",
