@@ -193,7 +193,7 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
         bad.push("url", "is required (an absolute http or https URL)");
         return None;
     }
-    if !authority_written(raw) {
+    if !transport::authority_written(raw) {
         bad.push("url", "has no host: write it after \"//\", as in http://HOST/path");
         return None;
     }
@@ -247,25 +247,6 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
         return None;
     }
     Some(url)
-}
-
-/// Whether an http(s) URL has an authority as written: `//` and then a host. WHATWG parsing
-/// (the url crate) reads `http:///x`, `http:/x`, `http:x` and `http:\\x` as host `x`; a
-/// caller who wrote no host gets an error, not a request to whatever `x` resolves to. Other
-/// strings are left to the parser.
-fn authority_written(raw: &str) -> bool {
-    // The parser drops leading and trailing spaces and control characters; so does this check.
-    let raw = raw.trim_matches(|c: char| c <= ' ');
-    let Some((scheme, rest)) = raw.split_once(':') else {
-        return true;
-    };
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return true;
-    }
-    match rest.strip_prefix("//") {
-        Some(authority) => !authority.is_empty() && !authority.starts_with(['/', '\\', '?', '#']),
-        None => false,
-    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -687,6 +668,13 @@ mod tests {
             i.body = BodyInput::Json(format!("{}{}", "[".repeat(depth), "]".repeat(depth)));
             assert!(HttpAction::from_input(i).is_ok(), "{depth}");
         }
+    }
+
+    #[test]
+    fn excerpts_cut_at_char_boundaries() {
+        assert_eq!(excerpt("short", 64), "short");
+        assert_eq!(excerpt("ééé", 3), "é…");
+        assert_eq!(excerpt(&"ü".repeat(1000), 64).len(), 64 + "…".len());
     }
 
     #[test]

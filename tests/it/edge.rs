@@ -354,6 +354,15 @@ async fn a_url_with_no_written_host_is_refused() {
         let status = refused(&upstream, &sidecar, request("GET", &url)).await;
         assert_eq!(violated_fields(&status), ["url"], "{url}");
     }
+    // An action's proxy the same: the upstream would have seen the request in absolute form.
+    for proxy in [format!("http:///{host}"), format!("http:/{host}"), format!("http:{host}")] {
+        let req = pb::ExecuteHttpActionRequest {
+            proxy: Some(pb::ProxyOptions { url: proxy.clone() }),
+            ..request("GET", "http://example.invalid/")
+        };
+        let status = refused(&upstream, &sidecar, req).await;
+        assert_eq!(violated_fields(&status), ["proxy.url"], "{proxy}");
+    }
     // Written properly, the same host is reached.
     sidecar.execute(request("GET", &format!("http://{host}/x"))).await;
     assert_eq!(upstream.hits(), 1);
