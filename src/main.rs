@@ -166,6 +166,10 @@ struct ServeFlags {
     /// [limits.breaker_cool_down] how long an open circuit refuses before a probe (15s).
     #[arg(long, value_parser = humantime::parse_duration)]
     breaker_cool_down: Option<Duration>,
+    /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (a quarter
+    /// of the cgroup memory limit, else 512 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_buffered_bytes: Option<u64>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
@@ -287,7 +291,8 @@ impl ServeArgs {
             .list("limits.rate_limits", f.rate_limits)
             .duration("limits.max_host_cool_down", f.max_host_cool_down)
             .set("limits.breaker_failures", f.breaker_failures)
-            .duration("limits.breaker_cool_down", f.breaker_cool_down);
+            .duration("limits.breaker_cool_down", f.breaker_cool_down)
+            .set("limits.max_buffered_bytes", f.max_buffered_bytes);
         let layer = self.secrets.layer(self.egress.layer(layer));
         Config::extract(&layer.0).map_err(|e| e.to_string())
     }

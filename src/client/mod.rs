@@ -7,6 +7,7 @@
 //! to the decoded size. What an action passes before it sends sits in `admission`, built from
 //! `concurrency`, `rate_limit` and `breaker` (keyed by `host_pattern`).
 pub mod admission;
+pub mod body_budget;
 pub mod breaker;
 pub mod clients;
 pub mod concurrency;
