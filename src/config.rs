@@ -218,7 +218,7 @@ pub struct LimitsConfig {
     /// How long an open circuit refuses before a probe. Default 15 s.
     #[serde(with = "humantime_serde")]
     pub breaker_cool_down: Duration,
-    /// Bytes of buffered response bodies held at once, server-wide. Default none: a quarter of
+    /// Bytes of buffered response bodies held at once, server-wide. Default none: an eighth of
     /// the cgroup memory limit when there is one, else 512 MiB.
     pub max_buffered_bytes: Option<u64>,
 }

@@ -166,7 +166,7 @@ struct ServeFlags {
     /// [limits.breaker_cool_down] how long an open circuit refuses before a probe (15s).
     #[arg(long, value_parser = humantime::parse_duration)]
     breaker_cool_down: Option<Duration>,
-    /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (a quarter
+    /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (an eighth
     /// of the cgroup memory limit, else 512 MiB).
     #[arg(long, value_name = "BYTES")]
     max_buffered_bytes: Option<u64>,

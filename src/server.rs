@@ -150,6 +150,8 @@ pub async fn serve_with(
         server = server.tls_config(config)?;
     }
     let router = server
+        // An Execute reply's body keeps its memory budget until the reply went out.
+        .layer(tower::util::MapResponseLayer::new(crate::api::reply_hold::hold_until_sent))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

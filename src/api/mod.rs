@@ -2,6 +2,7 @@
 //! types stop here.
 pub mod auth;
 pub mod convert;
+pub mod reply_hold;
 mod service;
 mod status;
 

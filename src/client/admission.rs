@@ -18,7 +18,7 @@ pub struct LimitSettings {
     pub rate: RateLimitSettings,
     pub breaker: BreakerSettings,
     /// Bytes of buffered response bodies held at once, server-wide (see `body_budget`).
-    /// Default a quarter of the cgroup memory limit, else 512 MiB.
+    /// Default an eighth of the cgroup memory limit, else 512 MiB.
     pub max_buffered_bytes: u64,
 }
 
