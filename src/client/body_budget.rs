@@ -4,7 +4,8 @@
 //! the reply has been handed to the connection. So many large replies at once wait for room
 //! instead of running the process out of memory. Streamed bodies take none.
 //!
-//! Waiting and giving up: a body waits for room (within its caller's deadline). A body that
+//! Waiting and giving up: a body waits for room (within its caller's deadline); bodies that
+//! already hold budget and wait to grow go before bodies that have none yet. A body that
 //! already holds budget and waits for more is a risk: when every held byte belongs to bodies
 //! that wait to grow, none can ever finish. The body whose wait would close that circle gives
 //! up at once (`BudgetError::Stalled`) and frees what it holds, so the others go on.
@@ -115,7 +116,10 @@ impl BodyBudget {
             let freed = {
                 let mut state = self.inner.lock();
                 wait.unregister(&mut state);
-                if total - state.held >= bytes {
+                // Bodies already growing go first: finishing them frees their bytes, while
+                // starting new ones would fill the budget with halves.
+                let growers_first = holding == 0 && state.waiting_held > 0;
+                if total - state.held >= bytes && !growers_first {
                     state.held += bytes;
                     crate::metrics::buffered_body_bytes(state.held);
                     return Ok(());
@@ -422,6 +426,31 @@ mod tests {
         assert_eq!(a.len(), 128 * 1024 + 10, "the other body went on");
         let body = a.freeze();
         assert_eq!(budget.held(), body.len() as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_growing_body_goes_before_a_new_one() {
+        let budget = BodyBudget::new(256 * KIB);
+        let mut reply = budget.buffer(u64::MAX);
+        reply.push(&[0; 128 * 1024]).await.unwrap();
+        let reply = reply.freeze();
+        let mut growing = budget.buffer(u64::MAX);
+        growing.push(&[0; 128 * 1024]).await.unwrap();
+        let grow = tokio::spawn(async move { growing.push(&[0; 10]).await.map(|()| growing) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let fresh_budget = budget.clone();
+        let fresh = tokio::spawn(async move {
+            let mut fresh = fresh_budget.buffer(u64::MAX);
+            fresh.push(&[0; 10]).await.map(|()| fresh)
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(reply);
+        let growing = grow.await.unwrap().unwrap();
+        assert_eq!(budget.held(), 256 * KIB, "the grower took the freed room");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!fresh.is_finished(), "the new body still waits");
+        drop(growing);
+        assert_eq!(fresh.await.unwrap().unwrap().len(), 10);
     }
 
     #[tokio::test(start_paused = true)]
