@@ -436,6 +436,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 /// SIGINT and a drain.
 async fn run_server(config: Config) -> Result<(), String> {
     let settings = config.exec_settings().map_err(|e| e.to_string())?;
+    let buffered_bytes = settings.limits.max_buffered_bytes;
     let options = config.server_options().map_err(|e| e.to_string())?;
     let executor = Executor::new(settings).map_err(|e| e.to_string())?;
     let listener = match &config.server.listen {
@@ -463,6 +464,8 @@ async fn run_server(config: Config) -> Result<(), String> {
         bearer_token = options.auth_token.is_some(),
         private_networks = config.egress.allow_private_networks,
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        // The memory budget for buffered bodies, derived from the cgroup limit unless set.
+        max_buffered_bytes = buffered_bytes,
         "callout serving"
     );
     callout::server::serve_with(listener, executor, options, shutdown_signal())
