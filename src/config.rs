@@ -226,7 +226,13 @@ pub struct LimitsConfig {
     /// How long an open circuit refuses before a probe. Default 15 s.
     #[serde(with = "humantime_serde")]
     pub breaker_cool_down: Duration,
+    /// Bytes of buffered response bodies held at once, server-wide. Default none: an eighth of
+    /// the cgroup memory limit when there is one, else 512 MiB.
+    pub max_buffered_bytes: Option<u64>,
 }
+
+/// A smaller memory budget than one body chunk could not buffer anything.
+const MIN_BUFFERED_BYTES: u64 = crate::client::body_budget::MIN_STEP;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -242,6 +248,7 @@ impl Default for LimitsConfig {
             max_host_cool_down: rate.max_cool_down,
             breaker_failures: breaker.failure_threshold,
             breaker_cool_down: breaker.cool_down,
+            max_buffered_bytes: None,
         }
     }
 }
@@ -434,6 +441,11 @@ impl Config {
                 "server.max_request_bytes must be from {MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} bytes"
             )));
         }
+        if self.limits.max_buffered_bytes.is_some_and(|n| n < MIN_BUFFERED_BYTES) {
+            return Err(ConfigError(format!(
+                "limits.max_buffered_bytes must be at least {MIN_BUFFERED_BYTES} (bytes)"
+            )));
+        }
         if self.server.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError(format!(
                 "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
@@ -515,6 +527,9 @@ impl Config {
                 failure_threshold: l.breaker_failures,
                 cool_down: l.breaker_cool_down,
             },
+            max_buffered_bytes: l
+                .max_buffered_bytes
+                .unwrap_or_else(crate::client::body_budget::default_total),
         };
         settings.secrets =
             SecretSettings { dir: self.secrets.dir.clone(), env_prefix: self.secrets.env_prefix.clone() };
@@ -611,6 +626,8 @@ mod tests {
             ("[server]\nmax_request_bytes = 100", "server.max_request_bytes"),
             ("[server]\nmax_request_bytes = 2147483648", "server.max_request_bytes"),
             ("[server]\nworker_threads = -1", "worker_threads"),
+            ("[limits]\nmax_buffered_bytes = 1000", "limits.max_buffered_bytes"),
+            ("[limits]\nmax_buffered_bytes = \"64MiB\"", "max_buffered_bytes"),
         ] {
             let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
             let err = Config::extract(&bad).unwrap_err().to_string();

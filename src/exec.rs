@@ -9,6 +9,7 @@ use crate::{
     },
     client::{
         admission::{Destination, LimitSettings, Limits},
+        body_budget::{BodyBudget, BudgetError},
         breaker::Health,
         concurrency::{Admission, Overloaded},
         redirect::{next_hop, Hop},
@@ -18,7 +19,7 @@ use crate::{
     metrics,
     secrets::{SecretSettings, SecretStore},
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use std::{
     future::Future,
@@ -139,6 +140,8 @@ impl Observer for Buffered {
 pub struct Executor {
     clients: Clients,
     limits: Arc<Limits>,
+    /// The memory budget for buffered bodies (`limits.max_buffered_bytes`).
+    budget: BodyBudget,
     secrets: SecretStore,
     settings: ExecSettings,
 }
@@ -184,6 +187,7 @@ impl Executor {
         Ok(Self {
             clients: Clients::new(&settings.client)?,
             limits: Arc::new(Limits::new(&settings.limits)),
+            budget: BodyBudget::new(settings.limits.max_buffered_bytes),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
         })
@@ -473,15 +477,25 @@ impl Executor {
 
         let streams = observer.streams_body();
         let cap = self.body_cap(action, streams);
-        let read =
-            timeout_at(until.into(), Box::pin(read_body(response.into_body(), cap, number, observer))).await;
+        // Set while the read waits for the memory budget: a deadline then is the budget's.
+        let mut budget_wait = None;
+        let body = response.into_body();
+        let read = Box::pin(read_body(body, cap, &self.budget, &mut budget_wait, number, observer));
+        let read = timeout_at(until.into(), read).await;
         let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
-            Err(_) => (BodyRead::default(), Some(clock.error())),
+            Err(_) => {
+                let error = match budget_wait {
+                    Some(wanted) => budget_error(&self.budget.exhausted(wanted)),
+                    None => clock.error(),
+                };
+                (BodyRead::default(), Some(error))
+            }
             Ok(read) if read.gone => (read, Some(cancelled())),
             Ok(read) => {
                 let failure = read.error.as_ref().map(|e| match e {
                     BodyError::TooLarge(_) => ActionError::new(ErrorKind::BodyTooLarge, e.to_string()),
                     BodyError::Read(_) => ActionError::new(ErrorKind::Protocol, e.to_string()),
+                    BodyError::Budget(e) => budget_error(e),
                 });
                 (read, failure)
             }
@@ -582,6 +596,16 @@ impl Executor {
             total: t0.elapsed(),
         }
     }
+}
+
+/// A body the memory budget refused: one larger than the whole budget can never fit
+/// (BODY_TOO_LARGE, final); no room in time is callout's own limit (RATE_LIMITED).
+fn budget_error(e: &BudgetError) -> ActionError {
+    let kind = match e {
+        BudgetError::TooLarge { .. } => ErrorKind::BodyTooLarge,
+        BudgetError::Stalled { .. } | BudgetError::Exhausted { .. } => ErrorKind::RateLimited,
+    };
+    ActionError::new(kind, e.to_string())
 }
 
 /// How an attempt speaks of its destination's health (for the circuit breaker).
@@ -692,14 +716,29 @@ async fn body_views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Va
     tokio::task::spawn_blocking(move || views(&head, &body)).await.unwrap_or((None, None))
 }
 
-/// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
-async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
+/// Reads the body: buffered up to `cap` under the memory budget, or handed to the observer
+/// chunk by chunk (streamed bodies take no budget). `budget_wait` holds the bytes wanted while
+/// the read waits for budget. A body the budget refuses keeps no bytes.
+async fn read_body<O: Observer>(
+    body: ResponseBody,
+    cap: u64,
+    budget: &BodyBudget,
+    budget_wait: &mut Option<u64>,
+    attempt: u32,
+    observer: &mut O,
+) -> BodyRead {
     let streams = observer.streams_body();
     let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
     let mut body = CappedBody::new(body, cap);
-    let mut buf = BytesMut::new();
-    if !streams {
-        buf.reserve(hint as usize);
+    let mut buf = budget.buffer(cap);
+    if !streams && hint > 0 {
+        // A known length is taken whole before the first byte, so no body waits half-grown.
+        *budget_wait = Some(hint);
+        let reserved = buf.reserve(hint).await;
+        *budget_wait = None;
+        if let Err(e) = reserved {
+            return BodyRead { bytes: Bytes::new(), len: 0, error: Some(e.into()), gone: false };
+        }
     }
     let mut error = None;
     let mut gone = false;
@@ -720,7 +759,14 @@ async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, obse
                         break;
                     }
                 } else {
-                    buf.extend_from_slice(&data);
+                    *budget_wait = Some(data.len() as u64);
+                    let pushed = buf.push(&data).await;
+                    *budget_wait = None;
+                    if let Err(e) = pushed {
+                        buf = budget.buffer(cap);
+                        error = Some(e.into());
+                        break;
+                    }
                 }
             }
             Ok(None) => break,

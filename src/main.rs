@@ -169,6 +169,10 @@ struct ServeFlags {
     /// [limits.breaker_cool_down] how long an open circuit refuses before a probe (15s).
     #[arg(long, value_parser = humantime::parse_duration)]
     breaker_cool_down: Option<Duration>,
+    /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (an eighth
+    /// of the cgroup memory limit, else 512 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_buffered_bytes: Option<u64>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
@@ -291,7 +295,8 @@ impl ServeArgs {
             .list("limits.rate_limits", f.rate_limits)
             .duration("limits.max_host_cool_down", f.max_host_cool_down)
             .set("limits.breaker_failures", f.breaker_failures)
-            .duration("limits.breaker_cool_down", f.breaker_cool_down);
+            .duration("limits.breaker_cool_down", f.breaker_cool_down)
+            .set("limits.max_buffered_bytes", f.max_buffered_bytes);
         let layer = self.secrets.layer(self.egress.layer(layer));
         Config::extract(&layer.0).map_err(|e| e.to_string())
     }
@@ -435,6 +440,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 /// SIGINT and a drain.
 async fn run_server(config: Config) -> Result<(), String> {
     let settings = config.exec_settings().map_err(|e| e.to_string())?;
+    let buffered_bytes = settings.limits.max_buffered_bytes;
     let options = config.server_options().map_err(|e| e.to_string())?;
     let executor = Executor::new(settings).map_err(|e| e.to_string())?;
     let listener = match &config.server.listen {
@@ -462,6 +468,8 @@ async fn run_server(config: Config) -> Result<(), String> {
         bearer_token = options.auth_token.is_some(),
         private_networks = config.egress.allow_private_networks,
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        // The memory budget for buffered bodies, derived from the cgroup limit unless set.
+        max_buffered_bytes = buffered_bytes,
         "callout serving"
     );
     callout::server::serve_with(listener, executor, options, shutdown_signal())

@@ -33,6 +33,8 @@ pub const RATE_LIMIT_WAIT_SECONDS: &str = "callout_rate_limit_wait_seconds";
 pub const CIRCUIT_OPEN: &str = "callout_circuit_open";
 pub const CONNECTIONS: &str = "callout_upstream_connections";
 pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total";
+pub const BUFFERED_BODY_BYTES: &str = "callout_buffered_body_bytes";
+pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
 
 /// Which hosts get their own label, and their series.
 struct HostLabels {
@@ -112,6 +114,7 @@ struct Gauges {
     queued: Gauge,
     connections: Gauge,
     connections_opened: Counter,
+    buffered_body_bytes: Gauge,
 }
 
 static HOSTS: OnceLock<HostLabels> = OnceLock::new();
@@ -148,6 +151,7 @@ pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAd
         queued: gauge!(QUEUED),
         connections: gauge!(CONNECTIONS),
         connections_opened: counter!(CONNECTIONS_OPENED),
+        buffered_body_bytes: gauge!(BUFFERED_BODY_BYTES),
     });
     describe();
     // The upkeep drains histograms' idle buckets; the recorder needs it every few seconds.
@@ -180,6 +184,16 @@ fn describe() {
     describe_gauge!(CIRCUIT_OPEN, "1 while a destination's circuit is open or half-open.");
     describe_gauge!(CONNECTIONS, "Upstream connections open now (pooled or in use).");
     describe_counter!(CONNECTIONS_OPENED, "Upstream connections opened.");
+    describe_gauge!(
+        BUFFERED_BODY_BYTES,
+        Unit::Bytes,
+        "Response body bytes held for replies now, against limits.max_buffered_bytes."
+    );
+    describe_counter!(
+        BODY_BUDGET_REFUSED,
+        "Buffered bodies refused by the memory budget: reason=exhausted (no room before the \
+         deadline), stalled (every holder was waiting) or too_large (larger than the budget)."
+    );
 }
 
 /// Waits between failed `accept`s: a persistent failure (EMFILE: out of file descriptors)
@@ -297,6 +311,18 @@ pub fn rate_limit_waited(host: &str, waited: Duration) {
 /// A destination's circuit opened (`true`) or closed.
 pub fn circuit(host: &str, open: bool) {
     gauge!(CIRCUIT_OPEN, "host" => host_label(host)).set(if open { 1.0 } else { 0.0 });
+}
+
+/// Response body bytes held for replies now (the memory budget's use).
+pub fn buffered_body_bytes(bytes: u64) {
+    if let Some(g) = GAUGES.get() {
+        g.buffered_body_bytes.set(bytes as f64);
+    }
+}
+
+/// A buffered body the memory budget refused, by `reason`.
+pub fn body_budget_refused(reason: &'static str) {
+    counter!(BODY_BUDGET_REFUSED, "reason" => reason).increment(1);
 }
 
 /// Keeps a gauge raised while alive: an action running, queued, or a connection open.

@@ -165,6 +165,8 @@ pub async fn serve_with(
     let router = server
         // tonic answers an oversized request OUT_OF_RANGE; it is the caller's INVALID_ARGUMENT.
         .layer(tower::util::MapResponseLayer::new(crate::api::oversized_request))
+        // An Execute reply's body keeps its memory budget until the reply went out.
+        .layer(tower::util::MapResponseLayer::new(crate::api::reply_hold::hold_until_sent))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

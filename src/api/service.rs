@@ -1,7 +1,7 @@
 //! `callout.v1.HttpActionService`: turn the message into an action, run it on the executor,
 //! map the result. ExecuteStream runs the action in a task feeding a channel, so a caller that
 //! goes away is noticed and the action stops.
-use super::{convert, status::invalid_argument};
+use super::{convert, reply_hold::HeldUntilSent, status::invalid_argument};
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
     client::concurrency::{Admission, Overloaded},
@@ -118,6 +118,9 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let admission = self.admit()?;
         let action = action_of(request, &self.executor).await?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
+        // The body's bytes (and their memory budget) stay held until the reply went out.
+        let hold =
+            outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
         // A large JSON body is a large tree to convert and size: off the runtime's threads.
         let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES);
         let reply = if large {
@@ -127,7 +130,11 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         } else {
             convert::outcome(outcome)
         };
-        Ok(Response::new(reply))
+        let mut reply = Response::new(reply);
+        if let Some(hold) = hold {
+            reply.extensions_mut().insert(hold);
+        }
+        Ok(reply)
     }
 
     type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ActionEvent, Status>> + Send>>;

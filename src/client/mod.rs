@@ -2,11 +2,12 @@
 //! sits in its own module: `clients` (the shared client, and clients for actions with their own
 //! TLS or proxy), `connect` (DNS/TCP/proxy/TLS with timings), `error` (classifying failures),
 //! `proxy` (which proxy, CONNECT tunnels), `redirect` (following Location), `response` (reading
-//! heads and capped bodies), `tls` (roots, client certificates, ALPN). Response bodies are
-//! decoded (gzip, deflate, br, zstd) by tower-http before anyone counts them, so body caps apply
-//! to the decoded size. What an action passes before it sends sits in `admission`, built from
+//! heads and capped bodies), `body_budget` (the memory budget buffered bodies grow under),
+//! `tls` (roots, client certificates, ALPN). Response bodies are decoded (gzip, deflate, br,
+//! zstd) by tower-http before anyone counts them, so body caps apply to the decoded size. What an action passes before it sends sits in `admission`, built from
 //! `concurrency`, `rate_limit` and `breaker` (keyed by `host_pattern`).
 pub mod admission;
+pub mod body_budget;
 pub mod breaker;
 pub mod clients;
 pub mod concurrency;

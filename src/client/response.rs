@@ -46,6 +46,9 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("reading the response body failed: {0}")]
     Read(String),
+    /// The memory budget for buffered bodies had no room for it.
+    #[error(transparent)]
+    Budget(#[from] super::body_budget::BudgetError),
 }
 
 /// A response body read chunk by chunk, stopping at `cap` bytes. It counts the decoded bytes

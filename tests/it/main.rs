@@ -2,6 +2,7 @@
 //! the real gRPC server.
 mod support;
 
+mod body_budget;
 mod cli;
 mod config_example;
 mod decompression;
