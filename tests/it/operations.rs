@@ -1,6 +1,7 @@
 //! Operations, against the real `callout serve` binary: Prometheus metrics after real actions,
-//! the SIGTERM drain (health NOT_SERVING, new calls UNAVAILABLE, in-flight actions finish,
-//! exit 0), and configuration layering (file < environment < flags) with bad keys named.
+//! the SIGTERM drain (health NOT_SERVING, new calls UNAVAILABLE, in-flight actions finish or are
+//! cut off with a CANCELLED reply at the drain timeout, exit 0), and configuration layering
+//! (file < environment < flags) with bad keys named.
 use crate::support::*;
 use callout::pb::{self, http_action_service_client::HttpActionServiceClient};
 use std::{
