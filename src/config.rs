@@ -77,7 +77,14 @@ pub struct ServerConfig {
     pub sensitive_headers: Vec<String>,
     /// Runtime workers: 0 is one per usable core, 1 the current-thread scheduler. Default 0.
     pub worker_threads: usize,
+    /// Largest request message a call may send, bytes; a larger one is INVALID_ARGUMENT.
+    /// Default 4 MiB (gRPC's usual limit).
+    pub max_request_bytes: u64,
 }
+
+/// Bounds of server.max_request_bytes.
+const MIN_REQUEST_BYTES: u64 = 4 * 1024;
+const MAX_REQUEST_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// More runtime workers than this is a typo, not a plan: each is an OS thread made at start.
 const MAX_WORKER_THREADS: usize = 1024;
@@ -98,6 +105,7 @@ impl Default for ServerConfig {
             stream_max_response_bytes: exec.stream_max_response_bytes,
             sensitive_headers: Vec::new(),
             worker_threads: 0,
+            max_request_bytes: ServerOptions::default().max_request_bytes as u64,
         }
     }
 }
@@ -420,6 +428,12 @@ impl Config {
                 return Err(ConfigError(format!("{key} must be at least 1")));
             }
         }
+        // Below a few KiB no real action fits; past 1 GiB one call could take the memory.
+        if !(MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES).contains(&self.server.max_request_bytes) {
+            return Err(ConfigError(format!(
+                "server.max_request_bytes must be from {MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} bytes"
+            )));
+        }
         if self.server.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError(format!(
                 "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
@@ -538,7 +552,9 @@ impl Config {
             }),
             _ => None,
         };
-        Ok(ServerOptions { auth_token, tls, drain_timeout: s.drain_timeout })
+        // Checked in `extract` to lie within MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES.
+        let max_request_bytes = usize::try_from(s.max_request_bytes).unwrap_or(usize::MAX);
+        Ok(ServerOptions { auth_token, tls, drain_timeout: s.drain_timeout, max_request_bytes })
     }
 
     /// The configuration as TOML, with credentials in the proxy URL hidden.
@@ -592,6 +608,8 @@ mod tests {
         for (toml, key) in [
             ("[log]\nactions = \"some\"", "actions"),
             ("[server]\nworker_threads = 5000", "server.worker_threads"),
+            ("[server]\nmax_request_bytes = 100", "server.max_request_bytes"),
+            ("[server]\nmax_request_bytes = 2147483648", "server.max_request_bytes"),
             ("[server]\nworker_threads = -1", "worker_threads"),
         ] {
             let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));

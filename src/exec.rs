@@ -753,7 +753,15 @@ pub fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
     *request.method_mut() = hop.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = hop.headers.clone();
-    request.headers_mut().entry(header::USER_AGENT).or_insert(HeaderValue::from_static(USER_AGENT));
+    // `try_`: a map at http's size limit is an error here, never a panic (validation caps the
+    // count far below it).
+    let full = |_| SendFailure::new(ErrorKind::InvalidRequest, "too many headers to add User-Agent", false);
+    if !request.headers().contains_key(header::USER_AGENT) {
+        request
+            .headers_mut()
+            .try_insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+            .map_err(full)?;
+    }
     Ok(request)
 }
 

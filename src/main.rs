@@ -100,6 +100,9 @@ struct ServeFlags {
     /// [server.stream_max_response_bytes] body cap of ExecuteStream (1 GiB).
     #[arg(long)]
     stream_max_response_bytes: Option<u64>,
+    /// [server.max_request_bytes] largest request message; larger calls get INVALID_ARGUMENT (4 MiB).
+    #[arg(long, value_name = "N")]
+    max_request_bytes: Option<u64>,
     /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread (0).
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
@@ -269,6 +272,7 @@ impl ServeArgs {
             .set("server.stream_max_response_bytes", f.stream_max_response_bytes)
             .list("server.sensitive_headers", f.sensitive_headers)
             .set("server.worker_threads", f.worker_threads)
+            .set("server.max_request_bytes", f.max_request_bytes)
             .set("log.format", f.log_format)
             .set("log.level", f.log_level)
             .set("log.actions", f.log_actions)

@@ -17,7 +17,10 @@ use std::{
 };
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig},
+};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +61,18 @@ pub struct ServerOptions {
     /// actions still running are cut off (each answered CANCELLED) and the server stops.
     /// Default 25 s.
     pub drain_timeout: Duration,
+    /// Largest request message, bytes; a larger call gets INVALID_ARGUMENT. Default 4 MiB.
+    pub max_request_bytes: usize,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { auth_token: None, tls: None, drain_timeout: Duration::from_secs(25) }
+        Self {
+            auth_token: None,
+            tls: None,
+            drain_timeout: Duration::from_secs(25),
+            max_request_bytes: 4 << 20,
+        }
     }
 }
 
@@ -125,7 +135,10 @@ pub async fn serve_with(
     let auth = BearerAuth::new(options.auth_token.as_deref());
     let draining = Arc::new(AtomicBool::new(false));
     let service = HttpActionService::new(executor.clone(), draining.clone());
-    let actions = HttpActionServiceServer::with_interceptor(service, auth);
+    let actions = InterceptedService::new(
+        HttpActionServiceServer::new(service).max_decoding_message_size(options.max_request_bytes),
+        auth,
+    );
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
     let drain_timeout = options.drain_timeout;
     let drain = async move {
@@ -166,6 +179,8 @@ pub async fn serve_with(
         server = server.tls_config(config)?;
     }
     let router = server
+        // tonic answers an oversized request OUT_OF_RANGE; it is the caller's INVALID_ARGUMENT.
+        .layer(tower::util::MapResponseLayer::new(crate::api::oversized_request))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -89,13 +89,37 @@ pub struct ProxyUrl {
     authorization: Option<String>,
 }
 
+/// Whether an http(s) URL has an authority as written: `//` and then a host. WHATWG parsing
+/// (the url crate) reads `http:///x`, `http:/x`, `http:x` and `http:\\x` as host `x`; a
+/// caller who wrote no host gets an error, not a request to whatever `x` resolves to. Other
+/// strings are left to the parser.
+pub(super) fn authority_written(raw: &str) -> bool {
+    // The parser drops leading and trailing spaces and control characters; so does this check.
+    let raw = raw.trim_matches(|c: char| c <= ' ');
+    let Some((scheme, rest)) = raw.split_once(':') else {
+        return true;
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return true;
+    }
+    match rest.strip_prefix("//") {
+        Some(authority) => !authority.is_empty() && !authority.starts_with(['/', '\\', '?', '#']),
+        None => false,
+    }
+}
+
 impl ProxyUrl {
     /// Parses an `http://[user:pass@]host[:port]` URL (port 80 when absent). The error never
     /// echoes the URL: it may hold a password.
     pub fn parse(raw: &str) -> Result<Self, String> {
+        if !authority_written(raw) {
+            return Err("has no host: write it after \"//\", as in http://HOST:PORT".into());
+        }
         let url = url::Url::parse(raw.trim()).map_err(|e| format!("is not an absolute URL: {e}"))?;
         if url.scheme() != "http" {
-            return Err(format!("scheme {:?} is not supported; use an http:// proxy URL", url.scheme()));
+            // A scheme is ASCII, but as long as the caller likes: quoted as an excerpt.
+            let scheme = url.scheme().get(..32).unwrap_or(url.scheme());
+            return Err(format!("scheme {scheme:?} is not supported; use an http:// proxy URL"));
         }
         let host = match url.host() {
             Some(url::Host::Ipv6(ip)) => ip.to_string(),
