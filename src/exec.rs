@@ -27,7 +27,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
-use tokio::time::timeout_at;
+use tokio::{sync::watch, time::timeout_at};
 use tracing::Instrument as _;
 
 /// Settings of the executor.
@@ -144,6 +144,9 @@ pub struct Executor {
     budget: BodyBudget,
     secrets: SecretStore,
     settings: ExecSettings,
+    /// Turns true when the server's drain runs out: every action still running ends at once
+    /// with a CANCELLED outcome saying whether its request may have been sent.
+    cut_off: Arc<watch::Sender<bool>>,
 }
 
 const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
@@ -190,7 +193,16 @@ impl Executor {
             budget: BodyBudget::new(settings.limits.max_buffered_bytes),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
+            cut_off: Arc::new(watch::channel(false).0),
         })
+    }
+
+    /// Ends every running action now, each with a reply (outcome FAILED, error CANCELLED, a
+    /// message saying whether its request may have been sent), and every action started later
+    /// before it sends anything. The drain calls this when its time runs out, a little before
+    /// the server stops, so the replies still reach their callers.
+    pub fn cut_off(&self) {
+        self.cut_off.send_replace(true);
     }
 
     /// Runs `action` with its body buffered (Execute, `callout exec`). `budget` is the time the
@@ -279,11 +291,19 @@ impl Executor {
         let mut error: Option<ActionError> = None;
         let destination = Destination::of(&action.url);
 
+        // Every wait below gives way to the drain's cut-off, which ends the action with a reply
+        // saying how far it got.
+        let mut cut_off = self.cut_off.subscribe();
+
         let queued = metrics::Raised::queued();
-        let running = match self.limits.run_slot(deadline).await {
-            Ok(slot) => Some((slot, metrics::Raised::in_flight())),
-            Err(refused) => {
+        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(deadline)).await {
+            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight())),
+            Some(Err(refused)) => {
                 error = Some(refused);
+                None
+            }
+            None => {
+                error = Some(shut_down(ShutDownAt::Before(1)));
                 None
             }
         };
@@ -292,9 +312,14 @@ impl Executor {
         for number in 1..=attempts_allowed {
             // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
             // end the action: no attempt is recorded for them.
-            let slot = match self.limits.enter(&destination, deadline).await {
-                Ok(slot) => slot,
-                Err(refused) => {
+            let entered = unless_cut_off(&mut cut_off, self.limits.enter(&destination, deadline)).await;
+            let slot = match entered {
+                None => {
+                    error = Some(shut_down(ShutDownAt::Before(number)));
+                    break;
+                }
+                Some(Ok(slot)) => slot,
+                Some(Err(refused)) => {
                     tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
                     error = Some(refused);
                     break;
@@ -311,8 +336,27 @@ impl Executor {
             } else {
                 tracing::debug_span!("attempt", number)
             };
-            let mut result =
-                Box::pin(self.attempt(action, number, deadline, total, observer)).instrument(span).await;
+            let started = Instant::now();
+            let attempt = Box::pin(self.attempt(action, number, deadline, total, observer)).instrument(span);
+            let Some(mut result) = unless_cut_off(&mut cut_off, attempt).await else {
+                // The request may be on the wire or answered: the caller must know.
+                drop(slot);
+                let why = shut_down(ShutDownAt::During(number));
+                let mut record = AttemptRecord {
+                    number,
+                    status: None,
+                    error: Some(why.clone()),
+                    timing: AttemptTiming::default(),
+                    remote_addr: None,
+                    backoff: None,
+                };
+                record.timing.total = started.elapsed();
+                // The stream still hears why its attempt ended (unless its reader is gone).
+                let _ = observer.attempt_failed(&record, false).await;
+                attempts.push(record);
+                error = Some(why);
+                break;
+            };
             self.limits.report(&destination, health_of(&result), too_many_requests_wait(&result));
             drop(slot);
             if let Some(response) = result.response.take() {
@@ -352,7 +396,12 @@ impl Executor {
                 break;
             }
             match backoff {
-                Some(wait) => tokio::time::sleep(wait).await,
+                Some(wait) => {
+                    if unless_cut_off(&mut cut_off, tokio::time::sleep(wait)).await.is_none() {
+                        error = Some(shut_down(ShutDownAt::Before(number + 1)));
+                        break;
+                    }
+                }
                 None => break,
             }
         }
@@ -643,6 +692,49 @@ fn cancelled() -> ActionError {
     ActionError::new(ErrorKind::Cancelled, "the caller went away")
 }
 
+/// Where in its run the drain's cut-off found an action.
+#[derive(Debug, Clone, Copy)]
+enum ShutDownAt {
+    /// Waiting to start this attempt (queued, rate-limited, or in backoff after the one before).
+    Before(u32),
+    /// This attempt was running: its request may have been sent.
+    During(u32),
+}
+
+/// The error of an action the drain cut off. The message says whether the request may have
+/// reached the upstream: a caller that sends it elsewhere must know whether it could be twice.
+fn shut_down(at: ShutDownAt) -> ActionError {
+    let message = match at {
+        ShutDownAt::Before(1) => "the server shut down before any request was sent".to_owned(),
+        ShutDownAt::Before(n) => format!(
+            "the server shut down before attempt {n}; the request may have been sent (by attempt{} {})",
+            if n > 2 { "s" } else { "" },
+            if n > 2 { format!("1 to {}", n - 1) } else { "1".to_owned() }
+        ),
+        ShutDownAt::During(n) => {
+            format!("the server shut down during attempt {n}; the request may have been sent")
+        }
+    };
+    ActionError::new(ErrorKind::Cancelled, message)
+}
+
+/// `fut`'s output, or `None` when the drain's cut-off comes first (or came already).
+async fn unless_cut_off<F: Future>(cut_off: &mut watch::Receiver<bool>, fut: F) -> Option<F::Output> {
+    let cut = async {
+        // The sender lives in the executor, which outlives every run; were it gone, no cut-off
+        // could come.
+        if cut_off.wait_for(|cut| *cut).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    // The cut-off first: an action it finds before an attempt must not start one.
+    tokio::select! {
+        biased;
+        () = cut => None,
+        out = fut => Some(out),
+    }
+}
+
 fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
     let message = match action.error_messages.lookup(head.status) {
         Some(mapped) => mapped.to_owned(),
@@ -782,4 +874,37 @@ async fn read_body<O: Observer>(
 /// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").
 pub fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(Duration::from_millis(d.as_millis().min(u64::MAX as u128) as u64)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_off_says_whether_the_request_may_have_been_sent() {
+        let message = |at| shut_down(at).message;
+        assert_eq!(message(ShutDownAt::Before(1)), "the server shut down before any request was sent");
+        assert_eq!(
+            message(ShutDownAt::Before(2)),
+            "the server shut down before attempt 2; the request may have been sent (by attempt 1)"
+        );
+        assert!(message(ShutDownAt::Before(4)).ends_with("(by attempts 1 to 3)"));
+        assert_eq!(
+            message(ShutDownAt::During(2)),
+            "the server shut down during attempt 2; the request may have been sent"
+        );
+        assert_eq!(shut_down(ShutDownAt::During(1)).kind, ErrorKind::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_ends_waits_and_comes_first_once_given() {
+        let (tx, mut rx) = watch::channel(false);
+        assert_eq!(unless_cut_off(&mut rx, async { 7 }).await, Some(7));
+        let waiting = tokio::spawn(async move {
+            let out = unless_cut_off(&mut rx, std::future::pending::<()>()).await;
+            (out, unless_cut_off(&mut rx, async { 7 }).await)
+        });
+        tx.send_replace(true);
+        assert_eq!(waiting.await.unwrap(), (None, None), "a ready future loses to a cut-off already given");
+    }
 }

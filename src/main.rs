@@ -90,7 +90,8 @@ struct ServeFlags {
     /// [server.tls_client_ca] PEM CAs client certificates must chain to (mutual TLS).
     #[arg(long, value_name = "PATH")]
     tls_client_ca: Option<PathBuf>,
-    /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish (25s).
+    /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish before they are
+    /// cut off, answered CANCELLED (25s).
     #[arg(long, value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
     /// [server.default_total_timeout] total time of an action that sets none (5m).
