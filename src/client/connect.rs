@@ -6,6 +6,7 @@
 //! proxy, open a CONNECT tunnel → for https, the TLS handshake with the target.
 use super::{
     egress::{Denied, EgressPolicy},
+    host,
     proxy::{self, Proxies},
 };
 use crate::action::{ErrorKind, ProxyUrl};
@@ -163,8 +164,7 @@ impl TimedConnector {
     /// instead of looked up.
     pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &[(String, Vec<IpAddr>)]) -> Self {
         self.egress = egress;
-        self.fixed =
-            Arc::new(fixed.iter().map(|(host, ips)| (host.to_ascii_lowercase(), ips.clone())).collect());
+        self.fixed = Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
         self
     }
 
@@ -320,7 +320,7 @@ async fn resolve(
     proxy: Option<&ProxyUrl>,
     fixed: &HashMap<String, Vec<IpAddr>>,
 ) -> Result<(Vec<SocketAddr>, Duration), ConnectError> {
-    if let Some(ips) = fixed.get(host.trim_end_matches('.').to_ascii_lowercase().as_str()) {
+    if let Some(ips) = fixed.get(host::normalize(host).as_str()) {
         return Ok((ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(), Duration::ZERO));
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
@@ -363,4 +363,28 @@ async fn dial(
         ),
         None => ConnectError::new(ErrorKind::Dns, "no address to connect to".into(), None),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fixed_addresses_match_names_however_written() {
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let connector = TimedConnector::new(tls, Arc::default(), Duration::from_secs(1))
+            .with_egress(Arc::default(), &[("API.Example.test.".into(), vec![ip])]);
+        for name in ["api.example.test", "API.example.test.", "api.example.test."] {
+            let (addrs, dns) = resolve(name, 80, None, &connector.fixed).await.unwrap();
+            assert_eq!(addrs, vec![SocketAddr::new(ip, 80)], "{name}");
+            assert_eq!(dns, Duration::ZERO);
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The outbound HTTP stack: pooled hyper-util clients over the timed connector. Each concern
 //! sits in its own module: `clients` (the shared client, and clients for actions with their own
 //! TLS or proxy), `connect` (DNS/TCP/proxy/TLS with timings), `error` (classifying failures),
+//! `host` (the one host normaliser and suffix matcher every rule uses),
 //! `proxy` (which proxy, CONNECT tunnels), `redirect` (following Location), `response` (reading
 //! heads and capped bodies), `tls` (roots, client certificates, ALPN). Response bodies are
 //! decoded (gzip, deflate, br, zstd) by tower-http before anyone counts them, so body caps apply
@@ -13,6 +14,7 @@ pub mod concurrency;
 pub mod connect;
 pub mod egress;
 pub mod error;
+pub mod host;
 pub mod host_pattern;
 pub mod proxy;
 pub mod rate_limit;

@@ -2,6 +2,7 @@
 //! server's proxies come from `--proxy` or, read once at start, HTTPS_PROXY / HTTP_PROXY /
 //! NO_PROXY; an action's own `proxy.url` replaces them for that action. Proxy credentials only
 //! ever travel in Proxy-Authorization; messages show the proxy as `http://host:port`.
+use super::host;
 use crate::action::ProxyUrl;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -29,7 +30,7 @@ impl NoProxy {
                 None if entry.matches(':').count() == 1 => entry.split(':').next().unwrap_or_default(),
                 None => entry,
             };
-            let host = host.trim_start_matches("*.").trim_start_matches('.').to_ascii_lowercase();
+            let host = host::normalize(host.trim_start_matches("*.").trim_start_matches('.'));
             if !host.is_empty() {
                 no_proxy.hosts.push(host);
             }
@@ -43,14 +44,8 @@ impl NoProxy {
         if self.all {
             return true;
         }
-        let host =
-            host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
-        self.hosts.iter().any(|entry| {
-            host == *entry
-                || (host.len() > entry.len()
-                    && host.ends_with(entry.as_str())
-                    && host.as_bytes()[host.len() - entry.len() - 1] == b'.')
-        })
+        let host = host::normalize(host);
+        self.hosts.iter().any(|entry| host::is_within(&host, entry))
     }
 }
 
