@@ -15,8 +15,10 @@ use crate::{
         ClientSettings, Proxies,
     },
     exec::{ActionLog, ExecSettings},
+    metrics::MetricsSettings,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
+    telemetry::TelemetrySettings,
 };
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -117,7 +119,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, level: "info".into(), actions: ExecSettings::default().action_log }
+        Self {
+            format: LogFormat::Pretty,
+            level: TelemetrySettings::default().level,
+            actions: ExecSettings::default().action_log,
+        }
     }
 }
 
@@ -145,12 +151,20 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
+        let labels = MetricsSettings::default();
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            hosts: Vec::new(),
-            max_hosts: 50,
+            hosts: labels.hosts,
+            max_hosts: labels.max_hosts,
         }
+    }
+}
+
+impl MetricsConfig {
+    /// The host labelling the metrics module runs on.
+    pub fn settings(&self) -> MetricsSettings {
+        MetricsSettings { hosts: self.hosts.clone(), max_hosts: self.max_hosts }
     }
 }
 
@@ -265,7 +279,8 @@ pub struct TracingConfig {
 
 impl Default for TracingConfig {
     fn default() -> Self {
-        Self { otlp_endpoint: None, service_name: "callout".into() }
+        let defaults = TelemetrySettings::default();
+        Self { otlp_endpoint: defaults.otlp_endpoint, service_name: defaults.service_name }
     }
 }
 
@@ -507,6 +522,19 @@ impl Config {
         settings.sensitive_headers = self.sensitive_headers()?;
         settings.action_log = self.log.actions;
         Ok(settings)
+    }
+
+    /// What the logs and span export are built from.
+    pub fn telemetry_settings(&self) -> TelemetrySettings {
+        TelemetrySettings {
+            format: match self.log.format {
+                LogFormat::Pretty => crate::telemetry::LogFormat::Pretty,
+                LogFormat::Json => crate::telemetry::LogFormat::Json,
+            },
+            level: self.log.level.clone(),
+            otlp_endpoint: self.tracing.otlp_endpoint.clone(),
+            service_name: self.tracing.service_name.clone(),
+        }
     }
 
     /// The listener's protection. Reads the token and TLS files.

@@ -15,6 +15,7 @@ use crate::{
         response::{head_of, pieces, views, BodyError, CappedBody},
         ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
     },
+    fmt::fmt_duration,
     metrics,
     secrets::{SecretSettings, SecretStore},
 };
@@ -727,9 +728,4 @@ async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, obse
         }
     }
     BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
-}
-
-/// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").
-pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(d.as_millis().min(u64::MAX as u128) as u64)).to_string()
 }

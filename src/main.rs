@@ -9,10 +9,10 @@ use callout::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
     },
-    config::{Config, FileMode, ListenAddr, LogConfig, LogFormat},
+    config::{Config, FileMode, ListenAddr, LogFormat},
     exec::{ActionLog, Executor},
     server::Listener,
-    telemetry,
+    telemetry::{self, TelemetrySettings},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use figment::Figment;
@@ -405,7 +405,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let telemetry = match telemetry::init(&config.log, &config.tracing) {
+        let telemetry = match telemetry::init(&config.telemetry_settings()) {
             Ok(telemetry) => telemetry,
             Err(e) => {
                 eprintln!("callout: {e}");
@@ -442,7 +442,7 @@ async fn run_server(config: Config) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics).map_err(|e| e.to_string())?)
+        Some(callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?)
     } else {
         None
     };
@@ -542,8 +542,8 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Err(e) => return fail(e.to_string()),
     };
     // By hand, only warnings and errors go to stderr: stdout is the outcome.
-    let log = LogConfig { level: "warn".into(), ..config.log.clone() };
-    let telemetry = match telemetry::init(&log, &config.tracing) {
+    let settings = TelemetrySettings { level: "warn".into(), ..config.telemetry_settings() };
+    let telemetry = match telemetry::init(&settings) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
     };

@@ -1,7 +1,11 @@
 //! The clients an executor sends with: the shared default client, and a small bounded cache of
 //! clients built for actions that bring their own TLS options or proxy. Connections made with
 //! different TLS or proxy settings never share a pool, since each setting has its own client.
-use super::{ClientBuildError, ClientSettings, HttpClient, Proxies, SendFailure};
+use super::{
+    error::SendFailure,
+    http_client::{ClientBuildError, ClientSettings, HttpClient},
+    proxy::Proxies,
+};
 use crate::action::ErrorKind;
 use crate::action::{HttpAction, ProxyUrl, TlsOptions};
 use std::{
