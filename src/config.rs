@@ -187,8 +187,9 @@ pub struct ClientConfig {
     pub http2_keep_alive_interval: Option<Duration>,
     /// PEM file of extra CAs trusted for upstreams. Default none.
     pub ca_file: Option<PathBuf>,
-    /// `http://[user:pass@]host[:port]` proxy for actions that set none; replaces HTTPS_PROXY
-    /// and HTTP_PROXY (NO_PROXY still applies). Default none.
+    /// `http://`, `https://`, `socks5://` or `socks5h://` `[user:pass@]host[:port]` proxy for
+    /// actions that set none; replaces HTTPS_PROXY and HTTP_PROXY (NO_PROXY still applies).
+    /// Default none.
     pub proxy: Option<String>,
     /// Fixed addresses per host name instead of DNS. Default none.
     pub resolve: BTreeMap<String, Vec<IpAddr>>,
@@ -488,8 +489,7 @@ impl Config {
         let mut proxies = Proxies::from_env().map_err(ConfigError)?;
         if let Some(raw) = &c.proxy {
             let proxy = ProxyUrl::parse(raw).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
-            proxies.http = Some(proxy.clone());
-            proxies.https = Some(proxy);
+            proxies = proxies.with_proxy(proxy);
         }
         settings.client.proxies = proxies;
         settings.client.resolve =
@@ -574,10 +574,7 @@ impl Config {
         let mut shown = self.clone();
         if let Some(proxy) = shown.client.proxy.as_mut() {
             if let Ok(parsed) = ProxyUrl::parse(proxy) {
-                *proxy = match parsed.authorization() {
-                    Some(_) => parsed.to_string().replacen("http://", "http://<redacted>@", 1),
-                    None => parsed.to_string(),
-                };
+                *proxy = parsed.redacted();
             }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))

@@ -138,7 +138,7 @@ struct ServeFlags {
     /// [client.ca_file] PEM file of extra CAs trusted for upstreams.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
-    /// [client.proxy] http:// proxy for actions that set none (replaces HTTP(S)_PROXY).
+    /// [client.proxy] http(s):// or socks5(h):// proxy for actions that set none (replaces HTTP(S)_PROXY).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
     /// [limits.max_in_flight] actions running at once (512).
@@ -360,7 +360,7 @@ struct ExecArgs {
     secrets: SecretFlags,
     #[command(flatten)]
     egress: EgressFlags,
-    /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
+    /// http(s):// or socks5(h):// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
 }

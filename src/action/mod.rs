@@ -14,7 +14,7 @@ pub use outcome::{
 pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
 pub use trace::TraceContext;
-pub use transport::{ClientIdentity, ProxyUrl, TlsOptions};
+pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{FieldViolation, InvalidAction};
 
 use bytes::Bytes;

@@ -93,10 +93,17 @@ impl HttpClient {
     ) -> Result<Self, ClientBuildError> {
         let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2, tls)?;
         let proxies = Arc::new(proxies);
-        let connector =
+        let mut connector =
             connect::TimedConnector::new(Arc::new(tls), proxies.clone(), settings.connect_timeout)
                 .with_tcp_keepalive(settings.tcp_keepalive)
                 .with_egress(Arc::new(EgressPolicy::new(settings.egress.clone())), &settings.resolve);
+        if proxies.uses_tls() {
+            // The proxy is verified with the server's roots only: an action's TLS options are
+            // for its upstream, and its client certificate is not shown to a proxy.
+            let proxy_tls =
+                tls::client_config(settings.extra_ca_pem.as_deref(), false, &TlsOptions::default())?;
+            connector = connector.with_proxy_tls(Arc::new(proxy_tls));
+        }
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(settings.pool_idle_timeout)
@@ -122,15 +129,14 @@ impl HttpClient {
         connect_timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendFailure> {
         // Plain http through a forwarding proxy: the proxy reads its credentials from the
-        // request itself (https targets send them in CONNECT instead).
+        // request itself (https targets send them in CONNECT instead). A Proxy-Authorization
+        // the caller set itself wins.
         let uri = request.uri();
         if uri.scheme_str() == Some("http") {
-            let proxy = uri.host().and_then(|host| self.proxies.for_target(false, host));
-            if let Some(auth) = proxy.and_then(|p| p.authorization()) {
-                if let Ok(mut value) = HeaderValue::from_str(auth) {
-                    value.set_sensitive(true);
-                    request.headers_mut().insert(header::PROXY_AUTHORIZATION, value);
-                }
+            let auth = uri.host().and_then(|host| self.proxies.forward_authorization(host));
+            if let Some(mut value) = auth.and_then(|auth| HeaderValue::from_str(auth).ok()) {
+                value.set_sensitive(true);
+                request.headers_mut().entry(header::PROXY_AUTHORIZATION).or_insert(value);
             }
         }
         connect::CONNECT_TIMEOUT
