@@ -249,6 +249,11 @@ async fn https_proxy_speaks_tls_itself_and_tunnels_https_inside() {
     let proxy_url = format!("https://user:s3cret@127.0.0.1:{}", proxy.addr.port());
     let resp = sidecar.execute(via(&format!("https://{upstream}/"), &proxy_url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
+    // The phases are still measured: connect (with the proxy's TLS and CONNECT) and the
+    // target's TLS inside the tunnel.
+    let t = resp.attempts[0].timing.unwrap();
+    let measured = |d: &Option<prost_types::Duration>| d.is_some_and(|d| d.seconds > 0 || d.nanos > 0);
+    assert!(measured(&t.connect) && measured(&t.tls), "{t:?}");
     let response = resp.response.unwrap();
     assert_eq!((response.body.as_ref(), response.http_version.as_str()), (&b"secure"[..], "HTTP/2.0"));
     let heads = proxy.heads();
