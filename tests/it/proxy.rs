@@ -482,3 +482,27 @@ async fn other_proxy_schemes_are_invalid_arguments_naming_the_field() {
     assert_eq!(violated_fields(&status), vec!["proxy.url".to_owned()]);
     assert!(!status.message().contains("s3cret"), "{}", status.message());
 }
+
+#[tokio::test]
+async fn the_real_server_reads_proxies_and_no_proxy_ranges_from_the_environment() {
+    let proxy = Upstream::fixed(200, "from the proxy").await;
+    let direct = Upstream::fixed(200, "direct").await;
+    let proxy_url = proxy.url("");
+    let serve = ServeProcess::spawn(
+        &[],
+        &[("HTTP_PROXY", proxy_url.as_str()), ("NO_PROXY", "example.test, 127.0.0.0/8")],
+    )
+    .await;
+    let client = pb::http_action_service_client::HttpActionServiceClient::new(serve.channel().await);
+    let execute = |url: String| {
+        let req = request("GET", &url);
+        let mut client = client.clone();
+        async move { client.execute(req).await.unwrap().into_inner() }
+    };
+    let resp = execute(direct.url("/in-range")).await;
+    assert_eq!(resp.response.unwrap().body, &b"direct"[..]);
+    let resp = execute("http://orders.elsewhere.test/x".into()).await;
+    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..], "{}", serve.logs());
+    assert_eq!(proxy.seen()[0].uri, "http://orders.elsewhere.test/x");
+    assert_eq!((direct.hits(), proxy.hits()), (1, 1));
+}
