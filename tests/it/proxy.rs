@@ -506,3 +506,17 @@ async fn the_real_server_reads_proxies_and_no_proxy_ranges_from_the_environment(
     assert_eq!(proxy.seen()[0].uri, "http://orders.elsewhere.test/x");
     assert_eq!((direct.hits(), proxy.hits()), (1, 1));
 }
+
+#[tokio::test]
+async fn a_connect_refused_otherwise_fails_as_connect_naming_the_proxy_and_target() {
+    let pki = pki();
+    let (upstream, task) = tls_upstream(&pki, &[b"http/1.1"]).await;
+    let proxy = ConnectProxy::start(403).await;
+    let sidecar = Sidecar::start_with(trusting(&pki)).await;
+    let resp = sidecar.execute(via(&format!("https://{upstream}/"), &proxy.url())).await;
+    assert_eq!(error_kind(&resp), pb::ErrorKind::Connect, "{resp:?}");
+    let message = resp.error.unwrap().message;
+    assert!(message.contains(&proxy.url()) && message.contains(&upstream.to_string()), "{message}");
+    assert!(message.contains("refused"), "{message}");
+    task.abort();
+}
