@@ -15,8 +15,10 @@ use crate::{
         ClientSettings, Proxies,
     },
     exec::{ActionLog, ExecSettings},
+    metrics::MetricsSettings,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
+    telemetry::TelemetrySettings,
 };
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -125,7 +127,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, level: "info".into(), actions: ExecSettings::default().action_log }
+        Self {
+            format: LogFormat::Pretty,
+            level: TelemetrySettings::default().level,
+            actions: ExecSettings::default().action_log,
+        }
     }
 }
 
@@ -153,12 +159,20 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
+        let labels = MetricsSettings::default();
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            hosts: Vec::new(),
-            max_hosts: 50,
+            hosts: labels.hosts,
+            max_hosts: labels.max_hosts,
         }
+    }
+}
+
+impl MetricsConfig {
+    /// The host labelling the metrics module runs on.
+    pub fn settings(&self) -> MetricsSettings {
+        MetricsSettings { hosts: self.hosts.clone(), max_hosts: self.max_hosts }
     }
 }
 
@@ -181,8 +195,9 @@ pub struct ClientConfig {
     pub http2_keep_alive_interval: Option<Duration>,
     /// PEM file of extra CAs trusted for upstreams. Default none.
     pub ca_file: Option<PathBuf>,
-    /// `http://[user:pass@]host[:port]` proxy for actions that set none; replaces HTTPS_PROXY
-    /// and HTTP_PROXY (NO_PROXY still applies). Default none.
+    /// `http://`, `https://`, `socks5://` or `socks5h://` `[user:pass@]host[:port]` proxy for
+    /// actions that set none; replaces HTTPS_PROXY and HTTP_PROXY (NO_PROXY still applies).
+    /// Default none.
     pub proxy: Option<String>,
     /// Fixed addresses per host name instead of DNS. Default none.
     pub resolve: BTreeMap<String, Vec<IpAddr>>,
@@ -280,7 +295,8 @@ pub struct TracingConfig {
 
 impl Default for TracingConfig {
     fn default() -> Self {
-        Self { otlp_endpoint: None, service_name: "callout".into() }
+        let defaults = TelemetrySettings::default();
+        Self { otlp_endpoint: defaults.otlp_endpoint, service_name: defaults.service_name }
     }
 }
 
@@ -499,8 +515,7 @@ impl Config {
         let mut proxies = Proxies::from_env().map_err(ConfigError)?;
         if let Some(raw) = &c.proxy {
             let proxy = ProxyUrl::parse(raw).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
-            proxies.http = Some(proxy.clone());
-            proxies.https = Some(proxy);
+            proxies = proxies.with_proxy(proxy);
         }
         settings.client.proxies = proxies;
         settings.client.resolve =
@@ -536,6 +551,19 @@ impl Config {
         settings.sensitive_headers = self.sensitive_headers()?;
         settings.action_log = self.log.actions;
         Ok(settings)
+    }
+
+    /// What the logs and span export are built from.
+    pub fn telemetry_settings(&self) -> TelemetrySettings {
+        TelemetrySettings {
+            format: match self.log.format {
+                LogFormat::Pretty => crate::telemetry::LogFormat::Pretty,
+                LogFormat::Json => crate::telemetry::LogFormat::Json,
+            },
+            level: self.log.level.clone(),
+            otlp_endpoint: self.tracing.otlp_endpoint.clone(),
+            service_name: self.tracing.service_name.clone(),
+        }
     }
 
     /// The listener's protection. Reads the token and TLS files.
@@ -577,10 +605,7 @@ impl Config {
         let mut shown = self.clone();
         if let Some(proxy) = shown.client.proxy.as_mut() {
             if let Ok(parsed) = ProxyUrl::parse(proxy) {
-                *proxy = match parsed.authorization() {
-                    Some(_) => parsed.to_string().replacen("http://", "http://<redacted>@", 1),
-                    None => parsed.to_string(),
-                };
+                *proxy = parsed.redacted();
             }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))

@@ -16,6 +16,7 @@ use crate::{
         response::{head_of, pieces, views, BodyError, CappedBody},
         ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
     },
+    fmt::fmt_duration,
     metrics,
     secrets::{SecretSettings, SecretStore},
 };
@@ -869,11 +870,6 @@ async fn read_body<O: Observer>(
         }
     }
     BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
-}
-
-/// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").
-pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(d.as_millis().min(u64::MAX as u128) as u64)).to_string()
 }
 
 #[cfg(test)]

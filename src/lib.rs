@@ -14,6 +14,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod exec;
+pub mod fmt;
 pub mod metrics;
 pub mod report;
 pub mod runtime;

@@ -9,10 +9,10 @@ use callout::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
     },
-    config::{Config, FileMode, ListenAddr, LogConfig, LogFormat},
+    config::{Config, FileMode, ListenAddr, LogFormat},
     exec::{ActionLog, Executor},
     server::Listener,
-    telemetry,
+    telemetry::{self, TelemetrySettings},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use figment::Figment;
@@ -142,7 +142,7 @@ struct ServeFlags {
     /// [client.ca_file] PEM file of extra CAs trusted for upstreams.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
-    /// [client.proxy] http:// proxy for actions that set none (replaces HTTP(S)_PROXY).
+    /// [client.proxy] http(s):// or socks5(h):// proxy for actions that set none (replaces HTTP(S)_PROXY).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
     /// [limits.max_in_flight] actions running at once (512).
@@ -370,7 +370,7 @@ struct ExecArgs {
     secrets: SecretFlags,
     #[command(flatten)]
     egress: EgressFlags,
-    /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
+    /// http(s):// or socks5(h):// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
 }
@@ -415,7 +415,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let telemetry = match telemetry::init(&config.log, &config.tracing) {
+        let telemetry = match telemetry::init(&config.telemetry_settings()) {
             Ok(telemetry) => telemetry,
             Err(e) => {
                 eprintln!("callout: {e}");
@@ -453,7 +453,7 @@ async fn run_server(config: Config) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics).map_err(|e| e.to_string())?)
+        Some(callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?)
     } else {
         None
     };
@@ -555,8 +555,8 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Err(e) => return fail(e.to_string()),
     };
     // By hand, only warnings and errors go to stderr: stdout is the outcome.
-    let log = LogConfig { level: "warn".into(), ..config.log.clone() };
-    let telemetry = match telemetry::init(&log, &config.tracing) {
+    let settings = TelemetrySettings { level: "warn".into(), ..config.telemetry_settings() };
+    let telemetry = match telemetry::init(&settings) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
     };

@@ -2,7 +2,7 @@
 //! until `install` sets the Prometheus recorder) and the `/metrics` endpoint that serves them.
 //! Destination hosts become labels only within a bound: a configured allow-list, or the first
 //! `max_hosts` hosts seen; the rest are `other`. Never a URL, path or header.
-use crate::{action::Outcome, config::MetricsConfig};
+use crate::action::Outcome;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -126,13 +126,28 @@ pub fn host_label(host: &str) -> String {
     HOSTS.get().map_or_else(|| "other".to_owned(), |labels| labels.series(host).label.clone())
 }
 
+/// Which destination hosts get their own `host` label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Hosts labelled by name; the rest are `other`. Empty: the first `max_hosts` seen.
+    pub hosts: Vec<String>,
+    /// Most distinct `host` label values when `hosts` is empty. Default 50.
+    pub max_hosts: usize,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { hosts: Vec::new(), max_hosts: 50 }
+    }
+}
+
 /// Why metrics could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("metrics: {0}")]
 pub struct MetricsError(String);
 
 /// Sets the Prometheus recorder and serves `/metrics` on `listener`. Returns its address.
-pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAddr, MetricsError> {
+pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<SocketAddr, MetricsError> {
     let addr = listener.local_addr().map_err(|e| MetricsError(e.to_string()))?;
     let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     let handle = PrometheusBuilder::new()
@@ -141,8 +156,8 @@ pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAd
         .install_recorder()
         .map_err(|e| MetricsError(e.to_string()))?;
     let _ = HOSTS.set(HostLabels {
-        allowed: config.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-        max: config.max_hosts,
+        allowed: settings.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        max: settings.max_hosts,
         series: Mutex::default(),
         other: Arc::new(HostSeries::new("other")),
     });

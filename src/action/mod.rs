@@ -14,7 +14,7 @@ pub use outcome::{
 pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
 pub use trace::TraceContext;
-pub use transport::{ClientIdentity, ProxyUrl, TlsOptions};
+pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
     excerpt, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS,
     MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,

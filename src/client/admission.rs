@@ -43,13 +43,7 @@ pub struct Destination {
 
 impl Destination {
     pub fn of(url: &Url) -> Self {
-        let host = url
-            .host_str()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let host = super::host::normalize(url.host_str().unwrap_or_default());
         let port = url.port_or_known_default().unwrap_or(0);
         let key = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         Self { key, host, port }

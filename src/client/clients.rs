@@ -1,7 +1,11 @@
 //! The clients an executor sends with: the shared default client, and a small bounded cache of
 //! clients built for actions that bring their own TLS options or proxy. Connections made with
 //! different TLS or proxy settings never share a pool, since each setting has its own client.
-use super::{ClientBuildError, ClientSettings, HttpClient, Proxies, SendFailure};
+use super::{
+    error::SendFailure,
+    http_client::{ClientBuildError, ClientSettings, HttpClient},
+    proxy::Proxies,
+};
 use crate::action::ErrorKind;
 use crate::action::{HttpAction, ProxyUrl, TlsOptions};
 use std::{
@@ -174,7 +178,7 @@ mod tests {
         // Let the slow builder reach its build (it holds no lock there, so this cannot hang).
         std::thread::sleep(std::time::Duration::from_millis(20));
         let again = clients.for_action(&action("http://p.test:1")).unwrap();
-        assert!(Arc::ptr_eq(&cached.proxies, &again.proxies), "the cached client is returned");
+        assert!(cached.same_as(&again), "the cached client is returned");
         looked_up_tx.send(()).unwrap();
         assert!(slow.join().unwrap().is_ok());
         assert_eq!(clients.cached(), 2);
@@ -189,7 +193,7 @@ mod tests {
             })
             .unwrap();
         let winner = winner.unwrap();
-        assert!(Arc::ptr_eq(&winner.proxies, &raced.proxies), "the loser gets the cached client");
+        assert!(winner.same_as(&raced), "the loser gets the cached client");
         assert_eq!(clients.cached(), 3);
     }
 }

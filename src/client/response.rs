@@ -1,6 +1,6 @@
 //! Reading a response: its head as the domain sees it, its body in chunks under a byte cap
 //! (never a buffer past the cap), and the body's JSON / text views.
-use super::ResponseBody;
+use super::http_client::ResponseBody;
 use crate::action::ResponseHead;
 use bytes::Bytes;
 use http::{header, Response, Version};
