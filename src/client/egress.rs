@@ -303,7 +303,7 @@ mod tests {
         assert_eq!("10.1.2.3/8".parse::<EgressRule>().unwrap().to_string(), "10.0.0.0/8");
         assert_eq!("[::1]".parse::<EgressRule>().unwrap().to_string(), "::1/128");
         assert_eq!("::ffff:10.0.0.1".parse::<EgressRule>().unwrap().to_string(), "10.0.0.1/32");
-        // Found by the egress_addr fuzz target: a CIDR in IPv4-mapped form never matched.
+        // Found writing the egress_addr fuzz target's invariants: an IPv4-mapped CIDR never matched.
         assert_eq!("::ffff:10.0.0.0/104".parse::<EgressRule>().unwrap().to_string(), "10.0.0.0/8");
         assert_eq!("64:ff9b::a9fe:a9fe/128".parse::<EgressRule>().unwrap().to_string(), "169.254.169.254/32");
         assert_eq!("::1/128".parse::<EgressRule>().unwrap().to_string(), "::1/128");
