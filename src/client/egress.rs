@@ -31,7 +31,7 @@ impl FromStr for EgressRule {
     fn from_str(raw: &str) -> Result<Self, Self::Err> {
         let raw = raw.trim();
         if let Ok(net) = raw.parse::<IpNet>() {
-            return Ok(Self::Net(net.trunc()));
+            return Ok(Self::Net(normalize_net(net.trunc())));
         }
         if let Ok(ip) = normalize_host(raw).parse::<IpAddr>() {
             return Ok(Self::Net(IpNet::from(normalize_ip(ip))));
@@ -179,6 +179,20 @@ impl EgressPolicy {
     }
 }
 
+/// A network as the rules see it: IPv4 written in IPv6 (`::ffff:10.0.0.0/104`) is the IPv4
+/// network it covers, since addresses are checked after `normalize_ip` and would otherwise
+/// never match it.
+fn normalize_net(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    let prefix = v6.prefix_len();
+    match (normalize_ip(IpAddr::V6(v6.network())), normalize_ip(IpAddr::V6(v6.broadcast()))) {
+        (IpAddr::V4(first), IpAddr::V4(_)) if prefix >= 96 => {
+            ipnet::Ipv4Net::new(first, prefix - 96).map(IpNet::V4).unwrap_or(net)
+        }
+        _ => net,
+    }
+}
+
 /// An address as the rules see it: IPv4 carried in IPv6 (mapped `::ffff:a.b.c.d`, compatible
 /// `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`) is checked as the IPv4 address it reaches.
 pub fn normalize_ip(ip: IpAddr) -> IpAddr {
@@ -246,6 +260,11 @@ mod tests {
         let err = p.check_host("Metadata.Google.Internal.", 80).unwrap_err();
         assert_eq!(err.to_string(), "egress policy denies metadata.google.internal:80: cloud metadata host");
         assert!(p.check_host("localhost", 80).is_err());
+        // Found by the egress_addr fuzz target: a bracket between trailing dots made the name
+        // normalise differently the second time.
+        let odd = "metadata.goog...]....";
+        assert_eq!(normalize_host(odd), normalize_host(&normalize_host(odd)));
+        assert!(p.check_host(odd, 80).is_err());
     }
 
     #[test]
@@ -287,6 +306,20 @@ mod tests {
         assert_eq!("10.1.2.3/8".parse::<EgressRule>().unwrap().to_string(), "10.0.0.0/8");
         assert_eq!("[::1]".parse::<EgressRule>().unwrap().to_string(), "::1/128");
         assert_eq!("::ffff:10.0.0.1".parse::<EgressRule>().unwrap().to_string(), "10.0.0.1/32");
+        // Found writing the egress_addr fuzz target (seed fuzz/seeds/egress_addr/mapped_cidr):
+        // an IPv4-mapped CIDR never matched.
+        assert_eq!("::ffff:10.0.0.0/104".parse::<EgressRule>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!("64:ff9b::a9fe:a9fe/128".parse::<EgressRule>().unwrap().to_string(), "169.254.169.254/32");
+        assert_eq!("::1/128".parse::<EgressRule>().unwrap().to_string(), "::1/128");
+        assert_eq!("::ffff:0:0/95".parse::<EgressRule>().unwrap().to_string(), "::fffe:0:0/95");
+        let p = policy(EgressSettings {
+            allow_private_networks: true,
+            deny: vec!["::ffff:10.0.0.0/104".parse().unwrap()],
+            ..Default::default()
+        });
+        assert!(p.check_ip("h", 80, ip("10.1.2.3")).is_err());
+        assert!(p.check_ip("h", 80, ip("::ffff:10.1.2.3")).is_err());
+        assert!(p.check_ip("h", 80, ip("192.168.1.1")).is_ok());
         assert!(matches!("*.example.com".parse::<EgressRule>().unwrap(), EgressRule::Host(_)));
         assert!("a.*.com".parse::<EgressRule>().is_err());
     }

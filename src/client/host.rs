@@ -4,7 +4,9 @@
 
 /// A host as the rules see it: lower case, IPv6 without brackets, no trailing dots.
 pub fn normalize(host: &str) -> String {
-    host.trim().trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase()
+    // `]` and `.` trimmed together, so normalising twice gives the same name (`a.]..` once
+    // left `a.` behind, and a second pass then changed it).
+    host.trim().trim_start_matches('[').trim_end_matches([']', '.']).to_ascii_lowercase()
 }
 
 /// True when normalised `host` lies strictly below `domain` (`a.example.com` below
