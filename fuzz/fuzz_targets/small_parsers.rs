@@ -6,7 +6,7 @@ use callout::{
     action::{parse_retry_after, ProxyUrl, TraceContext},
     client::{
         host_pattern::HostPattern,
-        proxy::NoProxy,
+        proxy::{NoProxy, Proxies},
         rate_limit::{Rate, RateLimitRule},
     },
 };
@@ -45,10 +45,13 @@ fuzz_target!(|input: (u8, String, String, u16)| {
             }
         }
         3 => {
-            let no_proxy = NoProxy::parse(&a);
-            let _ = no_proxy.matches(&b);
+            // NO_PROXY is read through the proxies it guards: a host bypasses or it does not,
+            // whatever its case.
+            let Ok(proxy) = ProxyUrl::parse("http://proxy.invalid:3128") else { return };
+            let proxies = Proxies::new(Some(proxy.clone()), Some(proxy), NoProxy::parse(&a));
+            let bypasses = |host: &str| proxies.for_target(true, host).is_none();
             let upper = b.to_ascii_uppercase();
-            assert_eq!(no_proxy.matches(&upper), no_proxy.matches(&b), "{a:?} / {b:?}");
+            assert_eq!(bypasses(&upper), bypasses(&b), "{a:?} / {b:?}");
         }
         4 => {
             if let Ok(rate) = a.parse::<Rate>() {
