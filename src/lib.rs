@@ -13,10 +13,12 @@ pub mod pb {
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod exec;
 pub mod metrics;
 pub mod report;
 pub mod runtime;
 pub mod secrets;
 pub mod server;
+pub mod store;
 pub mod telemetry;

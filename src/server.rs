@@ -3,8 +3,12 @@
 //! socket listener, optionally with TLS or mutual TLS.
 use crate::{
     api::{auth::BearerAuth, HttpActionService},
+    durable::{service::DurableService, Durable},
     exec::Executor,
-    pb::{self, http_action_service_server::HttpActionServiceServer},
+    pb::{
+        self, durable_action_service_server::DurableActionServiceServer,
+        http_action_service_server::HttpActionServiceServer,
+    },
 };
 use std::{
     future::Future,
@@ -56,11 +60,13 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// After the shutdown signal, how long in-flight actions may finish. Default 25 s.
     pub drain_timeout: Duration,
+    /// Durable actions (DurableActionService) served beside the action service. Default none.
+    pub durable: Option<Durable>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { auth_token: None, tls: None, drain_timeout: Duration::from_secs(25) }
+        Self { auth_token: None, tls: None, drain_timeout: Duration::from_secs(25), durable: None }
     }
 }
 
@@ -118,13 +124,25 @@ pub async fn serve_with(
     let auth = BearerAuth::new(options.auth_token.as_deref());
     let draining = Arc::new(AtomicBool::new(false));
     let service = HttpActionService::new(executor.clone(), draining.clone());
-    let actions = HttpActionServiceServer::with_interceptor(service, auth);
+    let actions = HttpActionServiceServer::with_interceptor(service, auth.clone());
+    let durable = options.durable.clone();
+    if let Some(durable) = &durable {
+        set_durable_health(&health, durable.is_available()).await;
+    }
+    let durable_actions = durable
+        .clone()
+        .map(|d| DurableActionServiceServer::with_interceptor(DurableService::new(d), auth.clone()));
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = options.drain_timeout;
     let drain = async move {
         shutdown.await;
         draining.store(true, Ordering::SeqCst);
         health.set_not_serving::<HttpActionServiceServer<HttpActionService>>().await;
+        if let Some(durable) = &durable {
+            // No new attempts; pending actions stay stored for the next start.
+            durable.drain();
+            set_durable_health(&health, false).await;
+        }
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let admitted = executor.limits().admitted();
         tracing::info!(in_flight = admitted, drain_timeout = ?drain_timeout, "draining: health is NOT_SERVING, new actions are refused");
@@ -153,7 +171,8 @@ pub async fn serve_with(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(actions);
+        .add_service(actions)
+        .add_optional_service(durable_actions);
     // Connections left open after the drain (a stream cut off, a client that keeps its
     // connection) get a short grace, then the server stops regardless.
     let stop_anyway = async move {
@@ -177,4 +196,13 @@ pub async fn serve_with(
         }
     };
     Ok(served?)
+}
+
+/// The durable service's health: SERVING while its store is usable and the server not draining.
+async fn set_durable_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_serving::<DurableActionServiceServer<DurableService>>().await;
+    } else {
+        health.set_not_serving::<DurableActionServiceServer<DurableService>>().await;
+    }
 }

@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod config_example;
 mod decompression;
+mod durable;
 mod egress;
 mod invalid;
 mod limits;
