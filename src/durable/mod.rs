@@ -345,7 +345,9 @@ impl Durable {
             // sent, so no attempt is recorded; wait and try again.
             let error =
                 error.unwrap_or_else(|| ActionError::new(ErrorKind::Cancelled, "no attempt was made"));
-            let backoff = plan.action.retry.backoff(number_in_run);
+            // At least a second: a refusal (an open circuit, say) lasts a while, and each retry
+            // is two commits.
+            let backoff = plan.action.retry.backoff(number_in_run).max(Duration::from_secs(1));
             if backoff >= remaining {
                 let result = self.result(claim, None, Some(&error), None);
                 return finish(None, final_failed(&error, result));

@@ -59,9 +59,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE changes (
         sequence INTEGER PRIMARY KEY AUTOINCREMENT,
         action_id TEXT NOT NULL,
+        committed_at INTEGER NOT NULL,
         snapshot BLOB NOT NULL
     );
-    CREATE INDEX changes_action ON changes (action_id);",
+    CREATE INDEX changes_action ON changes (action_id);
+    CREATE INDEX changes_time ON changes (committed_at);",
 ];
 
 /// A record as of one change, as the `changes` table keeps it.
@@ -363,8 +365,8 @@ impl Db {
     /// Writes `snapshot` as the action's next change; returns its sequence.
     fn change(&mut self, action_id: &str, snapshot: &Snapshot) -> Result<u64, StoreError> {
         self.conn
-            .prepare_cached("INSERT INTO changes (action_id, snapshot) VALUES (?1, ?2)")
-            .and_then(|mut s| s.execute(params![action_id, snapshot.encode_to_vec()]))
+            .prepare_cached("INSERT INTO changes (action_id, committed_at, snapshot) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![action_id, snapshot.updated_at, snapshot.encode_to_vec()]))
             .map_err(unavailable)?;
         let sequence = self.conn.last_insert_rowid() as u64;
         self.conn
@@ -744,6 +746,10 @@ impl Db {
         run(&format!("DELETE FROM changes WHERE action_id IN ({picked})"))?;
         run(&format!("DELETE FROM attempts WHERE action_id IN ({picked})"))?;
         let n = run(&format!("DELETE FROM actions WHERE action_id IN ({picked})"))?;
+        // Changes older than the retention that are no action's latest: a watcher resuming from
+        // that far back misses them (as it misses purged actions).
+        run("DELETE FROM changes WHERE sequence IN (SELECT sequence FROM changes WHERE committed_at < ?1
+             AND sequence NOT IN (SELECT sequence FROM actions) LIMIT 10000)")?;
         Ok(n as u64)
     }
 
@@ -838,5 +844,158 @@ impl ActionStore for SqliteStore {
 
     fn stats(&self, now: SystemTime) -> StoreFuture<'_, Stats> {
         self.call(move |db| db.stats(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
+        let path = std::env::temp_dir().join(format!("callout-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        Dir(path)
+    }
+
+    fn open(dir: &Dir) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open(&SqliteSettings { path: dir.0.join("actions.db"), max_bytes: None })
+    }
+
+    fn new(id: &str, destination: &str, now: SystemTime) -> NewAction {
+        NewAction {
+            action_id: id.into(),
+            request: Bytes::from_static(b"request"),
+            destination: destination.into(),
+            due_at: now,
+            total: Duration::from_secs(3600),
+            now,
+            max_pending: 1000,
+        }
+    }
+
+    fn claim(now: SystemTime, limit: usize, per_destination: usize) -> ClaimRequest {
+        ClaimRequest {
+            now,
+            lease: Duration::from_secs(60),
+            limit,
+            per_destination,
+            skip_destinations: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_are_fair_across_destinations() {
+        let dir = dir("fair");
+        let store = open(&dir).unwrap();
+        let now = SystemTime::now();
+        // A backlog of 50 to a slow host, submitted first, then one each to two other hosts.
+        for i in 0..50 {
+            store.submit(new(&format!("slow-{i}"), "slow:443", now)).await.unwrap();
+        }
+        store.submit(new("a", "a:443", now)).await.unwrap();
+        store.submit(new("b", "b:443", now)).await.unwrap();
+        let claims = store.claim(claim(now, 4, 2)).await.unwrap();
+        let ids: Vec<_> = claims.claimed.iter().map(|c| c.stored.record.action_id.as_str()).collect();
+        assert!(ids.contains(&"a") && ids.contains(&"b"), "{ids:?}");
+        assert_eq!(ids.iter().filter(|id| id.starts_with("slow")).count(), 2, "{ids:?}");
+        assert!(claims.claimed.iter().all(|c| c.stored.record.state == State::Running && c.attempt == 1));
+        assert!(claims.next_due.is_some_and(|due| due <= now));
+        // A destination at its share is skipped.
+        let mut skip = claim(now, 10, 10);
+        skip.skip_destinations = vec!["slow:443".into()];
+        assert!(store.claim(skip).await.unwrap().claimed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn sequences_continue_after_a_reopen_and_running_attempts_become_orphans() {
+        let dir = dir("reopen");
+        let now = SystemTime::now();
+        let last = {
+            let store = open(&dir).unwrap();
+            store.submit(new("x", "h:80", now)).await.unwrap();
+            let claimed = store.claim(claim(now, 1, 1)).await.unwrap().claimed;
+            assert_eq!(claimed.len(), 1);
+            assert!(store.orphans(now, 10).await.unwrap().is_empty(), "the lease holds");
+            assert!(open(&dir).is_err(), "a second open of the same file is refused");
+            *store.subscribe().borrow()
+        };
+        // The store thread ends with its last handle; give it a moment to close the file.
+        let store = (0..100)
+            .find_map(|_| {
+                let opened = open(&dir).ok();
+                if opened.is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                opened
+            })
+            .unwrap();
+        assert_eq!(*store.subscribe().borrow(), last);
+        let orphans = store.orphans(now, 10).await.unwrap();
+        assert_eq!(orphans.len(), 1, "the previous run's attempt is taken over");
+        let finish = Finish {
+            action_id: "x".into(),
+            attempt: 1,
+            record: Some(Bytes::from_static(b"attempt 1")),
+            next: Next::Retry { at: now, last_error: None },
+            now,
+        };
+        let record = store.finish_attempt(finish).await.unwrap().unwrap();
+        assert_eq!(record.state, State::Pending);
+        assert!(record.sequence > last);
+        assert_eq!(record.attempts, [Bytes::from_static(b"attempt 1")]);
+        let changes = store.changes(0, 100).await.unwrap();
+        let states: Vec<_> = changes.iter().map(|c| c.state).collect();
+        assert_eq!(states, [State::Pending, State::Running, State::Pending]);
+        assert!(changes.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_ending_after_a_cancel_is_recorded_but_does_not_revive_the_action() {
+        let dir = dir("cancel");
+        let store = open(&dir).unwrap();
+        let now = SystemTime::now();
+        store.submit(new("c", "h:80", now)).await.unwrap();
+        store.claim(claim(now, 1, 1)).await.unwrap();
+        let cancelled = store.cancel("c", now).await.unwrap().unwrap();
+        assert_eq!(cancelled.state, State::Cancelled);
+        let finish = Finish {
+            action_id: "c".into(),
+            attempt: 1,
+            record: Some(Bytes::from_static(b"aborted")),
+            next: Next::Retry { at: now, last_error: None },
+            now,
+        };
+        assert!(store.finish_attempt(finish).await.unwrap().is_none());
+        let stored = store.get("c").await.unwrap().unwrap();
+        assert_eq!(stored.record.state, State::Cancelled);
+        assert_eq!(stored.record.attempts.len(), 1);
+        let replayed = store.replay("c", now).await.unwrap().unwrap();
+        assert_eq!(replayed.state, State::Pending);
+        assert!(matches!(store.replay("c", now).await, Err(StoreError::WrongState { .. })));
+        assert_eq!(store.stats(now).await.unwrap().retry_waiting, 0, "a replay starts a new run");
+        assert!(store.get("unknown").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn purge_removes_final_actions_past_their_retention() {
+        let dir = dir("purge");
+        let store = open(&dir).unwrap();
+        let now = SystemTime::now();
+        store.submit(new("old", "h:80", now)).await.unwrap();
+        store.submit(new("live", "h:80", now)).await.unwrap();
+        store.cancel("old", now).await.unwrap();
+        assert_eq!(store.purge(now - Duration::from_secs(60)).await.unwrap(), 0);
+        assert_eq!(store.purge(now + Duration::from_secs(60)).await.unwrap(), 1);
+        assert!(store.get("old").await.unwrap().is_none());
+        assert!(store.get("live").await.unwrap().is_some());
+        let full = store.submit(NewAction { max_pending: 1, ..new("more", "h:80", now) }).await;
+        assert!(matches!(full, Err(StoreError::Full { pending: 1, max: 1 })), "{full:?}");
     }
 }
