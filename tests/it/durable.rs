@@ -542,7 +542,7 @@ async fn a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating() {
 }
 
 #[tokio::test]
-async fn serve_with_no_store_flag_keeps_the_store_where_configured_and_drains_leaving_pending() {
+async fn a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges_count_them() {
     // A SIGTERM drain stops claiming; what is pending stays stored for the next start.
     let dir = TempDir::new("drain");
     let store = dir.store_url();
@@ -558,4 +558,67 @@ async fn serve_with_no_store_flag_keeps_the_store_where_configured_and_drains_le
     let second = ServeProcess::spawn(&args, &[]).await;
     let record = get(&durable_client(&second).await, "d-1").await.unwrap();
     assert_eq!(record.state(), ActionState::Pending);
+    // The gauges count it (they refresh every second).
+    let metrics = second.metrics.clone().expect("metrics on");
+    let mut pending = None;
+    for _ in 0..100 {
+        let text = metrics_text(&metrics).await;
+        pending = text
+            .lines()
+            .find(|l| l.starts_with("callout_durable_actions{") && l.contains("state=\"pending\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if pending == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending, Some(1.0));
+}
+
+/// `/metrics` of a sidecar, over plain HTTP/1.1.
+async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    raw
+}
+
+#[tokio::test]
+async fn watch_filters_by_id_and_resumes_after_a_sequence() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let server = Server::start(DurableSettings::default()).await;
+    for id in ["w-1", "w-2"] {
+        submit(&server.client, action(id, "GET", &upstream.url("/w"))).await;
+        until_final(&server.client, id).await;
+    }
+    let watch = |after: u64, ids: Vec<String>, final_only: bool| {
+        let mut client = server.client.clone();
+        async move {
+            let request = pb::WatchActionsRequest { after_sequence: after, action_ids: ids, final_only };
+            let mut stream = client.watch_actions(request).await.unwrap().into_inner();
+            let mut seen = Vec::new();
+            // The stream stays open for new changes: read what is stored, then stop.
+            while let Ok(Ok(Some(record))) =
+                tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+            {
+                seen.push(record);
+            }
+            seen
+        }
+    };
+    let one = watch(0, vec!["w-2".into()], false).await;
+    let states: Vec<_> = one.iter().map(|r| r.state()).collect();
+    assert_eq!(states, [ActionState::Pending, ActionState::Running, ActionState::Succeeded]);
+    assert!(one.iter().all(|r| r.action_id == "w-2"));
+    assert!(one.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    let rest = watch(one[0].sequence, vec!["w-2".into()], false).await;
+    assert_eq!(rest, one[1..].to_vec(), "resuming after a sequence gives what followed it, once");
+    let finals = watch(0, vec![], true).await;
+    let ids: Vec<_> = finals.iter().map(|r| r.action_id.as_str()).collect();
+    assert_eq!(ids, ["w-1", "w-2"]);
+    assert!(finals[1].result.is_some());
 }
