@@ -622,3 +622,38 @@ async fn watch_filters_by_id_and_resumes_after_a_sequence() {
     assert_eq!(ids, ["w-1", "w-2"]);
     assert!(finals[1].result.is_some());
 }
+
+#[tokio::test]
+async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts() {
+    // The stuck host never answers; each destination may have two attempts in flight, the
+    // runner four in all.
+    let stuck = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        text(200, "late")
+    })
+    .await;
+    let fast = Upstream::fixed(200, "ok").await;
+    let settings = DurableSettings {
+        max_concurrent: 4,
+        max_concurrent_per_destination: 2,
+        ..DurableSettings::default()
+    };
+    let server = Server::start(settings).await;
+    for i in 0..20 {
+        submit(&server.client, action(&format!("stuck-{i}"), "GET", &stuck.url("/"))).await;
+    }
+    submit(&server.client, action("fast-1", "GET", &fast.url("/"))).await;
+    assert_eq!(until_final(&server.client, "fast-1").await.state(), ActionState::Succeeded);
+    assert!(stuck.hits() <= 2, "the stuck host holds at most its share: {}", stuck.hits());
+    let pending = server
+        .client
+        .clone()
+        .list_actions(pb::ListActionsRequest {
+            states: vec![ActionState::Pending as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pending.actions.len() >= 18, "the backlog waits its turn: {}", pending.actions.len());
+}
