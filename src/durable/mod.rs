@@ -221,18 +221,14 @@ impl Durable {
     /// many were claimed, whether every place offered was taken, and when the next is due.
     async fn claim(&self, store: &dyn ActionStore) -> Result<(usize, bool, Option<SystemTime>), StoreError> {
         let settings = &self.inner.settings;
-        let (free, skip) = {
+        let (free, busy) = {
             let running = self.running();
             let mut per: HashMap<&str, usize> = HashMap::new();
             for (dest, _) in running.values() {
                 *per.entry(dest.as_str()).or_default() += 1;
             }
-            let skip: Vec<String> = per
-                .into_iter()
-                .filter(|(_, n)| *n >= settings.max_concurrent_per_destination)
-                .map(|(d, _)| d.to_owned())
-                .collect();
-            (settings.max_concurrent.saturating_sub(running.len()), skip)
+            let busy: Vec<(String, usize)> = per.into_iter().map(|(d, n)| (d.to_owned(), n)).collect();
+            (settings.max_concurrent.saturating_sub(running.len()), busy)
         };
         if free == 0 {
             return Ok((0, false, None));
@@ -257,7 +253,7 @@ impl Durable {
                     + LEASE_MARGIN,
                 limit: offered,
                 per_destination: settings.max_concurrent_per_destination,
-                skip_destinations: skip,
+                busy,
             })
             .await?;
         let claimed = claims.claimed.len();

@@ -122,10 +122,11 @@ pub struct ClaimRequest {
     pub lease: Duration,
     /// Most actions to claim.
     pub limit: usize,
-    /// Most actions to claim per destination in this call: fairness across destinations.
+    /// Most actions running per destination, those in `busy` included: fairness across
+    /// destinations (due actions are taken round robin across them).
     pub per_destination: usize,
-    /// Destinations to skip (already at their share of running attempts).
-    pub skip_destinations: Vec<String>,
+    /// Destinations with attempts in flight, and how many.
+    pub busy: Vec<(String, usize)>,
 }
 
 /// A claimed action: its state is RUNNING and attempt `attempt` is recorded as started.

@@ -507,7 +507,10 @@ impl Db {
 
     fn claim(&mut self, claim: ClaimRequest) -> Result<Claims, StoreError> {
         let now = to_millis(claim.now);
-        let window = claim.limit + claim.skip_destinations.len() * claim.per_destination;
+        // Rows come round robin across destinations; a busy destination's rows beyond its room
+        // are passed over, so the window is widened by what they may take.
+        let window =
+            claim.limit + claim.busy.iter().map(|(_, n)| (*n).min(claim.per_destination)).sum::<usize>();
         let due: Vec<(String, String)> = self
             .conn
             .prepare_cached(
@@ -527,13 +530,16 @@ impl Db {
             .map_err(unavailable)?;
         let lease_until = to_millis(claim.now + claim.lease);
         let mut claimed = Vec::new();
+        let mut taken: std::collections::HashMap<String, usize> = claim.busy.into_iter().collect();
         for (action_id, destination) in due {
             if claimed.len() >= claim.limit {
                 break;
             }
-            if claim.skip_destinations.contains(&destination) {
+            let n = taken.entry(destination).or_default();
+            if *n >= claim.per_destination {
                 continue;
             }
+            *n += 1;
             claimed.push(self.start_attempt(&action_id, now, lease_until)?);
         }
         let next_due: Option<i64> = self
@@ -881,13 +887,7 @@ mod tests {
     }
 
     fn claim(now: SystemTime, limit: usize, per_destination: usize) -> ClaimRequest {
-        ClaimRequest {
-            now,
-            lease: Duration::from_secs(60),
-            limit,
-            per_destination,
-            skip_destinations: vec![],
-        }
+        ClaimRequest { now, lease: Duration::from_secs(60), limit, per_destination, busy: vec![] }
     }
 
     #[tokio::test]
@@ -907,10 +907,14 @@ mod tests {
         assert_eq!(ids.iter().filter(|id| id.starts_with("slow")).count(), 2, "{ids:?}");
         assert!(claims.claimed.iter().all(|c| c.stored.record.state == State::Running && c.attempt == 1));
         assert!(claims.next_due.is_some_and(|due| due <= now));
-        // A destination at its share is skipped.
-        let mut skip = claim(now, 10, 10);
-        skip.skip_destinations = vec!["slow:443".into()];
-        assert!(store.claim(skip).await.unwrap().claimed.is_empty());
+        // A destination's running attempts count against its share.
+        let mut busy = claim(now, 10, 3);
+        busy.busy = vec![("slow:443".into(), 2)];
+        let more = store.claim(busy).await.unwrap().claimed;
+        assert_eq!(more.len(), 1, "one more place for the slow host");
+        let mut full = claim(now, 10, 3);
+        full.busy = vec![("slow:443".into(), 3)];
+        assert!(store.claim(full).await.unwrap().claimed.is_empty());
     }
 
     #[tokio::test]
