@@ -168,6 +168,8 @@ impl Listen {
 }
 
 fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, Error> {
+    // No durable store unless asked for: it would be created in the working directory.
+    let store: &[&str] = if extra.contains(&"--store") { &[] } else { &["--store", "off"] };
     let child = Command::new(path)
         .args([
             "serve",
@@ -177,6 +179,7 @@ fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, E
             "--listen",
             &listen.arg(),
         ])
+        .args(store)
         .args(extra)
         // The per-action log line is part of the cost (default level info); it goes nowhere.
         .stdout(Stdio::null())
