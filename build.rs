@@ -11,7 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("callout_descriptor.bin"), fds.encode_to_vec())?;
     // `bytes` fields as `Bytes`: a response body, a stream chunk or a request body is handed
     // on by reference count instead of copied into a Vec.
+    // The codec maps a request that does not decode to INVALID_ARGUMENT (tonic-prost's says
+    // INTERNAL).
     tonic_prost_build::configure()
+        .codec_path("crate::api::codec::ProtoCodec")
         .build_client(true)
         .build_server(true)
         .bytes(".callout.v1")

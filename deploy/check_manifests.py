@@ -44,6 +44,15 @@ def documented_keys(example_text):
     return keys
 
 
+def quantity_bytes(text):
+    """A Kubernetes memory quantity ("256Mi", "1G", "1048576") in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    match = re.fullmatch(r"(\d+)([KMGT]i|[kMGT])?", str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a memory quantity this check reads")
+    return int(match.group(1)) * units.get(match.group(2), 1)
+
+
 def pod_specs(doc):
     kind = doc.get("kind")
     if kind == "Pod":
@@ -141,6 +150,14 @@ def main():
             res = c.get("resources") or {}
             check(f"{name} sets cpu and memory requests and limits",
                   all(k in (res.get(kind) or {}) for kind in ("requests", "limits") for k in ("cpu", "memory")), res)
+
+        # Memory: the budget for buffered bodies fits the container's limit (a budgeted byte
+        # costs ~3.5 at the peak, so an eighth leaves half the limit for everything else).
+        limit = ((callout.get("resources") or {}).get("limits") or {}).get("memory")
+        budget = (config.get("limits") or {}).get("max_buffered_bytes")
+        check(f"{where} sets limits.max_buffered_bytes to at most 1/8 of its memory limit {limit}",
+              isinstance(budget, int) and limit and budget <= quantity_bytes(limit) // 8,
+              f"limits.max_buffered_bytes = {budget}")
 
         # Shutdown: the grace period outlasts the drain.
         drain = duration_seconds(server.get("drain_timeout", "25s"))

@@ -7,6 +7,7 @@
 //! - any path: 200 with `{"method","path","query","headers":[[name,value],...],"body"}`
 //! - `/status/{code}`: the same echo, with that status
 //! - `/delay/{ms}`: waits that many milliseconds, then the echo with 200
+//! - `/raw`: 200 with the request body as is, under the request's Content-Type
 #[path = "support/serve.rs"]
 mod serve;
 
@@ -23,6 +24,15 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let path = parts.uri.path().to_owned();
+    if path == "/raw" {
+        let content_type = parts.headers.get(http::header::CONTENT_TYPE).cloned();
+        let content_type = content_type.unwrap_or(http::HeaderValue::from_static("application/octet-stream"));
+        let response = Response::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Full::new(body))
+            .expect("a valid response");
+        return Ok(response);
+    }
     let mut status = StatusCode::OK;
     if let Some(code) = path.strip_prefix("/status/") {
         match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {

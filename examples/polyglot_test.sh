@@ -5,9 +5,10 @@
 # It installs the clients' packages (a Python venv under target/, `npm ci` in examples/node),
 # builds `callout` and `echo_upstream` (debug), starts both on 127.0.0.1 with port 0 (each logs
 # the address it bound, so no port can be taken in between), runs every client command and
-# checks its output. Everything it starts is stopped on exit; the whole run is bounded by
-# POLYGLOT_TIMEOUT seconds (default 900) and each client call by 60 s. The last line is
-# `N passed, M failed`; the exit status is non-zero on any failure.
+# checks its output (examples/python/edge_check.py adds the edge cases: violation lists, deep
+# JSON, undecodable and oversized requests). Everything it starts is stopped on exit; the whole
+# run is bounded by POLYGLOT_TIMEOUT seconds (default 900) and each client call by 60 s. The
+# last line is `N passed, M failed`; the exit status is non-zero on any failure.
 #
 # Needs: cargo, python3 (with venv or pip), node and npm, and PyPI and npm registries (or
 # their mirrors) reachable. Environment: POLYGLOT_VENV (default target/polyglot-venv),
@@ -211,6 +212,7 @@ expect '"status": "SERVING"'
 
 run py-reflect-list 0 "${PYC[@]}" reflect list
 expect '^callout\.v1\.HttpActionService$'
+expect '^callout\.v1\.DurableActionService$'
 expect '^grpc\.health\.v1\.Health$'
 
 run py-reflect-describe-request 0 "${PYC[@]}" reflect describe callout.v1.ExecuteHttpActionRequest
@@ -308,6 +310,14 @@ for lang in python node; do
         pass "$CURRENT: no events for an invalid action"
     fi
 done
+
+step "python: the gRPC edge under a stock grpcio client (metadata and recursion limits)"
+run py-edge 0 "$PY" examples/python/edge_check.py --target "$GRPC" --upstream "$UPSTREAM"
+expect '^all [0-9]+ checks passed$'
+if grep -q '^FAIL' "$OUT"; then
+    fail "$CURRENT: a check failed"
+    show_output
+fi
 
 step "summary"
 SUMMARY_DONE=1

@@ -16,8 +16,10 @@ use crate::{
     },
     durable::DurableSettings,
     exec::{ActionLog, ExecSettings},
+    metrics::MetricsSettings,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
+    telemetry::TelemetrySettings,
 };
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -80,7 +82,14 @@ pub struct ServerConfig {
     pub sensitive_headers: Vec<String>,
     /// Runtime workers: 0 is one per usable core, 1 the current-thread scheduler. Default 0.
     pub worker_threads: usize,
+    /// Largest request message a call may send, bytes; a larger one is INVALID_ARGUMENT.
+    /// Default 4 MiB (gRPC's usual limit).
+    pub max_request_bytes: u64,
 }
+
+/// Bounds of server.max_request_bytes.
+const MIN_REQUEST_BYTES: u64 = 4 * 1024;
+const MAX_REQUEST_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// More runtime workers than this is a typo, not a plan: each is an OS thread made at start.
 const MAX_WORKER_THREADS: usize = 1024;
@@ -101,6 +110,7 @@ impl Default for ServerConfig {
             stream_max_response_bytes: exec.stream_max_response_bytes,
             sensitive_headers: Vec::new(),
             worker_threads: 0,
+            max_request_bytes: ServerOptions::default().max_request_bytes as u64,
         }
     }
 }
@@ -120,7 +130,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, level: "info".into(), actions: ExecSettings::default().action_log }
+        Self {
+            format: LogFormat::Pretty,
+            level: TelemetrySettings::default().level,
+            actions: ExecSettings::default().action_log,
+        }
     }
 }
 
@@ -148,12 +162,20 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
+        let labels = MetricsSettings::default();
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            hosts: Vec::new(),
-            max_hosts: 50,
+            hosts: labels.hosts,
+            max_hosts: labels.max_hosts,
         }
+    }
+}
+
+impl MetricsConfig {
+    /// The host labelling the metrics module runs on.
+    pub fn settings(&self) -> MetricsSettings {
+        MetricsSettings { hosts: self.hosts.clone(), max_hosts: self.max_hosts }
     }
 }
 
@@ -176,8 +198,9 @@ pub struct ClientConfig {
     pub http2_keep_alive_interval: Option<Duration>,
     /// PEM file of extra CAs trusted for upstreams. Default none.
     pub ca_file: Option<PathBuf>,
-    /// `http://[user:pass@]host[:port]` proxy for actions that set none; replaces HTTPS_PROXY
-    /// and HTTP_PROXY (NO_PROXY still applies). Default none.
+    /// `http://`, `https://`, `socks5://` or `socks5h://` `[user:pass@]host[:port]` proxy for
+    /// actions that set none; replaces HTTPS_PROXY and HTTP_PROXY (NO_PROXY still applies).
+    /// Default none.
     pub proxy: Option<String>,
     /// Fixed addresses per host name instead of DNS. Default none.
     pub resolve: BTreeMap<String, Vec<IpAddr>>,
@@ -221,7 +244,13 @@ pub struct LimitsConfig {
     /// How long an open circuit refuses before a probe. Default 15 s.
     #[serde(with = "humantime_serde")]
     pub breaker_cool_down: Duration,
+    /// Bytes of buffered response bodies held at once, server-wide. Default none: an eighth of
+    /// the cgroup memory limit when there is one, else 512 MiB.
+    pub max_buffered_bytes: Option<u64>,
 }
+
+/// A smaller memory budget than one body chunk could not buffer anything.
+const MIN_BUFFERED_BYTES: u64 = crate::client::body_budget::MIN_STEP;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -237,6 +266,7 @@ impl Default for LimitsConfig {
             max_host_cool_down: rate.max_cool_down,
             breaker_failures: breaker.failure_threshold,
             breaker_cool_down: breaker.cool_down,
+            max_buffered_bytes: None,
         }
     }
 }
@@ -268,7 +298,8 @@ pub struct TracingConfig {
 
 impl Default for TracingConfig {
     fn default() -> Self {
-        Self { otlp_endpoint: None, service_name: "callout".into() }
+        let defaults = TelemetrySettings::default();
+        Self { otlp_endpoint: defaults.otlp_endpoint, service_name: defaults.service_name }
     }
 }
 
@@ -497,6 +528,17 @@ impl Config {
                 return Err(ConfigError(format!("{key} must be at least 1")));
             }
         }
+        // Below a few KiB no real action fits; past 1 GiB one call could take the memory.
+        if !(MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES).contains(&self.server.max_request_bytes) {
+            return Err(ConfigError(format!(
+                "server.max_request_bytes must be from {MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} bytes"
+            )));
+        }
+        if self.limits.max_buffered_bytes.is_some_and(|n| n < MIN_BUFFERED_BYTES) {
+            return Err(ConfigError(format!(
+                "limits.max_buffered_bytes must be at least {MIN_BUFFERED_BYTES} (bytes)"
+            )));
+        }
         if self.server.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError(format!(
                 "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
@@ -585,8 +627,7 @@ impl Config {
         let mut proxies = Proxies::from_env().map_err(ConfigError)?;
         if let Some(raw) = &c.proxy {
             let proxy = ProxyUrl::parse(raw).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
-            proxies.http = Some(proxy.clone());
-            proxies.https = Some(proxy);
+            proxies = proxies.with_proxy(proxy);
         }
         settings.client.proxies = proxies;
         settings.client.resolve =
@@ -613,12 +654,28 @@ impl Config {
                 failure_threshold: l.breaker_failures,
                 cool_down: l.breaker_cool_down,
             },
+            max_buffered_bytes: l
+                .max_buffered_bytes
+                .unwrap_or_else(crate::client::body_budget::default_total),
         };
         settings.secrets =
             SecretSettings { dir: self.secrets.dir.clone(), env_prefix: self.secrets.env_prefix.clone() };
         settings.sensitive_headers = self.sensitive_headers()?;
         settings.action_log = self.log.actions;
         Ok(settings)
+    }
+
+    /// What the logs and span export are built from.
+    pub fn telemetry_settings(&self) -> TelemetrySettings {
+        TelemetrySettings {
+            format: match self.log.format {
+                LogFormat::Pretty => crate::telemetry::LogFormat::Pretty,
+                LogFormat::Json => crate::telemetry::LogFormat::Json,
+            },
+            level: self.log.level.clone(),
+            otlp_endpoint: self.tracing.otlp_endpoint.clone(),
+            service_name: self.tracing.service_name.clone(),
+        }
     }
 
     /// The listener's protection. Reads the token and TLS files.
@@ -650,7 +707,15 @@ impl Config {
             }),
             _ => None,
         };
-        Ok(ServerOptions { auth_token, tls, drain_timeout: s.drain_timeout, durable: None })
+        // Checked in `extract` to lie within MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES.
+        let max_request_bytes = usize::try_from(s.max_request_bytes).unwrap_or(usize::MAX);
+        Ok(ServerOptions {
+            auth_token,
+            tls,
+            drain_timeout: s.drain_timeout,
+            max_request_bytes,
+            durable: None,
+        })
     }
 
     /// The configuration as TOML, with credentials in the proxy URL hidden.
@@ -658,10 +723,7 @@ impl Config {
         let mut shown = self.clone();
         if let Some(proxy) = shown.client.proxy.as_mut() {
             if let Ok(parsed) = ProxyUrl::parse(proxy) {
-                *proxy = match parsed.authorization() {
-                    Some(_) => parsed.to_string().replacen("http://", "http://<redacted>@", 1),
-                    None => parsed.to_string(),
-                };
+                *proxy = parsed.redacted();
             }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
@@ -704,7 +766,11 @@ mod tests {
         for (toml, key) in [
             ("[log]\nactions = \"some\"", "actions"),
             ("[server]\nworker_threads = 5000", "server.worker_threads"),
+            ("[server]\nmax_request_bytes = 100", "server.max_request_bytes"),
+            ("[server]\nmax_request_bytes = 2147483648", "server.max_request_bytes"),
             ("[server]\nworker_threads = -1", "worker_threads"),
+            ("[limits]\nmax_buffered_bytes = 1000", "limits.max_buffered_bytes"),
+            ("[limits]\nmax_buffered_bytes = \"64MiB\"", "max_buffered_bytes"),
         ] {
             let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
             let err = Config::extract(&bad).unwrap_err().to_string();

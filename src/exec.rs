@@ -9,16 +9,18 @@ use crate::{
     },
     client::{
         admission::{Destination, LimitSettings, Limits},
+        body_budget::{BodyBudget, BudgetError},
         breaker::Health,
         concurrency::{Admission, Overloaded},
         redirect::{next_hop, Hop},
         response::{head_of, pieces, views, BodyError, CappedBody},
         ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
     },
+    fmt::fmt_duration,
     metrics,
     secrets::{SecretSettings, SecretStore},
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use std::{
     future::Future,
@@ -26,7 +28,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
-use tokio::time::timeout_at;
+use tokio::{sync::watch, time::timeout_at};
 use tracing::Instrument as _;
 
 /// Settings of the executor.
@@ -139,8 +141,13 @@ impl Observer for Buffered {
 pub struct Executor {
     clients: Clients,
     limits: Arc<Limits>,
+    /// The memory budget for buffered bodies (`limits.max_buffered_bytes`).
+    budget: BodyBudget,
     secrets: SecretStore,
     settings: ExecSettings,
+    /// Turns true when the server's drain runs out: every action still running ends at once
+    /// with a CANCELLED outcome saying whether its request may have been sent.
+    cut_off: Arc<watch::Sender<bool>>,
 }
 
 const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
@@ -184,13 +191,19 @@ impl Executor {
         Ok(Self {
             clients: Clients::new(&settings.client)?,
             limits: Arc::new(Limits::new(&settings.limits)),
+            budget: BodyBudget::new(settings.limits.max_buffered_bytes),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
+            cut_off: Arc::new(watch::channel(false).0),
         })
     }
 
-    pub fn settings(&self) -> &ExecSettings {
-        &self.settings
+    /// Ends every running action now, each with a reply (outcome FAILED, error CANCELLED, a
+    /// message saying whether its request may have been sent), and every action started later
+    /// before it sends anything. The drain calls this when its time runs out, a little before
+    /// the server stops, so the replies still reach their callers.
+    pub fn cut_off(&self) {
+        self.cut_off.send_replace(true);
     }
 
     /// Runs `action` with its body buffered (Execute, `callout exec`). `budget` is the time the
@@ -279,11 +292,19 @@ impl Executor {
         let mut error: Option<ActionError> = None;
         let destination = Destination::of(&action.url);
 
+        // Every wait below gives way to the drain's cut-off, which ends the action with a reply
+        // saying how far it got.
+        let mut cut_off = self.cut_off.subscribe();
+
         let queued = metrics::Raised::queued();
-        let running = match self.limits.run_slot(deadline).await {
-            Ok(slot) => Some((slot, metrics::Raised::in_flight())),
-            Err(refused) => {
+        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(deadline)).await {
+            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight())),
+            Some(Err(refused)) => {
                 error = Some(refused);
+                None
+            }
+            None => {
+                error = Some(shut_down(ShutDownAt::Before(1)));
                 None
             }
         };
@@ -292,9 +313,14 @@ impl Executor {
         for number in 1..=attempts_allowed {
             // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
             // end the action: no attempt is recorded for them.
-            let slot = match self.limits.enter(&destination, deadline).await {
-                Ok(slot) => slot,
-                Err(refused) => {
+            let entered = unless_cut_off(&mut cut_off, self.limits.enter(&destination, deadline)).await;
+            let slot = match entered {
+                None => {
+                    error = Some(shut_down(ShutDownAt::Before(number)));
+                    break;
+                }
+                Some(Ok(slot)) => slot,
+                Some(Err(refused)) => {
                     tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
                     error = Some(refused);
                     break;
@@ -311,8 +337,27 @@ impl Executor {
             } else {
                 tracing::debug_span!("attempt", number)
             };
-            let mut result =
-                Box::pin(self.attempt(action, number, deadline, total, observer)).instrument(span).await;
+            let started = Instant::now();
+            let attempt = Box::pin(self.attempt(action, number, deadline, total, observer)).instrument(span);
+            let Some(mut result) = unless_cut_off(&mut cut_off, attempt).await else {
+                // The request may be on the wire or answered: the caller must know.
+                drop(slot);
+                let why = shut_down(ShutDownAt::During(number));
+                let mut record = AttemptRecord {
+                    number,
+                    status: None,
+                    error: Some(why.clone()),
+                    timing: AttemptTiming::default(),
+                    remote_addr: None,
+                    backoff: None,
+                };
+                record.timing.total = started.elapsed();
+                // The stream still hears why its attempt ended (unless its reader is gone).
+                let _ = observer.attempt_failed(&record, false).await;
+                attempts.push(record);
+                error = Some(why);
+                break;
+            };
             self.limits.report(&destination, health_of(&result), too_many_requests_wait(&result));
             drop(slot);
             if let Some(response) = result.response.take() {
@@ -352,7 +397,12 @@ impl Executor {
                 break;
             }
             match backoff {
-                Some(wait) => tokio::time::sleep(wait).await,
+                Some(wait) => {
+                    if unless_cut_off(&mut cut_off, tokio::time::sleep(wait)).await.is_none() {
+                        error = Some(shut_down(ShutDownAt::Before(number + 1)));
+                        break;
+                    }
+                }
                 None => break,
             }
         }
@@ -477,15 +527,25 @@ impl Executor {
 
         let streams = observer.streams_body();
         let cap = self.body_cap(action, streams);
-        let read =
-            timeout_at(until.into(), Box::pin(read_body(response.into_body(), cap, number, observer))).await;
+        // Set while the read waits for the memory budget: a deadline then is the budget's.
+        let mut budget_wait = None;
+        let body = response.into_body();
+        let read = Box::pin(read_body(body, cap, &self.budget, &mut budget_wait, number, observer));
+        let read = timeout_at(until.into(), read).await;
         let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
-            Err(_) => (BodyRead::default(), Some(clock.error())),
+            Err(_) => {
+                let error = match budget_wait {
+                    Some(wanted) => budget_error(&self.budget.exhausted(wanted)),
+                    None => clock.error(),
+                };
+                (BodyRead::default(), Some(error))
+            }
             Ok(read) if read.gone => (read, Some(cancelled())),
             Ok(read) => {
                 let failure = read.error.as_ref().map(|e| match e {
                     BodyError::TooLarge(_) => ActionError::new(ErrorKind::BodyTooLarge, e.to_string()),
                     BodyError::Read(_) => ActionError::new(ErrorKind::Protocol, e.to_string()),
+                    BodyError::Budget(e) => budget_error(e),
                 });
                 (read, failure)
             }
@@ -588,6 +648,16 @@ impl Executor {
     }
 }
 
+/// A body the memory budget refused: one larger than the whole budget can never fit
+/// (BODY_TOO_LARGE, final); no room in time is callout's own limit (RATE_LIMITED).
+fn budget_error(e: &BudgetError) -> ActionError {
+    let kind = match e {
+        BudgetError::TooLarge { .. } => ErrorKind::BodyTooLarge,
+        BudgetError::Stalled { .. } | BudgetError::Exhausted { .. } => ErrorKind::RateLimited,
+    };
+    ActionError::new(kind, e.to_string())
+}
+
 /// How an attempt speaks of its destination's health (for the circuit breaker).
 fn health_of(result: &AttemptResult) -> Health {
     match (result.record.status, result.record.error.as_ref().map(|e| e.kind)) {
@@ -621,6 +691,49 @@ const CANCELLED_END: AttemptEnd = AttemptEnd::Error { kind: ErrorKind::Cancelled
 
 fn cancelled() -> ActionError {
     ActionError::new(ErrorKind::Cancelled, "the caller went away")
+}
+
+/// Where in its run the drain's cut-off found an action.
+#[derive(Debug, Clone, Copy)]
+enum ShutDownAt {
+    /// Waiting to start this attempt (queued, rate-limited, or in backoff after the one before).
+    Before(u32),
+    /// This attempt was running: its request may have been sent.
+    During(u32),
+}
+
+/// The error of an action the drain cut off. The message says whether the request may have
+/// reached the upstream: a caller that sends it elsewhere must know whether it could be twice.
+fn shut_down(at: ShutDownAt) -> ActionError {
+    let message = match at {
+        ShutDownAt::Before(1) => "the server shut down before any request was sent".to_owned(),
+        ShutDownAt::Before(n) => format!(
+            "the server shut down before attempt {n}; the request may have been sent (by attempt{} {})",
+            if n > 2 { "s" } else { "" },
+            if n > 2 { format!("1 to {}", n - 1) } else { "1".to_owned() }
+        ),
+        ShutDownAt::During(n) => {
+            format!("the server shut down during attempt {n}; the request may have been sent")
+        }
+    };
+    ActionError::new(ErrorKind::Cancelled, message)
+}
+
+/// `fut`'s output, or `None` when the drain's cut-off comes first (or came already).
+async fn unless_cut_off<F: Future>(cut_off: &mut watch::Receiver<bool>, fut: F) -> Option<F::Output> {
+    let cut = async {
+        // The sender lives in the executor, which outlives every run; were it gone, no cut-off
+        // could come.
+        if cut_off.wait_for(|cut| *cut).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    // The cut-off first: an action it finds before an attempt must not start one.
+    tokio::select! {
+        biased;
+        () = cut => None,
+        out = fut => Some(out),
+    }
 }
 
 fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
@@ -665,7 +778,15 @@ pub fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
     *request.method_mut() = hop.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = hop.headers.clone();
-    request.headers_mut().entry(header::USER_AGENT).or_insert(HeaderValue::from_static(USER_AGENT));
+    // `try_`: a map at http's size limit is an error here, never a panic (validation caps the
+    // count far below it).
+    let full = |_| SendFailure::new(ErrorKind::InvalidRequest, "too many headers to add User-Agent", false);
+    if !request.headers().contains_key(header::USER_AGENT) {
+        request
+            .headers_mut()
+            .try_insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+            .map_err(full)?;
+    }
     Ok(request)
 }
 
@@ -688,14 +809,29 @@ async fn body_views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Va
     tokio::task::spawn_blocking(move || views(&head, &body)).await.unwrap_or((None, None))
 }
 
-/// Reads the body: buffered up to `cap`, or handed to the observer chunk by chunk.
-async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, observer: &mut O) -> BodyRead {
+/// Reads the body: buffered up to `cap` under the memory budget, or handed to the observer
+/// chunk by chunk (streamed bodies take no budget). `budget_wait` holds the bytes wanted while
+/// the read waits for budget. A body the budget refuses keeps no bytes.
+async fn read_body<O: Observer>(
+    body: ResponseBody,
+    cap: u64,
+    budget: &BodyBudget,
+    budget_wait: &mut Option<u64>,
+    attempt: u32,
+    observer: &mut O,
+) -> BodyRead {
     let streams = observer.streams_body();
     let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
     let mut body = CappedBody::new(body, cap);
-    let mut buf = BytesMut::new();
-    if !streams {
-        buf.reserve(hint as usize);
+    let mut buf = budget.buffer(cap);
+    if !streams && hint > 0 {
+        // A known length is taken whole before the first byte, so no body waits half-grown.
+        *budget_wait = Some(hint);
+        let reserved = buf.reserve(hint).await;
+        *budget_wait = None;
+        if let Err(e) = reserved {
+            return BodyRead { bytes: Bytes::new(), len: 0, error: Some(e.into()), gone: false };
+        }
     }
     let mut error = None;
     let mut gone = false;
@@ -716,7 +852,14 @@ async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, obse
                         break;
                     }
                 } else {
-                    buf.extend_from_slice(&data);
+                    *budget_wait = Some(data.len() as u64);
+                    let pushed = buf.push(&data).await;
+                    *budget_wait = None;
+                    if let Err(e) = pushed {
+                        buf = budget.buffer(cap);
+                        error = Some(e.into());
+                        break;
+                    }
                 }
             }
             Ok(None) => break,
@@ -729,7 +872,35 @@ async fn read_body<O: Observer>(body: ResponseBody, cap: u64, attempt: u32, obse
     BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
 }
 
-/// A duration for messages: whole milliseconds, as humans write it ("10s", "1m 30s").
-pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(d.as_millis().min(u64::MAX as u128) as u64)).to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_off_says_whether_the_request_may_have_been_sent() {
+        let message = |at| shut_down(at).message;
+        assert_eq!(message(ShutDownAt::Before(1)), "the server shut down before any request was sent");
+        assert_eq!(
+            message(ShutDownAt::Before(2)),
+            "the server shut down before attempt 2; the request may have been sent (by attempt 1)"
+        );
+        assert!(message(ShutDownAt::Before(4)).ends_with("(by attempts 1 to 3)"));
+        assert_eq!(
+            message(ShutDownAt::During(2)),
+            "the server shut down during attempt 2; the request may have been sent"
+        );
+        assert_eq!(shut_down(ShutDownAt::During(1)).kind, ErrorKind::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_ends_waits_and_comes_first_once_given() {
+        let (tx, mut rx) = watch::channel(false);
+        assert_eq!(unless_cut_off(&mut rx, async { 7 }).await, Some(7));
+        let waiting = tokio::spawn(async move {
+            let out = unless_cut_off(&mut rx, std::future::pending::<()>()).await;
+            (out, unless_cut_off(&mut rx, async { 7 }).await)
+        });
+        tx.send_replace(true);
+        assert_eq!(waiting.await.unwrap(), (None, None), "a ready future loses to a cut-off already given");
+    }
 }

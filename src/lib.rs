@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod durable;
 pub mod exec;
+pub mod fmt;
 pub mod metrics;
 pub mod report;
 pub mod runtime;

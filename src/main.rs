@@ -9,12 +9,12 @@ use callout::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
     },
-    config::{Config, FileMode, ListenAddr, LogConfig, LogFormat, StoreUrl},
+    config::{Config, FileMode, ListenAddr, LogFormat, StoreUrl},
     durable::Durable,
     exec::{ActionLog, Executor},
     server::Listener,
     store::sqlite::{SqliteSettings, SqliteStore},
-    telemetry,
+    telemetry::{self, TelemetrySettings},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use figment::Figment;
@@ -93,7 +93,8 @@ struct ServeFlags {
     /// [server.tls_client_ca] PEM CAs client certificates must chain to (mutual TLS).
     #[arg(long, value_name = "PATH")]
     tls_client_ca: Option<PathBuf>,
-    /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish (25s).
+    /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish before they are
+    /// cut off, answered CANCELLED (25s).
     #[arg(long, value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
     /// [server.default_total_timeout] total time of an action that sets none (5m).
@@ -102,6 +103,9 @@ struct ServeFlags {
     /// [server.stream_max_response_bytes] body cap of ExecuteStream (1 GiB).
     #[arg(long)]
     stream_max_response_bytes: Option<u64>,
+    /// [server.max_request_bytes] largest request message; larger calls get INVALID_ARGUMENT (4 MiB).
+    #[arg(long, value_name = "N")]
+    max_request_bytes: Option<u64>,
     /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread (0).
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
@@ -141,7 +145,7 @@ struct ServeFlags {
     /// [client.ca_file] PEM file of extra CAs trusted for upstreams.
     #[arg(long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
-    /// [client.proxy] http:// proxy for actions that set none (replaces HTTP(S)_PROXY).
+    /// [client.proxy] http(s):// or socks5(h):// proxy for actions that set none (replaces HTTP(S)_PROXY).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
     /// [limits.max_in_flight] actions running at once (512).
@@ -169,6 +173,10 @@ struct ServeFlags {
     /// [limits.breaker_cool_down] how long an open circuit refuses before a probe (15s).
     #[arg(long, value_parser = humantime::parse_duration)]
     breaker_cool_down: Option<Duration>,
+    /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (an eighth
+    /// of the cgroup memory limit, else 512 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_buffered_bytes: Option<u64>,
     /// [store.url] where durable actions are stored: sqlite:PATH, or off
     /// (sqlite:callout-data/actions.db).
     #[arg(long, value_name = "URL")]
@@ -278,6 +286,7 @@ impl ServeArgs {
             .set("server.stream_max_response_bytes", f.stream_max_response_bytes)
             .list("server.sensitive_headers", f.sensitive_headers)
             .set("server.worker_threads", f.worker_threads)
+            .set("server.max_request_bytes", f.max_request_bytes)
             .set("log.format", f.log_format)
             .set("log.level", f.log_level)
             .set("log.actions", f.log_actions)
@@ -298,6 +307,7 @@ impl ServeArgs {
             .duration("limits.max_host_cool_down", f.max_host_cool_down)
             .set("limits.breaker_failures", f.breaker_failures)
             .duration("limits.breaker_cool_down", f.breaker_cool_down)
+            .set("limits.max_buffered_bytes", f.max_buffered_bytes)
             .set("store.url", f.store)
             .set("durable.max_pending", f.durable_max_pending);
         let layer = self.secrets.layer(self.egress.layer(layer));
@@ -372,7 +382,7 @@ struct ExecArgs {
     secrets: SecretFlags,
     #[command(flatten)]
     egress: EgressFlags,
-    /// http:// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
+    /// http(s):// or socks5(h):// proxy for this action (otherwise HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply).
     #[arg(long, value_name = "URL")]
     proxy: Option<String>,
 }
@@ -417,7 +427,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let telemetry = match telemetry::init(&config.log, &config.tracing) {
+        let telemetry = match telemetry::init(&config.telemetry_settings()) {
             Ok(telemetry) => telemetry,
             Err(e) => {
                 eprintln!("callout: {e}");
@@ -443,6 +453,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 /// SIGINT and a drain.
 async fn run_server(config: Config) -> Result<(), String> {
     let settings = config.exec_settings().map_err(|e| e.to_string())?;
+    let buffered_bytes = settings.limits.max_buffered_bytes;
     let mut options = config.server_options().map_err(|e| e.to_string())?;
     let executor = Executor::new(settings).map_err(|e| e.to_string())?;
     let listener = match &config.server.listen {
@@ -454,7 +465,7 @@ async fn run_server(config: Config) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics).map_err(|e| e.to_string())?)
+        Some(callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?)
     } else {
         None
     };
@@ -473,6 +484,8 @@ async fn run_server(config: Config) -> Result<(), String> {
         bearer_token = options.auth_token.is_some(),
         private_networks = config.egress.allow_private_networks,
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        // The memory budget for buffered bodies, derived from the cgroup limit unless set.
+        max_buffered_bytes = buffered_bytes,
         store = %match &store {
             StoreUrl::Off => "off".to_owned(),
             StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),
@@ -587,8 +600,8 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Err(e) => return fail(e.to_string()),
     };
     // By hand, only warnings and errors go to stderr: stdout is the outcome.
-    let log = LogConfig { level: "warn".into(), ..config.log.clone() };
-    let telemetry = match telemetry::init(&log, &config.tracing) {
+    let settings = TelemetrySettings { level: "warn".into(), ..config.telemetry_settings() };
+    let telemetry = match telemetry::init(&settings) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
     };

@@ -2,7 +2,7 @@
 //! until `install` sets the Prometheus recorder) and the `/metrics` endpoint that serves them.
 //! Destination hosts become labels only within a bound: a configured allow-list, or the first
 //! `max_hosts` hosts seen; the rest are `other`. Never a URL, path or header.
-use crate::{action::Outcome, config::MetricsConfig};
+use crate::action::Outcome;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -33,6 +33,8 @@ pub const RATE_LIMIT_WAIT_SECONDS: &str = "callout_rate_limit_wait_seconds";
 pub const CIRCUIT_OPEN: &str = "callout_circuit_open";
 pub const CONNECTIONS: &str = "callout_upstream_connections";
 pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total";
+pub const BUFFERED_BODY_BYTES: &str = "callout_buffered_body_bytes";
+pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
 
 /// Which hosts get their own label, and their series.
 struct HostLabels {
@@ -112,6 +114,7 @@ struct Gauges {
     queued: Gauge,
     connections: Gauge,
     connections_opened: Counter,
+    buffered_body_bytes: Gauge,
 }
 
 static HOSTS: OnceLock<HostLabels> = OnceLock::new();
@@ -123,13 +126,28 @@ pub fn host_label(host: &str) -> String {
     HOSTS.get().map_or_else(|| "other".to_owned(), |labels| labels.series(host).label.clone())
 }
 
+/// Which destination hosts get their own `host` label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Hosts labelled by name; the rest are `other`. Empty: the first `max_hosts` seen.
+    pub hosts: Vec<String>,
+    /// Most distinct `host` label values when `hosts` is empty. Default 50.
+    pub max_hosts: usize,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { hosts: Vec::new(), max_hosts: 50 }
+    }
+}
+
 /// Why metrics could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("metrics: {0}")]
 pub struct MetricsError(String);
 
 /// Sets the Prometheus recorder and serves `/metrics` on `listener`. Returns its address.
-pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAddr, MetricsError> {
+pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<SocketAddr, MetricsError> {
     let addr = listener.local_addr().map_err(|e| MetricsError(e.to_string()))?;
     let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
     let handle = PrometheusBuilder::new()
@@ -138,8 +156,8 @@ pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAd
         .install_recorder()
         .map_err(|e| MetricsError(e.to_string()))?;
     let _ = HOSTS.set(HostLabels {
-        allowed: config.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-        max: config.max_hosts,
+        allowed: settings.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        max: settings.max_hosts,
         series: Mutex::default(),
         other: Arc::new(HostSeries::new("other")),
     });
@@ -148,6 +166,7 @@ pub fn install(listener: TcpListener, config: &MetricsConfig) -> Result<SocketAd
         queued: gauge!(QUEUED),
         connections: gauge!(CONNECTIONS),
         connections_opened: counter!(CONNECTIONS_OPENED),
+        buffered_body_bytes: gauge!(BUFFERED_BODY_BYTES),
     });
     describe();
     // The upkeep drains histograms' idle buckets; the recorder needs it every few seconds.
@@ -180,13 +199,72 @@ fn describe() {
     describe_gauge!(CIRCUIT_OPEN, "1 while a destination's circuit is open or half-open.");
     describe_gauge!(CONNECTIONS, "Upstream connections open now (pooled or in use).");
     describe_counter!(CONNECTIONS_OPENED, "Upstream connections opened.");
+    describe_gauge!(
+        BUFFERED_BODY_BYTES,
+        Unit::Bytes,
+        "Response body bytes held for replies now, against limits.max_buffered_bytes."
+    );
+    describe_counter!(
+        BODY_BUDGET_REFUSED,
+        "Buffered bodies refused by the memory budget: reason=exhausted (no room before the \
+         deadline), stalled (every holder was waiting) or too_large (larger than the budget)."
+    );
+}
+
+/// Waits between failed `accept`s: a persistent failure (EMFILE: out of file descriptors)
+/// would otherwise spin a core retrying. 10 ms doubling to 1 s; reset by a success.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// Failures in the current streak.
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// The wait after one more failure.
+    fn failed(&mut self) -> Duration {
+        let wait = Self::FIRST.saturating_mul(1 << self.failures.min(16)).min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// The next accepted connection: failures are logged once per streak and waited out.
+async fn accept_next<T, E, F, Fut>(mut accept: F, backoff: &mut AcceptBackoff) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match accept().await {
+            Ok(accepted) => {
+                if backoff.failures > 0 {
+                    tracing::info!(failures = backoff.failures, "metrics listener accepts again");
+                }
+                backoff.succeeded();
+                return accepted;
+            }
+            Err(e) => {
+                if backoff.failures == 0 {
+                    tracing::warn!("metrics listener cannot accept: {e}; backing off until it can");
+                }
+                tokio::time::sleep(backoff.failed()).await;
+            }
+        }
+    }
 }
 
 async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+        let (tcp, _) = accept_next(|| listener.accept(), &mut backoff).await;
         let handle = handle.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -250,6 +328,18 @@ pub fn circuit(host: &str, open: bool) {
     gauge!(CIRCUIT_OPEN, "host" => host_label(host)).set(if open { 1.0 } else { 0.0 });
 }
 
+/// Response body bytes held for replies now (the memory budget's use).
+pub fn buffered_body_bytes(bytes: u64) {
+    if let Some(g) = GAUGES.get() {
+        g.buffered_body_bytes.set(bytes as f64);
+    }
+}
+
+/// A buffered body the memory budget refused, by `reason`.
+pub fn body_budget_refused(reason: &'static str) {
+    counter!(BODY_BUDGET_REFUSED, "reason" => reason).increment(1);
+}
+
 /// Keeps a gauge raised while alive: an action running, queued, or a connection open.
 #[derive(Debug)]
 pub struct Raised(Option<Gauge>);
@@ -288,4 +378,46 @@ pub fn connection_opened() -> Raised {
         g.connections_opened.increment(1);
     }
     Raised::raise(|g| &g.connections)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_resets() {
+        let mut backoff = AcceptBackoff::default();
+        let waits: Vec<u64> = (0..9).map(|_| backoff.failed().as_millis() as u64).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        for _ in 0..100 {
+            assert_eq!(backoff.failed(), AcceptBackoff::MAX);
+        }
+        backoff.succeeded();
+        assert_eq!(backoff.failed(), AcceptBackoff::FIRST);
+    }
+
+    // (tokio's paused clock needs its test-util feature, not worth a second build of tokio and
+    // everything above it: the schedule is checked above, this checks the loop uses it.)
+    #[tokio::test]
+    async fn failing_accepts_back_off_and_a_success_resets_the_streak() {
+        let mut backoff = AcceptBackoff::default();
+        let mut calls = 0;
+        let accepted = accept_next(
+            || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n <= 4 {
+                        Err("too many open files")
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+            &mut backoff,
+        )
+        .await;
+        assert_eq!(accepted, 5);
+        assert_eq!(backoff.failures, 0, "a success resets the streak");
+    }
 }

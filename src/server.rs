@@ -21,7 +21,10 @@ use std::{
 };
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig},
+};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -58,20 +61,33 @@ pub struct ServerOptions {
     pub auth_token: Option<String>,
     /// Default none.
     pub tls: Option<ServerTls>,
-    /// After the shutdown signal, how long in-flight actions may finish. Default 25 s.
+    /// After the shutdown signal, how long in-flight actions may finish; when it runs out the
+    /// actions still running are cut off (each answered CANCELLED) and the server stops.
+    /// Default 25 s.
     pub drain_timeout: Duration,
+    /// Largest request message, bytes; a larger call gets INVALID_ARGUMENT. Default 4 MiB.
+    pub max_request_bytes: usize,
     /// Durable actions (DurableActionService) served beside the action service. Default none.
     pub durable: Option<Durable>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { auth_token: None, tls: None, drain_timeout: Duration::from_secs(25), durable: None }
+        Self {
+            auth_token: None,
+            tls: None,
+            drain_timeout: Duration::from_secs(25),
+            max_request_bytes: 4 << 20,
+            durable: None,
+        }
     }
 }
 
-/// After a drain, how long the server waits for connections to close before it stops anyway.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// The part of the drain timeout kept at its end for the replies of cut-off actions to be
+/// written and flushed before the server stops: a fifth of it, at most a second.
+fn reply_margin(drain_timeout: Duration) -> Duration {
+    (drain_timeout / 5).min(Duration::from_secs(1))
+}
 
 impl Listener {
     /// Binds a Unix domain socket at `path` with file mode `mode` (e.g. 0o600). A stale socket
@@ -104,7 +120,9 @@ pub async fn serve(
 
 /// Serves on `listener` with `options` until `shutdown` resolves, then drains: health turns
 /// NOT_SERVING, new action calls get UNAVAILABLE, and in-flight actions run until they end or
-/// `drain_timeout` passes.
+/// `drain_timeout` nearly passes. Then the actions still running are cut off, each answered
+/// (outcome FAILED, error CANCELLED, saying whether its request may have been sent), and the
+/// server stops by `drain_timeout` after the signal.
 pub async fn serve_with(
     listener: Listener,
     executor: Executor,
@@ -124,15 +142,20 @@ pub async fn serve_with(
     let auth = BearerAuth::new(options.auth_token.as_deref());
     let draining = Arc::new(AtomicBool::new(false));
     let service = HttpActionService::new(executor.clone(), draining.clone());
-    let actions = HttpActionServiceServer::with_interceptor(service, auth.clone());
+    let actions = InterceptedService::new(
+        HttpActionServiceServer::new(service).max_decoding_message_size(options.max_request_bytes),
+        auth.clone(),
+    );
     let durable = options.durable.clone();
     if let Some(durable) = &durable {
         set_durable_health(&health, durable.is_available()).await;
     }
-    let durable_actions = durable
-        .clone()
-        .map(|d| DurableActionServiceServer::with_interceptor(DurableService::new(d), auth.clone()));
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let durable_actions = durable.clone().map(|d| {
+        let service = DurableActionServiceServer::new(DurableService::new(d))
+            .max_decoding_message_size(options.max_request_bytes);
+        InterceptedService::new(service, auth.clone())
+    });
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
     let drain_timeout = options.drain_timeout;
     let drain = async move {
         shutdown.await;
@@ -147,16 +170,25 @@ pub async fn serve_with(
         let admitted = executor.limits().admitted();
         tracing::info!(in_flight = admitted, drain_timeout = ?drain_timeout, "draining: health is NOT_SERVING, new actions are refused");
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        while executor.limits().admitted() > 0 && tokio::time::Instant::now() < deadline {
+        let cut_at = deadline - reply_margin(drain_timeout);
+        while executor.limits().admitted() > 0 && tokio::time::Instant::now() < cut_at {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         match executor.limits().admitted() {
             0 => tracing::info!("drained: every action finished"),
             left => {
-                tracing::warn!(cut_off = left, "drain timeout passed; stopping with actions still running")
+                tracing::warn!(
+                    cut_off = left,
+                    "drain timeout passed; cutting off the actions still running, each answered CANCELLED"
+                );
+                executor.cut_off();
+                // Cut off, they end at once; their replies go out in the margin left.
+                while executor.limits().admitted() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
         }
-        let _ = drained_tx.send(());
+        let _ = drained_tx.send(deadline);
     };
 
     let mut server = tonic::transport::Server::builder();
@@ -168,16 +200,22 @@ pub async fn serve_with(
         server = server.tls_config(config)?;
     }
     let router = server
+        // tonic answers an oversized request OUT_OF_RANGE; it is the caller's INVALID_ARGUMENT.
+        .layer(tower::util::MapResponseLayer::new(crate::api::oversized_request))
+        // An Execute reply's body keeps its memory budget until the reply went out.
+        .layer(tower::util::MapResponseLayer::new(crate::api::reply_hold::hold_until_sent))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(actions)
         .add_optional_service(durable_actions);
-    // Connections left open after the drain (a stream cut off, a client that keeps its
-    // connection) get a short grace, then the server stops regardless.
+    // After the drain the server closes its connections gracefully (each reply in flight is
+    // finished); whatever is left at the drain deadline is dropped: the server stops then.
     let stop_anyway = async move {
-        let _ = drained_rx.await;
-        tokio::time::sleep(CLOSE_GRACE).await;
+        match drained_rx.await {
+            Ok(deadline) => tokio::time::sleep_until(deadline).await,
+            Err(_) => std::future::pending().await,
+        }
     };
     let served = match listener {
         Listener::Tcp(listener) => {

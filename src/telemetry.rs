@@ -2,13 +2,42 @@
 //! the `otlp` feature, span export over OTLP/gRPC with each action's span joined to the caller's
 //! trace. Without the feature the trace context is still propagated (see `exec`), only not
 //! exported.
-use crate::{
-    action::TraceContext,
-    config::{LogConfig, LogFormat, TracingConfig},
-};
+use crate::action::TraceContext;
 use tracing_subscriber::{
     layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter, Layer, Registry,
 };
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people at a terminal.
+    Pretty,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// What the subscriber is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `callout=debug,info`); `RUST_LOG`, when set, wins. Default `info`.
+    pub level: String,
+    /// OTLP/gRPC collector to export spans to. Default none (spans are only logged).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans. Default `callout`.
+    pub service_name: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+            otlp_endpoint: None,
+            service_name: "callout".into(),
+        }
+    }
+}
 
 /// What must be flushed before exit.
 #[derive(Default)]
@@ -32,13 +61,13 @@ impl Telemetry {
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.level`.
-pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, String> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
     // Colours only for a person at a terminal: escape codes in a log file or pipeline are noise,
     // and styling every field costs several microseconds per action line.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
-    let fmt: BoxedLayer = match log.format {
+    let fmt: BoxedLayer = match settings.format {
         // One JSON object per line, the event's fields at the top level, for log pipelines.
         LogFormat::Json => Box::new(fmt.json().flatten_event(true).with_current_span(true)),
         LogFormat::Pretty => Box::new(fmt),
@@ -47,9 +76,9 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Strin
     let mut layers: Vec<BoxedLayer> = vec![fmt];
     let telemetry = Telemetry::default();
     #[cfg(feature = "otlp")]
-    let telemetry = match &tracing.otlp_endpoint {
+    let telemetry = match &settings.otlp_endpoint {
         Some(endpoint) => {
-            let (layer, provider) = otlp::layer(endpoint, &tracing.service_name)?;
+            let (layer, provider) = otlp::layer(endpoint, &settings.service_name)?;
             layers.push(layer);
             SPANS_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
             Telemetry { provider: Some(provider) }
@@ -57,7 +86,7 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Strin
         None => telemetry,
     };
     #[cfg(not(feature = "otlp"))]
-    if tracing.otlp_endpoint.is_some() {
+    if settings.otlp_endpoint.is_some() {
         return Err("tracing.otlp_endpoint needs a build with `--features otlp`".into());
     }
     tracing_subscriber::registry().with(layers.with_filter(filter)).try_init().map_err(|e| e.to_string())?;

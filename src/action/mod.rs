@@ -14,8 +14,11 @@ pub use outcome::{
 pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
 pub use trace::TraceContext;
-pub use transport::{ClientIdentity, ProxyUrl, TlsOptions};
-pub use validate::{FieldViolation, InvalidAction};
+pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
+pub use validate::{
+    excerpt, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS,
+    MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method};
@@ -49,6 +52,19 @@ pub struct ActionInput {
     pub tls: TlsInput,
     pub proxy_url: String,
     pub max_response_bytes: u64,
+}
+
+impl ActionInput {
+    /// Whether validating this input may block a thread: a `{{secret:NAME}}` reference may
+    /// read a file, TLS PEM is parsed (keys checked against certificates). Everything else is
+    /// microseconds of CPU, cheaper than a hop to the blocking pool.
+    pub fn blocks_to_validate(&self) -> bool {
+        let tls = &self.tls;
+        !tls.ca_pem.is_empty()
+            || !tls.client_cert_pem.is_empty()
+            || !tls.client_key_pem.is_empty()
+            || secret_ref::has_references(self)
+    }
 }
 
 /// The request body as written.

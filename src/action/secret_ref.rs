@@ -94,6 +94,19 @@ pub fn resolve(input: &mut ActionInput, source: &dyn SecretSource, bad: &mut Inv
     secret_headers
 }
 
+/// Whether `input` holds a `{{secret:` reference anywhere `resolve` looks.
+pub fn has_references(input: &ActionInput) -> bool {
+    let has = |text: &str| text.contains(OPEN);
+    has(&input.url)
+        || input.query.iter().any(|(_, v)| has(v))
+        || input.headers.iter().any(|(_, v)| has(v))
+        || match &input.body {
+            BodyInput::Json(text) | BodyInput::Text(text) => has(text),
+            BodyInput::Form(fields) => fields.iter().any(|(_, v)| has(v)),
+            BodyInput::None | BodyInput::Raw(_) => false,
+        }
+}
+
 /// `text` with each `{{secret:NAME}}` replaced, or what is wrong (naming the secret, never a
 /// value).
 fn expand(text: &str, source: &dyn SecretSource, escape: Escape) -> Result<String, String> {
@@ -143,6 +156,26 @@ mod tests {
 
     fn source() -> Map {
         Map(HashMap::from([("TOKEN", "s3cr\"t/?&"), ("user.name", "bob")]))
+    }
+
+    #[test]
+    fn only_inputs_with_references_or_pem_block_to_validate() {
+        let plain = ActionInput {
+            url: "https://h.test/x".into(),
+            headers: vec![("X".into(), "{{vars.x}}".into())],
+            body: BodyInput::Json(r#"{"a":1}"#.into()),
+            ..ActionInput::default()
+        };
+        assert!(!has_references(&plain));
+        assert!(!plain.blocks_to_validate(), "a plain action is validated in place");
+        let header = ActionInput { headers: vec![("X".into(), "{{secret:T}}".into())], ..plain.clone() };
+        assert!(header.blocks_to_validate());
+        let form =
+            ActionInput { body: BodyInput::Form(vec![("f".into(), "{{secret:T}}".into())]), ..plain.clone() };
+        assert!(form.blocks_to_validate());
+        let mut pem = plain.clone();
+        pem.tls.ca_pem = "-----BEGIN CERTIFICATE-----".into();
+        assert!(pem.blocks_to_validate());
     }
 
     #[test]

@@ -31,7 +31,7 @@ impl StatusSpec {
                 if text.trim().is_empty() {
                     return Err(StatusSpecError::Empty);
                 }
-                return Err(StatusSpecError::BadItem { item: raw.to_owned() });
+                return Err(StatusSpecError::BadItem { item: quoted(raw) });
             }
             ranges.push(parse_item(item)?);
         }
@@ -56,7 +56,7 @@ impl fmt::Display for StatusSpec {
 }
 
 fn parse_item(item: &str) -> Result<(u16, u16), StatusSpecError> {
-    let bad = || StatusSpecError::BadItem { item: item.to_owned() };
+    let bad = || StatusSpecError::BadItem { item: quoted(item) };
     if let Some(class) = parse_class(item) {
         return Ok((class * 100, class * 100 + 99));
     }
@@ -64,12 +64,17 @@ fn parse_item(item: &str) -> Result<(u16, u16), StatusSpecError> {
         let lo = parse_status(lo.trim()).ok_or_else(bad)?;
         let hi = parse_status(hi.trim()).ok_or_else(bad)?;
         if lo > hi {
-            return Err(StatusSpecError::Backwards { item: item.to_owned() });
+            return Err(StatusSpecError::Backwards { item: quoted(item) });
         }
         return Ok((lo, hi));
     }
     let status = parse_status(item).ok_or_else(bad)?;
     Ok((status, status))
+}
+
+/// An item as quoted in an error: a short excerpt, however long the caller wrote it.
+fn quoted(item: &str) -> String {
+    super::validate::excerpt(item, 64).into_owned()
 }
 
 /// `"4xx"` → `Some(4)`, for classes 1 to 5 (case-insensitive).

@@ -59,6 +59,36 @@ const MAX_REDIRECTS_LIMIT: u32 = 50;
 const MANAGED_HEADERS: [&str; 7] =
     ["content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "proxy-connection"];
 const IDEMPOTENCY_HEADERS: [&str; 2] = ["idempotency-key", "x-idempotency-key"];
+/// Most headers an action may set. Far above what any API needs, and far below the 24,576
+/// entries at which `http::HeaderMap` refuses to grow (it would panic).
+pub const MAX_HEADERS: usize = 1_000;
+/// Most bytes of header names and values together: servers refuse far less (8 to 64 KiB).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most query parameters an action may add.
+pub const MAX_QUERY_PARAMS: usize = 1_000;
+/// Most form fields in a `form` body.
+pub const MAX_FORM_FIELDS: usize = 10_000;
+/// Most `error_messages` entries: every status (100-599) and class fits.
+pub const MAX_ERROR_MESSAGES: usize = 1_000;
+/// Most `retry.retry_on_errors` entries: there are a dozen kinds.
+pub const MAX_RETRY_ON_ERRORS: usize = 64;
+/// Longest status spec (`success_codes`, `retry.retry_on_status`), bytes.
+pub const MAX_STATUS_SPEC_LEN: usize = 1_024;
+/// Longest excerpt of a caller's value quoted in a violation, in bytes.
+const EXCERPT: usize = 64;
+
+/// At most `max` bytes of `s`, cut at a character boundary, with "…" when cut: a caller's
+/// value quoted in an error stays short, however long the value.
+pub fn excerpt(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
+}
 
 pub(super) fn validate(
     mut input: ActionInput,
@@ -163,6 +193,10 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
         bad.push("url", "is required (an absolute http or https URL)");
         return None;
     }
+    if !transport::authority_written(raw) {
+        bad.push("url", "has no host: write it after \"//\", as in http://HOST/path");
+        return None;
+    }
     // The parse error names the problem; the URL itself is not echoed, it may hold credentials.
     let mut url = match url::Url::parse(raw) {
         Ok(url) => url,
@@ -172,7 +206,8 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
         }
     };
     if url.scheme() != "http" && url.scheme() != "https" {
-        bad.push("url", format!("scheme {:?} is not allowed; use http or https", url.scheme()));
+        let scheme = excerpt(url.scheme(), EXCERPT);
+        bad.push("url", format!("scheme {scheme:?} is not allowed; use http or https"));
         return None;
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -180,6 +215,10 @@ fn url(raw: &str, query: &[(String, String)], bad: &mut InvalidAction) -> Option
         return None;
     }
     url.set_fragment(None);
+    if query.len() > MAX_QUERY_PARAMS {
+        bad.push("query", format!("has {} entries; at most {MAX_QUERY_PARAMS} are allowed", query.len()));
+        return None;
+    }
     let mut ok = true;
     for (i, (name, _)) in query.iter().enumerate() {
         if name.is_empty() {
@@ -215,6 +254,19 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn headers(pairs: &[(String, String)], secret_headers: &[usize], bad: &mut InvalidAction) -> HeaderMap {
+    // Counted before anything is built: the map's capacity comes from the caller.
+    if pairs.len() > MAX_HEADERS {
+        bad.push("headers", format!("has {} entries; at most {MAX_HEADERS} are allowed", pairs.len()));
+        return HeaderMap::new();
+    }
+    let bytes: usize = pairs.iter().map(|(name, value)| name.len() + value.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        bad.push(
+            "headers",
+            format!("names and values take {bytes} bytes; at most {MAX_HEADER_BYTES} are allowed"),
+        );
+        return HeaderMap::new();
+    }
     let mut map = HeaderMap::with_capacity(pairs.len());
     for (i, (name, value)) in pairs.iter().enumerate() {
         let name = match HeaderName::from_bytes(name.as_bytes()) {
@@ -261,6 +313,13 @@ fn body(body: BodyInput, bad: &mut InvalidAction) -> (Bytes, Option<&'static str
                 bad.push("json", format!("is not valid JSON: {e}"));
             }
             (Bytes::from(text), Some("application/json"))
+        }
+        BodyInput::Form(fields) if fields.len() > MAX_FORM_FIELDS => {
+            bad.push(
+                "form.fields",
+                format!("has {} entries; at most {MAX_FORM_FIELDS} are allowed", fields.len()),
+            );
+            (Bytes::new(), None)
         }
         BodyInput::Form(fields) => {
             let mut form = form_urlencoded::Serializer::new(String::new());
@@ -329,6 +388,10 @@ fn timeouts(t: &super::TimeoutsInput, bad: &mut InvalidAction) -> Timeouts {
 }
 
 fn status_spec(field: &str, text: &str, default: &str, bad: &mut InvalidAction) -> Option<StatusSpec> {
+    if text.len() > MAX_STATUS_SPEC_LEN {
+        bad.push(field, format!("is {} bytes long; at most {MAX_STATUS_SPEC_LEN} are allowed", text.len()));
+        return None;
+    }
     let text = if text.trim().is_empty() { default } else { text };
     match StatusSpec::parse(text) {
         Ok(spec) => Some(spec),
@@ -341,6 +404,13 @@ fn status_spec(field: &str, text: &str, default: &str, bad: &mut InvalidAction) 
 
 fn error_messages(pairs: Vec<(String, String)>, bad: &mut InvalidAction) -> ErrorMessages {
     let mut messages = ErrorMessages::default();
+    if pairs.len() > MAX_ERROR_MESSAGES {
+        bad.push(
+            "error_messages",
+            format!("has {} entries; at most {MAX_ERROR_MESSAGES} are allowed", pairs.len()),
+        );
+        return messages;
+    }
     for (key, message) in pairs {
         let trimmed = key.trim();
         if let Some(class) = super::status::parse_class(trimmed) {
@@ -348,6 +418,7 @@ fn error_messages(pairs: Vec<(String, String)>, bad: &mut InvalidAction) -> Erro
         } else if let Some(status) = super::status::parse_status(trimmed) {
             messages.by_status.insert(status, message);
         } else {
+            let key = excerpt(&key, EXCERPT);
             bad.push(format!("error_messages[{key:?}]"), "key must be a status (404) or a class (4xx, 5xx)");
         }
     }
@@ -587,6 +658,41 @@ mod tests {
         let shown = format!("{a:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("h.test:443") && shown.contains("text/plain"), "{shown}");
+    }
+
+    #[test]
+    fn a_deep_json_body_is_checked_without_deep_recursion() {
+        // serde_json skips an IgnoredAny without recursing: no depth limit, no stack overflow.
+        for depth in [128, 129, 100_000] {
+            let mut i = input("POST", "http://h.test/");
+            i.body = BodyInput::Json(format!("{}{}", "[".repeat(depth), "]".repeat(depth)));
+            assert!(HttpAction::from_input(i).is_ok(), "{depth}");
+        }
+    }
+
+    #[test]
+    fn excerpts_cut_at_char_boundaries() {
+        assert_eq!(excerpt("short", 64), "short");
+        assert_eq!(excerpt("ééé", 3), "é…");
+        assert_eq!(excerpt(&"ü".repeat(1000), 64).len(), 64 + "…".len());
+    }
+
+    #[test]
+    fn hostless_http_urls_are_refused() {
+        for url in [
+            "http:///h.test/",
+            "https:///h.test",
+            "http:/h.test/",
+            "http:h.test",
+            "http:\\\\h.test/",
+            "http://?x",
+        ] {
+            let err = HttpAction::from_input(input("GET", url)).unwrap_err();
+            assert_eq!(fields(err), ["url"], "{url}");
+        }
+        for url in ["http://h.test", " HTTPS://h.test/x ", "http://u@h.test/"] {
+            assert!(HttpAction::from_input(input("GET", url)).is_ok(), "{url}");
+        }
     }
 
     #[test]

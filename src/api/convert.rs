@@ -3,6 +3,7 @@ use crate::{
     action::{
         ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind, InvalidAction,
         OnFailure, Outcome, RedirectsInput, ResponseData, ResponseHead, RetryInput, TimeoutsInput, TlsInput,
+        MAX_RETRY_ON_ERRORS,
     },
     pb,
 };
@@ -23,8 +24,14 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             OnFailure::Abort
         }
     };
-    let mut retry_on_errors = Vec::with_capacity(retry.retry_on_errors.len());
-    for (i, raw) in retry.retry_on_errors.iter().enumerate() {
+    let mut retry_on_errors = Vec::new();
+    if retry.retry_on_errors.len() > MAX_RETRY_ON_ERRORS {
+        bad.push(
+            "retry.retry_on_errors",
+            format!("has {} entries; at most {MAX_RETRY_ON_ERRORS} are allowed", retry.retry_on_errors.len()),
+        );
+    }
+    for (i, raw) in retry.retry_on_errors.iter().take(MAX_RETRY_ON_ERRORS).enumerate() {
         match pb::ErrorKind::try_from(*raw).ok().and_then(error_kind_from) {
             Some(kind) => retry_on_errors.push(kind),
             None => bad.push(format!("retry.retry_on_errors[{i}]"), format!("unknown error kind {raw}")),

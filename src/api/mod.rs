@@ -1,9 +1,11 @@
 //! The gRPC edge: proto ⇄ domain conversion, the service, streaming. Thin by design; proto
 //! types stop here.
 pub mod auth;
+pub mod codec;
 pub mod convert;
+pub mod reply_hold;
 mod service;
 mod status;
 
 pub use service::HttpActionService;
-pub use status::invalid_argument;
+pub use status::{invalid_argument, oversized_request};

@@ -1,7 +1,7 @@
 //! `callout.v1.HttpActionService`: turn the message into an action, run it on the executor,
 //! map the result. ExecuteStream runs the action in a task feeding a channel, so a caller that
 //! goes away is noticed and the action stops.
-use super::{convert, status::invalid_argument};
+use super::{convert, reply_hold::HeldUntilSent, status::invalid_argument};
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
     client::concurrency::{Admission, Overloaded},
@@ -47,15 +47,26 @@ impl HttpActionService {
     }
 }
 
-/// Validates the request; proto-level and domain problems are reported together.
-fn action_of(
+/// Validates the request; proto-level and domain problems are reported together. Called once
+/// the action is admitted, so a draining or full server refuses before doing this work. An
+/// action whose validation may block (secret files read, TLS PEM parsed) is validated on the
+/// blocking pool; any other is validated in place, cheaper than the hop.
+async fn action_of(
     request: Request<pb::ExecuteHttpActionRequest>,
     executor: &Executor,
 ) -> Result<HttpAction, Status> {
     let trace = trace_context(request.metadata());
     let mut bad = InvalidAction::default();
     let input = convert::action_input(request.into_inner(), &mut bad);
-    match executor.action(input) {
+    let validated = if input.blocks_to_validate() {
+        let executor = executor.clone();
+        tokio::task::spawn_blocking(move || executor.action(input))
+            .await
+            .map_err(|e| Status::internal(format!("validating the action failed: {e}")))?
+    } else {
+        executor.action(input)
+    };
+    match validated {
         Ok(mut action) if bad.is_empty() => {
             action.trace = trace;
             Ok(action)
@@ -104,9 +115,12 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         request: Request<pb::ExecuteHttpActionRequest>,
     ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
         let budget = grpc_deadline(request.metadata());
-        let action = action_of(request, &self.executor)?;
         let admission = self.admit()?;
+        let action = action_of(request, &self.executor).await?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
+        // The body's bytes (and their memory budget) stay held until the reply went out.
+        let hold =
+            outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
         // A large JSON body is a large tree to convert and size: off the runtime's threads.
         let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES);
         let reply = if large {
@@ -116,7 +130,11 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         } else {
             convert::outcome(outcome)
         };
-        Ok(Response::new(reply))
+        let mut reply = Response::new(reply);
+        if let Some(hold) = hold {
+            reply.extensions_mut().insert(hold);
+        }
+        Ok(reply)
     }
 
     type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ActionEvent, Status>> + Send>>;
@@ -126,8 +144,8 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         request: Request<pb::ExecuteHttpActionRequest>,
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let budget = grpc_deadline(request.metadata());
-        let action = action_of(request, &self.executor)?;
         let admission = self.admit()?;
+        let action = action_of(request, &self.executor).await?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {

@@ -11,12 +11,26 @@ use crate::action::{ActionError, ErrorKind};
 use std::time::{Duration, Instant};
 use url::Url;
 
-/// The server's limits on sending.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The server's limits on sending, and on the response bytes held for replies.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitSettings {
     pub concurrency: ConcurrencySettings,
     pub rate: RateLimitSettings,
     pub breaker: BreakerSettings,
+    /// Bytes of buffered response bodies held at once, server-wide (see `body_budget`).
+    /// Default an eighth of the cgroup memory limit, else 512 MiB.
+    pub max_buffered_bytes: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: ConcurrencySettings::default(),
+            rate: RateLimitSettings::default(),
+            breaker: BreakerSettings::default(),
+            max_buffered_bytes: super::body_budget::default_total(),
+        }
+    }
 }
 
 /// Where an action goes, as the limits key it: `host:port`, host lower-case without brackets.
@@ -29,13 +43,7 @@ pub struct Destination {
 
 impl Destination {
     pub fn of(url: &Url) -> Self {
-        let host = url
-            .host_str()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let host = super::host::normalize(url.host_str().unwrap_or_default());
         let port = url.port_or_known_default().unwrap_or(0);
         let key = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         Self { key, host, port }

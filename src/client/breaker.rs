@@ -90,7 +90,7 @@ impl CircuitBreakers {
             State::Open { until } => Err(CircuitOpen(format!(
                 "circuit for {key} is open after {} consecutive failures; next probe in {}",
                 self.settings.failure_threshold,
-                crate::exec::fmt_duration(until - now)
+                crate::fmt::fmt_duration(until - now)
             ))),
             // The probe never reported (its caller went away): let another one go.
             State::HalfOpen { since } if now >= since + self.settings.cool_down => {

@@ -1,18 +1,25 @@
 //! The connector: DNS, TCP and TLS with each phase timed, so attempts report measured timings.
 //! The timings ride on the connection (`ConnInfo`) into every response sent over it.
 //!
-//! One connection is made in fixed steps: pick the route (direct or through a proxy) → resolve
-//! the host dialled → connect to one of the resolved addresses → for an https target through a
-//! proxy, open a CONNECT tunnel → for https, the TLS handshake with the target.
+//! One connection is made in fixed steps: pick the route (direct or through a proxy) → check the
+//! target with the egress policy (through a `socks5://` proxy callout resolves the target itself
+//! and checks every address) → resolve the host dialled → connect to one of its allowed
+//! addresses → TLS with an `https://` proxy → the proxy's handshake, hyper-util's (a CONNECT
+//! `Tunnel` for https targets through an HTTP proxy, `SocksV5` through a SOCKS proxy) → for
+//! https, the TLS handshake with the target.
 use super::{
     egress::{Denied, EgressPolicy},
-    proxy::{self, Proxies},
+    host,
+    proxy::Proxies,
 };
-use crate::action::{ErrorKind, ProxyUrl};
-use http::Uri;
+use crate::action::{ErrorKind, ProxyScheme, ProxyUrl};
+use http::{HeaderValue, Uri};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::{
-    client::legacy::connect::{Connected, Connection},
+    client::legacy::connect::{
+        proxy::{SocksV5, Tunnel},
+        Connected, Connection,
+    },
     rt::TokioIo,
 };
 use std::{
@@ -28,7 +35,11 @@ use std::{
     task::{Context, Poll},
     time::{Duration, Instant},
 };
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tower::ServiceExt as _;
 
 tokio::task_local! {
     /// The connect timeout of the action whose request is being sent. The pooled client hands
@@ -37,8 +48,61 @@ tokio::task_local! {
     pub static CONNECT_TIMEOUT: Duration;
 }
 
-/// The stream hyper talks over: TCP, or TLS over TCP.
-pub type Stream = MaybeHttpsStream<TimedTcp>;
+/// The stream hyper talks over: the connection, or the target's TLS over it.
+pub type Stream = MaybeHttpsStream<TimedConn>;
+
+/// What a connection runs on: TCP, or TLS to an `https://` proxy over TCP.
+#[derive(Debug)]
+pub enum Transport {
+    Tcp(TcpStream),
+    ProxyTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Self::ProxyTls(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Self::ProxyTls(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Self::ProxyTls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Self::ProxyTls(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(io) => io.is_write_vectored(),
+            Self::ProxyTls(io) => io.is_write_vectored(),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Self::ProxyTls(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+}
 
 /// How a connection was made. Attached to every response sent over it.
 #[derive(Debug)]
@@ -85,10 +149,10 @@ impl ConnectError {
     }
 }
 
-/// A TCP stream that knows how it was made.
+/// A connection that knows how it was made.
 #[derive(Debug)]
-pub struct TimedTcp {
-    io: TokioIo<TcpStream>,
+pub struct TimedConn {
+    io: TokioIo<Transport>,
     meta: Arc<ConnMeta>,
     /// Plain HTTP to a forwarding proxy: requests go out in absolute form.
     forward_proxy: bool,
@@ -96,13 +160,13 @@ pub struct TimedTcp {
     _open: crate::metrics::Raised,
 }
 
-impl Connection for TimedTcp {
+impl Connection for TimedConn {
     fn connected(&self) -> Connected {
         Connected::new().extra(ConnInfo(self.meta.clone())).proxy(self.forward_proxy)
     }
 }
 
-impl hyper::rt::Read for TimedTcp {
+impl hyper::rt::Read for TimedConn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -112,7 +176,7 @@ impl hyper::rt::Read for TimedTcp {
     }
 }
 
-impl hyper::rt::Write for TimedTcp {
+impl hyper::rt::Write for TimedConn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
@@ -139,6 +203,9 @@ impl hyper::rt::Write for TimedTcp {
 #[derive(Clone)]
 pub struct TimedConnector {
     tls: tokio_rustls::TlsConnector,
+    /// TLS with `https://` proxies: the server's trust roots, HTTP/1.1 only (CONNECT and
+    /// forwarded requests are HTTP/1.1).
+    proxy_tls: Option<tokio_rustls::TlsConnector>,
     proxies: Arc<Proxies>,
     default_timeout: Duration,
     tcp_keepalive: Option<Duration>,
@@ -151,6 +218,7 @@ impl TimedConnector {
     pub fn new(tls: Arc<rustls::ClientConfig>, proxies: Arc<Proxies>, default_timeout: Duration) -> Self {
         Self {
             tls: tokio_rustls::TlsConnector::from(tls),
+            proxy_tls: None,
             proxies,
             default_timeout,
             tcp_keepalive: None,
@@ -163,8 +231,7 @@ impl TimedConnector {
     /// instead of looked up.
     pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &[(String, Vec<IpAddr>)]) -> Self {
         self.egress = egress;
-        self.fixed =
-            Arc::new(fixed.iter().map(|(host, ips)| (host.to_ascii_lowercase(), ips.clone())).collect());
+        self.fixed = Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
         self
     }
 
@@ -190,6 +257,12 @@ impl TimedConnector {
             }
             _ => Ok(allowed),
         }
+    }
+
+    /// Speaks TLS with `https://` proxies using `tls`.
+    pub fn with_proxy_tls(mut self, tls: Arc<rustls::ClientConfig>) -> Self {
+        self.proxy_tls = Some(tokio_rustls::TlsConnector::from(tls));
+        self
     }
 
     /// Sends TCP keep-alive probes after `idle` without traffic (`None`: none).
@@ -236,28 +309,44 @@ impl TimedConnector {
         // Route: the host dialled is the proxy's when one applies to this target.
         let proxy = self.proxies.for_target(https, &host).cloned();
         let (dial_host, dial_port) = match &proxy {
-            Some(p) => (p.host(), p.port()),
-            None => (host.as_str(), port),
+            Some(p) => (p.host().to_owned(), p.port()),
+            None => (host.clone(), port),
+        };
+        let scheme = proxy.as_ref().map(ProxyUrl::scheme);
+
+        // Egress, before any lookup: the target's name and port, and a caller's proxy itself.
+        self.egress.check_host(&host, port).map_err(denied_by_policy)?;
+        let caller_proxy = proxy.is_some() && self.proxies.chosen_by_caller();
+        if caller_proxy {
+            self.egress.check_host(&dial_host, dial_port).map_err(denied_by_policy)?;
+        }
+        let started = Instant::now();
+        let mut dns = Duration::ZERO;
+        // Through socks5 callout names the address the proxy dials: the target is resolved here
+        // and every address passes the policy. Through socks5h or an HTTP proxy the proxy
+        // resolves the name, so only a target written as an address can be checked by address.
+        let socks_target = match scheme {
+            Some(ProxyScheme::Socks5) => {
+                let (addrs, took) = resolve(&host, port, None, &self.fixed).await?;
+                dns += took;
+                self.allowed(&host, addrs)?.first().copied()
+            }
+            Some(_) => {
+                if let Ok(ip) = host.parse::<IpAddr>() {
+                    self.egress.check_ip(&host, port, ip).map_err(denied_by_policy)?;
+                }
+                None
+            }
+            None => None,
         };
 
-        // Egress, before any lookup: the target's name and port. Through a proxy the proxy
-        // resolves the name, so only a target written as an address can be checked by address.
-        self.egress.check_host(&host, port).map_err(denied_by_policy)?;
-        let caller_proxy = proxy.is_some() && self.proxies.chosen_by_caller;
-        if caller_proxy {
-            self.egress.check_host(dial_host, dial_port).map_err(denied_by_policy)?;
-        }
-        if let (Some(_), Ok(ip)) = (&proxy, host.parse::<IpAddr>()) {
-            self.egress.check_ip(&host, port, ip).map_err(denied_by_policy)?;
-        }
-
-        let started = Instant::now();
-        let (addrs, dns) = resolve(dial_host, dial_port, proxy.as_ref(), &self.fixed).await?;
+        let (addrs, took) = resolve(&dial_host, dial_port, proxy.as_ref(), &self.fixed).await?;
+        dns += took;
         // Every address dialled passes the policy here, after DNS, so the address checked is the
         // address used (no rebinding between check and connect). The operator's own proxy is
         // trusted wherever it lives; a caller's proxy is checked like any destination.
-        let addrs = if proxy.is_none() || caller_proxy { self.allowed(dial_host, addrs)? } else { addrs };
-        let (mut tcp, remote) = dial(&addrs, proxy.as_ref()).await?;
+        let addrs = if proxy.is_none() || caller_proxy { self.allowed(&dial_host, addrs)? } else { addrs };
+        let (tcp, remote) = dial(&addrs, proxy.as_ref()).await?;
         // Requests are small and latency matters more than packet count.
         let _ = tcp.set_nodelay(true);
         if let Some(idle) = self.tcp_keepalive {
@@ -266,13 +355,23 @@ impl TimedConnector {
                 tracing::debug!("cannot set TCP keep-alive: {e}");
             }
         }
-        if let (Some(proxy), true) = (&proxy, https) {
-            proxy::tunnel(&mut tcp, proxy, &host, port)
-                .await
-                .map_err(|e| ConnectError::new(ErrorKind::Connect, e.to_string(), None))?;
+        let mut transport = Transport::Tcp(tcp);
+        if let Some(proxy) = proxy.as_ref().filter(|p| p.scheme() == ProxyScheme::Https) {
+            transport = self.proxy_handshake(transport, proxy).await?;
         }
-        // Connect time includes the CONNECT exchange: both come before the target's TLS.
-        let connect = started.elapsed() - dns;
+        transport = match (&proxy, https) {
+            (Some(proxy), true) if proxy.scheme().is_http() => tunnel(transport, proxy, &host, port).await?,
+            (Some(proxy), _) if !proxy.scheme().is_http() => {
+                let target = match socks_target {
+                    Some(addr) => authority(&addr.ip().to_string(), addr.port()),
+                    None => authority(&host, port),
+                };
+                socks(transport, proxy, &target).await?
+            }
+            _ => transport,
+        };
+        // Connect time includes the proxy's TLS and handshake: all come before the target's TLS.
+        let connect = started.elapsed().saturating_sub(dns);
 
         let meta = Arc::new(ConnMeta {
             started,
@@ -282,10 +381,10 @@ impl TimedConnector {
             remote,
             claimed: AtomicBool::new(false),
         });
-        let timed = TimedTcp {
-            io: TokioIo::new(tcp),
+        let timed = TimedConn {
+            io: TokioIo::new(transport),
             meta: meta.clone(),
-            forward_proxy: proxy.is_some() && !https,
+            forward_proxy: proxy.as_ref().is_some_and(|p| p.scheme().is_http()) && !https,
             _open: crate::metrics::connection_opened(),
         };
         if !https {
@@ -302,13 +401,132 @@ impl TimedConnector {
         meta.tls_nanos.store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(MaybeHttpsStream::Https(TokioIo::new(stream)))
     }
+
+    /// TLS with an `https://` proxy, verified against the server's trust roots.
+    async fn proxy_handshake(
+        &self,
+        transport: Transport,
+        proxy: &ProxyUrl,
+    ) -> Result<Transport, ConnectError> {
+        let Transport::Tcp(tcp) = transport else { return Ok(transport) };
+        let tls = self.proxy_tls.as_ref().ok_or_else(|| {
+            ConnectError::new(ErrorKind::Tls, format!("no TLS configuration for proxy {proxy}"), None)
+        })?;
+        let name = rustls::pki_types::ServerName::try_from(proxy.host().to_owned()).map_err(|e| {
+            ConnectError::new(
+                ErrorKind::Tls,
+                format!("proxy {proxy} is not a valid TLS server name: {e}"),
+                None,
+            )
+        })?;
+        let stream = tls.connect(name, tcp).await.map_err(|e| {
+            ConnectError::new(
+                ErrorKind::Tls,
+                format!("TLS handshake with proxy {proxy} failed: {e}"),
+                Some(e),
+            )
+        })?;
+        Ok(Transport::ProxyTls(Box::new(stream)))
+    }
+}
+
+/// `host:port` as a URI authority (IPv6 in brackets).
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The target of a proxy handshake as hyper-util reads it, always with its port (hyper-util
+/// would take 443 for a URI without one).
+fn handshake_target(authority: &str, proxy: &ProxyUrl) -> Result<Uri, ConnectError> {
+    format!("http://{authority}/").parse().map_err(|_| {
+        ConnectError::new(ErrorKind::Connect, format!("cannot ask proxy {proxy} for {authority}"), None)
+    })
+}
+
+/// Hands hyper-util's proxy handshakes the connection already made here (resolved, checked
+/// against the egress policy and timed), so they never dial anything themselves.
+struct Handover(Option<TokioIo<Transport>>);
+
+impl tower::Service<Uri> for Handover {
+    type Response = TokioIo<Transport>;
+    type Error = io::Error;
+    type Future = std::future::Ready<Result<Self::Response, io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        std::future::ready(
+            self.0.take().ok_or_else(|| io::Error::other("the proxy connection was handed over")),
+        )
+    }
+}
+
+/// Opens a CONNECT tunnel to `host:port` through an HTTP proxy, with the proxy URL's
+/// credentials as Proxy-Authorization.
+async fn tunnel(
+    transport: Transport,
+    proxy: &ProxyUrl,
+    host: &str,
+    port: u16,
+) -> Result<Transport, ConnectError> {
+    let target = authority(host, port);
+    let dst = handshake_target(&target, proxy)?;
+    // The proxy's own URI only tells `Handover` what to dial, which it ignores.
+    let mut tunnel = Tunnel::new(Uri::default(), Handover(Some(TokioIo::new(transport))));
+    if let Some(auth) = proxy.authorization().and_then(|a| HeaderValue::from_str(a).ok()) {
+        tunnel = tunnel.with_auth(auth);
+    }
+    let e = match tunnel.oneshot(dst).await {
+        Ok(io) => return Ok(io.into_inner()),
+        Err(e) => e,
+    };
+    // hyper-util does not export its tunnel error type: its kinds are told by their text.
+    let what = e.to_string();
+    let message = if let Some(io) = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<io::Error>())
+    {
+        format!("CONNECT through proxy {proxy} failed: {io}")
+    } else if what.contains("authorization required") {
+        format!("proxy {proxy} answered CONNECT with 407 (proxy authentication required)")
+    } else if what.contains("unsuccessful") {
+        format!("proxy {proxy} refused to CONNECT to {target} (it answered other than 200)")
+    } else if what.contains("end of file") {
+        format!("proxy {proxy} closed the connection during CONNECT")
+    } else if what.contains("too long") {
+        format!("proxy {proxy} sent an invalid answer to CONNECT (its head is too long)")
+    } else {
+        format!("CONNECT through proxy {proxy} failed: {what}")
+    };
+    Err(ConnectError::new(ErrorKind::Connect, message, None))
+}
+
+/// The SOCKS5 handshake for `target` (an address through socks5, the name through socks5h),
+/// with user/password authentication when the proxy URL carried credentials.
+async fn socks(transport: Transport, proxy: &ProxyUrl, target: &str) -> Result<Transport, ConnectError> {
+    let dst = handshake_target(target, proxy)?;
+    let mut socks = SocksV5::new(Uri::default(), Handover(Some(TokioIo::new(transport))));
+    if let Some((user, pass)) = proxy.credentials() {
+        socks = socks.with_auth(user.to_owned(), pass.to_owned());
+    }
+    socks.oneshot(dst).await.map(TokioIo::into_inner).map_err(|e| {
+        ConnectError::new(
+            ErrorKind::Connect,
+            format!("SOCKS5 proxy {proxy} could not connect to {target}: {e}"),
+            None,
+        )
+    })
 }
 
 fn denied_by_policy(denied: Denied) -> ConnectError {
     ConnectError::new(ErrorKind::DeniedByPolicy, denied.to_string(), None)
 }
 
-/// "proxy http://host:port " when dialling a proxy, for messages.
+/// "proxy scheme://host:port " when dialling a proxy, for messages.
 fn via(proxy: Option<&ProxyUrl>) -> String {
     proxy.map(|p| format!("proxy {p} ")).unwrap_or_default()
 }
@@ -320,7 +538,7 @@ async fn resolve(
     proxy: Option<&ProxyUrl>,
     fixed: &HashMap<String, Vec<IpAddr>>,
 ) -> Result<(Vec<SocketAddr>, Duration), ConnectError> {
-    if let Some(ips) = fixed.get(host.trim_end_matches('.').to_ascii_lowercase().as_str()) {
+    if let Some(ips) = fixed.get(host::normalize(host).as_str()) {
         return Ok((ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(), Duration::ZERO));
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
@@ -363,4 +581,28 @@ async fn dial(
         ),
         None => ConnectError::new(ErrorKind::Dns, "no address to connect to".into(), None),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fixed_addresses_match_names_however_written() {
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let connector = TimedConnector::new(tls, Arc::default(), Duration::from_secs(1))
+            .with_egress(Arc::default(), &[("API.Example.test.".into(), vec![ip])]);
+        for name in ["api.example.test", "API.example.test.", "api.example.test."] {
+            let (addrs, dns) = resolve(name, 80, None, &connector.fixed).await.unwrap();
+            assert_eq!(addrs, vec![SocketAddr::new(ip, 80)], "{name}");
+            assert_eq!(dns, Duration::ZERO);
+        }
+    }
 }

@@ -6,7 +6,10 @@
 //! (which may open anything, metadata included), then the built-in denials (cloud metadata,
 //! link-local, unspecified, multicast; loopback and private ranges unless private networks are
 //! allowed), then, when allow rules exist, the requirement to match one of them.
-use super::host_pattern::{HostPattern, HostPatternError};
+use super::{
+    host::{self, normalize as normalize_host},
+    host_pattern::{HostPattern, HostPatternError},
+};
 use ipnet::IpNet;
 use std::{
     fmt,
@@ -30,7 +33,7 @@ impl FromStr for EgressRule {
         if let Ok(net) = raw.parse::<IpNet>() {
             return Ok(Self::Net(net.trunc()));
         }
-        if let Ok(ip) = raw.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = normalize_host(raw).parse::<IpAddr>() {
             return Ok(Self::Net(IpNet::from(normalize_ip(ip))));
         }
         raw.parse().map(Self::Host)
@@ -135,7 +138,7 @@ impl EgressPolicy {
         if METADATA_HOSTS.contains(&host.as_str()) && !allowed_by_name {
             return deny("cloud metadata host".into());
         }
-        let loopback_name = host == "localhost" || host.ends_with(".localhost");
+        let loopback_name = host::is_within(&host, "localhost");
         if loopback_name && !self.settings.allow_private_networks && !allowed_by_name {
             return deny("loopback name (allow private networks to reach it)".into());
         }
@@ -174,11 +177,6 @@ impl EgressPolicy {
     fn host_rule<'a>(&self, rules: &'a [EgressRule], host: &str, port: u16) -> Option<&'a EgressRule> {
         rules.iter().find(|r| matches!(r, EgressRule::Host(p) if p.matches(host, port)))
     }
-}
-
-/// A host as the rules see it: lower case, no brackets, no trailing dot.
-fn normalize_host(host: &str) -> String {
-    host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// An address as the rules see it: IPv4 carried in IPv6 (mapped `::ffff:a.b.c.d`, compatible

@@ -1,5 +1,6 @@
 //! Host patterns of server config (`api.example.com`, `*.example.com:443`, `*`), matched
 //! against an action's destination `host:port`.
+use super::host;
 use std::{fmt, str::FromStr};
 
 /// Which hosts a pattern names.
@@ -56,9 +57,7 @@ impl FromStr for HostPattern {
         } else if host.contains('*') {
             return Err(err("a wildcard stands only as the first label, as in *.example.com"));
         } else {
-            HostPart::Exact(
-                host.trim_end_matches('.').trim_start_matches('[').trim_end_matches(']').to_owned(),
-            )
+            HostPart::Exact(host::normalize(host))
         };
         Ok(Self { host, port, text })
     }
@@ -79,11 +78,7 @@ impl HostPattern {
         match &self.host {
             HostPart::Any => true,
             HostPart::Exact(name) => name == host,
-            HostPart::Below(domain) => {
-                host.len() > domain.len() + 1
-                    && host.ends_with(domain.as_str())
-                    && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
-            }
+            HostPart::Below(domain) => host::is_below(host, domain),
         }
     }
 }

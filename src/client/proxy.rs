@@ -1,17 +1,23 @@
-//! Which proxy a connection goes through, and the CONNECT tunnel for https targets. The
-//! server's proxies come from `--proxy` or, read once at start, HTTPS_PROXY / HTTP_PROXY /
-//! NO_PROXY; an action's own `proxy.url` replaces them for that action. Proxy credentials only
-//! ever travel in Proxy-Authorization; messages show the proxy as `http://host:port`.
+//! Which proxy a connection goes through. The server's proxies come from `--proxy` or, read
+//! once at start, HTTPS_PROXY / HTTP_PROXY / NO_PROXY; an action's own `proxy.url` replaces
+//! them for that action. hyper-util's `Matcher` decides per target (its scheme, and NO_PROXY's
+//! names, domain suffixes, addresses and CIDR ranges); the handshakes with the proxy are
+//! hyper-util's too (see `connect`). Proxy credentials travel only to the proxy; messages show
+//! it as `scheme://host:port`.
+use super::host;
 use crate::action::ProxyUrl;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use http::Uri;
+use hyper_util::client::proxy::matcher::Matcher;
+use std::{fmt, sync::Arc};
 
 /// Hosts that bypass the proxy (NO_PROXY): a comma list of host names, domain suffixes
-/// (`example.com` and `.example.com` both match `example.com` and `api.example.com`), IP
-/// addresses, or `*` for all. Ports in entries are ignored.
+/// (`example.com`, `.example.com` and `*.example.com` all match `example.com` and
+/// `api.example.com`), IP addresses, CIDR ranges (`10.0.0.0/8`, `fd00::/8`), or `*` for all.
+/// Ports in entries are ignored. Kept normalised, as hyper-util's matcher reads them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct NoProxy {
     all: bool,
-    hosts: Vec<String>,
+    entries: Vec<String>,
 }
 
 impl NoProxy {
@@ -25,61 +31,109 @@ impl NoProxy {
             let host = match entry.strip_prefix('[') {
                 // [::1]:8080 or [::1]
                 Some(rest) => rest.split(']').next().unwrap_or_default(),
-                // host:port (a bare IPv6 address has more than one colon and is kept whole)
+                // host:port (a bare IPv6 address or range has more than one colon: kept whole)
                 None if entry.matches(':').count() == 1 => entry.split(':').next().unwrap_or_default(),
                 None => entry,
             };
-            let host = host.trim_start_matches("*.").trim_start_matches('.').to_ascii_lowercase();
+            let host = host::normalize(host.trim_start_matches("*.").trim_start_matches('.'));
             if !host.is_empty() {
-                no_proxy.hosts.push(host);
+                no_proxy.entries.push(host);
             }
         }
         no_proxy
     }
-
-    /// True when `host` is listed itself or lies under a listed domain (at a dot boundary, so
-    /// `example.com` does not match `badexample.com`).
-    pub fn matches(&self, host: &str) -> bool {
-        if self.all {
-            return true;
-        }
-        let host =
-            host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
-        self.hosts.iter().any(|entry| {
-            host == *entry
-                || (host.len() > entry.len()
-                    && host.ends_with(entry.as_str())
-                    && host.as_bytes()[host.len() - entry.len() - 1] == b'.')
-        })
-    }
 }
 
 /// The proxies of one client: per target scheme, with NO_PROXY exceptions.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default)]
 pub struct Proxies {
-    pub http: Option<ProxyUrl>,
-    pub https: Option<ProxyUrl>,
-    pub no_proxy: NoProxy,
+    http: Option<ProxyUrl>,
+    https: Option<ProxyUrl>,
+    no_proxy: NoProxy,
     /// The proxy came from an action, not the operator: its own address must pass the egress
     /// policy like any destination (else a caller could point it at a metadata service).
-    pub chosen_by_caller: bool,
+    chosen_by_caller: bool,
+    /// Built from the fields above; `None` when there is no proxy at all.
+    matcher: Option<Arc<Matcher>>,
 }
 
 impl Proxies {
+    /// The operator's proxies: `http` for http targets, `https` for https targets, both
+    /// skipped for hosts in `no_proxy`.
+    pub fn new(http: Option<ProxyUrl>, https: Option<ProxyUrl>, no_proxy: NoProxy) -> Self {
+        Self::build(http, https, no_proxy, false)
+    }
+
     /// One proxy for every target, no exceptions: an action's own `proxy.url`.
     pub fn only(proxy: ProxyUrl) -> Self {
-        Self {
-            http: Some(proxy.clone()),
-            https: Some(proxy),
-            no_proxy: NoProxy::default(),
-            chosen_by_caller: true,
-        }
+        Self::build(Some(proxy.clone()), Some(proxy), NoProxy::default(), true)
+    }
+
+    /// These proxies with `proxy` for every target (`--proxy`); NO_PROXY still applies.
+    pub fn with_proxy(self, proxy: ProxyUrl) -> Self {
+        Self::build(Some(proxy.clone()), Some(proxy), self.no_proxy, self.chosen_by_caller)
+    }
+
+    fn build(
+        http: Option<ProxyUrl>,
+        https: Option<ProxyUrl>,
+        no_proxy: NoProxy,
+        chosen_by_caller: bool,
+    ) -> Self {
+        let matcher = (http.is_some() || https.is_some()).then(|| {
+            // The matcher only decides whether a target is proxied; which proxy it is comes
+            // from the validated URLs here, so the matcher is given them without credentials.
+            let shown = |p: &Option<ProxyUrl>| p.as_ref().map(ToString::to_string).unwrap_or_default();
+            Arc::new(
+                Matcher::builder()
+                    .http(shown(&http))
+                    .https(shown(&https))
+                    .no(no_proxy.entries.join(","))
+                    .build(),
+            )
+        });
+        Self { http, https, no_proxy, chosen_by_caller, matcher }
+    }
+
+    /// True when the proxy is an action's own, to be egress-checked like any destination.
+    pub fn chosen_by_caller(&self) -> bool {
+        self.chosen_by_caller
+    }
+
+    /// True when some proxy is spoken to over TLS (`https://`).
+    pub fn uses_tls(&self) -> bool {
+        [&self.http, &self.https]
+            .into_iter()
+            .flatten()
+            .any(|p| p.scheme() == crate::action::ProxyScheme::Https)
     }
 
     /// The proxy for a target, or `None` to connect directly.
     pub fn for_target(&self, https: bool, host: &str) -> Option<&ProxyUrl> {
-        let proxy = if https { self.https.as_ref() } else { self.http.as_ref() };
-        proxy.filter(|_| !self.no_proxy.matches(host))
+        let proxy = if https { self.https.as_ref() } else { self.http.as_ref() }?;
+        if self.no_proxy.all {
+            return None;
+        }
+        let matcher = self.matcher.as_ref()?;
+        let host = host::normalize(host);
+        let authority = if host.contains(':') { format!("[{host}]") } else { host };
+        let target = Uri::builder()
+            .scheme(if https { "https" } else { "http" })
+            .authority(authority)
+            .path_and_query("/")
+            .build();
+        match target {
+            Ok(target) => matcher.intercept(&target).map(|_| proxy),
+            // A host the matcher cannot read is proxied: NO_PROXY never opens by accident.
+            Err(_) => Some(proxy),
+        }
+    }
+
+    /// The Proxy-Authorization of a plain-http request to `host`: the credentials of the HTTP
+    /// proxy it is forwarded through, when that proxy's URL carried them.
+    pub fn forward_authorization(&self, host: &str) -> Option<&str> {
+        let proxy = self.http.as_ref().filter(|p| p.scheme().is_http() && p.authorization().is_some())?;
+        self.for_target(false, host).filter(|p| *p == proxy).and_then(ProxyUrl::authorization)
     }
 
     /// Reads HTTPS_PROXY, HTTP_PROXY and NO_PROXY (upper case first, then lower case) through
@@ -97,12 +151,11 @@ impl Proxies {
             let value = if value.contains("://") { value } else { format!("http://{}", value.trim()) };
             ProxyUrl::parse(&value).map(Some).map_err(|e| format!("environment variable {name} {e}"))
         };
-        Ok(Self {
-            http: proxy("HTTP_PROXY")?,
-            https: proxy("HTTPS_PROXY")?,
-            no_proxy: read("NO_PROXY").map(|(_, v)| NoProxy::parse(&v)).unwrap_or_default(),
-            chosen_by_caller: false,
-        })
+        Ok(Self::new(
+            proxy("HTTP_PROXY")?,
+            proxy("HTTPS_PROXY")?,
+            read("NO_PROXY").map(|(_, v)| NoProxy::parse(&v)).unwrap_or_default(),
+        ))
     }
 
     /// The process environment, read once at start.
@@ -111,67 +164,25 @@ impl Proxies {
     }
 }
 
-/// Why a CONNECT tunnel could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
-    #[error("proxy {proxy} answered CONNECT with {status}{hint}")]
-    Refused { proxy: String, status: u16, hint: &'static str },
-    #[error("proxy {proxy} sent an invalid answer to CONNECT")]
-    Invalid { proxy: String },
-    #[error("proxy {proxy} closed the connection during CONNECT")]
-    Closed { proxy: String },
-    #[error("CONNECT through proxy {proxy} failed: {source}")]
-    Io { proxy: String, source: std::io::Error },
+impl PartialEq for Proxies {
+    fn eq(&self, other: &Self) -> bool {
+        // The matcher is made from the other fields.
+        (&self.http, &self.https, &self.no_proxy, self.chosen_by_caller)
+            == (&other.http, &other.https, &other.no_proxy, other.chosen_by_caller)
+    }
 }
 
-/// The largest CONNECT answer head read; proxies answer with a few short lines.
-const MAX_HEAD: usize = 16 * 1024;
+impl Eq for Proxies {}
 
-/// Asks `proxy` over `io` for a tunnel to `host:port` and reads its answer. On success the
-/// stream carries the target's bytes from here on.
-pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    proxy: &ProxyUrl,
-    host: &str,
-    port: u16,
-) -> Result<(), TunnelError> {
-    let name = proxy.to_string();
-    let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-    if let Some(auth) = proxy.authorization() {
-        head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+impl fmt::Debug for Proxies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxies")
+            .field("http", &self.http)
+            .field("https", &self.https)
+            .field("no_proxy", &self.no_proxy)
+            .field("chosen_by_caller", &self.chosen_by_caller)
+            .finish()
     }
-    head.push_str("\r\n");
-    let io_err = |source| TunnelError::Io { proxy: name.clone(), source };
-    io.write_all(head.as_bytes()).await.map_err(io_err)?;
-    io.flush().await.map_err(io_err)?;
-
-    // Read byte-wise up to the blank line, so no byte of the tunnel is consumed here.
-    let mut buf = Vec::with_capacity(256);
-    while !buf.ends_with(b"\r\n\r\n") {
-        if buf.len() >= MAX_HEAD {
-            return Err(TunnelError::Invalid { proxy: name });
-        }
-        let byte = io.read_u8().await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => TunnelError::Closed { proxy: name.clone() },
-            _ => io_err(e),
-        })?;
-        buf.push(byte);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut response = httparse::Response::new(&mut headers);
-    let status = match response.parse(&buf) {
-        Ok(httparse::Status::Complete(_)) => response.code.unwrap_or_default(),
-        _ => return Err(TunnelError::Invalid { proxy: name }),
-    };
-    if (200..300).contains(&status) {
-        return Ok(());
-    }
-    let hint = match status {
-        407 => " (proxy authentication required)",
-        _ => "",
-    };
-    Err(TunnelError::Refused { proxy: name, status, hint })
 }
 
 #[cfg(test)]
@@ -186,26 +197,51 @@ mod tests {
         move |name| map.get(name).cloned()
     }
 
+    /// A proxy for both schemes with `no_proxy` as the exceptions.
+    fn skipping(no_proxy: &str) -> Proxies {
+        let p = ProxyUrl::parse("http://proxy.test:3128").unwrap();
+        Proxies::new(Some(p.clone()), Some(p), NoProxy::parse(no_proxy))
+    }
+
     #[test]
     fn no_proxy_matches_hosts_and_suffixes_at_dot_boundaries() {
-        let np = NoProxy::parse(" localhost, .internal.test,example.com:8080, 10.0.0.1, [::1]:80 ,");
+        let np = skipping(" localhost, .internal.test,example.com:8080, 10.0.0.1, [::1]:80 ,*.wild.test");
+        let matches =
+            |host: &str| np.for_target(false, host).is_none() && np.for_target(true, host).is_none();
         for host in [
             "localhost",
             "a.internal.test",
             "internal.test",
             "example.com",
             "API.Example.com",
+            "example.com.",
             "10.0.0.1",
             "[::1]",
             "::1",
+            "wild.test",
+            "a.wild.test",
         ] {
-            assert!(np.matches(host), "{host}");
+            assert!(matches(host), "{host}");
         }
         for host in ["badexample.com", "example.com.evil", "10.0.0.10", "internal.test.evil", "other"] {
-            assert!(!np.matches(host), "{host}");
+            assert!(!matches(host), "{host}");
         }
-        assert!(NoProxy::parse("*").matches("anything.test"));
-        assert!(!NoProxy::parse("").matches("anything.test"));
+        let all = skipping("*");
+        assert!(
+            all.for_target(true, "anything.test").is_none() && all.for_target(true, "10.1.1.1").is_none()
+        );
+        assert!(skipping("").for_target(true, "anything.test").is_some());
+    }
+
+    #[test]
+    fn no_proxy_matches_cidr_ranges() {
+        let np = skipping("127.0.0.0/8, fd00::/8");
+        for host in ["127.0.0.1", "127.9.9.9", "fd00::1", "[fd12::7]"] {
+            assert!(np.for_target(false, host).is_none(), "{host}");
+        }
+        for host in ["128.0.0.1", "fe80::1", "localhost"] {
+            assert!(np.for_target(false, host).is_some(), "{host}");
+        }
     }
 
     #[test]
@@ -232,13 +268,30 @@ mod tests {
             ("http_proxy", "http://lower:2"),
         ]))
         .unwrap();
-        assert_eq!(p.http.unwrap().host(), "upper");
+        assert_eq!(p.for_target(false, "h").unwrap().host(), "upper");
         assert_eq!(Proxies::from_env_vars(vars(&[])).unwrap(), Proxies::default());
+        let p = Proxies::from_env_vars(vars(&[
+            ("ALL_PROXY", "socks5h://p:1080"),
+            ("HTTPS_PROXY", "socks5h://s:1"),
+        ]))
+        .unwrap();
+        assert_eq!(p.for_target(true, "h").unwrap().to_string(), "socks5h://s:1");
+        assert!(p.for_target(false, "h").is_none(), "ALL_PROXY is not read");
+    }
+
+    #[test]
+    fn forwarded_credentials_only_for_http_proxies_that_apply() {
+        let p = Proxies::from_env_vars(vars(&[("HTTP_PROXY", "http://u:pw@p:1"), ("NO_PROXY", "skip.test")]))
+            .unwrap();
+        assert_eq!(p.forward_authorization("api.test"), Some("Basic dTpwdw=="));
+        assert_eq!(p.forward_authorization("skip.test"), None);
+        let socks = Proxies::only(ProxyUrl::parse("socks5://u:pw@p:1").unwrap());
+        assert_eq!(socks.forward_authorization("api.test"), None);
     }
 
     #[test]
     fn bad_env_proxy_names_the_variable_not_the_password() {
-        let err = Proxies::from_env_vars(vars(&[("HTTPS_PROXY", "socks5://u:s3cret@p:1080")])).unwrap_err();
+        let err = Proxies::from_env_vars(vars(&[("HTTPS_PROXY", "ftp://u:s3cret@p:1080")])).unwrap_err();
         assert!(err.contains("HTTPS_PROXY") && !err.contains("s3cret"), "{err}");
     }
 }

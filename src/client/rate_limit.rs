@@ -163,7 +163,7 @@ impl RateLimits {
             if until > deadline {
                 return Err(RateLimited(format!(
                     "{key} asked callers to back off (429 Retry-After) for {} more, past the deadline",
-                    crate::exec::fmt_duration(until.saturating_duration_since(Instant::now()))
+                    crate::fmt::fmt_duration(until.saturating_duration_since(Instant::now()))
                 )));
             }
             tokio::time::sleep_until(until.into()).await;
@@ -180,7 +180,7 @@ impl RateLimits {
                     "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
                     rule.rate,
                     rule.pattern,
-                    crate::exec::fmt_duration(wait)
+                    crate::fmt::fmt_duration(wait)
                 ))
             })?;
             if limiter.len() > PRUNE_ABOVE {
@@ -195,7 +195,7 @@ impl RateLimits {
             .map_err(|wait| {
                 RateLimited(format!(
                     "global rate limit {rate} needs a wait of {}, past the deadline",
-                    crate::exec::fmt_duration(wait)
+                    crate::fmt::fmt_duration(wait)
                 ))
             })?;
         }
@@ -215,7 +215,7 @@ impl RateLimits {
         }
         let entry = cool_downs.entry(key.to_owned()).or_insert(until);
         *entry = (*entry).max(until);
-        tracing::info!(destination = %key, wait = %crate::exec::fmt_duration(wait.min(self.max_cool_down)), "host asked to back off; cooling down for every action");
+        tracing::info!(destination = %key, wait = %crate::fmt::fmt_duration(wait.min(self.max_cool_down)), "host asked to back off; cooling down for every action");
     }
 
     /// When `key`'s cool-down ends, if it has one still running.

@@ -1,6 +1,7 @@
 //! Following redirects: where the next hop goes, with which method, body and headers.
 //! 301/302 turn POST into GET and 303 turns anything but HEAD into GET (as browsers do);
-//! 307/308 keep method and body. Credentials never cross to another origin.
+//! 307/308 keep method and body. Credentials never cross to another origin: every header
+//! marked sensitive (secret-filled, API keys, `--sensitive-header`) is dropped with them.
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 use url::Url;
@@ -78,6 +79,14 @@ pub fn next_hop(
         for name in &CREDENTIAL_HEADERS {
             next.headers.remove(name);
         }
+        // Validation marks every value that may carry a credential sensitive: one filled from
+        // `{{secret:…}}`, an API-key header, a configured sensitive header. None of them is
+        // meant for another origin.
+        let sensitive: Vec<header::HeaderName> =
+            next.headers.iter().filter(|(_, v)| v.is_sensitive()).map(|(n, _)| n.clone()).collect();
+        for name in sensitive {
+            next.headers.remove(name);
+        }
     }
     Ok(Some(next))
 }
@@ -134,6 +143,20 @@ mod tests {
         let next =
             follow(&hop(Method::GET, "http://a.test/x"), 302, "http://a.test:8080/y").unwrap().unwrap();
         assert!(!next.headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn sensitive_headers_do_not_cross_origins() {
+        let mut h = hop(Method::GET, "http://a.test/x");
+        let mut token = HeaderValue::from_static("t0k");
+        token.set_sensitive(true);
+        h.headers.insert("x-token", token);
+        h.headers.insert("x-plain", HeaderValue::from_static("p"));
+        let same = follow(&h, 302, "/y").unwrap().unwrap();
+        assert!(same.headers.contains_key("x-token"), "same origin keeps it");
+        let other = follow(&h, 302, "http://b.test/y").unwrap().unwrap();
+        assert!(!other.headers.contains_key("x-token"));
+        assert!(other.headers.contains_key("x-plain"));
     }
 
     #[test]

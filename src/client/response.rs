@@ -1,6 +1,6 @@
 //! Reading a response: its head as the domain sees it, its body in chunks under a byte cap
 //! (never a buffer past the cap), and the body's JSON / text views.
-use super::ResponseBody;
+use super::http_client::ResponseBody;
 use crate::action::ResponseHead;
 use bytes::Bytes;
 use http::{header, Response, Version};
@@ -46,6 +46,9 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("reading the response body failed: {0}")]
     Read(String),
+    /// The memory budget for buffered bodies had no room for it.
+    #[error(transparent)]
+    Budget(#[from] super::body_budget::BudgetError),
 }
 
 /// A response body read chunk by chunk, stopping at `cap` bytes. It counts the decoded bytes
@@ -119,12 +122,51 @@ fn media_type(head: &ResponseHead) -> Option<String> {
         .map(|(_, value)| value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
 }
 
-/// The body as JSON (when the content type is JSON and it parses) and as text (when the content
-/// type is textual or absent, and it is UTF-8).
+/// Deepest JSON nesting given as `body_json`. Each level is two or three messages deep in
+/// google.protobuf.Value, and protobuf decoders stop at 100 (Python, C++, Java by default):
+/// past this a reply would not decode in the caller. The body bytes and text still carry it.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Whether the arrays and objects in `json` nest at most `limit` deep. A scan of the bytes
+/// (strings skipped), so a deep document is never parsed into a deep tree.
+pub fn json_depth_within(json: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+/// The body as JSON (when the content type is JSON, it parses, and it nests at most
+/// `MAX_JSON_DEPTH` deep) and as text (when the content type is textual or absent, and it is
+/// UTF-8).
 pub fn views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, Option<String>) {
     let media = media_type(head);
     let is_json = media.as_deref().is_some_and(|m| m == "application/json" || m.ends_with("+json"));
-    let json = if is_json && !body.is_empty() { serde_json::from_slice(body).ok() } else { None };
+    let json = if is_json && !body.is_empty() && json_depth_within(body, MAX_JSON_DEPTH) {
+        serde_json::from_slice(body).ok()
+    } else {
+        None
+    };
     let textual = match media.as_deref() {
         None => true,
         Some(m) => {
@@ -172,6 +214,25 @@ mod tests {
         assert!(json.is_none() && text.is_some());
         let (_, text) = views(&head(None), &Bytes::from_static(b"\xff\xfe"));
         assert!(text.is_none());
+    }
+
+    #[test]
+    fn deep_json_has_no_json_view() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let json = head(Some("application/json"));
+        for depth in [0, 1, 31, 32] {
+            let (parsed, _) =
+                views(&json, &Bytes::from(format!(r#"{{"a":"[[{{\"","b":{}}}"#, nested(depth))));
+            // The object itself is one level; brackets inside strings do not count.
+            assert_eq!(parsed.is_some(), depth < 32, "depth {}", depth + 1);
+        }
+        for depth in [33, 50, 128, 10_000] {
+            let (parsed, text) = views(&json, &Bytes::from(nested(depth)));
+            assert!(parsed.is_none(), "{depth}");
+            assert!(text.is_some(), "{depth}");
+        }
+        assert!(json_depth_within(nested(32).as_bytes(), 32));
+        assert!(!json_depth_within(nested(33).as_bytes(), 32));
     }
 
     #[test]

@@ -66,8 +66,10 @@ impl Default for DurableSettings {
 const TICK: Duration = Duration::from_secs(1);
 /// How often final actions past their retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
-/// Lease of a claimed attempt beyond its own time budget.
-const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// Lease of a claimed attempt. The embedded store is this process's alone (its own attempts are
+/// never taken over, and a restart expires every lease), so it only bounds how long an attempt
+/// whose end could not be stored stays RUNNING before it is taken over as interrupted.
+const LEASE: Duration = Duration::from_secs(600);
 
 pub const GAUGE_ACTIONS: &str = "callout_durable_actions";
 pub const GAUGE_OLDEST_DUE: &str = "callout_durable_oldest_due_seconds";
@@ -249,8 +251,7 @@ impl Durable {
         let claims = store
             .claim(ClaimRequest {
                 now: SystemTime::now(),
-                lease: self.inner.executor.settings().default_total_timeout.max(Duration::from_secs(30))
-                    + LEASE_MARGIN,
+                lease: LEASE,
                 limit: offered,
                 per_destination: settings.max_concurrent_per_destination,
                 busy,
@@ -369,6 +370,10 @@ impl Durable {
             return finish(Some(record), Next::Final { state: State::Succeeded, last_error: None, result });
         }
         let error = error.unwrap_or_else(|| ActionError::new(ErrorKind::Cancelled, "the attempt failed"));
+        if error.kind == ErrorKind::Cancelled && self.is_draining() {
+            // Cut off by the drain: like an attempt cut off by a crash, it may have been sent.
+            return finish(Some(record), self.after_interruption(claim, plan, &error));
+        }
         let retry_after = outcome.response.as_ref().and_then(|r| {
             let value = r.head.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("retry-after"))?;
             crate::action::parse_retry_after(&value.1, SystemTime::now())
@@ -513,32 +518,7 @@ impl Durable {
             };
             let next = match self.plan(&claim.stored.request) {
                 Err(error) => final_failed(&error, self.result(&claim, Some(&record), Some(&error), None)),
-                Ok(plan) if !plan.action.retry.may_repeat => {
-                    let error = ActionError::new(
-                        ErrorKind::Cancelled,
-                        format!(
-                            "attempt {} was in flight when callout stopped and may have been sent; a {} without \
-                             an idempotency key is not repeated",
-                            claim.attempt, plan.action.method
-                        ),
-                    );
-                    final_failed(&error, self.result(&claim, Some(&record), Some(&error), None))
-                }
-                Ok(plan) => {
-                    let in_run = claim.attempt.saturating_sub(claim.stored.run_base);
-                    let left = claim.stored.deadline_at.duration_since(SystemTime::now()).unwrap_or_default();
-                    if in_run >= plan.action.retry.max_attempts || left.is_zero() {
-                        final_failed(
-                            &interrupted,
-                            self.result(&claim, Some(&record), Some(&interrupted), None),
-                        )
-                    } else {
-                        Next::Retry {
-                            at: SystemTime::now(),
-                            last_error: Some(encode(&convert::action_error(&interrupted))),
-                        }
-                    }
-                }
+                Ok(plan) => self.after_interruption(&claim, &plan, &interrupted),
             };
             tracing::info!(action_id = %id, attempt = claim.attempt, "durable actions: interrupted attempt taken over");
             let finish = Finish {
@@ -550,6 +530,36 @@ impl Durable {
             };
             self.finish(finish).await;
         }
+    }
+}
+
+impl Durable {
+    /// What follows an attempt that was cut off (a crash, a restart, the drain timeout) and may
+    /// have been sent: another attempt only when that is safe (an idempotent method or an
+    /// idempotency key) and the run has attempts and time left; else FAILED, saying why.
+    fn after_interruption(&self, claim: &Claimed, plan: &Plan, interrupted: &ActionError) -> Next {
+        let record = pb::Attempt {
+            number: claim.attempt,
+            error: Some(convert::action_error(interrupted)),
+            ..Default::default()
+        };
+        if !plan.action.retry.may_repeat {
+            let error = ActionError::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "attempt {} was cut off and may have been sent; a {} without an idempotency key \
+                     is not repeated",
+                    claim.attempt, plan.action.method
+                ),
+            );
+            return final_failed(&error, self.result(claim, Some(&record), Some(&error), None));
+        }
+        let in_run = claim.attempt.saturating_sub(claim.stored.run_base);
+        let left = claim.stored.deadline_at.duration_since(SystemTime::now()).unwrap_or_default();
+        if in_run >= plan.action.retry.max_attempts || left.is_zero() {
+            return final_failed(interrupted, self.result(claim, Some(&record), Some(interrupted), None));
+        }
+        Next::Retry { at: SystemTime::now(), last_error: Some(encode(&convert::action_error(interrupted))) }
     }
 }
 

@@ -657,3 +657,25 @@ async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts() {
         .into_inner();
     assert!(pending.actions.len() >= 18, "the backlog waits its turn: {}", pending.actions.len());
 }
+
+#[tokio::test]
+async fn an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start() {
+    let upstream = hangs_first().await;
+    let dir = TempDir::new("drain-cut");
+    let store = dir.store_url();
+    let args = ["--store", store.as_str(), "--drain-timeout", "1s"];
+    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&first).await;
+    submit(&client, action("cut-1", "POST", &upstream.url("/cut"))).await;
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.terminate();
+    assert!(first.exit_status(Duration::from_secs(20)).await.is_some(), "the drain ends");
+    let second = ServeProcess::spawn(&args, &[]).await;
+    let done = until_final(&durable_client(&second).await, "cut-1").await;
+    assert_eq!(done.state(), ActionState::Succeeded, "{done:?}");
+    assert_eq!(done.attempts[0].error.as_ref().unwrap().kind(), pb::ErrorKind::Cancelled);
+    let keys: Vec<_> = upstream.seen().iter().map(|s| s.header("idempotency-key")).collect();
+    assert_eq!(keys, [Some("cut-1".to_owned()), Some("cut-1".to_owned())]);
+}

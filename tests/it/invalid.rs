@@ -252,7 +252,7 @@ async fn bad_tls_and_proxy_options_are_refused() {
 
     // The proxy is the live upstream itself: had it been used, the upstream would have seen it.
     let req = pb::ExecuteHttpActionRequest {
-        proxy: Some(pb::ProxyOptions { url: upstream.url("").replace("http://", "https://user:s3cret@") }),
+        proxy: Some(pb::ProxyOptions { url: upstream.url("").replace("http://", "socks4://user:s3cret@") }),
         ..request("GET", "http://example.invalid/")
     };
     let status = rejected(&upstream, &sidecar, req).await;

@@ -277,3 +277,36 @@ async fn a_cancelled_call_stops_retrying_at_once() {
     tokio::time::sleep(ms(800)).await;
     assert_eq!(upstream.hits(), 1, "no retry after the caller went away");
 }
+
+/// Admission comes before validation: a full server refuses an action without validating it
+/// (an invalid one gets RESOURCE_EXHAUSTED, not INVALID_ARGUMENT), so overload costs no secret
+/// reads or PEM parsing.
+#[tokio::test]
+async fn a_full_queue_refuses_before_validating() {
+    let (upstream, _) = slow_upstream(ms(600)).await;
+    let sidecar = Arc::new(
+        Sidecar::start_with(with_limits(LimitSettings {
+            concurrency: ConcurrencySettings { max_in_flight: 1, max_queued: 0, max_in_flight_per_host: 8 },
+            ..LimitSettings::default()
+        }))
+        .await,
+    );
+    let running = {
+        let (sidecar, req) = (sidecar.clone(), request("GET", &upstream.url("/1")));
+        tokio::spawn(async move { sidecar.execute(req).await })
+    };
+    while upstream.hits() == 0 {
+        tokio::time::sleep(ms(5)).await;
+    }
+    let mut invalid = request("GET", "not a url");
+    invalid.headers.push(kv("X-Token", "{{secret:unknown}}"));
+    let refused = sidecar.try_execute(invalid.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    let refused_stream = sidecar.stream(invalid.clone()).await.unwrap_err();
+    assert_eq!(refused_stream.code(), tonic::Code::ResourceExhausted, "{refused_stream:?}");
+
+    assert_eq!(running.await.unwrap().outcome(), pb::Outcome::Succeeded);
+    // Admitted, the same action is validated and refused for what it is.
+    let invalid_now = sidecar.try_execute(invalid).await.unwrap_err();
+    assert_eq!(invalid_now.code(), tonic::Code::InvalidArgument, "{invalid_now:?}");
+}

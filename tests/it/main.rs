@@ -2,10 +2,12 @@
 //! the real gRPC server.
 mod support;
 
+mod body_budget;
 mod cli;
 mod config_example;
 mod decompression;
 mod durable;
+mod edge;
 mod egress;
 mod invalid;
 mod limits;

@@ -1,6 +1,7 @@
 //! Operations, against the real `callout serve` binary: Prometheus metrics after real actions,
-//! the SIGTERM drain (health NOT_SERVING, new calls UNAVAILABLE, in-flight actions finish,
-//! exit 0), and configuration layering (file < environment < flags) with bad keys named.
+//! the SIGTERM drain (health NOT_SERVING, new calls UNAVAILABLE, in-flight actions finish or are
+//! cut off with a CANCELLED reply at the drain timeout, exit 0), and configuration layering
+//! (file < environment < flags) with bad keys named.
 use crate::support::*;
 use callout::pb::{self, http_action_service_client::HttpActionServiceClient};
 use std::{
@@ -123,6 +124,95 @@ async fn the_drain_timeout_bounds_shutdown() {
     assert!(status.success());
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     assert!(serve.logs().contains("drain timeout passed"), "{}", serve.logs());
+}
+
+/// When the drain timeout runs out, every action still running gets a real reply, not a
+/// transport error: outcome FAILED, error CANCELLED, and a message saying whether the request
+/// may have been sent (the upstream did receive the running ones; the queued one it never saw).
+/// The stream ends with `completed`. Invalid calls during the drain are refused UNAVAILABLE
+/// before validation. The process exits by the drain timeout.
+#[tokio::test]
+async fn actions_cut_off_by_the_drain_timeout_get_a_cancelled_reply() {
+    let stuck = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        text(200, "too late")
+    })
+    .await;
+    let mut serve = ServeProcess::spawn(&["--drain-timeout", "2s", "--max-in-flight", "2"], &[]).await;
+    let channel = serve.channel().await;
+    let unary = {
+        let mut client = HttpActionServiceClient::new(channel.clone());
+        let mut req = request("POST", &stuck.url("/unary"));
+        req.body = Some(pb::execute_http_action_request::Body::Json(r#"{"order":1}"#.into()));
+        tokio::spawn(async move { client.execute(req).await })
+    };
+    let streamed = {
+        let mut client = HttpActionServiceClient::new(channel.clone());
+        let req = request("GET", &stuck.url("/stream"));
+        tokio::spawn(async move {
+            let mut stream = client.execute_stream(req).await?.into_inner();
+            let mut events = Vec::new();
+            while let Some(event) = stream.message().await? {
+                events.push(event.event.expect("event set"));
+            }
+            Ok::<_, tonic::Status>(events)
+        })
+    };
+    while stuck.hits() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Both running slots are taken: this one waits in the queue and sends nothing.
+    let queued = {
+        let mut client = HttpActionServiceClient::new(channel.clone());
+        let req = request("GET", &stuck.url("/queued"));
+        tokio::spawn(async move { client.execute(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    serve.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = HttpActionServiceClient::new(channel.clone()).execute(request("GET", "not a url")).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unavailable, "refused before validation");
+
+    let unary = unary.await.unwrap().expect("a reply, not a transport error").into_inner();
+    assert_eq!(unary.outcome(), pb::Outcome::Failed, "{unary:?}");
+    assert_eq!(error_kind(&unary), pb::ErrorKind::Cancelled, "{unary:?}");
+    let message = &unary.error.as_ref().unwrap().message;
+    assert!(message.contains("shut down during attempt 1"), "{message}");
+    assert!(message.contains("may have been sent"), "{message}");
+    assert_eq!(unary.attempts.len(), 1, "the cut-off attempt is listed: {unary:?}");
+    let cut = unary.attempts[0].error.as_ref().expect("the attempt's error");
+    assert_eq!(cut.kind(), pb::ErrorKind::Cancelled);
+
+    let events = streamed.await.unwrap().expect("the stream ends cleanly");
+    let Some(pb::action_event::Event::Completed(done)) = events.last() else {
+        panic!("the stream ends with completed: {events:?}");
+    };
+    let result = done.result.as_ref().expect("completed carries the result");
+    assert_eq!(result.outcome(), pb::Outcome::Failed, "{result:?}");
+    assert_eq!(error_kind(result), pb::ErrorKind::Cancelled, "{result:?}");
+    let message = &result.error.as_ref().unwrap().message;
+    assert!(message.contains("during attempt 1") && message.contains("may have been sent"), "{message}");
+    assert!(
+        events.iter().any(|e| matches!(e, pb::action_event::Event::AttemptFailed(f) if !f.will_retry)),
+        "the cut-off attempt is reported: {events:?}"
+    );
+
+    let queued = queued.await.unwrap().expect("a reply, not a transport error").into_inner();
+    assert_eq!(error_kind(&queued), pb::ErrorKind::Cancelled, "{queued:?}");
+    let message = &queued.error.as_ref().unwrap().message;
+    assert!(message.contains("before any request was sent"), "{message}");
+    assert!(queued.attempts.is_empty(), "{queued:?}");
+
+    let status = serve.exit_status(Duration::from_secs(15)).await.expect("exits by the drain timeout");
+    assert!(status.success(), "{status:?}\n{}", serve.logs());
+    let targets: Vec<String> = stuck.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(
+        targets.len(),
+        2,
+        "the running two were sent, the queued one and the refused one not: {targets:?}"
+    );
+    assert!(targets.contains(&"/unary".to_owned()) && targets.contains(&"/stream".to_owned()), "{targets:?}");
+    assert!(serve.logs().contains("cutting off"), "{}", serve.logs());
 }
 
 fn callout(args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -184,6 +184,55 @@ async fn credentials_are_dropped_on_cross_origin_redirects() {
     assert_eq!(resp.attempts[0].remote_address, other.addr.to_string(), "{resp:?}");
 }
 
+/// Secret-filled headers, API-key names, configured sensitive headers and proxy credentials
+/// are dropped with Authorization when a redirect crosses origins (two upstreams on two ports
+/// are two origins); on the first origin every one of them arrives.
+#[tokio::test]
+async fn every_sensitive_header_is_dropped_on_cross_origin_redirects() {
+    let dir = std::env::temp_dir().join(format!("callout-it-redirect-secrets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), "tok-5ecret").unwrap();
+    let other = Upstream::fixed(200, "elsewhere").await;
+    let to = other.url("/landing");
+    let first = Upstream::start(move |_| {
+        let to = to.clone();
+        async move { redirect(307, &to) }
+    })
+    .await;
+    let mut settings = test_settings();
+    settings.secrets.dir = Some(dir.clone());
+    settings.sensitive_headers = vec![http::HeaderName::from_static("x-configured")];
+    let sidecar = Sidecar::start_with(settings).await;
+    let mut req = request("GET", &first.url("/start"));
+    let sensitive = [
+        ("x-token", "{{secret:token}}"),
+        ("x-api-key", "literal-key"),
+        ("x-configured", "configured"),
+        ("proxy-authorization", "Basic cHc="),
+        ("cookie", "session=1"),
+    ];
+    for (name, value) in sensitive {
+        req.headers.push(kv(name, value));
+    }
+    req.headers.push(kv("X-Plain", "stays"));
+    let resp = sidecar.execute(req).await;
+    assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
+
+    let before = &first.seen()[0];
+    for (name, _) in sensitive {
+        assert!(before.header(name).is_some(), "{name} reaches the first origin: {before:?}");
+    }
+    assert_eq!(before.header("x-token").as_deref(), Some("tok-5ecret"));
+    let after = other.seen();
+    assert_eq!(after.len(), 1);
+    for (name, _) in sensitive {
+        assert_eq!(after[0].header(name), None, "{name} crossed origins: {:?}", after[0]);
+    }
+    assert_eq!(after[0].header("x-plain").as_deref(), Some("stays"), "{:?}", after[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn basic_auth_from_the_url_does_not_cross_origins() {
     let other = Upstream::fixed(200, "elsewhere").await;

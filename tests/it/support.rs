@@ -492,6 +492,11 @@ impl ServeProcess {
         Channel::from_shared(format!("http://{}", self.grpc)).unwrap().connect().await.unwrap()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything logged so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()

@@ -1,0 +1,169 @@
+//! The pooled HTTP client: hyper-util's pool over the timed connector, decompression around
+//! it, and the settings it is built from.
+use super::{
+    connect,
+    egress::{EgressPolicy, EgressSettings},
+    error::{self, SendFailure},
+    proxy::Proxies,
+    tls,
+};
+use crate::action::TlsOptions;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use std::{net::IpAddr, sync::Arc, time::Duration};
+use tower::ServiceExt as _;
+use tower_http::decompression::{Decompression, DecompressionBody};
+
+/// Request bodies are built whole from the action, so a full buffer is enough.
+pub type RequestBody = Full<Bytes>;
+
+/// A response body as the executor reads it: decoded per its Content-Encoding.
+pub type ResponseBody = DecompressionBody<Incoming>;
+
+/// Pool and protocol settings of the shared client.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// How long an idle pooled connection is kept. Default 90 s.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per host. Default 64.
+    pub pool_max_idle_per_host: usize,
+    /// Offer HTTP/2 by ALPN on https. Default true.
+    pub http2: bool,
+    /// TCP keep-alive probes on upstream connections after this much idle time; `None` turns
+    /// them off. Default 60 s (so dead peers behind NAT or load balancers are noticed).
+    pub tcp_keepalive: Option<Duration>,
+    /// HTTP/2 PING interval on upstream connections; `None` (the default) sends none.
+    pub http2_keep_alive_interval: Option<Duration>,
+    /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
+    pub extra_ca_pem: Option<String>,
+    /// Which destinations may be dialled. Default: public addresses only.
+    pub egress: EgressSettings,
+    /// Fixed addresses for host names, used instead of DNS (as curl's --resolve). Default none.
+    pub resolve: Vec<(String, Vec<IpAddr>)>,
+    /// Proxies for actions that set none: `--proxy`, else HTTP(S)_PROXY and NO_PROXY read at
+    /// start. Default none (direct connections).
+    pub proxies: Proxies,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 64,
+            http2: true,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            http2_keep_alive_interval: None,
+            extra_ca_pem: None,
+            proxies: Proxies::default(),
+            egress: EgressSettings::default(),
+            resolve: Vec::new(),
+        }
+    }
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("building the HTTP client: {0}")]
+pub struct ClientBuildError(#[from] tls::TlsConfigError);
+
+/// A pooled HTTP client with one TLS configuration and one set of proxies.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Decompression<Client<connect::TimedConnector, RequestBody>>,
+    proxies: Arc<Proxies>,
+}
+
+impl HttpClient {
+    /// True when both are the same client (clones of one pool).
+    #[cfg(test)]
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.proxies, &other.proxies)
+    }
+}
+
+impl HttpClient {
+    /// The server's client: its trust roots and proxies.
+    pub fn new(settings: &ClientSettings) -> Result<Self, ClientBuildError> {
+        Self::with_options(settings, &TlsOptions::default(), settings.proxies.clone())
+    }
+
+    /// A client with the server's settings, the action's TLS options added and `proxies`.
+    pub fn with_options(
+        settings: &ClientSettings,
+        tls: &TlsOptions,
+        proxies: Proxies,
+    ) -> Result<Self, ClientBuildError> {
+        let tls = tls::client_config(settings.extra_ca_pem.as_deref(), settings.http2, tls)?;
+        let proxies = Arc::new(proxies);
+        let mut connector = connect::TimedConnector::new(
+            Arc::new(tls),
+            proxies.clone(),
+            // Every send scopes the action's own connect timeout; the default only covers a
+            // dial made outside `send`.
+            crate::action::DEFAULT_CONNECT_TIMEOUT,
+        )
+        .with_tcp_keepalive(settings.tcp_keepalive)
+        .with_egress(Arc::new(EgressPolicy::new(settings.egress.clone())), &settings.resolve);
+        if proxies.uses_tls() {
+            // The proxy is verified with the server's roots only: an action's TLS options are
+            // for its upstream, and its client certificate is not shown to a proxy.
+            let proxy_tls =
+                tls::client_config(settings.extra_ca_pem.as_deref(), false, &TlsOptions::default())?;
+            connector = connector.with_proxy_tls(Arc::new(proxy_tls));
+        }
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .timer(hyper_util::rt::TokioTimer::new());
+        if let Some(interval) = settings.http2_keep_alive_interval {
+            // PINGs also while idle, so a pooled h2 connection that died is found before use.
+            builder.http2_keep_alive_interval(interval).http2_keep_alive_while_idle(true);
+        }
+        let inner = builder.build(connector);
+        // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
+        // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
+        let inner = Decompression::new(inner);
+        Ok(Self { inner, proxies })
+    }
+
+    /// Sends one request (no redirects followed), connecting within `connect_timeout` when no
+    /// pooled connection is free.
+    pub async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<ResponseBody>, SendFailure> {
+        // Plain http through a forwarding proxy: the proxy reads its credentials from the
+        // request itself (https targets send them in CONNECT instead). A Proxy-Authorization
+        // the caller set itself wins.
+        let uri = request.uri();
+        if uri.scheme_str() == Some("http") {
+            let auth = uri.host().and_then(|host| self.proxies.forward_authorization(host));
+            if let Some(mut value) = auth.and_then(|auth| HeaderValue::from_str(auth).ok()) {
+                value.set_sensitive(true);
+                request.headers_mut().entry(header::PROXY_AUTHORIZATION).or_insert(value);
+            }
+        }
+        connect::CONNECT_TIMEOUT
+            .scope(connect_timeout, self.inner.clone().oneshot(request))
+            .await
+            .map_err(|e| error::classify(&e))
+    }
+}
+
+/// Logs, once per action, that it skips certificate verification: the operator should see every
+/// action that opts out. Nothing of the TLS options themselves is logged.
+pub fn warn_if_insecure(action: &crate::action::HttpAction) {
+    if action.tls.insecure_skip_verify {
+        tracing::warn!(
+            action_id = %action.id,
+            destination = %action.destination(),
+            "tls.insecure_skip_verify is set: the upstream's certificate is NOT verified for this action"
+        );
+    }
+}
