@@ -179,6 +179,14 @@ def main():
             check(f"{where} mounts a Secret holding auth_token_file {token}",
                   "secret" in mounts.get(token.rsplit("/", 1)[0], {}), sorted(mounts))
 
+        store = (config.get("store") or {}).get("url", "sqlite:callout-data/actions.db")
+        if store.startswith("sqlite:"):
+            store_dir = store[len("sqlite:"):].rsplit("/", 1)[0]
+            volume = mounts.get(store_dir, {})
+            check(f"{where} keeps store.url {store} on a writable volume (the root filesystem is read-only)",
+                  store_dir.startswith("/") and ("emptyDir" in volume or "persistentVolumeClaim" in volume),
+                  sorted(mounts))
+
         # Scraping: the annotations match the metrics listener.
         notes = (meta.get("metadata") or {}).get("annotations") or {}
         want = {"prometheus.io/scrape": "true", "prometheus.io/port": metrics_listen.rsplit(":", 1)[1],

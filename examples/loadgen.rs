@@ -4,6 +4,7 @@
 //! cargo build --release --examples --bins
 //! target/release/examples/loadgen            # closed loop + open loop tables (~2 min)
 //! target/release/examples/loadgen --scale    # 10,000 in flight (HTTP/1.1, then h2), 1 GiB stream, cold start
+//! target/release/examples/loadgen --durable  # durable Submit acks/s and latency vs unary Execute
 //! ```
 //!
 //! Every process is separate, so CPU is counted apart: this load generator, the upstream
@@ -21,8 +22,8 @@
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
-    self, execute_http_action_request::Body as ActionBody,
-    http_action_service_client::HttpActionServiceClient,
+    self, durable_action_service_client::DurableActionServiceClient,
+    execute_http_action_request::Body as ActionBody, http_action_service_client::HttpActionServiceClient,
 };
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
@@ -167,6 +168,8 @@ impl Listen {
 }
 
 fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, Error> {
+    // No durable store unless asked for: it would be created in the working directory.
+    let store: &[&str] = if extra.contains(&"--store") { &[] } else { &["--store", "off"] };
     let child = Command::new(path)
         .args([
             "serve",
@@ -176,6 +179,7 @@ fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, E
             "--listen",
             &listen.arg(),
         ])
+        .args(store)
         .args(extra)
         // The per-action log line is part of the cost (default level info); it goes nowhere.
         .stdout(Stdio::null())
@@ -239,8 +243,23 @@ const POST_BYTES: usize = 16 * 1024;
 /// One way of running an action.
 #[derive(Clone)]
 enum Target {
-    Direct { client: Box<Client<HttpConnector, Full<Bytes>>>, url: String, post: Bytes },
-    Sidecar { clients: Vec<HttpActionServiceClient<Channel>>, url: String, post: Bytes },
+    Direct {
+        client: Box<Client<HttpConnector, Full<Bytes>>>,
+        url: String,
+        post: Bytes,
+    },
+    Sidecar {
+        clients: Vec<HttpActionServiceClient<Channel>>,
+        url: String,
+        post: Bytes,
+    },
+    /// Durable Submit: an ack means the action is committed to the sidecar's store.
+    Submit {
+        clients: Vec<DurableActionServiceClient<Channel>>,
+        url: String,
+        post: Bytes,
+        next: Arc<AtomicU64>,
+    },
 }
 
 fn upstream_url(base: &str, workload: Workload, hold_ms: Option<u64>) -> String {
@@ -293,6 +312,19 @@ impl Target {
                 let reply = client.execute(action(workload, url, post)).await?.into_inner();
                 if reply.outcome() != pb::Outcome::Succeeded {
                     return Err(format!("sidecar: {:?}", reply.error).into());
+                }
+                Ok(())
+            }
+            Target::Submit { clients, url, post, next } => {
+                let mut client = clients[worker % clients.len()].clone();
+                let mut action = action(workload, url, post);
+                action.action_id = format!("load-{}", next.fetch_add(1, Ordering::Relaxed));
+                let reply = client
+                    .submit(pb::SubmitActionRequest { action: Some(action), not_before: None })
+                    .await?
+                    .into_inner();
+                if !reply.created {
+                    return Err("submit: not created".into());
                 }
                 Ok(())
             }
@@ -497,6 +529,7 @@ struct Options {
     warmup: Duration,
     quick: bool,
     scale: bool,
+    durable: bool,
     conc: Vec<usize>,
     modes: String,
     sidecar_args: Vec<String>,
@@ -511,6 +544,7 @@ fn options() -> Result<Options, Error> {
         warmup: Duration::from_millis(500),
         quick: false,
         scale: false,
+        durable: false,
         conc: vec![1, 16, 64, 256],
         modes: "ABC".into(),
         sidecar_args: Vec::new(),
@@ -544,8 +578,9 @@ fn options() -> Result<Options, Error> {
                 }
             }
             "--scale" => o.scale = true,
+            "--durable" => o.durable = true,
             "--help" | "-h" => {
-                println!("usage: loadgen [--scale] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
+                println!("usage: loadgen [--scale] [--durable] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -735,6 +770,73 @@ async fn throughput(o: &Options) -> Result<(), Error> {
 type RssSamples = (u64, u64, Vec<u64>);
 
 /// Samples a process's RSS every 100 ms until stopped (at most 10 minutes).
+/// Durable Submit against unary Execute on one sidecar (TCP), GET 1 KiB, closed loop at each
+/// `--conc` (64 by default here): Submit's ack waits for the store's commit (group commit,
+/// synchronous=FULL), and the submitted actions run in the background meanwhile.
+async fn durable(o: &Options) -> Result<(), Error> {
+    let (upstream, up) = spawn_upstream(&o.paths.upstream, &[])?;
+    let upstream_pid = upstream.pid();
+    let store = std::env::temp_dir().join(format!("callout-loadgen-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let store_url = format!("sqlite:{}", store.join("actions.db").display());
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let mut extra: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
+    extra.extend(["--store", &store_url, "--durable-max-pending", "100000000"]);
+    let t = Instant::now();
+    let sidecar = spawn_sidecar(&o.paths.callout, &tcp, &extra)?;
+    let ready = wait_serving(&tcp, t, Duration::from_secs(10)).await?;
+    println!("upstream {up}; sidecar {} (SERVING after {ready:?}), store {}", tcp.arg(), store.display());
+    println!("cells: {:?} measured after {:?} warm-up\n", o.duration, o.warmup);
+    println!("| conc | Execute act/s | Execute p50/p99 us | Submit acks/s | Submit p50/p99 us | Submit/Execute | Submit cpu us/ack | errors E/S |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let url = upstream_url(&up, Workload::Get1k, None);
+    let post = Bytes::new();
+    let conc: Vec<usize> = if o.conc == [1, 16, 64, 256] { vec![64] } else { o.conc.clone() };
+    let next = Arc::new(AtomicU64::new(0));
+    for c in conc {
+        let execute = Target::Sidecar {
+            clients: sidecar_clients(&tcp, channels_for(c)).await?,
+            url: url.clone(),
+            post: post.clone(),
+        };
+        let mut submitters = Vec::new();
+        for _ in 0..channels_for(c) {
+            submitters.push(DurableActionServiceClient::new(channel(&tcp).await?));
+        }
+        let submit =
+            Target::Submit { clients: submitters, url: url.clone(), post: post.clone(), next: next.clone() };
+        let e = closed_loop(
+            &execute,
+            Workload::Get1k,
+            c,
+            o.warmup,
+            o.duration,
+            Some(sidecar.pid()),
+            upstream_pid,
+        )
+        .await;
+        let s =
+            closed_loop(&submit, Workload::Get1k, c, o.warmup, o.duration, Some(sidecar.pid()), upstream_pid)
+                .await;
+        println!(
+            "| {c} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {}/{} |",
+            e.actions_per_s,
+            e.p50_us,
+            e.p99_us,
+            s.actions_per_s,
+            s.p50_us,
+            s.p99_us,
+            s.actions_per_s / e.actions_per_s,
+            fmt_opt(s.cpu_us_per_action),
+            e.errors,
+            s.errors
+        );
+    }
+    drop(sidecar);
+    let _ = std::fs::remove_dir_all(&store);
+    Ok(())
+}
+
 fn rss_sampler(pid: u32) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<RssSamples>) {
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -943,6 +1045,8 @@ async fn main() -> Result<(), Error> {
     );
     if o.scale {
         scale(&o).await
+    } else if o.durable {
+        durable(&o).await
     } else {
         throughput(&o).await
     }

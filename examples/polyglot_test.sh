@@ -141,7 +141,8 @@ start echo_upstream 's/^echo upstream listening on http:\/\/\(127\.0\.0\.1:[0-9]
     "$TARGET_DIR/debug/examples/echo_upstream" --listen 127.0.0.1:0
 UPSTREAM="http://$ADDR"
 RUST_LOG=info start callout 's/.*callout serving listen=\(127\.0\.0\.1:[0-9]*\).*/\1/p' \
-    "$TARGET_DIR/debug/callout" serve --allow-private-networks --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0
+    "$TARGET_DIR/debug/callout" serve --allow-private-networks --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    --store "sqlite:$WORK/store/actions.db"
 GRPC="$ADDR"
 
 PYC=("$PY" examples/python/callout_client.py --target "$GRPC" --deadline 30)
@@ -211,6 +212,7 @@ expect '"status": "SERVING"'
 
 run py-reflect-list 0 "${PYC[@]}" reflect list
 expect '^callout\.v1\.HttpActionService$'
+expect '^callout\.v1\.DurableActionService$'
 expect '^grpc\.health\.v1\.Health$'
 
 run py-reflect-describe-request 0 "${PYC[@]}" reflect describe callout.v1.ExecuteHttpActionRequest

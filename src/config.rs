@@ -14,6 +14,7 @@ use crate::{
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
         ClientSettings, Proxies,
     },
+    durable::DurableSettings,
     exec::{ActionLog, ExecSettings},
     metrics::MetricsSettings,
     secrets::SecretSettings,
@@ -50,6 +51,8 @@ pub struct Config {
     pub egress: EgressConfig,
     pub secrets: SecretsConfig,
     pub tracing: TracingConfig,
+    pub store: StoreConfig,
+    pub durable: DurableConfig,
 }
 
 /// The gRPC listener and the actions' server-wide defaults.
@@ -310,6 +313,80 @@ pub struct SecretsConfig {
     pub env_prefix: Option<String>,
 }
 
+/// Where durable actions are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite:PATH` (relative to the working directory), or `off` to serve no durable
+    /// actions. Default `sqlite:callout-data/actions.db`.
+    pub url: String,
+    /// Largest size of the store file in bytes; past it Submit is UNAVAILABLE as with a full
+    /// disk. Default none (the disk's size).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { url: "sqlite:callout-data/actions.db".into(), max_bytes: None }
+    }
+}
+
+/// Which store `store.url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Off,
+    Sqlite(PathBuf),
+}
+
+impl FromStr for StoreUrl {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("off") || raw.eq_ignore_ascii_case("none") {
+            return Ok(Self::Off);
+        }
+        match raw.strip_prefix("sqlite:") {
+            Some(path) if !path.is_empty() => Ok(Self::Sqlite(PathBuf::from(path.trim_start_matches("//")))),
+            Some(_) => Err("sqlite: needs a file path, e.g. sqlite:callout-data/actions.db".into()),
+            None if raw.starts_with("postgres") => {
+                Err(format!("{raw:?}: PostgreSQL stores are not supported yet; use sqlite:PATH"))
+            }
+            None => Err(format!("{raw:?} is not sqlite:PATH or off")),
+        }
+    }
+}
+
+/// Durable actions (DurableActionService).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DurableConfig {
+    /// Unfinished actions stored at most; past this Submit is RESOURCE_EXHAUSTED. Default 100000.
+    pub max_pending: u64,
+    /// How long final actions are kept. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Header carrying the action id on durable POST and PATCH; empty adds none. Default
+    /// `Idempotency-Key`.
+    pub idempotency_header: String,
+    /// Durable attempts in flight at once. Default 256.
+    pub max_concurrent: usize,
+    /// Durable attempts in flight to one destination at once. Default 32.
+    pub max_concurrent_per_destination: usize,
+}
+
+impl Default for DurableConfig {
+    fn default() -> Self {
+        let d = DurableSettings::default();
+        Self {
+            max_pending: d.max_pending,
+            retention: d.retention,
+            idempotency_header: "Idempotency-Key".into(),
+            max_concurrent: d.max_concurrent,
+            max_concurrent_per_destination: d.max_concurrent_per_destination,
+        }
+    }
+}
+
 /// A file mode written in octal digits, as `chmod` takes it: `600` or `"600"` or `"0o600"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileMode(pub u32);
@@ -476,6 +553,8 @@ impl Config {
         if self.server.tls_client_ca.is_some() && self.server.tls_cert.is_none() {
             return Err(ConfigError("server.tls_client_ca needs server.tls_cert and server.tls_key".into()));
         }
+        self.store_url()?;
+        self.durable_settings()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(())
@@ -492,6 +571,39 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The store `store.url` names.
+    pub fn store_url(&self) -> Result<StoreUrl, ConfigError> {
+        self.store.url.parse().map_err(|e| ConfigError(format!("store.url {e}")))
+    }
+
+    /// The durable runner's settings.
+    pub fn durable_settings(&self) -> Result<DurableSettings, ConfigError> {
+        let d = &self.durable;
+        for (key, value) in [
+            ("durable.max_concurrent", d.max_concurrent),
+            ("durable.max_concurrent_per_destination", d.max_concurrent_per_destination),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{key} must be at least 1")));
+            }
+        }
+        let name = d.idempotency_header.trim();
+        let idempotency_header = if name.is_empty() {
+            None
+        } else {
+            Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError(format!("durable.idempotency_header {name:?} is not a header name"))
+            })?)
+        };
+        Ok(DurableSettings {
+            max_pending: d.max_pending,
+            retention: d.retention,
+            idempotency_header,
+            max_concurrent: d.max_concurrent,
+            max_concurrent_per_destination: d.max_concurrent_per_destination,
+        })
     }
 
     /// The executor's settings. Reads `client.ca_file` and the proxy environment variables.
@@ -597,7 +709,13 @@ impl Config {
         };
         // Checked in `extract` to lie within MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES.
         let max_request_bytes = usize::try_from(s.max_request_bytes).unwrap_or(usize::MAX);
-        Ok(ServerOptions { auth_token, tls, drain_timeout: s.drain_timeout, max_request_bytes })
+        Ok(ServerOptions {
+            auth_token,
+            tls,
+            drain_timeout: s.drain_timeout,
+            max_request_bytes,
+            durable: None,
+        })
     }
 
     /// The configuration as TOML, with credentials in the proxy URL hidden.

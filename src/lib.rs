@@ -13,6 +13,7 @@ pub mod pb {
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod exec;
 pub mod fmt;
 pub mod metrics;
@@ -20,4 +21,5 @@ pub mod report;
 pub mod runtime;
 pub mod secrets;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -9,9 +9,11 @@ use callout::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
     },
-    config::{Config, FileMode, ListenAddr, LogFormat},
+    config::{Config, FileMode, ListenAddr, LogFormat, StoreUrl},
+    durable::Durable,
     exec::{ActionLog, Executor},
     server::Listener,
+    store::sqlite::{SqliteSettings, SqliteStore},
     telemetry::{self, TelemetrySettings},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -21,6 +23,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
+    sync::Arc,
     time::Duration,
 };
 
@@ -174,6 +177,13 @@ struct ServeFlags {
     /// of the cgroup memory limit, else 512 MiB).
     #[arg(long, value_name = "BYTES")]
     max_buffered_bytes: Option<u64>,
+    /// [store.url] where durable actions are stored: sqlite:PATH, or off
+    /// (sqlite:callout-data/actions.db).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// [durable.max_pending] unfinished durable actions stored at most (100000).
+    #[arg(long, value_name = "N")]
+    durable_max_pending: Option<u64>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
@@ -297,7 +307,9 @@ impl ServeArgs {
             .duration("limits.max_host_cool_down", f.max_host_cool_down)
             .set("limits.breaker_failures", f.breaker_failures)
             .duration("limits.breaker_cool_down", f.breaker_cool_down)
-            .set("limits.max_buffered_bytes", f.max_buffered_bytes);
+            .set("limits.max_buffered_bytes", f.max_buffered_bytes)
+            .set("store.url", f.store)
+            .set("durable.max_pending", f.durable_max_pending);
         let layer = self.secrets.layer(self.egress.layer(layer));
         Config::extract(&layer.0).map_err(|e| e.to_string())
     }
@@ -442,7 +454,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 async fn run_server(config: Config) -> Result<(), String> {
     let settings = config.exec_settings().map_err(|e| e.to_string())?;
     let buffered_bytes = settings.limits.max_buffered_bytes;
-    let options = config.server_options().map_err(|e| e.to_string())?;
+    let mut options = config.server_options().map_err(|e| e.to_string())?;
     let executor = Executor::new(settings).map_err(|e| e.to_string())?;
     let listener = match &config.server.listen {
         ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
@@ -457,6 +469,9 @@ async fn run_server(config: Config) -> Result<(), String> {
     } else {
         None
     };
+    // After the metrics recorder, so the durable gauges are described to it.
+    let store = config.store_url().map_err(|e| e.to_string())?;
+    options.durable = durable(&config, &store, &executor).await?;
     let local = match &listener {
         Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         Listener::Unix { path, .. } => format!("unix:{}", path.display()),
@@ -471,11 +486,41 @@ async fn run_server(config: Config) -> Result<(), String> {
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         // The memory budget for buffered bodies, derived from the cgroup limit unless set.
         max_buffered_bytes = buffered_bytes,
+        store = %match &store {
+            StoreUrl::Off => "off".to_owned(),
+            StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),
+        },
         "callout serving"
     );
     callout::server::serve_with(listener, executor, options, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Durable actions on the configured store. A store that cannot be opened does not stop the
+/// server: DurableActionService then answers UNAVAILABLE with the reason, and health says
+/// NOT_SERVING for it.
+async fn durable(config: &Config, store: &StoreUrl, executor: &Executor) -> Result<Option<Durable>, String> {
+    let settings = config.durable_settings().map_err(|e| e.to_string())?;
+    let path = match store {
+        StoreUrl::Off => return Ok(None),
+        StoreUrl::Sqlite(path) => path.clone(),
+    };
+    let sqlite = SqliteSettings { path: path.clone(), max_bytes: config.store.max_bytes };
+    // Opening and migrating block on the file: off the runtime's threads.
+    let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&sqlite))
+        .await
+        .map_err(|e| format!("opening the store: {e}"))?;
+    Ok(Some(match opened {
+        Ok(store) => {
+            tracing::info!(store = %path.display(), "durable actions stored in SQLite");
+            Durable::start(Arc::new(store), executor.clone(), settings)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, store = %path.display(), "durable actions are unavailable");
+            Durable::unavailable(e.to_string(), executor.clone(), settings)
+        }
+    }))
 }
 
 /// SIGINT or SIGTERM.

@@ -3,8 +3,12 @@
 //! socket listener, optionally with TLS or mutual TLS.
 use crate::{
     api::{auth::BearerAuth, HttpActionService},
+    durable::{service::DurableService, Durable},
     exec::Executor,
-    pb::{self, http_action_service_server::HttpActionServiceServer},
+    pb::{
+        self, durable_action_service_server::DurableActionServiceServer,
+        http_action_service_server::HttpActionServiceServer,
+    },
 };
 use std::{
     future::Future,
@@ -63,6 +67,8 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Largest request message, bytes; a larger call gets INVALID_ARGUMENT. Default 4 MiB.
     pub max_request_bytes: usize,
+    /// Durable actions (DurableActionService) served beside the action service. Default none.
+    pub durable: Option<Durable>,
 }
 
 impl Default for ServerOptions {
@@ -72,6 +78,7 @@ impl Default for ServerOptions {
             tls: None,
             drain_timeout: Duration::from_secs(25),
             max_request_bytes: 4 << 20,
+            durable: None,
         }
     }
 }
@@ -137,14 +144,28 @@ pub async fn serve_with(
     let service = HttpActionService::new(executor.clone(), draining.clone());
     let actions = InterceptedService::new(
         HttpActionServiceServer::new(service).max_decoding_message_size(options.max_request_bytes),
-        auth,
+        auth.clone(),
     );
+    let durable = options.durable.clone();
+    if let Some(durable) = &durable {
+        set_durable_health(&health, durable.is_available()).await;
+    }
+    let durable_actions = durable.clone().map(|d| {
+        let service = DurableActionServiceServer::new(DurableService::new(d))
+            .max_decoding_message_size(options.max_request_bytes);
+        InterceptedService::new(service, auth.clone())
+    });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
     let drain_timeout = options.drain_timeout;
     let drain = async move {
         shutdown.await;
         draining.store(true, Ordering::SeqCst);
         health.set_not_serving::<HttpActionServiceServer<HttpActionService>>().await;
+        if let Some(durable) = &durable {
+            // No new attempts; pending actions stay stored for the next start.
+            durable.drain();
+            set_durable_health(&health, false).await;
+        }
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let admitted = executor.limits().admitted();
         tracing::info!(in_flight = admitted, drain_timeout = ?drain_timeout, "draining: health is NOT_SERVING, new actions are refused");
@@ -186,7 +207,8 @@ pub async fn serve_with(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(actions);
+        .add_service(actions)
+        .add_optional_service(durable_actions);
     // After the drain the server closes its connections gracefully (each reply in flight is
     // finished); whatever is left at the drain deadline is dropped: the server stops then.
     let stop_anyway = async move {
@@ -212,4 +234,13 @@ pub async fn serve_with(
         }
     };
     Ok(served?)
+}
+
+/// The durable service's health: SERVING while its store is usable and the server not draining.
+async fn set_durable_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_serving::<DurableActionServiceServer<DurableService>>().await;
+    } else {
+        health.set_not_serving::<DurableActionServiceServer<DurableService>>().await;
+    }
 }

@@ -204,7 +204,7 @@ async fn serve_flags_for_a_protected_unix_socket() {
     let (socket, token_file) = (dir.join("c.sock"), dir.join("token"));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callout"))
-        .args(["serve", "--allow-private-networks", "--no-metrics"])
+        .args(["serve", "--allow-private-networks", "--no-metrics", "--store", "off"])
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .args(["--unix-socket-mode", "660", "--auth-token-file"])

@@ -6,6 +6,7 @@ mod body_budget;
 mod cli;
 mod config_example;
 mod decompression;
+mod durable;
 mod edge;
 mod egress;
 mod invalid;

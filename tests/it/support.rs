@@ -390,10 +390,37 @@ pub async fn tls_upstream_with(
     (addr, task, accepted)
 }
 
+/// A directory under the system's temp dir, removed with everything in it when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("callout-it-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    /// `sqlite:DIR/actions.db`: a durable store inside this directory.
+    pub fn store_url(&self) -> String {
+        format!("sqlite:{}", self.0.join("actions.db").display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The real `callout serve` binary with gRPC and metrics on loopback port 0 and loopback
-/// upstreams allowed; its stderr (the logs) collected. Killed when dropped.
+/// upstreams allowed; its stderr (the logs) collected. Killed when dropped. Unless `args` name a
+/// `--store`, its durable store is in a temp dir of its own, removed when dropped.
 pub struct ServeProcess {
     child: std::process::Child,
+    _store_dir: Option<TempDir>,
     /// `127.0.0.1:PORT` of the gRPC listener.
     pub grpc: String,
     /// `127.0.0.1:PORT` of `/metrics`, when metrics are on.
@@ -405,6 +432,7 @@ impl ServeProcess {
     /// Starts `callout serve` with `args` after the loopback defaults, and `env`.
     pub async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
+        let store_dir = (!args.contains(&"--store")).then(|| TempDir::new("store"));
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_callout"));
         command
             .args([
@@ -416,6 +444,7 @@ impl ServeProcess {
                 "--allow-private-networks",
             ])
             .args(args)
+            .args(store_dir.iter().flat_map(|dir| ["--store".to_owned(), dir.store_url()]))
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
@@ -455,7 +484,7 @@ impl ServeProcess {
         };
         let grpc = field("listen").expect("listen address logged");
         let metrics = field("metrics").filter(|m| m != "off");
-        Self { child, grpc, metrics, logs }
+        Self { child, _store_dir: store_dir, grpc, metrics, logs }
     }
 
     /// A client channel to the gRPC listener.
@@ -478,6 +507,11 @@ impl ServeProcess {
         let status =
             std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         assert!(status.is_ok_and(|s| s.success()), "kill -TERM");
+    }
+
+    /// SIGKILL (`kill -9`): the process stops at once, wherever it is.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
     }
 
     /// Waits up to `limit` for the process to exit.

@@ -1,0 +1,681 @@
+//! Durable actions (DurableActionService) against a real SQLite file in a temp dir and loopback
+//! upstreams: Submit's idempotency, cancel, replay, list, watch, the pending bound, a full or
+//! unwritable store; and with the real `callout` binary killed with SIGKILL mid-run and started
+//! again on the same store: nothing accepted is lost, finals are seen once, and a POST that was
+//! in flight is repeated with the same Idempotency-Key.
+use crate::support::{body, dur, test_settings, text, AbortOnDrop, ServeProcess, TempDir, Upstream};
+use callout::{
+    durable::{Durable, DurableSettings},
+    exec::Executor,
+    pb::{self, durable_action_service_client::DurableActionServiceClient, ActionState},
+    server::{Listener, ServerOptions},
+    store::sqlite::{SqliteSettings, SqliteStore},
+};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::net::TcpListener;
+use tonic::{transport::Channel, Code};
+
+type Client = DurableActionServiceClient<Channel>;
+
+/// The real gRPC server in this process with durable actions on a store in a temp dir.
+struct Server {
+    client: Client,
+    channel: Channel,
+    _task: AbortOnDrop,
+    _dir: Arc<TempDir>,
+}
+
+impl Server {
+    async fn start(settings: DurableSettings) -> Self {
+        Self::start_on(Arc::new(TempDir::new("durable")), settings, None).await
+    }
+
+    async fn start_on(dir: Arc<TempDir>, settings: DurableSettings, max_bytes: Option<u64>) -> Self {
+        let path = dir.0.join("actions.db");
+        let executor = Executor::new(test_settings()).unwrap();
+        let opened =
+            tokio::task::spawn_blocking(move || SqliteStore::open(&SqliteSettings { path, max_bytes }))
+                .await
+                .unwrap();
+        let durable = match opened {
+            Ok(store) => Durable::start(Arc::new(store), executor.clone(), settings),
+            Err(e) => Durable::unavailable(e.to_string(), executor.clone(), settings),
+        };
+        Self::serve(executor, durable, dir).await
+    }
+
+    async fn serve(executor: Executor, durable: Durable, dir: Arc<TempDir>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServerOptions { durable: Some(durable), ..ServerOptions::default() };
+        let task = tokio::spawn(async move {
+            callout::server::serve_with(Listener::Tcp(listener), executor, options, std::future::pending())
+                .await
+                .unwrap();
+        });
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        Self { client: Client::new(channel.clone()), channel, _task: AbortOnDrop(task), _dir: dir }
+    }
+}
+
+/// Backoff of 50 ms doubling, no jitter: retries finish in a test's time.
+fn quick_retry() -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        initial_backoff: Some(dur(Duration::from_millis(50))),
+        jitter: Some(false),
+        ..Default::default()
+    }
+}
+
+fn action(id: &str, method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
+    pb::ExecuteHttpActionRequest {
+        action_id: id.into(),
+        method: method.into(),
+        url: url.into(),
+        retry: Some(quick_retry()),
+        ..Default::default()
+    }
+}
+
+fn submit_request(action: pb::ExecuteHttpActionRequest) -> pb::SubmitActionRequest {
+    pb::SubmitActionRequest { action: Some(action), not_before: None }
+}
+
+async fn submit(client: &Client, action: pb::ExecuteHttpActionRequest) -> pb::SubmitActionResponse {
+    client.clone().submit(submit_request(action)).await.unwrap().into_inner()
+}
+
+async fn get(client: &Client, id: &str) -> Result<pb::ActionRecord, tonic::Status> {
+    client.clone().get_action(pb::GetActionRequest { action_id: id.into() }).await.map(|r| r.into_inner())
+}
+
+/// Polls GetAction until the action is in a final state (at most 30 s).
+async fn until_final(client: &Client, id: &str) -> pb::ActionRecord {
+    until(client, id, |r| {
+        matches!(r.state(), ActionState::Succeeded | ActionState::Failed | ActionState::Cancelled)
+    })
+    .await
+}
+
+async fn until(client: &Client, id: &str, done: impl Fn(&pb::ActionRecord) -> bool) -> pb::ActionRecord {
+    for _ in 0..1500 {
+        if let Ok(record) = get(client, id).await {
+            if done(&record) {
+                return record;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("action {id} did not get there: {:?}", get(client, id).await);
+}
+
+/// An upstream that answers the first `failures` requests to each path with 503, then 200,
+/// and records every request per path.
+async fn flaky_per_path(failures: usize) -> (Upstream, Arc<Mutex<HashMap<String, usize>>>) {
+    let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let seen = counts.clone();
+    let upstream = Upstream::start(move |req| {
+        let n = {
+            let mut counts = seen.lock().unwrap();
+            let n = counts.entry(req.target.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        async move {
+            if n <= failures {
+                text(503, "busy")
+            } else {
+                text(200, "done")
+            }
+        }
+    })
+    .await;
+    (upstream, counts)
+}
+
+/// An upstream that never answers the first request and answers 200 to the others.
+async fn hangs_first() -> Upstream {
+    let calls = Arc::new(Mutex::new(0usize));
+    Upstream::start(move |_| {
+        let n = {
+            let mut calls = calls.lock().unwrap();
+            *calls += 1;
+            *calls
+        };
+        async move {
+            if n == 1 {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            http::Response::builder().status(200).body(body("done")).unwrap()
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn submit_is_idempotent_by_action_id() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let server = Server::start(DurableSettings::default()).await;
+    let a = action("order-1", "POST", &upstream.url("/orders"));
+    let first = submit(&server.client, a.clone()).await;
+    assert!(first.created);
+    assert_eq!(first.action_id, "order-1");
+    let record = first.record.unwrap();
+    assert_eq!(record.state(), ActionState::Pending);
+    assert!(record.sequence > 0);
+
+    let again = submit(&server.client, a.clone()).await;
+    assert!(!again.created, "the same action under a known id is the stored one");
+    assert_eq!(again.action_id, "order-1");
+
+    let mut different = a.clone();
+    different.url = upstream.url("/other");
+    let err = server.client.clone().submit(submit_request(different)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    let done = until_final(&server.client, "order-1").await;
+    assert_eq!(done.state(), ActionState::Succeeded);
+    let result = done.result.unwrap();
+    assert_eq!(result.outcome(), pb::Outcome::Succeeded);
+    assert_eq!(result.response.unwrap().body_text.as_deref(), Some("ok"));
+    assert_eq!(done.attempts.len(), 1);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "a repeated Submit sends nothing more");
+    assert_eq!(seen[0].header("idempotency-key").as_deref(), Some("order-1"));
+    assert_eq!(submit(&server.client, a).await.record.unwrap().state(), ActionState::Succeeded);
+}
+
+#[tokio::test]
+async fn an_invalid_action_names_its_fields_and_nothing_is_stored() {
+    let server = Server::start(DurableSettings::default()).await;
+    let mut bad = action("bad-1", "FETCH", "ftp://h.test/");
+    bad.timeouts =
+        Some(pb::Timeouts { total: Some(dur(Duration::from_secs(40 * 24 * 3600))), ..Default::default() });
+    let err = server.client.clone().submit(submit_request(bad)).await.unwrap_err();
+    let fields = crate::support::violated_fields(&err);
+    for want in ["action.method", "action.url", "action.timeouts.total"] {
+        assert!(fields.iter().any(|f| f == want), "{want} in {fields:?}");
+    }
+    assert_eq!(get(&server.client, "bad-1").await.unwrap_err().code(), Code::NotFound);
+    let err = server.client.clone().submit(pb::SubmitActionRequest::default()).await.unwrap_err();
+    assert_eq!(crate::support::violated_fields(&err), ["action"]);
+}
+
+#[tokio::test]
+async fn cancel_stops_pending_and_in_flight_actions() {
+    let upstream = hangs_first().await;
+    let server = Server::start(DurableSettings::default()).await;
+    // In flight: the upstream holds the first request.
+    submit(&server.client, action("c-1", "GET", &upstream.url("/slow"))).await;
+    until(&server.client, "c-1", |r| r.state() == ActionState::Running).await;
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cancelled =
+        server.client.clone().cancel_action(pb::CancelActionRequest { action_id: "c-1".into() }).await;
+    assert_eq!(cancelled.unwrap().into_inner().state(), ActionState::Cancelled);
+    let record = until(&server.client, "c-1", |r| !r.attempts.is_empty()).await;
+    assert_eq!(record.state(), ActionState::Cancelled);
+    assert!(record.attempts[0].error.as_ref().unwrap().message.contains("CancelAction"), "{record:?}");
+    // Pending: due in an hour.
+    let mut later = submit_request(action("c-2", "GET", &upstream.url("/later")));
+    later.not_before = Some((std::time::SystemTime::now() + Duration::from_secs(3600)).into());
+    let pending = server.client.clone().submit(later).await.unwrap().into_inner().record.unwrap();
+    assert_eq!(pending.state(), ActionState::Pending);
+    assert!(pending.next_attempt_at.is_some());
+    let cancelled =
+        server.client.clone().cancel_action(pb::CancelActionRequest { action_id: "c-2".into() }).await;
+    assert_eq!(cancelled.unwrap().into_inner().state(), ActionState::Cancelled);
+    assert_eq!(upstream.hits(), 1, "nothing more was sent");
+    let unknown =
+        server.client.clone().cancel_action(pb::CancelActionRequest { action_id: "nope".into() }).await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn failed_actions_are_listed_and_replayed_with_their_history() {
+    let calls = Arc::new(Mutex::new(0usize));
+    let upstream = Upstream::start(move |_| {
+        let n = {
+            let mut calls = calls.lock().unwrap();
+            *calls += 1;
+            *calls
+        };
+        async move {
+            if n == 1 {
+                text(500, "broken")
+            } else {
+                text(200, "fixed")
+            }
+        }
+    })
+    .await;
+    let server = Server::start(DurableSettings::default()).await;
+    // 500 is not retried by default: FAILED after one attempt, the dead-letter list.
+    submit(&server.client, action("r-1", "GET", &upstream.url("/job"))).await;
+    let failed = until_final(&server.client, "r-1").await;
+    assert_eq!(failed.state(), ActionState::Failed);
+    assert_eq!(failed.last_error.unwrap().kind(), pb::ErrorKind::UnexpectedStatus);
+    let listed = server
+        .client
+        .clone()
+        .list_actions(pb::ListActionsRequest {
+            states: vec![ActionState::Failed as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.actions.iter().map(|a| a.action_id.as_str()).collect::<Vec<_>>(), ["r-1"]);
+
+    let replayed =
+        server.client.clone().replay_action(pb::ReplayActionRequest { action_id: "r-1".into() }).await;
+    assert_eq!(replayed.unwrap().into_inner().state(), ActionState::Pending);
+    let done = until_final(&server.client, "r-1").await;
+    assert_eq!(done.state(), ActionState::Succeeded);
+    let numbers: Vec<u32> = done.attempts.iter().map(|a| a.number).collect();
+    assert_eq!(numbers, [1, 2], "history kept");
+    assert_eq!(done.result.unwrap().attempts.len(), 2);
+    let again =
+        server.client.clone().replay_action(pb::ReplayActionRequest { action_id: "r-1".into() }).await;
+    assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
+    let bad = server
+        .client
+        .clone()
+        .list_actions(pb::ListActionsRequest { states: vec![0], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(crate::support::violated_fields(&bad), ["states[0]"]);
+}
+
+#[tokio::test]
+async fn list_pages_through_every_action() {
+    let server = Server::start(DurableSettings::default()).await;
+    let later = (std::time::SystemTime::now() + Duration::from_secs(3600)).into();
+    for i in 0..5 {
+        let mut request = submit_request(action(&format!("p-{i}"), "GET", "http://127.0.0.1:9/"));
+        request.not_before = Some(later);
+        server.client.clone().submit(request).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = server
+            .client
+            .clone()
+            .list_actions(pb::ListActionsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.actions.into_iter().map(|a| a.action_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(ids, ["p-0", "p-1", "p-2", "p-3", "p-4"]);
+}
+
+#[tokio::test]
+async fn pending_actions_are_bounded() {
+    let server = Server::start(DurableSettings { max_pending: 2, ..DurableSettings::default() }).await;
+    let later = (std::time::SystemTime::now() + Duration::from_secs(3600)).into();
+    for i in 0..3 {
+        let mut request = submit_request(action(&format!("b-{i}"), "GET", "http://127.0.0.1:9/"));
+        request.not_before = Some(later);
+        let result = server.client.clone().submit(request).await;
+        if i < 2 {
+            assert!(result.unwrap().into_inner().created);
+        } else {
+            let err = result.unwrap_err();
+            assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+            assert!(err.message().contains("durable.max_pending"), "{}", err.message());
+        }
+    }
+    assert_eq!(get(&server.client, "b-2").await.unwrap_err().code(), Code::NotFound);
+    // A finished one frees its place.
+    server.client.clone().cancel_action(pb::CancelActionRequest { action_id: "b-0".into() }).await.unwrap();
+    let mut request = submit_request(action("b-3", "GET", "http://127.0.0.1:9/"));
+    request.not_before = Some(later);
+    assert!(server.client.clone().submit(request).await.unwrap().into_inner().created);
+}
+
+#[tokio::test]
+async fn an_unwritable_store_is_unavailable_and_the_rest_serves() {
+    let dir = Arc::new(TempDir::new("unwritable"));
+    // A regular file where the store's directory should be: not even root can create it.
+    std::fs::write(dir.0.join("file"), b"x").unwrap();
+    let path = dir.0.join("file").join("actions.db");
+    let executor = Executor::new(test_settings()).unwrap();
+    let reason = SqliteStore::open(&SqliteSettings { path, max_bytes: None }).err().unwrap().to_string();
+    let durable = Durable::unavailable(reason, executor.clone(), DurableSettings::default());
+    let server = Server::serve(executor, durable, dir).await;
+    let err = server.client.clone().submit(submit_request(action("u-1", "GET", "http://127.0.0.1:9/"))).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("cannot create") && err.message().contains("file"), "{}", err.message());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "callout.v1.DurableActionService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status(), tonic_health::pb::health_check_response::ServingStatus::NotServing);
+}
+
+#[tokio::test]
+async fn a_full_store_refuses_without_a_half_written_record() {
+    let dir = Arc::new(TempDir::new("full"));
+    let server = Server::start_on(dir, DurableSettings::default(), Some(96 * 1024)).await;
+    let later: prost_types::Timestamp = (std::time::SystemTime::now() + Duration::from_secs(3600)).into();
+    let mut refused = None;
+    for i in 0..200 {
+        let mut a = action(&format!("f-{i}"), "POST", "http://127.0.0.1:9/");
+        a.body = Some(pb::execute_http_action_request::Body::Raw(vec![b'x'; 8192].into()));
+        let mut request = submit_request(a);
+        request.not_before = Some(later);
+        if let Err(e) = server.client.clone().submit(request).await {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, err) = refused.expect("the store fills up");
+    assert!(i > 0, "some fit before it was full");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("full"), "{}", err.message());
+    assert_eq!(get(&server.client, &format!("f-{i}")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(get(&server.client, "f-0").await.unwrap().state(), ActionState::Pending);
+}
+
+#[tokio::test]
+async fn health_serves_the_durable_service() {
+    let server = Server::start(DurableSettings::default()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "callout.v1.DurableActionService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+}
+
+/// Collects final records from a watch until `want` distinct actions are final or the stream
+/// breaks; returns the last sequence seen.
+async fn watch_finals(client: &Client, after: u64, finals: &mut Vec<pb::ActionRecord>, want: usize) -> u64 {
+    let mut last = after;
+    let request = pb::WatchActionsRequest { after_sequence: after, action_ids: vec![], final_only: true };
+    let Ok(stream) = client.clone().watch_actions(request).await else { return last };
+    let mut stream = stream.into_inner();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+            Ok(Ok(Some(record))) => {
+                assert!(record.sequence > last, "sequences increase: {} after {last}", record.sequence);
+                last = record.sequence;
+                finals.push(record);
+                if finals.len() >= want {
+                    return last;
+                }
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => return last,
+            Err(_) => panic!("watch stalled with {} finals", finals.len()),
+        }
+    }
+}
+
+async fn durable_client(serve: &ServeProcess) -> Client {
+    Client::new(serve.channel().await)
+}
+
+#[tokio::test]
+async fn a_killed_server_loses_nothing_and_a_watcher_sees_each_final_once() {
+    const N: usize = 100;
+    let (upstream, counts) = flaky_per_path(3).await;
+    let dir = TempDir::new("kill");
+    let store = dir.store_url();
+    // The breaker would open after ten 503s in a row and hold every action for its cool-down.
+    let args = ["--store", store.as_str(), "--breaker-failures", "0"];
+    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&first).await;
+    let mut finals = Vec::new();
+    let watcher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut finals = Vec::new();
+            let last = watch_finals(&client, 0, &mut finals, N).await;
+            (finals, last)
+        })
+    };
+    for i in 0..N {
+        let reply =
+            submit(&client, action(&format!("k-{i}"), "POST", &upstream.url(&format!("/k/{i}")))).await;
+        assert!(reply.created);
+    }
+    // Mid-run: some attempts made, not all actions done.
+    while counts.lock().unwrap().values().sum::<usize>() < N {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill();
+    let _ = first.exit_status(Duration::from_secs(10)).await;
+    let (before, last) = watcher.await.unwrap();
+    assert!(before.len() < N, "killed mid-run: {} already final", before.len());
+    finals.extend(before);
+
+    let second = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&second).await;
+    let want = N - finals.len();
+    let mut after = Vec::new();
+    watch_finals(&client, last, &mut after, want).await;
+    finals.extend(after);
+
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for record in &finals {
+        assert_eq!(record.state(), ActionState::Succeeded, "{record:?}");
+        *by_id.entry(record.action_id.clone()).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), N, "every action reached its final state");
+    assert!(by_id.values().all(|n| *n == 1), "each final seen once: {by_id:?}");
+    for i in 0..N {
+        let record = get(&client, &format!("k-{i}")).await.unwrap();
+        assert_eq!(record.state(), ActionState::Succeeded);
+        assert!(record.attempts.len() >= 4, "3 failures then success: {record:?}");
+        assert_eq!(record.result.unwrap().attempts.len(), record.attempts.len());
+    }
+    assert!(counts.lock().unwrap().values().all(|n| *n >= 4));
+}
+
+#[tokio::test]
+async fn a_post_in_flight_at_a_kill_is_repeated_with_the_same_idempotency_key() {
+    let upstream = hangs_first().await;
+    let dir = TempDir::new("inflight");
+    let store = dir.store_url();
+    let args = ["--store", store.as_str()];
+    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&first).await;
+    let mut post = action("pay-7", "POST", &upstream.url("/payments"));
+    post.body = Some(pb::execute_http_action_request::Body::Json(r#"{"amount":7}"#.into()));
+    submit(&client, post).await;
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    let _ = first.exit_status(Duration::from_secs(10)).await;
+
+    let second = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&second).await;
+    let done = until_final(&client, "pay-7").await;
+    assert_eq!(done.state(), ActionState::Succeeded, "{done:?}");
+    let interrupted = done.attempts[0].error.as_ref().unwrap();
+    assert!(interrupted.message.contains("may have been sent"), "{interrupted:?}");
+    let keys: Vec<_> = upstream.seen().iter().map(|s| s.header("idempotency-key")).collect();
+    assert_eq!(keys, [Some("pay-7".to_owned()), Some("pay-7".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating() {
+    let upstream = hangs_first().await;
+    let dir = TempDir::new("inflight-nokey");
+    let store = dir.store_url();
+    let args = ["--store", store.as_str()];
+    let env = [("CALLOUT_DURABLE__IDEMPOTENCY_HEADER", "")];
+    let mut first = ServeProcess::spawn(&args, &env).await;
+    let client = durable_client(&first).await;
+    submit(&client, action("pay-8", "POST", &upstream.url("/payments"))).await;
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    let _ = first.exit_status(Duration::from_secs(10)).await;
+    let second = ServeProcess::spawn(&args, &env).await;
+    let done = until_final(&durable_client(&second).await, "pay-8").await;
+    assert_eq!(done.state(), ActionState::Failed);
+    assert!(done.last_error.unwrap().message.contains("not repeated"));
+    assert_eq!(upstream.hits(), 1, "not sent again");
+    assert!(upstream.seen()[0].header("idempotency-key").is_none());
+}
+
+#[tokio::test]
+async fn a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges_count_them() {
+    // A SIGTERM drain stops claiming; what is pending stays stored for the next start.
+    let dir = TempDir::new("drain");
+    let store = dir.store_url();
+    let args = ["--store", store.as_str()];
+    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&first).await;
+    let mut later = submit_request(action("d-1", "GET", "http://127.0.0.1:9/"));
+    later.not_before = Some((std::time::SystemTime::now() + Duration::from_secs(3600)).into());
+    client.clone().submit(later).await.unwrap();
+    first.terminate();
+    assert!(first.exit_status(Duration::from_secs(20)).await.is_some_and(|s| s.success()));
+    assert!(dir.0.join("actions.db").exists());
+    let second = ServeProcess::spawn(&args, &[]).await;
+    let record = get(&durable_client(&second).await, "d-1").await.unwrap();
+    assert_eq!(record.state(), ActionState::Pending);
+    // The gauges count it (they refresh every second).
+    let metrics = second.metrics.clone().expect("metrics on");
+    let mut pending = None;
+    for _ in 0..100 {
+        let text = metrics_text(&metrics).await;
+        pending = text
+            .lines()
+            .find(|l| l.starts_with("callout_durable_actions{") && l.contains("state=\"pending\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if pending == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending, Some(1.0));
+}
+
+/// `/metrics` of a sidecar, over plain HTTP/1.1.
+async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    raw
+}
+
+#[tokio::test]
+async fn watch_filters_by_id_and_resumes_after_a_sequence() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let server = Server::start(DurableSettings::default()).await;
+    for id in ["w-1", "w-2"] {
+        submit(&server.client, action(id, "GET", &upstream.url("/w"))).await;
+        until_final(&server.client, id).await;
+    }
+    let watch = |after: u64, ids: Vec<String>, final_only: bool| {
+        let mut client = server.client.clone();
+        async move {
+            let request = pb::WatchActionsRequest { after_sequence: after, action_ids: ids, final_only };
+            let mut stream = client.watch_actions(request).await.unwrap().into_inner();
+            let mut seen = Vec::new();
+            // The stream stays open for new changes: read what is stored, then stop.
+            while let Ok(Ok(Some(record))) =
+                tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+            {
+                seen.push(record);
+            }
+            seen
+        }
+    };
+    let one = watch(0, vec!["w-2".into()], false).await;
+    let states: Vec<_> = one.iter().map(|r| r.state()).collect();
+    assert_eq!(states, [ActionState::Pending, ActionState::Running, ActionState::Succeeded]);
+    assert!(one.iter().all(|r| r.action_id == "w-2"));
+    assert!(one.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    let rest = watch(one[0].sequence, vec!["w-2".into()], false).await;
+    assert_eq!(rest, one[1..].to_vec(), "resuming after a sequence gives what followed it, once");
+    let finals = watch(0, vec![], true).await;
+    let ids: Vec<_> = finals.iter().map(|r| r.action_id.as_str()).collect();
+    assert_eq!(ids, ["w-1", "w-2"]);
+    assert!(finals[1].result.is_some());
+}
+
+#[tokio::test]
+async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts() {
+    // The stuck host never answers; each destination may have two attempts in flight, the
+    // runner four in all.
+    let stuck = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        text(200, "late")
+    })
+    .await;
+    let fast = Upstream::fixed(200, "ok").await;
+    let settings = DurableSettings {
+        max_concurrent: 4,
+        max_concurrent_per_destination: 2,
+        ..DurableSettings::default()
+    };
+    let server = Server::start(settings).await;
+    for i in 0..20 {
+        submit(&server.client, action(&format!("stuck-{i}"), "GET", &stuck.url("/"))).await;
+    }
+    submit(&server.client, action("fast-1", "GET", &fast.url("/"))).await;
+    assert_eq!(until_final(&server.client, "fast-1").await.state(), ActionState::Succeeded);
+    assert!(stuck.hits() <= 2, "the stuck host holds at most its share: {}", stuck.hits());
+    let pending = server
+        .client
+        .clone()
+        .list_actions(pb::ListActionsRequest {
+            states: vec![ActionState::Pending as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pending.actions.len() >= 18, "the backlog waits its turn: {}", pending.actions.len());
+}
+
+#[tokio::test]
+async fn an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start() {
+    let upstream = hangs_first().await;
+    let dir = TempDir::new("drain-cut");
+    let store = dir.store_url();
+    let args = ["--store", store.as_str(), "--drain-timeout", "1s"];
+    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let client = durable_client(&first).await;
+    submit(&client, action("cut-1", "POST", &upstream.url("/cut"))).await;
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.terminate();
+    assert!(first.exit_status(Duration::from_secs(20)).await.is_some(), "the drain ends");
+    let second = ServeProcess::spawn(&args, &[]).await;
+    let done = until_final(&durable_client(&second).await, "cut-1").await;
+    assert_eq!(done.state(), ActionState::Succeeded, "{done:?}");
+    assert_eq!(done.attempts[0].error.as_ref().unwrap().kind(), pb::ErrorKind::Cancelled);
+    let keys: Vec<_> = upstream.seen().iter().map(|s| s.header("idempotency-key")).collect();
+    assert_eq!(keys, [Some("cut-1".to_owned()), Some("cut-1".to_owned())]);
+}
