@@ -9,14 +9,14 @@ use crate::{
     },
     client::{
         admission::{Destination, LimitSettings, Limits},
+        attempt::{attempt_stack, classify, AttemptContext, Failed},
         body_budget::{BodyBudget, BudgetError},
-        breaker::Health,
         concurrency::{Admission, Overloaded},
-        redirect::{next_hop, Hop},
+        redirect::Hop,
         response::{head_of, pieces, views, BodyError, CappedBody},
-        ClientBuildError, ClientSettings, Clients, ConnInfo, RequestBody, ResponseBody, SendFailure,
+        timeout::bounds,
+        ClientBuildError, ClientSettings, Clients, ConnInfo, ResponseBody, SendFailure,
     },
-    fmt::fmt_duration,
     metrics,
     secrets::{SecretSettings, SecretStore},
 };
@@ -26,9 +26,11 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant, SystemTime},
 };
 use tokio::{sync::watch, time::timeout_at};
+use tower::{util::Either, ServiceExt as _};
 use tracing::Instrument as _;
 
 /// Settings of the executor.
@@ -150,29 +152,10 @@ pub struct Executor {
     cut_off: Arc<watch::Sender<bool>>,
 }
 
-const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
-
 /// Bodies this large or larger are parsed (and their replies built) on tokio's blocking pool: a
 /// megabyte of JSON costs milliseconds of CPU, which would stall every other action on a
 /// single-thread runtime (`server.worker_threads = 1`, or a one-CPU container).
 pub const OFFLOAD_BODY_BYTES: usize = 64 * 1024;
-
-/// Which clock ended an attempt.
-#[derive(Debug, Clone, Copy)]
-enum Clock {
-    Attempt(Duration),
-    Total(Duration),
-}
-
-impl Clock {
-    fn error(self) -> ActionError {
-        let (which, d) = match self {
-            Clock::Attempt(d) => ("attempt", d),
-            Clock::Total(d) => ("total", d),
-        };
-        ActionError::new(ErrorKind::Timeout, format!("{which} timeout of {} elapsed", fmt_duration(d)))
-    }
-}
 
 /// How one attempt ended.
 struct AttemptResult {
@@ -184,6 +167,17 @@ struct AttemptResult {
     /// The retry decision, when the attempt already had to make it (a failing status decides
     /// before its body is read, so a body that will be retried is not read).
     decision: Option<RetryDecision>,
+}
+
+/// What became of an attempt the action tried to make.
+// Returned once per attempt and unpacked at once: boxing `Ran` would allocate for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Attempted {
+    /// A limit refused it before it started: nothing was sent.
+    Refused(ActionError),
+    /// The observer went away as it started.
+    Gone,
+    Ran(AttemptResult),
 }
 
 impl Executor {
@@ -290,7 +284,17 @@ impl Executor {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
-        let destination = Destination::of(&action.url);
+        let context = AttemptContext {
+            destination: Arc::new(Destination::of(&action.url)),
+            deadline,
+            total,
+            attempt_timeout: action.timeouts.attempt,
+            connect_timeout: action.timeouts.connect,
+            redirects: action.redirects,
+            url: action.url.clone(),
+            cool_down_on_429: !action.success.contains(429),
+            start: Arc::default(),
+        };
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
@@ -311,25 +315,6 @@ impl Executor {
         drop(queued);
         let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
         for number in 1..=attempts_allowed {
-            // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
-            // end the action: no attempt is recorded for them.
-            let entered = unless_cut_off(&mut cut_off, self.limits.enter(&destination, deadline)).await;
-            let slot = match entered {
-                None => {
-                    error = Some(shut_down(ShutDownAt::Before(number)));
-                    break;
-                }
-                Some(Ok(slot)) => slot,
-                Some(Err(refused)) => {
-                    tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
-                    error = Some(refused);
-                    break;
-                }
-            };
-            if observer.attempt_started(number).await.is_err() {
-                error = Some(cancelled());
-                break;
-            }
             // Nothing logs at info inside an attempt: its span is for exported traces and for
             // debug lines, and costs a microsecond per action where neither is wanted.
             let span = if crate::telemetry::spans_exported() {
@@ -337,29 +322,48 @@ impl Executor {
             } else {
                 tracing::debug_span!("attempt", number)
             };
-            let started = Instant::now();
-            let attempt = Box::pin(self.attempt(action, number, deadline, total, observer)).instrument(span);
-            let Some(mut result) = unless_cut_off(&mut cut_off, attempt).await else {
-                // The request may be on the wire or answered: the caller must know.
-                drop(slot);
-                let why = shut_down(ShutDownAt::During(number));
-                let mut record = AttemptRecord {
-                    number,
-                    status: None,
-                    error: Some(why.clone()),
-                    timing: AttemptTiming::default(),
-                    remote_addr: None,
-                    backoff: None,
-                };
-                record.timing.total = started.elapsed();
-                // The stream still hears why its attempt ended (unless its reader is gone).
-                let _ = observer.attempt_failed(&record, false).await;
-                attempts.push(record);
-                error = Some(why);
-                break;
+            let mut started = None;
+            let attempt =
+                Box::pin(self.attempt(action, number, &context, &mut started, observer)).instrument(span);
+            let attempted = unless_cut_off(&mut cut_off, attempt).await;
+            let mut result = match attempted {
+                // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
+                // end the action: no attempt is recorded for them.
+                Some(Attempted::Refused(refused)) => {
+                    tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
+                    error = Some(refused);
+                    break;
+                }
+                Some(Attempted::Gone) => {
+                    error = Some(cancelled());
+                    break;
+                }
+                Some(Attempted::Ran(result)) => result,
+                None => match started.or_else(|| context.start.take()) {
+                    None => {
+                        error = Some(shut_down(ShutDownAt::Before(number)));
+                        break;
+                    }
+                    Some(started) => {
+                        // The request may be on the wire or answered: the caller must know.
+                        let why = shut_down(ShutDownAt::During(number));
+                        let mut record = AttemptRecord {
+                            number,
+                            status: None,
+                            error: Some(why.clone()),
+                            timing: AttemptTiming::default(),
+                            remote_addr: None,
+                            backoff: None,
+                        };
+                        record.timing.total = started.elapsed();
+                        // The stream still hears why its attempt ended (unless its reader is gone).
+                        let _ = observer.attempt_failed(&record, false).await;
+                        attempts.push(record);
+                        error = Some(why);
+                        break;
+                    }
+                },
             };
-            self.limits.report(&destination, health_of(&result), too_many_requests_wait(&result));
-            drop(slot);
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
@@ -409,7 +413,7 @@ impl Executor {
 
         let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
         self.log_outcome(action, &outcome);
-        metrics::action_finished(&outcome, &destination.key);
+        metrics::action_finished(&outcome, &context.destination.key);
         outcome
     }
 
@@ -447,21 +451,56 @@ impl Executor {
         }
     }
 
+    /// One attempt through the attempt stack, then its body read. `started` is set once the
+    /// attempt passed its limits (and the observer heard of it).
     async fn attempt<O: Observer>(
         &self,
         action: &HttpAction,
         number: u32,
-        deadline: Instant,
-        total: Duration,
+        context: &AttemptContext,
+        started: &mut Option<Instant>,
         observer: &mut O,
-    ) -> AttemptResult {
-        let start = Instant::now();
-        let attempt_deadline = start + action.timeouts.attempt;
-        let (until, clock) = if attempt_deadline < deadline {
-            (attempt_deadline, Clock::Attempt(action.timeouts.attempt))
-        } else {
-            (deadline, Clock::Total(total))
+    ) -> Attempted {
+        let deadline = context.deadline;
+        // A request or client that cannot be built fails the attempt once it passed its limits,
+        // as a send would.
+        let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
+        let (mut request, client) = match built {
+            Ok((request, client)) => (request, Either::Left(client)),
+            Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
+        request.extensions_mut().insert(context.clone());
+        let call = attempt_stack(&self.limits, client).oneshot(request);
+        let mut call = std::pin::pin!(call);
+        let sent = loop {
+            tokio::select! {
+                biased;
+                at = context.start.started(), if started.is_none() => {
+                    *started = Some(at);
+                    if observer.attempt_started(number).await.is_err() {
+                        return Attempted::Gone;
+                    }
+                }
+                sent = &mut call => break sent,
+            }
+        };
+        if started.is_none() {
+            if let Some(at) = context.start.take() {
+                *started = Some(at);
+                if observer.attempt_started(number).await.is_err() {
+                    return Attempted::Gone;
+                }
+            }
+        }
+        let start = match (*started, &sent) {
+            (Some(start), _) => start,
+            (None, Err(e)) => match classify(e) {
+                Failed::Refused(refused) => return Attempted::Refused(refused),
+                Failed::Attempt(..) => Instant::now(),
+            },
+            (None, Ok(_)) => Instant::now(),
+        };
+        let (until, timeout) = bounds(start, context);
         let mut record = AttemptRecord {
             number,
             status: None,
@@ -476,18 +515,18 @@ impl Executor {
                 record.error = Some(error);
                 AttemptResult { record, end, response, streamed, decision: None }
             };
-
-        let sent = timeout_at(until.into(), Box::pin(self.send_following_redirects(action))).await;
         let response = match sent {
-            Err(_) => {
-                let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
-                return fail(record, clock.error(), Some(end), None, false);
+            Ok(response) => response,
+            Err(e) => {
+                let (error, end) = match classify(&e) {
+                    Failed::Attempt(error, end) => (error, end),
+                    // A limit above the clock cannot refuse once the attempt started.
+                    Failed::Refused(error) => {
+                        (error.clone(), AttemptEnd::Error { kind: error.kind, sent: false })
+                    }
+                };
+                return Attempted::Ran(fail(record, error, Some(end), None, false));
             }
-            Ok(Err(failure)) => {
-                let end = AttemptEnd::Error { kind: failure.kind, sent: failure.sent };
-                return fail(record, ActionError::new(failure.kind, failure.message), Some(end), None, false);
-            }
-            Ok(Ok(response)) => response,
         };
 
         record.timing.first_byte = Some(start.elapsed());
@@ -503,40 +542,41 @@ impl Executor {
         }
         let head = head_of(&response);
         let status = head.status;
+        let retry_after = retry_after(&response);
+        // The head's extensions hold the destination slot until the attempt is over.
+        let (_parts, body) = response.into_parts();
         record.status = Some(status);
         if observer.response_head(number, &head, &record.timing, record.remote_addr).await.is_err() {
-            return fail(record, cancelled(), Some(CANCELLED_END), None, false);
+            return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
         }
 
         let success = action.success.contains(status);
-        let status_end =
-            (!success).then(|| AttemptEnd::Status { status, retry_after: retry_after(&response) });
+        let status_end = (!success).then_some(AttemptEnd::Status { status, retry_after });
         // A status that will be retried is not worth its body: decide now, skip reading it.
         let status_decision = status_end.map(|end| {
             let remaining = deadline.saturating_duration_since(Instant::now());
             action.retry.decide(number, end, remaining)
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
+            let error = status_error(action, &head);
             let response =
                 ResponseData { head, body: Bytes::new(), body_json: None, body_text: None, truncated: false };
-            let mut result =
-                fail(record, status_error(action, &response.head), Some(end), Some(response), false);
+            let mut result = fail(record, error, Some(end), Some(response), false);
             result.decision = Some(retry.clone());
-            return result;
+            return Attempted::Ran(result);
         }
 
         let streams = observer.streams_body();
         let cap = self.body_cap(action, streams);
         // Set while the read waits for the memory budget: a deadline then is the budget's.
         let mut budget_wait = None;
-        let body = response.into_body();
         let read = Box::pin(read_body(body, cap, &self.budget, &mut budget_wait, number, observer));
         let read = timeout_at(until.into(), read).await;
         let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
             Err(_) => {
                 let error = match budget_wait {
                     Some(wanted) => budget_error(&self.budget.exhausted(wanted)),
-                    None => clock.error(),
+                    None => ActionError::new(ErrorKind::Timeout, timeout.to_string()),
                 };
                 (BodyRead::default(), Some(error))
             }
@@ -561,9 +601,9 @@ impl Executor {
             // BODY_TOO_LARGE and CANCELLED are final (see retryable_kind); a broken or slow
             // body may retry by the policy.
             let end = AttemptEnd::Error { kind: error.kind, sent: true };
-            return fail(record, error, Some(end), Some(response), streamed);
+            return Attempted::Ran(fail(record, error, Some(end), Some(response), streamed));
         }
-        match status_end {
+        Attempted::Ran(match status_end {
             Some(end) => {
                 let error = status_error(action, &response.head);
                 let mut result = fail(record, error, Some(end), Some(response), streamed);
@@ -571,7 +611,7 @@ impl Executor {
                 result
             }
             None => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
-        }
+        })
     }
 
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
@@ -580,42 +620,6 @@ impl Executor {
             action.max_response_bytes.map_or(server, |own| own.min(server))
         } else {
             action.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
-        }
-    }
-
-    /// Sends the action, following redirects by its policy; returns the final response.
-    async fn send_following_redirects(
-        &self,
-        action: &HttpAction,
-    ) -> Result<Response<ResponseBody>, SendFailure> {
-        let mut hop = Hop {
-            method: action.method.clone(),
-            url: action.url.clone(),
-            headers: action.headers.clone(),
-            body: action.body.clone(),
-        };
-        let mut visited = vec![hop.url.clone()];
-        let client = self.clients.for_action(action)?;
-        loop {
-            let mut request = build_request(&hop)?;
-            if let Some(trace) = &action.trace {
-                continue_trace(request.headers_mut(), trace);
-            }
-            let response = client.send(request, action.timeouts.connect).await?;
-            if !action.redirects.follow {
-                return Ok(response);
-            }
-            let location = response.headers().get(header::LOCATION);
-            let next = next_hop(&hop, response.status(), location, &visited, action.redirects.max_hops)
-                .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
-            match next {
-                None => return Ok(response),
-                Some(next) => {
-                    tracing::debug!(action_id = %action.id, status = response.status().as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
-                    visited.push(next.url.clone());
-                    hop = next;
-                }
-            }
         }
     }
 
@@ -656,24 +660,6 @@ fn budget_error(e: &BudgetError) -> ActionError {
         BudgetError::Stalled { .. } | BudgetError::Exhausted { .. } => ErrorKind::RateLimited,
     };
     ActionError::new(kind, e.to_string())
-}
-
-/// How an attempt speaks of its destination's health (for the circuit breaker).
-fn health_of(result: &AttemptResult) -> Health {
-    match (result.record.status, result.record.error.as_ref().map(|e| e.kind)) {
-        (Some(status), _) if status >= 500 => Health::Failing,
-        (Some(_), _) => Health::Healthy,
-        (None, Some(ErrorKind::Connect | ErrorKind::Timeout)) => Health::Failing,
-        _ => Health::Unknown,
-    }
-}
-
-/// The Retry-After of a 429, which cools the destination down for every action.
-fn too_many_requests_wait(result: &AttemptResult) -> Option<Duration> {
-    match result.end {
-        Some(AttemptEnd::Status { status: 429, retry_after }) => retry_after,
-        _ => None,
-    }
 }
 
 /// Errors that no retry can mend: the request itself or its response was wrong.
@@ -769,25 +755,38 @@ fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
     }
 }
 
-/// The hyper request for one hop: the action's headers plus a default User-Agent.
-pub fn build_request(hop: &Hop) -> Result<Request<RequestBody>, SendFailure> {
-    let uri: http::Uri = hop.url.as_str().parse().map_err(|_| {
-        SendFailure::new(ErrorKind::InvalidRequest, "URL cannot be sent as an HTTP request target", false)
-    })?;
-    let mut request = Request::new(RequestBody::new(hop.body.clone()));
-    *request.method_mut() = hop.method.clone();
-    *request.uri_mut() = uri;
-    *request.headers_mut() = hop.headers.clone();
-    // `try_`: a map at http's size limit is an error here, never a panic (validation caps the
-    // count far below it).
-    let full = |_| SendFailure::new(ErrorKind::InvalidRequest, "too many headers to add User-Agent", false);
-    if !request.headers().contains_key(header::USER_AGENT) {
-        request
-            .headers_mut()
-            .try_insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
-            .map_err(full)?;
+/// The first hop's request: the action's method, URL, headers (plus a default User-Agent) and
+/// body, continuing the caller's trace.
+fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
+    let hop = Hop {
+        method: action.method.clone(),
+        url: action.url.clone(),
+        headers: action.headers.clone(),
+        body: action.body.clone(),
+    };
+    let mut request = hop.into_request()?;
+    if let Some(trace) = &action.trace {
+        continue_trace(request.headers_mut(), trace);
     }
     Ok(request)
+}
+
+/// The client of an attempt whose request or client could not be built: fails as a send would.
+#[derive(Clone)]
+struct FailWith(SendFailure);
+
+impl tower::Service<Request<Bytes>> for FailWith {
+    type Response = Response<ResponseBody>;
+    type Error = SendFailure;
+    type Future = std::future::Ready<Result<Response<ResponseBody>, SendFailure>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+        std::future::ready(Err(self.0.clone()))
+    }
 }
 
 #[derive(Default)]

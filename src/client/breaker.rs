@@ -2,11 +2,21 @@
 //! errors, timeouts, 5xx) the circuit opens and actions to that host fail CIRCUIT_OPEN without
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
 //! circuit again or re-opens it.
+use super::{
+    attempt::{AttemptContext, BoxFuture},
+    error::SendFailure,
+    timeout::TimeoutError,
+};
+use crate::action::ErrorKind;
+use bytes::Bytes;
+use http::{Request, Response};
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
+use tower::{BoxError, Layer, Service, ServiceExt as _};
 
 /// Circuit-breaker settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +61,7 @@ enum State {
 /// Why an action was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct CircuitOpen(pub String);
+pub struct BreakerError(pub String);
 
 /// Closed circuits with no recent failure are forgotten past this many tracked destinations.
 const PRUNE_ABOVE: usize = 10_000;
@@ -69,7 +79,7 @@ impl CircuitBreakers {
 
     /// Whether an action may go to `key` now. An open circuit whose cool-down is over lets
     /// this one through as the probe.
-    pub fn check(&self, key: &str) -> Result<(), CircuitOpen> {
+    pub fn check(&self, key: &str) -> Result<(), BreakerError> {
         if self.settings.failure_threshold == 0 {
             return Ok(());
         }
@@ -87,7 +97,7 @@ impl CircuitBreakers {
                 tracing::info!(destination = %key, "circuit half-open: letting one probe through");
                 Ok(())
             }
-            State::Open { until } => Err(CircuitOpen(format!(
+            State::Open { until } => Err(BreakerError(format!(
                 "circuit for {key} is open after {} consecutive failures; next probe in {}",
                 self.settings.failure_threshold,
                 crate::fmt::fmt_duration(until - now)
@@ -98,7 +108,7 @@ impl CircuitBreakers {
                 Ok(())
             }
             State::HalfOpen { .. } => {
-                Err(CircuitOpen(format!("circuit for {key} is half-open and a probe is in flight")))
+                Err(BreakerError(format!("circuit for {key} is half-open and a probe is in flight")))
             }
         }
     }
@@ -137,6 +147,75 @@ impl CircuitBreakers {
             }
             State::Open { .. } => {}
         }
+    }
+}
+
+/// Refuses attempts to a destination whose circuit is open; records how each attempt that ran
+/// went (by its status when it got one, else by its error) when its response head arrives.
+#[derive(Clone)]
+pub struct Breaker<S> {
+    inner: S,
+    breakers: Arc<CircuitBreakers>,
+}
+
+#[derive(Clone)]
+pub struct BreakerLayer {
+    breakers: Arc<CircuitBreakers>,
+}
+
+impl BreakerLayer {
+    pub fn new(breakers: Arc<CircuitBreakers>) -> Self {
+        Self { breakers }
+    }
+}
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = Breaker<S>;
+    fn layer(&self, inner: S) -> Breaker<S> {
+        Breaker { inner, breakers: self.breakers.clone() }
+    }
+}
+
+impl<S, B> Service<Request<Bytes>> for Breaker<S>
+where
+    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<B>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let inner = self.inner.clone();
+        let breakers = self.breakers.clone();
+        Box::pin(async move {
+            let destination = AttemptContext::of(&request)?.destination.clone();
+            breakers.check(&destination.key)?;
+            let result = inner.oneshot(request).await.map_err(Into::into);
+            breakers.record(&destination.key, health_of(&result));
+            result
+        })
+    }
+}
+
+/// How an attempt speaks of its destination's health: a status below 500 is healthy, 5xx,
+/// connect errors and timeouts are failing; anything else (a refusal by a later limit, a bad
+/// certificate) says nothing.
+fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
+    match result {
+        Ok(response) if response.status().is_server_error() => Health::Failing,
+        Ok(_) => Health::Healthy,
+        Err(e) if e.is::<TimeoutError>() => Health::Failing,
+        Err(e) => match e.downcast_ref::<SendFailure>() {
+            Some(f) if matches!(f.kind, ErrorKind::Connect | ErrorKind::Timeout) => Health::Failing,
+            _ => Health::Unknown,
+        },
     }
 }
 
@@ -190,5 +269,28 @@ mod tests {
             b.record("h:80", Health::Failing);
         }
         assert!(b.check("h:80").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
+        use crate::client::attempt::tests::request;
+        let breakers = Arc::new(breakers(2, 60_000));
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let mut service = BreakerLayer::new(breakers).layer(mock);
+        for status in [Some(503), None] {
+            let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
+            let (_, reply) = handle.next_request().await.unwrap();
+            match status {
+                // A 5xx is a response, and a failure for the breaker.
+                Some(status) => reply.send_response(Response::builder().status(status).body(()).unwrap()),
+                None => reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false)),
+            }
+            assert_eq!(call.await.unwrap().is_ok(), status.is_some());
+        }
+        let err = service.call(request("http://h/", Duration::from_secs(5))).await.unwrap_err();
+        assert!(err.is::<BreakerError>(), "{err}");
+        assert!(err.to_string().contains("open after 2 consecutive failures"), "{err}");
+        drop(service);
+        assert!(handle.next_request().await.is_none(), "the refused attempt sent nothing");
     }
 }

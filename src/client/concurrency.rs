@@ -1,12 +1,18 @@
 //! Concurrency caps: at most `max_in_flight` actions run at once, at most `max_queued` more wait
 //! for a slot (past that a new action is refused at once: backpressure, never unbounded
-//! memory), and at most `max_in_flight_per_host` attempts go to one destination at once.
+//! memory), and at most `max_in_flight_per_host` attempts go to one destination at once (the
+//! `DestinationSlot` layer).
+use super::attempt::{AttemptContext, BoxFuture};
+use bytes::Bytes;
+use http::{Request, Response};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Instant,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{BoxError, Layer, Service, ServiceExt as _};
 
 /// Concurrency settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +54,7 @@ pub struct Slot {
 /// No slot came free before the deadline.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
-pub struct NoSlot(pub String);
+pub struct SlotError(pub String);
 
 /// Per-destination semaphores are dropped once idle, when this many are tracked.
 const PRUNE_ABOVE: usize = 1024;
@@ -83,9 +89,9 @@ impl Concurrency {
     }
 
     /// Waits in the queue for a running slot until `deadline`.
-    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, NoSlot> {
+    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, SlotError> {
         acquire(self.running.clone(), deadline).await.ok_or_else(|| {
-            NoSlot(format!(
+            SlotError(format!(
                 "no running slot came free before the deadline ({} actions in flight)",
                 self.settings.max_in_flight
             ))
@@ -93,10 +99,10 @@ impl Concurrency {
     }
 
     /// Waits for a slot to destination `key` until `deadline`.
-    pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, NoSlot> {
+    pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, SlotError> {
         let semaphore = {
             let Ok(mut hosts) = self.per_host.lock() else {
-                return Err(NoSlot("per-host slots are unavailable".into()));
+                return Err(SlotError("per-host slots are unavailable".into()));
             };
             if hosts.len() > PRUNE_ABOVE {
                 // Only this map holds an idle destination's semaphore.
@@ -113,7 +119,7 @@ impl Concurrency {
             }
         };
         acquire(semaphore, deadline).await.ok_or_else(|| {
-            NoSlot(format!(
+            SlotError(format!(
                 "{key} already has {} attempts in flight and none ended before the deadline",
                 self.settings.max_in_flight_per_host
             ))
@@ -141,6 +147,66 @@ async fn acquire(semaphore: Arc<Semaphore>, deadline: Instant) -> Option<Slot> {
     match tokio::time::timeout_at(deadline.into(), semaphore.acquire_owned()).await {
         Ok(Ok(permit)) => Some(Slot { _permit: permit }),
         _ => None,
+    }
+}
+
+/// A destination slot held by a response: released when the response (its head, which the
+/// caller keeps while it reads the body) is dropped.
+#[derive(Debug, Clone)]
+pub struct HeldSlot(pub Arc<Slot>);
+
+/// Waits for a slot to the attempt's destination (bounded by the action's deadline) and keeps it
+/// in the response's extensions, so it is held until the attempt is over, body read included.
+#[derive(Clone)]
+pub struct DestinationSlot<S> {
+    inner: S,
+    concurrency: Arc<Concurrency>,
+}
+
+#[derive(Clone)]
+pub struct DestinationSlotLayer {
+    concurrency: Arc<Concurrency>,
+}
+
+impl DestinationSlotLayer {
+    pub fn new(concurrency: Arc<Concurrency>) -> Self {
+        Self { concurrency }
+    }
+}
+
+impl<S> Layer<S> for DestinationSlotLayer {
+    type Service = DestinationSlot<S>;
+    fn layer(&self, inner: S) -> DestinationSlot<S> {
+        DestinationSlot { inner, concurrency: self.concurrency.clone() }
+    }
+}
+
+impl<S, B> Service<Request<Bytes>> for DestinationSlot<S>
+where
+    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<B>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let inner = self.inner.clone();
+        let concurrency = self.concurrency.clone();
+        Box::pin(async move {
+            let context = AttemptContext::of(&request)?;
+            let (to, deadline) = (context.destination.clone(), context.deadline);
+            let slot = concurrency.host_slot(&to.key, deadline).await?;
+            let mut response = inner.oneshot(request).await.map_err(Into::into)?;
+            response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
+            Ok(response)
+        })
     }
 }
 
@@ -182,5 +248,28 @@ mod tests {
         assert!(err.0.contains("a:80 already has 1 attempts in flight"), "{err}");
         drop(a);
         assert!(c.host_slot("a:80", Instant::now() + Duration::from_millis(30)).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_layer_holds_the_slot_until_the_response_is_dropped() {
+        use crate::client::attempt::tests::request;
+        let c = Arc::new(Concurrency::new(ConcurrencySettings {
+            max_in_flight_per_host: 1,
+            ..Default::default()
+        }));
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let mut service = DestinationSlotLayer::new(c.clone()).layer(mock);
+        let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_response(Response::new(()));
+        let response = first.await.unwrap().unwrap();
+        // The response holds a's only slot: the next attempt to a waits until its deadline.
+        let err = service.call(request("http://a/", Duration::from_secs(1))).await.unwrap_err();
+        assert!(err.is::<SlotError>(), "{err}");
+        drop(response);
+        let second = tokio::spawn(service.call(request("http://a/", Duration::from_secs(1))));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_response(Response::new(()));
+        assert!(second.await.unwrap().is_ok());
     }
 }

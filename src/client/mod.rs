@@ -11,11 +11,13 @@
 //! an action passes before it sends sits in `admission`, built from `concurrency`, `rate_limit`
 //! and `breaker` (keyed by `host_pattern`).
 pub mod admission;
+pub mod attempt;
 pub mod body_budget;
 pub mod breaker;
 pub mod clients;
 pub mod concurrency;
 pub mod connect;
+pub mod cool_down;
 pub mod egress;
 pub mod error;
 pub mod host;
@@ -25,6 +27,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
+pub mod timeout;
 pub mod tls;
 
 pub use clients::Clients;
