@@ -9,11 +9,12 @@ use crate::{
     },
     client::{
         admission::{Destination, LimitSettings, Limits},
-        attempt::{attempt_stack, classify, AttemptContext, Failed},
+        attempt::AttemptContext,
         body_budget::{BodyBudget, BudgetError},
         concurrency::{Admission, Overloaded},
         redirect::Hop,
         response::{head_of, pieces, views, BodyError, CappedBody},
+        stack::{attempt_stack, classify, Failed},
         timeout::bounds,
         ClientBuildError, ClientSettings, Clients, ConnInfo, ResponseBody, SendFailure,
     },
@@ -372,15 +373,12 @@ impl Executor {
                 attempts.push(result.record);
                 break;
             };
-            let decision = if let Some(decided) = result.decision.take() {
-                decided
-            } else if result.streamed {
-                RetryDecision::Stop { reason: "the body was already streamed".into() }
-            } else if matches!(end, AttemptEnd::Error { kind, .. } if !retryable_kind(kind)) {
-                RetryDecision::Stop { reason: "this error is final".into() }
-            } else {
-                action.retry.decide(number, end, deadline.saturating_duration_since(Instant::now()))
-            };
+            // A failing status decided already, before its body (a body that will be retried is
+            // not read).
+            let decision = result.decision.take().unwrap_or_else(|| {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                action.retry.after_failure(number, end, result.streamed, remaining)
+            });
             let attempt_error = result.record.error.clone();
             let (will_retry, backoff) = match &decision {
                 RetryDecision::Retry { backoff, reason } => {
@@ -598,7 +596,7 @@ impl Executor {
         record.timing.total = start.elapsed();
 
         if let Some(error) = body_failure {
-            // BODY_TOO_LARGE and CANCELLED are final (see retryable_kind); a broken or slow
+            // BODY_TOO_LARGE and CANCELLED are final (see RetryPolicy::after_failure); a broken or slow
             // body may retry by the policy.
             let end = AttemptEnd::Error { kind: error.kind, sent: true };
             return Attempted::Ran(fail(record, error, Some(end), Some(response), streamed));
@@ -660,17 +658,6 @@ fn budget_error(e: &BudgetError) -> ActionError {
         BudgetError::Stalled { .. } | BudgetError::Exhausted { .. } => ErrorKind::RateLimited,
     };
     ActionError::new(kind, e.to_string())
-}
-
-/// Errors that no retry can mend: the request itself or its response was wrong.
-fn retryable_kind(kind: ErrorKind) -> bool {
-    !matches!(
-        kind,
-        ErrorKind::BodyTooLarge
-            | ErrorKind::InvalidRequest
-            | ErrorKind::DeniedByPolicy
-            | ErrorKind::Cancelled
-    )
 }
 
 const CANCELLED_END: AttemptEnd = AttemptEnd::Error { kind: ErrorKind::Cancelled, sent: true };

@@ -1,27 +1,18 @@
-//! One attempt as a tower stack: the context every attempt carries in its request's
-//! extensions, the one function that assembles the layers, and the one place a failed
-//! attempt's error is classified.
-use super::{
-    admission::{Destination, Limits},
-    breaker::{BreakerError, BreakerLayer},
-    concurrency::{DestinationSlotLayer, SlotError},
-    cool_down::{CoolDownError, CoolDownLayer},
-    error::SendFailure,
-    rate_limit::{RateLimitError, RateLimitLayer},
-    redirect::RedirectLayer,
-    timeout::{AttemptTimeoutLayer, TimeoutError},
-};
-use crate::action::{ActionError, AttemptEnd, ErrorKind, RedirectPolicy};
+//! What every layer of an attempt shares: the context the attempt carries in its request's
+//! extensions, the signal that it started, and `Step`, which makes a concern a tower layer.
+use super::admission::Destination;
+use crate::action::RedirectPolicy;
 use bytes::Bytes;
 use http::{Request, Response};
 use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 use tokio::sync::Notify;
-use tower::{BoxError, Service, ServiceBuilder};
+use tower::{BoxError, Layer, Service};
 use url::Url;
 
 /// The future of each layer: boxed, as an `async` block cannot be named.
@@ -90,67 +81,70 @@ impl StartSignal {
     }
 }
 
-/// One attempt, outermost first. Refusals come before waits, waits before the clock starts,
-/// and the clock bounds everything that may send.
-pub fn attempt_stack<S, B>(
-    limits: &Limits,
-    client: S,
-) -> impl Service<Request<Bytes>, Response = Response<B>, Error = BoxError, Future = BoxFuture<Response<B>>> + Send
-where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+/// What a `Step` returns: the response head (its body still to read), or why there is none.
+pub type Reply<B> = Result<Response<B>, BoxError>;
+
+/// The rest of the stack, as a `Step` sees it.
+pub trait Next<B>:
+    Service<Request<Bytes>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
 {
-    ServiceBuilder::new()
-        // An open circuit refuses at once, before any wait; the attempt's end feeds it.
-        .layer(BreakerLayer::new(limits.breakers()))
-        // A destination that answered 429 Retry-After holds back every action to it, and the
-        // 429s seen here start such a cool-down.
-        .layer(CoolDownLayer::new(limits.cool_downs()))
-        // Global and per-destination rate limits: waits, bounded by the total deadline.
-        .layer(RateLimitLayer::new(limits.rate()))
-        // A slot to the destination, held until the response (body included) is dropped.
-        .layer(DestinationSlotLayer::new(limits.concurrency()))
-        // (Credentials and request signing go here: after every wait, so a signature is fresh.)
-        // The attempt's clock starts once it may send, and bounds every hop (the body read
-        // is bounded by the same instant).
-        .layer(AttemptTimeoutLayer)
-        // Each hop is its own send through the client, so the egress-checking connector
-        // dials every one; credentials are dropped across origins.
-        .layer(RedirectLayer)
-        // The pooled client, decompression around it (`HttpClient`).
-        .service(client)
 }
 
-/// How a failed attempt ended, classified once by the type of its error.
-#[derive(Debug)]
-pub enum Failed {
-    /// A limit refused before anything was sent: no attempt is recorded, the action ends.
-    Refused(ActionError),
-    /// The attempt ran and failed.
-    Attempt(ActionError, AttemptEnd),
+impl<S, B> Next<B> for S where
+    S: Service<Request<Bytes>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static
+{
 }
 
-/// Classifies the error of an attempt stack.
-pub fn classify(error: &BoxError) -> Failed {
-    let refused = |kind| Failed::Refused(ActionError::new(kind, error.to_string()));
-    if error.is::<BreakerError>() {
-        return refused(ErrorKind::CircuitOpen);
+/// What one layer of the attempt does around the rest of it (`next`). Each concern implements
+/// this once; `StepLayer` and `Layered` make it a tower layer and service.
+pub trait Step: Clone + Send + Sync + 'static {
+    fn around<S: Next<B>, B: Send + 'static>(
+        self,
+        request: Request<Bytes>,
+        next: S,
+    ) -> impl Future<Output = Reply<B>> + Send;
+}
+
+/// The layer of a `Step`.
+#[derive(Debug, Clone)]
+pub struct StepLayer<T>(pub T);
+
+impl<T: Clone, S> Layer<S> for StepLayer<T> {
+    type Service = Layered<T, S>;
+    fn layer(&self, inner: S) -> Layered<T, S> {
+        Layered { step: self.0.clone(), inner }
     }
-    if error.is::<CoolDownError>() || error.is::<RateLimitError>() || error.is::<SlotError>() {
-        return refused(ErrorKind::RateLimited);
+}
+
+/// A `Step` around the rest of the stack. Always ready: every wait of a step is per request
+/// (its destination, its deadline), so it happens in the response future.
+#[derive(Debug, Clone)]
+pub struct Layered<T, S> {
+    step: T,
+    inner: S,
+}
+
+impl<T: Step, S, B: Send + 'static> Service<Request<Bytes>> for Layered<T, S>
+where
+    S: Next<B> + Service<Request<Bytes>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<B>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
-    if error.is::<TimeoutError>() {
-        let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
-        return Failed::Attempt(ActionError::new(ErrorKind::Timeout, error.to_string()), end);
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        Box::pin(self.step.clone().around(request, self.inner.clone()))
     }
-    if let Some(failure) = error.downcast_ref::<SendFailure>() {
-        let end = AttemptEnd::Error { kind: failure.kind, sent: failure.sent };
-        return Failed::Attempt(ActionError::new(failure.kind, failure.message.clone()), end);
-    }
-    let end = AttemptEnd::Error { kind: ErrorKind::Protocol, sent: true };
-    Failed::Attempt(ActionError::new(ErrorKind::Protocol, error.to_string()), end)
 }
 
 #[cfg(test)]
@@ -175,19 +169,6 @@ pub(crate) mod tests {
             start: Arc::default(),
         });
         request
-    }
-
-    #[test]
-    fn errors_are_refusals_or_failed_attempts() {
-        let refusal: BoxError = BreakerError("open".into()).into();
-        assert!(matches!(classify(&refusal), Failed::Refused(e) if e.kind == ErrorKind::CircuitOpen));
-        let slot: BoxError = SlotError("busy".into()).into();
-        assert!(matches!(classify(&slot), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
-        let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();
-        assert!(matches!(
-            classify(&sent),
-            Failed::Attempt(e, AttemptEnd::Error { kind: ErrorKind::Dns, sent: false }) if e.message == "no such host"
-        ));
     }
 
     #[tokio::test(start_paused = true)]

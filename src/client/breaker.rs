@@ -3,7 +3,7 @@
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
 //! circuit again or re-opens it.
 use super::{
-    attempt::{AttemptContext, BoxFuture},
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
     error::SendFailure,
     timeout::TimeoutError,
 };
@@ -13,10 +13,9 @@ use http::{Request, Response};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
-use tower::{BoxError, Layer, Service, ServiceExt as _};
+use tower::{BoxError, ServiceExt as _};
 
 /// Circuit-breaker settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,56 +152,20 @@ impl CircuitBreakers {
 /// Refuses attempts to a destination whose circuit is open; records how each attempt that ran
 /// went (by its status when it got one, else by its error) when its response head arrives.
 #[derive(Clone)]
-pub struct Breaker<S> {
-    inner: S,
-    breakers: Arc<CircuitBreakers>,
-}
+pub struct Breaker(pub Arc<CircuitBreakers>);
 
-#[derive(Clone)]
-pub struct BreakerLayer {
-    breakers: Arc<CircuitBreakers>,
-}
-
-impl BreakerLayer {
-    pub fn new(breakers: Arc<CircuitBreakers>) -> Self {
-        Self { breakers }
+impl Step for Breaker {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let destination = AttemptContext::of(&request)?.destination.clone();
+        self.0.check(&destination.key)?;
+        let result = next.oneshot(request).await.map_err(Into::into);
+        self.0.record(&destination.key, health_of(&result));
+        result
     }
 }
 
-impl<S> Layer<S> for BreakerLayer {
-    type Service = Breaker<S>;
-    fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker { inner, breakers: self.breakers.clone() }
-    }
-}
-
-impl<S, B> Service<Request<Bytes>> for Breaker<S>
-where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = Response<B>;
-    type Error = BoxError;
-    type Future = BoxFuture<Response<B>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
-        let breakers = self.breakers.clone();
-        Box::pin(async move {
-            let destination = AttemptContext::of(&request)?.destination.clone();
-            breakers.check(&destination.key)?;
-            let result = inner.oneshot(request).await.map_err(Into::into);
-            breakers.record(&destination.key, health_of(&result));
-            result
-        })
-    }
-}
+/// The breaker as a layer of the attempt stack.
+pub type BreakerLayer = StepLayer<Breaker>;
 
 /// How an attempt speaks of its destination's health: a status below 500 is healthy, 5xx,
 /// connect errors and timeouts are failing; anything else (a refusal by a later limit, a bad
@@ -222,6 +185,7 @@ fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::{Layer as _, Service as _};
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
         CircuitBreakers::new(BreakerSettings {
@@ -276,7 +240,7 @@ mod tests {
         use crate::client::attempt::tests::request;
         let breakers = Arc::new(breakers(2, 60_000));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = BreakerLayer::new(breakers).layer(mock);
+        let mut service = StepLayer(Breaker(breakers)).layer(mock);
         for status in [Some(503), None] {
             let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
             let (_, reply) = handle.next_request().await.unwrap();

@@ -2,17 +2,16 @@
 //! for a slot (past that a new action is refused at once: backpressure, never unbounded
 //! memory), and at most `max_in_flight_per_host` attempts go to one destination at once (the
 //! `DestinationSlot` layer).
-use super::attempt::{AttemptContext, BoxFuture};
+use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Instant,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::{BoxError, Layer, Service, ServiceExt as _};
+use tower::ServiceExt as _;
 
 /// Concurrency settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,62 +157,28 @@ pub struct HeldSlot(pub Arc<Slot>);
 /// Waits for a slot to the attempt's destination (bounded by the action's deadline) and keeps it
 /// in the response's extensions, so it is held until the attempt is over, body read included.
 #[derive(Clone)]
-pub struct DestinationSlot<S> {
-    inner: S,
-    concurrency: Arc<Concurrency>,
-}
+pub struct DestinationSlot(pub Arc<Concurrency>);
 
-#[derive(Clone)]
-pub struct DestinationSlotLayer {
-    concurrency: Arc<Concurrency>,
-}
-
-impl DestinationSlotLayer {
-    pub fn new(concurrency: Arc<Concurrency>) -> Self {
-        Self { concurrency }
+impl Step for DestinationSlot {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let (to, deadline) = (context.destination.clone(), context.deadline);
+        let slot = self.0.host_slot(&to.key, deadline).await?;
+        let mut response = next.oneshot(request).await.map_err(Into::into)?;
+        response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
+        Ok(response)
     }
 }
 
-impl<S> Layer<S> for DestinationSlotLayer {
-    type Service = DestinationSlot<S>;
-    fn layer(&self, inner: S) -> DestinationSlot<S> {
-        DestinationSlot { inner, concurrency: self.concurrency.clone() }
-    }
-}
-
-impl<S, B> Service<Request<Bytes>> for DestinationSlot<S>
-where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = Response<B>;
-    type Error = BoxError;
-    type Future = BoxFuture<Response<B>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
-        let concurrency = self.concurrency.clone();
-        Box::pin(async move {
-            let context = AttemptContext::of(&request)?;
-            let (to, deadline) = (context.destination.clone(), context.deadline);
-            let slot = concurrency.host_slot(&to.key, deadline).await?;
-            let mut response = inner.oneshot(request).await.map_err(Into::into)?;
-            response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
-            Ok(response)
-        })
-    }
-}
+/// The destination slot as a layer of the attempt stack.
+pub type DestinationSlotLayer = StepLayer<DestinationSlot>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Response;
     use std::time::Duration;
+    use tower::{Layer as _, Service as _};
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
@@ -258,7 +223,7 @@ mod tests {
             ..Default::default()
         }));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = DestinationSlotLayer::new(c.clone()).layer(mock);
+        let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
         let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));
         let (_, reply) = handle.next_request().await.unwrap();
         reply.send_response(Response::new(()));

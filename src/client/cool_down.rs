@@ -1,17 +1,16 @@
 //! The shared cool-down a destination asks for with 429 + Retry-After: every action to it waits
 //! that long (capped by `limits.max_host_cool_down`) before its next attempt. The `CoolDown`
 //! layer waits out a running cool-down before an attempt and starts one from the 429s it sees.
-use super::attempt::{AttemptContext, BoxFuture};
+use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
 use crate::action::parse_retry_after;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant, SystemTime},
 };
-use tower::{BoxError, Layer, Service, ServiceExt as _};
+use tower::ServiceExt as _;
 
 /// A cool-down runs past the action's deadline: the attempt is refused without a wait.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,66 +80,30 @@ impl CoolDowns {
 /// Waits out the destination's cool-down before the attempt; a 429 (that fails the action) with
 /// a Retry-After starts one for every action.
 #[derive(Clone)]
-pub struct CoolDown<S> {
-    inner: S,
-    cool_downs: Arc<CoolDowns>,
-}
+pub struct CoolDown(pub Arc<CoolDowns>);
 
-#[derive(Clone)]
-pub struct CoolDownLayer {
-    cool_downs: Arc<CoolDowns>,
-}
-
-impl CoolDownLayer {
-    pub fn new(cool_downs: Arc<CoolDowns>) -> Self {
-        Self { cool_downs }
-    }
-}
-
-impl<S> Layer<S> for CoolDownLayer {
-    type Service = CoolDown<S>;
-    fn layer(&self, inner: S) -> CoolDown<S> {
-        CoolDown { inner, cool_downs: self.cool_downs.clone() }
-    }
-}
-
-impl<S, B> Service<Request<Bytes>> for CoolDown<S>
-where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = Response<B>;
-    type Error = BoxError;
-    type Future = BoxFuture<Response<B>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
-        let cool_downs = self.cool_downs.clone();
-        Box::pin(async move {
-            let context = AttemptContext::of(&request)?;
-            let (to, deadline, watch_429) =
-                (context.destination.clone(), context.deadline, context.cool_down_on_429);
-            let waited = cool_downs.wait(&to.key, deadline).await?;
-            if !waited.is_zero() {
-                // A cool-down is a rate limit the host set: counted with them.
-                crate::metrics::rate_limit_waited(&to.key, waited);
+impl Step for CoolDown {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let (to, deadline, watch_429) =
+            (context.destination.clone(), context.deadline, context.cool_down_on_429);
+        let waited = self.0.wait(&to.key, deadline).await?;
+        if !waited.is_zero() {
+            // A cool-down is a rate limit the host set: counted with them.
+            crate::metrics::rate_limit_waited(&to.key, waited);
+        }
+        let response = next.oneshot(request).await.map_err(Into::into)?;
+        if watch_429 && response.status() == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(wait) = retry_after(&response) {
+                self.0.cool_down(&to.key, wait);
             }
-            let response = inner.oneshot(request).await.map_err(Into::into)?;
-            if watch_429 && response.status() == StatusCode::TOO_MANY_REQUESTS {
-                if let Some(wait) = retry_after(&response) {
-                    cool_downs.cool_down(&to.key, wait);
-                }
-            }
-            Ok(response)
-        })
+        }
+        Ok(response)
     }
 }
+
+/// The cool-down as a layer of the attempt stack.
+pub type CoolDownLayer = StepLayer<CoolDown>;
 
 fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
     let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
@@ -151,12 +114,13 @@ fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
 mod tests {
     use super::*;
     use crate::client::attempt::tests::request;
+    use tower::{Layer as _, Service as _};
 
     #[tokio::test(start_paused = true)]
     async fn a_429_cools_the_destination_down_for_every_action() {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(600)));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = CoolDownLayer::new(cool_downs.clone()).layer(mock);
+        let mut service = StepLayer(CoolDown(cool_downs.clone())).layer(mock);
         let first = tokio::spawn(service.call(request("http://h/", Duration::from_secs(60))));
         let (_, reply) = handle.next_request().await.unwrap();
         let too_many = Response::builder().status(429).header("retry-after", "5").body(()).unwrap();
@@ -183,7 +147,7 @@ mod tests {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(30)));
         cool_downs.cool_down("h:80", Duration::from_secs(3600));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = CoolDownLayer::new(cool_downs.clone()).layer(mock);
+        let mut service = StepLayer(CoolDown(cool_downs.clone())).layer(mock);
         let err = service.call(request("http://h/", Duration::from_secs(10))).await.unwrap_err();
         assert!(err.is::<CoolDownError>() && err.to_string().contains("429"), "{err}");
         // Capped at 30 s: a deadline past it waits.

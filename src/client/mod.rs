@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
+pub mod stack;
 pub mod timeout;
 pub mod tls;
 

@@ -2,20 +2,20 @@
 //! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
 use super::{
-    attempt::{AttemptContext, BoxFuture},
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
     host_pattern::{HostPattern, HostPatternError},
 };
 use bytes::Bytes;
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::Request;
 use std::{
     fmt,
     num::NonZeroU32,
     str::FromStr,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
-use tower::{BoxError, Layer, Service, ServiceExt as _};
+use tower::ServiceExt as _;
 
 /// A rate: `count` sends per `period`, with bursts of up to `burst` at once.
 /// Written `10/s`, `600/m`, `5000/h`, optionally followed by ` burst 20` (default: the count).
@@ -198,59 +198,23 @@ impl RateLimits {
 /// Waits for the rate limits before an attempt (bounded by the action's deadline); refuses
 /// with `RateLimitError` when a wait cannot fit.
 #[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    rate: Arc<RateLimits>,
-}
+pub struct RateLimit(pub Arc<RateLimits>);
 
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    rate: Arc<RateLimits>,
-}
-
-impl RateLimitLayer {
-    pub fn new(rate: Arc<RateLimits>) -> Self {
-        Self { rate }
+impl Step for RateLimit {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let (to, deadline) = (context.destination.clone(), context.deadline);
+        let waited = self.0.acquire(&to.key, to.host(), to.port(), deadline).await?;
+        if !waited.is_zero() {
+            tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
+            crate::metrics::rate_limit_waited(&to.key, waited);
+        }
+        next.oneshot(request).await.map_err(Into::into)
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { inner, rate: self.rate.clone() }
-    }
-}
-
-impl<S, R> Service<http::Request<Bytes>> for RateLimit<S>
-where
-    S: Service<http::Request<Bytes>, Response = R> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    R: Send + 'static,
-{
-    type Response = R;
-    type Error = BoxError;
-    type Future = BoxFuture<R>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
-        let rate = self.rate.clone();
-        Box::pin(async move {
-            let context = AttemptContext::of(&request)?;
-            let (to, deadline) = (context.destination.clone(), context.deadline);
-            let waited = rate.acquire(&to.key, to.host(), to.port(), deadline).await?;
-            if !waited.is_zero() {
-                tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
-                crate::metrics::rate_limit_waited(&to.key, waited);
-            }
-            inner.oneshot(request).await.map_err(Into::into)
-        })
-    }
-}
+/// The rate limits as a layer of the attempt stack.
+pub type RateLimitLayer = StepLayer<RateLimit>;
 
 /// Calls `check` until it allows, sleeping as long as it says; returns whether it slept, or
 /// fails with the wait it asked for when that wait would pass `deadline`.
@@ -271,6 +235,7 @@ async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::{Layer as _, Service as _};
 
     fn rate(s: &str) -> Rate {
         s.parse().unwrap()
@@ -335,13 +300,13 @@ mod tests {
             per_host: vec!["h=1/m".parse().unwrap()],
             ..RateLimitSettings::default()
         }));
-        let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, &'static str>();
-        let mut service = RateLimitLayer::new(rate).layer(mock);
+        let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
+        let mut service = StepLayer(RateLimit(rate)).layer(mock);
         let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
         let first = tokio::spawn(service.call(request()));
         let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response("ok");
-        assert_eq!(first.await.unwrap().unwrap(), "ok");
+        reply.send_response(http::Response::new(()));
+        assert!(first.await.unwrap().is_ok());
         let err = service.call(request()).await.unwrap_err();
         assert!(err.is::<RateLimitError>(), "{err}");
         assert!(err.to_string().contains("1/m burst 1"), "{err}");

@@ -9,14 +9,13 @@
 //! too many hops carries no context. Each hop goes down to the client as its own request, so the
 //! egress-checking connector dials every one.
 use super::{
-    attempt::{AttemptContext, BoxFuture},
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
     error::SendFailure,
 };
 use crate::action::ErrorKind;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use std::task::{Context, Poll};
-use tower::{BoxError, Layer, Service, ServiceExt as _};
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use tower::ServiceExt as _;
 use url::Url;
 
 const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
@@ -135,77 +134,53 @@ impl Hop {
     }
 }
 
-/// Follows redirects by the attempt's policy: each hop is sent through the inner service, and the
-/// final response (not a redirect, or redirects not followed) is returned.
-#[derive(Clone)]
-pub struct Redirect<S> {
-    inner: S,
-}
+/// Follows redirects by the attempt's policy: each hop is sent through the rest of the stack,
+/// and the final response (not a redirect, or redirects not followed) is returned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Redirect;
 
-#[derive(Clone, Copy, Default)]
-pub struct RedirectLayer;
-
-impl<S> Layer<S> for RedirectLayer {
-    type Service = Redirect<S>;
-    fn layer(&self, inner: S) -> Redirect<S> {
-        Redirect { inner }
-    }
-}
-
-impl<S, B> Service<Request<Bytes>> for Redirect<S>
-where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = Response<B>;
-    type Error = BoxError;
-    type Future = BoxFuture<Response<B>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let context = AttemptContext::of(&request)?;
-            if !context.redirects.follow {
-                return inner.oneshot(request).await.map_err(Into::into);
-            }
-            let max_hops = context.redirects.max_hops;
-            let mut hop = Hop {
-                method: request.method().clone(),
-                url: context.url.clone(),
-                headers: request.headers().clone(),
-                body: request.body().clone(),
+impl Step for Redirect {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        if !context.redirects.follow {
+            return next.oneshot(request).await.map_err(Into::into);
+        }
+        let max_hops = context.redirects.max_hops;
+        let mut hop = Hop {
+            method: request.method().clone(),
+            url: context.url.clone(),
+            headers: request.headers().clone(),
+            body: request.body().clone(),
+        };
+        let extensions = request.extensions().clone();
+        let mut visited = vec![hop.url.clone()];
+        let mut request = request;
+        loop {
+            let response = next.clone().oneshot(request).await.map_err(Into::into)?;
+            let location = response.headers().get(header::LOCATION);
+            let next = next_hop(&hop, response.status(), location, &visited, max_hops)
+                .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
+            let Some(next) = next else {
+                return Ok(response);
             };
-            let extensions = request.extensions().clone();
-            let mut visited = vec![hop.url.clone()];
-            let mut request = request;
-            loop {
-                let response = inner.clone().oneshot(request).await.map_err(Into::into)?;
-                let location = response.headers().get(header::LOCATION);
-                let next = next_hop(&hop, response.status(), location, &visited, max_hops)
-                    .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
-                let Some(next) = next else {
-                    return Ok(response);
-                };
-                tracing::debug!(status = response.status().as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
-                visited.push(next.url.clone());
-                hop = next;
-                request = hop.request()?;
-                *request.extensions_mut() = extensions.clone();
-            }
-        })
+            tracing::debug!(status = response.status().as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
+            visited.push(next.url.clone());
+            hop = next;
+            request = hop.request()?;
+            *request.extensions_mut() = extensions.clone();
+        }
     }
 }
+
+/// Redirects as a layer of the attempt stack.
+pub type RedirectLayer = StepLayer<Redirect>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use http::Response;
+    use tower::{Layer as _, Service as _};
 
     fn hop(method: Method, url: &str) -> Hop {
         let mut headers = HeaderMap::new();
@@ -285,7 +260,7 @@ mod tests {
     #[tokio::test]
     async fn the_layer_sends_each_hop_and_returns_the_final_response() {
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = RedirectLayer.layer(mock);
+        let mut service = StepLayer(Redirect).layer(mock);
         let mut first =
             crate::client::attempt::tests::request("http://a.test/x", std::time::Duration::from_secs(5));
         first.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));

@@ -3,15 +3,12 @@
 //! hop of the attempt; the caller bounds the body read by the same instant (`bounds`).
 //! Hand-written rather than tower's `Timeout`: the bound is per request (from its context), and
 //! its error says which clock ran out.
-use super::attempt::{AttemptContext, BoxFuture};
+use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
 use crate::fmt::fmt_duration;
 use bytes::Bytes;
 use http::Request;
-use std::{
-    task::{Context, Poll},
-    time::{Duration, Instant},
-};
-use tower::{BoxError, Layer, Service, ServiceExt as _};
+use std::time::{Duration, Instant};
+use tower::ServiceExt as _;
 
 /// An attempt ran out of time: its own timeout, or the action's total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -33,60 +30,36 @@ pub fn bounds(start: Instant, context: &AttemptContext) -> (Instant, TimeoutErro
 }
 
 /// Starts the attempt (tells its action through the context's start signal) and bounds it.
-#[derive(Clone)]
-pub struct AttemptTimeout<S> {
-    inner: S,
-}
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttemptTimeout;
 
-#[derive(Clone, Copy, Default)]
-pub struct AttemptTimeoutLayer;
-
-impl<S> Layer<S> for AttemptTimeoutLayer {
-    type Service = AttemptTimeout<S>;
-    fn layer(&self, inner: S) -> AttemptTimeout<S> {
-        AttemptTimeout { inner }
+impl Step for AttemptTimeout {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let start = Instant::now();
+        let (until, error) = bounds(start, context);
+        context.start.start(start);
+        match tokio::time::timeout_at(until.into(), next.oneshot(request)).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err(error.into()),
+        }
     }
 }
 
-impl<S, R> Service<Request<Bytes>> for AttemptTimeout<S>
-where
-    S: Service<Request<Bytes>, Response = R> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    R: Send + 'static,
-{
-    type Response = R;
-    type Error = BoxError;
-    type Future = BoxFuture<R>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let context = AttemptContext::of(&request)?;
-            let start = Instant::now();
-            let (until, error) = bounds(start, context);
-            context.start.start(start);
-            match tokio::time::timeout_at(until.into(), inner.oneshot(request)).await {
-                Ok(result) => result.map_err(Into::into),
-                Err(_) => Err(error.into()),
-            }
-        })
-    }
-}
+/// The attempt's clock as a layer of the attempt stack.
+pub type AttemptTimeoutLayer = StepLayer<AttemptTimeout>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::client::attempt::tests::request;
+    use http::Response;
+    use tower::{Layer as _, Service as _};
 
     #[tokio::test(start_paused = true)]
     async fn the_nearer_clock_ends_the_attempt_and_is_named() {
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, ()>();
-        let mut service = AttemptTimeoutLayer.layer(mock);
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let mut service = StepLayer(AttemptTimeout).layer(mock);
         // The total (3 s) comes first.
         let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(3))));
         let _pending = handle.next_request().await.unwrap();
