@@ -11,6 +11,7 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("callout_descriptor");
 }
 pub mod api;
+pub mod attempt;
 pub mod client;
 pub mod config;
 pub mod exec;
