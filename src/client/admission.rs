@@ -1,7 +1,7 @@
-//! What an action passes before it may send, in order: a place in the server (queue bound),
-//! a running slot, then per attempt the destination's circuit breaker, its shared cool-down,
-//! the rate limits and a destination slot. Checks that refuse at once come before waits, and
-//! every wait counts against the action's deadline.
+//! The server's limits: a place in the server (queue bound) and a running slot per action, and
+//! the parts the per-attempt layers of `stack::attempt_stack` are built from (the circuit
+//! breakers, the shared cool-downs, the rate limits, the destination slots). Checks that refuse
+//! at once come before waits, and every wait counts against the action's deadline.
 use super::{
     breaker::{BreakerSettings, CircuitBreakers},
     concurrency::{Admission, Concurrency, ConcurrencySettings, Overloaded, Slot},
