@@ -113,6 +113,32 @@ pub enum Attempted {
     Ran(AttemptResult),
 }
 
+/// Runs one attempt of an action: `Attempts` for real; the action loop's tests script one.
+/// `started` is set once the attempt passed its limits (and the observer heard of it).
+pub trait RunAttempt: Clone + Send + Sync + 'static {
+    fn run<O: Observer>(
+        &self,
+        action: &HttpAction,
+        number: u32,
+        context: &AttemptContext,
+        started: &mut Option<Instant>,
+        observer: &mut O,
+    ) -> impl Future<Output = Attempted> + Send;
+}
+
+impl RunAttempt for Attempts {
+    fn run<O: Observer>(
+        &self,
+        action: &HttpAction,
+        number: u32,
+        context: &AttemptContext,
+        started: &mut Option<Instant>,
+        observer: &mut O,
+    ) -> impl Future<Output = Attempted> + Send {
+        self.attempt(action, number, context, started, observer)
+    }
+}
+
 /// What attempts run on: the server's clients, limits and memory budget for bodies.
 #[derive(Clone)]
 pub struct Attempts {
@@ -136,7 +162,7 @@ impl Attempts {
 
     /// One attempt through the attempt stack, then its body read. `started` is set once the
     /// attempt passed its limits (and the observer heard of it).
-    pub async fn run<O: Observer>(
+    async fn attempt<O: Observer>(
         &self,
         action: &HttpAction,
         number: u32,

@@ -7,7 +7,7 @@ use crate::{
         ActionError, ActionInput, AttemptRecord, AttemptTiming, ErrorKind, HttpAction, InvalidAction,
         OnFailure, Outcome, ResponseData, RetryDecision,
     },
-    attempt::{cancelled, Attempted, Attempts},
+    attempt::{cancelled, Attempted, Attempts, RunAttempt},
     client::{
         admission::{Destination, LimitSettings, Limits},
         attempt::AttemptContext,
@@ -79,10 +79,10 @@ impl Default for ExecSettings {
     }
 }
 
-/// Runs actions on the shared client.
+/// Runs actions on the shared client (`A`: the attempts, scripted in this module's tests).
 #[derive(Clone)]
-pub struct Executor {
-    attempts: Attempts,
+pub struct Executor<A = Attempts> {
+    attempts: A,
     limits: Arc<Limits>,
     secrets: SecretStore,
     settings: ExecSettings,
@@ -108,7 +108,9 @@ impl Executor {
             cut_off: Arc::new(watch::channel(false).0),
         })
     }
+}
 
+impl<A: RunAttempt> Executor<A> {
     /// Ends every running action now, each with a reply (outcome FAILED, error CANCELLED, a
     /// message saying whether its request may have been sent), and every action started later
     /// before it sends anything. The drain calls this when its time runs out, a little before
@@ -440,6 +442,154 @@ async fn unless_cut_off<F: Future>(cut_off: &mut watch::Receiver<bool>, fut: F) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        action::{AttemptEnd, ResponseHead},
+        attempt::AttemptResult,
+        client::attempt::AttemptContext,
+    };
+    use bytes::Bytes;
+    use std::{collections::VecDeque, sync::Mutex};
+
+    /// How a scripted attempt ends.
+    #[derive(Debug, Clone, Copy)]
+    enum Scripted {
+        Refused(ErrorKind),
+        Status(u16),
+        /// A failing status whose body was already streamed.
+        Streamed(u16),
+        Error(ErrorKind, bool),
+        /// Started, and never ends.
+        Hangs,
+    }
+
+    /// A mock of the attempt: plays its script, one entry per attempt; no sockets.
+    #[derive(Clone, Default)]
+    struct Script(Arc<Mutex<VecDeque<Scripted>>>);
+
+    impl RunAttempt for Script {
+        async fn run<O: Observer>(
+            &self,
+            _: &HttpAction,
+            number: u32,
+            _: &AttemptContext,
+            started: &mut Option<Instant>,
+            _: &mut O,
+        ) -> Attempted {
+            let next = self.0.lock().unwrap().pop_front().expect("the script has an attempt left");
+            if let Scripted::Refused(kind) = next {
+                return Attempted::Refused(ActionError::new(kind, "refused"));
+            }
+            *started = Some(Instant::now());
+            let mut record = AttemptRecord {
+                number,
+                status: None,
+                error: None,
+                timing: AttemptTiming::default(),
+                remote_addr: None,
+                backoff: None,
+            };
+            let (end, response, streamed) = match next {
+                Scripted::Status(status) | Scripted::Streamed(status) => {
+                    record.status = Some(status);
+                    let head =
+                        ResponseHead { status, reason: String::new(), version: "HTTP/1.1", headers: vec![] };
+                    let response = ResponseData {
+                        head,
+                        body: Bytes::new(),
+                        body_json: None,
+                        body_text: None,
+                        truncated: false,
+                    };
+                    let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
+                    (end, Some(response), matches!(next, Scripted::Streamed(_)))
+                }
+                Scripted::Error(kind, sent) => (Some(AttemptEnd::Error { kind, sent }), None, false),
+                Scripted::Hangs | Scripted::Refused(_) => std::future::pending().await,
+            };
+            if let Some(end) = end {
+                let kind = match end {
+                    AttemptEnd::Status { .. } => ErrorKind::UnexpectedStatus,
+                    AttemptEnd::Error { kind, .. } => kind,
+                };
+                record.error = Some(ActionError::new(kind, "failed"));
+            }
+            Attempted::Ran(AttemptResult { record, end, response, streamed, decision: None })
+        }
+    }
+
+    fn executor(script: &[Scripted]) -> Executor<Script> {
+        let settings = ExecSettings::default();
+        Executor {
+            attempts: Script(Arc::new(Mutex::new(script.iter().copied().collect()))),
+            limits: Arc::new(Limits::new(&settings.limits)),
+            secrets: SecretStore::new(settings.secrets.clone()),
+            settings,
+            cut_off: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    fn get() -> HttpAction {
+        let input = ActionInput { method: "GET".into(), url: "http://h.test/".into(), ..Default::default() };
+        HttpAction::from_input(input).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_status_is_retried_after_a_backoff_until_it_succeeds() {
+        let outcome = executor(&[Scripted::Status(503), Scripted::Status(200)]).execute(&get(), None).await;
+        assert!(outcome.succeeded && outcome.error.is_none(), "{outcome:?}");
+        assert_eq!(outcome.attempts.len(), 2);
+        assert!(outcome.attempts[0].backoff.is_some() && outcome.attempts[1].backoff.is_none());
+        assert_eq!(outcome.response.unwrap().head.status, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_ends_the_action_without_an_attempt() {
+        let outcome = executor(&[
+            Scripted::Error(ErrorKind::Connect, false),
+            Scripted::Refused(ErrorKind::CircuitOpen),
+        ])
+        .execute(&get(), None)
+        .await;
+        assert_eq!(outcome.error.unwrap().kind, ErrorKind::CircuitOpen);
+        assert_eq!(outcome.attempts.len(), 1, "the refused second attempt is not recorded");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn final_errors_and_streamed_bodies_are_not_retried() {
+        let connect_then_final =
+            [Scripted::Error(ErrorKind::Connect, false), Scripted::Error(ErrorKind::BodyTooLarge, true)];
+        let outcome = executor(&connect_then_final).execute(&get(), None).await;
+        assert_eq!(outcome.attempts.len(), 2);
+        assert_eq!(outcome.error.unwrap().kind, ErrorKind::BodyTooLarge);
+        let outcome = executor(&[Scripted::Streamed(503)]).execute(&get(), None).await;
+        assert_eq!(outcome.attempts.len(), 1, "a streamed body cannot be taken back");
+        assert!(!outcome.succeeded && outcome.attempts[0].backoff.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_off_ends_a_running_attempt_saying_the_request_may_have_been_sent() {
+        let executor = executor(&[Scripted::Hangs]);
+        let running = tokio::spawn({
+            let executor = executor.clone();
+            async move { executor.execute(&get(), None).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        executor.cut_off();
+        let outcome = running.await.unwrap();
+        let error = outcome.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::Cancelled);
+        assert_eq!(error.message, "the server shut down during attempt 1; the request may have been sent");
+        assert_eq!(outcome.attempts.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_off_before_the_first_attempt_sends_nothing() {
+        let executor = executor(&[Scripted::Status(503), Scripted::Status(200)]);
+        executor.cut_off();
+        let outcome = executor.execute(&get(), None).await;
+        assert_eq!(outcome.error.unwrap().message, "the server shut down before any request was sent");
+        assert!(outcome.attempts.is_empty());
+    }
 
     #[test]
     fn a_cut_off_says_whether_the_request_may_have_been_sent() {
