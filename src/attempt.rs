@@ -118,58 +118,29 @@ pub enum Attempted {
 pub trait RunAttempt: Clone + Send + Sync + 'static {
     fn run<O: Observer>(
         &self,
-        action: &HttpAction,
-        number: u32,
-        context: &AttemptContext,
+        of: AttemptOf<'_>,
         started: &mut Option<Instant>,
         observer: &mut O,
     ) -> impl Future<Output = Attempted> + Send;
 }
 
+/// Which attempt of which action.
+#[derive(Clone, Copy)]
+pub struct AttemptOf<'a> {
+    pub action: &'a HttpAction,
+    /// 1-based.
+    pub number: u32,
+    pub context: &'a AttemptContext,
+}
+
 impl RunAttempt for Attempts {
-    fn run<O: Observer>(
+    async fn run<O: Observer>(
         &self,
-        action: &HttpAction,
-        number: u32,
-        context: &AttemptContext,
-        started: &mut Option<Instant>,
-        observer: &mut O,
-    ) -> impl Future<Output = Attempted> + Send {
-        self.attempt(action, number, context, started, observer)
-    }
-}
-
-/// What attempts run on: the server's clients, limits and memory budget for bodies.
-#[derive(Clone)]
-pub struct Attempts {
-    clients: Clients,
-    limits: Arc<Limits>,
-    /// The memory budget for buffered bodies (`limits.max_buffered_bytes`).
-    budget: BodyBudget,
-    /// Body cap of ExecuteStream.
-    stream_max_response_bytes: u64,
-}
-
-impl Attempts {
-    pub fn new(
-        clients: Clients,
-        limits: Arc<Limits>,
-        budget: BodyBudget,
-        stream_max_response_bytes: u64,
-    ) -> Self {
-        Self { clients, limits, budget, stream_max_response_bytes }
-    }
-
-    /// One attempt through the attempt stack, then its body read. `started` is set once the
-    /// attempt passed its limits (and the observer heard of it).
-    async fn attempt<O: Observer>(
-        &self,
-        action: &HttpAction,
-        number: u32,
-        context: &AttemptContext,
+        of: AttemptOf<'_>,
         started: &mut Option<Instant>,
         observer: &mut O,
     ) -> Attempted {
+        let AttemptOf { action, number, context } = of;
         let deadline = context.deadline;
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
@@ -210,14 +181,7 @@ impl Attempts {
             (None, Ok(_)) => Instant::now(),
         };
         let (until, timeout) = bounds(start, context);
-        let mut record = AttemptRecord {
-            number,
-            status: None,
-            error: None,
-            timing: AttemptTiming::default(),
-            remote_addr: None,
-            backoff: None,
-        };
+        let mut record = AttemptRecord::new(number);
         let fail =
             |mut record: AttemptRecord, error: ActionError, end: Option<AttemptEnd>, response, streamed| {
                 record.timing.total = start.elapsed();
@@ -321,6 +285,28 @@ impl Attempts {
             }
             None => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
         })
+    }
+}
+
+/// What attempts run on: the server's clients, limits and memory budget for bodies.
+#[derive(Clone)]
+pub struct Attempts {
+    clients: Clients,
+    limits: Arc<Limits>,
+    /// The memory budget for buffered bodies (`limits.max_buffered_bytes`).
+    budget: BodyBudget,
+    /// Body cap of ExecuteStream.
+    stream_max_response_bytes: u64,
+}
+
+impl Attempts {
+    pub fn new(
+        clients: Clients,
+        limits: Arc<Limits>,
+        budget: BodyBudget,
+        stream_max_response_bytes: u64,
+    ) -> Self {
+        Self { clients, limits, budget, stream_max_response_bytes }
     }
 
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {

@@ -4,10 +4,10 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, AttemptTiming, ErrorKind, HttpAction, InvalidAction,
-        OnFailure, Outcome, ResponseData, RetryDecision,
+        ActionError, ActionInput, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure, Outcome,
+        ResponseData, RetryDecision,
     },
-    attempt::{cancelled, Attempted, Attempts, RunAttempt},
+    attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
         admission::{Destination, LimitSettings, Limits},
         attempt::AttemptContext,
@@ -242,8 +242,12 @@ impl<A: RunAttempt> Executor<A> {
                 tracing::debug_span!("attempt", number)
             };
             let mut started = None;
-            let attempt = Box::pin(self.attempts.run(action, number, &context, &mut started, observer))
-                .instrument(span);
+            let attempt = Box::pin(self.attempts.run(
+                AttemptOf { action, number, context: &context },
+                &mut started,
+                observer,
+            ))
+            .instrument(span);
             let attempted = unless_cut_off(&mut cut_off, attempt).await;
             let mut result = match attempted {
                 // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
@@ -266,14 +270,8 @@ impl<A: RunAttempt> Executor<A> {
                     Some(started) => {
                         // The request may be on the wire or answered: the caller must know.
                         let why = shut_down(ShutDownAt::During(number));
-                        let mut record = AttemptRecord {
-                            number,
-                            status: None,
-                            error: Some(why.clone()),
-                            timing: AttemptTiming::default(),
-                            remote_addr: None,
-                            backoff: None,
-                        };
+                        let mut record =
+                            AttemptRecord { error: Some(why.clone()), ..AttemptRecord::new(number) };
                         record.timing.total = started.elapsed();
                         // The stream still hears why its attempt ended (unless its reader is gone).
                         let _ = observer.attempt_failed(&record, false).await;
@@ -445,7 +443,6 @@ mod tests {
     use crate::{
         action::{AttemptEnd, ResponseHead},
         attempt::AttemptResult,
-        client::attempt::AttemptContext,
     };
     use bytes::Bytes;
     use std::{collections::VecDeque, sync::Mutex};
@@ -469,25 +466,17 @@ mod tests {
     impl RunAttempt for Script {
         async fn run<O: Observer>(
             &self,
-            _: &HttpAction,
-            number: u32,
-            _: &AttemptContext,
+            of: AttemptOf<'_>,
             started: &mut Option<Instant>,
             _: &mut O,
         ) -> Attempted {
+            let number = of.number;
             let next = self.0.lock().unwrap().pop_front().expect("the script has an attempt left");
             if let Scripted::Refused(kind) = next {
                 return Attempted::Refused(ActionError::new(kind, "refused"));
             }
             *started = Some(Instant::now());
-            let mut record = AttemptRecord {
-                number,
-                status: None,
-                error: None,
-                timing: AttemptTiming::default(),
-                remote_addr: None,
-                backoff: None,
-            };
+            let mut record = AttemptRecord::new(number);
             let (end, response, streamed) = match next {
                 Scripted::Status(status) | Scripted::Streamed(status) => {
                     record.status = Some(status);

@@ -203,8 +203,8 @@ pub struct RateLimit(pub Arc<RateLimits>);
 impl Step for RateLimit {
     async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
         let context = AttemptContext::of(&request)?;
-        let (to, deadline) = (context.destination.clone(), context.deadline);
-        let waited = self.0.acquire(&to.key, to.host(), to.port(), deadline).await?;
+        let to = context.destination.clone();
+        let waited = self.0.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
         if !waited.is_zero() {
             tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
             crate::metrics::rate_limit_waited(&to.key, waited);
