@@ -14,6 +14,7 @@ pub mod api;
 pub mod attempt;
 pub mod client;
 pub mod config;
+pub mod cut_off;
 pub mod exec;
 pub mod fmt;
 pub mod metrics;
