@@ -11,8 +11,10 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("callout_descriptor");
 }
 pub mod api;
+pub mod attempt;
 pub mod client;
 pub mod config;
+pub mod cut_off;
 pub mod durable;
 pub mod exec;
 pub mod fmt;

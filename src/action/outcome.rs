@@ -111,6 +111,20 @@ pub struct AttemptRecord {
     pub backoff: Option<Duration>,
 }
 
+impl AttemptRecord {
+    /// Attempt `number`, before anything is known of how it went.
+    pub fn new(number: u32) -> Self {
+        Self {
+            number,
+            status: None,
+            error: None,
+            timing: AttemptTiming::default(),
+            remote_addr: None,
+            backoff: None,
+        }
+    }
+}
+
 /// The verdict of a whole action.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {

@@ -45,6 +45,25 @@ pub enum RetryDecision {
 }
 
 impl RetryPolicy {
+    /// Decides after attempt number `attempt` failed as `end`, the rules that come before the
+    /// policy first: a body already handed to a stream cannot be taken back, and some errors no
+    /// retry can mend. `remaining` is the time left before the total deadline.
+    pub fn after_failure(
+        &self,
+        attempt: u32,
+        end: AttemptEnd,
+        streamed: bool,
+        remaining: Duration,
+    ) -> RetryDecision {
+        if streamed {
+            return stop("the body was already streamed".into());
+        }
+        if matches!(end, AttemptEnd::Error { kind, .. } if !retryable_kind(kind)) {
+            return stop("this error is final".into());
+        }
+        self.decide(attempt, end, remaining)
+    }
+
     /// Decides whether attempt number `attempt` (1-based), which ended as `end`, is tried again.
     /// `remaining` is the time left before the total deadline; a wait that cannot fit stops.
     pub fn decide(&self, attempt: u32, end: AttemptEnd, remaining: Duration) -> RetryDecision {
@@ -100,6 +119,18 @@ impl RetryPolicy {
             ceiling
         }
     }
+}
+
+/// Errors that no retry can mend: the request itself or its response was wrong, or the caller
+/// is gone.
+fn retryable_kind(kind: ErrorKind) -> bool {
+    !matches!(
+        kind,
+        ErrorKind::BodyTooLarge
+            | ErrorKind::InvalidRequest
+            | ErrorKind::DeniedByPolicy
+            | ErrorKind::Cancelled
+    )
 }
 
 fn stop(reason: String) -> RetryDecision {
@@ -202,5 +233,23 @@ mod tests {
         assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now), Some(Duration::from_secs(10)));
         assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn a_streamed_body_and_final_errors_are_never_retried() {
+        let p = policy(true);
+        let long = Duration::from_secs(60);
+        assert!(matches!(p.after_failure(1, status(503), false, long), RetryDecision::Retry { .. }));
+        assert_eq!(
+            p.after_failure(1, status(503), true, long),
+            RetryDecision::Stop { reason: "the body was already streamed".into() }
+        );
+        let final_error = AttemptEnd::Error { kind: ErrorKind::BodyTooLarge, sent: true };
+        assert_eq!(
+            p.after_failure(1, final_error, false, long),
+            RetryDecision::Stop { reason: "this error is final".into() }
+        );
+        let connect = AttemptEnd::Error { kind: ErrorKind::Connect, sent: false };
+        assert!(matches!(p.after_failure(1, connect, false, long), RetryDecision::Retry { .. }));
     }
 }

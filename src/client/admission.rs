@@ -1,14 +1,15 @@
-//! What an action passes before it may send, in order: a place in the server (queue bound),
-//! a running slot, then per attempt the destination's circuit breaker, its shared cool-down,
-//! the rate limits and a destination slot. Checks that refuse at once come before waits, and
-//! every wait counts against the action's deadline.
+//! The server's limits: a place in the server (queue bound) and a running slot per action, and
+//! the parts the per-attempt layers of `stack::attempt_stack` are built from (the circuit
+//! breakers, the shared cool-downs, the rate limits, the destination slots). Checks that refuse
+//! at once come before waits, and every wait counts against the action's deadline.
 use super::{
-    breaker::{BreakerSettings, CircuitBreakers, Health},
+    breaker::{BreakerSettings, CircuitBreakers},
     concurrency::{Admission, Concurrency, ConcurrencySettings, Overloaded, Slot},
+    cool_down::CoolDowns,
     rate_limit::{RateLimitSettings, RateLimits},
 };
 use crate::action::{ActionError, ErrorKind};
-use std::time::{Duration, Instant};
+use std::{sync::Arc, time::Instant};
 use url::Url;
 
 /// The server's limits on sending, and on the response bytes held for replies.
@@ -48,21 +49,33 @@ impl Destination {
         let key = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         Self { key, host, port }
     }
+
+    /// The host, lower-case, without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
-/// The limits, shared by every action of the server.
+/// The limits, shared by every action of the server. The per-attempt ones are layers of the
+/// attempt stack (`attempt::attempt_stack`), each built from its part here.
 pub struct Limits {
-    concurrency: Concurrency,
-    rate: RateLimits,
-    breakers: CircuitBreakers,
+    concurrency: Arc<Concurrency>,
+    rate: Arc<RateLimits>,
+    cool_downs: Arc<CoolDowns>,
+    breakers: Arc<CircuitBreakers>,
 }
 
 impl Limits {
     pub fn new(settings: &LimitSettings) -> Self {
         Self {
-            concurrency: Concurrency::new(settings.concurrency),
-            rate: RateLimits::new(&settings.rate),
-            breakers: CircuitBreakers::new(settings.breaker),
+            concurrency: Arc::new(Concurrency::new(settings.concurrency)),
+            rate: Arc::new(RateLimits::new(&settings.rate)),
+            cool_downs: Arc::new(CoolDowns::new(settings.rate.max_cool_down)),
+            breakers: Arc::new(CircuitBreakers::new(settings.breaker)),
         }
     }
 
@@ -76,32 +89,20 @@ impl Limits {
         self.concurrency.run_slot(deadline).await.map_err(|e| ActionError::new(ErrorKind::RateLimited, e.0))
     }
 
-    /// Lets one attempt go to `to`, or says why not: CIRCUIT_OPEN at once, RATE_LIMITED when
-    /// a wait would pass `deadline`. The slot is held until the attempt ends.
-    pub async fn enter(&self, to: &Destination, deadline: Instant) -> Result<Slot, ActionError> {
-        self.breakers.check(&to.key).map_err(|e| ActionError::new(ErrorKind::CircuitOpen, e.0))?;
-        let waited = self
-            .rate
-            .acquire(&to.key, &to.host, to.port, deadline)
-            .await
-            .map_err(|e| ActionError::new(ErrorKind::RateLimited, e.0))?;
-        if !waited.is_zero() {
-            tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
-            crate::metrics::rate_limit_waited(&to.key, waited);
-        }
-        self.concurrency
-            .host_slot(&to.key, deadline)
-            .await
-            .map_err(|e| ActionError::new(ErrorKind::RateLimited, e.0))
+    pub fn concurrency(&self) -> Arc<Concurrency> {
+        self.concurrency.clone()
     }
 
-    /// Reports how an attempt to `to` went: feeds its breaker, and a 429's Retry-After becomes
-    /// a cool-down for every action to that destination.
-    pub fn report(&self, to: &Destination, health: Health, too_many_requests_wait: Option<Duration>) {
-        self.breakers.record(&to.key, health);
-        if let Some(wait) = too_many_requests_wait {
-            self.rate.cool_down(&to.key, wait);
-        }
+    pub fn rate(&self) -> Arc<RateLimits> {
+        self.rate.clone()
+    }
+
+    pub fn cool_downs(&self) -> Arc<CoolDowns> {
+        self.cool_downs.clone()
+    }
+
+    pub fn breakers(&self) -> Arc<CircuitBreakers> {
+        self.breakers.clone()
     }
 
     /// Actions admitted and not yet finished (running or queued).
@@ -120,17 +121,5 @@ mod tests {
         assert_eq!(d("https://API.example.com/x"), "api.example.com:443");
         assert_eq!(d("http://example.com.:8080/"), "example.com:8080");
         assert_eq!(d("http://[::1]/"), "[::1]:80");
-    }
-
-    #[tokio::test]
-    async fn an_open_circuit_refuses_before_any_wait() {
-        let limits = Limits::new(&LimitSettings {
-            breaker: BreakerSettings { failure_threshold: 1, cool_down: Duration::from_secs(60) },
-            ..LimitSettings::default()
-        });
-        let to = Destination::of(&Url::parse("http://h/").unwrap());
-        limits.report(&to, Health::Failing, None);
-        let err = limits.enter(&to, Instant::now() + Duration::from_secs(1)).await.unwrap_err();
-        assert_eq!(err.kind, ErrorKind::CircuitOpen);
     }
 }

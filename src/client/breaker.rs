@@ -2,11 +2,20 @@
 //! errors, timeouts, 5xx) the circuit opens and actions to that host fail CIRCUIT_OPEN without
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
 //! circuit again or re-opens it.
+use super::{
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    error::SendFailure,
+    timeout::TimeoutError,
+};
+use crate::action::ErrorKind;
+use bytes::Bytes;
+use http::{Request, Response};
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+use tower::{BoxError, ServiceExt as _};
 
 /// Circuit-breaker settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +60,7 @@ enum State {
 /// Why an action was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct CircuitOpen(pub String);
+pub struct BreakerError(pub String);
 
 /// Closed circuits with no recent failure are forgotten past this many tracked destinations.
 const PRUNE_ABOVE: usize = 10_000;
@@ -69,7 +78,7 @@ impl CircuitBreakers {
 
     /// Whether an action may go to `key` now. An open circuit whose cool-down is over lets
     /// this one through as the probe.
-    pub fn check(&self, key: &str) -> Result<(), CircuitOpen> {
+    pub fn check(&self, key: &str) -> Result<(), BreakerError> {
         if self.settings.failure_threshold == 0 {
             return Ok(());
         }
@@ -87,7 +96,7 @@ impl CircuitBreakers {
                 tracing::info!(destination = %key, "circuit half-open: letting one probe through");
                 Ok(())
             }
-            State::Open { until } => Err(CircuitOpen(format!(
+            State::Open { until } => Err(BreakerError(format!(
                 "circuit for {key} is open after {} consecutive failures; next probe in {}",
                 self.settings.failure_threshold,
                 crate::fmt::fmt_duration(until - now)
@@ -98,7 +107,7 @@ impl CircuitBreakers {
                 Ok(())
             }
             State::HalfOpen { .. } => {
-                Err(CircuitOpen(format!("circuit for {key} is half-open and a probe is in flight")))
+                Err(BreakerError(format!("circuit for {key} is half-open and a probe is in flight")))
             }
         }
     }
@@ -140,9 +149,43 @@ impl CircuitBreakers {
     }
 }
 
+/// Refuses attempts to a destination whose circuit is open; records how each attempt that ran
+/// went (by its status when it got one, else by its error) when its response head arrives.
+#[derive(Clone)]
+pub struct Breaker(pub Arc<CircuitBreakers>);
+
+impl Step for Breaker {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let destination = AttemptContext::of(&request)?.destination.clone();
+        self.0.check(&destination.key)?;
+        let result = next.oneshot(request).await.map_err(Into::into);
+        self.0.record(&destination.key, health_of(&result));
+        result
+    }
+}
+
+/// The breaker as a layer of the attempt stack.
+pub type BreakerLayer = StepLayer<Breaker>;
+
+/// How an attempt speaks of its destination's health: a status below 500 is healthy, 5xx,
+/// connect errors and timeouts are failing; anything else (a refusal by a later limit, a bad
+/// certificate) says nothing.
+fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
+    match result {
+        Ok(response) if response.status().is_server_error() => Health::Failing,
+        Ok(_) => Health::Healthy,
+        Err(e) if e.is::<TimeoutError>() => Health::Failing,
+        Err(e) => match e.downcast_ref::<SendFailure>() {
+            Some(f) if matches!(f.kind, ErrorKind::Connect | ErrorKind::Timeout) => Health::Failing,
+            _ => Health::Unknown,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::{Layer as _, Service as _};
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
         CircuitBreakers::new(BreakerSettings {
@@ -190,5 +233,28 @@ mod tests {
             b.record("h:80", Health::Failing);
         }
         assert!(b.check("h:80").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
+        use crate::client::attempt::tests::request;
+        let breakers = Arc::new(breakers(2, 60_000));
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let mut service = StepLayer(Breaker(breakers)).layer(mock);
+        for status in [Some(503), None] {
+            let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
+            let (_, reply) = handle.next_request().await.unwrap();
+            match status {
+                // A 5xx is a response, and a failure for the breaker.
+                Some(status) => reply.send_response(Response::builder().status(status).body(()).unwrap()),
+                None => reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false)),
+            }
+            assert_eq!(call.await.unwrap().is_ok(), status.is_some());
+        }
+        let err = service.call(request("http://h/", Duration::from_secs(5))).await.unwrap_err();
+        assert!(err.is::<BreakerError>(), "{err}");
+        assert!(err.to_string().contains("open after 2 consecutive failures"), "{err}");
+        drop(service);
+        assert!(handle.next_request().await.is_none(), "the refused attempt sent nothing");
     }
 }

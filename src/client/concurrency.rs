@@ -1,12 +1,17 @@
 //! Concurrency caps: at most `max_in_flight` actions run at once, at most `max_queued` more wait
 //! for a slot (past that a new action is refused at once: backpressure, never unbounded
-//! memory), and at most `max_in_flight_per_host` attempts go to one destination at once.
+//! memory), and at most `max_in_flight_per_host` attempts go to one destination at once (the
+//! `DestinationSlot` layer).
+use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
+use bytes::Bytes;
+use http::Request;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt as _;
 
 /// Concurrency settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +53,7 @@ pub struct Slot {
 /// No slot came free before the deadline.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
-pub struct NoSlot(pub String);
+pub struct SlotError(pub String);
 
 /// Per-destination semaphores are dropped once idle, when this many are tracked.
 const PRUNE_ABOVE: usize = 1024;
@@ -83,9 +88,9 @@ impl Concurrency {
     }
 
     /// Waits in the queue for a running slot until `deadline`.
-    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, NoSlot> {
+    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, SlotError> {
         acquire(self.running.clone(), deadline).await.ok_or_else(|| {
-            NoSlot(format!(
+            SlotError(format!(
                 "no running slot came free before the deadline ({} actions in flight)",
                 self.settings.max_in_flight
             ))
@@ -93,10 +98,10 @@ impl Concurrency {
     }
 
     /// Waits for a slot to destination `key` until `deadline`.
-    pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, NoSlot> {
+    pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, SlotError> {
         let semaphore = {
             let Ok(mut hosts) = self.per_host.lock() else {
-                return Err(NoSlot("per-host slots are unavailable".into()));
+                return Err(SlotError("per-host slots are unavailable".into()));
             };
             if hosts.len() > PRUNE_ABOVE {
                 // Only this map holds an idle destination's semaphore.
@@ -113,7 +118,7 @@ impl Concurrency {
             }
         };
         acquire(semaphore, deadline).await.ok_or_else(|| {
-            NoSlot(format!(
+            SlotError(format!(
                 "{key} already has {} attempts in flight and none ended before the deadline",
                 self.settings.max_in_flight_per_host
             ))
@@ -144,10 +149,36 @@ async fn acquire(semaphore: Arc<Semaphore>, deadline: Instant) -> Option<Slot> {
     }
 }
 
+/// A destination slot held by a response: released when the response (its head, which the
+/// caller keeps while it reads the body) is dropped.
+#[derive(Debug, Clone)]
+pub struct HeldSlot(pub Arc<Slot>);
+
+/// Waits for a slot to the attempt's destination (bounded by the action's deadline) and keeps it
+/// in the response's extensions, so it is held until the attempt is over, body read included.
+#[derive(Clone)]
+pub struct DestinationSlot(pub Arc<Concurrency>);
+
+impl Step for DestinationSlot {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let (to, deadline) = (context.destination.clone(), context.deadline);
+        let slot = self.0.host_slot(&to.key, deadline).await?;
+        let mut response = next.oneshot(request).await.map_err(Into::into)?;
+        response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
+        Ok(response)
+    }
+}
+
+/// The destination slot as a layer of the attempt stack.
+pub type DestinationSlotLayer = StepLayer<DestinationSlot>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Response;
     use std::time::Duration;
+    use tower::{Layer as _, Service as _};
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
@@ -182,5 +213,28 @@ mod tests {
         assert!(err.0.contains("a:80 already has 1 attempts in flight"), "{err}");
         drop(a);
         assert!(c.host_slot("a:80", Instant::now() + Duration::from_millis(30)).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_layer_holds_the_slot_until_the_response_is_dropped() {
+        use crate::client::attempt::tests::request;
+        let c = Arc::new(Concurrency::new(ConcurrencySettings {
+            max_in_flight_per_host: 1,
+            ..Default::default()
+        }));
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
+        let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_response(Response::new(()));
+        let response = first.await.unwrap().unwrap();
+        // The response holds a's only slot: the next attempt to a waits until its deadline.
+        let err = service.call(request("http://a/", Duration::from_secs(1))).await.unwrap_err();
+        assert!(err.is::<SlotError>(), "{err}");
+        drop(response);
+        let second = tokio::spawn(service.call(request("http://a/", Duration::from_secs(1))));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_response(Response::new(()));
+        assert!(second.await.unwrap().is_ok());
     }
 }

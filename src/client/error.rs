@@ -5,7 +5,8 @@ use crate::action::ErrorKind;
 use std::error::Error as StdError;
 
 /// A send that produced no response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct SendFailure {
     pub kind: ErrorKind,
     pub message: String,

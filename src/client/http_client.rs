@@ -13,7 +13,14 @@ use http::{header, HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 use tower::ServiceExt as _;
 use tower_http::decompression::{Decompression, DecompressionBody};
 
@@ -135,6 +142,14 @@ impl HttpClient {
     /// pooled connection is free.
     pub async fn send(
         &self,
+        request: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<ResponseBody>, SendFailure> {
+        self.clone().send_owned(request, connect_timeout).await
+    }
+
+    async fn send_owned(
+        self,
         mut request: Request<RequestBody>,
         connect_timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendFailure> {
@@ -150,9 +165,29 @@ impl HttpClient {
             }
         }
         connect::CONNECT_TIMEOUT
-            .scope(connect_timeout, self.inner.clone().oneshot(request))
+            .scope(connect_timeout, self.inner.oneshot(request))
             .await
             .map_err(|e| error::classify(&e))
+    }
+}
+
+/// The innermost service of an attempt: one request, no redirects, connecting within the
+/// attempt context's connect timeout.
+impl tower::Service<Request<Bytes>> for HttpClient {
+    type Response = Response<ResponseBody>;
+    type Error = SendFailure;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, SendFailure>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let connect_timeout = request
+            .extensions()
+            .get::<super::attempt::AttemptContext>()
+            .map_or(crate::action::DEFAULT_CONNECT_TIMEOUT, |c| c.connect_timeout);
+        Box::pin(self.clone().send_owned(request.map(Full::new), connect_timeout))
     }
 }
 

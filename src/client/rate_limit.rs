@@ -1,16 +1,21 @@
 //! Rate limits on sending: a global limit and per-destination limits picked by host pattern
-//! (GCRA from `governor`), plus the shared cool-down a host asks for with 429 + Retry-After.
+//! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
-use super::host_pattern::{HostPattern, HostPatternError};
+use super::{
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    host_pattern::{HostPattern, HostPatternError},
+};
+use bytes::Bytes;
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::Request;
 use std::{
-    collections::HashMap,
     fmt,
     num::NonZeroU32,
     str::FromStr,
-    sync::Mutex,
+    sync::Arc,
     time::{Duration, Instant},
 };
+use tower::ServiceExt as _;
 
 /// A rate: `count` sends per `period`, with bursts of up to `burst` at once.
 /// Written `10/s`, `600/m`, `5000/h`, optionally followed by ` burst 20` (default: the count).
@@ -120,17 +125,15 @@ impl Default for RateLimitSettings {
 /// Why a send may not go before the deadline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct RateLimited(pub String);
+pub struct RateLimitError(pub String);
 
 /// Keyed buckets are dropped once full again, when this many destinations are tracked.
 const PRUNE_ABOVE: usize = 10_000;
 
-/// The server's rate limiters and the hosts' cool-downs, shared by every action.
+/// The server's rate limiters, shared by every action.
 pub struct RateLimits {
     global: Option<(Rate, DefaultDirectRateLimiter)>,
     rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<String>)>,
-    cool_downs: Mutex<HashMap<String, Instant>>,
-    max_cool_down: Duration,
 }
 
 impl RateLimits {
@@ -142,13 +145,11 @@ impl RateLimits {
                 .iter()
                 .map(|rule| (rule.clone(), RateLimiter::keyed(rule.rate.quota())))
                 .collect(),
-            cool_downs: Mutex::default(),
-            max_cool_down: settings.max_cool_down,
         }
     }
 
-    /// Waits until `key` (host:port of `host` on `port`) may be sent to: its cool-down, its
-    /// per-destination limit, then the global limit. Returns the time waited, or fails at once
+    /// Waits until `key` (host:port of `host` on `port`) may be sent to: its per-destination
+    /// limit, then the global limit. Returns the time waited, or fails at once
     /// when a wait would pass `deadline`.
     pub async fn acquire(
         &self,
@@ -156,19 +157,9 @@ impl RateLimits {
         host: &str,
         port: u16,
         deadline: Instant,
-    ) -> Result<Duration, RateLimited> {
+    ) -> Result<Duration, RateLimitError> {
         let started = Instant::now();
         let mut slept = false;
-        if let Some(until) = self.cool_down_of(key) {
-            if until > deadline {
-                return Err(RateLimited(format!(
-                    "{key} asked callers to back off (429 Retry-After) for {} more, past the deadline",
-                    crate::fmt::fmt_duration(until.saturating_duration_since(Instant::now()))
-                )));
-            }
-            tokio::time::sleep_until(until.into()).await;
-            slept = true;
-        }
         if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
             let key = key.to_owned();
             slept |= wait_for(deadline, || {
@@ -176,7 +167,7 @@ impl RateLimits {
             })
             .await
             .map_err(|wait| {
-                RateLimited(format!(
+                RateLimitError(format!(
                     "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
                     rule.rate,
                     rule.pattern,
@@ -193,7 +184,7 @@ impl RateLimits {
             })
             .await
             .map_err(|wait| {
-                RateLimited(format!(
+                RateLimitError(format!(
                     "global rate limit {rate} needs a wait of {}, past the deadline",
                     crate::fmt::fmt_duration(wait)
                 ))
@@ -202,33 +193,28 @@ impl RateLimits {
         // No wait is zero, not the few nanoseconds these checks took.
         Ok(if slept { started.elapsed() } else { Duration::ZERO })
     }
+}
 
-    /// `key` answered 429 with Retry-After `wait`: every action to it waits that long (capped).
-    pub fn cool_down(&self, key: &str, wait: Duration) {
-        let until = Instant::now() + wait.min(self.max_cool_down);
-        let Ok(mut cool_downs) = self.cool_downs.lock() else {
-            return;
-        };
-        let now = Instant::now();
-        if cool_downs.len() > PRUNE_ABOVE {
-            cool_downs.retain(|_, until| *until > now);
-        }
-        let entry = cool_downs.entry(key.to_owned()).or_insert(until);
-        *entry = (*entry).max(until);
-        tracing::info!(destination = %key, wait = %crate::fmt::fmt_duration(wait.min(self.max_cool_down)), "host asked to back off; cooling down for every action");
-    }
+/// Waits for the rate limits before an attempt (bounded by the action's deadline); refuses
+/// with `RateLimitError` when a wait cannot fit.
+#[derive(Clone)]
+pub struct RateLimit(pub Arc<RateLimits>);
 
-    /// When `key`'s cool-down ends, if it has one still running.
-    fn cool_down_of(&self, key: &str) -> Option<Instant> {
-        let mut cool_downs = self.cool_downs.lock().ok()?;
-        let until = *cool_downs.get(key)?;
-        if until <= Instant::now() {
-            cool_downs.remove(key);
-            return None;
+impl Step for RateLimit {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let to = context.destination.clone();
+        let waited = self.0.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
+        if !waited.is_zero() {
+            tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
+            crate::metrics::rate_limit_waited(&to.key, waited);
         }
-        Some(until)
+        next.oneshot(request).await.map_err(Into::into)
     }
 }
+
+/// The rate limits as a layer of the attempt stack.
+pub type RateLimitLayer = StepLayer<RateLimit>;
 
 /// Calls `check` until it allows, sleeping as long as it says; returns whether it slept, or
 /// fails with the wait it asked for when that wait would pass `deadline`.
@@ -249,6 +235,7 @@ async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::{Layer as _, Service as _};
 
     fn rate(s: &str) -> Rate {
         s.parse().unwrap()
@@ -307,19 +294,23 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(140), "{:?}", started.elapsed());
     }
 
-    #[tokio::test]
-    async fn cool_down_is_shared_and_capped_by_the_deadline() {
-        let limits = RateLimits::new(&RateLimitSettings::default());
-        limits.cool_down("h:80", Duration::from_millis(100));
-        let started = Instant::now();
-        limits.acquire("h:80", "h", 80, Instant::now() + Duration::from_secs(5)).await.unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(90));
-        limits.cool_down("h:80", Duration::from_secs(60));
-        let err = limits.acquire("h:80", "h", 80, Instant::now() + Duration::from_secs(1)).await.unwrap_err();
-        assert!(err.0.contains("429"), "{err}");
-        assert!(limits
-            .acquire("other:80", "other", 80, Instant::now() + Duration::from_secs(1))
-            .await
-            .is_ok());
+    #[tokio::test(start_paused = true)]
+    async fn the_layer_refuses_a_wait_past_the_deadline_without_calling_inner() {
+        let rate = Arc::new(RateLimits::new(&RateLimitSettings {
+            per_host: vec!["h=1/m".parse().unwrap()],
+            ..RateLimitSettings::default()
+        }));
+        let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
+        let mut service = StepLayer(RateLimit(rate)).layer(mock);
+        let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
+        let first = tokio::spawn(service.call(request()));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_response(http::Response::new(()));
+        assert!(first.await.unwrap().is_ok());
+        let err = service.call(request()).await.unwrap_err();
+        assert!(err.is::<RateLimitError>(), "{err}");
+        assert!(err.to_string().contains("1/m burst 1"), "{err}");
+        drop(service);
+        assert!(handle.next_request().await.is_none(), "nothing was sent");
     }
 }

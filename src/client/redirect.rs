@@ -2,9 +2,23 @@
 //! 301/302 turn POST into GET and 303 turns anything but HEAD into GET (as browsers do);
 //! 307/308 keep method and body. Credentials never cross to another origin: every header
 //! marked sensitive (secret-filled, API keys, `--sensitive-header`) is dropped with them.
+//!
+//! The `Redirect` layer is hand-written rather than tower-http's `FollowRedirect`: that one
+//! keeps every header but Authorization/Cookie/Proxy-Authorization across origins (ours drops
+//! every sensitive-marked one too), knows no loop detection by visited URL, and its error for
+//! too many hops carries no context. Each hop goes down to the client as its own request, so the
+//! egress-checking connector dials every one.
+use super::{
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    error::SendFailure,
+};
+use crate::action::ErrorKind;
 use bytes::Bytes;
-use http::{header, HeaderMap, Method, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use tower::ServiceExt as _;
 use url::Url;
+
+const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
 
 /// One request of a redirect chain.
 #[derive(Debug, Clone)]
@@ -91,10 +105,82 @@ pub fn next_hop(
     Ok(Some(next))
 }
 
+impl Hop {
+    /// The request for this hop: its headers plus a default User-Agent.
+    pub fn request(&self) -> Result<Request<Bytes>, SendFailure> {
+        self.clone().into_request()
+    }
+
+    /// The request for this hop, its headers moved (no copy).
+    pub fn into_request(self) -> Result<Request<Bytes>, SendFailure> {
+        let uri: http::Uri = self.url.as_str().parse().map_err(|_| {
+            SendFailure::new(ErrorKind::InvalidRequest, "URL cannot be sent as an HTTP request target", false)
+        })?;
+        let mut request = Request::new(self.body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers;
+        // `try_`: a map at http's size limit is an error here, never a panic (validation caps
+        // the count far below it).
+        let full =
+            |_| SendFailure::new(ErrorKind::InvalidRequest, "too many headers to add User-Agent", false);
+        if !request.headers().contains_key(header::USER_AGENT) {
+            request
+                .headers_mut()
+                .try_insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT))
+                .map_err(full)?;
+        }
+        Ok(request)
+    }
+}
+
+/// Follows redirects by the attempt's policy: each hop is sent through the rest of the stack,
+/// and the final response (not a redirect, or redirects not followed) is returned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Redirect;
+
+impl Step for Redirect {
+    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        if !context.redirects.follow {
+            return next.oneshot(request).await.map_err(Into::into);
+        }
+        let max_hops = context.redirects.max_hops;
+        let mut hop = Hop {
+            method: request.method().clone(),
+            url: context.url.clone(),
+            headers: request.headers().clone(),
+            body: request.body().clone(),
+        };
+        let extensions = request.extensions().clone();
+        let mut visited = vec![hop.url.clone()];
+        let mut request = request;
+        loop {
+            let response = next.clone().oneshot(request).await.map_err(Into::into)?;
+            let location = response.headers().get(header::LOCATION);
+            let next = next_hop(&hop, response.status(), location, &visited, max_hops)
+                .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
+            let Some(next) = next else {
+                return Ok(response);
+            };
+            tracing::debug!(status = response.status().as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
+            visited.push(next.url.clone());
+            hop = next;
+            request = hop.request()?;
+            *request.extensions_mut() = extensions.clone();
+        }
+    }
+}
+
+/// Redirects as a layer of the attempt stack.
+pub type RedirectLayer = StepLayer<Redirect>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use http::Response;
+    use tower::{Layer as _, Service as _};
 
     fn hop(method: Method, url: &str) -> Hop {
         let mut headers = HeaderMap::new();
@@ -169,5 +255,35 @@ mod tests {
         assert_eq!(r.unwrap_err(), RedirectError::TooMany(10));
         assert!(follow(&h, 200, "/y").unwrap().is_none());
         assert!(next_hop(&h, StatusCode::FOUND, None, &[], 10).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_layer_sends_each_hop_and_returns_the_final_response() {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let mut service = StepLayer(Redirect).layer(mock);
+        let mut first =
+            crate::client::attempt::tests::request("http://a.test/x", std::time::Duration::from_secs(5));
+        first.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        if let Some(context) = first.extensions_mut().get_mut::<AttemptContext>() {
+            context.redirects.follow = true;
+        }
+        let call = tokio::spawn(service.call(first));
+        let (sent, reply) = handle.next_request().await.unwrap();
+        assert!(sent.headers().contains_key(header::AUTHORIZATION));
+        reply.send_response(
+            Response::builder().status(302).header("location", "http://b.test/y").body(()).unwrap(),
+        );
+        let (sent, reply) = handle.next_request().await.unwrap();
+        assert_eq!(sent.uri(), "http://b.test/y");
+        assert!(!sent.headers().contains_key(header::AUTHORIZATION), "not across origins");
+        assert!(sent.extensions().get::<AttemptContext>().is_some(), "every hop keeps the context");
+        reply.send_response(
+            Response::builder().status(302).header("location", "http://a.test/x").body(()).unwrap(),
+        );
+        let err = call.await.unwrap().unwrap_err();
+        assert!(
+            err.downcast_ref::<SendFailure>().is_some_and(|f| f.message.contains("redirect loop")),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,485 @@
+//! One attempt of an action: through the attempt stack (`client::stack`), the observer told
+//! as it goes, then the body read under its cap and the memory budget. What comes of it is an
+//! `AttemptResult`; the action loop (`exec`) decides what happens next.
+use crate::{
+    action::{
+        parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind, HttpAction,
+        ResponseData, ResponseHead, RetryDecision, TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
+    },
+    client::{
+        admission::Limits,
+        attempt::AttemptContext,
+        body_budget::{BodyBudget, BudgetError},
+        redirect::Hop,
+        response::{head_of, pieces, views, BodyError, CappedBody},
+        stack::{attempt_stack, classify, Failed},
+        timeout::bounds,
+        Clients, ConnInfo, ResponseBody, SendFailure,
+    },
+};
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::time::timeout_at;
+use tower::{util::Either, ServiceExt as _};
+
+/// The caller went away; the action stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Gone;
+
+/// Watches an action as it runs. `ExecuteStream` turns these calls into events; a body is
+/// streamed through `body_chunk` instead of being buffered when `streams_body` is true.
+pub trait Observer: Send {
+    fn streams_body(&self) -> bool;
+    fn attempt_started(&mut self, attempt: u32) -> impl Future<Output = Result<(), Gone>> + Send;
+    fn response_head(
+        &mut self,
+        attempt: u32,
+        head: &ResponseHead,
+        timing: &AttemptTiming,
+        remote: Option<SocketAddr>,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+    fn body_chunk(
+        &mut self,
+        attempt: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+    fn attempt_failed(
+        &mut self,
+        record: &AttemptRecord,
+        will_retry: bool,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+}
+
+/// Observes nothing and buffers the body: the unary `Execute` and `callout exec`.
+pub struct Buffered;
+
+impl Observer for Buffered {
+    fn streams_body(&self) -> bool {
+        false
+    }
+    async fn attempt_started(&mut self, _: u32) -> Result<(), Gone> {
+        Ok(())
+    }
+    async fn response_head(
+        &mut self,
+        _: u32,
+        _: &ResponseHead,
+        _: &AttemptTiming,
+        _: Option<SocketAddr>,
+    ) -> Result<(), Gone> {
+        Ok(())
+    }
+    async fn body_chunk(&mut self, _: u32, _: u64, _: Bytes) -> Result<(), Gone> {
+        Ok(())
+    }
+    async fn attempt_failed(&mut self, _: &AttemptRecord, _: bool) -> Result<(), Gone> {
+        Ok(())
+    }
+}
+
+/// Bodies this large or larger are parsed (and their replies built) on tokio's blocking pool: a
+/// megabyte of JSON costs milliseconds of CPU, which would stall every other action on a
+/// single-thread runtime (`server.worker_threads = 1`, or a one-CPU container).
+pub const OFFLOAD_BODY_BYTES: usize = 64 * 1024;
+
+/// How one attempt ended.
+pub struct AttemptResult {
+    pub record: AttemptRecord,
+    pub end: Option<AttemptEnd>,
+    pub response: Option<ResponseData>,
+    /// Body bytes were already handed to the observer: the attempt cannot be repeated.
+    pub streamed: bool,
+    /// The retry decision, when the attempt already had to make it (a failing status decides
+    /// before its body is read, so a body that will be retried is not read).
+    pub decision: Option<RetryDecision>,
+}
+
+/// What became of an attempt the action tried to make.
+// Returned once per attempt and unpacked at once: boxing `Ran` would allocate for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Attempted {
+    /// A limit refused it before it started: nothing was sent.
+    Refused(ActionError),
+    /// The observer went away as it started.
+    Gone,
+    Ran(AttemptResult),
+}
+
+/// Runs one attempt of an action: `Attempts` for real; the action loop's tests script one.
+/// `started` is set once the attempt passed its limits (and the observer heard of it).
+pub trait RunAttempt: Clone + Send + Sync + 'static {
+    fn run<O: Observer>(
+        &self,
+        of: AttemptOf<'_>,
+        started: &mut Option<Instant>,
+        observer: &mut O,
+    ) -> impl Future<Output = Attempted> + Send;
+}
+
+/// Which attempt of which action.
+#[derive(Clone, Copy)]
+pub struct AttemptOf<'a> {
+    pub action: &'a HttpAction,
+    /// 1-based.
+    pub number: u32,
+    pub context: &'a AttemptContext,
+}
+
+impl RunAttempt for Attempts {
+    async fn run<O: Observer>(
+        &self,
+        of: AttemptOf<'_>,
+        started: &mut Option<Instant>,
+        observer: &mut O,
+    ) -> Attempted {
+        let AttemptOf { action, number, context } = of;
+        let deadline = context.deadline;
+        // A request or client that cannot be built fails the attempt once it passed its limits,
+        // as a send would.
+        let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
+        let (mut request, client) = match built {
+            Ok((request, client)) => (request, Either::Left(client)),
+            Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
+        };
+        request.extensions_mut().insert(context.clone());
+        let call = attempt_stack(&self.limits, client).oneshot(request);
+        let mut call = std::pin::pin!(call);
+        let sent = loop {
+            tokio::select! {
+                biased;
+                at = context.start.started(), if started.is_none() => {
+                    *started = Some(at);
+                    if observer.attempt_started(number).await.is_err() {
+                        return Attempted::Gone;
+                    }
+                }
+                sent = &mut call => break sent,
+            }
+        };
+        if started.is_none() {
+            if let Some(at) = context.start.take() {
+                *started = Some(at);
+                if observer.attempt_started(number).await.is_err() {
+                    return Attempted::Gone;
+                }
+            }
+        }
+        let start = match (*started, &sent) {
+            (Some(start), _) => start,
+            (None, Err(e)) => match classify(e) {
+                Failed::Refused(refused) => return Attempted::Refused(refused),
+                Failed::Attempt(..) => Instant::now(),
+            },
+            (None, Ok(_)) => Instant::now(),
+        };
+        let (until, timeout) = bounds(start, context);
+        let mut record = AttemptRecord::new(number);
+        let fail =
+            |mut record: AttemptRecord, error: ActionError, end: Option<AttemptEnd>, response, streamed| {
+                record.timing.total = start.elapsed();
+                record.error = Some(error);
+                AttemptResult { record, end, response, streamed, decision: None }
+            };
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                let (error, end) = match classify(&e) {
+                    Failed::Attempt(error, end) => (error, end),
+                    // A limit above the clock cannot refuse once the attempt started.
+                    Failed::Refused(error) => {
+                        (error.clone(), AttemptEnd::Error { kind: error.kind, sent: false })
+                    }
+                };
+                return Attempted::Ran(fail(record, error, Some(end), None, false));
+            }
+        };
+
+        record.timing.first_byte = Some(start.elapsed());
+        if let Some(ConnInfo(meta)) = response.extensions().get::<ConnInfo>() {
+            record.remote_addr = Some(meta.remote);
+            if meta.claim_for(start) {
+                record.timing.dns = meta.dns;
+                record.timing.connect = meta.connect;
+                record.timing.tls = meta.tls();
+            } else {
+                record.timing.reused_connection = true;
+            }
+        }
+        let head = head_of(&response);
+        let status = head.status;
+        let retry_after = retry_after(&response);
+        // The head's extensions hold the destination slot until the attempt is over.
+        let (_parts, body) = response.into_parts();
+        record.status = Some(status);
+        if observer.response_head(number, &head, &record.timing, record.remote_addr).await.is_err() {
+            return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
+        }
+
+        let success = action.success.contains(status);
+        let status_end = (!success).then_some(AttemptEnd::Status { status, retry_after });
+        // A status that will be retried is not worth its body: decide now, skip reading it.
+        let status_decision = status_end.map(|end| {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            action.retry.decide(number, end, remaining)
+        });
+        if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
+            let error = status_error(action, &head);
+            let response =
+                ResponseData { head, body: Bytes::new(), body_json: None, body_text: None, truncated: false };
+            let mut result = fail(record, error, Some(end), Some(response), false);
+            result.decision = Some(retry.clone());
+            return Attempted::Ran(result);
+        }
+
+        let streams = observer.streams_body();
+        let cap = self.body_cap(action, streams);
+        // Set while the read waits for the memory budget: a deadline then is the budget's.
+        let mut budget_wait = None;
+        let read = Box::pin(read_body(body, cap, &self.budget, &mut budget_wait, number, observer));
+        let read = timeout_at(until.into(), read).await;
+        let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
+            Err(_) => {
+                let error = match budget_wait {
+                    Some(wanted) => budget_error(&self.budget.exhausted(wanted)),
+                    None => ActionError::new(ErrorKind::Timeout, timeout.to_string()),
+                };
+                (BodyRead::default(), Some(error))
+            }
+            Ok(read) if read.gone => (read, Some(cancelled())),
+            Ok(read) => {
+                let failure = read.error.as_ref().map(|e| match e {
+                    BodyError::TooLarge(_) => ActionError::new(ErrorKind::BodyTooLarge, e.to_string()),
+                    BodyError::Read(_) => ActionError::new(ErrorKind::Protocol, e.to_string()),
+                    BodyError::Budget(e) => budget_error(e),
+                });
+                (read, failure)
+            }
+        };
+        let truncated = matches!(body.error, Some(BodyError::TooLarge(_)));
+        let streamed = streams && body.len > 0;
+        let (body_json, body_text) =
+            if truncated || streams { (None, None) } else { body_views(&head, &body.bytes).await };
+        let response = ResponseData { head, body: body.bytes, body_json, body_text, truncated };
+        record.timing.total = start.elapsed();
+
+        if let Some(error) = body_failure {
+            // BODY_TOO_LARGE and CANCELLED are final (see RetryPolicy::after_failure); a broken or slow
+            // body may retry by the policy.
+            let end = AttemptEnd::Error { kind: error.kind, sent: true };
+            return Attempted::Ran(fail(record, error, Some(end), Some(response), streamed));
+        }
+        Attempted::Ran(match status_end {
+            Some(end) => {
+                let error = status_error(action, &response.head);
+                let mut result = fail(record, error, Some(end), Some(response), streamed);
+                result.decision = status_decision;
+                result
+            }
+            None => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
+        })
+    }
+}
+
+/// What attempts run on: the server's clients, limits and memory budget for bodies.
+#[derive(Clone)]
+pub struct Attempts {
+    clients: Clients,
+    limits: Arc<Limits>,
+    /// The memory budget for buffered bodies (`limits.max_buffered_bytes`).
+    budget: BodyBudget,
+    /// Body cap of ExecuteStream.
+    stream_max_response_bytes: u64,
+}
+
+impl Attempts {
+    pub fn new(
+        clients: Clients,
+        limits: Arc<Limits>,
+        budget: BodyBudget,
+        stream_max_response_bytes: u64,
+    ) -> Self {
+        Self { clients, limits, budget, stream_max_response_bytes }
+    }
+
+    fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
+        if streams {
+            let server = self.stream_max_response_bytes;
+            action.max_response_bytes.map_or(server, |own| own.min(server))
+        } else {
+            action.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+        }
+    }
+}
+
+/// A body the memory budget refused: one larger than the whole budget can never fit
+/// (BODY_TOO_LARGE, final); no room in time is callout's own limit (RATE_LIMITED).
+fn budget_error(e: &BudgetError) -> ActionError {
+    let kind = match e {
+        BudgetError::TooLarge { .. } => ErrorKind::BodyTooLarge,
+        BudgetError::Stalled { .. } | BudgetError::Exhausted { .. } => ErrorKind::RateLimited,
+    };
+    ActionError::new(kind, e.to_string())
+}
+
+const CANCELLED_END: AttemptEnd = AttemptEnd::Error { kind: ErrorKind::Cancelled, sent: true };
+
+pub fn cancelled() -> ActionError {
+    ActionError::new(ErrorKind::Cancelled, "the caller went away")
+}
+
+fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
+    let message = match action.error_messages.lookup(head.status) {
+        Some(mapped) => mapped.to_owned(),
+        None => format!(
+            "status {} {} is not in success_codes \"{}\"",
+            head.status,
+            head.reason,
+            action.success.as_str()
+        ),
+    };
+    ActionError::new(ErrorKind::UnexpectedStatus, message)
+}
+
+fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
+    let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, SystemTime::now())
+}
+
+/// Continues the caller's trace on an outbound request, unless the action set its own
+/// `traceparent` header: each request is a new span of the caller's trace.
+fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
+    if headers.contains_key("traceparent") {
+        return;
+    }
+    let span_id = crate::telemetry::current_span_id();
+    if let Ok(parent) = HeaderValue::from_str(&trace.child_traceparent(span_id.as_deref())) {
+        headers.insert("traceparent", parent);
+    }
+    if let Some(state) = trace.state.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+        headers.entry("tracestate").or_insert(state);
+    }
+}
+
+/// The first hop's request: the action's method, URL, headers (plus a default User-Agent) and
+/// body, continuing the caller's trace.
+fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
+    let hop = Hop {
+        method: action.method.clone(),
+        url: action.url.clone(),
+        headers: action.headers.clone(),
+        body: action.body.clone(),
+    };
+    let mut request = hop.into_request()?;
+    if let Some(trace) = &action.trace {
+        continue_trace(request.headers_mut(), trace);
+    }
+    Ok(request)
+}
+
+/// The client of an attempt whose request or client could not be built: fails as a send would.
+#[derive(Clone)]
+struct FailWith(SendFailure);
+
+impl tower::Service<Request<Bytes>> for FailWith {
+    type Response = Response<ResponseBody>;
+    type Error = SendFailure;
+    type Future = std::future::Ready<Result<Response<ResponseBody>, SendFailure>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+        std::future::ready(Err(self.0.clone()))
+    }
+}
+
+#[derive(Default)]
+struct BodyRead {
+    bytes: Bytes,
+    len: u64,
+    error: Option<BodyError>,
+    /// The observer went away mid-body.
+    gone: bool,
+}
+
+/// The body's JSON and text views; parsed off the runtime's threads when it is large.
+async fn body_views(head: &ResponseHead, body: &Bytes) -> (Option<serde_json::Value>, Option<String>) {
+    if body.len() < OFFLOAD_BODY_BYTES {
+        return views(head, body);
+    }
+    let (head, body) = (head.clone(), body.clone());
+    // A panic in the parser leaves the views out; the body bytes are still returned.
+    tokio::task::spawn_blocking(move || views(&head, &body)).await.unwrap_or((None, None))
+}
+
+/// Reads the body: buffered up to `cap` under the memory budget, or handed to the observer
+/// chunk by chunk (streamed bodies take no budget). `budget_wait` holds the bytes wanted while
+/// the read waits for budget. A body the budget refuses keeps no bytes.
+async fn read_body<O: Observer>(
+    body: ResponseBody,
+    cap: u64,
+    budget: &BodyBudget,
+    budget_wait: &mut Option<u64>,
+    attempt: u32,
+    observer: &mut O,
+) -> BodyRead {
+    let streams = observer.streams_body();
+    let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
+    let mut body = CappedBody::new(body, cap);
+    let mut buf = budget.buffer(cap);
+    if !streams && hint > 0 {
+        // A known length is taken whole before the first byte, so no body waits half-grown.
+        *budget_wait = Some(hint);
+        let reserved = buf.reserve(hint).await;
+        *budget_wait = None;
+        if let Err(e) = reserved {
+            return BodyRead { bytes: Bytes::new(), len: 0, error: Some(e.into()), gone: false };
+        }
+    }
+    let mut error = None;
+    let mut gone = false;
+    loop {
+        match body.next_chunk().await {
+            Ok(Some(data)) => {
+                if streams {
+                    let mut offset = body.read() - data.len() as u64;
+                    for piece in pieces(data) {
+                        let len = piece.len() as u64;
+                        if observer.body_chunk(attempt, offset, piece).await.is_err() {
+                            gone = true;
+                            break;
+                        }
+                        offset += len;
+                    }
+                    if gone {
+                        break;
+                    }
+                } else {
+                    *budget_wait = Some(data.len() as u64);
+                    let pushed = buf.push(&data).await;
+                    *budget_wait = None;
+                    if let Err(e) = pushed {
+                        buf = budget.buffer(cap);
+                        error = Some(e.into());
+                        break;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
+}

@@ -1,0 +1,98 @@
+//! One attempt as a tower stack: the one function that assembles the layers, and the one place
+//! a failed attempt's error is classified.
+use super::{
+    admission::Limits,
+    attempt::{BoxFuture, StepLayer},
+    breaker::{Breaker, BreakerError},
+    concurrency::{DestinationSlot, SlotError},
+    cool_down::{CoolDown, CoolDownError},
+    error::SendFailure,
+    rate_limit::{RateLimit, RateLimitError},
+    redirect::Redirect,
+    timeout::{AttemptTimeout, TimeoutError},
+};
+use crate::action::{ActionError, AttemptEnd, ErrorKind};
+use bytes::Bytes;
+use http::{Request, Response};
+use tower::{BoxError, Service, ServiceBuilder};
+
+/// One attempt, outermost first. Refusals come before waits, waits before the clock starts,
+/// and the clock bounds everything that may send.
+pub fn attempt_stack<S, B>(
+    limits: &Limits,
+    client: S,
+) -> impl Service<Request<Bytes>, Response = Response<B>, Error = BoxError, Future = BoxFuture<Response<B>>> + Send
+where
+    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    ServiceBuilder::new()
+        // An open circuit refuses at once, before any wait; the attempt's end feeds it.
+        .layer(StepLayer(Breaker(limits.breakers())))
+        // A destination that answered 429 Retry-After holds back every action to it, and the
+        // 429s seen here start such a cool-down.
+        .layer(StepLayer(CoolDown(limits.cool_downs())))
+        // Global and per-destination rate limits: waits, bounded by the total deadline.
+        .layer(StepLayer(RateLimit(limits.rate())))
+        // A slot to the destination, held until the response (body included) is dropped.
+        .layer(StepLayer(DestinationSlot(limits.concurrency())))
+        // (Credentials and request signing go here: after every wait, so a signature is fresh.)
+        // The attempt's clock starts once it may send, and bounds every hop (the body read
+        // is bounded by the same instant).
+        .layer(StepLayer(AttemptTimeout))
+        // Each hop is its own send through the client, so the egress-checking connector
+        // dials every one; credentials are dropped across origins.
+        .layer(StepLayer(Redirect))
+        // The pooled client, decompression around it (`HttpClient`).
+        .service(client)
+}
+
+/// How a failed attempt ended, classified once by the type of its error.
+#[derive(Debug)]
+pub enum Failed {
+    /// A limit refused before anything was sent: no attempt is recorded, the action ends.
+    Refused(ActionError),
+    /// The attempt ran and failed.
+    Attempt(ActionError, AttemptEnd),
+}
+
+/// Classifies the error of an attempt stack.
+pub fn classify(error: &BoxError) -> Failed {
+    let refused = |kind| Failed::Refused(ActionError::new(kind, error.to_string()));
+    if error.is::<BreakerError>() {
+        return refused(ErrorKind::CircuitOpen);
+    }
+    if error.is::<CoolDownError>() || error.is::<RateLimitError>() || error.is::<SlotError>() {
+        return refused(ErrorKind::RateLimited);
+    }
+    if error.is::<TimeoutError>() {
+        let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
+        return Failed::Attempt(ActionError::new(ErrorKind::Timeout, error.to_string()), end);
+    }
+    if let Some(failure) = error.downcast_ref::<SendFailure>() {
+        let end = AttemptEnd::Error { kind: failure.kind, sent: failure.sent };
+        return Failed::Attempt(ActionError::new(failure.kind, failure.message.clone()), end);
+    }
+    let end = AttemptEnd::Error { kind: ErrorKind::Protocol, sent: true };
+    Failed::Attempt(ActionError::new(ErrorKind::Protocol, error.to_string()), end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_refusals_or_failed_attempts() {
+        let refusal: BoxError = BreakerError("open".into()).into();
+        assert!(matches!(classify(&refusal), Failed::Refused(e) if e.kind == ErrorKind::CircuitOpen));
+        let slot: BoxError = SlotError("busy".into()).into();
+        assert!(matches!(classify(&slot), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
+        let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();
+        assert!(matches!(
+            classify(&sent),
+            Failed::Attempt(e, AttemptEnd::Error { kind: ErrorKind::Dns, sent: false }) if e.message == "no such host"
+        ));
+    }
+}
