@@ -5,7 +5,7 @@ pub mod codec;
 pub mod convert;
 pub mod reply_hold;
 mod service;
-mod status;
+pub mod status;
 
 pub use service::HttpActionService;
 pub use status::{invalid_argument, oversized_request};

@@ -94,7 +94,14 @@ async fn sigterm_drains_in_flight_actions_refuses_new_ones_and_exits_0() {
 
     let refused =
         HttpActionServiceClient::new(channel.clone()).execute(request("GET", &slow.url("/new"))).await;
-    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unavailable);
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let details = tonic_types::StatusExt::get_error_details(&refused);
+    assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(Duration::from_secs(1)), "{details:?}");
+    assert_eq!(
+        details.error_info().map(|i| (i.reason.as_str(), i.domain.as_str())),
+        Some(("DRAINING", "callout"))
+    );
     let health =
         HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(health.into_inner().status(), ServingStatus::NotServing, "readiness reflects the drain");
