@@ -383,7 +383,7 @@ fn main() -> ExitCode {
             Ok(runtime) => runtime.block_on(exec(*args)),
             Err(e) => {
                 eprintln!("callout: cannot start the runtime: {e}");
-                ExitCode::FAILURE
+                ExitCode::from(3)
             }
         },
         Command::Config(ConfigCommand::Print(args)) => match args.config() {
@@ -576,7 +576,8 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     telemetry.shutdown();
     let json = callout::report::outcome_json(&outcome);
     println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
-    if outcome.succeeded {
+    // README "Exit status": 0 proceed, 1 stop (2 invalid, 3 not run, above).
+    if outcome.proceed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,4 +1,4 @@
-//! `callout exec`, the real binary: exit codes (0 succeeded, 1 failed, 2 invalid), the JSON it
+//! `callout exec`, the real binary: exit codes (0 proceed, 1 stop, 2 invalid), the JSON it
 //! prints, and what reaches a loopback upstream.
 use crate::support::*;
 use serde_json::Value;
@@ -62,6 +62,19 @@ async fn expected_status_succeeds_with_exit_0() {
     assert_eq!(seen[0].body, r#"{"id":1}"#);
     assert_eq!(seen[0].header("content-type").as_deref(), Some("application/json"));
     assert_eq!(seen[0].header("x-token").as_deref(), Some("t"));
+}
+
+/// The exit status follows `proceed`, as in both example clients: a failure the workflow goes on
+/// past (`--on-failure continue`) exits 0.
+#[tokio::test]
+async fn a_failure_under_on_failure_continue_exits_0() {
+    let upstream = Upstream::fixed(500, "down").await;
+    let url = upstream.url("/orders");
+    let out = exec(&["GET", &url, "--attempts", "1", "--on-failure", "continue"]).await;
+    let printed = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{printed:#}");
+    assert_eq!(printed["outcome"], "FAILED");
+    assert_eq!(printed["proceed"], true);
 }
 
 #[tokio::test]
