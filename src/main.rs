@@ -4,7 +4,7 @@
 //! variables, then the flags below (see `callout::config`).
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
+    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput, TlsInput},
     client::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
@@ -309,12 +309,34 @@ enum FailureMode {
     Continue,
 }
 
+/// A duration flag: plain seconds (`2`, `0.5`), or a number with a unit (`500ms`, `2m`, `1h`).
+fn duration_arg(raw: &str) -> Result<Duration, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| format!("{raw:?}: {e}")),
+        Err(_) => humantime::parse_duration(raw)
+            .map_err(|e| format!("{raw:?}: {e} (use seconds, or e.g. 500ms, 2m)")),
+    }
+}
+
 #[derive(clap::Args)]
 struct ExecArgs {
-    /// GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS.
-    method: String,
-    /// Absolute http or https URL.
-    url: String,
+    /// `[METHOD] URL`: the method (GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS) and the absolute
+    /// http or https URL. Without a method (here or -X): GET, or POST when a body is given.
+    #[arg(value_name = "[METHOD] URL", num_args = 1..=2, required = true)]
+    target: Vec<String>,
+    /// The method, as curl's -X (instead of the METHOD argument).
+    #[arg(short = 'X', long = "request", value_name = "METHOD")]
+    request: Option<String>,
+    /// Accept any server certificate and name (tls.insecure_skip_verify): for testing only,
+    /// warned about on stderr.
+    #[arg(short = 'k', long = "insecure")]
+    insecure: bool,
+    /// Write the outcome JSON to FILE instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Log each attempt on stderr (callout's debug logs); by default only warnings.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
     /// A header, "Name: value"; repeatable.
     #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
@@ -342,14 +364,14 @@ struct ExecArgs {
     /// Message for a failing status or class, "404=not found"; repeatable.
     #[arg(long = "error-message", value_name = "STATUS=MESSAGE")]
     error_messages: Vec<String>,
-    /// Connect timeout.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Connect timeout: seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     connect_timeout: Option<Duration>,
-    /// Timeout of one attempt.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Timeout of one attempt: seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     timeout: Option<Duration>,
-    /// Timeout of all attempts and backoff.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Timeout of all attempts and backoff: seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     total_timeout: Option<Duration>,
     /// Attempts in all (1 disables retries).
     #[arg(long)]
@@ -502,6 +524,19 @@ fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), Stri
 }
 
 fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
+    let (method, url) = match (&args.target[..], args.request) {
+        ([method, url], None) => (method.clone(), url.clone()),
+        ([_, _], Some(_)) => return Err("give the method once: as -X METHOD or as the first argument".into()),
+        ([url], Some(method)) => (method, url.clone()),
+        ([url], None) => {
+            let body = args.json.is_some()
+                || !args.form.is_empty()
+                || args.data.is_some()
+                || args.data_file.is_some();
+            (if body { "POST" } else { "GET" }.to_owned(), url.clone())
+        }
+        _ => return Err("expected [METHOD] URL".into()),
+    };
     let headers = args.headers.iter().map(|h| split_pair(h, ':', "header")).collect::<Result<_, _>>()?;
     let query = args.query.iter().map(|q| split_pair(q, '=', "query")).collect::<Result<_, _>>()?;
     let error_messages =
@@ -518,8 +553,8 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         BodyInput::None
     };
     Ok(ActionInput {
-        method: args.method,
-        url: args.url,
+        method,
+        url,
         query,
         headers,
         body,
@@ -539,6 +574,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         redirects: RedirectsInput { follow: Some(!args.no_follow), max_hops: 0 },
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
         proxy_url: args.proxy.unwrap_or_default(),
+        tls: TlsInput { insecure_skip_verify: args.insecure, ..TlsInput::default() },
         ..ActionInput::default()
     })
 }
@@ -554,8 +590,13 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(e.to_string()),
     };
-    // By hand, only warnings and errors go to stderr: stdout is the outcome.
-    let settings = TelemetrySettings { level: "warn".into(), ..config.telemetry_settings() };
+    // By hand, only warnings and errors go to stderr (-v: each attempt too): stdout is the outcome.
+    let level = if args.verbose { "warn,callout=debug" } else { "warn" };
+    let settings = TelemetrySettings { level: level.into(), ..config.telemetry_settings() };
+    if args.insecure {
+        eprintln!("callout: warning: -k/--insecure: the server's certificate and name are not verified");
+    }
+    let output = args.output.take();
     let telemetry = match telemetry::init(&settings) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
@@ -575,7 +616,16 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     let outcome = executor.execute(&action, None).await;
     telemetry.shutdown();
     let json = callout::report::outcome_json(&outcome);
-    println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+    let text = serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(&path, text + "\n") {
+                eprintln!("callout: writing {}: {e}", path.display());
+                return ExitCode::from(3);
+            }
+        }
+        None => println!("{text}"),
+    }
     // README "Exit status": 0 proceed, 1 stop (2 invalid, 3 not run, above).
     if outcome.proceed {
         ExitCode::SUCCESS

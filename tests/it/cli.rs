@@ -139,3 +139,47 @@ async fn query_values_are_percent_encoded() {
     assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
     assert_eq!(upstream.seen()[0].target, "/search?k=a%20b");
 }
+
+/// curl's habits: -X METHOD with the URL alone, POST by default when a body is given, GET
+/// otherwise; durations as plain seconds; -o FILE instead of stdout.
+#[tokio::test]
+async fn curl_style_method_seconds_and_output_file() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/x");
+    let out = exec(&["-X", "PUT", &url, "--timeout", "2.5", "--connect-timeout", "500ms"]).await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let out = exec(&[&url, "--json", "{}"]).await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let out = exec(&[&url]).await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let methods: Vec<String> = upstream.seen().iter().map(|r| r.method.clone()).collect();
+    assert_eq!(methods, ["PUT", "POST", "GET"]);
+
+    let dir = std::env::temp_dir().join(format!("callout-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("outcome.json");
+    let out = exec(&[&url, "-o", file.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty(), "-o: nothing on stdout");
+    let written: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(written["outcome"], "SUCCEEDED");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Both a METHOD argument and -X, or a duration in no known form: exit 2, nothing sent.
+    let before = upstream.seen().len();
+    for args in [&["-X", "PUT", "GET", &url][..], &[&url, "--timeout", "soon"]] {
+        let out = exec(args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(upstream.seen().len(), before);
+}
+
+/// -k turns certificate checks off, and says so loudly on stderr.
+#[tokio::test]
+async fn insecure_warns_on_stderr() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let out = exec(&["-k", &upstream.url("/")]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--insecure") && stderr.contains("not verified"), "{stderr}");
+}
