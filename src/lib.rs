@@ -16,7 +16,6 @@ pub mod config;
 pub mod exec;
 pub mod fmt;
 pub mod metrics;
-pub mod report;
 pub mod runtime;
 pub mod secrets;
 pub mod server;

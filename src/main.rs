@@ -615,8 +615,15 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     };
     let outcome = executor.execute(&action, None).await;
     telemetry.shutdown();
-    let json = callout::report::outcome_json(&outcome);
-    let text = serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let proceed = outcome.proceed;
+    // The reply a gRPC call would get, in the proto3 JSON grpcurl prints.
+    let text = match callout::api::json::reply_json(&callout::api::convert::outcome(outcome)) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("callout: {e}");
+            return ExitCode::from(3);
+        }
+    };
     match output {
         Some(path) => {
             if let Err(e) = std::fs::write(&path, text + "\n") {
@@ -627,7 +634,7 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         None => println!("{text}"),
     }
     // README "Exit status": 0 proceed, 1 stop (2 invalid, 3 not run, above).
-    if outcome.proceed {
+    if proceed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,5 +1,5 @@
-//! `callout exec`, the real binary: exit codes (0 proceed, 1 stop, 2 invalid), the JSON it
-//! prints, and what reaches a loopback upstream.
+//! `callout exec`, the real binary: exit codes (0 proceed, 1 stop, 2 invalid), the proto3 JSON
+//! it prints (grpcurl's form of the same reply), and what reaches a loopback upstream.
 use crate::support::*;
 use serde_json::Value;
 use std::{
@@ -48,12 +48,14 @@ async fn expected_status_succeeds_with_exit_0() {
     let printed = printed(&out);
 
     assert_eq!(out.status.code(), Some(0), "{printed:#}");
-    assert_eq!(printed["outcome"], "SUCCEEDED");
+    // The proto3 JSON of the reply, as grpcurl prints it.
+    assert_eq!(printed["outcome"], "OUTCOME_SUCCEEDED");
     assert_eq!(printed["proceed"], true);
     assert!(printed["error"].is_null());
     assert_eq!(printed["response"]["status"], 201);
-    assert_eq!(printed["response"]["body_json"], serde_json::json!({ "id": 1 }));
+    assert_eq!(printed["response"]["bodyJson"], serde_json::json!({ "id": 1 }));
     assert_eq!(printed["attempts"].as_array().map(Vec::len), Some(1));
+    assert!(printed["timing"]["total"].as_str().is_some_and(|t| t.ends_with('s')), "{printed:#}");
 
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1);
@@ -73,7 +75,7 @@ async fn a_failure_under_on_failure_continue_exits_0() {
     let out = exec(&["GET", &url, "--attempts", "1", "--on-failure", "continue"]).await;
     let printed = printed(&out);
     assert_eq!(out.status.code(), Some(0), "{printed:#}");
-    assert_eq!(printed["outcome"], "FAILED");
+    assert_eq!(printed["outcome"], "OUTCOME_FAILED");
     assert_eq!(printed["proceed"], true);
 }
 
@@ -85,11 +87,12 @@ async fn other_status_fails_with_exit_1() {
     let printed = printed(&out);
 
     assert_eq!(out.status.code(), Some(1), "{printed:#}");
-    assert_eq!(printed["outcome"], "FAILED");
-    assert_eq!(printed["proceed"], false);
-    assert_eq!(printed["error"]["kind"], "UNEXPECTED_STATUS");
+    assert_eq!(printed["outcome"], "OUTCOME_FAILED");
+    // proto3 JSON leaves a field at its default out, as grpcurl does without -emit-defaults.
+    assert!(printed.get("proceed").is_none(), "{printed:#}");
+    assert_eq!(printed["error"]["kind"], "ERROR_KIND_UNEXPECTED_STATUS");
     assert_eq!(printed["response"]["status"], 200);
-    assert_eq!(printed["response"]["body_text"], "ok");
+    assert_eq!(printed["response"]["bodyText"], "ok");
     // 200 is not a retryable status: one request.
     assert_eq!(upstream.hits(), 1);
 }
@@ -162,7 +165,7 @@ async fn curl_style_method_seconds_and_output_file() {
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty(), "-o: nothing on stdout");
     let written: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    assert_eq!(written["outcome"], "SUCCEEDED");
+    assert_eq!(written["outcome"], "OUTCOME_SUCCEEDED");
     let _ = std::fs::remove_dir_all(&dir);
 
     // Both a METHOD argument and -X, or a duration in no known form: exit 2, nothing sent.
