@@ -196,6 +196,30 @@ def main():
         check(f"{path}: metrics listen beyond loopback so Prometheus can scrape", metrics.get("enabled", True)
               and not metrics_listen.startswith(("127.", "[::1]", "localhost")), metrics_listen)
 
+    # The recommended labels, on every object.
+    for path, d in docs:
+        labels = (d.get("metadata") or {}).get("labels") or {}
+        missing = [k for k in ("app.kubernetes.io/name", "app.kubernetes.io/part-of") if k not in labels]
+        check(f"{path}: {d.get('kind')}/{d['metadata'].get('name')} has the app.kubernetes.io labels",
+              not missing, f"missing {missing}")
+
+    # A PodMonitor selects the callout pods and scrapes a port the callout container names.
+    for path, d in docs:
+        if d.get("kind") != "PodMonitor":
+            continue
+        spec = d.get("spec") or {}
+        wanted = (spec.get("selector") or {}).get("matchLabels") or {}
+        selected = [(p, meta, pod, c) for p, meta, pod, c in sidecars
+                    if wanted and all(((meta.get("metadata") or {}).get("labels") or {}).get(k) == v
+                                      for k, v in wanted.items())]
+        check(f"{path}: PodMonitor/{d['metadata'].get('name')} selects the pods running callout", selected, wanted)
+        names = {p.get("name"): p.get("containerPort") for _, _, _, c in selected for p in c.get("ports") or []}
+        for endpoint in spec.get("podMetricsEndpoints") or [{}]:
+            port = endpoint.get("port")
+            check(f"{path}: PodMonitor scrapes callout's metrics port ({port}, {endpoint.get('path')})",
+                  port in names and names[port] == int(metrics_listen.rsplit(":", 1)[1])
+                  and endpoint.get("path", "/metrics") == "/metrics", sorted(n for n in names if n))
+
     # No real secret in git: every Secret value is a marked placeholder.
     for path, d in docs:
         if d.get("kind") == "Secret":

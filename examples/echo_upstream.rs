@@ -8,6 +8,10 @@
 //! - `/status/{code}`: the same echo, with that status
 //! - `/delay/{ms}`: waits that many milliseconds, then the echo with 200
 //! - `/raw`: 200 with the request body as is, under the request's Content-Type
+//!
+//! Credential headers (`authorization`, `proxy-authorization`, `cookie`, `x-api-key`,
+//! `api-key`) are echoed as `[redacted, N bytes]`: that they arrived shows, their value is not
+//! printed back (the README's secrets example must not print the secret).
 #[path = "support/serve.rs"]
 mod serve;
 
@@ -19,6 +23,9 @@ use std::{convert::Infallible, process::ExitCode, time::Duration};
 
 const USAGE: &str =
     "usage: echo_upstream [--listen ADDR] [--tls-dir DIR]   (default 127.0.0.1:8080, plaintext)";
+
+/// Headers whose values are not echoed (names as hyper gives them, lower case).
+const CREDENTIALS: [&str; 5] = ["authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"];
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
@@ -48,7 +55,14 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     let headers: Vec<[String; 2]> = parts
         .headers
         .iter()
-        .map(|(n, v)| [n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()])
+        .map(|(n, v)| {
+            let value = if CREDENTIALS.contains(&n.as_str()) {
+                format!("[redacted, {} bytes]", v.len())
+            } else {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            };
+            [n.to_string(), value]
+        })
         .collect();
     let reply = serde_json::json!({
         "method": parts.method.as_str(),

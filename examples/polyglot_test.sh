@@ -211,6 +211,8 @@ run py-health 0 "${PYC[@]}" reflect call grpc.health.v1.Health/Check '{}'
 expect '"status": "SERVING"'
 
 run py-reflect-list 0 "${PYC[@]}" reflect list
+# --target after the command works too (here it wins over the one before).
+run py-target-after 0 "$PY" examples/python/callout_client.py --target 127.0.0.1:1 reflect list --target "$GRPC"
 expect '^callout\.v1\.HttpActionService$'
 expect '^callout\.v1\.DurableActionService$'
 expect '^grpc\.health\.v1\.Health$'
@@ -296,12 +298,12 @@ for lang in python node; do
     fi
 
     step "$lang: INVALID_ARGUMENT with google.rpc.BadRequest"
-    run "$p-invalid" 3 "${CLIENT[@]}" execute FETCH "ftp://x"
+    run "$p-invalid" 2 "${CLIENT[@]}" execute FETCH "ftp://x"
     expect '^grpc error: INVALID_ARGUMENT: '
     expect '^violation: url: '
     expect '^violation: method: '
 
-    run "$p-invalid-stream" 3 "${CLIENT[@]}" stream GET "not a url"
+    run "$p-invalid-stream" 2 "${CLIENT[@]}" stream GET "not a url"
     expect '^grpc error: INVALID_ARGUMENT: '
     expect '^violation: url: '
     if grep -q '^event: ' "$OUT"; then

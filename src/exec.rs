@@ -347,7 +347,7 @@ impl<A: RunAttempt> Executor<A> {
             outcome = if outcome.succeeded { "SUCCEEDED" } else { "FAILED" },
             error = kind,
             attempts = outcome.attempts.len(),
-            duration_ms = outcome.total.as_secs_f64() * 1000.0,
+            duration_ms = outcome.total.as_millis() as u64,
             "action finished"
         );
     }

@@ -19,7 +19,6 @@ pub mod durable;
 pub mod exec;
 pub mod fmt;
 pub mod metrics;
-pub mod report;
 pub mod runtime;
 pub mod secrets;
 pub mod server;

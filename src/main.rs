@@ -4,7 +4,7 @@
 //! variables, then the flags below (see `callout::config`).
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput},
+    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput, TlsInput},
     client::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
@@ -42,8 +42,8 @@ struct Cli {
 enum Command {
     /// Run the gRPC sidecar (HttpActionService, health, reflection) and the metrics endpoint.
     Serve(Box<ServeArgs>),
-    /// Run one action and print its outcome as JSON. Exit 0 when it succeeded, 1 when it
-    /// failed, 2 when it is invalid.
+    /// Run one action and print the reply as grpcurl would (proto3 JSON). Exit 0 proceed, 1 stop
+    /// (it failed), 2 invalid, 3 not run (README: "Exit status").
     Exec(Box<ExecArgs>),
     /// The configuration.
     #[command(subcommand)]
@@ -65,9 +65,9 @@ struct ServeArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     flags: ServeFlags,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Egress")]
     egress: EgressFlags,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Secrets")]
     secrets: SecretFlags,
 }
 
@@ -75,107 +75,107 @@ struct ServeArgs {
 /// callout.example.toml). A list flag given at least once replaces the key's list.
 #[derive(clap::Args)]
 struct ServeFlags {
-    /// [server.listen] IP:PORT, or unix:PATH for a Unix domain socket.
-    #[arg(long)]
+    /// [server.listen] IP:PORT, or unix:PATH for a Unix domain socket [default: 127.0.0.1:50051]
+    #[arg(help_heading = "Server", long)]
     listen: Option<ListenAddr>,
-    /// [server.unix_socket_mode] file mode of the Unix socket, octal (600).
-    #[arg(long, value_name = "OCTAL")]
+    /// [server.unix_socket_mode] file mode of the Unix socket, octal [default: 600]
+    #[arg(help_heading = "Server", long, value_name = "OCTAL")]
     unix_socket_mode: Option<FileMode>,
     /// [server.auth_token_file] bearer token action calls must send.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Server", long, value_name = "PATH")]
     auth_token_file: Option<PathBuf>,
     /// [server.tls_cert] PEM certificate chain: TLS on the gRPC listener.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Server", long, value_name = "PATH")]
     tls_cert: Option<PathBuf>,
     /// [server.tls_key] PEM private key for --tls-cert.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Server", long, value_name = "PATH")]
     tls_key: Option<PathBuf>,
     /// [server.tls_client_ca] PEM CAs client certificates must chain to (mutual TLS).
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Server", long, value_name = "PATH")]
     tls_client_ca: Option<PathBuf>,
     /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish before they are
-    /// cut off, answered CANCELLED (25s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// cut off, answered CANCELLED [default: 25s]
+    #[arg(help_heading = "Server", long, value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
-    /// [server.default_total_timeout] total time of an action that sets none (5m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// [server.default_total_timeout] total time of an action that sets none [default: 5m]
+    #[arg(help_heading = "Server", long, value_parser = humantime::parse_duration)]
     default_total_timeout: Option<Duration>,
-    /// [server.stream_max_response_bytes] body cap of ExecuteStream (1 GiB).
-    #[arg(long)]
+    /// [server.stream_max_response_bytes] body cap of ExecuteStream [default: 1 GiB]
+    #[arg(help_heading = "Server", long)]
     stream_max_response_bytes: Option<u64>,
-    /// [server.max_request_bytes] largest request message; larger calls get INVALID_ARGUMENT (4 MiB).
-    #[arg(long, value_name = "N")]
+    /// [server.max_request_bytes] largest request message; larger calls get INVALID_ARGUMENT [default: 4 MiB]
+    #[arg(help_heading = "Server", long, value_name = "N")]
     max_request_bytes: Option<u64>,
-    /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread (0).
-    #[arg(long, value_name = "N")]
+    /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread [default: 0]
+    #[arg(help_heading = "Server", long, value_name = "N")]
     worker_threads: Option<usize>,
     /// [server.sensitive_headers] a header whose values are secret; repeatable.
-    #[arg(long = "sensitive-header", value_name = "NAME")]
+    #[arg(help_heading = "Server", long = "sensitive-header", value_name = "NAME")]
     sensitive_headers: Vec<String>,
-    /// [log.format] pretty or json.
-    #[arg(long, value_enum)]
+    /// [log.format] pretty or json [default: pretty]
+    #[arg(help_heading = "Logging", long, value_enum)]
     log_format: Option<LogFormat>,
     /// [log.level] tracing filter, e.g. info or callout=debug (RUST_LOG wins when set).
-    #[arg(long, value_name = "FILTER")]
+    #[arg(help_heading = "Logging", long, value_name = "FILTER")]
     log_level: Option<String>,
-    /// [log.actions] which finished actions get a log line (failed).
-    #[arg(long, value_enum)]
+    /// [log.actions] which finished actions get a log line [default: failed]
+    #[arg(help_heading = "Logging", long, value_enum)]
     log_actions: Option<ActionLog>,
-    /// [metrics.listen] address of the Prometheus /metrics endpoint (127.0.0.1:9464).
-    #[arg(long, value_name = "ADDR")]
+    /// [metrics.listen] address of the Prometheus /metrics endpoint [default: 127.0.0.1:9464]
+    #[arg(help_heading = "Metrics", long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
     /// [metrics.enabled = false] serve no metrics endpoint.
-    #[arg(long)]
+    #[arg(help_heading = "Metrics", long)]
     no_metrics: bool,
-    /// [client.pool_idle_timeout] idle pooled upstream connections are closed after this (90s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// [client.pool_idle_timeout] idle pooled upstream connections are closed after this [default: 90s]
+    #[arg(help_heading = "Upstream client", long, value_parser = humantime::parse_duration)]
     pool_idle_timeout: Option<Duration>,
-    /// [client.pool_max_idle_per_host] idle connections kept per host; 0 turns reuse off (64).
-    #[arg(long)]
+    /// [client.pool_max_idle_per_host] idle connections kept per host; 0 turns reuse off [default: 64]
+    #[arg(help_heading = "Upstream client", long)]
     pool_max_idle_per_host: Option<usize>,
     /// [client.http2 = false] do not offer HTTP/2 to https upstreams.
-    #[arg(long)]
+    #[arg(help_heading = "Upstream client", long)]
     no_http2: bool,
-    /// [client.tcp_keepalive] TCP keep-alive after this idle time; 0s turns it off (60s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// [client.tcp_keepalive] TCP keep-alive after this idle time; 0s turns it off [default: 60s]
+    #[arg(help_heading = "Upstream client", long, value_parser = humantime::parse_duration)]
     tcp_keepalive: Option<Duration>,
-    /// [client.http2_keep_alive_interval] HTTP/2 PING interval (none).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// [client.http2_keep_alive_interval] HTTP/2 PING interval [default: none]
+    #[arg(help_heading = "Upstream client", long, value_parser = humantime::parse_duration)]
     http2_keep_alive_interval: Option<Duration>,
     /// [client.ca_file] PEM file of extra CAs trusted for upstreams.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Upstream client", long, value_name = "PATH")]
     ca_file: Option<PathBuf>,
     /// [client.proxy] http(s):// or socks5(h):// proxy for actions that set none (replaces HTTP(S)_PROXY).
-    #[arg(long, value_name = "URL")]
+    #[arg(help_heading = "Upstream client", long, value_name = "URL")]
     proxy: Option<String>,
-    /// [limits.max_in_flight] actions running at once (512).
-    #[arg(long)]
+    /// [limits.max_in_flight] actions running at once [default: 512]
+    #[arg(help_heading = "Limits", long)]
     max_in_flight: Option<usize>,
-    /// [limits.max_queued] actions waiting for a slot; past this, RESOURCE_EXHAUSTED (2048).
-    #[arg(long)]
+    /// [limits.max_queued] actions waiting for a slot; past this, RESOURCE_EXHAUSTED [default: 2048]
+    #[arg(help_heading = "Limits", long)]
     max_queued: Option<usize>,
-    /// [limits.max_in_flight_per_host] attempts in flight to one host:port (64).
-    #[arg(long)]
+    /// [limits.max_in_flight_per_host] attempts in flight to one host:port [default: 64]
+    #[arg(help_heading = "Limits", long)]
     max_in_flight_per_host: Option<usize>,
     /// [limits.global_rate_limit] limit on all sends, e.g. "200/s burst 50".
-    #[arg(long, value_name = "RATE")]
+    #[arg(help_heading = "Limits", long, value_name = "RATE")]
     global_rate_limit: Option<Rate>,
     /// [limits.rate_limits] "PATTERN=RATE" per destination, e.g. "*.example.com=10/s burst 20";
     /// repeatable, first match wins.
-    #[arg(long = "rate-limit", value_name = "PATTERN=RATE")]
+    #[arg(help_heading = "Limits", long = "rate-limit", value_name = "PATTERN=RATE")]
     rate_limits: Vec<RateLimitRule>,
-    /// [limits.max_host_cool_down] longest shared cool-down from a 429 Retry-After (10m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// [limits.max_host_cool_down] longest shared cool-down from a 429 Retry-After [default: 10m]
+    #[arg(help_heading = "Limits", long, value_parser = humantime::parse_duration)]
     max_host_cool_down: Option<Duration>,
-    /// [limits.breaker_failures] consecutive failures that open a circuit; 0 is off (10).
-    #[arg(long)]
+    /// [limits.breaker_failures] consecutive failures that open a circuit; 0 is off [default: 10]
+    #[arg(help_heading = "Limits", long)]
     breaker_failures: Option<u32>,
-    /// [limits.breaker_cool_down] how long an open circuit refuses before a probe (15s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// [limits.breaker_cool_down] how long an open circuit refuses before a probe [default: 15s]
+    #[arg(help_heading = "Limits", long, value_parser = humantime::parse_duration)]
     breaker_cool_down: Option<Duration>,
     /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (an eighth
     /// of the cgroup memory limit, else 512 MiB).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(help_heading = "Limits", long, value_name = "BYTES")]
     max_buffered_bytes: Option<u64>,
     /// [store.url] where durable actions are stored: sqlite:PATH, or off
     /// (sqlite:callout-data/actions.db).
@@ -321,12 +321,34 @@ enum FailureMode {
     Continue,
 }
 
+/// A duration flag: plain seconds (`2`, `0.5`), or a number with a unit (`500ms`, `2m`, `1h`).
+fn duration_arg(raw: &str) -> Result<Duration, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| format!("{raw:?}: {e}")),
+        Err(_) => humantime::parse_duration(raw)
+            .map_err(|e| format!("{raw:?}: {e} (use seconds, or e.g. 500ms, 2m)")),
+    }
+}
+
 #[derive(clap::Args)]
 struct ExecArgs {
-    /// GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS.
-    method: String,
-    /// Absolute http or https URL.
-    url: String,
+    /// `[METHOD] URL`: the method (GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS) and the absolute
+    /// http or https URL. Without a method (here or -X): GET, or POST when a body is given.
+    #[arg(value_name = "[METHOD] URL", num_args = 1..=2, required = true)]
+    target: Vec<String>,
+    /// The method, as curl's -X (instead of the METHOD argument).
+    #[arg(short = 'X', long = "request", value_name = "METHOD")]
+    request: Option<String>,
+    /// Accept any server certificate and name (tls.insecure_skip_verify): for testing only,
+    /// warned about on stderr.
+    #[arg(short = 'k', long = "insecure")]
+    insecure: bool,
+    /// Write the outcome JSON to FILE instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Log each attempt on stderr (callout's debug logs); by default only warnings.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
     /// A header, "Name: value"; repeatable.
     #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
@@ -354,14 +376,14 @@ struct ExecArgs {
     /// Message for a failing status or class, "404=not found"; repeatable.
     #[arg(long = "error-message", value_name = "STATUS=MESSAGE")]
     error_messages: Vec<String>,
-    /// Connect timeout.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Connect timeout: seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     connect_timeout: Option<Duration>,
-    /// Timeout of one attempt.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Timeout of one attempt: seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     timeout: Option<Duration>,
-    /// Timeout of all attempts and backoff.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Timeout of all attempts and backoff: seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     total_timeout: Option<Duration>,
     /// Attempts in all (1 disables retries).
     #[arg(long)]
@@ -395,7 +417,7 @@ fn main() -> ExitCode {
             Ok(runtime) => runtime.block_on(exec(*args)),
             Err(e) => {
                 eprintln!("callout: cannot start the runtime: {e}");
-                ExitCode::FAILURE
+                ExitCode::from(3)
             }
         },
         Command::Config(ConfigCommand::Print(args)) => match args.config() {
@@ -547,6 +569,19 @@ fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), Stri
 }
 
 fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
+    let (method, url) = match (&args.target[..], args.request) {
+        ([method, url], None) => (method.clone(), url.clone()),
+        ([_, _], Some(_)) => return Err("give the method once: as -X METHOD or as the first argument".into()),
+        ([url], Some(method)) => (method, url.clone()),
+        ([url], None) => {
+            let body = args.json.is_some()
+                || !args.form.is_empty()
+                || args.data.is_some()
+                || args.data_file.is_some();
+            (if body { "POST" } else { "GET" }.to_owned(), url.clone())
+        }
+        _ => return Err("expected [METHOD] URL".into()),
+    };
     let headers = args.headers.iter().map(|h| split_pair(h, ':', "header")).collect::<Result<_, _>>()?;
     let query = args.query.iter().map(|q| split_pair(q, '=', "query")).collect::<Result<_, _>>()?;
     let error_messages =
@@ -563,8 +598,8 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         BodyInput::None
     };
     Ok(ActionInput {
-        method: args.method,
-        url: args.url,
+        method,
+        url,
         query,
         headers,
         body,
@@ -584,6 +619,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         redirects: RedirectsInput { follow: Some(!args.no_follow), max_hops: 0 },
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
         proxy_url: args.proxy.unwrap_or_default(),
+        tls: TlsInput { insecure_skip_verify: args.insecure, ..TlsInput::default() },
         ..ActionInput::default()
     })
 }
@@ -599,8 +635,13 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(e.to_string()),
     };
-    // By hand, only warnings and errors go to stderr: stdout is the outcome.
-    let settings = TelemetrySettings { level: "warn".into(), ..config.telemetry_settings() };
+    // By hand, only warnings and errors go to stderr (-v: each attempt too): stdout is the outcome.
+    let level = if args.verbose { "warn,callout=debug" } else { "warn" };
+    let settings = TelemetrySettings { level: level.into(), ..config.telemetry_settings() };
+    if args.insecure {
+        eprintln!("callout: warning: -k/--insecure: the server's certificate and name are not verified");
+    }
+    let output = args.output.take();
     let telemetry = match telemetry::init(&settings) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
@@ -619,9 +660,26 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     };
     let outcome = executor.execute(&action, None).await;
     telemetry.shutdown();
-    let json = callout::report::outcome_json(&outcome);
-    println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
-    if outcome.succeeded {
+    let proceed = outcome.proceed;
+    // The reply a gRPC call would get, in the proto3 JSON grpcurl prints.
+    let text = match callout::api::json::reply_json(&callout::api::convert::outcome(outcome)) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("callout: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(&path, text + "\n") {
+                eprintln!("callout: writing {}: {e}", path.display());
+                return ExitCode::from(3);
+            }
+        }
+        None => println!("{text}"),
+    }
+    // README "Exit status": 0 proceed, 1 stop (2 invalid, 3 not run, above).
+    if proceed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

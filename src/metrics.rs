@@ -2,6 +2,13 @@
 //! until `install` sets the Prometheus recorder) and the `/metrics` endpoint that serves them.
 //! Destination hosts become labels only within a bound: a configured allow-list, or the first
 //! `max_hosts` hosts seen; the rest are `other`. Never a URL, path or header.
+//!
+//! Conventions: every series the README lists is there, at zero, from the first scrape (the
+//! `other` host's, and each refusal reason's), so dashboards and `rate()` need no first event;
+//! label values are lower case (`outcome="failed"`, `error_kind="timeout"`); durations are
+//! seconds, with buckets up to 30 days for whole actions (a durable action may retry that
+//! long); `callout_build_info{version}` is 1; the standard `process_*` series (CPU, memory,
+//! open file descriptors) are read at each scrape.
 use crate::action::Outcome;
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -35,6 +42,44 @@ pub const CONNECTIONS: &str = "callout_upstream_connections";
 pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total";
 pub const BUFFERED_BODY_BYTES: &str = "callout_buffered_body_bytes";
 pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
+pub const BUILD_INFO: &str = "callout_build_info";
+
+/// Reasons of `callout_actions_refused_total` and `callout_body_budget_refused_total`, made at
+/// zero when metrics start.
+const REFUSED_REASONS: [&str; 2] = ["queue_full", "draining"];
+const BODY_BUDGET_REASONS: [&str; 3] = ["exhausted", "stalled", "too_large"];
+
+/// Buckets, in seconds, for times of one request (first byte) or a short wait: 1 ms to 5 min.
+const SHORT_BUCKETS: [f64; 16] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Buckets for whole actions and rate-limit waits, which may last as long as their total
+/// timeout (at most 30 days): 1 ms to 30 days.
+const LONG_BUCKETS: [f64; 24] = [
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    3.0 * 3600.0,
+    6.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+    3.0 * 86400.0,
+    7.0 * 86400.0,
+    30.0 * 86400.0,
+];
 
 /// Which hosts get their own label, and their series.
 struct HostLabels {
@@ -103,7 +148,7 @@ impl HostSeries {
         let mut others = self.others.lock().ok()?;
         let label = self.label.clone();
         let outcome = if succeeded { "succeeded" } else { "failed" };
-        let made = || counter!(ACTIONS, "outcome" => outcome, "error_kind" => kind, "host" => label);
+        let made = || counter!(ACTIONS, "outcome" => outcome, "error_kind" => kind.to_ascii_lowercase(), "host" => label);
         Some(others.entry((succeeded, kind)).or_insert_with(made).clone())
     }
 }
@@ -149,9 +194,11 @@ pub struct MetricsError(String);
 /// Sets the Prometheus recorder and serves `/metrics` on `listener`. Returns its address.
 pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<SocketAddr, MetricsError> {
     let addr = listener.local_addr().map_err(|e| MetricsError(e.to_string()))?;
-    let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+    let long = |name: &str| metrics_exporter_prometheus::Matcher::Full(name.to_owned());
     let handle = PrometheusBuilder::new()
-        .set_buckets(&buckets)
+        .set_buckets(&SHORT_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(long(ACTION_SECONDS), &LONG_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(long(RATE_LIMIT_WAIT_SECONDS), &LONG_BUCKETS))
         .map_err(|e| MetricsError(e.to_string()))?
         .install_recorder()
         .map_err(|e| MetricsError(e.to_string()))?;
@@ -169,6 +216,9 @@ pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<Sock
         buffered_body_bytes: gauge!(BUFFERED_BODY_BYTES),
     });
     describe();
+    at_zero();
+    let process = metrics_process::Collector::default();
+    process.describe();
     // The upkeep drains histograms' idle buckets; the recorder needs it every few seconds.
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -177,8 +227,22 @@ pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<Sock
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(serve(listener, handle));
+    tokio::spawn(serve(listener, handle, Arc::new(process)));
     Ok(addr)
+}
+
+/// The series that would otherwise appear only with their first event, made at zero (the
+/// `other` host's per-host series are made with `HOSTS`).
+fn at_zero() {
+    for reason in REFUSED_REASONS {
+        counter!(REFUSED, "reason" => reason).absolute(0);
+    }
+    for reason in BODY_BUDGET_REASONS {
+        counter!(BODY_BUDGET_REFUSED, "reason" => reason).absolute(0);
+    }
+    let _ = histogram!(RATE_LIMIT_WAIT_SECONDS, "host" => "other");
+    gauge!(CIRCUIT_OPEN, "host" => "other").set(0.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 fn describe() {
@@ -196,6 +260,7 @@ fn describe() {
         Unit::Seconds,
         "Time waited for rate limits and cool-downs."
     );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which callout runs.");
     describe_gauge!(CIRCUIT_OPEN, "1 while a destination's circuit is open or half-open.");
     describe_gauge!(CONNECTIONS, "Upstream connections open now (pooled or in use).");
     describe_counter!(CONNECTIONS_OPENED, "Upstream connections opened.");
@@ -261,16 +326,18 @@ where
     }
 }
 
-async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+async fn serve(listener: TcpListener, handle: PrometheusHandle, process: Arc<metrics_process::Collector>) {
     let mut backoff = AcceptBackoff::default();
     loop {
         let (tcp, _) = accept_next(|| listener.accept(), &mut backoff).await;
-        let handle = handle.clone();
+        let (handle, process) = (handle.clone(), process.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let handle = handle.clone();
+                let (handle, process) = (handle.clone(), process.clone());
                 async move {
                     let response = if req.uri().path() == "/metrics" {
+                        // The process series as of this scrape (a few small /proc reads).
+                        process.collect();
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
                             .body(Full::new(Bytes::from(handle.render())))

@@ -131,11 +131,13 @@ pub async fn serve_with(
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HttpActionServiceServer<HttpActionService>>().await;
-    // Health is described too, so grpcurl can call it with no proto file.
+    // Health is described too, so grpcurl can call it with no proto file, and google/rpc's
+    // status and error details, so it can decode a status's details (BadRequest, RetryInfo).
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;

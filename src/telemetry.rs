@@ -68,8 +68,12 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, String> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let fmt: BoxedLayer = match settings.format {
-        // One JSON object per line, the event's fields at the top level, for log pipelines.
-        LogFormat::Json => Box::new(fmt.json().flatten_event(true).with_current_span(true)),
+        // One JSON object per line, the event's fields at the top level, for log pipelines, with
+        // the current span (a line logged during an action says which). Not the list of every
+        // span: it would repeat the current one's fields a third time on each line.
+        LogFormat::Json => {
+            Box::new(fmt.json().flatten_event(true).with_current_span(true).with_span_list(false))
+        }
         LogFormat::Pretty => Box::new(fmt),
     };
     #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]

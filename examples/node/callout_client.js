@@ -11,9 +11,10 @@
 // --body-file PATH, --success-codes "200,201", --on-failure abort|continue, --max-attempts N,
 // --attempt-timeout SECONDS, --action-id ID, --deadline SECONDS (gRPC deadline, default 60).
 //
-// Exit status: 0 when the workflow should proceed (the action succeeded, or failed under
-// --on-failure continue), 1 when it should stop, 2 for bad usage, 3 when the sidecar refused
-// the action as INVALID_ARGUMENT (each field violation is printed), 4 for other gRPC errors.
+// Exit status, the same as `callout exec` and the Python client (README: "Exit status"):
+// 0 proceed (the action succeeded, or failed under --on-failure continue), 1 stop (it failed),
+// 2 invalid (bad usage, or INVALID_ARGUMENT: each field violation is printed), 3 the action did
+// not run for another reason (any other gRPC error: unreachable, RESOURCE_EXHAUSTED, UNAVAILABLE …).
 'use strict';
 
 const fs = require('fs');
@@ -23,7 +24,7 @@ const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 
 const PROTO_DIR = process.env.CALLOUT_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
-const EXIT = { proceed: 0, stop: 1, usage: 2, invalid: 3, grpc: 4 };
+const EXIT = { proceed: 0, stop: 1, usage: 2, invalid: 2, grpc: 3 };
 
 // google.rpc.Status and google.rpc.BadRequest, the two messages needed to read the
 // grpc-status-details-bin trailer. Field numbers are those of googleapis'

@@ -13,9 +13,11 @@ temporary directory, or --stubs-dir), so nothing generated is committed.
 The reflect commands need no proto file and no stubs: they read the schema from the server's
 reflection service, as grpcurl does.
 
-Exit status: 0 when the workflow should proceed (the action succeeded, or failed under
---on-failure continue), 1 when it should stop, 2 for bad usage, 3 when the sidecar refused the
-action as INVALID_ARGUMENT (each field violation is printed), 4 for any other gRPC error.
+Exit status, the same as `callout exec` and the Node client (README: "Exit status"): 0 proceed
+(the action succeeded, or failed under --on-failure continue), 1 stop (it failed), 2 invalid
+(bad usage, or INVALID_ARGUMENT: each field violation is printed), 3 the action did not run for
+another reason (any other gRPC error: unreachable, RESOURCE_EXHAUSTED, UNAVAILABLE …).
+--target and --deadline may come before or after the command.
 Requires grpcio, grpcio-tools, grpcio-status and grpcio-reflection.
 """
 
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PROTO_DIR = os.path.normpath(os.path.join(HERE, "..", "..", "proto"))
 PROTO_FILE = "callout/v1/callout.proto"
 
-EXIT_PROCEED, EXIT_STOP, EXIT_USAGE, EXIT_INVALID, EXIT_GRPC = 0, 1, 2, 3, 4
+EXIT_PROCEED, EXIT_STOP, EXIT_USAGE, EXIT_INVALID, EXIT_GRPC = 0, 1, 2, 2, 3
 
 
 # ------------------------------------------------------------------------------ stubs
@@ -357,14 +359,23 @@ def main(argv=None):
     parser.add_argument("--deadline", type=float, default=60.0, help="gRPC deadline in seconds")
     parser.add_argument("--proto-dir", default=DEFAULT_PROTO_DIR)
     parser.add_argument("--stubs-dir", help="where to generate the stubs (default: a temporary directory)")
+    # The same connection options after the command too (`execute --target H:P ...`); given
+    # there, they win. SUPPRESS: not given, they leave the value from before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=argparse.SUPPRESS, help="HOST:PORT (default 127.0.0.1:50051)")
+    common.add_argument("--deadline", type=float, default=argparse.SUPPRESS, help="gRPC deadline in seconds")
     sub = parser.add_subparsers(dest="command", required=True)
-    action_arguments(sub.add_parser("execute", help="run one action with the unary Execute"))
-    action_arguments(sub.add_parser("stream", help="run one action with ExecuteStream"))
+    action_arguments(sub.add_parser("execute", parents=[common], help="run one action with the unary Execute"))
+    action_arguments(sub.add_parser("stream", parents=[common], help="run one action with ExecuteStream"))
     r = sub.add_parser("reflect", help="server reflection: what grpcurl does, no proto file needed")
     rsub = r.add_subparsers(dest="reflect_command", required=True)
-    rsub.add_parser("list", help="list the services")
-    rsub.add_parser("describe", help="describe a message, service, enum or method").add_argument("symbol")
-    call = rsub.add_parser("call", help="call a unary or server-streaming method with a JSON request")
+    rsub.add_parser("list", parents=[common], help="list the services")
+    rsub.add_parser("describe", parents=[common], help="describe a message, service, enum or method").add_argument(
+        "symbol"
+    )
+    call = rsub.add_parser(
+        "call", parents=[common], help="call a unary or server-streaming method with a JSON request"
+    )
     call.add_argument("method", help="e.g. callout.v1.HttpActionService/Execute")
     call.add_argument("data", nargs="?", default="{}", help="the request in proto3 JSON")
     args = parser.parse_args(argv)

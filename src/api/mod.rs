@@ -3,9 +3,10 @@
 pub mod auth;
 pub mod codec;
 pub mod convert;
+pub mod json;
 pub mod reply_hold;
 mod service;
-mod status;
+pub mod status;
 
 pub use service::HttpActionService;
 pub use status::{invalid_argument, oversized_request};

@@ -1,7 +1,11 @@
 //! `callout.v1.HttpActionService`: turn the message into an action, run it on the executor,
 //! map the result. ExecuteStream runs the action in a task feeding a channel, so a caller that
 //! goes away is noticed and the action stops.
-use super::{convert, reply_hold::HeldUntilSent, status::invalid_argument};
+use super::{
+    convert,
+    reply_hold::HeldUntilSent,
+    status::{self, invalid_argument},
+};
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
     client::concurrency::{Admission, Overloaded},
@@ -25,6 +29,11 @@ use tonic::{metadata::MetadataMap, Request, Response, Status};
 /// Events buffered between the action and a slow reader: bounded, so a slow caller slows the
 /// upstream read instead of growing memory.
 const STREAM_BUFFER: usize = 16;
+/// RetryInfo of a refusal: a full queue usually has room again within a second (actions take
+/// milliseconds to seconds); a draining server is gone for good, but its replacement (or another
+/// replica behind the same address) takes calls about as soon.
+const RETRY_QUEUE_FULL: Duration = Duration::from_secs(1);
+const RETRY_DRAINING: Duration = Duration::from_secs(1);
 
 pub struct HttpActionService {
     executor: Executor,
@@ -41,7 +50,11 @@ impl HttpActionService {
     fn admit(&self) -> Result<Admission, Status> {
         if self.draining.load(Ordering::SeqCst) {
             crate::metrics::refused("draining");
-            return Err(Status::unavailable("callout is shutting down; send the action to another instance"));
+            return Err(status::unavailable(
+                "DRAINING",
+                "callout is shutting down; send the action to another instance",
+                RETRY_DRAINING,
+            ));
         }
         self.executor.admit().map_err(overloaded)
     }
@@ -83,7 +96,9 @@ async fn action_of(
 fn overloaded(e: Overloaded) -> Status {
     tracing::warn!(in_flight = e.in_flight, queued = e.queued, "action refused: queue full");
     crate::metrics::refused("queue_full");
-    Status::resource_exhausted(e.to_string())
+    let limits = [("in_flight", e.in_flight), ("queued", e.queued)];
+    let metadata = limits.into_iter().map(|(k, v)| (k.to_owned(), v.to_string())).collect();
+    status::resource_exhausted("QUEUE_FULL", e.to_string(), RETRY_QUEUE_FULL, metadata)
 }
 
 /// The caller's W3C trace context (`traceparent`, `tracestate` metadata), when well-formed.

@@ -1,9 +1,15 @@
 //! Call-level failures as gRPC statuses: an invalid action is INVALID_ARGUMENT carrying
 //! google.rpc.BadRequest with one field violation per problem, kept small enough for every
-//! gRPC client's metadata limit.
+//! gRPC client's metadata limit; a refusal to try later (RESOURCE_EXHAUSTED, UNAVAILABLE)
+//! carries google.rpc.RetryInfo and ErrorInfo. Reflection serves google/rpc's descriptors, so
+//! grpcurl and other reflection clients print the details.
 use crate::action::{excerpt, InvalidAction};
+use std::{collections::HashMap, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `domain` of every google.rpc.ErrorInfo callout sends.
+pub const ERROR_DOMAIN: &str = "callout";
 
 /// Most violations a status carries; the message counts the rest ("and K more").
 pub const MAX_VIOLATIONS: usize = 20;
@@ -46,6 +52,36 @@ pub fn invalid_argument(invalid: &InvalidAction) -> Status {
         message.push_str(&format!("; and {more} more"));
     }
     Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// RESOURCE_EXHAUSTED: no room for the call now; nothing was done. Carries RetryInfo
+/// (`retry_after`: when calling again is worth it) and ErrorInfo (`reason`, an UPPER_SNAKE
+/// constant such as `QUEUE_FULL`, domain `callout`, and `metadata`, e.g. the limits hit).
+pub fn resource_exhausted(
+    reason: &str,
+    message: impl Into<String>,
+    retry_after: Duration,
+    metadata: HashMap<String, String>,
+) -> Status {
+    retry_later(Code::ResourceExhausted, reason, message, retry_after, metadata)
+}
+
+/// UNAVAILABLE: this server cannot take the call (e.g. it is draining); nothing was done.
+/// Carries RetryInfo (`retry_after`) and ErrorInfo (`reason`, domain `callout`).
+pub fn unavailable(reason: &str, message: impl Into<String>, retry_after: Duration) -> Status {
+    retry_later(Code::Unavailable, reason, message, retry_after, HashMap::new())
+}
+
+fn retry_later(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    retry_after: Duration,
+    metadata: HashMap<String, String>,
+) -> Status {
+    let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+    details.set_error_info(reason, ERROR_DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
 }
 
 /// tonic's answer to a request over the decode limit (OUT_OF_RANGE, before the service runs)
@@ -95,6 +131,25 @@ mod tests {
         let shown = status.get_details_bad_request().unwrap().field_violations.len();
         assert!((1..=MAX_VIOLATIONS).contains(&shown), "{shown}");
         assert!(status.message().ends_with(&format!("and {} more", 300 - shown)), "{}", status.message());
+    }
+
+    #[test]
+    fn refusals_say_when_to_retry_and_why() {
+        let metadata = HashMap::from([("max_queued".to_owned(), "8".to_owned())]);
+        let full = resource_exhausted("QUEUE_FULL", "queue full", Duration::from_millis(1500), metadata);
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert_eq!(full.message(), "queue full");
+        let details = full.get_error_details();
+        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_millis(1500)));
+        let info = details.error_info().unwrap();
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("QUEUE_FULL", ERROR_DOMAIN));
+        assert_eq!(info.metadata["max_queued"], "8");
+
+        let draining = unavailable("DRAINING", "shutting down", Duration::from_secs(1));
+        assert_eq!(draining.code(), Code::Unavailable);
+        let details = draining.get_error_details();
+        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_secs(1)));
+        assert_eq!(details.error_info().unwrap().reason, "DRAINING");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `callout exec`, the real binary: exit codes (0 succeeded, 1 failed, 2 invalid), the JSON it
-//! prints, and what reaches a loopback upstream.
+//! `callout exec`, the real binary: exit codes (0 proceed, 1 stop, 2 invalid), the proto3 JSON
+//! it prints (grpcurl's form of the same reply), and what reaches a loopback upstream.
 use crate::support::*;
 use serde_json::Value;
 use std::{
@@ -48,12 +48,14 @@ async fn expected_status_succeeds_with_exit_0() {
     let printed = printed(&out);
 
     assert_eq!(out.status.code(), Some(0), "{printed:#}");
-    assert_eq!(printed["outcome"], "SUCCEEDED");
+    // The proto3 JSON of the reply, as grpcurl prints it.
+    assert_eq!(printed["outcome"], "OUTCOME_SUCCEEDED");
     assert_eq!(printed["proceed"], true);
     assert!(printed["error"].is_null());
     assert_eq!(printed["response"]["status"], 201);
-    assert_eq!(printed["response"]["body_json"], serde_json::json!({ "id": 1 }));
+    assert_eq!(printed["response"]["bodyJson"], serde_json::json!({ "id": 1 }));
     assert_eq!(printed["attempts"].as_array().map(Vec::len), Some(1));
+    assert!(printed["timing"]["total"].as_str().is_some_and(|t| t.ends_with('s')), "{printed:#}");
 
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1);
@@ -64,6 +66,19 @@ async fn expected_status_succeeds_with_exit_0() {
     assert_eq!(seen[0].header("x-token").as_deref(), Some("t"));
 }
 
+/// The exit status follows `proceed`, as in both example clients: a failure the workflow goes on
+/// past (`--on-failure continue`) exits 0.
+#[tokio::test]
+async fn a_failure_under_on_failure_continue_exits_0() {
+    let upstream = Upstream::fixed(500, "down").await;
+    let url = upstream.url("/orders");
+    let out = exec(&["GET", &url, "--attempts", "1", "--on-failure", "continue"]).await;
+    let printed = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{printed:#}");
+    assert_eq!(printed["outcome"], "OUTCOME_FAILED");
+    assert_eq!(printed["proceed"], true);
+}
+
 #[tokio::test]
 async fn other_status_fails_with_exit_1() {
     let upstream = Upstream::fixed(200, "ok").await;
@@ -72,11 +87,12 @@ async fn other_status_fails_with_exit_1() {
     let printed = printed(&out);
 
     assert_eq!(out.status.code(), Some(1), "{printed:#}");
-    assert_eq!(printed["outcome"], "FAILED");
-    assert_eq!(printed["proceed"], false);
-    assert_eq!(printed["error"]["kind"], "UNEXPECTED_STATUS");
+    assert_eq!(printed["outcome"], "OUTCOME_FAILED");
+    // proto3 JSON leaves a field at its default out, as grpcurl does without -emit-defaults.
+    assert!(printed.get("proceed").is_none(), "{printed:#}");
+    assert_eq!(printed["error"]["kind"], "ERROR_KIND_UNEXPECTED_STATUS");
     assert_eq!(printed["response"]["status"], 200);
-    assert_eq!(printed["response"]["body_text"], "ok");
+    assert_eq!(printed["response"]["bodyText"], "ok");
     // 200 is not a retryable status: one request.
     assert_eq!(upstream.hits(), 1);
 }
@@ -125,4 +141,48 @@ async fn query_values_are_percent_encoded() {
 
     assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
     assert_eq!(upstream.seen()[0].target, "/search?k=a%20b");
+}
+
+/// curl's habits: -X METHOD with the URL alone, POST by default when a body is given, GET
+/// otherwise; durations as plain seconds; -o FILE instead of stdout.
+#[tokio::test]
+async fn curl_style_method_seconds_and_output_file() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/x");
+    let out = exec(&["-X", "PUT", &url, "--timeout", "2.5", "--connect-timeout", "500ms"]).await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let out = exec(&[&url, "--json", "{}"]).await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let out = exec(&[&url]).await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let methods: Vec<String> = upstream.seen().iter().map(|r| r.method.clone()).collect();
+    assert_eq!(methods, ["PUT", "POST", "GET"]);
+
+    let dir = std::env::temp_dir().join(format!("callout-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("outcome.json");
+    let out = exec(&[&url, "-o", file.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty(), "-o: nothing on stdout");
+    let written: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(written["outcome"], "OUTCOME_SUCCEEDED");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Both a METHOD argument and -X, or a duration in no known form: exit 2, nothing sent.
+    let before = upstream.seen().len();
+    for args in [&["-X", "PUT", "GET", &url][..], &[&url, "--timeout", "soon"]] {
+        let out = exec(args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(upstream.seen().len(), before);
+}
+
+/// -k turns certificate checks off, and says so loudly on stderr.
+#[tokio::test]
+async fn insecure_warns_on_stderr() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let out = exec(&["-k", &upstream.url("/")]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--insecure") && stderr.contains("not verified"), "{stderr}");
 }

@@ -154,6 +154,12 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
     let refused = sidecar.try_execute(request("GET", &upstream.url("/3"))).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("at capacity"), "{}", refused.message());
+    // When to call again, and why, for clients that read the details (grpcurl prints them).
+    let details = tonic_types::StatusExt::get_error_details(&refused);
+    assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(Duration::from_secs(1)), "{details:?}");
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!((info.reason.as_str(), info.domain.as_str()), ("QUEUE_FULL", "callout"), "{info:?}");
+    assert_eq!(info.metadata.get("queued").map(String::as_str), Some("1"), "{info:?}");
     let refused_stream = sidecar.stream(request("GET", &upstream.url("/4"))).await.unwrap_err();
     assert_eq!(refused_stream.code(), tonic::Code::ResourceExhausted);
     assert!(started.elapsed() < ms(300), "refused at once");

@@ -220,6 +220,31 @@ async fn reflection_v1alpha_describes_the_contract() {
     check_reflection(ask_v1alpha, "grpc.reflection.v1alpha.ServerReflection").await;
 }
 
+/// The details of an error status are google.rpc messages in an Any: a reflection client
+/// (grpcurl) resolves them by name to print them, so both protocols describe them.
+#[tokio::test]
+async fn reflection_describes_the_error_details() {
+    let sidecar = Sidecar::start().await;
+    let symbols =
+        ["google.rpc.BadRequest", "google.rpc.RetryInfo", "google.rpc.ErrorInfo", "google.rpc.Status"];
+    let v1 = ask_v1(sidecar.channel().await, symbols.iter().map(|s| Ask::Symbol(s)).collect()).await;
+    let v1alpha =
+        ask_v1alpha(sidecar.channel().await, symbols.iter().map(|s| Ask::Symbol(s)).collect()).await;
+    for answers in [&v1, &v1alpha] {
+        for (symbol, answer) in symbols.iter().zip(answers) {
+            let name = symbol.trim_start_matches("google.rpc.");
+            let described = files(answer);
+            assert!(
+                described
+                    .iter()
+                    .any(|f| f.package() == "google.rpc" && f.message_type.iter().any(|m| m.name() == name)),
+                "{symbol}: {:?}",
+                described.iter().map(|f| f.name()).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn reflection_v1_lists_and_describes_health() {
     check_health_reflected(ask_v1).await;
