@@ -582,4 +582,10 @@ fn describe_metrics() {
         "How long the longest-due pending durable action has been waiting past its due time"
     );
     metrics::describe_counter!(SUBMITTED, "Durable actions stored by Submit");
+    // At zero from the start, as every documented series is, so alerts need no first event.
+    for state in ["pending", "running", "retry_waiting"] {
+        metrics::gauge!(GAUGE_ACTIONS, "state" => state).set(0.0);
+    }
+    metrics::gauge!(GAUGE_OLDEST_DUE).set(0.0);
+    metrics::counter!(SUBMITTED).absolute(0);
 }
