@@ -193,8 +193,10 @@ def main():
         callout_log = os.path.join(work, "callout.log")
         with open(callout_log, "w") as log:
             sidecar = subprocess.Popen(
+                # The durable store goes in the scratch dir, not the checkout (the README's own
+                # default is callout-data/ under the working directory).
                 [args.callout, "serve", "--allow-private-networks", "--listen", "127.0.0.1:0",
-                 "--metrics-listen", "127.0.0.1:0"],
+                 "--metrics-listen", "127.0.0.1:0", "--store", f"sqlite:{work}/actions.db"],
                 stdout=log, stderr=log, env={**env, "RUST_LOG": "info"},
             )
         procs.append(sidecar)
