@@ -11,7 +11,7 @@ mod validate;
 pub use outcome::{
     ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
 };
-pub use retry::{parse_retry_after, AttemptEnd, RetryDecision, RetryPolicy};
+pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};

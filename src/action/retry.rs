@@ -122,8 +122,8 @@ impl RetryPolicy {
 }
 
 /// Errors that no retry can mend: the request itself or its response was wrong, or the caller
-/// is gone.
-fn retryable_kind(kind: ErrorKind) -> bool {
+/// is gone. Execute's loop and the durable runner both ask this.
+pub fn retryable_kind(kind: ErrorKind) -> bool {
     !matches!(
         kind,
         ErrorKind::BodyTooLarge

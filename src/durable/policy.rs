@@ -3,7 +3,7 @@
 //! POST and PATCH), and the decision after each attempt, made with the executor's own
 //! `RetryPolicy` but over hours and days.
 use crate::{
-    action::{AttemptEnd, ErrorKind, HttpAction, InvalidAction, RetryDecision},
+    action::{retryable_kind, AttemptEnd, ErrorKind, HttpAction, InvalidAction, RetryDecision},
     api::convert,
     exec::Executor,
     pb,
@@ -87,17 +87,6 @@ pub fn plan(
             Err(bad)
         }
     }
-}
-
-/// Errors that no retry can mend (as the executor has them).
-pub fn retryable_kind(kind: ErrorKind) -> bool {
-    !matches!(
-        kind,
-        ErrorKind::BodyTooLarge
-            | ErrorKind::InvalidRequest
-            | ErrorKind::DeniedByPolicy
-            | ErrorKind::Cancelled
-    )
 }
 
 /// Whether attempt `number_in_run` (1-based within the current run), which ended as `end`, is
