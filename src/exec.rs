@@ -9,10 +9,11 @@ use crate::{
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
-        admission::{Destination, LimitSettings, Limits},
+        admission::{LimitSettings, Limits},
         attempt::AttemptContext,
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
+        host::Destination,
         ClientBuildError, ClientSettings, Clients,
     },
     cut_off::{shut_down, unless_cut_off, ShutDownAt},

@@ -1,5 +1,6 @@
 //! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+mod excerpt;
 mod outcome;
 mod retry;
 pub mod secret_ref;
@@ -8,6 +9,7 @@ mod trace;
 mod transport;
 mod validate;
 
+pub use excerpt::excerpt;
 pub use outcome::{
     ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
 };
@@ -16,8 +18,8 @@ pub use status::{StatusSpec, StatusSpecError};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
-    excerpt, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS,
-    MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
+    FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS, MAX_HEADER_BYTES,
+    MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
 };
 
 use bytes::Bytes;

@@ -74,7 +74,7 @@ fn parse_item(item: &str) -> Result<(u16, u16), StatusSpecError> {
 
 /// An item as quoted in an error: a short excerpt, however long the caller wrote it.
 fn quoted(item: &str) -> String {
-    super::validate::excerpt(item, 64).into_owned()
+    super::excerpt::excerpt(item, 64).into_owned()
 }
 
 /// `"4xx"` → `Some(4)`, for classes 1 to 5 (case-insensitive).

@@ -156,8 +156,8 @@ impl ProxyUrl {
             "socks5" => ProxyScheme::Socks5,
             "socks5h" => ProxyScheme::Socks5h,
             other => {
-                // A scheme is ASCII, but as long as the caller likes: quoted as an excerpt.
-                let other = other.get(..32).unwrap_or(other);
+                // A scheme is as long as the caller likes: quoted as an excerpt.
+                let other = super::excerpt::excerpt(other, 32);
                 return Err(format!(
                     "scheme {other:?} is not supported; use an http://, https://, socks5:// or socks5h:// proxy URL"
                 ));

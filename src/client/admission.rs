@@ -10,7 +10,6 @@ use super::{
 };
 use crate::action::{ActionError, ErrorKind};
 use std::{sync::Arc, time::Instant};
-use url::Url;
 
 /// The server's limits on sending, and on the response bytes held for replies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,32 +30,6 @@ impl Default for LimitSettings {
             breaker: BreakerSettings::default(),
             max_buffered_bytes: super::body_budget::default_total(),
         }
-    }
-}
-
-/// Where an action goes, as the limits key it: `host:port`, host lower-case without brackets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    pub key: String,
-    host: String,
-    port: u16,
-}
-
-impl Destination {
-    pub fn of(url: &Url) -> Self {
-        let host = super::host::normalize(url.host_str().unwrap_or_default());
-        let port = url.port_or_known_default().unwrap_or(0);
-        let key = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-        Self { key, host, port }
-    }
-
-    /// The host, lower-case, without brackets.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 }
 
@@ -108,18 +81,5 @@ impl Limits {
     /// Actions admitted and not yet finished (running or queued).
     pub fn admitted(&self) -> usize {
         self.concurrency.admitted()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn destinations_key_host_and_port() {
-        let d = |u: &str| Destination::of(&Url::parse(u).unwrap()).key;
-        assert_eq!(d("https://API.example.com/x"), "api.example.com:443");
-        assert_eq!(d("http://example.com.:8080/"), "example.com:8080");
-        assert_eq!(d("http://[::1]/"), "[::1]:80");
     }
 }

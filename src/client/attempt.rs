@@ -1,6 +1,6 @@
 //! What every layer of an attempt shares: the context the attempt carries in its request's
 //! extensions, the signal that it started, and `Step`, which makes a concern a tower layer.
-use super::admission::Destination;
+use super::host::Destination;
 use crate::action::RedirectPolicy;
 use bytes::Bytes;
 use http::{Request, Response};

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-/// Growth step of a body of unknown length: one stream chunk (ExecuteStream's BodyChunk size).
-pub const MIN_STEP: u64 = super::response::MAX_CHUNK as u64;
+/// Growth step of a body of unknown length: one read chunk (`response::MAX_CHUNK`, which is
+/// checked against it there), so a step always covers the chunk being appended.
+pub const MIN_STEP: u64 = 64 * 1024;
 
 /// Why a body could not have the budget it needed.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,6 +1,8 @@
 //! Host names as every rule compares them: one normaliser (egress, NO_PROXY, `--resolve`,
 //! destination keys, host patterns) and one label-boundary suffix matcher, so no two places
-//! can disagree on whether `API.Example.com.` is `api.example.com`.
+//! can disagree on whether `API.Example.com.` is `api.example.com`; and `Destination`, the
+//! `host:port` every limit, breaker and metric keys an action by.
+use url::Url;
 
 /// A host as the rules see it: lower case, IPv6 without brackets, no trailing dots.
 pub fn normalize(host: &str) -> String {
@@ -22,9 +24,43 @@ pub fn is_within(host: &str, domain: &str) -> bool {
     host == domain || is_below(host, domain)
 }
 
+/// Where an action goes, as the limits key it: `host:port`, host lower-case without brackets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub key: String,
+    host: String,
+    port: u16,
+}
+
+impl Destination {
+    pub fn of(url: &Url) -> Self {
+        let host = normalize(url.host_str().unwrap_or_default());
+        let port = url.port_or_known_default().unwrap_or(0);
+        let key = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        Self { key, host, port }
+    }
+
+    /// The host, lower-case, without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destinations_key_host_and_port() {
+        let d = |u: &str| Destination::of(&Url::parse(u).unwrap()).key;
+        assert_eq!(d("https://API.example.com/x"), "api.example.com:443");
+        assert_eq!(d("http://example.com.:8080/"), "example.com:8080");
+        assert_eq!(d("http://[::1]/"), "[::1]:80");
+    }
 
     #[test]
     fn normalize_lowercases_and_strips_brackets_and_trailing_dots() {

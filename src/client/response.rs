@@ -8,6 +8,8 @@ use http_body_util::BodyExt;
 
 /// Largest chunk handed on at once (ExecuteStream's BodyChunk limit).
 pub const MAX_CHUNK: usize = 64 * 1024;
+// A buffered body grows its memory budget in steps of at least one chunk.
+const _: () = assert!(MAX_CHUNK as u64 == super::body_budget::MIN_STEP);
 
 /// The head of `response`: status, reason, version and headers in order.
 pub fn head_of<B>(response: &Response<B>) -> ResponseHead {
