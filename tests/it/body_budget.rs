@@ -9,7 +9,6 @@ use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
 /// Bodies of the default cap: an Execute reply buffers each whole.
@@ -24,16 +23,6 @@ fn peak_rss(pid: u32) -> usize {
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
     let kib: usize = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM in kB");
     kib * 1024
-}
-
-/// GET `path` from `addr` over plain HTTP/1.1; the body.
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
 
 /// An upstream serving `BODY` bytes: with a Content-Length on `/known`, chunked in 16 KiB

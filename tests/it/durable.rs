@@ -578,13 +578,7 @@ async fn a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges
 
 /// `/metrics` of a sidecar, over plain HTTP/1.1.
 async fn metrics_text(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    raw
+    crate::support::http_get(addr, "/metrics").await
 }
 
 #[tokio::test]

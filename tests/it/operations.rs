@@ -8,21 +8,9 @@ use std::{
     process::{Command, Output},
     time::{Duration, Instant},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
-
-/// GET `path` from `addr` over plain HTTP/1.1; the body.
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
-}
 
 /// The value of the sample of `name` whose labels include every one of `labels`.
 fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {

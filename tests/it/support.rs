@@ -533,3 +533,15 @@ impl Drop for ServeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// GET `path` from `addr` over plain HTTP/1.1 (a sidecar's `/metrics`); the body of a 200.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
