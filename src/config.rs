@@ -602,23 +602,26 @@ mod tests {
 
     #[test]
     fn a_bad_value_from_the_environment_names_the_key_and_the_variable() {
-        // A prefix of this test's own, so no other test's layers read it.
-        std::env::set_var("CALLOUT_UNIT_ENV_DURABLE__MAX_CONCURRENT", "0");
-        std::env::set_var("CALLOUT_UNIT_ENV_DURABLE__IDEMPOTENCY_HEADER", "a b");
-        let figment = Figment::from(Serialized::defaults(Config::default())).merge(env("CALLOUT_UNIT_ENV_"));
-        let err = Config::extract(&figment).unwrap_err().to_string();
-        std::env::remove_var("CALLOUT_UNIT_ENV_DURABLE__MAX_CONCURRENT");
-        std::env::remove_var("CALLOUT_UNIT_ENV_DURABLE__IDEMPOTENCY_HEADER");
+        // A prefix of this test's own (not CALLOUT_), so no other test's layers read it.
+        let read = |name: &str, value: &str| {
+            std::env::set_var(format!("CALLOUTUNIT_{name}"), value);
+            let figment = Figment::from(Serialized::defaults(Config::default())).merge(env("CALLOUTUNIT_"));
+            let err = Config::extract(&figment).unwrap_err().to_string();
+            std::env::remove_var(format!("CALLOUTUNIT_{name}"));
+            err
+        };
+        let err = read("DURABLE__MAX_CONCURRENT", "0");
         assert!(
             err.contains(
                 "durable.max_concurrent: must be at least 1 \
-                 (from environment variable CALLOUT_UNIT_ENV_DURABLE__MAX_CONCURRENT)"
+                 (from environment variable CALLOUTUNIT_DURABLE__MAX_CONCURRENT)"
             ),
             "{err}"
         );
+        let err = read("DURABLE__IDEMPOTENCY_HEADER", "a b");
         assert!(
             err.contains("durable.idempotency_header: \"a b\" is not a header name")
-                && err.contains("CALLOUT_UNIT_ENV_DURABLE__IDEMPOTENCY_HEADER"),
+                && err.contains("CALLOUTUNIT_DURABLE__IDEMPOTENCY_HEADER"),
             "{err}"
         );
     }
