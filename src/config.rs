@@ -5,10 +5,10 @@
 //! read, so a bad value fails at start naming its key and where it came from (file, variable or
 //! flag). `callout.example.toml` documents every key.
 //!
-//! A new section is one line in `Config` (`pub name: NameSettings,`): a struct that is
-//! `Serialize + Deserialize + Default` with `#[serde(default, deny_unknown_fields)]`, whose
-//! checks are in its deserializers (see `crate::settings`); document its keys in
-//! callout.example.toml, and give its flags (if any) a `main.rs` struct named like the section.
+//! A new section is one line in `Config` (`pub name: NameSettings,`): a struct beside its
+//! consumer deriving `Serialize`, `Deserialize`, with its `Default`, `#[serde(default,
+//! deny_unknown_fields)]`, checked in its deserializers (`crate::settings`); keys documented in
+//! callout.example.toml.
 use crate::{
     action::ProxyUrl,
     client::{

@@ -759,3 +759,119 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(args: &[&str]) -> Config {
+        let cli = Cli::try_parse_from([&["callout", "config", "print"][..], args].concat()).unwrap();
+        let Command::Config(ConfigCommand::Print(args)) = cli.command else { unreachable!() };
+        args.load().unwrap().config
+    }
+
+    #[test]
+    fn every_flag_lands_on_the_key_its_help_names() {
+        let c = loaded(&[
+            "--store=off",
+            "--durable-max-pending=7",
+            "--listen=unix:/tmp/c.sock",
+            "--unix-socket-mode=640",
+            "--auth-token-file=/t",
+            "--tls-cert=/c",
+            "--tls-key=/k",
+            "--tls-client-ca=/ca",
+            "--drain-timeout=3s",
+            "--default-total-timeout=4s",
+            "--stream-max-response-bytes=5",
+            "--max-request-bytes=8192",
+            "--worker-threads=2",
+            "--sensitive-header=X-A",
+            "--sensitive-header=X-B",
+            "--log-format=json",
+            "--log-level=debug",
+            "--log-actions=all",
+            "--metrics-listen=127.0.0.1:1",
+            "--no-metrics",
+            "--pool-idle-timeout=6s",
+            "--pool-max-idle-per-host=0",
+            "--no-http2",
+            "--tcp-keepalive=0s",
+            "--http2-keep-alive-interval=9s",
+            "--ca-file=/ca.pem",
+            "--proxy=http://p.test:3128",
+            "--max-in-flight=10",
+            "--max-queued=11",
+            "--max-in-flight-per-host=12",
+            "--global-rate-limit=5/s",
+            "--rate-limit=a.test=1/s",
+            "--max-host-cool-down=13s",
+            "--breaker-failures=14",
+            "--breaker-cool-down=15s",
+            "--max-buffered-bytes=1048576",
+            "--allow-private-networks",
+            "--egress-allow=*.a.test",
+            "--egress-deny=10.0.0.0/8",
+            "--allowed-ports=443,8443",
+            "--resolve=H.test=127.0.0.2",
+            "--secrets-dir=/s",
+            "--secrets-env-prefix=S_",
+        ]);
+        let s = &c.server;
+        assert_eq!(s.listen, "unix:/tmp/c.sock".parse().unwrap());
+        assert_eq!(s.unix_socket_mode.0, 0o640);
+        assert_eq!(
+            (
+                s.auth_token_file.as_deref(),
+                s.tls_cert.as_deref(),
+                s.tls_key.as_deref(),
+                s.tls_client_ca.as_deref()
+            ),
+            (Some(Path::new("/t")), Some(Path::new("/c")), Some(Path::new("/k")), Some(Path::new("/ca")))
+        );
+        assert_eq!(
+            (s.drain_timeout, s.default_total_timeout),
+            (Duration::from_secs(3), Duration::from_secs(4))
+        );
+        assert_eq!((s.stream_max_response_bytes, s.max_request_bytes, s.worker_threads), (5, 8192, 2));
+        assert_eq!(s.sensitive_headers, ["x-a", "x-b"]);
+        assert_eq!(
+            (c.log.format, c.log.level.as_str(), c.log.actions),
+            (LogFormat::Json, "debug", ActionLog::All)
+        );
+        assert_eq!((c.metrics.enabled, c.metrics.listen.port()), (false, 1));
+        let cl = &c.client;
+        assert_eq!(
+            (cl.pool_idle_timeout, cl.pool_max_idle_per_host, cl.http2),
+            (Duration::from_secs(6), 0, false)
+        );
+        assert_eq!(
+            (cl.tcp_keepalive, cl.http2_keep_alive_interval),
+            (Duration::ZERO, Some(Duration::from_secs(9)))
+        );
+        assert_eq!(
+            (cl.ca_file.as_deref(), cl.proxy.as_deref()),
+            (Some(Path::new("/ca.pem")), Some("http://p.test:3128"))
+        );
+        assert_eq!(cl.resolve.get("h.test"), Some(&vec![IpAddr::from([127, 0, 0, 2])]));
+        let l = &c.limits;
+        assert_eq!((l.max_in_flight, l.max_queued, l.max_in_flight_per_host), (10, 11, 12));
+        assert_eq!(l.global_rate_limit, Some("5/s".parse().unwrap()));
+        assert_eq!(l.rate_limits, vec!["a.test=1/s".parse().unwrap()]);
+        assert_eq!((l.max_host_cool_down, l.breaker_failures), (Duration::from_secs(13), 14));
+        assert_eq!((l.breaker_cool_down, l.max_buffered_bytes), (Duration::from_secs(15), Some(1 << 20)));
+        let e = &c.egress;
+        assert!(e.allow_private_networks);
+        assert_eq!((e.allow.len(), e.deny.len(), &e.allowed_ports[..]), (1, 1, &[443, 8443][..]));
+        assert_eq!(
+            (c.secrets.dir.as_deref(), c.secrets.env_prefix.as_deref()),
+            (Some(Path::new("/s")), Some("S_"))
+        );
+        assert_eq!((c.store.url.as_str(), c.durable.max_pending), ("off", 7));
+    }
+
+    #[test]
+    fn flags_not_given_leave_the_lower_layers_alone() {
+        assert_eq!(loaded(&[]), Config::default());
+    }
+}
