@@ -425,7 +425,7 @@ impl ConfigError {
     /// A setting that cannot be used, with where `figment` took its value from.
     pub fn setting(figment: &Figment, e: SettingError) -> Self {
         let keys: Vec<&str> = e.key.split('.').collect();
-        match figment.find_metadata(e.key) {
+        match (!e.key.is_empty()).then(|| figment.find_metadata(e.key)).flatten() {
             Some(metadata) => Self(format!("{e} (from {})", origin(metadata, &keys))),
             None => Self(e.to_string()),
         }

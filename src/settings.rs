@@ -7,7 +7,7 @@ use std::fmt;
 
 /// A setting that cannot be used though its type was right (a file that cannot be read, two
 /// keys that go together); `key` is the full key, e.g. `server.tls_key`, so the configuration
-/// can say where the value came from.
+/// can say where the value came from, or empty for what no key set (a proxy variable).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettingError {
     pub key: &'static str,
@@ -22,7 +22,10 @@ impl SettingError {
 
 impl fmt::Display for SettingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        match self.key {
+            "" => f.write_str(&self.message),
+            key => write!(f, "{key}: {}", self.message),
+        }
     }
 }
 

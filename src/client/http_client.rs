@@ -110,7 +110,8 @@ impl ClientSettings {
             })?;
             self.extra_ca_pem = Some(pem);
         }
-        let mut proxies = Proxies::from_env().map_err(|e| SettingError::new("client.proxy", e))?;
+        // The error names the variable, not a key.
+        let mut proxies = Proxies::from_env().map_err(|e| SettingError::new("", e))?;
         if let Some(raw) = &self.proxy {
             let proxy = ProxyUrl::parse(raw).map_err(|e| SettingError::new("client.proxy", e))?;
             proxies = proxies.with_proxy(proxy);
