@@ -13,6 +13,7 @@ use crate::{
         attempt::AttemptContext,
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
+        egress::EgressSettings,
         host::Destination,
         ClientBuildError, ClientSettings, Clients,
     },
@@ -31,7 +32,15 @@ use tracing::Instrument as _;
 // the executor look for them.
 pub use crate::attempt::{Buffered, Gone, Observer, OFFLOAD_BODY_BYTES};
 
-/// Settings of the executor.
+pub use crate::telemetry::ActionLog;
+
+/// Total time of an action that sets none (`server.default_total_timeout`'s default).
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Body cap of ExecuteStream (`server.stream_max_response_bytes`'s default): 1 GiB.
+pub const STREAM_MAX_RESPONSE_BYTES: u64 = 1 << 30;
+
+/// Settings of the executor: the config sections it runs on, whole, and the action defaults
+/// the `[server]` section holds (`config::Config::exec_settings` gathers them).
 #[derive(Debug, Clone)]
 pub struct ExecSettings {
     /// Total time of an action that sets none, before the gRPC deadline. Default 5 min.
@@ -39,6 +48,8 @@ pub struct ExecSettings {
     /// Body cap of ExecuteStream. Default 1 GiB.
     pub stream_max_response_bytes: u64,
     pub client: ClientSettings,
+    /// Which destinations may be dialled. Default: public addresses only.
+    pub egress: EgressSettings,
     /// Queue bound, concurrency caps, rate limits and circuit breaking.
     pub limits: LimitSettings,
     /// Where `{{secret:NAME}}` references are read from.
@@ -50,28 +61,13 @@ pub struct ExecSettings {
     pub action_log: ActionLog,
 }
 
-/// Which finished actions are logged (at info, one line each). Every action is counted in the
-/// metrics either way; a line per success is an access log, worth its cost only when wanted.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ActionLog {
-    /// Every action.
-    All,
-    /// Failed actions (including refused and cancelled ones).
-    #[default]
-    Failed,
-    /// None.
-    Off,
-}
-
 impl Default for ExecSettings {
     fn default() -> Self {
         Self {
-            default_total_timeout: Duration::from_secs(300),
-            stream_max_response_bytes: 1 << 30,
+            default_total_timeout: DEFAULT_TOTAL_TIMEOUT,
+            stream_max_response_bytes: STREAM_MAX_RESPONSE_BYTES,
             client: ClientSettings::default(),
+            egress: EgressSettings::default(),
             limits: LimitSettings::default(),
             secrets: SecretSettings::default(),
             sensitive_headers: Vec::new(),
@@ -96,9 +92,9 @@ impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
         let limits = Arc::new(Limits::new(&settings.limits));
         let attempts = Attempts::new(
-            Clients::new(&settings.client)?,
+            Clients::new(&settings.client, &settings.egress)?,
             limits.clone(),
-            BodyBudget::new(settings.limits.max_buffered_bytes),
+            BodyBudget::new(settings.limits.buffered_bytes()),
             settings.stream_max_response_bytes,
         );
         Ok(Self {

@@ -171,10 +171,17 @@ pub fn host_label(host: &str) -> String {
     HOSTS.get().map_or_else(|| "other".to_owned(), |labels| labels.series(host).label.clone())
 }
 
-/// Which destination hosts get their own `host` label.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `[metrics]` section: the Prometheus endpoint, and which destination hosts get their
+/// own `host` label.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// Hosts labelled by name; the rest are `other`. Empty: the first `max_hosts` seen.
+    /// Serve `/metrics`. Default true.
+    pub enabled: bool,
+    /// Where. Default `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+    /// Hosts labelled by name; the rest are `other`. Empty (the default): the first
+    /// `max_hosts` seen.
     pub hosts: Vec<String>,
     /// Most distinct `host` label values when `hosts` is empty. Default 50.
     pub max_hosts: usize,
@@ -182,7 +189,12 @@ pub struct MetricsSettings {
 
 impl Default for MetricsSettings {
     fn default() -> Self {
-        Self { hosts: Vec::new(), max_hosts: 50 }
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            hosts: Vec::new(),
+            max_hosts: 50,
+        }
     }
 }
 

@@ -17,21 +17,6 @@ use std::{
 };
 use tower::{BoxError, ServiceExt as _};
 
-/// Circuit-breaker settings of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerSettings {
-    /// Consecutive failures that open a destination's circuit; 0 turns breaking off. Default 10.
-    pub failure_threshold: u32,
-    /// How long an open circuit refuses before it lets a probe through. Default 15 s.
-    pub cool_down: Duration,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        Self { failure_threshold: 10, cool_down: Duration::from_secs(15) }
-    }
-}
-
 /// How an attempt went, as far as the breaker cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -67,19 +52,22 @@ const PRUNE_ABOVE: usize = 10_000;
 
 /// The breakers of every destination.
 pub struct CircuitBreakers {
-    settings: BreakerSettings,
+    /// Consecutive failures that open a circuit (`limits.breaker_failures`); 0 is off.
+    failure_threshold: u32,
+    /// How long an open circuit refuses before a probe (`limits.breaker_cool_down`).
+    cool_down: Duration,
     hosts: Mutex<HashMap<String, State>>,
 }
 
 impl CircuitBreakers {
-    pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, hosts: Mutex::default() }
+    pub fn new(failure_threshold: u32, cool_down: Duration) -> Self {
+        Self { failure_threshold, cool_down, hosts: Mutex::default() }
     }
 
     /// Whether an action may go to `key` now. An open circuit whose cool-down is over lets
     /// this one through as the probe.
     pub fn check(&self, key: &str) -> Result<(), BreakerError> {
-        if self.settings.failure_threshold == 0 {
+        if self.failure_threshold == 0 {
             return Ok(());
         }
         let Ok(mut hosts) = self.hosts.lock() else {
@@ -98,11 +86,11 @@ impl CircuitBreakers {
             }
             State::Open { until } => Err(BreakerError(format!(
                 "circuit for {key} is open after {} consecutive failures; next probe in {}",
-                self.settings.failure_threshold,
+                self.failure_threshold,
                 crate::fmt::fmt_duration(until - now)
             ))),
             // The probe never reported (its caller went away): let another one go.
-            State::HalfOpen { since } if now >= since + self.settings.cool_down => {
+            State::HalfOpen { since } if now >= since + self.cool_down => {
                 *state = State::HalfOpen { since: now };
                 Ok(())
             }
@@ -114,7 +102,7 @@ impl CircuitBreakers {
 
     /// Records how an attempt to `key` went.
     pub fn record(&self, key: &str, health: Health) {
-        if self.settings.failure_threshold == 0 || health == Health::Unknown {
+        if self.failure_threshold == 0 || health == Health::Unknown {
             return;
         }
         let Ok(mut hosts) = self.hosts.lock() else {
@@ -131,10 +119,10 @@ impl CircuitBreakers {
             hosts.retain(|_, state| !matches!(state, State::Closed { .. }));
         }
         let now = Instant::now();
-        let open = State::Open { until: now + self.settings.cool_down };
+        let open = State::Open { until: now + self.cool_down };
         let state = hosts.entry(key.to_owned()).or_insert(State::Closed { failures: 0 });
         match *state {
-            State::Closed { failures } if failures + 1 >= self.settings.failure_threshold => {
+            State::Closed { failures } if failures + 1 >= self.failure_threshold => {
                 *state = open;
                 tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
                 crate::metrics::circuit(key, true);
@@ -188,10 +176,7 @@ mod tests {
     use tower::{Layer as _, Service as _};
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
-        CircuitBreakers::new(BreakerSettings {
-            failure_threshold: threshold,
-            cool_down: Duration::from_millis(cool_down_ms),
-        })
+        CircuitBreakers::new(threshold, Duration::from_millis(cool_down_ms))
     }
 
     #[test]

@@ -13,23 +13,6 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt as _;
 
-/// Concurrency settings of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConcurrencySettings {
-    /// Actions running at once. Default 512.
-    pub max_in_flight: usize,
-    /// Actions waiting for a running slot; past this new ones are refused. Default 2048.
-    pub max_queued: usize,
-    /// Attempts in flight to one destination (host:port) at once. Default 64.
-    pub max_in_flight_per_host: usize,
-}
-
-impl Default for ConcurrencySettings {
-    fn default() -> Self {
-        Self { max_in_flight: 512, max_queued: 2048, max_in_flight_per_host: 64 }
-    }
-}
-
 /// The server is at its queue bound.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("callout is at capacity: {in_flight} actions in flight and {queued} queued; try again later")]
@@ -60,7 +43,10 @@ const PRUNE_ABOVE: usize = 1024;
 
 /// The server's concurrency caps, shared by every action.
 pub struct Concurrency {
-    settings: ConcurrencySettings,
+    /// `limits.max_in_flight`, `limits.max_queued`, `limits.max_in_flight_per_host`.
+    max_in_flight: usize,
+    max_queued: usize,
+    max_in_flight_per_host: usize,
     /// max_in_flight + max_queued places: an action that gets none is refused.
     places: Arc<Semaphore>,
     running: Arc<Semaphore>,
@@ -68,11 +54,13 @@ pub struct Concurrency {
 }
 
 impl Concurrency {
-    pub fn new(settings: ConcurrencySettings) -> Self {
-        let max_in_flight = settings.max_in_flight.max(1);
-        let places = max_in_flight.saturating_add(settings.max_queued).min(Semaphore::MAX_PERMITS);
+    pub fn new(max_in_flight: usize, max_queued: usize, max_in_flight_per_host: usize) -> Self {
+        let max_in_flight = max_in_flight.max(1);
+        let places = max_in_flight.saturating_add(max_queued).min(Semaphore::MAX_PERMITS);
         Self {
-            settings,
+            max_in_flight,
+            max_queued,
+            max_in_flight_per_host: max_in_flight_per_host.max(1),
             places: Arc::new(Semaphore::new(places)),
             running: Arc::new(Semaphore::new(max_in_flight.min(Semaphore::MAX_PERMITS))),
             per_host: Mutex::default(),
@@ -92,7 +80,7 @@ impl Concurrency {
         acquire(self.running.clone(), deadline).await.ok_or_else(|| {
             SlotError(format!(
                 "no running slot came free before the deadline ({} actions in flight)",
-                self.settings.max_in_flight
+                self.max_in_flight
             ))
         })
     }
@@ -111,7 +99,7 @@ impl Concurrency {
             match hosts.get(key) {
                 Some(semaphore) => semaphore.clone(),
                 None => {
-                    let semaphore = Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1)));
+                    let semaphore = Arc::new(Semaphore::new(self.max_in_flight_per_host));
                     hosts.insert(key.to_owned(), semaphore.clone());
                     semaphore
                 }
@@ -120,14 +108,14 @@ impl Concurrency {
         acquire(semaphore, deadline).await.ok_or_else(|| {
             SlotError(format!(
                 "{key} already has {} attempts in flight and none ended before the deadline",
-                self.settings.max_in_flight_per_host
+                self.max_in_flight_per_host
             ))
         })
     }
 
     /// Actions running now.
     pub fn in_flight(&self) -> usize {
-        self.settings.max_in_flight.max(1) - self.running.available_permits()
+        self.max_in_flight - self.running.available_permits()
     }
 
     /// Actions admitted and waiting for a running slot.
@@ -137,7 +125,7 @@ impl Concurrency {
 
     /// Actions admitted and not finished: running or queued.
     pub fn admitted(&self) -> usize {
-        let total = self.settings.max_in_flight.max(1).saturating_add(self.settings.max_queued);
+        let total = self.max_in_flight.saturating_add(self.max_queued);
         total.min(Semaphore::MAX_PERMITS).saturating_sub(self.places.available_permits())
     }
 }
@@ -182,11 +170,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
-        let c = Concurrency::new(ConcurrencySettings {
-            max_in_flight: 1,
-            max_queued: 1,
-            max_in_flight_per_host: 1,
-        });
+        let c = Concurrency::new(1, 1, 1);
         let first = c.admit().unwrap();
         let second = c.admit().unwrap();
         let refused = c.admit().unwrap_err();
@@ -205,7 +189,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_host_slots_are_per_destination() {
-        let c = Concurrency::new(ConcurrencySettings { max_in_flight_per_host: 1, ..Default::default() });
+        let c = Concurrency::new(512, 2048, 1);
         let soon = Instant::now() + Duration::from_millis(30);
         let a = c.host_slot("a:80", soon).await.unwrap();
         let _b = c.host_slot("b:80", soon).await.unwrap();
@@ -218,10 +202,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_layer_holds_the_slot_until_the_response_is_dropped() {
         use crate::client::attempt::tests::request;
-        let c = Arc::new(Concurrency::new(ConcurrencySettings {
-            max_in_flight_per_host: 1,
-            ..Default::default()
-        }));
+        let c = Arc::new(Concurrency::new(512, 2048, 1));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
         let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
         let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));

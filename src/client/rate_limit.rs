@@ -105,23 +105,6 @@ impl FromStr for RateLimitRule {
     }
 }
 
-/// Rate-limit settings of the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateLimitSettings {
-    /// Limit on all sends together. Default none.
-    pub global: Option<Rate>,
-    /// Per-destination limits; the first rule whose pattern matches applies. Default none.
-    pub per_host: Vec<RateLimitRule>,
-    /// Longest shared cool-down a 429's Retry-After may impose on a host. Default 10 min.
-    pub max_cool_down: Duration,
-}
-
-impl Default for RateLimitSettings {
-    fn default() -> Self {
-        Self { global: None, per_host: Vec::new(), max_cool_down: Duration::from_secs(600) }
-    }
-}
-
 /// Why a send may not go before the deadline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -137,11 +120,12 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    pub fn new(settings: &RateLimitSettings) -> Self {
+    /// `global` limits all sends together; of `per_host`, the first rule whose pattern matches
+    /// a destination applies.
+    pub fn new(global: Option<Rate>, per_host: &[RateLimitRule]) -> Self {
         Self {
-            global: settings.global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
-            rules: settings
-                .per_host
+            global: global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
+            rules: per_host
                 .iter()
                 .map(|rule| (rule.clone(), RateLimiter::keyed(rule.rate.quota())))
                 .collect(),
@@ -259,10 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_that_cannot_fit_fails_at_once() {
-        let limits = RateLimits::new(&RateLimitSettings {
-            per_host: vec!["h=1/m".parse().unwrap()],
-            ..RateLimitSettings::default()
-        });
+        let limits = RateLimits::new(None, &["h=1/m".parse().unwrap()]);
         let deadline = Instant::now() + Duration::from_secs(5);
         assert!(limits.acquire("h:80", "h", 80, deadline).await.is_ok());
         let started = Instant::now();
@@ -281,10 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn global_limit_spaces_sends() {
-        let limits = RateLimits::new(&RateLimitSettings {
-            global: Some(rate("20/s burst 1")),
-            ..RateLimitSettings::default()
-        });
+        let limits = RateLimits::new(Some(rate("20/s burst 1")), &[]);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         for i in 0..4 {
@@ -296,10 +274,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_refuses_a_wait_past_the_deadline_without_calling_inner() {
-        let rate = Arc::new(RateLimits::new(&RateLimitSettings {
-            per_host: vec!["h=1/m".parse().unwrap()],
-            ..RateLimitSettings::default()
-        }));
+        let rate = Arc::new(RateLimits::new(None, &["h=1/m".parse().unwrap()]));
         let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
         let mut service = StepLayer(RateLimit(rate)).layer(mock);
         let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));

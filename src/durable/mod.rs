@@ -32,20 +32,25 @@ use std::{
 };
 use tokio::sync::{oneshot, Notify};
 
-/// Settings of durable actions.
-#[derive(Debug, Clone)]
+/// The `[durable]` section: durable actions (DurableActionService).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DurableSettings {
     /// Unfinished actions stored at most; past this Submit is RESOURCE_EXHAUSTED. Default 100000.
     pub max_pending: u64,
     /// How long final actions are kept before they are purged. Default 7 days.
+    #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Header carrying the action id on POST and PATCH; `None` adds none. Default
-    /// `Idempotency-Key`.
+    /// Header carrying the action id on POST and PATCH; `None` (written as the empty string)
+    /// adds none. Default `Idempotency-Key`.
+    #[serde(with = "crate::settings::optional_header")]
     pub idempotency_header: Option<HeaderName>,
     /// Attempts the runner has in flight at once. Default 256.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent: usize,
     /// Attempts the runner has in flight to one destination at once, so a slow host cannot
     /// take every place. Default 32.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent_per_destination: usize,
 }
 
