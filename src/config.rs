@@ -12,6 +12,7 @@ use crate::{
         concurrency::ConcurrencySettings,
         egress::{EgressRule, EgressSettings},
         rate_limit::{Rate, RateLimitRule, RateLimitSettings},
+        tenant::{TenantQuotaSettings, TenantSettings},
         ClientSettings, Proxies,
     },
     durable::DurableSettings,
@@ -53,6 +54,7 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub store: StoreConfig,
     pub durable: DurableConfig,
+    pub tenants: TenantsConfig,
 }
 
 /// The gRPC listener and the actions' server-wide defaults.
@@ -175,7 +177,7 @@ impl Default for MetricsConfig {
 impl MetricsConfig {
     /// The host labelling the metrics module runs on.
     pub fn settings(&self) -> MetricsSettings {
-        MetricsSettings { hosts: self.hosts.clone(), max_hosts: self.max_hosts }
+        MetricsSettings { hosts: self.hosts.clone(), max_hosts: self.max_hosts, tenants: Vec::new() }
     }
 }
 
@@ -387,6 +389,80 @@ impl Default for DurableConfig {
     }
 }
 
+/// Per-tenant quotas, by the action's `tenant`: `[tenants.NAME]` for a named tenant (its name
+/// is also its metrics label), `[tenants.default]` for every other tenant (each on its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TenantsConfig(pub BTreeMap<String, TenantConfig>);
+
+/// The section of the tenants not named.
+const DEFAULT_TENANT: &str = "default";
+/// Most weight a tenant may have: a typo past this would starve everyone else.
+const MAX_TENANT_WEIGHT: u32 = 1000;
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self([(DEFAULT_TENANT.to_owned(), TenantConfig::default())].into())
+    }
+}
+
+/// One tenant's quotas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's actions running at once. Default none (only `limits`).
+    pub max_concurrent: Option<usize>,
+    /// The tenant's sends (every attempt), `100/s` or `100/s burst 20`. Default none.
+    pub rate: Option<Rate>,
+    /// Share of the running slots while tenants wait for them. Default 1.
+    pub weight: u32,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        let quota = TenantQuotaSettings::default();
+        Self { max_concurrent: quota.max_concurrent, rate: quota.rate, weight: quota.weight }
+    }
+}
+
+impl TenantsConfig {
+    /// The configured tenants' names (`default` is not one).
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().filter(|name| *name != DEFAULT_TENANT).cloned().collect()
+    }
+
+    /// The quotas the limits run on.
+    pub fn settings(&self) -> Result<TenantSettings, ConfigError> {
+        let mut settings = TenantSettings::default();
+        for (name, tenant) in &self.0 {
+            if name != DEFAULT_TENANT {
+                if let Some(problem) = crate::action::tenant_name_problem(name) {
+                    return Err(ConfigError(format!("tenants.{name}: the tenant name {problem}")));
+                }
+                if [crate::metrics::TENANT_OTHER, crate::metrics::TENANT_NONE].contains(&name.as_str()) {
+                    return Err(ConfigError(format!(
+                        "tenants.{name}: {name:?} is the metrics label of unnamed tenants; name the tenant otherwise"
+                    )));
+                }
+            }
+            if tenant.max_concurrent == Some(0) {
+                return Err(ConfigError(format!("tenants.{name}.max_concurrent must be at least 1")));
+            }
+            if !(1..=MAX_TENANT_WEIGHT).contains(&tenant.weight) {
+                return Err(ConfigError(format!("tenants.{name}.weight must be from 1 to {MAX_TENANT_WEIGHT}")));
+            }
+            let quota =
+                TenantQuotaSettings { max_concurrent: tenant.max_concurrent, rate: tenant.rate, weight: tenant.weight };
+            if name == DEFAULT_TENANT {
+                settings.default = quota;
+            } else {
+                settings.named.insert(name.clone(), quota);
+            }
+        }
+        Ok(settings)
+    }
+}
+
 /// A file mode written in octal digits, as `chmod` takes it: `600` or `"600"` or `"0o600"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileMode(pub u32);
@@ -555,6 +631,7 @@ impl Config {
         }
         self.store_url()?;
         self.durable_settings()?;
+        self.tenants.settings()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(())
@@ -654,6 +731,7 @@ impl Config {
                 failure_threshold: l.breaker_failures,
                 cool_down: l.breaker_cool_down,
             },
+            tenants: self.tenants.settings()?,
             max_buffered_bytes: l
                 .max_buffered_bytes
                 .unwrap_or_else(crate::client::body_budget::default_total),

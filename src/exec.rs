@@ -214,15 +214,17 @@ impl<A: RunAttempt> Executor<A> {
             url: action.url.clone(),
             cool_down_on_429: !action.success.contains(429),
             start: Arc::default(),
+            tenant: action.tenant().map(Arc::from),
         };
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
         let mut cut_off = self.cut_off.subscribe();
 
-        let queued = metrics::Raised::queued();
-        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(deadline)).await {
-            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight())),
+        let tenant = metrics::tenant(action.tenant());
+        let queued = (metrics::Raised::queued(), tenant.queued());
+        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
+            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
             Some(Err(refused)) => {
                 error = Some(refused);
                 None
@@ -329,6 +331,7 @@ impl<A: RunAttempt> Executor<A> {
         let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
         self.log_outcome(action, &outcome);
         metrics::action_finished(&outcome, &context.destination.key);
+        tenant.finished(outcome.succeeded);
         outcome
     }
 

@@ -12,6 +12,7 @@ use callout::{
     config::{Config, FileMode, ListenAddr, LogFormat, StoreUrl},
     durable::Durable,
     exec::{ActionLog, Executor},
+    metrics::MetricsSettings,
     server::Listener,
     store::sqlite::{SqliteSettings, SqliteStore},
     telemetry::{self, TelemetrySettings},
@@ -487,7 +488,9 @@ async fn run_server(config: Config) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?)
+        // Configured tenants are labels; any other tenant is `other`.
+        let labels = MetricsSettings { tenants: config.tenants.names(), ..config.metrics.settings() };
+        Some(callout::metrics::install(bound, &labels).map_err(|e| e.to_string())?)
     } else {
         None
     };

@@ -5,6 +5,7 @@ mod outcome;
 mod retry;
 pub mod secret_ref;
 mod status;
+mod tenant;
 mod trace;
 mod transport;
 mod validate;
@@ -15,6 +16,7 @@ pub use outcome::{
 };
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
+pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
@@ -54,6 +56,8 @@ pub struct ActionInput {
     pub tls: TlsInput,
     pub proxy_url: String,
     pub max_response_bytes: u64,
+    /// The tenant the action belongs to; empty for none.
+    pub tenant: String,
 }
 
 impl ActionInput {
@@ -153,6 +157,8 @@ pub struct HttpAction {
     pub max_response_bytes: Option<u64>,
     /// The caller's trace, continued by every outbound attempt. Set at the gRPC edge.
     pub trace: Option<TraceContext>,
+    /// The tenant the action belongs to (a valid tenant name); read with `tenant()`.
+    tenant: Option<String>,
 }
 
 /// Validated timeouts. `total` is `None` when the caller left it to the server and deadline.
@@ -202,6 +208,7 @@ impl std::fmt::Debug for HttpAction {
             .field("tls", &self.tls)
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("tenant", &self.tenant)
             .finish_non_exhaustive()
     }
 }
@@ -231,6 +238,12 @@ impl HttpAction {
         secrets: &dyn secret_ref::SecretSource,
     ) -> Result<Self, InvalidAction> {
         validate::validate(input, secrets)
+    }
+
+    /// The tenant the action belongs to, if any: its quotas, its share of the queue, its
+    /// metrics label.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

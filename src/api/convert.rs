@@ -82,6 +82,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         },
         proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
         max_response_bytes: req.max_response_bytes,
+        tenant: req.tenant,
     }
 }
 
