@@ -449,10 +449,15 @@ impl TenantsConfig {
                 return Err(ConfigError(format!("tenants.{name}.max_concurrent must be at least 1")));
             }
             if !(1..=MAX_TENANT_WEIGHT).contains(&tenant.weight) {
-                return Err(ConfigError(format!("tenants.{name}.weight must be from 1 to {MAX_TENANT_WEIGHT}")));
+                return Err(ConfigError(format!(
+                    "tenants.{name}.weight must be from 1 to {MAX_TENANT_WEIGHT}"
+                )));
             }
-            let quota =
-                TenantQuotaSettings { max_concurrent: tenant.max_concurrent, rate: tenant.rate, weight: tenant.weight };
+            let quota = TenantQuotaSettings {
+                max_concurrent: tenant.max_concurrent,
+                rate: tenant.rate,
+                weight: tenant.weight,
+            };
             if name == DEFAULT_TENANT {
                 settings.default = quota;
             } else {
@@ -852,6 +857,32 @@ mod tests {
         ] {
             let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
             let err = Config::extract(&bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenants_have_a_default_and_named_sections_and_bad_ones_name_their_key() {
+        let extract = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+        };
+        let config =
+            extract("[tenants.default]\nmax_concurrent = 2\n[tenants.acme]\nrate = \"10/s\"\nweight = 3\n")
+                .unwrap();
+        let settings = config.exec_settings().unwrap().limits.tenants;
+        assert_eq!(settings.default.max_concurrent, Some(2));
+        assert_eq!(settings.named["acme"].weight, 3);
+        assert_eq!(settings.named["acme"].rate.unwrap().to_string(), "10/s burst 10");
+        assert_eq!(config.tenants.names(), ["acme"]);
+        for (toml, key) in [
+            ("[tenants.\"a b\"]\nweight = 1", "tenants.a b"),
+            ("[tenants.other]\nweight = 1", "tenants.other"),
+            ("[tenants.acme]\nmax_concurrent = 0", "tenants.acme.max_concurrent"),
+            ("[tenants.default]\nweight = 0", "tenants.default.weight"),
+            ("[tenants.acme]\nrate = \"1/d\"", "tenants.acme.rate"),
+            ("[tenants.acme]\nmax_concurent = 1", "max_concurent"),
+        ] {
+            let err = extract(toml).unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
         }
     }

@@ -223,17 +223,18 @@ impl<A: RunAttempt> Executor<A> {
 
         let tenant = metrics::tenant(action.tenant());
         let queued = (metrics::Raised::queued(), tenant.queued());
-        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
-            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
-            Some(Err(refused)) => {
-                error = Some(refused);
-                None
-            }
-            None => {
-                error = Some(shut_down(ShutDownAt::Before(1)));
-                None
-            }
-        };
+        let running =
+            match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
+                Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
+                Some(Err(refused)) => {
+                    error = Some(refused);
+                    None
+                }
+                None => {
+                    error = Some(shut_down(ShutDownAt::Before(1)));
+                    None
+                }
+            };
         drop(queued);
         let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
         for number in 1..=attempts_allowed {

@@ -75,9 +75,11 @@ impl FairSlots {
             let State { free, tenants, ring, next_id } = &mut *state;
             let entry = match tenants.get_mut(tenant) {
                 Some(entry) => entry,
-                None => tenants
-                    .entry(tenant.to_owned())
-                    .or_insert(Tenant { running: 0, share, waiters: VecDeque::new() }),
+                None => tenants.entry(tenant.to_owned()).or_insert(Tenant {
+                    running: 0,
+                    share,
+                    waiters: VecDeque::new(),
+                }),
             };
             entry.share = share;
             // Every free slot goes to an eligible waiter at once (`dispatch`), so a free slot
@@ -96,7 +98,8 @@ impl FairSlots {
             }
             (id, rx)
         };
-        let mut waiting = Waiting { shared: self.shared.clone(), tenant: tenant.to_owned(), id, rx, done: false };
+        let mut waiting =
+            Waiting { shared: self.shared.clone(), tenant: tenant.to_owned(), id, rx, done: false };
         match tokio::time::timeout_at(deadline.into(), &mut waiting.rx).await {
             Ok(Ok(())) => {
                 waiting.done = true;

@@ -63,7 +63,9 @@ impl TenantQuotas {
         let rates = settings
             .named
             .iter()
-            .filter_map(|(name, q)| Some((name.clone(), KeyedRateLimit::new(format!("tenants.{name}"), q.rate?))))
+            .filter_map(|(name, q)| {
+                Some((name.clone(), KeyedRateLimit::new(format!("tenants.{name}"), q.rate?)))
+            })
             .collect();
         let default_rate = settings.default.rate.map(|rate| KeyedRateLimit::new("tenants.default", rate));
         Self { settings: settings.clone(), rates, default_rate }
@@ -163,8 +165,11 @@ mod tests {
         };
         TenantSettings {
             default: quota(Some(2), Some("1/m"), 1),
-            named: [("big".to_owned(), quota(None, Some("1/m burst 2"), 5)), ("free".to_owned(), quota(None, None, 1))]
-                .into(),
+            named: [
+                ("big".to_owned(), quota(None, Some("1/m burst 2"), 5)),
+                ("free".to_owned(), quota(None, None, 1)),
+            ]
+            .into(),
         }
     }
 
@@ -186,7 +191,10 @@ mod tests {
         assert!(quotas.acquire("big", soon).await.is_ok());
         assert!(quotas.acquire("big", soon).await.is_ok());
         let err = quotas.acquire("big", soon).await.unwrap_err();
-        assert!(err.0.contains("tenant \"big\"") && err.0.contains("1/m burst 2 (tenants.big.rate)"), "{err}");
+        assert!(
+            err.0.contains("tenant \"big\"") && err.0.contains("1/m burst 2 (tenants.big.rate)"),
+            "{err}"
+        );
         // Unknown tenants each have their own default bucket; "free" has no rate quota.
         assert!(quotas.acquire("x", soon).await.is_ok());
         assert!(quotas.acquire("y", soon).await.is_ok());

@@ -1027,8 +1027,13 @@ mod tests {
             conn.execute_batch(MIGRATIONS[0]).unwrap();
             conn.pragma_update(None, "user_version", 1).unwrap();
             let at = to_millis(now);
-            let snapshot =
-                Snapshot { state: State::Pending as i32, next_attempt_at: Some(at), created_at: at, updated_at: at, ..Snapshot::default() };
+            let snapshot = Snapshot {
+                state: State::Pending as i32,
+                next_attempt_at: Some(at),
+                created_at: at,
+                updated_at: at,
+                ..Snapshot::default()
+            };
             conn.execute(
                 "INSERT INTO changes (sequence, action_id, committed_at, snapshot) VALUES (1, 'old', ?1, ?2)",
                 params![at, snapshot.encode_to_vec()],
@@ -1047,7 +1052,9 @@ mod tests {
         drop(store);
         let conn = (0..100)
             .find_map(|_| {
-                let conn = Connection::open(&path).ok().filter(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK").is_ok());
+                let conn = Connection::open(&path)
+                    .ok()
+                    .filter(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK").is_ok());
                 if conn.is_none() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
