@@ -8,8 +8,9 @@
 //!
 //! Tables: `actions` (one row per action: the request, scheduling columns (tenant, destination,
 //! due time, lease) and the sequence of its latest change), `attempts` (one row per attempt; a row without a record is an attempt
-//! that was started and may have been sent) and `changes` (one row per state change, numbered
-//! in commit order, holding the record as of that change: what WatchActions replays).
+//! that was started and may have been sent), `changes` (one row per state change, numbered
+//! in commit order, holding the record as of that change: what WatchActions replays) and
+//! `tenant_turns` (when each tenant was last served by a claim).
 use super::{
     from_millis, to_millis, ActionStore, ClaimRequest, Claimed, Claims, Finish, NewAction, Next, Record,
     State, Stats, StoreError, StoreFuture, Stored, Submitted,
@@ -65,8 +66,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX changes_action ON changes (action_id);
     CREATE INDEX changes_time ON changes (committed_at);",
     // 2: the action's tenant, for fairness across tenants ('' for none, as every action stored
-    // before tenants existed).
-    "ALTER TABLE actions ADD COLUMN tenant TEXT NOT NULL DEFAULT '';",
+    // before tenants existed), and when each tenant was last served (the sequence of its last
+    // claim), so tenants take turns across claims.
+    "ALTER TABLE actions ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    CREATE TABLE tenant_turns (tenant TEXT PRIMARY KEY, served INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// A record as of one change, as the `changes` table keeps it.
@@ -513,12 +516,13 @@ impl Db {
         let now = to_millis(claim.now);
         // Fair across tenants first: each tenant's due rows are ranked (round robin across its
         // destinations, `drn`, then due time), and a row's turn is its rank plus its tenant's
-        // RUNNING actions, so the tenant with the fewest running goes first and tenants with
-        // as many take turns. A busy destination's rows beyond its room are passed over, so
-        // the window is widened by what they may take.
+        // RUNNING actions, so the tenant with the fewest running goes first; among equals the
+        // tenant served longest ago goes first (`tenant_turns`), so tenants take turns also
+        // when each claim takes one. A busy destination's rows beyond its room are passed
+        // over, so the window is widened by what they may take.
         let window =
             claim.limit + claim.busy.iter().map(|(_, n)| (*n).min(claim.per_destination)).sum::<usize>();
-        let due: Vec<(String, String)> = self
+        let due: Vec<(String, String, String)> = self
             .conn
             .prepare_cached(
                 "WITH due AS (
@@ -533,8 +537,10 @@ impl Db {
                  ), running AS (
                      SELECT tenant, COUNT(*) AS n FROM actions WHERE state = ?5 GROUP BY tenant
                  )
-                 SELECT action_id, destination FROM ranked LEFT JOIN running USING (tenant)
-                 WHERE trn <= ?4 ORDER BY trn + COALESCE(n, 0), next_attempt_at, id LIMIT ?4",
+                 SELECT action_id, tenant, destination FROM ranked
+                     LEFT JOIN running USING (tenant) LEFT JOIN tenant_turns USING (tenant)
+                 WHERE trn <= ?4 ORDER BY trn + COALESCE(n, 0), COALESCE(served, 0), next_attempt_at, id
+                 LIMIT ?4",
             )
             .and_then(|mut s| {
                 s.query_map(
@@ -545,7 +551,7 @@ impl Db {
                         window as i64,
                         State::Running as i64
                     ],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?
                 .collect()
             })
@@ -553,7 +559,7 @@ impl Db {
         let lease_until = to_millis(claim.now + claim.lease);
         let mut claimed = Vec::new();
         let mut taken: std::collections::HashMap<String, usize> = claim.busy.into_iter().collect();
-        for (action_id, destination) in due {
+        for (action_id, tenant, destination) in due {
             if claimed.len() >= claim.limit {
                 break;
             }
@@ -563,6 +569,14 @@ impl Db {
             }
             *n += 1;
             claimed.push(self.start_attempt(&action_id, now, lease_until)?);
+            // The claim's change sequence orders the turns.
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO tenant_turns (tenant, served) VALUES (?1, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET served = excluded.served",
+                )
+                .and_then(|mut s| s.execute(params![tenant, self.last_sequence as i64]))
+                .map_err(unavailable)?;
         }
         let next_due: Option<i64> = self
             .conn
@@ -778,6 +792,14 @@ impl Db {
         // that far back misses them (as it misses purged actions).
         run("DELETE FROM changes WHERE sequence IN (SELECT sequence FROM changes WHERE committed_at < ?1
              AND sequence NOT IN (SELECT sequence FROM actions) LIMIT 10000)")?;
+        // Turns of tenants with nothing left to run (a new action starts them at the front).
+        self.conn
+            .execute(
+                "DELETE FROM tenant_turns WHERE tenant NOT IN
+                     (SELECT tenant FROM actions WHERE state IN (?1, ?2))",
+                [State::Pending as i64, State::Running as i64],
+            )
+            .map_err(unavailable)?;
         Ok(n as u64)
     }
 
@@ -998,7 +1020,7 @@ mod tests {
         for i in 0..6 {
             store.submit(of("a", &format!("a-{i}"), "h:443", now)).await.unwrap();
         }
-        for i in 0..3 {
+        for i in 0..5 {
             store.submit(of("b", &format!("b-{i}"), "h:443", now)).await.unwrap();
         }
         store.submit(new("none-0", "h:443", now)).await.unwrap();
@@ -1008,6 +1030,17 @@ mod tests {
             order.extend(ids(&store.claim(claim(now, 1, 100)).await.unwrap()));
         }
         assert_eq!(order, ["a-0", "b-0", "none-0", "a-1", "b-1", "a-2"]);
+        // Claims of one, each finished before the next (nothing running): tenants take turns.
+        for id in &order {
+            store.finish_attempt(done(id, now)).await.unwrap();
+        }
+        let mut turns = Vec::new();
+        for _ in 0..4 {
+            let claimed = ids(&store.claim(claim(now, 1, 100)).await.unwrap());
+            store.finish_attempt(done(&claimed[0], now)).await.unwrap();
+            turns.extend(claimed);
+        }
+        assert_eq!(turns, ["b-2", "a-3", "b-3", "a-4"]);
         // A destination's cap still holds within a tenant.
         store.submit(of("c", "c-0", "busy:443", now)).await.unwrap();
         store.submit(of("c", "c-1", "busy:443", now)).await.unwrap();
