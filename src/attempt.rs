@@ -223,12 +223,12 @@ impl RunAttempt for Attempts {
             return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
         }
 
-        let success = action.success.contains(status);
+        let success = action.success().contains(status);
         let status_end = (!success).then_some(AttemptEnd::Status { status, retry_after });
         // A status that will be retried is not worth its body: decide now, skip reading it.
         let status_decision = status_end.map(|end| {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            action.retry.decide(number, end, remaining)
+            action.retry().decide(number, end, remaining)
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
             let error = status_error(action, &head);
@@ -312,9 +312,9 @@ impl Attempts {
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
         if streams {
             let server = self.stream_max_response_bytes;
-            action.max_response_bytes.map_or(server, |own| own.min(server))
+            action.max_response_bytes().map_or(server, |own| own.min(server))
         } else {
-            action.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+            action.max_response_bytes().unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
         }
     }
 }
@@ -336,13 +336,13 @@ pub fn cancelled() -> ActionError {
 }
 
 fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
-    let message = match action.error_messages.lookup(head.status) {
+    let message = match action.error_messages().lookup(head.status) {
         Some(mapped) => mapped.to_owned(),
         None => format!(
             "status {} {} is not in success_codes \"{}\"",
             head.status,
             head.reason,
-            action.success.as_str()
+            action.success().as_str()
         ),
     };
     ActionError::new(ErrorKind::UnexpectedStatus, message)
@@ -372,13 +372,13 @@ fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
 /// body, continuing the caller's trace.
 fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
     let hop = Hop {
-        method: action.method.clone(),
-        url: action.url.clone(),
-        headers: action.headers.clone(),
-        body: action.body.clone(),
+        method: action.method().clone(),
+        url: action.url().clone(),
+        headers: action.headers().clone(),
+        body: action.body().clone(),
     };
     let mut request = hop.into_request()?;
-    if let Some(trace) = &action.trace {
+    if let Some(trace) = &action.trace() {
         continue_trace(request.headers_mut(), trace);
     }
     Ok(request)

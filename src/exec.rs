@@ -5,7 +5,7 @@
 use crate::{
     action::{
         ActionError, ActionInput, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure, Outcome,
-        ResponseData, RetryDecision,
+        ResponseData, RetryDecision, ValidationContext,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -136,9 +136,9 @@ impl<A: RunAttempt> Executor<A> {
     /// server's secrets, its sensitive headers marked. The server and `callout exec` both call
     /// this, so an action means the same wherever it comes from.
     pub fn action(&self, input: ActionInput) -> Result<HttpAction, InvalidAction> {
-        let mut action = HttpAction::from_input_with_secrets(input, &self.secrets)?;
-        action.mark_sensitive(&self.settings.sensitive_headers);
-        Ok(action)
+        let context =
+            ValidationContext { secrets: &self.secrets, sensitive_headers: &self.settings.sensitive_headers };
+        HttpAction::from_input_with(input, &context)
     }
 
     /// The server's limits (the drain waits for their admitted actions).
@@ -175,12 +175,12 @@ impl<A: RunAttempt> Executor<A> {
     ) -> Outcome {
         let span = tracing::info_span!(
             "action",
-            action_id = %action.id,
-            method = %action.method,
+            action_id = %action.id(),
+            method = %action.method(),
             destination = %action.destination(),
-            trace_id = action.trace.as_ref().map(|t| t.trace_id.as_str()),
+            trace_id = action.trace().as_ref().map(|t| t.trace_id.as_str()),
         );
-        if let Some(trace) = &action.trace {
+        if let Some(trace) = &action.trace() {
             crate::telemetry::join_trace(&span, trace);
         }
         // Boxed here and below: these futures are kilobytes. Unboxed, every move (into
@@ -205,14 +205,14 @@ impl<A: RunAttempt> Executor<A> {
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
         let context = AttemptContext {
-            destination: Arc::new(Destination::of(&action.url)),
+            destination: Arc::new(Destination::of(action.url())),
             deadline,
             total,
-            attempt_timeout: action.timeouts.attempt,
-            connect_timeout: action.timeouts.connect,
-            redirects: action.redirects,
-            url: action.url.clone(),
-            cool_down_on_429: !action.success.contains(429),
+            attempt_timeout: action.timeouts().attempt,
+            connect_timeout: action.timeouts().connect,
+            redirects: action.redirects(),
+            url: action.url().clone(),
+            cool_down_on_429: !action.success().contains(429),
             start: Arc::default(),
             tenant: action.tenant().map(Arc::from),
         };
@@ -236,7 +236,7 @@ impl<A: RunAttempt> Executor<A> {
                 }
             };
         drop(queued);
-        let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
+        let attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
         for number in 1..=attempts_allowed {
             // Nothing logs at info inside an attempt: its span is for exported traces and for
             // debug lines, and costs a microsecond per action where neither is wanted.
@@ -257,7 +257,7 @@ impl<A: RunAttempt> Executor<A> {
                 // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
                 // end the action: no attempt is recorded for them.
                 Some(Attempted::Refused(refused)) => {
-                    tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
+                    tracing::debug!(action_id = %action.id(), attempt = number, error = %refused.message, "attempt refused");
                     error = Some(refused);
                     break;
                 }
@@ -297,16 +297,16 @@ impl<A: RunAttempt> Executor<A> {
             // not read).
             let decision = result.decision.take().unwrap_or_else(|| {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                action.retry.after_failure(number, end, result.streamed, remaining)
+                action.retry().after_failure(number, end, result.streamed, remaining)
             });
             let attempt_error = result.record.error.clone();
             let (will_retry, backoff) = match &decision {
                 RetryDecision::Retry { backoff, reason } => {
-                    tracing::debug!(action_id = %action.id, attempt = number, %reason, ?backoff, "retrying");
+                    tracing::debug!(action_id = %action.id(), attempt = number, %reason, ?backoff, "retrying");
                     (true, Some(*backoff))
                 }
                 RetryDecision::Stop { reason } => {
-                    tracing::debug!(action_id = %action.id, attempt = number, %reason, "not retrying");
+                    tracing::debug!(action_id = %action.id(), attempt = number, %reason, "not retrying");
                     (false, None)
                 }
             };
@@ -345,8 +345,8 @@ impl<A: RunAttempt> Executor<A> {
         let status = outcome.response.as_ref().map(|r| r.head.status);
         let kind = outcome.error.as_ref().map(|e| e.kind.as_str());
         tracing::info!(
-            action_id = %action.id,
-            method = %action.method,
+            action_id = %action.id(),
+            method = %action.method(),
             destination = %action.destination(),
             status,
             outcome = if outcome.succeeded { "SUCCEEDED" } else { "FAILED" },
@@ -358,7 +358,7 @@ impl<A: RunAttempt> Executor<A> {
     }
 
     fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
-        let total = action.timeouts.total.unwrap_or(self.settings.default_total_timeout);
+        let total = action.timeouts().total.unwrap_or(self.settings.default_total_timeout);
         match budget {
             // Finish a little before the caller's deadline so the reply still reaches it: a
             // tenth of the budget, between 10 ms and 250 ms.
@@ -387,9 +387,9 @@ impl<A: RunAttempt> Executor<A> {
             (_, e) => e,
         };
         Outcome {
-            action_id: action.id.clone(),
+            action_id: action.id().to_owned(),
             succeeded,
-            proceed: succeeded || action.on_failure == OnFailure::Continue,
+            proceed: succeeded || action.on_failure() == OnFailure::Continue,
             error,
             response,
             attempts,

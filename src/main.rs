@@ -344,9 +344,13 @@ struct ExecArgs {
     /// warned about on stderr.
     #[arg(short = 'k', long = "insecure")]
     insecure: bool,
-    /// Write the outcome JSON to FILE instead of stdout.
+    /// Write the output to FILE instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Print the response as curl -i does (status line, headers, a blank line, the body as
+    /// received) instead of the outcome JSON; a failure's kind and message go to stderr.
+    #[arg(short = 'i', long = "include")]
+    include: bool,
     /// Log each attempt on stderr (callout's debug logs); by default only warnings.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -565,6 +569,23 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// The response as `curl -i` prints it: status line, headers as received, a blank line, the
+/// body bytes (empty when no response came back).
+fn included(outcome: &callout::action::Outcome) -> Vec<u8> {
+    let Some(response) = &outcome.response else {
+        return Vec::new();
+    };
+    let head = &response.head;
+    let status_line = format!("{} {} {}", head.version, head.status, head.reason);
+    let mut out = format!("{}\r\n", status_line.trim_end()).into_bytes();
+    for (name, value) in &head.headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&response.body);
+    out
+}
+
 fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), String> {
     raw.split_once(sep)
         .map(|(k, v)| (k.trim().to_owned(), v.trim_start().to_owned()))
@@ -645,6 +666,7 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         eprintln!("callout: warning: -k/--insecure: the server's certificate and name are not verified");
     }
     let output = args.output.take();
+    let include = args.include;
     let telemetry = match telemetry::init(&settings) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
@@ -664,22 +686,32 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     let outcome = executor.execute(&action, None).await;
     telemetry.shutdown();
     let proceed = outcome.proceed;
-    // The reply a gRPC call would get, in the proto3 JSON grpcurl prints.
-    let text = match callout::api::json::reply_json(&callout::api::convert::outcome(outcome)) {
-        Ok(text) => text,
-        Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::from(3);
+    let bytes = if include {
+        if let Some(error) = &outcome.error {
+            eprintln!("callout: {}: {}", error.kind.as_str(), error.message);
         }
-    };
-    match output {
-        Some(path) => {
-            if let Err(e) = std::fs::write(&path, text + "\n") {
-                eprintln!("callout: writing {}: {e}", path.display());
+        included(&outcome)
+    } else {
+        // The reply a gRPC call would get, in the proto3 JSON grpcurl prints.
+        match callout::api::json::reply_json(&callout::api::convert::outcome(outcome)) {
+            Ok(text) => (text + "\n").into_bytes(),
+            Err(e) => {
+                eprintln!("callout: {e}");
                 return ExitCode::from(3);
             }
         }
-        None => println!("{text}"),
+    };
+    let written = match &output {
+        Some(path) => std::fs::write(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display())),
+        None => {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&bytes).and_then(|()| stdout.flush()).map_err(|e| format!("writing stdout: {e}"))
+        }
+    };
+    if let Err(e) = written {
+        eprintln!("callout: {e}");
+        return ExitCode::from(3);
     }
     // README "Exit status": 0 proceed, 1 stop (2 invalid, 3 not run, above).
     if proceed {

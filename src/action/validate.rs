@@ -1,9 +1,9 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    excerpt::excerpt, retry, secret_ref, secret_ref::SecretSource, transport, ActionInput, BodyInput,
-    ClientIdentity, ErrorMessages, HttpAction, ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts,
-    TlsOptions, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
+    excerpt::excerpt, retry, secret_ref, transport, ActionInput, BodyInput, ClientIdentity, ErrorMessages,
+    HttpAction, ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, TlsOptions, ValidationContext,
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
 };
 use base64::Engine as _;
 use bytes::Bytes;
@@ -79,16 +79,17 @@ const EXCERPT: usize = 64;
 
 pub(super) fn validate(
     mut input: ActionInput,
-    secrets: &dyn SecretSource,
+    context: &ValidationContext<'_>,
 ) -> Result<HttpAction, InvalidAction> {
     let mut bad = InvalidAction::default();
     // Secrets first, so every check below sees the values that will be sent.
-    let secret_headers = secret_ref::resolve(&mut input, secrets, &mut bad);
+    let secret_headers = secret_ref::resolve(&mut input, context.secrets, &mut bad);
 
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);
     let url = url(&input.url, &input.query, &mut bad);
     let mut headers = headers(&input.headers, &secret_headers, &mut bad);
+    mark_sensitive(&mut headers, context.sensitive_headers);
     let (tls, proxy) = transport_options(&input, &mut bad);
     let (body, default_type) = body(input.body, &mut bad);
     content_type(&input.content_type, default_type, &mut headers, &mut bad);
@@ -137,10 +138,22 @@ pub(super) fn validate(
             tls,
             proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
-            trace: None,
+            trace: input.trace,
             tenant,
         }),
         _ => Err(bad),
+    }
+}
+
+/// Marks the values of headers named in `names` sensitive (kept out of logs and HTTP/2 header
+/// compression tables), besides the built-in ones.
+fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        if let header::Entry::Occupied(mut entry) = headers.entry(name) {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
     }
 }
 
@@ -463,7 +476,11 @@ fn retry_policy(
     let idempotent = method.is_some_and(|m| !matches!(*m, Method::POST | Method::PATCH));
     let keyed = IDEMPOTENCY_HEADERS.iter().any(|h| headers.contains_key(*h));
     Some(RetryPolicy {
-        max_attempts: if r.max_attempts == 0 { retry::DEFAULT_MAX_ATTEMPTS } else { r.max_attempts },
+        max_attempts: match r.max_attempts {
+            0 if r.unbounded_by_default => u32::MAX,
+            0 => retry::DEFAULT_MAX_ATTEMPTS,
+            n => n,
+        },
         initial_backoff: initial,
         max_backoff: max,
         multiplier,
@@ -659,6 +676,23 @@ mod tests {
     }
 
     #[test]
+    fn the_trace_and_the_attempt_bound_are_set_at_construction() {
+        let mut i = input("GET", "http://h.test/");
+        i.trace = crate::action::TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            None,
+        );
+        assert!(i.trace.is_some());
+        let a = HttpAction::from_input(i.clone()).unwrap();
+        assert_eq!(a.trace().map(|t| t.trace_id.as_str()), Some("0af7651916cd43dd8448eb211c80319c"));
+        assert_eq!(a.retry().max_attempts, retry::DEFAULT_MAX_ATTEMPTS);
+        i.retry.unbounded_by_default = true;
+        assert_eq!(HttpAction::from_input(i.clone()).unwrap().retry().max_attempts, u32::MAX);
+        i.retry.max_attempts = 4;
+        assert_eq!(HttpAction::from_input(i).unwrap().retry().max_attempts, 4);
+    }
+
+    #[test]
     fn debug_output_hides_secrets() {
         let mut i = input("POST", "https://h.test/p/secret-path?token=secret-query");
         i.headers = vec![
@@ -667,8 +701,10 @@ mod tests {
             ("Accept".into(), "text/plain".into()),
         ];
         i.body = BodyInput::Text("secret-body".into());
-        let mut a = HttpAction::from_input(i).unwrap();
-        a.mark_sensitive(&[HeaderName::from_static("x-custom")]);
+        let sensitive = [HeaderName::from_static("x-custom")];
+        let context = ValidationContext { sensitive_headers: &sensitive, ..ValidationContext::default() };
+        let a = HttpAction::from_input_with(i, &context).unwrap();
+        assert!(a.headers()["x-custom"].is_sensitive());
         let shown = format!("{a:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("h.test:443") && shown.contains("text/plain"), "{shown}");

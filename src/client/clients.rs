@@ -55,10 +55,10 @@ impl Clients {
     /// The client for `action`: the default one unless it sets TLS options or a proxy. A client
     /// that cannot be built (options validation could not foresee) fails the action unsent.
     pub fn for_action(&self, action: &HttpAction) -> Result<HttpClient, SendFailure> {
-        if action.tls.is_default() && action.proxy.is_none() {
+        if action.tls().is_default() && action.proxy().is_none() {
             return Ok(self.default.clone());
         }
-        let key = Key { tls: action.tls.clone(), proxy: action.proxy.clone() };
+        let key = Key { tls: action.tls().clone(), proxy: action.proxy().cloned() };
         self.get_or_build(key, |key| {
             // An action's own proxy replaces the server's proxies and NO_PROXY.
             let proxies = match &key.proxy {
@@ -155,7 +155,7 @@ mod tests {
 
     fn key(proxy: &str) -> Key {
         let a = action(proxy);
-        Key { tls: a.tls, proxy: a.proxy }
+        Key { tls: a.tls().clone(), proxy: a.proxy().cloned() }
     }
 
     #[tokio::test]

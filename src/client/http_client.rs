@@ -194,9 +194,9 @@ impl tower::Service<Request<Bytes>> for HttpClient {
 /// Logs, once per action, that it skips certificate verification: the operator should see every
 /// action that opts out. Nothing of the TLS options themselves is logged.
 pub fn warn_if_insecure(action: &crate::action::HttpAction) {
-    if action.tls.insecure_skip_verify {
+    if action.tls().insecure_skip_verify {
         tracing::warn!(
-            action_id = %action.id,
+            action_id = %action.id(),
             destination = %action.destination(),
             "tls.insecure_skip_verify is set: the upstream's certificate is NOT verified for this action"
         );
