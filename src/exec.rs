@@ -178,6 +178,7 @@ impl<A: RunAttempt> Executor<A> {
             action_id = %action.id(),
             method = %action.method(),
             destination = %action.destination(),
+            tenant = action.tenant(),
             trace_id = action.trace().as_ref().map(|t| t.trace_id.as_str()),
         );
         if let Some(trace) = &action.trace() {

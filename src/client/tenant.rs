@@ -94,11 +94,6 @@ impl TenantQuotas {
         Share { cap: quota.max_concurrent.unwrap_or(usize::MAX).max(1), weight: quota.weight.max(1) }
     }
 
-    /// `tenant`'s concurrency quota, if it has one.
-    pub fn max_concurrent(&self, tenant: &str) -> Option<usize> {
-        self.quota(tenant).0.max_concurrent
-    }
-
     /// Waits until `tenant` may send under its rate quota; returns the time waited, or fails at
     /// once when the wait would pass `deadline`.
     pub async fn acquire(&self, tenant: &str, deadline: Instant) -> Result<Duration, TenantQuotaError> {

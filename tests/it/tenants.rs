@@ -260,6 +260,13 @@ async fn durable_actions_of_a_small_tenant_run_early_despite_a_large_backlog() {
         }),
         not_before: None,
     };
+    // A bad tenant is refused at Submit, naming the field; nothing is stored.
+    let mut bad = submit("a", 0);
+    if let Some(action) = bad.action.as_mut() {
+        action.tenant = "no good".into();
+    }
+    let bad = client.submit(bad).await.unwrap_err();
+    assert_eq!(violated_fields(&bad), ["action.tenant"]);
     // a's backlog of 30; its first attempt is held by the upstream while the rest wait, then
     // b's 3 come.
     for i in 0..30 {
