@@ -15,6 +15,7 @@ use crate::{
         admission::LimitSettings,
         egress::{EgressRule, EgressSettings},
         rate_limit::{Rate, RateLimitRule},
+        tenant::{TenantQuotaSettings, TenantSettings},
         ClientSettings,
     },
     durable::DurableSettings,
@@ -33,6 +34,7 @@ use figment::{
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -58,6 +60,7 @@ pub struct Config {
     pub tracing: TracingSettings,
     pub store: StoreConfig,
     pub durable: DurableSettings,
+    pub tenants: TenantsConfig,
 }
 
 /// The `[server]` section: the gRPC listener and the actions' server-wide defaults. Read by
@@ -256,6 +259,103 @@ impl FromStr for StoreUrl {
             }
             None => Err(format!("{raw:?} is not sqlite:PATH or off")),
         }
+    }
+}
+
+/// The `[tenants]` section: quotas by the action's `tenant`, `[tenants.NAME]` for a named
+/// tenant (its name is also its metrics label), `[tenants.default]` for every other tenant
+/// (each on its own). Names are checked as they are read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct TenantsConfig(pub BTreeMap<String, TenantConfig>);
+
+/// The section of the tenants not named.
+const DEFAULT_TENANT: &str = "default";
+/// Most weight a tenant may have: a typo past this would starve everyone else.
+const MAX_TENANT_WEIGHT: u32 = 1000;
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self([(DEFAULT_TENANT.to_owned(), TenantConfig::default())].into())
+    }
+}
+
+impl<'de> Deserialize<'de> for TenantsConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut tenants = BTreeMap::<String, TenantConfig>::deserialize(d)?;
+        for name in tenants.keys().filter(|name| *name != DEFAULT_TENANT) {
+            if let Some(problem) = crate::action::tenant_name_problem(name) {
+                return Err(D::Error::custom(format!("the tenant name {name:?} {problem}")));
+            }
+            if [crate::metrics::TENANT_OTHER, crate::metrics::TENANT_NONE].contains(&&**name) {
+                return Err(D::Error::custom(format!(
+                    "{name:?} is the metrics label of unnamed tenants; name the tenant otherwise"
+                )));
+            }
+        }
+        tenants.entry(DEFAULT_TENANT.to_owned()).or_default();
+        Ok(Self(tenants))
+    }
+}
+
+/// One tenant's quotas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's actions running at once. Default none (only `limits`).
+    #[serde(deserialize_with = "some_at_least_one")]
+    pub max_concurrent: Option<usize>,
+    /// The tenant's sends (every attempt), `100/s` or `100/s burst 20`. Default none.
+    pub rate: Option<Rate>,
+    /// Share of the running slots while tenants wait for them, 1 to 1000. Default 1.
+    #[serde(deserialize_with = "tenant_weight")]
+    pub weight: u32,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        let quota = TenantQuotaSettings::default();
+        Self { max_concurrent: quota.max_concurrent, rate: quota.rate, weight: quota.weight }
+    }
+}
+
+fn some_at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match Option::<usize>::deserialize(d)? {
+        Some(0) => Err(serde::de::Error::custom("must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn tenant_weight<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        w if (1..=MAX_TENANT_WEIGHT).contains(&w) => Ok(w),
+        _ => Err(serde::de::Error::custom(format!("must be from 1 to {MAX_TENANT_WEIGHT}"))),
+    }
+}
+
+impl TenantsConfig {
+    /// The configured tenants' names (`default` is not one).
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().filter(|name| *name != DEFAULT_TENANT).cloned().collect()
+    }
+
+    /// The quotas the limits run on.
+    pub fn settings(&self) -> TenantSettings {
+        let mut settings = TenantSettings::default();
+        for (name, tenant) in &self.0 {
+            let quota = TenantQuotaSettings {
+                max_concurrent: tenant.max_concurrent,
+                rate: tenant.rate,
+                weight: tenant.weight,
+            };
+            if name == DEFAULT_TENANT {
+                settings.default = quota;
+            } else {
+                settings.named.insert(name.clone(), quota);
+            }
+        }
+        settings
     }
 }
 
@@ -472,6 +572,7 @@ impl Config {
             secrets: self.secrets.clone(),
             sensitive_headers: self.server.sensitive_headers.clone(),
             action_log: self.log.actions,
+            tenants: self.tenants.settings(),
         })
     }
 
@@ -543,6 +644,32 @@ mod tests {
         ] {
             let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
             let err = Config::extract(&bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenants_have_a_default_and_named_sections_and_bad_ones_name_their_key() {
+        let extract = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+        };
+        let config =
+            extract("[tenants.default]\nmax_concurrent = 2\n[tenants.acme]\nrate = \"10/s\"\nweight = 3\n")
+                .unwrap();
+        let settings = config.exec_settings().unwrap().tenants;
+        assert_eq!(settings.default.max_concurrent, Some(2));
+        assert_eq!(settings.named["acme"].weight, 3);
+        assert_eq!(settings.named["acme"].rate.unwrap().to_string(), "10/s burst 10");
+        assert_eq!(config.tenants.names(), ["acme"]);
+        for (toml, key) in [
+            ("[tenants.\"a b\"]\nweight = 1", "tenants: the tenant name \"a b\""),
+            ("[tenants.other]\nweight = 1", "tenants: \"other\" is the metrics label"),
+            ("[tenants.acme]\nmax_concurrent = 0", "tenants.acme.max_concurrent"),
+            ("[tenants.default]\nweight = 0", "tenants.default.weight"),
+            ("[tenants.acme]\nrate = \"1/d\"", "tenants.acme.rate"),
+            ("[tenants.acme]\nmax_concurent = 1", "max_concurent"),
+        ] {
+            let err = extract(toml).unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
         }
     }

@@ -15,6 +15,7 @@ use crate::{
         concurrency::{Admission, Overloaded},
         egress::EgressSettings,
         host::Destination,
+        tenant::TenantSettings,
         ClientBuildError, ClientSettings, Clients,
     },
     cut_off::{shut_down, unless_cut_off, ShutDownAt},
@@ -59,6 +60,8 @@ pub struct ExecSettings {
     pub sensitive_headers: Vec<http::HeaderName>,
     /// Which finished actions get an `action finished` log line. Default failed ones.
     pub action_log: ActionLog,
+    /// Per-tenant quotas and weights (`[tenants]`).
+    pub tenants: TenantSettings,
 }
 
 impl Default for ExecSettings {
@@ -72,6 +75,7 @@ impl Default for ExecSettings {
             secrets: SecretSettings::default(),
             sensitive_headers: Vec::new(),
             action_log: ActionLog::default(),
+            tenants: TenantSettings::default(),
         }
     }
 }
@@ -90,7 +94,7 @@ pub struct Executor<A = Attempts> {
 
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
-        let limits = Arc::new(Limits::new(&settings.limits));
+        let limits = Arc::new(Limits::new(&settings.limits, &settings.tenants));
         let attempts = Attempts::new(
             Clients::new(&settings.client, &settings.egress)?,
             limits.clone(),
@@ -174,6 +178,7 @@ impl<A: RunAttempt> Executor<A> {
             action_id = %action.id(),
             method = %action.method(),
             destination = %action.destination(),
+            tenant = action.tenant(),
             trace_id = action.trace().as_ref().map(|t| t.trace_id.as_str()),
         );
         if let Some(trace) = &action.trace() {
@@ -210,24 +215,27 @@ impl<A: RunAttempt> Executor<A> {
             url: action.url().clone(),
             cool_down_on_429: !action.success().contains(429),
             start: Arc::default(),
+            tenant: action.tenant().map(Arc::from),
         };
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
         let mut cut_off = self.cut_off.subscribe();
 
-        let queued = metrics::Raised::queued();
-        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(deadline)).await {
-            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight())),
-            Some(Err(refused)) => {
-                error = Some(refused);
-                None
-            }
-            None => {
-                error = Some(shut_down(ShutDownAt::Before(1)));
-                None
-            }
-        };
+        let tenant = metrics::tenant(action.tenant());
+        let queued = (metrics::Raised::queued(), tenant.queued());
+        let running =
+            match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
+                Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
+                Some(Err(refused)) => {
+                    error = Some(refused);
+                    None
+                }
+                None => {
+                    error = Some(shut_down(ShutDownAt::Before(1)));
+                    None
+                }
+            };
         drop(queued);
         let attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
         for number in 1..=attempts_allowed {
@@ -325,6 +333,7 @@ impl<A: RunAttempt> Executor<A> {
         let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
         self.log_outcome(action, &outcome);
         metrics::action_finished(&outcome, &context.destination.key);
+        tenant.finished(outcome.succeeded);
         outcome
     }
 
@@ -464,7 +473,7 @@ mod tests {
         let settings = ExecSettings::default();
         Executor {
             attempts: Script(Arc::new(Mutex::new(script.iter().copied().collect()))),
-            limits: Arc::new(Limits::new(&settings.limits)),
+            limits: Arc::new(Limits::new(&settings.limits, &settings.tenants)),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
             cut_off: Arc::new(watch::channel(false).0),

@@ -12,6 +12,7 @@ use callout::{
     config::{self, Config, ConfigError, FileMode, ListenAddr, StoreUrl},
     durable::Durable,
     exec::{ActionLog, Executor},
+    metrics::MetricsSettings,
     server::{Listener, ServerOptions},
     settings::SettingError,
     store::sqlite::{SqliteSettings, SqliteStore},
@@ -563,7 +564,9 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics).map_err(|e| e.to_string())?)
+        // Configured tenants are labels; any other tenant is `other`.
+        let labels = MetricsSettings { tenants: config.tenants.names(), ..config.metrics.clone() };
+        Some(callout::metrics::install(bound, &labels).map_err(|e| e.to_string())?)
     } else {
         None
     };

@@ -5,6 +5,7 @@ mod outcome;
 mod retry;
 pub mod secret_ref;
 mod status;
+mod tenant;
 mod trace;
 mod transport;
 mod validate;
@@ -15,6 +16,7 @@ pub use outcome::{
 };
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
+pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
@@ -56,6 +58,8 @@ pub struct ActionInput {
     pub max_response_bytes: u64,
     /// The caller's trace (from the gRPC edge's metadata), continued by every attempt.
     pub trace: Option<TraceContext>,
+    /// The tenant the action belongs to; empty for none.
+    pub tenant: String,
 }
 
 impl ActionInput {
@@ -159,6 +163,8 @@ pub struct HttpAction {
     max_response_bytes: Option<u64>,
     /// The caller's trace, continued by every outbound attempt.
     trace: Option<TraceContext>,
+    /// The tenant the action belongs to (a valid tenant name).
+    tenant: Option<String>,
 }
 
 /// What validation needs from the server: its secrets and the header names it keeps out of
@@ -223,6 +229,7 @@ impl std::fmt::Debug for HttpAction {
             .field("tls", &self.tls)
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("tenant", &self.tenant)
             .finish_non_exhaustive()
     }
 }
@@ -324,6 +331,12 @@ impl HttpAction {
         one.retry.max_attempts = 1;
         one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
         one
+    }
+
+    /// The tenant the action belongs to, if any: its quotas, its share of the queue, its
+    /// metrics label.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

@@ -101,6 +101,7 @@ pub(super) fn validate(
     if input.max_response_bytes > u64::MAX / 2 {
         bad.push("max_response_bytes", "is too large");
     }
+    let tenant = tenant(&input.tenant, &mut bad);
 
     // Credentials in the URL become Basic authorization, as curl and browsers do, and leave the
     // URL so it can be logged.
@@ -138,6 +139,7 @@ pub(super) fn validate(
             proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
             trace: input.trace,
+            tenant,
         }),
         _ => Err(bad),
     }
@@ -165,6 +167,18 @@ fn action_id(id: &str, bad: &mut InvalidAction) -> String {
         bad.push("action_id", "contains control characters");
     }
     id.to_owned()
+}
+
+/// The tenant, when one is named; a bad name is reported without echoing more than an excerpt.
+fn tenant(name: &str, bad: &mut InvalidAction) -> Option<String> {
+    if name.is_empty() {
+        return None;
+    }
+    if let Some(problem) = super::tenant_name_problem(name) {
+        bad.push("tenant", format!("{:?} {problem}", excerpt(name, EXCERPT)));
+        return None;
+    }
+    Some(name.to_owned())
 }
 
 fn method(method: &str, bad: &mut InvalidAction) -> Option<Method> {
@@ -542,6 +556,19 @@ mod tests {
         assert!(a.redirects.follow);
         assert_eq!(a.id.len(), 36);
         assert_eq!(a.destination(), "example.test:80");
+    }
+
+    #[test]
+    fn a_tenant_is_a_short_plain_name_or_none() {
+        assert_eq!(HttpAction::from_input(input("GET", "http://h.test/")).unwrap().tenant(), None);
+        let mut i = input("GET", "http://h.test/");
+        i.tenant = "acme-eu.2".into();
+        assert_eq!(HttpAction::from_input(i).unwrap().tenant(), Some("acme-eu.2"));
+        for bad in ["a b", "a/b", &"t".repeat(65)] {
+            let mut i = input("GET", "http://h.test/");
+            i.tenant = bad.into();
+            assert_eq!(fields(HttpAction::from_input(i).unwrap_err()), ["tenant"], "{bad:?}");
+        }
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
         max_response_bytes: req.max_response_bytes,
         trace: None,
+        tenant: req.tenant,
     }
 }
 

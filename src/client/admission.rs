@@ -1,12 +1,16 @@
 //! The server's limits: a place in the server (queue bound) and a running slot per action, and
 //! the parts the per-attempt layers of `stack::attempt_stack` are built from (the circuit
-//! breakers, the shared cool-downs, the rate limits, the destination slots). Checks that refuse
-//! at once come before waits, and every wait counts against the action's deadline.
+//! breakers, the shared cool-downs, the tenant quotas, the rate limits, the destination slots).
+//! Checks that refuse at once come before waits, and every wait counts against the action's
+//! deadline. A tenant's concurrency quota holds here, at the running slot: a tenant at its quota
+//! waits without taking a slot another tenant could run in.
 use super::{
     breaker::CircuitBreakers,
-    concurrency::{Admission, Concurrency, Overloaded, Slot},
+    concurrency::{Admission, Concurrency, Overloaded},
     cool_down::CoolDowns,
+    fair::RunSlot,
     rate_limit::{Rate, RateLimitRule, RateLimits},
+    tenant::{TenantQuotas, TenantSettings},
 };
 use crate::{
     action::{ActionError, ErrorKind},
@@ -87,10 +91,11 @@ pub struct Limits {
     rate: Arc<RateLimits>,
     cool_downs: Arc<CoolDowns>,
     breakers: Arc<CircuitBreakers>,
+    tenants: Arc<TenantQuotas>,
 }
 
 impl Limits {
-    pub fn new(settings: &LimitSettings) -> Self {
+    pub fn new(settings: &LimitSettings, tenants: &TenantSettings) -> Self {
         Self {
             concurrency: Arc::new(Concurrency::new(
                 settings.max_in_flight,
@@ -100,6 +105,7 @@ impl Limits {
             rate: Arc::new(RateLimits::new(settings.global_rate_limit, &settings.rate_limits)),
             cool_downs: Arc::new(CoolDowns::new(settings.max_host_cool_down)),
             breakers: Arc::new(CircuitBreakers::new(settings.breaker_failures, settings.breaker_cool_down)),
+            tenants: Arc::new(TenantQuotas::new(tenants)),
         }
     }
 
@@ -108,9 +114,27 @@ impl Limits {
         self.concurrency.admit()
     }
 
-    /// Waits for a running slot, until `deadline`.
-    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, ActionError> {
-        self.concurrency.run_slot(deadline).await.map_err(|e| ActionError::new(ErrorKind::RateLimited, e.0))
+    /// Waits for a running slot for an action of `tenant`, until `deadline`: served by fair
+    /// share across tenants, and never past the tenant's concurrency quota.
+    pub async fn run_slot(&self, tenant: Option<&str>, deadline: Instant) -> Result<RunSlot, ActionError> {
+        let share = self.tenants.share(tenant);
+        let refused = match self.concurrency.run_slot(tenant.unwrap_or(""), share, deadline).await {
+            Ok(slot) => return Ok(slot),
+            Err(refused) => refused,
+        };
+        let message = match tenant {
+            Some(tenant) if refused.at_cap => {
+                crate::metrics::tenant(Some(tenant)).refused("concurrency");
+                format!(
+                    "tenant {tenant:?} is at its concurrency quota of {} running actions ({}.max_concurrent) \
+                     and none ended before the deadline",
+                    share.cap,
+                    self.tenants.section(tenant)
+                )
+            }
+            _ => self.concurrency.no_run_slot().0,
+        };
+        Err(ActionError::new(ErrorKind::RateLimited, message))
     }
 
     pub fn concurrency(&self) -> Arc<Concurrency> {
@@ -127,6 +151,10 @@ impl Limits {
 
     pub fn breakers(&self) -> Arc<CircuitBreakers> {
         self.breakers.clone()
+    }
+
+    pub fn tenants(&self) -> Arc<TenantQuotas> {
+        self.tenants.clone()
     }
 
     /// Actions admitted and not yet finished (running or queued).

@@ -39,6 +39,8 @@ pub struct AttemptContext {
     pub cool_down_on_429: bool,
     /// Told when the attempt has passed every limit and starts.
     pub start: Arc<StartSignal>,
+    /// The action's tenant, whose rate quota the attempt waits for.
+    pub tenant: Option<Arc<str>>,
 }
 
 impl AttemptContext {
@@ -167,6 +169,7 @@ pub(crate) mod tests {
             url,
             cool_down_on_429: true,
             start: Arc::default(),
+            tenant: None,
         });
         request
     }

@@ -1,8 +1,12 @@
 //! Concurrency caps: at most `max_in_flight` actions run at once, at most `max_queued` more wait
 //! for a slot (past that a new action is refused at once: backpressure, never unbounded
 //! memory), and at most `max_in_flight_per_host` attempts go to one destination at once (the
-//! `DestinationSlot` layer).
-use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
+//! `DestinationSlot` layer). Waiting actions get running slots by fair share across tenants
+//! (`fair`).
+use super::{
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    fair::{FairSlots, NoSlot, RunSlot, Share},
+};
 use bytes::Bytes;
 use http::Request;
 use std::{
@@ -49,7 +53,7 @@ pub struct Concurrency {
     max_in_flight_per_host: usize,
     /// max_in_flight + max_queued places: an action that gets none is refused.
     places: Arc<Semaphore>,
-    running: Arc<Semaphore>,
+    running: FairSlots,
     per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -62,7 +66,7 @@ impl Concurrency {
             max_queued,
             max_in_flight_per_host: max_in_flight_per_host.max(1),
             places: Arc::new(Semaphore::new(places)),
-            running: Arc::new(Semaphore::new(max_in_flight.min(Semaphore::MAX_PERMITS))),
+            running: FairSlots::new(max_in_flight),
             per_host: Mutex::default(),
         }
     }
@@ -75,14 +79,18 @@ impl Concurrency {
         }
     }
 
-    /// Waits in the queue for a running slot until `deadline`.
-    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, SlotError> {
-        acquire(self.running.clone(), deadline).await.ok_or_else(|| {
-            SlotError(format!(
-                "no running slot came free before the deadline ({} actions in flight)",
-                self.max_in_flight
-            ))
-        })
+    /// Waits in the queue for a running slot for `tenant` (`""`: none) with its `share`, until
+    /// `deadline`.
+    pub async fn run_slot(&self, tenant: &str, share: Share, deadline: Instant) -> Result<RunSlot, NoSlot> {
+        self.running.acquire(tenant, share, deadline).await
+    }
+
+    /// Why no running slot came when the tenant's own cap was not what held it back.
+    pub fn no_run_slot(&self) -> SlotError {
+        SlotError(format!(
+            "no running slot came free before the deadline ({} actions in flight)",
+            self.max_in_flight
+        ))
     }
 
     /// Waits for a slot to destination `key` until `deadline`.
@@ -115,7 +123,7 @@ impl Concurrency {
 
     /// Actions running now.
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.running.available_permits()
+        self.running.in_use()
     }
 
     /// Actions admitted and waiting for a running slot.
@@ -179,9 +187,9 @@ mod tests {
             "callout is at capacity: 0 actions in flight and 2 queued; try again later"
         );
         let soon = Instant::now() + Duration::from_millis(50);
-        let running = c.run_slot(soon).await.unwrap();
+        let running = c.run_slot("", Share::FREE, soon).await.unwrap();
         assert_eq!((c.in_flight(), c.queued()), (1, 1));
-        assert!(c.run_slot(soon).await.is_err(), "the second waits and times out");
+        assert!(c.run_slot("", Share::FREE, soon).await.is_err(), "the second waits and times out");
         drop((running, first));
         assert!(c.admit().is_ok());
         drop(second);

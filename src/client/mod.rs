@@ -3,13 +3,14 @@
 //!
 //! 1. `breaker::Breaker`: an open circuit refuses at once; the attempt's end feeds it.
 //! 2. `cool_down::CoolDown`: waits out a destination's 429 Retry-After; a 429 starts one.
-//! 3. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
-//! 4. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
-//! 5. (room for credentials and request signing)
-//! 6. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
-//! 7. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
+//! 3. `tenant::TenantQuota`: waits for the action's tenant's rate quota.
+//! 4. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
+//! 5. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
+//! 6. (room for credentials and request signing)
+//! 7. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
+//! 8. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
 //!    connector), credentials and sensitive headers dropped across origins.
-//! 8. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
+//! 9. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
 //!    dialling through `connect` (DNS/TCP/proxy/TLS with timings and the egress check).
 //!
 //! Every layer is an `attempt::Step`; the attempt carries its `attempt::AttemptContext` in the
@@ -20,7 +21,8 @@
 //! before anyone counts them, so caps apply to the decoded size), `body_budget` (the memory
 //! budget buffered bodies grow under), `tls`, `host` (the one host normaliser and suffix
 //! matcher every rule uses), `host_pattern`, `error` (classifying a failed send), and
-//! `admission` (the server-wide limits the layers are built from: queue bound, running slot).
+//! `admission` (the server-wide limits the layers are built from: queue bound, running slot),
+//! `fair` (the running slots, shared across tenants by fair share).
 pub mod admission;
 pub mod attempt;
 pub mod body_budget;
@@ -31,6 +33,7 @@ pub mod connect;
 pub mod cool_down;
 pub mod egress;
 pub mod error;
+pub mod fair;
 pub mod host;
 pub mod host_pattern;
 pub mod http_client;
@@ -39,6 +42,7 @@ pub mod rate_limit;
 pub mod redirect;
 pub mod response;
 pub mod stack;
+pub mod tenant;
 pub mod timeout;
 pub mod tls;
 

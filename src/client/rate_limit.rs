@@ -113,10 +113,51 @@ pub struct RateLimitError(pub String);
 /// Keyed buckets are dropped once full again, when this many destinations are tracked.
 const PRUNE_ABOVE: usize = 10_000;
 
+/// One rate applied per key: every key (a destination, a tenant) gets its own GCRA bucket of
+/// `rate`. Per-destination rules and tenant rate quotas both check through here, so this is the
+/// one seam where a fleet-wide backend (Redis GCRA, keyed by `scope` and key) replaces the
+/// local buckets.
+pub struct KeyedRateLimit {
+    /// What the limit is, for messages and as the key's namespace (a rule's pattern, a tenant
+    /// quota's config key).
+    scope: String,
+    rate: Rate,
+    local: DefaultKeyedRateLimiter<String>,
+}
+
+impl KeyedRateLimit {
+    pub fn new(scope: impl Into<String>, rate: Rate) -> Self {
+        Self { scope: scope.into(), rate, local: RateLimiter::keyed(rate.quota()) }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Takes a send for `key` now, or says how long until one is free.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        let checked = self.local.check_key(&key.to_owned());
+        if self.local.len() > PRUNE_ABOVE {
+            self.local.retain_recent();
+        }
+        checked.map_err(|not_until| not_until.wait_time_from(self.local.clock().now()))
+    }
+
+    /// Waits until `key` may send; returns whether it slept, or fails at once with the wait it
+    /// needs when that would pass `deadline`.
+    pub async fn wait(&self, key: &str, deadline: Instant) -> Result<bool, Duration> {
+        wait_for(deadline, || self.check(key)).await
+    }
+}
+
 /// The server's rate limiters, shared by every action.
 pub struct RateLimits {
     global: Option<(Rate, DefaultDirectRateLimiter)>,
-    rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<String>)>,
+    rules: Vec<(RateLimitRule, KeyedRateLimit)>,
 }
 
 impl RateLimits {
@@ -127,7 +168,7 @@ impl RateLimits {
             global: global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
             rules: per_host
                 .iter()
-                .map(|rule| (rule.clone(), RateLimiter::keyed(rule.rate.quota())))
+                .map(|rule| (rule.clone(), KeyedRateLimit::new(rule.pattern.to_string(), rule.rate)))
                 .collect(),
         }
     }
@@ -145,12 +186,7 @@ impl RateLimits {
         let started = Instant::now();
         let mut slept = false;
         if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
-            let key = key.to_owned();
-            slept |= wait_for(deadline, || {
-                limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
-            })
-            .await
-            .map_err(|wait| {
+            slept |= limiter.wait(key, deadline).await.map_err(|wait| {
                 RateLimitError(format!(
                     "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
                     rule.rate,
@@ -158,9 +194,6 @@ impl RateLimits {
                     crate::fmt::fmt_duration(wait)
                 ))
             })?;
-            if limiter.len() > PRUNE_ABOVE {
-                limiter.retain_recent();
-            }
         }
         if let Some((rate, limiter)) = &self.global {
             slept |= wait_for(deadline, || {

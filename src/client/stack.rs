@@ -9,6 +9,7 @@ use super::{
     error::SendFailure,
     rate_limit::{RateLimit, RateLimitError},
     redirect::Redirect,
+    tenant::{TenantQuota, TenantQuotaError},
     timeout::{AttemptTimeout, TimeoutError},
 };
 use crate::action::{ActionError, AttemptEnd, ErrorKind};
@@ -34,6 +35,9 @@ where
         // A destination that answered 429 Retry-After holds back every action to it, and the
         // 429s seen here start such a cool-down.
         .layer(StepLayer(CoolDown(limits.cool_downs())))
+        // The tenant's own rate quota, before the shared limits: a tenant over its quota waits
+        // in its own bucket without spending the global or a destination's tokens.
+        .layer(StepLayer(TenantQuota(limits.tenants())))
         // Global and per-destination rate limits: waits, bounded by the total deadline.
         .layer(StepLayer(RateLimit(limits.rate())))
         // A slot to the destination, held until the response (body included) is dropped.
@@ -64,7 +68,11 @@ pub fn classify(error: &BoxError) -> Failed {
     if error.is::<BreakerError>() {
         return refused(ErrorKind::CircuitOpen);
     }
-    if error.is::<CoolDownError>() || error.is::<RateLimitError>() || error.is::<SlotError>() {
+    if error.is::<CoolDownError>()
+        || error.is::<RateLimitError>()
+        || error.is::<SlotError>()
+        || error.is::<TenantQuotaError>()
+    {
         return refused(ErrorKind::RateLimited);
     }
     if error.is::<TimeoutError>() {
@@ -89,6 +97,8 @@ mod tests {
         assert!(matches!(classify(&refusal), Failed::Refused(e) if e.kind == ErrorKind::CircuitOpen));
         let slot: BoxError = SlotError("busy".into()).into();
         assert!(matches!(classify(&slot), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
+        let quota: BoxError = TenantQuotaError("tenant \"t\" is over its rate quota".into()).into();
+        assert!(matches!(classify(&quota), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
         let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();
         assert!(matches!(
             classify(&sent),
