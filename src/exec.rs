@@ -10,7 +10,7 @@ use crate::{
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
         admission::{LimitSettings, Limits},
-        attempt::AttemptContext,
+        attempt::{AttemptContext, StartSignal},
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
         host::Destination,
@@ -204,8 +204,9 @@ impl<A: RunAttempt> Executor<A> {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
-        let context = AttemptContext {
-            destination: Arc::new(Destination::of(&action.url)),
+        // One allocation for the action: every attempt and hop shares it.
+        let context = Arc::new(AttemptContext {
+            destination: Destination::of(&action.url),
             deadline,
             total,
             attempt_timeout: action.timeouts.attempt,
@@ -213,8 +214,8 @@ impl<A: RunAttempt> Executor<A> {
             redirects: action.redirects,
             url: action.url.clone(),
             cool_down_on_429: !action.success.contains(429),
-            start: Arc::default(),
-        };
+            start: StartSignal::default(),
+        });
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.

@@ -3,19 +3,18 @@
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
 //! circuit again or re-opens it.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
     error::SendFailure,
     timeout::TimeoutError,
 };
 use crate::action::ErrorKind;
-use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tower::{BoxError, ServiceExt as _};
+use tower::BoxError;
 
 /// Circuit-breaker settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,12 +154,19 @@ impl CircuitBreakers {
 pub struct Breaker(pub Arc<CircuitBreakers>);
 
 impl Step for Breaker {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let destination = AttemptContext::of(&request)?.destination.clone();
-        self.0.check(&destination.key)?;
-        let result = next.oneshot(request).await.map_err(Into::into);
-        self.0.record(&destination.key, health_of(&result));
-        result
+    /// The breakers and the context (its destination) to record the attempt against.
+    type Held = (Arc<CircuitBreakers>, Arc<AttemptContext>);
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
+        match self.0.check(&request.context.destination.key) {
+            Ok(()) => Before::Go((self.0.clone(), request.context.clone())),
+            Err(refused) => Before::Refuse(refused.into()),
+        }
+    }
+
+    fn after<B>((breakers, context): Self::Held, reply: Reply<B>) -> Reply<B> {
+        breakers.record(&context.destination.key, health_of(&reply));
+        reply
     }
 }
 
@@ -185,7 +191,7 @@ fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
+    use tower::{Layer as _, Service as _, ServiceExt as _};
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
         CircuitBreakers::new(BreakerSettings {
@@ -239,10 +245,12 @@ mod tests {
     async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
         use crate::client::attempt::tests::request;
         let breakers = Arc::new(breakers(2, 60_000));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
         let mut service = StepLayer(Breaker(breakers)).layer(mock);
         for status in [Some(503), None] {
-            let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
+            let call = tokio::spawn(
+                service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(5))),
+            );
             let (_, reply) = handle.next_request().await.unwrap();
             match status {
                 // A 5xx is a response, and a failure for the breaker.
@@ -251,7 +259,13 @@ mod tests {
             }
             assert_eq!(call.await.unwrap().is_ok(), status.is_some());
         }
-        let err = service.call(request("http://h/", Duration::from_secs(5))).await.unwrap_err();
+        let err = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("http://h/", Duration::from_secs(5)))
+            .await
+            .unwrap_err();
         assert!(err.is::<BreakerError>(), "{err}");
         assert!(err.to_string().contains("open after 2 consecutive failures"), "{err}");
         drop(service);

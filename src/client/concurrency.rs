@@ -2,16 +2,13 @@
 //! for a slot (past that a new action is refused at once: backpressure, never unbounded
 //! memory), and at most `max_in_flight_per_host` attempts go to one destination at once (the
 //! `DestinationSlot` layer).
-use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
-use bytes::Bytes;
-use http::Request;
+use super::attempt::{AttemptRequest, Before, Reply, Step, StepLayer};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::ServiceExt as _;
 
 /// Concurrency settings of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,29 +96,36 @@ impl Concurrency {
 
     /// Waits for a slot to destination `key` until `deadline`.
     pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, SlotError> {
-        let semaphore = {
-            let Ok(mut hosts) = self.per_host.lock() else {
-                return Err(SlotError("per-host slots are unavailable".into()));
-            };
-            if hosts.len() > PRUNE_ABOVE {
-                // Only this map holds an idle destination's semaphore.
-                hosts.retain(|_, s| Arc::strong_count(s) > 1);
-            }
-            // Look up before inserting: the common case allocates no key.
-            match hosts.get(key) {
-                Some(semaphore) => semaphore.clone(),
-                None => {
-                    let semaphore = Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1)));
-                    hosts.insert(key.to_owned(), semaphore.clone());
-                    semaphore
-                }
-            }
-        };
+        let semaphore = self.host_semaphore(key)?;
         acquire(semaphore, deadline).await.ok_or_else(|| {
             SlotError(format!(
                 "{key} already has {} attempts in flight and none ended before the deadline",
                 self.settings.max_in_flight_per_host
             ))
+        })
+    }
+
+    /// A slot to destination `key` if one is free now.
+    pub fn try_host_slot(&self, key: &str) -> Result<Option<Slot>, SlotError> {
+        Ok(self.host_semaphore(key)?.try_acquire_owned().ok().map(|permit| Slot { _permit: permit }))
+    }
+
+    fn host_semaphore(&self, key: &str) -> Result<Arc<Semaphore>, SlotError> {
+        let Ok(mut hosts) = self.per_host.lock() else {
+            return Err(SlotError("per-host slots are unavailable".into()));
+        };
+        if hosts.len() > PRUNE_ABOVE {
+            // Only this map holds an idle destination's semaphore.
+            hosts.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        // Look up before inserting: the common case allocates no key.
+        Ok(match hosts.get(key) {
+            Some(semaphore) => semaphore.clone(),
+            None => {
+                let semaphore = Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1)));
+                hosts.insert(key.to_owned(), semaphore.clone());
+                semaphore
+            }
         })
     }
 
@@ -160,11 +164,25 @@ pub struct HeldSlot(pub Arc<Slot>);
 pub struct DestinationSlot(pub Arc<Concurrency>);
 
 impl Step for DestinationSlot {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let (to, deadline) = (context.destination.clone(), context.deadline);
-        let slot = self.0.host_slot(&to.key, deadline).await?;
-        let mut response = next.oneshot(request).await.map_err(Into::into)?;
+    /// The slot, handed to the response.
+    type Held = Slot;
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Slot> {
+        let key = &request.context.destination.key;
+        match self.0.try_host_slot(key) {
+            Ok(Some(slot)) => Before::Go(slot),
+            Ok(None) => {
+                let (concurrency, context) = (self.0.clone(), request.context.clone());
+                Before::Wait(Box::pin(async move {
+                    Ok(concurrency.host_slot(&context.destination.key, context.deadline).await?)
+                }))
+            }
+            Err(unavailable) => Before::Refuse(unavailable.into()),
+        }
+    }
+
+    fn after<B>(slot: Slot, reply: Reply<B>) -> Reply<B> {
+        let mut response = reply?;
         response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
         Ok(response)
     }
@@ -178,7 +196,7 @@ mod tests {
     use super::*;
     use http::Response;
     use std::time::Duration;
-    use tower::{Layer as _, Service as _};
+    use tower::{Layer as _, Service as _, ServiceExt as _};
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
@@ -222,17 +240,25 @@ mod tests {
             max_in_flight_per_host: 1,
             ..Default::default()
         }));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
+        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
         let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
-        let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));
+        let first =
+            tokio::spawn(service.ready().await.unwrap().call(request("http://a/", Duration::from_secs(5))));
         let (_, reply) = handle.next_request().await.unwrap();
         reply.send_response(Response::new(()));
         let response = first.await.unwrap().unwrap();
         // The response holds a's only slot: the next attempt to a waits until its deadline.
-        let err = service.call(request("http://a/", Duration::from_secs(1))).await.unwrap_err();
+        let err = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("http://a/", Duration::from_secs(1)))
+            .await
+            .unwrap_err();
         assert!(err.is::<SlotError>(), "{err}");
         drop(response);
-        let second = tokio::spawn(service.call(request("http://a/", Duration::from_secs(1))));
+        let second =
+            tokio::spawn(service.ready().await.unwrap().call(request("http://a/", Duration::from_secs(1))));
         let (_, reply) = handle.next_request().await.unwrap();
         reply.send_response(Response::new(()));
         assert!(second.await.unwrap().is_ok());

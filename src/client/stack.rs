@@ -2,28 +2,28 @@
 //! a failed attempt's error is classified.
 use super::{
     admission::Limits,
-    attempt::{BoxFuture, StepLayer},
+    attempt::{AttemptRequest, StepLayer},
     breaker::{Breaker, BreakerError},
     concurrency::{DestinationSlot, SlotError},
     cool_down::{CoolDown, CoolDownError},
     error::SendFailure,
     rate_limit::{RateLimit, RateLimitError},
-    redirect::Redirect,
-    timeout::{AttemptTimeout, TimeoutError},
+    redirect::RedirectLayer,
+    timeout::{AttemptTimeoutLayer, TimeoutError},
 };
 use crate::action::{ActionError, AttemptEnd, ErrorKind};
-use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use tower::{BoxError, Service, ServiceBuilder};
 
 /// One attempt, outermost first. Refusals come before waits, waits before the clock starts,
-/// and the clock bounds everything that may send.
+/// and the clock bounds everything that may send. No layer boxes its future; a layer boxes a
+/// wait only when one is due.
 pub fn attempt_stack<S, B>(
     limits: &Limits,
     client: S,
-) -> impl Service<Request<Bytes>, Response = Response<B>, Error = BoxError, Future = BoxFuture<Response<B>>> + Send
+) -> impl Service<AttemptRequest, Response = Response<B>, Error = BoxError, Future: Send> + Send
 where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<AttemptRequest, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Send + 'static,
@@ -41,10 +41,10 @@ where
         // (Credentials and request signing go here: after every wait, so a signature is fresh.)
         // The attempt's clock starts once it may send, and bounds every hop (the body read
         // is bounded by the same instant).
-        .layer(StepLayer(AttemptTimeout))
+        .layer(AttemptTimeoutLayer)
         // Each hop is its own send through the client, so the egress-checking connector
         // dials every one; credentials are dropped across origins.
-        .layer(StepLayer(Redirect))
+        .layer(RedirectLayer)
         // The pooled client, decompression around it (`HttpClient`).
         .service(client)
 }
