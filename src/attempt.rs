@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
-use tower::{util::Either, ServiceExt as _};
+use tower::{util::Either, Service as _, ServiceExt as _};
 
 /// The caller went away; the action stops.
 #[derive(Debug, Clone, Copy)]
@@ -150,7 +150,9 @@ impl RunAttempt for Attempts {
             Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
         let request = AttemptRequest { http: request, context: context.clone() };
-        let call = attempt_stack(&self.limits, client).oneshot(request);
+        let mut stack = attempt_stack(&self.limits, client);
+        // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
+        let call = async { stack.ready().await?.call(request).await };
         let mut call = std::pin::pin!(call);
         let sent = loop {
             tokio::select! {

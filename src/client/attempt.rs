@@ -170,7 +170,7 @@ where
                 // The ready inner service goes with the wait; a clone stays for the next call.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                StepFuture::Waiting { wait, rest: Some((inner, request)) }
+                StepFuture::Waiting { wait, rest: Some(Box::new((inner, request))) }
             }
             Before::Refuse(error) => StepFuture::Refused { error: Some(error) },
         }
@@ -182,8 +182,10 @@ pin_project! {
     /// attempt, then `after`.
     #[project = StepProj]
     pub enum StepFuture<T: Step, S: Service<AttemptRequest>> {
-        Waiting { wait: BoxFuture<T::Held>, rest: Option<(S, AttemptRequest)> },
-        Ready { rest: Option<(S, AttemptRequest, T::Held)> },
+        // The rest is boxed with the wait (the rare path): the future stays small, and each
+        // layer's future holds the next one's.
+        Waiting { wait: BoxFuture<T::Held>, rest: Option<Box<(S, AttemptRequest)>> },
+        Ready { rest: Option<(Box<(S, AttemptRequest)>, T::Held)> },
         Calling { #[pin] call: S::Future, held: Option<T::Held> },
         Refused { error: Option<BoxError> },
     }
@@ -202,19 +204,18 @@ where
                 StepProj::Waiting { wait, rest } => {
                     let held = ready!(wait.as_mut().poll(cx));
                     match (held, rest.take()) {
-                        (Ok(held), Some((inner, request))) => {
-                            StepFuture::Ready { rest: Some((inner, request, held)) }
-                        }
+                        (Ok(held), Some(rest)) => StepFuture::Ready { rest: Some((rest, held)) },
                         (Err(error), _) => return Poll::Ready(Err(error)),
                         (_, None) => return gone(),
                     }
                 }
                 StepProj::Ready { rest } => {
-                    let Some((inner, _, _)) = rest else { return gone() };
-                    if let Err(error) = ready!(inner.poll_ready(cx)) {
+                    let Some((waited, _)) = rest else { return gone() };
+                    if let Err(error) = ready!(waited.0.poll_ready(cx)) {
                         return Poll::Ready(Err(error.into()));
                     }
-                    let Some((mut inner, request, held)) = rest.take() else { return gone() };
+                    let Some((waited, held)) = rest.take() else { return gone() };
+                    let (mut inner, request) = *waited;
                     StepFuture::Calling { call: inner.call(request), held: Some(held) }
                 }
                 StepProj::Calling { call, held } => {
@@ -258,6 +259,67 @@ pub(crate) mod tests {
             start: StartSignal::default(),
         };
         AttemptRequest { http, context: Arc::new(context) }
+    }
+
+    /// A layer of the stack over tower-test's mock, which stands for the rest of the stack.
+    pub(crate) struct Harness<S> {
+        pub service: S,
+        pub handle: tower_test::mock::Handle<AttemptRequest, Response<()>>,
+    }
+
+    impl<S> Harness<S>
+    where
+        S: Service<AttemptRequest, Response = Response<()>, Error = BoxError>,
+        S::Future: Send + 'static,
+    {
+        pub(crate) fn new(
+            layer: impl Layer<tower_test::mock::Mock<AttemptRequest, Response<()>>, Service = S>,
+        ) -> Self {
+            let (mock, handle) = tower_test::mock::pair();
+            Self { service: layer.layer(mock), handle }
+        }
+
+        /// Starts `request` through the layer, on a task of its own.
+        pub(crate) async fn send(&mut self, request: AttemptRequest) -> tokio::task::JoinHandle<Reply<()>> {
+            let call = tower::ServiceExt::ready(&mut self.service).await.unwrap().call(request);
+            tokio::spawn(call)
+        }
+
+        /// Starts an attempt to `url` with a total of `total`.
+        pub(crate) async fn start(
+            &mut self,
+            url: &str,
+            total: Duration,
+        ) -> tokio::task::JoinHandle<Reply<()>> {
+            self.send(request(url, total)).await
+        }
+
+        /// Answers the next request that reached the rest of the stack with `status`; returns it.
+        pub(crate) async fn answer(&mut self, status: u16) -> AttemptRequest {
+            let (request, reply) = self.handle.next_request().await.unwrap();
+            reply.send_response(Response::builder().status(status).body(()).unwrap());
+            request
+        }
+
+        /// An attempt to `url` answered with `status` once it gets through: its reply.
+        pub(crate) async fn exchange(&mut self, url: &str, total: Duration, status: u16) -> Reply<()> {
+            let call = self.start(url, total).await;
+            self.answer(status).await;
+            call.await.unwrap()
+        }
+
+        /// The error of an attempt to `url` that the layer ends without the rest of the stack.
+        pub(crate) async fn refused(&mut self, url: &str, total: Duration) -> BoxError {
+            let call = tower::ServiceExt::ready(&mut self.service).await.unwrap().call(request(url, total));
+            call.await.unwrap_err()
+        }
+
+        /// Drops the layer; true when nothing more reached the rest of the stack.
+        pub(crate) async fn nothing_more_sent(self) -> bool {
+            let Self { service, mut handle } = self;
+            drop(service);
+            handle.next_request().await.is_none()
+        }
     }
 
     #[tokio::test(start_paused = true)]

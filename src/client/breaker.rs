@@ -191,7 +191,7 @@ fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _, ServiceExt as _};
+    use crate::client::attempt::tests::Harness;
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
         CircuitBreakers::new(BreakerSettings {
@@ -243,32 +243,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
-        use crate::client::attempt::tests::request;
-        let breakers = Arc::new(breakers(2, 60_000));
-        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
-        let mut service = StepLayer(Breaker(breakers)).layer(mock);
-        for status in [Some(503), None] {
-            let call = tokio::spawn(
-                service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(5))),
-            );
-            let (_, reply) = handle.next_request().await.unwrap();
-            match status {
-                // A 5xx is a response, and a failure for the breaker.
-                Some(status) => reply.send_response(Response::builder().status(status).body(()).unwrap()),
-                None => reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false)),
-            }
-            assert_eq!(call.await.unwrap().is_ok(), status.is_some());
-        }
-        let err = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request("http://h/", Duration::from_secs(5)))
-            .await
-            .unwrap_err();
+        let total = Duration::from_secs(5);
+        let mut layer = Harness::new(StepLayer(Breaker(Arc::new(breakers(2, 60_000)))));
+        // A 5xx is a response, and a failure for the breaker.
+        assert_eq!(layer.exchange("http://h/", total, 503).await.unwrap().status(), 503);
+        let call = layer.start("http://h/", total).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false));
+        assert!(call.await.unwrap().is_err());
+        let err = layer.refused("http://h/", total).await;
         assert!(err.is::<BreakerError>(), "{err}");
         assert!(err.to_string().contains("open after 2 consecutive failures"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "the refused attempt sent nothing");
+        assert!(layer.nothing_more_sent().await, "the refused attempt sent nothing");
     }
 }

@@ -194,9 +194,8 @@ pub type DestinationSlotLayer = StepLayer<DestinationSlot>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Response;
+    use crate::client::attempt::tests::Harness;
     use std::time::Duration;
-    use tower::{Layer as _, Service as _, ServiceExt as _};
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
@@ -235,32 +234,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_holds_the_slot_until_the_response_is_dropped() {
-        use crate::client::attempt::tests::request;
         let c = Arc::new(Concurrency::new(ConcurrencySettings {
             max_in_flight_per_host: 1,
             ..Default::default()
         }));
-        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
-        let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
-        let first =
-            tokio::spawn(service.ready().await.unwrap().call(request("http://a/", Duration::from_secs(5))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(Response::new(()));
-        let response = first.await.unwrap().unwrap();
+        let mut layer = Harness::new(StepLayer(DestinationSlot(c)));
+        let response = layer.exchange("http://a/", Duration::from_secs(5), 200).await.unwrap();
         // The response holds a's only slot: the next attempt to a waits until its deadline.
-        let err = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request("http://a/", Duration::from_secs(1)))
-            .await
-            .unwrap_err();
+        let err = layer.refused("http://a/", Duration::from_secs(1)).await;
         assert!(err.is::<SlotError>(), "{err}");
         drop(response);
-        let second =
-            tokio::spawn(service.ready().await.unwrap().call(request("http://a/", Duration::from_secs(1))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(Response::new(()));
-        assert!(second.await.unwrap().is_ok());
+        assert!(layer.exchange("http://a/", Duration::from_secs(1), 200).await.is_ok());
     }
 }

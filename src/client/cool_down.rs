@@ -124,60 +124,48 @@ fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::attempt::tests::request;
-    use tower::{Layer as _, Service as _, ServiceExt as _};
+    use crate::client::attempt::tests::Harness;
+
+    /// How long an attempt to `url` waited before it was sent (answered 200).
+    async fn waited_before_sending<S>(layer: &mut Harness<S>, url: &str, total: Duration) -> Duration
+    where
+        S: tower::Service<AttemptRequest, Response = Response<()>, Error = tower::BoxError>,
+        S::Future: Send + 'static,
+    {
+        let started = tokio::time::Instant::now();
+        let call = layer.start(url, total).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        let waited = started.elapsed();
+        reply.send_response(Response::new(()));
+        call.await.unwrap().unwrap();
+        waited
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_429_cools_the_destination_down_for_every_action() {
-        let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(600)));
-        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
-        let mut service = StepLayer(CoolDown(cool_downs.clone())).layer(mock);
-        let first =
-            tokio::spawn(service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(60))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        let too_many = Response::builder().status(429).header("retry-after", "5").body(()).unwrap();
-        reply.send_response(too_many);
+        let minute = Duration::from_secs(60);
+        let mut layer = Harness::new(StepLayer(CoolDown(Arc::new(CoolDowns::new(Duration::from_secs(600))))));
+        let first = layer.start("http://h/", minute).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        reply.send_response(Response::builder().status(429).header("retry-after", "5").body(()).unwrap());
         assert_eq!(first.await.unwrap().unwrap().status(), 429);
-
-        // The next action to h waits the 5 s out before it is sent; another host does not.
-        let started = tokio::time::Instant::now();
-        let second =
-            tokio::spawn(service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(60))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        assert_eq!(started.elapsed().as_secs(), 5, "waited out (the paused clock rounds to the ms)");
-        reply.send_response(Response::new(()));
-        second.await.unwrap().unwrap();
-        let started = tokio::time::Instant::now();
-        let other = tokio::spawn(
-            service.ready().await.unwrap().call(request("http://other/", Duration::from_secs(60))),
-        );
-        let (_, reply) = handle.next_request().await.unwrap();
-        assert_eq!(started.elapsed(), Duration::ZERO);
-        reply.send_response(Response::new(()));
-        other.await.unwrap().unwrap();
+        // The next action to h waits the 5 s out before it is sent (the paused clock rounds to
+        // the ms); another host does not.
+        assert_eq!(waited_before_sending(&mut layer, "http://h/", minute).await.as_secs(), 5);
+        assert_eq!(waited_before_sending(&mut layer, "http://other/", minute).await, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_cool_down_past_the_deadline_refuses_at_once_and_is_capped() {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(30)));
         cool_downs.cool_down("h:80", Duration::from_secs(3600));
-        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
-        let mut service = StepLayer(CoolDown(cool_downs.clone())).layer(mock);
-        let err = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request("http://h/", Duration::from_secs(10)))
-            .await
-            .unwrap_err();
+        let mut layer = Harness::new(StepLayer(CoolDown(cool_downs)));
+        let err = layer.refused("http://h/", Duration::from_secs(10)).await;
         assert!(err.is::<CoolDownError>() && err.to_string().contains("429"), "{err}");
         // Capped at 30 s: a deadline past it waits.
-        let started = tokio::time::Instant::now();
-        let waits =
-            tokio::spawn(service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(40))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        assert_eq!(started.elapsed().as_secs(), 30, "waited out (the paused clock rounds to the ms)");
-        reply.send_response(Response::new(()));
-        waits.await.unwrap().unwrap();
+        assert_eq!(
+            waited_before_sending(&mut layer, "http://h/", Duration::from_secs(40)).await.as_secs(),
+            30
+        );
     }
 }

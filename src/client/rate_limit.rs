@@ -244,7 +244,7 @@ async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _, ServiceExt as _};
+    use crate::client::attempt::tests::Harness;
 
     fn rate(s: &str) -> Rate {
         s.parse().unwrap()
@@ -309,17 +309,11 @@ mod tests {
             per_host: vec!["h=1/m".parse().unwrap()],
             ..RateLimitSettings::default()
         }));
-        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, http::Response<()>>();
-        let mut service = StepLayer(RateLimit(rate)).layer(mock);
-        let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
-        let first = tokio::spawn(service.ready().await.unwrap().call(request()));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(http::Response::new(()));
-        assert!(first.await.unwrap().is_ok());
-        let err = service.ready().await.unwrap().call(request()).await.unwrap_err();
+        let mut layer = Harness::new(StepLayer(RateLimit(rate)));
+        assert!(layer.exchange("http://h/", Duration::from_secs(5), 200).await.is_ok());
+        let err = layer.refused("http://h/", Duration::from_secs(5)).await;
         assert!(err.is::<RateLimitError>(), "{err}");
         assert!(err.to_string().contains("1/m burst 1"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "nothing was sent");
+        assert!(layer.nothing_more_sent().await, "nothing was sent");
     }
 }

@@ -164,17 +164,19 @@ where
     fn call(&mut self, request: AttemptRequest) -> Self::Future {
         let context = &request.context;
         // Following needs the hop as sent (for the next one) and the rest of the stack again.
-        let follow = context.redirects.follow.then(|| Follow {
-            hop: Hop {
-                method: request.http.method().clone(),
-                url: context.url.clone(),
-                headers: request.http.headers().clone(),
-                body: request.http.body().clone(),
-            },
-            visited: Vec::new(),
-            context: context.clone(),
-            inner: self.inner.clone(),
-            pending: None,
+        let follow = context.redirects.follow.then(|| {
+            Box::new(Follow {
+                hop: Hop {
+                    method: request.http.method().clone(),
+                    url: context.url.clone(),
+                    headers: request.http.headers().clone(),
+                    body: request.http.body().clone(),
+                },
+                visited: Vec::new(),
+                context: context.clone(),
+                inner: self.inner.clone(),
+                pending: None,
+            })
         });
         RedirectFuture { call: self.inner.call(request), follow }
     }
@@ -196,8 +198,9 @@ pin_project! {
     pub struct RedirectFuture<S: Service<AttemptRequest>> {
         #[pin]
         call: S::Future,
-        // None when redirects are not followed: the first response is final.
-        follow: Option<Follow<S>>,
+        // None when redirects are not followed: the first response is final. Boxed: a clone of
+        // the rest of the stack and the hop are large, and every future above holds this one.
+        follow: Option<Box<Follow<S>>>,
     }
 }
 

@@ -82,6 +82,21 @@ pub fn classify(error: &BoxError) -> Failed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::{attempt::AttemptRequest, HttpClient};
+
+    #[test]
+    fn the_stack_future_holds_no_copy_of_the_stack() {
+        fn future_size<S: Service<AttemptRequest>>(_: &S) -> usize {
+            std::mem::size_of::<S::Future>()
+        }
+        let client = HttpClient::new(&Default::default()).unwrap();
+        let stack = attempt_stack(&Limits::new(&Default::default()), client);
+        // Every layer's future holds the next one's: a layer that kept the rest of the stack (or
+        // the redirect state) inline would make each future above it that much larger, and every
+        // attempt would copy it. 256 bytes on x86_64 today; the stack itself is larger.
+        assert!(future_size(&stack) < std::mem::size_of_val(&stack), "{}", future_size(&stack));
+        assert!(future_size(&stack) <= 512, "{}", future_size(&stack));
+    }
 
     #[test]
     fn errors_are_refusals_or_failed_attempts() {
