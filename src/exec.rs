@@ -422,19 +422,17 @@ mod tests {
     #[derive(Clone, Default)]
     struct Script(Arc<Mutex<VecDeque<Scripted>>>);
 
+    /// When the scripted attempt started (`RunAttempt::run`'s `started`).
+    type Started = Option<Instant>;
+
     impl RunAttempt for Script {
-        async fn run<O: Observer>(
-            &self,
-            of: AttemptOf<'_>,
-            started: &mut Option<Instant>,
-            _: &mut O,
-        ) -> Attempted {
+        async fn run<O: Observer>(&self, of: AttemptOf<'_>, at: &mut Started, _: &mut O) -> Attempted {
             let number = of.number;
             let next = self.0.lock().unwrap().pop_front().expect("the script has an attempt left");
             if let Scripted::Refused(kind) = next {
                 return Attempted::Refused(ActionError::new(kind, "refused"));
             }
-            *started = Some(Instant::now());
+            *at = Some(Instant::now());
             let mut record = AttemptRecord::new(number);
             let (end, response, streamed) = match next {
                 Scripted::Status(status) | Scripted::Streamed(status) => {

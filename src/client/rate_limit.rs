@@ -246,12 +246,9 @@ mod tests {
     use super::*;
     use crate::client::attempt::tests::Harness;
 
-    fn rate(s: &str) -> Rate {
-        s.parse().unwrap()
-    }
-
     #[test]
     fn parses_rates_and_rules() {
+        let rate = |s: &str| s.parse::<Rate>().unwrap();
         let r = rate("10/s burst 20");
         assert_eq!((r.count.get(), r.period, r.burst.get()), (10, Duration::from_secs(1), 20));
         assert_eq!(rate("600/m").burst.get(), 600);
@@ -291,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn global_limit_spaces_sends() {
         let limits = RateLimits::new(&RateLimitSettings {
-            global: Some(rate("20/s burst 1")),
+            global: Some("20/s burst 1".parse().unwrap()),
             ..RateLimitSettings::default()
         });
         let deadline = Instant::now() + Duration::from_secs(5);

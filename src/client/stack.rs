@@ -9,7 +9,7 @@ use super::{
     error::SendFailure,
     rate_limit::{RateLimit, RateLimitError},
     redirect::RedirectLayer,
-    timeout::{AttemptTimeoutLayer, TimeoutError},
+    timeout::{AttemptTimeout, TimeoutError},
 };
 use crate::action::{ActionError, AttemptEnd, ErrorKind};
 use http::Response;
@@ -41,7 +41,7 @@ where
         // (Credentials and request signing go here: after every wait, so a signature is fresh.)
         // The attempt's clock starts once it may send, and bounds every hop (the body read
         // is bounded by the same instant).
-        .layer(AttemptTimeoutLayer)
+        .layer(AttemptTimeout::layer())
         // Each hop is its own send through the client, so the egress-checking connector
         // dials every one; credentials are dropped across origins.
         .layer(RedirectLayer)

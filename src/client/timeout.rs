@@ -13,7 +13,10 @@ use std::{
     task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
-use tower::{BoxError, Layer, Service};
+use tower::{
+    layer::{layer_fn, LayerFn},
+    BoxError, Service,
+};
 
 /// An attempt ran out of time: its own timeout, or the action's total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -84,14 +87,12 @@ where
     }
 }
 
-/// The attempt's clock as a layer of the attempt stack.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AttemptTimeoutLayer;
+/// The attempt's clock as a layer of the attempt stack (`AttemptTimeout::layer()`).
+pub type AttemptTimeoutLayer<S> = LayerFn<fn(S) -> AttemptTimeout<S>>;
 
-impl<S> Layer<S> for AttemptTimeoutLayer {
-    type Service = AttemptTimeout<S>;
-    fn layer(&self, inner: S) -> AttemptTimeout<S> {
-        AttemptTimeout { inner }
+impl<S> AttemptTimeout<S> {
+    pub fn layer() -> AttemptTimeoutLayer<S> {
+        layer_fn(|inner| Self { inner })
     }
 }
 
@@ -105,7 +106,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_nearer_clock_ends_the_attempt_and_is_named() {
         let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
-        let mut service = AttemptTimeoutLayer.layer(mock);
+        let mut service = tower::Layer::layer(&AttemptTimeout::layer(), mock);
         // The total (3 s) comes first.
         let call =
             tokio::spawn(service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(3))));
