@@ -385,9 +385,8 @@ mod tests {
         assert_eq!((late.len(), budget.held()), (0, 128 * KIB), "the buffer did not grow");
         let message = budget.exhausted(MIN_STEP).to_string();
         assert!(message.starts_with("memory budget for buffered bodies exhausted"), "{message}");
-        drop(late);
-        drop(full);
-        assert_eq!(budget.held(), 0);
+        drop((late, full));
+        assert_eq!(budget.held(), 0, "both given back");
     }
 
     #[tokio::test(start_paused = true)]
@@ -415,7 +414,9 @@ mod tests {
     }
 
     /// `buf` asking for 10 bytes more, on a task of its own: the grown buffer once it has room.
-    fn grow(mut buf: BudgetedBuf) -> tokio::task::JoinHandle<Result<BudgetedBuf, BudgetError>> {
+    type Grown = Result<BudgetedBuf, BudgetError>;
+
+    fn grow(mut buf: BudgetedBuf) -> tokio::task::JoinHandle<Grown> {
         tokio::spawn(async move { buf.push(&[0; 10]).await.map(|()| buf) })
     }
 
@@ -439,11 +440,18 @@ mod tests {
         assert_eq!(budget.held(), body.len() as u64);
     }
 
+    /// A budget of twice `each` bytes, full: a finished reply of `each` bytes, and a body of
+    /// `each` bytes asking for 10 more (on a task of its own).
+    async fn reply_and_grower(each: usize) -> (BodyBudget, Bytes, tokio::task::JoinHandle<Grown>) {
+        let budget = BodyBudget::new(2 * each as u64);
+        let reply = holding(&budget, each).await.freeze();
+        let grower = grow(holding(&budget, each).await);
+        (budget, reply, grower)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_growing_body_goes_before_a_new_one() {
-        let budget = BodyBudget::new(256 * KIB);
-        let reply = holding(&budget, 128 * 1024).await.freeze();
-        let grower = grow(holding(&budget, 128 * 1024).await);
+        let (budget, reply, grower) = reply_and_grower(128 * 1024).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         let fresh = grow(budget.buffer(u64::MAX));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -459,9 +467,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_behind_a_reply_being_sent_keeps_waiting() {
         // Bytes held by a finished body (a reply on its way) will come back: no giving up.
-        let budget = BodyBudget::new(128 * KIB);
-        let reply = holding(&budget, 64 * 1024).await.freeze();
-        let grower = grow(holding(&budget, 64 * 1024).await);
+        let (_budget, reply, grower) = reply_and_grower(64 * 1024).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!grower.is_finished(), "it waits for the reply's bytes");
         drop(reply);

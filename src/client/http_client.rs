@@ -45,17 +45,17 @@ pub struct ClientSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host. Default 64.
     pub pool_max_idle_per_host: usize,
-    /// Offer HTTP/2 by ALPN on https. Default true.
-    pub http2: bool,
     /// TCP keep-alive probes on upstream connections after this much idle time; `None` turns
     /// them off. Default 60 s (so dead peers behind NAT or load balancers are noticed).
     pub tcp_keepalive: Option<Duration>,
+    /// Offer HTTP/2 by ALPN on https. Default true.
+    pub http2: bool,
     /// HTTP/2 PING interval on upstream connections; `None` (the default) sends none.
     pub http2_keep_alive_interval: Option<Duration>,
-    /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
-    pub extra_ca_pem: Option<String>,
     /// Which destinations may be dialled. Default: public addresses only.
     pub egress: EgressSettings,
+    /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
+    pub extra_ca_pem: Option<String>,
     /// Fixed addresses for host names, used instead of DNS (as curl's --resolve). Default none.
     pub resolve: Vec<(String, Vec<IpAddr>)>,
     /// Proxies for actions that set none: `--proxy`, else HTTP(S)_PROXY and NO_PROXY read at
