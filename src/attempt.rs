@@ -8,7 +8,7 @@ use crate::{
     },
     client::{
         admission::Limits,
-        attempt::AttemptContext,
+        attempt::{AttemptContext, AttemptRequest},
         body_budget::{BodyBudget, BudgetError},
         redirect::Hop,
         response::{head_of, pieces, views, BodyError, CappedBody},
@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
-use tower::{util::Either, ServiceExt as _};
+use tower::{util::Either, Service as _, ServiceExt as _};
 
 /// The caller went away; the action stops.
 #[derive(Debug, Clone, Copy)]
@@ -130,7 +130,7 @@ pub struct AttemptOf<'a> {
     pub action: &'a HttpAction,
     /// 1-based.
     pub number: u32,
-    pub context: &'a AttemptContext,
+    pub context: &'a Arc<AttemptContext>,
 }
 
 impl RunAttempt for Attempts {
@@ -145,12 +145,14 @@ impl RunAttempt for Attempts {
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
         let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
-        let (mut request, client) = match built {
+        let (request, client) = match built {
             Ok((request, client)) => (request, Either::Left(client)),
             Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
-        request.extensions_mut().insert(context.clone());
-        let call = attempt_stack(&self.limits, client).oneshot(request);
+        let request = AttemptRequest { http: request, context: context.clone() };
+        let mut stack = attempt_stack(&self.limits, client);
+        // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
+        let call = async { stack.ready().await?.call(request).await };
         let mut call = std::pin::pin!(call);
         let sent = loop {
             tokio::select! {
@@ -388,7 +390,7 @@ fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
 #[derive(Clone)]
 struct FailWith(SendFailure);
 
-impl tower::Service<Request<Bytes>> for FailWith {
+impl tower::Service<AttemptRequest> for FailWith {
     type Response = Response<ResponseBody>;
     type Error = SendFailure;
     type Future = std::future::Ready<Result<Response<ResponseBody>, SendFailure>>;
@@ -397,7 +399,7 @@ impl tower::Service<Request<Bytes>> for FailWith {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, _: AttemptRequest) -> Self::Future {
         std::future::ready(Err(self.0.clone()))
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
         admission::{LimitSettings, Limits},
-        attempt::AttemptContext,
+        attempt::{AttemptContext, StartSignal},
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
         egress::EgressSettings,
@@ -205,8 +205,9 @@ impl<A: RunAttempt> Executor<A> {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
-        let context = AttemptContext {
-            destination: Arc::new(Destination::of(action.url())),
+        // One allocation for the action: every attempt and hop shares it.
+        let context = Arc::new(AttemptContext {
+            destination: Destination::of(action.url()),
             deadline,
             total,
             attempt_timeout: action.timeouts().attempt,
@@ -214,9 +215,9 @@ impl<A: RunAttempt> Executor<A> {
             redirects: action.redirects(),
             url: action.url().clone(),
             cool_down_on_429: !action.success().contains(429),
-            start: Arc::default(),
+            start: StartSignal::default(),
             tenant: action.tenant().map(Arc::from),
-        };
+        });
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
@@ -426,19 +427,17 @@ mod tests {
     #[derive(Clone, Default)]
     struct Script(Arc<Mutex<VecDeque<Scripted>>>);
 
+    /// When the scripted attempt started (`RunAttempt::run`'s `started`).
+    type Started = Option<Instant>;
+
     impl RunAttempt for Script {
-        async fn run<O: Observer>(
-            &self,
-            of: AttemptOf<'_>,
-            started: &mut Option<Instant>,
-            _: &mut O,
-        ) -> Attempted {
+        async fn run<O: Observer>(&self, of: AttemptOf<'_>, at: &mut Started, _: &mut O) -> Attempted {
             let number = of.number;
             let next = self.0.lock().unwrap().pop_front().expect("the script has an attempt left");
             if let Scripted::Refused(kind) = next {
                 return Attempted::Refused(ActionError::new(kind, "refused"));
             }
-            *started = Some(Instant::now());
+            *at = Some(Instant::now());
             let mut record = AttemptRecord::new(number);
             let (end, response, streamed) = match next {
                 Scripted::Status(status) | Scripted::Streamed(status) => {

@@ -4,18 +4,15 @@
 //! `DestinationSlot` layer). Waiting actions get running slots by fair share across tenants
 //! (`fair`).
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptRequest, Before, Reply, Step, StepLayer},
     fair::{FairSlots, NoSlot, RunSlot, Share},
 };
-use bytes::Bytes;
-use http::Request;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::ServiceExt as _;
 
 /// The server is at its queue bound.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -95,29 +92,36 @@ impl Concurrency {
 
     /// Waits for a slot to destination `key` until `deadline`.
     pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, SlotError> {
-        let semaphore = {
-            let Ok(mut hosts) = self.per_host.lock() else {
-                return Err(SlotError("per-host slots are unavailable".into()));
-            };
-            if hosts.len() > PRUNE_ABOVE {
-                // Only this map holds an idle destination's semaphore.
-                hosts.retain(|_, s| Arc::strong_count(s) > 1);
-            }
-            // Look up before inserting: the common case allocates no key.
-            match hosts.get(key) {
-                Some(semaphore) => semaphore.clone(),
-                None => {
-                    let semaphore = Arc::new(Semaphore::new(self.max_in_flight_per_host));
-                    hosts.insert(key.to_owned(), semaphore.clone());
-                    semaphore
-                }
-            }
-        };
+        let semaphore = self.host_semaphore(key)?;
         acquire(semaphore, deadline).await.ok_or_else(|| {
             SlotError(format!(
                 "{key} already has {} attempts in flight and none ended before the deadline",
                 self.max_in_flight_per_host
             ))
+        })
+    }
+
+    /// A slot to destination `key` if one is free now.
+    pub fn try_host_slot(&self, key: &str) -> Result<Option<Slot>, SlotError> {
+        Ok(self.host_semaphore(key)?.try_acquire_owned().ok().map(|permit| Slot { _permit: permit }))
+    }
+
+    fn host_semaphore(&self, key: &str) -> Result<Arc<Semaphore>, SlotError> {
+        let Ok(mut hosts) = self.per_host.lock() else {
+            return Err(SlotError("per-host slots are unavailable".into()));
+        };
+        if hosts.len() > PRUNE_ABOVE {
+            // Only this map holds an idle destination's semaphore.
+            hosts.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        // Look up before inserting: the common case allocates no key.
+        Ok(match hosts.get(key) {
+            Some(semaphore) => semaphore.clone(),
+            None => {
+                let semaphore = Arc::new(Semaphore::new(self.max_in_flight_per_host));
+                hosts.insert(key.to_owned(), semaphore.clone());
+                semaphore
+            }
         })
     }
 
@@ -156,11 +160,25 @@ pub struct HeldSlot(pub Arc<Slot>);
 pub struct DestinationSlot(pub Arc<Concurrency>);
 
 impl Step for DestinationSlot {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let (to, deadline) = (context.destination.clone(), context.deadline);
-        let slot = self.0.host_slot(&to.key, deadline).await?;
-        let mut response = next.oneshot(request).await.map_err(Into::into)?;
+    /// The slot, handed to the response.
+    type Held = Slot;
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Slot> {
+        let key = &request.context.destination.key;
+        match self.0.try_host_slot(key) {
+            Ok(Some(slot)) => Before::Go(slot),
+            Ok(None) => {
+                let (concurrency, context) = (self.0.clone(), request.context.clone());
+                Before::Wait(Box::pin(async move {
+                    Ok(concurrency.host_slot(&context.destination.key, context.deadline).await?)
+                }))
+            }
+            Err(unavailable) => Before::Refuse(unavailable.into()),
+        }
+    }
+
+    fn after<B>(slot: Slot, reply: Reply<B>) -> Reply<B> {
+        let mut response = reply?;
         response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
         Ok(response)
     }
@@ -172,9 +190,8 @@ pub type DestinationSlotLayer = StepLayer<DestinationSlot>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Response;
+    use crate::client::attempt::tests::Harness;
     use std::time::Duration;
-    use tower::{Layer as _, Service as _};
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
@@ -209,21 +226,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_holds_the_slot_until_the_response_is_dropped() {
-        use crate::client::attempt::tests::request;
         let c = Arc::new(Concurrency::new(512, 2048, 1));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
-        let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(Response::new(()));
-        let response = first.await.unwrap().unwrap();
+        let mut layer = Harness::new(StepLayer(DestinationSlot(c)));
+        let response = layer.exchange("http://a/", Duration::from_secs(5), 200).await.unwrap();
         // The response holds a's only slot: the next attempt to a waits until its deadline.
-        let err = service.call(request("http://a/", Duration::from_secs(1))).await.unwrap_err();
+        let err = layer.refused("http://a/", Duration::from_secs(1)).await;
         assert!(err.is::<SlotError>(), "{err}");
         drop(response);
-        let second = tokio::spawn(service.call(request("http://a/", Duration::from_secs(1))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(Response::new(()));
-        assert!(second.await.unwrap().is_ok());
+        assert!(layer.exchange("http://a/", Duration::from_secs(1), 200).await.is_ok());
     }
 }

@@ -1,6 +1,7 @@
 //! The pooled HTTP client: hyper-util's pool over the timed connector, decompression around
 //! it, and the settings it is built from.
 use super::{
+    attempt::AttemptRequest,
     connect,
     egress::EgressPolicy,
     error::{self, SendFailure},
@@ -15,7 +16,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::{Client, ResponseFuture},
+    rt::TokioExecutor,
+};
+use pin_project_lite::pin_project;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::{
     collections::BTreeMap,
@@ -24,17 +29,20 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
-use tower::ServiceExt as _;
-use tower_http::decompression::{Decompression, DecompressionBody};
+use tokio::task::futures::TaskLocalFuture;
+use tower::{Service as _, ServiceExt as _};
+use tower_http::decompression::{Decompression, DecompressionBody, ResponseFuture as DecompressionFuture};
 
 /// Request bodies are built whole from the action, so a full buffer is enough.
 pub type RequestBody = Full<Bytes>;
 
-/// A response body as the executor reads it: decoded per its Content-Encoding.
-pub type ResponseBody = DecompressionBody<Incoming>;
+/// A response body as the executor reads it: decoded per its Content-Encoding. Boxed: the
+/// decoder states make it ~350 bytes, and every layer of the attempt stack hands the response
+/// on by value.
+pub type ResponseBody = Box<DecompressionBody<Incoming>>;
 
 /// The `[client]` section: pool and protocol settings of the shared client. The two fields
 /// that are not keys are what `load` reads at start from the files and environment the keys
@@ -196,17 +204,19 @@ impl HttpClient {
         request: Request<RequestBody>,
         connect_timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendFailure> {
-        self.clone().send_owned(request, connect_timeout).await
+        let mut inner = self.inner.clone();
+        let request = self.with_proxy_authorization(request);
+        connect::CONNECT_TIMEOUT
+            .scope(connect_timeout, inner.ready().await.map_err(|e| error::classify(&e))?.call(request))
+            .await
+            .map(|response| response.map(Box::new))
+            .map_err(|e| error::classify(&e))
     }
 
-    async fn send_owned(
-        self,
-        mut request: Request<RequestBody>,
-        connect_timeout: Duration,
-    ) -> Result<Response<ResponseBody>, SendFailure> {
-        // Plain http through a forwarding proxy: the proxy reads its credentials from the
-        // request itself (https targets send them in CONNECT instead). A Proxy-Authorization
-        // the caller set itself wins.
+    /// Plain http through a forwarding proxy: the proxy reads its credentials from the request
+    /// itself (https targets send them in CONNECT instead). A Proxy-Authorization the caller set
+    /// itself wins.
+    fn with_proxy_authorization(&self, mut request: Request<RequestBody>) -> Request<RequestBody> {
         let uri = request.uri();
         if uri.scheme_str() == Some("http") {
             let auth = uri.host().and_then(|host| self.proxies.forward_authorization(host));
@@ -215,30 +225,45 @@ impl HttpClient {
                 request.headers_mut().entry(header::PROXY_AUTHORIZATION).or_insert(value);
             }
         }
-        connect::CONNECT_TIMEOUT
-            .scope(connect_timeout, self.inner.oneshot(request))
-            .await
-            .map_err(|e| error::classify(&e))
+        request
     }
 }
 
 /// The innermost service of an attempt: one request, no redirects, connecting within the
 /// attempt context's connect timeout.
-impl tower::Service<Request<Bytes>> for HttpClient {
+impl tower::Service<AttemptRequest> for HttpClient {
     type Response = Response<ResponseBody>;
     type Error = SendFailure;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, SendFailure>> + Send>>;
+    type Future = SendFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
+        self.inner.poll_ready(cx).map_err(|e| error::classify(&e))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let connect_timeout = request
-            .extensions()
-            .get::<super::attempt::AttemptContext>()
-            .map_or(crate::action::DEFAULT_CONNECT_TIMEOUT, |c| c.connect_timeout);
-        Box::pin(self.clone().send_owned(request.map(Full::new), connect_timeout))
+    fn call(&mut self, request: AttemptRequest) -> SendFuture {
+        let connect_timeout = request.context.connect_timeout;
+        let request = self.with_proxy_authorization(request.http.map(Full::new));
+        SendFuture { call: connect::CONNECT_TIMEOUT.scope(connect_timeout, self.inner.call(request)) }
+    }
+}
+
+/// What the pooled client's response future is, under the connect timeout's scope.
+type PooledCall = TaskLocalFuture<Duration, DecompressionFuture<ResponseFuture>>;
+
+pin_project! {
+    /// The response future of `HttpClient`: the pooled client's, its error classified.
+    pub struct SendFuture {
+        #[pin]
+        call: PooledCall,
+    }
+}
+
+impl Future for SendFuture {
+    type Output = Result<Response<ResponseBody>, SendFailure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let sent = ready!(self.project().call.poll(cx));
+        Poll::Ready(sent.map(|response| response.map(Box::new)).map_err(|e| error::classify(&e)))
     }
 }
 

@@ -13,11 +13,24 @@
 //! 9. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
 //!    dialling through `connect` (DNS/TCP/proxy/TLS with timings and the egress check).
 //!
-//! Every layer is an `attempt::Step`; the attempt carries its `attempt::AttemptContext` in the
-//! request's extensions (destination, deadline, timeouts, redirect policy, the start signal).
-//! Errors travel boxed and are classified once, in `stack::classify`. Besides the layers:
-//! `clients` (one client per TLS/proxy setting), `proxy` (hyper-util's matcher over the
-//! validated proxy URLs), `response` (reading heads and capped bodies; bodies are decoded
+//! Requests go down as `attempt::AttemptRequest`: the hop's HTTP request and the action's
+//! `attempt::AttemptContext` (destination, deadline, timeouts, redirect policy, the start
+//! signal), built once per action and shared by an `Arc`. Errors travel boxed and are
+//! classified once, in `stack::classify`.
+//!
+//! A new layer (credentials, request signing, tenant quotas, a shared limit in Redis) is, in
+//! its own module: `Foo` implementing `attempt::Step`, `FooError` for its refusals (classified
+//! in `stack::classify`), the layer `StepLayer(Foo(..))` on one line of `attempt_stack` with a
+//! comment saying why it sits there, and tower-test unit tests over `attempt::tests::Harness`.
+//! `Step::before` decides at once: `Before::Go(held)` (it may change the request, e.g. sign
+//! it), `Before::Refuse(error)`, or `Before::Wait(future)` for a wait that is due (boxed, and
+//! only then: the hot path allocates nothing for it). `Step::after` gets `held` and the reply
+//! (record a result, hand a permit to the response). No layer clones the rest of the stack per
+//! call. A concern that wraps the rest of the attempt (a clock, a loop) is a service with a
+//! named `pin-project-lite` future instead, as `timeout` and `redirect` are.
+//!
+//! Besides the layers: `clients` (one client per TLS/proxy setting), `proxy` (hyper-util's
+//! matcher over the validated proxy URLs), `response` (reading heads and capped bodies; bodies are decoded
 //! before anyone counts them, so caps apply to the decoded size), `body_budget` (the memory
 //! budget buffered bodies grow under), `tls`, `host` (the one host normaliser and suffix
 //! matcher every rule uses), `host_pattern`, `error` (classifying a failed send), and

@@ -2,12 +2,10 @@
 //! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptRequest, Before, Step, StepLayer},
     host_pattern::{HostPattern, HostPatternError},
 };
-use bytes::Bytes;
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::Request;
 use std::{
     fmt,
     num::NonZeroU32,
@@ -15,7 +13,6 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tower::ServiceExt as _;
 
 /// A rate: `count` sends per `period`, with bursts of up to `burst` at once.
 /// Written `10/s`, `600/m`, `5000/h`, optionally followed by ` burst 20` (default: the count).
@@ -173,6 +170,11 @@ impl RateLimits {
         }
     }
 
+    /// No limit is configured: nothing to wait for.
+    pub fn is_empty(&self) -> bool {
+        self.global.is_none() && self.rules.is_empty()
+    }
+
     /// Waits until `key` (host:port of `host` on `port`) may be sent to: its per-destination
     /// limit, then the global limit. Returns the time waited, or fails at once
     /// when a wait would pass `deadline`.
@@ -218,15 +220,22 @@ impl RateLimits {
 pub struct RateLimit(pub Arc<RateLimits>);
 
 impl Step for RateLimit {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let to = context.destination.clone();
-        let waited = self.0.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
-        if !waited.is_zero() {
-            tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
-            crate::metrics::rate_limit_waited(&to.key, waited);
+    type Held = ();
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<()> {
+        if self.0.is_empty() {
+            return Before::Go(());
         }
-        next.oneshot(request).await.map_err(Into::into)
+        let (limits, context) = (self.0.clone(), request.context.clone());
+        Before::Wait(Box::pin(async move {
+            let to = &context.destination;
+            let waited = limits.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
+            if !waited.is_zero() {
+                tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
+                crate::metrics::rate_limit_waited(&to.key, waited);
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -252,14 +261,11 @@ async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
-
-    fn rate(s: &str) -> Rate {
-        s.parse().unwrap()
-    }
+    use crate::client::attempt::tests::Harness;
 
     #[test]
     fn parses_rates_and_rules() {
+        let rate = |s: &str| s.parse::<Rate>().unwrap();
         let r = rate("10/s burst 20");
         assert_eq!((r.count.get(), r.period, r.burst.get()), (10, Duration::from_secs(1), 20));
         assert_eq!(rate("600/m").burst.get(), 600);
@@ -295,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn global_limit_spaces_sends() {
-        let limits = RateLimits::new(Some(rate("20/s burst 1")), &[]);
+        let limits = RateLimits::new(Some("20/s burst 1".parse().unwrap()), &[]);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         for i in 0..4 {
@@ -308,17 +314,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_layer_refuses_a_wait_past_the_deadline_without_calling_inner() {
         let rate = Arc::new(RateLimits::new(None, &["h=1/m".parse().unwrap()]));
-        let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
-        let mut service = StepLayer(RateLimit(rate)).layer(mock);
-        let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
-        let first = tokio::spawn(service.call(request()));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(http::Response::new(()));
-        assert!(first.await.unwrap().is_ok());
-        let err = service.call(request()).await.unwrap_err();
+        let mut layer = Harness::new(StepLayer(RateLimit(rate)));
+        assert!(layer.exchange("http://h/", Duration::from_secs(5), 200).await.is_ok());
+        let err = layer.refused("http://h/", Duration::from_secs(5)).await;
         assert!(err.is::<RateLimitError>(), "{err}");
         assert!(err.to_string().contains("1/m burst 1"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "nothing was sent");
+        assert!(layer.nothing_more_sent().await, "nothing was sent");
     }
 }

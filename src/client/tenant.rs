@@ -4,18 +4,15 @@
 //! concurrency quota and the weight are the tenant's `Share` of the fair running slots
 //! (`fair`), where an action waits before it runs. Actions without a tenant have no quota.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptRequest, Before, Step, StepLayer},
     fair::Share,
     rate_limit::{KeyedRateLimit, Rate},
 };
-use bytes::Bytes;
-use http::Request;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
-use tower::ServiceExt as _;
 
 /// One tenant's quotas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,22 +122,27 @@ impl TenantQuotas {
 pub struct TenantQuota(pub Arc<TenantQuotas>);
 
 impl Step for TenantQuota {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let tenant = AttemptContext::of(&request)?.tenant.clone();
-        if let Some(tenant) = tenant {
-            let deadline = AttemptContext::of(&request)?.deadline;
-            match self.0.acquire(&tenant, deadline).await {
+    type Held = ();
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<()> {
+        // No tenant, no quota: the common path allocates nothing.
+        let Some(tenant) = request.context.tenant.clone() else {
+            return Before::Go(());
+        };
+        let (quotas, deadline) = (self.0.clone(), request.context.deadline);
+        Before::Wait(Box::pin(async move {
+            match quotas.acquire(&tenant, deadline).await {
                 Ok(waited) if !waited.is_zero() => {
                     tracing::debug!(tenant = %tenant, waited = ?waited, "waited for the tenant's rate quota");
+                    Ok(())
                 }
-                Ok(_) => {}
+                Ok(_) => Ok(()),
                 Err(refused) => {
                     crate::metrics::tenant(Some(&tenant)).refused("rate");
-                    return Err(refused.into());
+                    Err(refused.into())
                 }
             }
-        }
-        next.oneshot(request).await.map_err(Into::into)
+        }))
     }
 }
 
@@ -150,7 +152,6 @@ pub type TenantQuotaLayer = StepLayer<TenantQuota>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
 
     fn settings() -> TenantSettings {
         let quota = |max: Option<usize>, rate: Option<&str>, weight| TenantQuotaSettings {
@@ -205,26 +206,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_refuses_without_calling_inner_and_passes_actions_without_a_tenant() {
+        use crate::client::attempt::tests::{request, Harness};
         let quotas = Arc::new(TenantQuotas::new(&settings()));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, http::Response<()>>();
-        let mut service = StepLayer(TenantQuota(quotas)).layer(mock);
-        let request = |tenant: Option<&str>| {
-            let mut request = crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
-            if let Some(context) = request.extensions_mut().get_mut::<AttemptContext>() {
+        let mut layer = Harness::new(StepLayer(TenantQuota(quotas)));
+        let of = |tenant: Option<&str>| {
+            let mut request = request("http://h/", Duration::from_secs(5));
+            if let Some(context) = Arc::get_mut(&mut request.context) {
                 context.tenant = tenant.map(Arc::from);
             }
             request
         };
         for tenant in [Some("t"), None, None] {
-            let call = tokio::spawn(service.call(request(tenant)));
-            let (_, reply) = handle.next_request().await.unwrap();
-            reply.send_response(http::Response::new(()));
+            let call = layer.send(of(tenant)).await;
+            layer.answer(200).await;
             assert!(call.await.unwrap().is_ok());
         }
-        let err = service.call(request(Some("t"))).await.unwrap_err();
+        let err = layer.send(of(Some("t"))).await.await.unwrap().unwrap_err();
         assert!(err.is::<TenantQuotaError>(), "{err}");
         assert!(err.to_string().contains("tenant \"t\" is over its rate quota"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "nothing was sent");
+        assert!(layer.nothing_more_sent().await, "nothing was sent");
     }
 }
