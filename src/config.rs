@@ -317,17 +317,42 @@ pub struct SecretsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite:PATH` (relative to the working directory), or `off` to serve no durable
-    /// actions. Default `sqlite:callout-data/actions.db`.
+    /// `sqlite:PATH` (relative to the working directory), `postgres://…` (or `postgresql://…`)
+    /// for a store shared by a fleet, or `off` to serve no durable actions. Default
+    /// `sqlite:callout-data/actions.db`.
     pub url: String,
     /// Largest size of the store file in bytes; past it Submit is UNAVAILABLE as with a full
-    /// disk. Default none (the disk's size).
+    /// disk. Default none (the disk's size). SQLite only.
     pub max_bytes: Option<u64>,
+    /// The PostgreSQL store's connection pool.
+    pub postgres: PostgresConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: "sqlite:callout-data/actions.db".into(), max_bytes: None }
+        Self {
+            url: "sqlite:callout-data/actions.db".into(),
+            max_bytes: None,
+            postgres: PostgresConfig::default(),
+        }
+    }
+}
+
+/// The PostgreSQL store's pool (`[store.postgres]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connections in the pool at most (the change listener has one more of its own). Default 8.
+    pub pool_size: usize,
+    /// How long connecting (or waiting for a pooled connection) may take before the call is
+    /// UNAVAILABLE. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { pool_size: 8, connect_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -336,6 +361,51 @@ impl Default for StoreConfig {
 pub enum StoreUrl {
     Off,
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL connection URL. It may hold a password: only `shown` (no password) is ever
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl {
+    /// The URL as written (secret).
+    pub url: String,
+    /// `postgres://user@host:port/database`, for logs and errors.
+    pub shown: String,
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PostgresUrl {
+    fn parse(raw: &str) -> Result<Self, String> {
+        // The parser's own messages may quote the URL (and so a password): not repeated here.
+        let config: tokio_postgres::Config = raw.parse().map_err(|_| {
+            "is not a valid PostgreSQL URL: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+                .to_owned()
+        })?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err("asks for sslmode=require: callout connects to PostgreSQL without TLS (use a \
+                        loopback, a private network or a TLS-terminating proxy)"
+                .into());
+        }
+        let host = config
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .unwrap_or_else(|| "localhost".into());
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("");
+        let database = config.get_dbname().unwrap_or(user);
+        let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+        Ok(Self { url: raw.to_owned(), shown: format!("postgres://{at}{host}:{port}/{database}") })
+    }
 }
 
 impl FromStr for StoreUrl {
@@ -348,10 +418,13 @@ impl FromStr for StoreUrl {
         match raw.strip_prefix("sqlite:") {
             Some(path) if !path.is_empty() => Ok(Self::Sqlite(PathBuf::from(path.trim_start_matches("//")))),
             Some(_) => Err("sqlite: needs a file path, e.g. sqlite:callout-data/actions.db".into()),
-            None if raw.starts_with("postgres") => {
-                Err(format!("{raw:?}: PostgreSQL stores are not supported yet; use sqlite:PATH"))
+            None if raw.starts_with("postgres://") || raw.starts_with("postgresql://") => {
+                PostgresUrl::parse(raw).map(Self::Postgres)
             }
-            None => Err(format!("{raw:?} is not sqlite:PATH or off")),
+            None if raw.starts_with("postgres") => {
+                Err("a PostgreSQL store is written postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE".into())
+            }
+            None => Err(format!("{raw:?} is not sqlite:PATH, postgres://… or off")),
         }
     }
 }
@@ -372,6 +445,11 @@ pub struct DurableConfig {
     pub max_concurrent: usize,
     /// Durable attempts in flight to one destination at once. Default 32.
     pub max_concurrent_per_destination: usize,
+    /// How long a claimed attempt is this replica's without a renewal; it is renewed every third
+    /// of it while the attempt runs, and another replica takes the action over only after it
+    /// runs out. At least 1s. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 impl Default for DurableConfig {
@@ -383,6 +461,7 @@ impl Default for DurableConfig {
             idempotency_header: "Idempotency-Key".into(),
             max_concurrent: d.max_concurrent,
             max_concurrent_per_destination: d.max_concurrent_per_destination,
+            lease: d.lease,
         }
     }
 }
@@ -554,6 +633,12 @@ impl Config {
             return Err(ConfigError("server.tls_client_ca needs server.tls_cert and server.tls_key".into()));
         }
         self.store_url()?;
+        if self.store.postgres.pool_size == 0 {
+            return Err(ConfigError("store.postgres.pool_size must be at least 1".into()));
+        }
+        if self.store.postgres.connect_timeout.is_zero() {
+            return Err(ConfigError("store.postgres.connect_timeout must be more than 0s".into()));
+        }
         self.durable_settings()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
@@ -589,6 +674,12 @@ impl Config {
                 return Err(ConfigError(format!("{key} must be at least 1")));
             }
         }
+        if d.lease < Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "durable.lease must be at least 1s (it is {})",
+                humantime::format_duration(d.lease)
+            )));
+        }
         let name = d.idempotency_header.trim();
         let idempotency_header = if name.is_empty() {
             None
@@ -603,6 +694,7 @@ impl Config {
             idempotency_header,
             max_concurrent: d.max_concurrent,
             max_concurrent_per_destination: d.max_concurrent_per_destination,
+            lease: d.lease,
         })
     }
 

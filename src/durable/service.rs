@@ -129,6 +129,8 @@ impl Rpc for DurableService {
         let new = NewAction {
             action_id: action_id.clone(),
             request: Bytes::from(action.encode_to_vec()),
+            // Tenants come with their own change; until then every action is the no-tenant's.
+            tenant: String::new(),
             destination: plan.action.destination(),
             due_at: due,
             total: plan.total,

@@ -5,6 +5,7 @@
 //!
 //! The store knows states, times and sequence numbers; the request, the attempts and the result
 //! are opaque bytes to it (the durable layer keeps them as the contract's own encoding).
+pub mod postgres;
 pub mod sqlite;
 
 use bytes::Bytes;
@@ -94,6 +95,8 @@ pub struct Stored {
 pub struct NewAction {
     pub action_id: String,
     pub request: Bytes,
+    /// The tenant the action belongs to (empty: none), for fairness across tenants.
+    pub tenant: String,
     /// host:port, for fairness across destinations.
     pub destination: String,
     /// When the first attempt is due.
