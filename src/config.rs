@@ -381,6 +381,25 @@ impl fmt::Debug for PostgresUrl {
 }
 
 impl PostgresUrl {
+    /// The URL with its password (in the user part or a `password` parameter) replaced.
+    pub fn redacted(&self) -> String {
+        let Ok(mut url) = url::Url::parse(&self.url) else { return self.shown.clone() };
+        if url.password().is_some() {
+            let _ = url.set_password(Some("REDACTED"));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" { "REDACTED".to_owned() } else { v.into_owned() };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
+    }
+
     fn parse(raw: &str) -> Result<Self, String> {
         // The parser's own messages may quote the URL (and so a password): not repeated here.
         let config: tokio_postgres::Config = raw.parse().map_err(|_| {
@@ -818,6 +837,9 @@ impl Config {
                 *proxy = parsed.redacted();
             }
         }
+        if let Ok(StoreUrl::Postgres(url)) = shown.store.url.parse::<StoreUrl>() {
+            shown.store.url = url.redacted();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
 }
@@ -867,6 +889,47 @@ mod tests {
             let bad = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
             let err = Config::extract(&bad).unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn postgres_urls_parse_without_showing_their_password_and_bad_store_settings_name_their_key() {
+        let url: StoreUrl = "postgres://app:s3cret@db.internal:6432/actions".parse().unwrap();
+        let StoreUrl::Postgres(pg) = url else { panic!("a PostgreSQL URL") };
+        assert_eq!(pg.shown, "postgres://app@db.internal:6432/actions");
+        assert_eq!(format!("{pg:?}"), pg.shown);
+        assert_eq!(pg.redacted(), "postgres://app:REDACTED@db.internal:6432/actions");
+        let with_param: StoreUrl = "postgresql://app@db/actions?password=s3cret".parse().unwrap();
+        let StoreUrl::Postgres(pg) = with_param else { panic!("a PostgreSQL URL") };
+        assert!(!pg.redacted().contains("s3cret") && !pg.shown.contains("s3cret"), "{}", pg.redacted());
+        let config = Config {
+            store: StoreConfig { url: "postgres://app:s3cret@db/actions".into(), ..StoreConfig::default() },
+            ..Config::default()
+        };
+        assert!(!config.to_redacted_toml().contains("s3cret"));
+        let from = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        for (toml, want) in [
+            (
+                "[store]\nurl = \"postgres://a:s3cret@db/x?sslmode=require\"",
+                "store.url asks for sslmode=require",
+            ),
+            (
+                "[store]\nurl = \"postgres://a:s3cret@db:notaport/x\"",
+                "store.url is not a valid PostgreSQL URL",
+            ),
+            ("[store]\nurl = \"postgres:x\"", "store.url a PostgreSQL store is written"),
+            ("[store.postgres]\npool_size = 0", "store.postgres.pool_size"),
+            ("[store.postgres]\nconnect_timeout = \"0s\"", "store.postgres.connect_timeout"),
+            ("[durable]\nlease = \"500ms\"", "durable.lease must be at least 1s"),
+        ] {
+            let err = from(toml);
+            assert!(err.contains(want), "{toml}: {err}");
+            assert!(!err.contains("s3cret"), "{toml}: {err}");
         }
     }
 

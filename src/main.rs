@@ -180,8 +180,8 @@ struct ServeFlags {
     /// of the cgroup memory limit, else 512 MiB).
     #[arg(help_heading = "Limits", long, value_name = "BYTES")]
     max_buffered_bytes: Option<u64>,
-    /// [store.url] where durable actions are stored: sqlite:PATH, or off
-    /// (sqlite:callout-data/actions.db).
+    /// [store.url] where durable actions are stored: sqlite:PATH, postgres://USER@HOST/DB (a
+    /// fleet's shared store), or off (sqlite:callout-data/actions.db).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// [durable.max_pending] unfinished durable actions stored at most (100000).
@@ -538,6 +538,7 @@ async fn durable(config: &Config, store: &StoreUrl, executor: &Executor) -> Resu
                 shown: url.shown.clone(),
                 pool_size: pg.pool_size,
                 connect_timeout: pg.connect_timeout,
+                orphan_hold: settings.lease,
             };
             // An unreachable database does not fail the open (the store answers UNAVAILABLE
             // and migrates once it can); a schema newer than this callout knows does.

@@ -55,9 +55,6 @@ const CHANNEL: &str = "callout_changes";
 /// How often the sequence is read when no notification came (the fallback for notifications
 /// lost while the listener reconnects).
 const POLL: Duration = Duration::from_secs(1);
-/// How long a replica that takes an orphan over holds it before another may (it stores the
-/// interrupted attempt's end right away).
-const ORPHAN_HOLD: Duration = Duration::from_secs(60);
 /// The advisory lock keys: migrations ("callout" + 1) and purges ("callout" + 2).
 const MIGRATE_LOCK: i64 = 0x6361_6c6c_6f75_7401;
 const PURGE_LOCK: i64 = 0x6361_6c6c_6f75_7402;
@@ -127,6 +124,9 @@ pub struct PostgresSettings {
     pub pool_size: usize,
     /// Connecting, or waiting for a pooled connection, at most this long.
     pub connect_timeout: Duration,
+    /// How long a store that takes an orphan over holds it before another may (it stores the
+    /// interrupted attempt's end right away): the durable lease.
+    pub orphan_hold: Duration,
 }
 
 impl std::fmt::Debug for PostgresSettings {
@@ -135,6 +135,7 @@ impl std::fmt::Debug for PostgresSettings {
             .field("url", &self.shown)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("orphan_hold", &self.orphan_hold)
             .finish()
     }
 }
@@ -149,6 +150,7 @@ struct Inner {
     pool: Pool,
     config: tokio_postgres::Config,
     connect_timeout: Duration,
+    orphan_hold: Duration,
     shown: String,
     /// This store's id as a lease owner.
     owner: String,
@@ -205,6 +207,7 @@ impl PostgresStore {
             pool,
             config,
             connect_timeout: settings.connect_timeout,
+            orphan_hold: settings.orphan_hold,
             shown: settings.shown.clone(),
             owner: uuid::Uuid::new_v4().to_string(),
             ready: AtomicBool::new(false),
@@ -859,8 +862,9 @@ impl Inner {
 
     async fn orphans(&self, limit: usize) -> Result<Vec<Claimed>, StoreError> {
         let client = self.client().await?;
-        // Taken over: this store becomes the owner for ORPHAN_HOLD, so no other replica takes
-        // the same orphan while this one stores its end.
+        // Taken over: this store becomes the owner for `orphan_hold`, so no other replica takes
+        // the same orphan while this one stores its end. (An expired lease of this store's own
+        // attempt still running here is so renewed: the runner skips the attempts it runs.)
         let ids = self
             .rows(
                 &client,
@@ -871,7 +875,7 @@ impl Inner {
                      WHERE state = $1 AND (lease_until IS NULL OR lease_until < now())
                      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
                  ) RETURNING action_id",
-                &[&(State::Running as i32), &(limit as i64), &millis(ORPHAN_HOLD), &self.owner],
+                &[&(State::Running as i32), &(limit as i64), &millis(self.orphan_hold), &self.owner],
             )
             .await?;
         let mut orphans = Vec::with_capacity(ids.len());

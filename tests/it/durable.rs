@@ -120,6 +120,7 @@ pub fn pg_settings(url: &str) -> PostgresSettings {
         shown: url.into(),
         pool_size: 4,
         connect_timeout: Duration::from_secs(2),
+        orphan_hold: TEST_LEASE,
     }
 }
 

@@ -326,10 +326,15 @@ async fn an_expired_lease_is_taken_over_by_one_store_and_the_first_owner_loses_i
     assert_eq!(claimed.len(), 1);
     assert!(second.claim(claim(now, 1, 1, Duration::from_secs(1))).await.unwrap().claimed.is_empty());
     assert!(second.orphans(now, 10).await.unwrap().is_empty(), "the lease holds");
-    assert!(first.renew("l-1", 1, SystemTime::now() + Duration::from_secs(1)).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Renewed before it runs out, it holds past its first end.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(first.renew("l-1", 1, SystemTime::now() + Duration::from_secs(2)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(second.orphans(SystemTime::now(), 10).await.unwrap().is_empty(), "the renewal holds");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     let taken = second.orphans(SystemTime::now(), 10).await.unwrap();
     assert_eq!(taken.len(), 1, "expired: taken over");
+    assert_eq!(taken[0].attempt, 1);
     assert!(third.orphans(SystemTime::now(), 10).await.unwrap().is_empty(), "by one store only");
     assert!(
         !first.renew("l-1", 1, SystemTime::now() + Duration::from_secs(1)).await.unwrap(),

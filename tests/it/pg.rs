@@ -87,7 +87,14 @@ fn free_port() -> u16 {
 fn template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
-        let base = std::env::temp_dir().join(format!("callout-it-pg-template-{}", env!("CARGO_PKG_VERSION")));
+        // One per set of binaries (a new PostgreSQL gets a template of its own).
+        let bins: String = bin_dir()
+            .display()
+            .to_string()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let base = std::env::temp_dir().join(format!("callout-it-pg-template{bins}"));
         let data = base.join("data");
         if data.join("PG_VERSION").exists() && base.join("ready").exists() {
             return data;
