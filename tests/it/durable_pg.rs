@@ -1,7 +1,8 @@
 //! The PostgreSQL store's own promises, against a real PostgreSQL (tests/it/pg.rs): two real
 //! `callout` replicas on one database share its queue (both run attempts, none twice); a replica
 //! killed mid-attempt keeps its action while its lease is renewed and loses it to the other
-//! only after the lease runs out; a watcher on one replica sees every replica's changes in
+//! only after the lease runs out; a cancel on one replica aborts the attempt another runs; a
+//! watcher on one replica sees every replica's changes in
 //! order with no gaps; stores opened at once on an empty database migrate it once; PostgreSQL
 //! stopped: Submit is UNAVAILABLE saying so, the attempt in flight gets its result written when
 //! it is back, and nothing crashes. Store-level: claims fair across tenants and destinations,
@@ -118,6 +119,29 @@ async fn a_replica_killed_mid_attempt_keeps_its_lease_while_alive_and_loses_it_a
     let keys: Vec<_> = upstream.seen().iter().map(|s| s.header("idempotency-key")).collect();
     assert_eq!(keys, [Some("lease-1".to_owned()), Some("lease-1".to_owned())]);
     assert!(b.logs().contains("interrupted attempt taken over"), "{}", b.logs());
+}
+
+#[tokio::test]
+async fn a_cancel_on_one_replica_aborts_the_attempt_running_on_another() {
+    let pg = Postgres::start();
+    let upstream = hangs_first().await;
+    let url = pg.url(DATABASE);
+    let args = ["--store", url.as_str()];
+    let a = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
+    submit(&durable_client(&a).await, action("x-1", "GET", &upstream.url("/slow"))).await;
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
+    let cb = durable_client(&b).await;
+    let cancelled = cb.clone().cancel_action(pb::CancelActionRequest { action_id: "x-1".into() }).await;
+    assert_eq!(cancelled.unwrap().into_inner().state(), ActionState::Cancelled);
+    // A learns it at its next renewal (a third of the lease) and aborts the attempt.
+    let record = crate::durable::until(&cb, "x-1", |r| !r.attempts.is_empty()).await;
+    assert_eq!(record.state(), ActionState::Cancelled);
+    assert!(record.attempts[0].error.as_ref().unwrap().message.contains("CancelAction"), "{record:?}");
+    assert!(a.logs().contains("no longer ours"), "{}", a.logs());
+    assert_eq!(upstream.hits(), 1, "nothing more was sent");
 }
 
 /// Every change from `after` on until `want` have come (at most a minute).
