@@ -2,10 +2,9 @@
 //! `callout` replicas on one database share its queue (both run attempts, none twice); a replica
 //! killed mid-attempt keeps its action while its lease is renewed and loses it to the other
 //! only after the lease runs out; a cancel on one replica aborts the attempt another runs; a
-//! watcher on one replica sees every replica's changes in
-//! order with no gaps; stores opened at once on an empty database migrate it once; PostgreSQL
-//! stopped: Submit is UNAVAILABLE saying so, the attempt in flight gets its result written when
-//! it is back, and nothing crashes. Store-level: claims fair across tenants and destinations,
+//! watcher on one replica sees every replica's changes in order with no gaps; stores opened at
+//! once on an empty database migrate it once; PostgreSQL stopped: Submit is UNAVAILABLE saying
+//! so, the attempt in flight gets its result written when it is back, and nothing crashes. Store-level: claims fair across tenants and destinations,
 //! and an expired lease taken over by one store only.
 use crate::{
     durable::{
