@@ -478,8 +478,13 @@ impl Durable {
         loop {
             match store.finish_attempt(finish.clone()).await {
                 Ok(_) => return,
-                Err(e) => {
+                Err(e @ StoreError::Unavailable(_)) => {
                     tracing::warn!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt; trying again")
+                }
+                Err(e) => {
+                    // Not a matter of time (a damaged record): left to the lease's takeover.
+                    tracing::error!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt");
+                    return;
                 }
             }
             if started.elapsed() >= FINISH_PATIENCE {

@@ -345,16 +345,17 @@ async fn an_expired_lease_is_taken_over_by_one_store_and_the_first_owner_loses_i
     let third = PostgresStore::open(&pg_settings(&url)).await.unwrap();
     let now = SystemTime::now();
     first.submit(new_action("l-1", "", "h:80", now)).await.unwrap();
-    let claimed = first.claim(claim(now, 1, 1, Duration::from_secs(1))).await.unwrap().claimed;
+    // Generous margins: each check is at least a second away from a lease's end.
+    let claimed = first.claim(claim(now, 1, 1, Duration::from_secs(2))).await.unwrap().claimed;
     assert_eq!(claimed.len(), 1);
-    assert!(second.claim(claim(now, 1, 1, Duration::from_secs(1))).await.unwrap().claimed.is_empty());
+    assert!(second.claim(claim(now, 1, 1, Duration::from_secs(2))).await.unwrap().claimed.is_empty());
     assert!(second.orphans(now, 10).await.unwrap().is_empty(), "the lease holds");
     // Renewed before it runs out, it holds past its first end.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(first.renew("l-1", 1, SystemTime::now() + Duration::from_secs(2)).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(first.renew("l-1", 1, SystemTime::now() + Duration::from_secs(3)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(second.orphans(SystemTime::now(), 10).await.unwrap().is_empty(), "the renewal holds");
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let taken = second.orphans(SystemTime::now(), 10).await.unwrap();
     assert_eq!(taken.len(), 1, "expired: taken over");
     assert_eq!(taken[0].attempt, 1);
