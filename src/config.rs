@@ -215,18 +215,51 @@ impl TryFrom<&ServerConfig> for ServerOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite:PATH` (relative to the working directory), or `off` to serve no durable
-    /// actions. Default `sqlite:callout-data/actions.db`.
+    /// `sqlite:PATH` (relative to the working directory), `postgres://…` (or `postgresql://…`)
+    /// for a store shared by a fleet, or `off` to serve no durable actions. Default
+    /// `sqlite:callout-data/actions.db`.
     #[serde(deserialize_with = "store_url")]
     pub url: String,
     /// Largest size of the store file in bytes; past it Submit is UNAVAILABLE as with a full
-    /// disk. Default none (the disk's size).
+    /// disk. Default none (the disk's size). SQLite only.
     pub max_bytes: Option<u64>,
+    /// The PostgreSQL store's connection pool.
+    pub postgres: PostgresConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: "sqlite:callout-data/actions.db".into(), max_bytes: None }
+        Self {
+            url: "sqlite:callout-data/actions.db".into(),
+            max_bytes: None,
+            postgres: PostgresConfig::default(),
+        }
+    }
+}
+
+/// The PostgreSQL store's pool (`[store.postgres]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connections in the pool at most (the change listener has one more of its own). Default 8.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
+    pub pool_size: usize,
+    /// How long connecting (or waiting for a pooled connection) may take before the call is
+    /// UNAVAILABLE. Default 5s.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "positive_duration")]
+    pub connect_timeout: Duration,
+}
+
+fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match humantime_serde::deserialize::<Duration, D>(d)? {
+        t if t.is_zero() => Err(serde::de::Error::custom("must be more than 0s")),
+        t => Ok(t),
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { pool_size: 8, connect_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -242,6 +275,70 @@ fn store_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 pub enum StoreUrl {
     Off,
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL connection URL. It may hold a password: only `shown` (no password) is ever
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl {
+    /// The URL as written (secret).
+    pub url: String,
+    /// `postgres://user@host:port/database`, for logs and errors.
+    pub shown: String,
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PostgresUrl {
+    /// The URL with its password (in the user part or a `password` parameter) replaced.
+    pub fn redacted(&self) -> String {
+        let Ok(mut url) = url::Url::parse(&self.url) else { return self.shown.clone() };
+        if url.password().is_some() {
+            let _ = url.set_password(Some("REDACTED"));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" { "REDACTED".to_owned() } else { v.into_owned() };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
+    }
+
+    fn parse(raw: &str) -> Result<Self, String> {
+        // The parser's own messages may quote the URL (and so a password): not repeated here.
+        let config: tokio_postgres::Config = raw.parse().map_err(|_| {
+            "is not a valid PostgreSQL URL: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+                .to_owned()
+        })?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err("asks for sslmode=require: callout connects to PostgreSQL without TLS (use a \
+                        loopback, a private network or a TLS-terminating proxy)"
+                .into());
+        }
+        let host = config
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .unwrap_or_else(|| "localhost".into());
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("");
+        let database = config.get_dbname().unwrap_or(user);
+        let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+        Ok(Self { url: raw.to_owned(), shown: format!("postgres://{at}{host}:{port}/{database}") })
+    }
 }
 
 impl FromStr for StoreUrl {
@@ -254,10 +351,13 @@ impl FromStr for StoreUrl {
         match raw.strip_prefix("sqlite:") {
             Some(path) if !path.is_empty() => Ok(Self::Sqlite(PathBuf::from(path.trim_start_matches("//")))),
             Some(_) => Err("sqlite: needs a file path, e.g. sqlite:callout-data/actions.db".into()),
-            None if raw.starts_with("postgres") => {
-                Err(format!("{raw:?}: PostgreSQL stores are not supported yet; use sqlite:PATH"))
+            None if raw.starts_with("postgres://") || raw.starts_with("postgresql://") => {
+                PostgresUrl::parse(raw).map(Self::Postgres)
             }
-            None => Err(format!("{raw:?} is not sqlite:PATH or off")),
+            None if raw.starts_with("postgres") => {
+                Err("a PostgreSQL store is written postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE".into())
+            }
+            None => Err(format!("{raw:?} is not sqlite:PATH, postgres://… or off")),
         }
     }
 }
@@ -584,6 +684,9 @@ impl Config {
                 *proxy = parsed.redacted();
             }
         }
+        if let Ok(StoreUrl::Postgres(url)) = shown.store.url.parse::<StoreUrl>() {
+            shown.store.url = url.redacted();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
 }
@@ -671,6 +774,47 @@ mod tests {
         ] {
             let err = extract(toml).unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn postgres_urls_parse_without_showing_their_password_and_bad_store_settings_name_their_key() {
+        let url: StoreUrl = "postgres://app:s3cret@db.internal:6432/actions".parse().unwrap();
+        let StoreUrl::Postgres(pg) = url else { panic!("a PostgreSQL URL") };
+        assert_eq!(pg.shown, "postgres://app@db.internal:6432/actions");
+        assert_eq!(format!("{pg:?}"), pg.shown);
+        assert_eq!(pg.redacted(), "postgres://app:REDACTED@db.internal:6432/actions");
+        let with_param: StoreUrl = "postgresql://app@db/actions?password=s3cret".parse().unwrap();
+        let StoreUrl::Postgres(pg) = with_param else { panic!("a PostgreSQL URL") };
+        assert!(!pg.redacted().contains("s3cret") && !pg.shown.contains("s3cret"), "{}", pg.redacted());
+        let config = Config {
+            store: StoreConfig { url: "postgres://app:s3cret@db/actions".into(), ..StoreConfig::default() },
+            ..Config::default()
+        };
+        assert!(!config.to_redacted_toml().contains("s3cret"));
+        let from = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        for (toml, want) in [
+            (
+                "[store]\nurl = \"postgres://a:s3cret@db/x?sslmode=require\"",
+                "store.url: asks for sslmode=require",
+            ),
+            (
+                "[store]\nurl = \"postgres://a:s3cret@db:notaport/x\"",
+                "store.url: is not a valid PostgreSQL URL",
+            ),
+            ("[store]\nurl = \"postgres:x\"", "store.url: a PostgreSQL store is written"),
+            ("[store.postgres]\npool_size = 0", "store.postgres.pool_size"),
+            ("[store.postgres]\nconnect_timeout = \"0s\"", "store.postgres.connect_timeout"),
+            ("[durable]\nlease = \"500ms\"", "durable.lease: must be at least 1s"),
+        ] {
+            let err = from(toml);
+            assert!(err.contains(want), "{toml}: {err}");
+            assert!(!err.contains("s3cret"), "{toml}: {err}");
         }
     }
 

@@ -15,7 +15,10 @@ use callout::{
     metrics::MetricsSettings,
     server::{Listener, ServerOptions},
     settings::SettingError,
-    store::sqlite::{SqliteSettings, SqliteStore},
+    store::{
+        postgres::{PostgresSettings, PostgresStore},
+        sqlite::{SqliteSettings, SqliteStore},
+    },
     telemetry::{self, LogFormat, LogSettings},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -255,8 +258,8 @@ struct LimitFlags {
 
 #[derive(clap::Args, Serialize)]
 struct StoreFlags {
-    /// [store.url] where durable actions are stored: sqlite:PATH, or off
-    /// (sqlite:callout-data/actions.db).
+    /// [store.url] where durable actions are stored: sqlite:PATH, postgres://USER@HOST/DB (a
+    /// fleet's shared store), or off (sqlite:callout-data/actions.db).
     #[arg(long, value_name = "URL")]
     #[serde(rename = "url", skip_serializing_if = "Option::is_none")]
     store: Option<String>,
@@ -590,6 +593,7 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
         store = %match &store {
             StoreUrl::Off => "off".to_owned(),
             StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),
+            StoreUrl::Postgres(url) => url.shown.clone(),
         },
         "callout serving"
     );
@@ -606,6 +610,28 @@ async fn durable(config: &Config, store: &StoreUrl, executor: &Executor) -> Resu
     let path = match store {
         StoreUrl::Off => return Ok(None),
         StoreUrl::Sqlite(path) => path.clone(),
+        StoreUrl::Postgres(url) => {
+            let pg = &config.store.postgres;
+            let postgres = PostgresSettings {
+                url: url.url.clone(),
+                shown: url.shown.clone(),
+                pool_size: pg.pool_size,
+                connect_timeout: pg.connect_timeout,
+                orphan_hold: settings.lease,
+            };
+            // An unreachable database does not fail the open (the store answers UNAVAILABLE
+            // and migrates once it can); a schema newer than this callout knows does.
+            return Ok(Some(match PostgresStore::open(&postgres).await {
+                Ok(store) => {
+                    tracing::info!(store = %url.shown, "durable actions stored in PostgreSQL");
+                    Durable::start(Arc::new(store), executor.clone(), settings)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, store = %url.shown, "durable actions are unavailable");
+                    Durable::unavailable(e.to_string(), executor.clone(), settings)
+                }
+            }));
+        }
     };
     let sqlite = SqliteSettings { path: path.clone(), max_bytes: config.store.max_bytes };
     // Opening and migrating block on the file: off the runtime's threads.

@@ -52,6 +52,21 @@ pub struct DurableSettings {
     /// take every place. Default 32.
     #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent_per_destination: usize,
+    /// How long a claimed attempt is ours without a renewal; renewed every third of it while
+    /// the attempt runs (and while its end is being stored). Another replica of a shared store
+    /// takes the action over only after it runs out. At least 1s. Default 30s.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "lease")]
+    pub lease: Duration,
+}
+
+fn lease<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match humantime_serde::deserialize::<Duration, D>(d)? {
+        t if t < Duration::from_secs(1) => Err(serde::de::Error::custom(format!(
+            "must be at least 1s (it is {})",
+            humantime::format_duration(t)
+        ))),
+        t => Ok(t),
+    }
 }
 
 impl Default for DurableSettings {
@@ -62,6 +77,7 @@ impl Default for DurableSettings {
             idempotency_header: Some(HeaderName::from_static("idempotency-key")),
             max_concurrent: 256,
             max_concurrent_per_destination: 32,
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -71,10 +87,12 @@ impl Default for DurableSettings {
 const TICK: Duration = Duration::from_secs(1);
 /// How often final actions past their retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
-/// Lease of a claimed attempt. The embedded store is this process's alone (its own attempts are
-/// never taken over, and a restart expires every lease), so it only bounds how long an attempt
-/// whose end could not be stored stays RUNNING before it is taken over as interrupted.
-const LEASE: Duration = Duration::from_secs(600);
+/// How long the end of an attempt is tried again while the store is unavailable (PostgreSQL
+/// down): the attempt's result is written when the store comes back within it. Past it the
+/// attempt is left to whoever takes its lease over.
+const FINISH_PATIENCE: Duration = Duration::from_secs(3600);
+/// The longest wait between two tries to store an attempt's end.
+const FINISH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub const GAUGE_ACTIONS: &str = "callout_durable_actions";
 pub const GAUGE_OLDEST_DUE: &str = "callout_durable_oldest_due_seconds";
@@ -256,7 +274,7 @@ impl Durable {
         let claims = store
             .claim(ClaimRequest {
                 now: SystemTime::now(),
-                lease: LEASE,
+                lease: settings.lease,
                 limit: offered,
                 per_destination: settings.max_concurrent_per_destination,
                 busy,
@@ -276,11 +294,41 @@ impl Durable {
         self.running().insert(id.clone(), (claim.destination.clone(), Some(cancel_tx)));
         let durable = self.clone();
         tokio::spawn(async move {
-            let finish = durable.attempt(&claim, admission, cancel_rx).await;
-            durable.finish(finish).await;
+            let attempt = claim.attempt;
+            let work = async {
+                let finish = durable.attempt(&claim, admission, cancel_rx).await;
+                durable.finish(finish).await;
+            };
+            // The lease is renewed while the attempt runs and while its end is being stored.
+            tokio::select! {
+                _ = work => {}
+                _ = durable.keep_lease(&id, attempt) => {}
+            }
             durable.running().remove(&id);
             durable.wake();
         });
+    }
+
+    /// Renews the lease of attempt `attempt` every third of the lease; never returns while the
+    /// lease is ours. When the store says it no longer is (cancelled on another replica, or
+    /// taken over after the lease ran out while the store was unreachable) the attempt is
+    /// aborted, and this waits for it to end.
+    async fn keep_lease(&self, action_id: &str, attempt: u32) {
+        let lease = self.inner.settings.lease;
+        let every = lease / 3;
+        let Ok(store) = self.store() else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(every).await;
+            match store.renew(action_id, attempt, SystemTime::now() + lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(%action_id, attempt, "durable actions: the attempt's lease is no longer ours; aborting it");
+                    self.abort(action_id);
+                    return std::future::pending().await;
+                }
+                Err(e) => tracing::warn!(%action_id, error = %e, "durable actions: cannot renew a lease"),
+            }
+        }
     }
 
     /// Runs one attempt of a claimed action and says what comes next.
@@ -434,18 +482,31 @@ impl Durable {
         encode(&result)
     }
 
-    /// Stores the end of an attempt; a store that is unavailable is tried again a few times,
-    /// then the attempt is left to the next start (it is RUNNING under a lease in the store).
+    /// Stores the end of an attempt; a store that is unavailable (PostgreSQL down) is tried
+    /// again with backoff for up to FINISH_PATIENCE, then the attempt is left to whoever takes
+    /// its lease over (it is RUNNING under a lease in the store).
     async fn finish(&self, finish: Finish) {
         let Ok(store) = self.store() else { return };
-        for wait in [0u64, 100, 1000, 5000] {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        loop {
             match store.finish_attempt(finish.clone()).await {
                 Ok(_) => return,
+                Err(e @ StoreError::Unavailable(_)) => {
+                    tracing::warn!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt; trying again")
+                }
                 Err(e) => {
-                    tracing::warn!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt")
+                    // Not a matter of time (a damaged record): left to the lease's takeover.
+                    tracing::error!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt");
+                    return;
                 }
             }
+            if started.elapsed() >= FINISH_PATIENCE {
+                tracing::error!(action_id = %finish.action_id, "durable actions: gave up recording an attempt; it is left to the lease's takeover");
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(FINISH_BACKOFF_MAX);
         }
     }
 

@@ -5,6 +5,7 @@
 //!
 //! The store knows states, times and sequence numbers; the request, the attempts and the result
 //! are opaque bytes to it (the durable layer keeps them as the contract's own encoding).
+pub mod postgres;
 pub mod sqlite;
 
 use bytes::Bytes;

@@ -72,27 +72,28 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE tenant_turns (tenant TEXT PRIMARY KEY, served INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
-/// A record as of one change, as the `changes` table keeps it.
+/// A record as of one change, as the `changes` table keeps it (the PostgreSQL store keeps the
+/// same encoding).
 #[derive(Clone, PartialEq, prost::Message)]
-struct Snapshot {
+pub(super) struct Snapshot {
     #[prost(int32, tag = "1")]
-    state: i32,
+    pub(super) state: i32,
     #[prost(bytes = "bytes", repeated, tag = "2")]
-    attempts: Vec<Bytes>,
+    pub(super) attempts: Vec<Bytes>,
     #[prost(int64, optional, tag = "3")]
-    next_attempt_at: Option<i64>,
+    pub(super) next_attempt_at: Option<i64>,
     #[prost(bytes = "bytes", optional, tag = "4")]
-    last_error: Option<Bytes>,
+    pub(super) last_error: Option<Bytes>,
     #[prost(bytes = "bytes", optional, tag = "5")]
-    result: Option<Bytes>,
+    pub(super) result: Option<Bytes>,
     #[prost(int64, tag = "6")]
-    created_at: i64,
+    pub(super) created_at: i64,
     #[prost(int64, tag = "7")]
-    updated_at: i64,
+    pub(super) updated_at: i64,
 }
 
 impl Snapshot {
-    fn record(self, action_id: String, sequence: u64) -> Result<Record, StoreError> {
+    pub(super) fn record(self, action_id: String, sequence: u64) -> Result<Record, StoreError> {
         let state = State::from_i64(i64::from(self.state))
             .ok_or_else(|| StoreError::Corrupt(format!("action {action_id}: state {}", self.state)))?;
         Ok(Record {

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per concern, against real loopback servers and
 //! the real gRPC server.
+mod pg;
 mod support;
 
 mod body_budget;
@@ -7,6 +8,7 @@ mod cli;
 mod config_example;
 mod decompression;
 mod durable;
+mod durable_pg;
 mod edge;
 mod egress;
 mod invalid;
