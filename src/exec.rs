@@ -4,8 +4,8 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure, Outcome,
-        ResponseData, RetryDecision, ValidationContext,
+        ActionError, ActionInput, AttemptEnd, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure,
+        Outcome, ResponseData, RetryDecision, ValidationContext,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -204,6 +204,7 @@ impl<A: RunAttempt> Executor<A> {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
+        let mut last_end = None;
         let context = AttemptContext {
             destination: Arc::new(Destination::of(action.url())),
             deadline,
@@ -285,6 +286,7 @@ impl<A: RunAttempt> Executor<A> {
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
+            last_end = result.end;
             let Some(end) = result.end else {
                 error = None;
                 attempts.push(result.record);
@@ -326,7 +328,9 @@ impl<A: RunAttempt> Executor<A> {
             }
         }
 
-        let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        let mut outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        outcome.condition_retry =
+            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
         self.log_outcome(action, &outcome);
         metrics::action_finished(&outcome, &context.destination.key);
         outcome
@@ -372,9 +376,10 @@ impl<A: RunAttempt> Executor<A> {
         started_at: SystemTime,
         t0: Instant,
         attempts: Vec<AttemptRecord>,
-        response: Option<ResponseData>,
+        mut response: Option<ResponseData>,
         error: Option<ActionError>,
     ) -> Outcome {
+        let extracted = response.as_mut().map(|r| std::mem::take(&mut r.extracted)).unwrap_or_default();
         let succeeded = error.is_none() && response.is_some();
         let error = match (succeeded, error) {
             (false, None) => {
@@ -391,6 +396,9 @@ impl<A: RunAttempt> Executor<A> {
             attempts,
             started_at,
             total: t0.elapsed(),
+            reply_body: action.reply_body(),
+            extracted,
+            condition_retry: false,
         }
     }
 }
@@ -398,10 +406,7 @@ impl<A: RunAttempt> Executor<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        action::{AttemptEnd, ResponseHead},
-        attempt::AttemptResult,
-    };
+    use crate::{action::ResponseHead, attempt::AttemptResult};
     use bytes::Bytes;
     use std::{collections::VecDeque, sync::Mutex};
 
@@ -446,6 +451,7 @@ mod tests {
                         body_json: None,
                         body_text: None,
                         truncated: false,
+                        extracted: Vec::new(),
                     };
                     let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
@@ -456,6 +462,7 @@ mod tests {
             if let Some(end) = end {
                 let kind = match end {
                     AttemptEnd::Status { .. } => ErrorKind::UnexpectedStatus,
+                    AttemptEnd::Condition { .. } => ErrorKind::ConditionFailed,
                     AttemptEnd::Error { kind, .. } => kind,
                 };
                 record.error = Some(ActionError::new(kind, "failed"));

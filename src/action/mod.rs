@@ -1,6 +1,8 @@
 //! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+pub mod condition;
 mod excerpt;
+pub mod extract;
 mod outcome;
 mod retry;
 pub mod secret_ref;
@@ -56,6 +58,14 @@ pub struct ActionInput {
     pub max_response_bytes: u64,
     /// The caller's trace (from the gRPC edge's metadata), continued by every attempt.
     pub trace: Option<TraceContext>,
+    /// Which body fields the reply carries.
+    pub reply_body: ReplyBody,
+    /// Name → RFC 9535 JSONPath, applied to the response's JSON body.
+    pub extract: Vec<(String, String)>,
+    /// CEL; must also be true for success.
+    pub success_condition: String,
+    /// CEL; true retries the attempt.
+    pub retry_condition: String,
 }
 
 impl ActionInput {
@@ -127,6 +137,27 @@ pub struct TlsInput {
     pub client_key_pem: String,
 }
 
+/// Which of the response's body fields (bytes, JSON, text) a reply carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// One: the JSON view when there is one, else the text view, else the bytes.
+    #[default]
+    Auto,
+    /// Every view that applies, and the bytes.
+    All,
+    /// The bytes only.
+    Raw,
+    /// None (and no body chunks on a stream).
+    None,
+}
+
+impl ReplyBody {
+    /// Whether the reply may carry the JSON or text view (so they are worth computing).
+    pub fn wants_views(self) -> bool {
+        matches!(self, Self::Auto | Self::All)
+    }
+}
+
 /// What the engine should do when the action fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnFailure {
@@ -159,6 +190,12 @@ pub struct HttpAction {
     max_response_bytes: Option<u64>,
     /// The caller's trace, continued by every outbound attempt.
     trace: Option<TraceContext>,
+    /// Which body fields the reply carries.
+    reply_body: ReplyBody,
+    /// The `extract` paths, parsed.
+    extract: extract::Extracts,
+    success_condition: Option<condition::Condition>,
+    retry_condition: Option<condition::Condition>,
 }
 
 /// What validation needs from the server: its secrets and the header names it keeps out of
@@ -223,6 +260,9 @@ impl std::fmt::Debug for HttpAction {
             .field("tls", &self.tls)
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("reply_body", &self.reply_body)
+            .field("success_condition", &self.success_condition)
+            .field("retry_condition", &self.retry_condition)
             .finish_non_exhaustive()
     }
 }
@@ -293,6 +333,31 @@ impl HttpAction {
     /// The caller's trace, continued by every outbound attempt.
     pub fn trace(&self) -> Option<&TraceContext> {
         self.trace.as_ref()
+    }
+
+    /// Which body fields the reply carries.
+    pub fn reply_body(&self) -> ReplyBody {
+        self.reply_body
+    }
+
+    /// The `extract` paths, parsed.
+    pub fn extract(&self) -> &extract::Extracts {
+        &self.extract
+    }
+
+    /// CEL that must also be true for success.
+    pub fn success_condition(&self) -> Option<&condition::Condition> {
+        self.success_condition.as_ref()
+    }
+
+    /// CEL whose truth retries the attempt.
+    pub fn retry_condition(&self) -> Option<&condition::Condition> {
+        self.retry_condition.as_ref()
+    }
+
+    /// Whether an attempt's body must be read whole and looked into (conditions, extract).
+    pub fn evaluates_body(&self) -> bool {
+        !self.extract.is_empty() || self.success_condition.is_some() || self.retry_condition.is_some()
     }
 
     /// Validates `input`, collecting every problem with the field it concerns.

@@ -98,6 +98,11 @@ pub(super) fn validate(
     let error_messages = error_messages(input.error_messages, &mut bad);
     let redirects = redirects(&input.redirects, &mut bad);
     let retry = retry_policy(&input.retry, method.as_ref(), &headers, &mut bad);
+    let extract = super::extract::parse(std::mem::take(&mut input.extract), &mut bad);
+    let success_condition =
+        super::condition::Condition::compile("success_condition", &input.success_condition, &mut bad);
+    let retry_condition =
+        super::condition::Condition::compile("retry_condition", &input.retry_condition, &mut bad);
     if input.max_response_bytes > u64::MAX / 2 {
         bad.push("max_response_bytes", "is too large");
     }
@@ -138,6 +143,10 @@ pub(super) fn validate(
             proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
             trace: input.trace,
+            reply_body: input.reply_body,
+            extract,
+            success_condition,
+            retry_condition,
         }),
         _ => Err(bad),
     }

@@ -2,8 +2,8 @@
 use crate::{
     action::{
         ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind, InvalidAction,
-        OnFailure, Outcome, RedirectsInput, ResponseData, ResponseHead, RetryInput, TimeoutsInput, TlsInput,
-        MAX_RETRY_ON_ERRORS,
+        OnFailure, Outcome, RedirectsInput, ReplyBody, ResponseData, ResponseHead, RetryInput, TimeoutsInput,
+        TlsInput, MAX_RETRY_ON_ERRORS,
     },
     pb,
 };
@@ -37,6 +37,16 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             None => bad.push(format!("retry.retry_on_errors[{i}]"), format!("unknown error kind {raw}")),
         }
     }
+    let reply_body = match pb::ReplyBody::try_from(req.reply_body) {
+        Ok(pb::ReplyBody::Unspecified | pb::ReplyBody::Auto) => ReplyBody::Auto,
+        Ok(pb::ReplyBody::All) => ReplyBody::All,
+        Ok(pb::ReplyBody::Raw) => ReplyBody::Raw,
+        Ok(pb::ReplyBody::None) => ReplyBody::None,
+        Err(_) => {
+            bad.push("reply_body", format!("unknown value {}", req.reply_body));
+            ReplyBody::Auto
+        }
+    };
     let mut error_messages: Vec<(String, String)> = req.error_messages.into_iter().collect();
     error_messages.sort();
     let body = match req.body {
@@ -84,6 +94,10 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
         max_response_bytes: req.max_response_bytes,
         trace: None,
+        reply_body,
+        extract: req.extract.into_iter().collect(),
+        success_condition: req.success_condition,
+        retry_condition: req.retry_condition,
     }
 }
 
@@ -117,6 +131,7 @@ fn error_kind_from(kind: pb::ErrorKind) -> Option<ErrorKind> {
         pb::ErrorKind::RateLimited => ErrorKind::RateLimited,
         pb::ErrorKind::CircuitOpen => ErrorKind::CircuitOpen,
         pb::ErrorKind::Cancelled => ErrorKind::Cancelled,
+        pb::ErrorKind::ConditionFailed => ErrorKind::ConditionFailed,
     })
 }
 
@@ -134,6 +149,7 @@ fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
         ErrorKind::RateLimited => pb::ErrorKind::RateLimited,
         ErrorKind::CircuitOpen => pb::ErrorKind::CircuitOpen,
         ErrorKind::Cancelled => pb::ErrorKind::Cancelled,
+        ErrorKind::ConditionFailed => pb::ErrorKind::ConditionFailed,
     }
 }
 
@@ -193,24 +209,55 @@ fn response(r: ResponseData) -> pb::HttpResponse {
 /// Largest Execute reply callout sends: gRPC clients refuse messages over 4 MiB by default.
 pub const REPLY_BUDGET: usize = 4 * 1024 * 1024 - 64 * 1024;
 
-/// The outcome as Execute's reply. When the derived body views would push the reply past
-/// `REPLY_BUDGET`, they are dropped (JSON first, then text); the body bytes always stay.
+/// The outcome as Execute's reply, its body fields as the action's `reply_body` asks. A derived
+/// body view that would push the reply past `REPLY_BUDGET` is dropped (JSON first, then text);
+/// under AUTO the next field takes its place, and the body bytes always fit.
 pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
+    let mode = o.reply_body;
     let mut reply = outcome_unbounded(o);
-    if let Some(response) = reply.response.as_mut() {
-        // Sizing walks the whole JSON tree: do it once in the common case (the reply fits),
-        // and again only after dropping the JSON view.
-        if response.body_json.is_none() && response.body_text.is_none() {
+    let Some(response) = reply.response.as_mut() else {
+        return reply;
+    };
+    let body = std::mem::take(&mut response.body);
+    match mode {
+        ReplyBody::None => {
+            response.body_json = None;
+            response.body_text = None;
             return reply;
         }
-        let mut len = prost::Message::encoded_len(response);
+        ReplyBody::Raw => {
+            response.body_json = None;
+            response.body_text = None;
+            response.body = body;
+            return reply;
+        }
+        ReplyBody::Auto | ReplyBody::All => {}
+    }
+    // AUTO: the text view is the JSON view's stand-in, sized only if the JSON is dropped.
+    let stand_in = if mode == ReplyBody::Auto && response.body_json.is_some() {
+        response.body_text.take()
+    } else {
+        None
+    };
+    // Sizing walks the whole JSON tree: do it once in the common case (the reply fits), and
+    // again only after dropping the JSON view.
+    if response.body_json.is_some() || response.body_text.is_some() {
+        let extra = if mode == ReplyBody::All { body.len() + 8 } else { 0 };
+        let mut len = prost::Message::encoded_len(response) + extra;
         if len > REPLY_BUDGET && response.body_json.is_some() {
             response.body_json = None;
-            len = prost::Message::encoded_len(response);
+            if stand_in.is_some() {
+                response.body_text = stand_in;
+            }
+            len = prost::Message::encoded_len(response) + extra;
         }
         if len > REPLY_BUDGET {
             response.body_text = None;
         }
+    }
+    // ALL keeps the bytes; AUTO only when no view is left.
+    if mode == ReplyBody::All || (response.body_json.is_none() && response.body_text.is_none()) {
+        response.body = body;
     }
     reply
 }
@@ -227,6 +274,7 @@ fn outcome_unbounded(o: Outcome) -> pb::ExecuteHttpActionResponse {
             started_at: Some(timestamp(o.started_at)),
             total: Some(proto_duration(o.total)),
         }),
+        extracted: o.extracted.into_iter().map(|(name, value)| (name, json_value(value))).collect(),
     }
 }
 
