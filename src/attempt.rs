@@ -281,12 +281,12 @@ impl RunAttempt for Attempts {
         };
         let truncated = matches!(body.error, Some(BodyError::TooLarge(_)));
         let mut streamed = streams && !holds && forward && body.len > 0;
-        let (body_json, body_text) =
-            if truncated || streams || !(action.reply_body().wants_views() || action.evaluates_body()) {
-                (None, None)
-            } else {
-                body_views(&head, &body.bytes).await
-            };
+        // Conditions and extract paths parse the body themselves when there is no JSON view.
+        let (body_json, body_text) = if truncated || streams || !action.reply_body().wants_views() {
+            (None, None)
+        } else {
+            body_views(&head, &body.bytes).await
+        };
         let mut response =
             ResponseData { head, body: body.bytes, body_json, body_text, truncated, extracted: Vec::new() };
         record.timing.total = start.elapsed();

@@ -70,11 +70,15 @@ pub struct ActionInput {
 
 impl ActionInput {
     /// Whether validating this input may block a thread: a `{{secret:NAME}}` reference may
-    /// read a file, TLS PEM is parsed (keys checked against certificates). Everything else is
-    /// microseconds of CPU, cheaper than a hop to the blocking pool.
+    /// read a file, TLS PEM is parsed (keys checked against certificates), a CEL condition is
+    /// compiled (a generated ANTLR parser, whose prediction can take milliseconds on an
+    /// adversarial expression). Everything else is microseconds of CPU, cheaper than a hop to
+    /// the blocking pool.
     pub fn blocks_to_validate(&self) -> bool {
         let tls = &self.tls;
-        !tls.ca_pem.is_empty()
+        !self.success_condition.is_empty()
+            || !self.retry_condition.is_empty()
+            || !tls.ca_pem.is_empty()
             || !tls.client_cert_pem.is_empty()
             || !tls.client_key_pem.is_empty()
             || secret_ref::has_references(self)

@@ -295,3 +295,63 @@ pub fn json_value(v: serde_json::Value) -> prost_types::Value {
     };
     prost_types::Value { kind: Some(kind) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn outcome_with(mode: ReplyBody, json: Option<serde_json::Value>, text: Option<&str>) -> Outcome {
+        let head = ResponseHead { status: 200, reason: "OK".into(), version: "HTTP/1.1", headers: vec![] };
+        let body = Bytes::from(text.unwrap_or("\u{1}").to_owned());
+        Outcome {
+            action_id: "a".into(),
+            succeeded: true,
+            proceed: true,
+            error: None,
+            response: Some(ResponseData {
+                head,
+                body,
+                body_json: json,
+                body_text: text.map(str::to_owned),
+                truncated: false,
+                extracted: Vec::new(),
+            }),
+            attempts: Vec::new(),
+            started_at: SystemTime::UNIX_EPOCH,
+            total: Duration::ZERO,
+            reply_body: mode,
+            extracted: vec![("id".into(), serde_json::json!(7))],
+            condition_retry: false,
+        }
+    }
+
+    fn fields(r: &pb::HttpResponse) -> (bool, bool, bool) {
+        (r.body_json.is_some(), r.body_text.is_some(), !r.body.is_empty())
+    }
+
+    #[test]
+    fn each_mode_carries_its_fields() {
+        let json = || Some(serde_json::json!({"id": 7}));
+        let text = Some(r#"{"id":7}"#);
+        let of = |mode, json, text| fields(&outcome(outcome_with(mode, json, text)).response.unwrap());
+        assert_eq!(of(ReplyBody::Auto, json(), text), (true, false, false));
+        assert_eq!(of(ReplyBody::Auto, None, Some("plain")), (false, true, false));
+        assert_eq!(of(ReplyBody::Auto, None, None), (false, false, true));
+        assert_eq!(of(ReplyBody::All, json(), text), (true, true, true));
+        assert_eq!(of(ReplyBody::Raw, json(), text), (false, false, true));
+        assert_eq!(of(ReplyBody::None, json(), text), (false, false, false));
+        let reply = outcome(outcome_with(ReplyBody::None, json(), text));
+        assert!(reply.extracted.contains_key("id"), "extracted does not depend on the mode");
+    }
+
+    #[test]
+    fn auto_falls_back_to_text_when_the_json_view_is_too_large() {
+        // Half a million numbers: ~1 MB of text, over 5 MB as google.protobuf.Values.
+        let numbers: Vec<serde_json::Value> = (0..500_000).map(|_| serde_json::json!(1)).collect();
+        let text = format!("[{}]", vec!["1"; 500_000].join(","));
+        let reply =
+            outcome(outcome_with(ReplyBody::Auto, Some(serde_json::Value::Array(numbers)), Some(&text)));
+        assert_eq!(fields(&reply.response.unwrap()), (false, true, false));
+    }
+}
