@@ -10,6 +10,7 @@ mod status;
 mod trace;
 mod transport;
 mod validate;
+pub mod vars;
 
 pub use excerpt::excerpt;
 pub use outcome::{
@@ -66,17 +67,21 @@ pub struct ActionInput {
     pub success_condition: String,
     /// CEL; true retries the attempt.
     pub retry_condition: String,
+    /// Values for `{{vars.NAME}}` placeholders.
+    pub vars: Vec<(String, serde_json::Value)>,
 }
 
 impl ActionInput {
     /// Whether validating this input may block a thread: a `{{secret:NAME}}` reference may
     /// read a file, TLS PEM is parsed (keys checked against certificates), a CEL condition is
     /// compiled (a generated ANTLR parser, whose prediction can take milliseconds on an
-    /// adversarial expression). Everything else is microseconds of CPU, cheaper than a hop to
-    /// the blocking pool.
+    /// adversarial expression), `vars` re-render a JSON body (a parse and a write of up to the
+    /// request's size). Everything else is microseconds of CPU, cheaper than a hop to the
+    /// blocking pool.
     pub fn blocks_to_validate(&self) -> bool {
         let tls = &self.tls;
         !self.success_condition.is_empty()
+            || (!self.vars.is_empty() && matches!(self.body, BodyInput::Json(_)))
             || !self.retry_condition.is_empty()
             || !tls.ca_pem.is_empty()
             || !tls.client_cert_pem.is_empty()

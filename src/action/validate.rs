@@ -84,6 +84,8 @@ pub(super) fn validate(
     let mut bad = InvalidAction::default();
     // Secrets first, so every check below sees the values that will be sent.
     let secret_headers = secret_ref::resolve(&mut input, context.secrets, &mut bad);
+    // Variables after secrets: a variable's value is never read as a secret reference.
+    super::vars::render(&mut input, &mut bad);
 
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);

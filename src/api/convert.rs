@@ -98,6 +98,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         extract: req.extract.into_iter().collect(),
         success_condition: req.success_condition,
         retry_condition: req.retry_condition,
+        vars: req.vars.into_iter().map(|(name, value)| (name, plain_json(value))).collect(),
     }
 }
 
@@ -275,6 +276,27 @@ fn outcome_unbounded(o: Outcome) -> pb::ExecuteHttpActionResponse {
             total: Some(proto_duration(o.total)),
         }),
         extracted: o.extracted.into_iter().map(|(name, value)| (name, json_value(value))).collect(),
+    }
+}
+
+/// A google.protobuf.Value as JSON. A whole number (every number is a double here) becomes an
+/// integer, so `{{vars.id}}` renders `7`, not `7.0`; NaN and infinities become null.
+pub fn plain_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
+            serde_json::Value::from(n as i64)
+        }
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into)
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.into_iter().map(plain_json).collect()),
+        Some(Kind::StructValue(s)) => {
+            serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, plain_json(v))).collect())
+        }
     }
 }
 

@@ -30,4 +30,5 @@ mod streaming;
 mod timeouts;
 mod timings;
 mod tls;
+mod vars;
 mod verdict;
