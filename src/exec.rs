@@ -4,8 +4,8 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure, Outcome,
-        ResponseData, RetryDecision, ValidationContext,
+        ActionError, ActionInput, AttemptEnd, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure,
+        Outcome, ResponseData, RetryDecision, ValidationContext,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -205,6 +205,7 @@ impl<A: RunAttempt> Executor<A> {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
+        let mut last_end = None;
         // One allocation for the action: every attempt and hop shares it.
         let context = Arc::new(AttemptContext {
             destination: Destination::of(action.url()),
@@ -290,6 +291,7 @@ impl<A: RunAttempt> Executor<A> {
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
+            last_end = result.end;
             let Some(end) = result.end else {
                 error = None;
                 attempts.push(result.record);
@@ -331,7 +333,9 @@ impl<A: RunAttempt> Executor<A> {
             }
         }
 
-        let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        let mut outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        outcome.condition_retry =
+            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
         self.log_outcome(action, &outcome);
         metrics::action_finished(&outcome, &context.destination.key);
         tenant.finished(outcome.succeeded);
@@ -378,9 +382,10 @@ impl<A: RunAttempt> Executor<A> {
         started_at: SystemTime,
         t0: Instant,
         attempts: Vec<AttemptRecord>,
-        response: Option<ResponseData>,
+        mut response: Option<ResponseData>,
         error: Option<ActionError>,
     ) -> Outcome {
+        let extracted = response.as_mut().map(|r| std::mem::take(&mut r.extracted)).unwrap_or_default();
         let succeeded = error.is_none() && response.is_some();
         let error = match (succeeded, error) {
             (false, None) => {
@@ -397,6 +402,9 @@ impl<A: RunAttempt> Executor<A> {
             attempts,
             started_at,
             total: t0.elapsed(),
+            reply_body: action.reply_body(),
+            extracted,
+            condition_retry: false,
         }
     }
 }
@@ -404,10 +412,7 @@ impl<A: RunAttempt> Executor<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        action::{AttemptEnd, ResponseHead},
-        attempt::AttemptResult,
-    };
+    use crate::{action::ResponseHead, attempt::AttemptResult};
     use bytes::Bytes;
     use std::{collections::VecDeque, sync::Mutex};
 
@@ -450,6 +455,7 @@ mod tests {
                         body_json: None,
                         body_text: None,
                         truncated: false,
+                        extracted: Vec::new(),
                     };
                     let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
@@ -460,6 +466,7 @@ mod tests {
             if let Some(end) = end {
                 let kind = match end {
                     AttemptEnd::Status { .. } => ErrorKind::UnexpectedStatus,
+                    AttemptEnd::Condition { .. } => ErrorKind::ConditionFailed,
                     AttemptEnd::Error { kind, .. } => kind,
                 };
                 record.error = Some(ActionError::new(kind, "failed"));

@@ -4,7 +4,9 @@
 //! variables, then the flags below (see `callout::config`).
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput, TlsInput},
+    action::{
+        ActionInput, BodyInput, OnFailure, RedirectsInput, ReplyBody, RetryInput, TimeoutsInput, TlsInput,
+    },
     client::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
@@ -391,6 +393,14 @@ impl ServeArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ReplyBodyMode {
+    Auto,
+    All,
+    Raw,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum FailureMode {
     Abort,
     Continue,
@@ -476,6 +486,19 @@ struct ExecArgs {
     /// Body cap in bytes.
     #[arg(long)]
     max_response_bytes: Option<u64>,
+    /// Which body fields the outcome carries: auto (one: JSON, else text, else bytes), all, raw
+    /// or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    reply_body: ReplyBodyMode,
+    /// A value to pick out of the JSON body, "name=$.json.path" (RFC 9535); repeatable.
+    #[arg(long = "extract", value_name = "NAME=JSONPATH")]
+    extract: Vec<String>,
+    /// CEL over status, headers, body and elapsed_ms that must also hold for success.
+    #[arg(long, value_name = "CEL")]
+    success_condition: Option<String>,
+    /// CEL over the same variables; true tries the attempt again (polling).
+    #[arg(long, value_name = "CEL")]
+    retry_condition: Option<String>,
     /// TOML config file; its egress, secrets and client settings apply.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -708,6 +731,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
     let query = args.query.iter().map(|q| split_pair(q, '=', "query")).collect::<Result<_, _>>()?;
     let error_messages =
         args.error_messages.iter().map(|m| split_pair(m, '=', "error message")).collect::<Result<_, _>>()?;
+    let extract = args.extract.iter().map(|e| split_pair(e, '=', "extract")).collect::<Result<_, _>>()?;
     let body = if let Some(json) = args.json {
         BodyInput::Json(json)
     } else if !args.form.is_empty() {
@@ -742,6 +766,15 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
         proxy_url: args.proxy.unwrap_or_default(),
         tls: TlsInput { insecure_skip_verify: args.insecure, ..TlsInput::default() },
+        reply_body: match args.reply_body {
+            ReplyBodyMode::Auto => ReplyBody::Auto,
+            ReplyBodyMode::All => ReplyBody::All,
+            ReplyBodyMode::Raw => ReplyBody::Raw,
+            ReplyBodyMode::None => ReplyBody::None,
+        },
+        extract,
+        success_condition: args.success_condition.unwrap_or_default(),
+        retry_condition: args.retry_condition.unwrap_or_default(),
         ..ActionInput::default()
     })
 }

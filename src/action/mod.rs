@@ -1,6 +1,8 @@
 //! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+pub mod condition;
 mod excerpt;
+pub mod extract;
 mod outcome;
 mod retry;
 pub mod secret_ref;
@@ -9,6 +11,7 @@ mod tenant;
 mod trace;
 mod transport;
 mod validate;
+pub mod vars;
 
 pub use excerpt::excerpt;
 pub use outcome::{
@@ -60,15 +63,31 @@ pub struct ActionInput {
     pub trace: Option<TraceContext>,
     /// The tenant the action belongs to; empty for none.
     pub tenant: String,
+    /// Which body fields the reply carries.
+    pub reply_body: ReplyBody,
+    /// Name → RFC 9535 JSONPath, applied to the response's JSON body.
+    pub extract: Vec<(String, String)>,
+    /// CEL; must also be true for success.
+    pub success_condition: String,
+    /// CEL; true retries the attempt.
+    pub retry_condition: String,
+    /// Values for `{{vars.NAME}}` placeholders.
+    pub vars: Vec<(String, serde_json::Value)>,
 }
 
 impl ActionInput {
     /// Whether validating this input may block a thread: a `{{secret:NAME}}` reference may
-    /// read a file, TLS PEM is parsed (keys checked against certificates). Everything else is
-    /// microseconds of CPU, cheaper than a hop to the blocking pool.
+    /// read a file, TLS PEM is parsed (keys checked against certificates), a CEL condition is
+    /// compiled (a generated ANTLR parser, whose prediction can take milliseconds on an
+    /// adversarial expression), `vars` re-render a JSON body (a parse and a write of up to the
+    /// request's size). Everything else is microseconds of CPU, cheaper than a hop to the
+    /// blocking pool.
     pub fn blocks_to_validate(&self) -> bool {
         let tls = &self.tls;
-        !tls.ca_pem.is_empty()
+        !self.success_condition.is_empty()
+            || (!self.vars.is_empty() && matches!(self.body, BodyInput::Json(_)))
+            || !self.retry_condition.is_empty()
+            || !tls.ca_pem.is_empty()
             || !tls.client_cert_pem.is_empty()
             || !tls.client_key_pem.is_empty()
             || secret_ref::has_references(self)
@@ -131,6 +150,27 @@ pub struct TlsInput {
     pub client_key_pem: String,
 }
 
+/// Which of the response's body fields (bytes, JSON, text) a reply carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// One: the JSON view when there is one, else the text view, else the bytes.
+    #[default]
+    Auto,
+    /// Every view that applies, and the bytes.
+    All,
+    /// The bytes only.
+    Raw,
+    /// None (and no body chunks on a stream).
+    None,
+}
+
+impl ReplyBody {
+    /// Whether the reply may carry the JSON or text view (so they are worth computing).
+    pub fn wants_views(self) -> bool {
+        matches!(self, Self::Auto | Self::All)
+    }
+}
+
 /// What the engine should do when the action fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnFailure {
@@ -165,6 +205,12 @@ pub struct HttpAction {
     trace: Option<TraceContext>,
     /// The tenant the action belongs to (a valid tenant name).
     tenant: Option<String>,
+    /// Which body fields the reply carries.
+    reply_body: ReplyBody,
+    /// The `extract` paths, parsed.
+    extract: extract::Extracts,
+    success_condition: Option<condition::Condition>,
+    retry_condition: Option<condition::Condition>,
 }
 
 /// What validation needs from the server: its secrets and the header names it keeps out of
@@ -230,6 +276,9 @@ impl std::fmt::Debug for HttpAction {
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("tenant", &self.tenant)
+            .field("reply_body", &self.reply_body)
+            .field("success_condition", &self.success_condition)
+            .field("retry_condition", &self.retry_condition)
             .finish_non_exhaustive()
     }
 }
@@ -300,6 +349,31 @@ impl HttpAction {
     /// The caller's trace, continued by every outbound attempt.
     pub fn trace(&self) -> Option<&TraceContext> {
         self.trace.as_ref()
+    }
+
+    /// Which body fields the reply carries.
+    pub fn reply_body(&self) -> ReplyBody {
+        self.reply_body
+    }
+
+    /// The `extract` paths, parsed.
+    pub fn extract(&self) -> &extract::Extracts {
+        &self.extract
+    }
+
+    /// CEL that must also be true for success.
+    pub fn success_condition(&self) -> Option<&condition::Condition> {
+        self.success_condition.as_ref()
+    }
+
+    /// CEL whose truth retries the attempt.
+    pub fn retry_condition(&self) -> Option<&condition::Condition> {
+        self.retry_condition.as_ref()
+    }
+
+    /// Whether an attempt's body must be read whole and looked into (conditions, extract).
+    pub fn evaluates_body(&self) -> bool {
+        !self.extract.is_empty() || self.success_condition.is_some() || self.retry_condition.is_some()
     }
 
     /// Validates `input`, collecting every problem with the field it concerns.

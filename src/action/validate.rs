@@ -84,6 +84,8 @@ pub(super) fn validate(
     let mut bad = InvalidAction::default();
     // Secrets first, so every check below sees the values that will be sent.
     let secret_headers = secret_ref::resolve(&mut input, context.secrets, &mut bad);
+    // Variables after secrets: a variable's value is never read as a secret reference.
+    super::vars::render(&mut input, &mut bad);
 
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);
@@ -98,6 +100,11 @@ pub(super) fn validate(
     let error_messages = error_messages(input.error_messages, &mut bad);
     let redirects = redirects(&input.redirects, &mut bad);
     let retry = retry_policy(&input.retry, method.as_ref(), &headers, &mut bad);
+    let extract = super::extract::parse(std::mem::take(&mut input.extract), &mut bad);
+    let success_condition =
+        super::condition::Condition::compile("success_condition", &input.success_condition, &mut bad);
+    let retry_condition =
+        super::condition::Condition::compile("retry_condition", &input.retry_condition, &mut bad);
     if input.max_response_bytes > u64::MAX / 2 {
         bad.push("max_response_bytes", "is too large");
     }
@@ -140,6 +147,10 @@ pub(super) fn validate(
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
             trace: input.trace,
             tenant,
+            reply_body: input.reply_body,
+            extract,
+            success_condition,
+            retry_condition,
         }),
         _ => Err(bad),
     }

@@ -11,7 +11,7 @@ pub mod policy;
 pub mod service;
 
 use crate::{
-    action::{ActionError, ErrorKind, Outcome, RetryDecision},
+    action::{ActionError, AttemptEnd, ErrorKind, Outcome, RetryDecision},
     api::convert,
     client::concurrency::Admission,
     exec::{Buffered, Executor},
@@ -413,6 +413,9 @@ impl Durable {
             attempts: outcome.attempts.clone(),
             started_at: outcome.started_at,
             total: outcome.total,
+            reply_body: outcome.reply_body,
+            extracted: Vec::new(),
+            condition_retry: false,
         };
         let mut record = convert::outcome(only_attempts).attempts.into_iter().next().unwrap_or_default();
         record.number = claim.attempt;
@@ -429,7 +432,11 @@ impl Durable {
             let value = r.head.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("retry-after"))?;
             crate::action::parse_retry_after(&value.1, SystemTime::now())
         });
-        let end = policy::attempt_end(attempt.status, error.kind, retry_after);
+        let end = match attempt.status {
+            // The retry_condition asked for another attempt: polling, durably.
+            Some(status) if outcome.condition_retry => AttemptEnd::Condition { status, retry_after },
+            status => policy::attempt_end(status, error.kind, retry_after),
+        };
         match policy::decide(plan, number_in_run, end, remaining) {
             RetryDecision::Retry { backoff, reason } => {
                 tracing::debug!(action_id = %stored.record.action_id, attempt = claim.attempt, %reason, ?backoff, "durable retry");

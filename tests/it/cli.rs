@@ -208,3 +208,38 @@ async fn include_prints_the_response_as_curl_i_does() {
     assert!(stderr.contains("UNEXPECTED_STATUS"), "the failure is on stderr: {stderr}");
     assert!(!stdout.contains("OUTCOME_"), "no outcome JSON with -i: {stdout}");
 }
+
+#[tokio::test]
+async fn workflow_flags_extract_check_and_shape_the_reply() {
+    let upstream = Upstream::start(|_| async { json(200, serde_json::json!({"items": [{"id": 7}]})) }).await;
+    let url = upstream.url("/items");
+    let out = exec(&[
+        &url,
+        "--extract",
+        "id=$.items[0].id",
+        "--success-condition",
+        "body.items.size() == 1",
+        "--reply-body",
+        "raw",
+    ])
+    .await;
+    let printed = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{printed:#}");
+    assert_eq!(printed["extracted"]["id"], 7);
+    assert!(
+        printed["response"]["bodyJson"].is_null() && printed["response"]["body"].is_string(),
+        "{printed:#}"
+    );
+
+    let out = exec(&[&url, "--success-condition", "body.items.size() == 2"]).await;
+    let failed = super::cli::printed(&out);
+    assert_eq!(out.status.code(), Some(1), "{failed:#}");
+    assert_eq!(failed["error"]["kind"], "ERROR_KIND_CONDITION_FAILED");
+
+    let hits = upstream.hits();
+    let out = exec(&[&url, "--retry-condition", "body.items[0"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("retry_condition") && stderr.contains("line 1, column"), "stderr: {stderr}");
+    assert_eq!(upstream.hits(), hits, "nothing sent");
+}

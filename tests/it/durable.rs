@@ -67,6 +67,7 @@ on_both_stores!(
     a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating,
     a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges_count_them,
     watch_filters_by_id_and_resumes_after_a_sequence,
+    a_durable_retry_condition_polls_until_the_job_is_done,
     a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts,
     an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start,
 );
@@ -765,4 +766,23 @@ async fn an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start(kind: Kind
     assert_eq!(done.attempts[0].error.as_ref().unwrap().kind(), pb::ErrorKind::Cancelled);
     let keys: Vec<_> = upstream.seen().iter().map(|s| s.header("idempotency-key")).collect();
     assert_eq!(keys, [Some("cut-1".to_owned()), Some("cut-1".to_owned())]);
+}
+
+/// A durable action polls through its retry_condition as Execute does: every attempt
+/// recorded, the result the done job's, with what it extracted.
+async fn a_durable_retry_condition_polls_until_the_job_is_done(kind: Kind) {
+    let upstream = crate::conditions::job().await;
+    let server = Server::start(kind, DurableSettings::default()).await;
+    let a = pb::ExecuteHttpActionRequest {
+        retry_condition: r#"body.state != "done""#.into(),
+        extract: [("id".to_string(), "$.id".to_string())].into(),
+        ..action("job-1", "GET", &upstream.url("/job"))
+    };
+    submit(&server.client, a).await;
+    let record = until_final(&server.client, "job-1").await;
+    assert_eq!(record.state(), ActionState::Succeeded, "{record:?}");
+    assert_eq!(record.attempts.len(), 3, "{record:?}");
+    let result = record.result.unwrap();
+    assert_eq!(result.extracted["id"].kind, Some(prost_types::value::Kind::NumberValue(7.0)));
+    assert_eq!(upstream.hits(), 3);
 }
