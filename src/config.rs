@@ -5,7 +5,7 @@
 //! fails at start naming its key and where it came from. `callout.example.toml` documents every
 //! key.
 use crate::{
-    action::ProxyUrl,
+    action::{AuthInput, AuthProfile, AuthProfiles, OAuth2Input, ProxyUrl, SigV4Input},
     client::{
         admission::LimitSettings,
         breaker::BreakerSettings,
@@ -53,6 +53,7 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub store: StoreConfig,
     pub durable: DurableConfig,
+    pub auth: AuthConfig,
 }
 
 /// The gRPC listener and the actions' server-wide defaults.
@@ -313,6 +314,125 @@ pub struct SecretsConfig {
     pub env_prefix: Option<String>,
 }
 
+/// Named credentials actions use by `auth.profile`, so engines carry no secret.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `[auth.profiles.NAME]`: one credential each. Values may hold `{{secret:NAME}}`
+    /// references, read at each use. Default none.
+    pub profiles: BTreeMap<String, AuthProfileConfig>,
+}
+
+/// One profile, by its `kind`; the keys are those of the action's `auth` of that kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthProfileConfig {
+    Basic {
+        username: String,
+        password: String,
+    },
+    BearerToken {
+        token: String,
+    },
+    ApiKey {
+        name: String,
+        value: String,
+        /// `header` (default) or `query`.
+        #[serde(default, rename = "in")]
+        location: ApiKeyIn,
+    },
+    Oauth2ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        #[serde(default)]
+        scopes: Vec<String>,
+        #[serde(default)]
+        audience: String,
+        #[serde(default)]
+        extra_params: BTreeMap<String, String>,
+        #[serde(default)]
+        credentials_in_body: bool,
+        /// Statuses after which the token is refreshed and the attempt retried once.
+        /// Default [401].
+        #[serde(default)]
+        refresh_on_status: Vec<u16>,
+    },
+    AwsSigv4 {
+        region: String,
+        service: String,
+        access_key_id: String,
+        secret_access_key: String,
+        #[serde(default)]
+        session_token: String,
+    },
+}
+
+/// Where an API key goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKeyIn {
+    #[default]
+    Header,
+    Query,
+}
+
+impl AuthConfig {
+    /// The profiles as the domain checks and uses them.
+    pub fn profiles(&self) -> Result<AuthProfiles, ConfigError> {
+        let profiles = self.profiles.iter().map(|(name, p)| (name.clone(), p.to_domain())).collect();
+        AuthProfiles::new(profiles).map_err(|bad| {
+            let what: Vec<String> =
+                bad.violations.iter().map(|v| format!("{} {}", v.field, v.description)).collect();
+            ConfigError(what.join("; "))
+        })
+    }
+}
+
+impl AuthProfileConfig {
+    fn to_domain(&self) -> AuthProfile {
+        let (auth, refresh_on_status) = match self.clone() {
+            Self::Basic { username, password } => (AuthInput::Basic { username, password }, Vec::new()),
+            Self::BearerToken { token } => (AuthInput::Bearer(token), Vec::new()),
+            Self::ApiKey { name, value, location } => {
+                (AuthInput::ApiKey { name, value, in_query: location == ApiKeyIn::Query }, Vec::new())
+            }
+            Self::Oauth2ClientCredentials {
+                token_url,
+                client_id,
+                client_secret,
+                scopes,
+                audience,
+                extra_params,
+                credentials_in_body,
+                refresh_on_status,
+            } => (
+                AuthInput::OAuth2(OAuth2Input {
+                    token_url,
+                    client_id,
+                    client_secret,
+                    scopes,
+                    audience,
+                    extra_params: extra_params.into_iter().collect(),
+                    credentials_in_body,
+                }),
+                refresh_on_status,
+            ),
+            Self::AwsSigv4 { region, service, access_key_id, secret_access_key, session_token } => (
+                AuthInput::AwsSigV4(SigV4Input {
+                    region,
+                    service,
+                    access_key_id,
+                    secret_access_key,
+                    session_token,
+                }),
+                Vec::new(),
+            ),
+        };
+        AuthProfile { auth, refresh_on_status }
+    }
+}
+
 /// Where durable actions are stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -555,6 +675,7 @@ impl Config {
         }
         self.store_url()?;
         self.durable_settings()?;
+        self.auth.profiles()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(())
@@ -662,6 +783,7 @@ impl Config {
             SecretSettings { dir: self.secrets.dir.clone(), env_prefix: self.secrets.env_prefix.clone() };
         settings.sensitive_headers = self.sensitive_headers()?;
         settings.action_log = self.log.actions;
+        settings.auth_profiles = self.auth.profiles()?;
         Ok(settings)
     }
 

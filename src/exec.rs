@@ -4,8 +4,8 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure, Outcome,
-        ResponseData, RetryDecision,
+        ActionError, ActionInput, AttemptRecord, AuthProfiles, ErrorKind, HttpAction, InvalidAction,
+        OnFailure, Outcome, ResponseData, RetryDecision,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -13,6 +13,10 @@ use crate::{
         attempt::AttemptContext,
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
+        credentials::{
+            oauth2::{HttpTokenFetcher, TokenCache, TokenSettings},
+            Credentials,
+        },
         host::Destination,
         ClientBuildError, ClientSettings, Clients,
     },
@@ -48,6 +52,10 @@ pub struct ExecSettings {
     pub sensitive_headers: Vec<http::HeaderName>,
     /// Which finished actions get an `action finished` log line. Default failed ones.
     pub action_log: ActionLog,
+    /// Named credentials (`[auth.profiles.NAME]`), checked at start. Default none.
+    pub auth_profiles: AuthProfiles,
+    /// How OAuth2 tokens are fetched and cached.
+    pub tokens: TokenSettings,
 }
 
 /// Which finished actions are logged (at info, one line each). Every action is counted in the
@@ -76,6 +84,8 @@ impl Default for ExecSettings {
             secrets: SecretSettings::default(),
             sensitive_headers: Vec::new(),
             action_log: ActionLog::default(),
+            auth_profiles: AuthProfiles::default(),
+            tokens: TokenSettings::default(),
         }
     }
 }
@@ -95,11 +105,16 @@ pub struct Executor<A = Attempts> {
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
         let limits = Arc::new(Limits::new(&settings.limits));
+        let clients = Clients::new(&settings.client)?;
+        // Token requests go out on the server's own client: its egress policy, proxies, roots.
+        let fetcher = HttpTokenFetcher::new(clients.default_client(), settings.tokens.clone());
+        let credentials = Credentials::new(TokenCache::new(fetcher, settings.tokens.clone()));
         let attempts = Attempts::new(
-            Clients::new(&settings.client)?,
+            clients,
             limits.clone(),
             BodyBudget::new(settings.limits.max_buffered_bytes),
             settings.stream_max_response_bytes,
+            credentials,
         );
         Ok(Self {
             attempts,
@@ -136,7 +151,7 @@ impl<A: RunAttempt> Executor<A> {
     /// server's secrets, its sensitive headers marked. The server and `callout exec` both call
     /// this, so an action means the same wherever it comes from.
     pub fn action(&self, input: ActionInput) -> Result<HttpAction, InvalidAction> {
-        let mut action = HttpAction::from_input_with_secrets(input, &self.secrets)?;
+        let mut action = HttpAction::from_input_with(input, &self.secrets, &self.settings.auth_profiles)?;
         action.mark_sensitive(&self.settings.sensitive_headers);
         Ok(action)
     }
@@ -233,8 +248,12 @@ impl<A: RunAttempt> Executor<A> {
             }
         };
         drop(queued);
-        let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
-        for number in 1..=attempts_allowed {
+        let mut attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
+        // Whether an attempt was already retried with a new OAuth2 token (once per action).
+        let mut refreshed = false;
+        let mut number = 0;
+        while number < attempts_allowed {
+            number += 1;
             // Nothing logs at info inside an attempt: its span is for exported traces and for
             // debug lines, and costs a microsecond per action where neither is wanted.
             let span = if crate::telemetry::spans_exported() {
@@ -244,7 +263,7 @@ impl<A: RunAttempt> Executor<A> {
             };
             let mut started = None;
             let attempt = Box::pin(self.attempts.run(
-                AttemptOf { action, number, context: &context },
+                AttemptOf { action, number, context: &context, refreshed },
                 &mut started,
                 observer,
             ))
@@ -296,6 +315,11 @@ impl<A: RunAttempt> Executor<A> {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 action.retry.after_failure(number, end, result.streamed, remaining)
             });
+            if result.refreshes_credentials {
+                // The retry with a new token is an attempt of its own, past max_attempts if need be.
+                refreshed = true;
+                attempts_allowed = attempts_allowed.max(number + 1);
+            }
             let attempt_error = result.record.error.clone();
             let (will_retry, backoff) = match &decision {
                 RetryDecision::Retry { backoff, reason } => {
@@ -415,6 +439,8 @@ mod tests {
         Error(ErrorKind, bool),
         /// Started, and never ends.
         Hangs,
+        /// A 401 whose OAuth2 token the credentials layer dropped.
+        Rejected,
     }
 
     /// A mock of the attempt: plays its script, one entry per attempt; no sockets.
@@ -451,6 +477,25 @@ mod tests {
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
                 }
                 Scripted::Error(kind, sent) => (Some(AttemptEnd::Error { kind, sent }), None, false),
+                Scripted::Rejected => {
+                    record.status = Some(401);
+                    record.error = Some(ActionError::new(ErrorKind::UnexpectedStatus, "401"));
+                    let end = AttemptEnd::Status { status: 401, retry_after: None };
+                    let (decision, refreshes_credentials) = of.action.retry.after_rejected_credentials(
+                        number,
+                        end,
+                        of.refreshed,
+                        Duration::from_secs(60),
+                    );
+                    return Attempted::Ran(AttemptResult {
+                        record,
+                        end: Some(end),
+                        response: None,
+                        streamed: false,
+                        decision: Some(decision),
+                        refreshes_credentials,
+                    });
+                }
                 Scripted::Hangs | Scripted::Refused(_) => std::future::pending().await,
             };
             if let Some(end) = end {
@@ -460,7 +505,14 @@ mod tests {
                 };
                 record.error = Some(ActionError::new(kind, "failed"));
             }
-            Attempted::Ran(AttemptResult { record, end, response, streamed, decision: None })
+            Attempted::Ran(AttemptResult {
+                record,
+                end,
+                response,
+                streamed,
+                decision: None,
+                refreshes_credentials: false,
+            })
         }
     }
 
@@ -487,6 +539,25 @@ mod tests {
         assert_eq!(outcome.attempts.len(), 2);
         assert!(outcome.attempts[0].backoff.is_some() && outcome.attempts[1].backoff.is_none());
         assert_eq!(outcome.response.unwrap().head.status, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_token_is_retried_once_as_an_attempt_of_its_own() {
+        let once = HttpAction::from_input(ActionInput {
+            method: "POST".into(),
+            url: "http://h.test/".into(),
+            retry: crate::action::RetryInput { max_attempts: 1, ..Default::default() },
+            ..Default::default()
+        })
+        .unwrap();
+        let outcome = executor(&[Scripted::Rejected, Scripted::Status(200)]).execute(&once, None).await;
+        assert!(outcome.succeeded, "{outcome:?}");
+        assert_eq!(outcome.attempts.len(), 2, "the retry with the new token is its own attempt");
+        assert_eq!(outcome.attempts[0].status, Some(401));
+        assert_eq!(outcome.attempts[0].backoff, Some(Duration::ZERO));
+        let outcome = executor(&[Scripted::Rejected, Scripted::Rejected]).execute(&once, None).await;
+        assert_eq!(outcome.attempts.len(), 2, "refreshed once per action, never a storm");
+        assert!(!outcome.succeeded);
     }
 
     #[tokio::test(start_paused = true)]

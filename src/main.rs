@@ -487,7 +487,13 @@ async fn run_server(config: Config) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?)
+        let bound =
+            callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?;
+        // Each profile's OAuth2 series at zero from the first scrape.
+        callout::metrics::oauth2_profiles(
+            &config.auth.profiles.keys().map(String::as_str).collect::<Vec<_>>(),
+        );
+        Some(bound)
     } else {
         None
     };

@@ -1,5 +1,6 @@
 //! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+pub mod auth;
 mod excerpt;
 mod outcome;
 mod retry;
@@ -9,6 +10,10 @@ mod trace;
 mod transport;
 mod validate;
 
+pub use auth::{
+    Auth, AuthInput, AuthProfile, AuthProfiles, OAuth2Credential, OAuth2Input, SigV4Credential, SigV4Input,
+    Signing, SigningInput,
+};
 pub use excerpt::excerpt;
 pub use outcome::{
     ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
@@ -54,6 +59,9 @@ pub struct ActionInput {
     pub tls: TlsInput,
     pub proxy_url: String,
     pub max_response_bytes: u64,
+    /// Credentials (a profile's name, or written inline).
+    pub auth: AuthInput,
+    pub signing: SigningInput,
 }
 
 impl ActionInput {
@@ -153,6 +161,10 @@ pub struct HttpAction {
     pub max_response_bytes: Option<u64>,
     /// The caller's trace, continued by every outbound attempt. Set at the gRPC edge.
     pub trace: Option<TraceContext>,
+    /// Credentials applied to every attempt (`auth()`).
+    auth: Auth,
+    /// Request signing, recomputed on every attempt (`signing()`).
+    signing: Signing,
 }
 
 /// Validated timeouts. `total` is `None` when the caller left it to the server and deadline.
@@ -202,6 +214,8 @@ impl std::fmt::Debug for HttpAction {
             .field("tls", &self.tls)
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("auth", &self.auth)
+            .field("signing", &self.signing)
             .finish_non_exhaustive()
     }
 }
@@ -222,7 +236,7 @@ impl HttpAction {
     /// Validates `input`, collecting every problem with the field it concerns.
     /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with_secrets`.
     pub fn from_input(input: ActionInput) -> Result<Self, InvalidAction> {
-        validate::validate(input, &secret_ref::NoSecrets)
+        validate::validate(input, &secret_ref::NoSecrets, &AuthProfiles::default())
     }
 
     /// Validates `input` after replacing its `{{secret:NAME}}` references from `secrets`.
@@ -230,7 +244,27 @@ impl HttpAction {
         input: ActionInput,
         secrets: &dyn secret_ref::SecretSource,
     ) -> Result<Self, InvalidAction> {
-        validate::validate(input, secrets)
+        validate::validate(input, secrets, &AuthProfiles::default())
+    }
+
+    /// Validates `input`: its `auth.profile` looked up in `profiles`, then its
+    /// `{{secret:NAME}}` references (its own and its profile's) replaced from `secrets`.
+    pub fn from_input_with(
+        input: ActionInput,
+        secrets: &dyn secret_ref::SecretSource,
+        profiles: &AuthProfiles,
+    ) -> Result<Self, InvalidAction> {
+        validate::validate(input, secrets, profiles)
+    }
+
+    /// The credentials applied to every attempt.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The request signing, recomputed on every attempt.
+    pub fn signing(&self) -> &Signing {
+        &self.signing
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

@@ -21,6 +21,8 @@ pub enum ErrorKind {
     RateLimited,
     CircuitOpen,
     Cancelled,
+    /// Credentials could not be obtained (the OAuth2 token endpoint failed); nothing was sent.
+    Auth,
 }
 
 impl ErrorKind {
@@ -39,6 +41,7 @@ impl ErrorKind {
             Self::RateLimited => "RATE_LIMITED",
             Self::CircuitOpen => "CIRCUIT_OPEN",
             Self::Cancelled => "CANCELLED",
+            Self::Auth => "AUTH",
         }
     }
 }

@@ -5,11 +5,13 @@
 //! 2. `cool_down::CoolDown`: waits out a destination's 429 Retry-After; a 429 starts one.
 //! 3. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
 //! 4. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
-//! 5. (room for credentials and request signing)
-//! 6. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
-//! 7. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
+//! 5. `signing::Signer`: Standard Webhooks headers, signed anew on every attempt.
+//! 6. `credentials::Credentials`: the action's auth (headers, an API key in the query, OAuth2
+//!    tokens from the shared cache, AWS SigV4 over the request as it stands).
+//! 7. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
+//! 8. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
 //!    connector), credentials and sensitive headers dropped across origins.
-//! 8. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
+//! 9. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
 //!    dialling through `connect` (DNS/TCP/proxy/TLS with timings and the egress check).
 //!
 //! Every layer is an `attempt::Step`; the attempt carries its `attempt::AttemptContext` in the
@@ -29,6 +31,7 @@ pub mod clients;
 pub mod concurrency;
 pub mod connect;
 pub mod cool_down;
+pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod host;
@@ -38,6 +41,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
+pub mod signing;
 pub mod stack;
 pub mod timeout;
 pub mod tls;

@@ -6,9 +6,11 @@ use super::{
     breaker::{Breaker, BreakerError},
     concurrency::{DestinationSlot, SlotError},
     cool_down::{CoolDown, CoolDownError},
+    credentials::{Credentials, CredentialsError},
     error::SendFailure,
     rate_limit::{RateLimit, RateLimitError},
     redirect::Redirect,
+    signing::{Signer, SigningError},
     timeout::{AttemptTimeout, TimeoutError},
 };
 use crate::action::{ActionError, AttemptEnd, ErrorKind};
@@ -20,6 +22,7 @@ use tower::{BoxError, Service, ServiceBuilder};
 /// and the clock bounds everything that may send.
 pub fn attempt_stack<S, B>(
     limits: &Limits,
+    credentials: &Credentials,
     client: S,
 ) -> impl Service<Request<Bytes>, Response = Response<B>, Error = BoxError, Future = BoxFuture<Response<B>>> + Send
 where
@@ -38,7 +41,11 @@ where
         .layer(StepLayer(RateLimit(limits.rate())))
         // A slot to the destination, held until the response (body included) is dropped.
         .layer(StepLayer(DestinationSlot(limits.concurrency())))
-        // (Credentials and request signing go here: after every wait, so a signature is fresh.)
+        // Signing, then credentials: after every wait, so a timestamp, token or signature is
+        // fresh; signing first, so an AWS signature covers the webhook headers too. A token
+        // fetch waits within the total deadline, before the attempt's clock starts.
+        .layer(StepLayer(Signer))
+        .layer(StepLayer(credentials.clone()))
         // The attempt's clock starts once it may send, and bounds every hop (the body read
         // is bounded by the same instant).
         .layer(StepLayer(AttemptTimeout))
@@ -66,6 +73,13 @@ pub fn classify(error: &BoxError) -> Failed {
     }
     if error.is::<CoolDownError>() || error.is::<RateLimitError>() || error.is::<SlotError>() {
         return refused(ErrorKind::RateLimited);
+    }
+    // Credentials that could not be had (a failed token fetch) or applied: nothing was sent.
+    if let Some(e) = error.downcast_ref::<CredentialsError>() {
+        return Failed::Refused(ActionError::new(e.kind, e.message.clone()));
+    }
+    if let Some(e) = error.downcast_ref::<SigningError>() {
+        return Failed::Refused(ActionError::new(e.kind(), e.to_string()));
     }
     if error.is::<TimeoutError>() {
         let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
