@@ -1,7 +1,7 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    auth::{self, Auth, AuthProfiles, Signing},
+    auth::{self, Auth, AuthInput, AuthProfiles, Signing},
     excerpt::excerpt,
     retry, secret_ref,
     secret_ref::SecretSource,
@@ -172,6 +172,15 @@ fn credentials(
 ) -> (Auth, Signing) {
     let auth_input = std::mem::take(&mut input.auth);
     let kind = auth_input.kind();
+    // The header the credential will set, from what was written (so a conflict is reported
+    // beside any problem with the credential itself).
+    let conflict = match &auth_input {
+        AuthInput::Basic { .. } | AuthInput::Bearer(_) | AuthInput::OAuth2(_) | AuthInput::AwsSigV4(_) => {
+            Some(header::AUTHORIZATION)
+        }
+        AuthInput::ApiKey { name, in_query: false, .. } => HeaderName::from_bytes(name.as_bytes()).ok(),
+        AuthInput::ApiKey { .. } | AuthInput::None | AuthInput::Profile(_) => None,
+    };
     let (name, refresh) = profile.unzip();
     let mut found = InvalidAction::default();
     let auth = auth::validate(auth_input, name.clone(), refresh.as_deref().unwrap_or_default(), &mut found);
@@ -183,11 +192,6 @@ fn credentials(
             None => bad.violations.push(v),
         }
     }
-    let conflict = match &auth {
-        Auth::Header { name, .. } => Some(name.clone()),
-        Auth::OAuth2(_) | Auth::AwsSigV4(_) => Some(header::AUTHORIZATION),
-        Auth::None | Auth::Query { .. } => None,
-    };
     if let Some(conflict) = conflict {
         for (i, name) in header_names.iter().enumerate() {
             if name.as_ref() == Some(&conflict) {

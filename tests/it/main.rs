@@ -5,6 +5,7 @@ mod support;
 mod body_budget;
 mod cli;
 mod config_example;
+mod credentials;
 mod decompression;
 mod durable;
 mod edge;
