@@ -390,6 +390,25 @@ impl AuthConfig {
 }
 
 impl AuthProfileConfig {
+    /// Its secret values as `<redacted>`, for printing; `{{secret:NAME}}` references (names,
+    /// not values) are shown.
+    fn redact(&mut self) {
+        let secrets: Vec<&mut String> = match self {
+            Self::Basic { password, .. } => vec![password],
+            Self::BearerToken { token } => vec![token],
+            Self::ApiKey { value, .. } => vec![value],
+            Self::Oauth2ClientCredentials { client_secret, .. } => vec![client_secret],
+            Self::AwsSigv4 { secret_access_key, session_token, .. } => vec![secret_access_key, session_token],
+        };
+        for value in secrets {
+            let reference =
+                value.starts_with("{{secret:") && value.ends_with("}}") && value.matches("{{").count() == 1;
+            if !value.is_empty() && !reference {
+                *value = "<redacted>".into();
+            }
+        }
+    }
+
     fn to_domain(&self) -> AuthProfile {
         let (auth, refresh_on_status) = match self.clone() {
             Self::Basic { username, password } => (AuthInput::Basic { username, password }, Vec::new()),
@@ -843,6 +862,9 @@ impl Config {
     /// The configuration as TOML, with credentials in the proxy URL hidden.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
+        for profile in shown.auth.profiles.values_mut() {
+            profile.redact();
+        }
         if let Some(proxy) = shown.client.proxy.as_mut() {
             if let Ok(parsed) = ProxyUrl::parse(proxy) {
                 *proxy = parsed.redacted();
@@ -921,5 +943,37 @@ mod tests {
         config.client.proxy = Some("http://user:s3cret@proxy.test:3128".into());
         let shown = config.to_redacted_toml();
         assert!(!shown.contains("s3cret") && shown.contains("<redacted>@proxy.test:3128"), "{shown}");
+    }
+
+    #[test]
+    fn auth_profiles_load_by_kind_are_checked_and_print_redacted() {
+        let load = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+        };
+        let config = load(
+            r#"
+            [auth.profiles.idp]
+            kind = "oauth2_client_credentials"
+            token_url = "https://idp.test/token"
+            client_id = "c"
+            client_secret = "literal-s3cret"
+            scopes = ["a", "b"]
+            extra_params = { resource = "r" }
+            [auth.profiles.key]
+            kind = "api_key"
+            name = "X-Key"
+            value = "{{secret:key}}"
+            in = "query"
+            "#,
+        )
+        .unwrap();
+        let profiles = config.auth.profiles().unwrap();
+        assert!(matches!(profiles.get("key").unwrap().auth, AuthInput::ApiKey { in_query: true, .. }));
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("literal-s3cret") && shown.contains("{{secret:key}}"), "{shown}");
+        let bad = load("[auth.profiles.x]\nkind = \"bearer_token\"\ntoken = \"\"\n").unwrap_err();
+        assert!(bad.to_string().contains("auth.profiles.x.bearer_token is required"), "{bad}");
+        let unknown = load("[auth.profiles.x]\nkind = \"kerberos\"\n").unwrap_err();
+        assert!(unknown.to_string().contains("kerberos"), "{unknown}");
     }
 }

@@ -183,8 +183,7 @@ impl TokenCache {
     }
 
     /// The upstream rejected `token`: it is dropped if it is still the current one, so the next
-    /// `get` fetches a new one. Returns whether a newer token exists or will be fetched (always
-    /// true: either this call dropped it, or someone else did).
+    /// `get` fetches a new one; a token fetched since is left alone.
     pub fn reject(&self, credential: &OAuth2Credential, token: &Token) {
         let entry = self.entry(credential);
         let mut state = lock(&entry.state);
@@ -431,7 +430,7 @@ fn sent_failed(credential: &OAuth2Credential, e: SendFailure) -> TryFailed {
             kind,
             format!("the token request to {} failed: {}: {}", origin(credential), e.kind, e.message),
         ),
-        retry: e.kind.eq(&ErrorKind::Connect) || e.kind == ErrorKind::Timeout || e.kind == ErrorKind::Dns,
+        retry: matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Dns),
     }
 }
 
