@@ -540,3 +540,44 @@ async fn trace_logs_hold_no_secret_or_token() {
         assert!(!logs.contains(&secret), "{secret} in the trace logs");
     }
 }
+
+/// Profiles from the environment (`CALLOUT_AUTH__PROFILES__NAME__KEY`), and the OAuth2 series
+/// by profile: at zero from the first scrape, then one fetch and a cache hit for two actions.
+#[tokio::test]
+async fn token_metrics_count_fetches_and_hits_by_profile() {
+    let issuer = Arc::new(Issuer::default());
+    let idp = token_server(issuer.clone(), "127.0.0.1:0").await;
+    let api = protected(issuer.clone()).await;
+    let token_url = idp.url("/token");
+    let env = [
+        ("CALLOUT_AUTH__PROFILES__BILLING__KIND", "oauth2_client_credentials"),
+        ("CALLOUT_AUTH__PROFILES__BILLING__TOKEN_URL", token_url.as_str()),
+        ("CALLOUT_AUTH__PROFILES__BILLING__CLIENT_ID", CLIENT_ID),
+        ("CALLOUT_AUTH__PROFILES__BILLING__CLIENT_SECRET", CLIENT_SECRET),
+    ];
+    let serve = ServeProcess::spawn(&[], &env).await;
+    let metrics = serve.metrics.clone().expect("metrics on");
+    let before = http_get(&metrics, "/metrics").await;
+    for series in [
+        r#"callout_oauth2_token_fetches_total{profile="billing"} 0"#,
+        r#"callout_oauth2_token_failures_total{profile="inline"} 0"#,
+    ] {
+        assert!(before.contains(series), "{series} missing:\n{before}");
+    }
+    let mut client = pb::http_action_service_client::HttpActionServiceClient::new(serve.channel().await);
+    let by_profile = pb::Auth { kind: Some(pb::auth::Kind::Profile("billing".into())) };
+    for _ in 0..2 {
+        let resp =
+            client.execute(with_auth("GET", &api.url("/"), by_profile.clone())).await.unwrap().into_inner();
+        assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}\n{}", serve.logs());
+    }
+    let after = http_get(&metrics, "/metrics").await;
+    for series in [
+        r#"callout_oauth2_token_fetches_total{profile="billing"} 1"#,
+        r#"callout_oauth2_token_cache_hits_total{profile="billing"} 1"#,
+        r#"callout_oauth2_token_failures_total{profile="billing"} 0"#,
+    ] {
+        assert!(after.contains(series), "{series} missing:\n{after}");
+    }
+    assert!(!after.contains(CLIENT_SECRET) && !serve.logs().contains(CLIENT_SECRET));
+}
