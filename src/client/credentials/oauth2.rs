@@ -160,7 +160,9 @@ impl TokenCache {
         let generation = state.fetches;
         match fetched {
             Ok(issued) => {
-                let lifetime = issued.expires_in.unwrap_or(self.inner.settings.default_lifetime);
+                // Capped: the endpoint's number must not overflow the clock.
+                let lifetime =
+                    issued.expires_in.unwrap_or(self.inner.settings.default_lifetime).min(MAX_TOKEN_LIFETIME);
                 let skew = self.inner.settings.skew.min(lifetime / 2);
                 let token = Token {
                     value: issued.access_token.into(),
@@ -258,6 +260,8 @@ fn key(c: &OAuth2Credential) -> [u8; 32] {
     out
 }
 
+/// Longest a token is kept, whatever its `expires_in` says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 /// First wait between token requests; doubles.
@@ -535,6 +539,26 @@ mod tests {
         // Another secret is another credential: never the token of this one.
         assert_eq!(&*cache.get(&credential("other"), in_a_minute()).await.unwrap().0.value, "token-3");
         assert_eq!(cache.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_expires_in_is_capped_at_a_day() {
+        struct Forever;
+        impl FetchToken for Forever {
+            fn fetch(
+                &self,
+                _: &OAuth2Credential,
+                _: Instant,
+            ) -> Pin<Box<dyn Future<Output = Result<Issued, CredentialsError>> + Send + 'static>>
+            {
+                Box::pin(async {
+                    Ok(Issued { access_token: "t".into(), expires_in: Some(Duration::from_secs(u64::MAX)) })
+                })
+            }
+        }
+        let cache = TokenCache::new(Forever, TokenSettings::default());
+        let (token, _) = cache.get(&credential("s"), in_a_minute()).await.unwrap();
+        assert!(token.refresh_at <= Instant::now() + MAX_TOKEN_LIFETIME);
     }
 
     #[tokio::test(start_paused = true)]
