@@ -103,6 +103,9 @@ mod tests {
         assert!(matches!(classify(&refusal), Failed::Refused(e) if e.kind == ErrorKind::CircuitOpen));
         let slot: BoxError = SlotError("busy".into()).into();
         assert!(matches!(classify(&slot), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
+        // A token that could not be had ends the action before anything is sent.
+        let auth: BoxError = CredentialsError::new(ErrorKind::Auth, "the token endpoint answered 500").into();
+        assert!(matches!(classify(&auth), Failed::Refused(e) if e.kind == ErrorKind::Auth));
         let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();
         assert!(matches!(
             classify(&sent),
