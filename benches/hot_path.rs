@@ -118,10 +118,10 @@ fn validate(c: &mut Criterion) {
 fn request(c: &mut Criterion) {
     let action = HttpAction::from_input(realistic_input()).unwrap();
     let hop = Hop {
-        method: action.method.clone(),
-        url: action.url.clone(),
-        headers: action.headers,
-        body: action.body,
+        method: action.method().clone(),
+        url: action.url().clone(),
+        headers: action.headers().clone(),
+        body: action.body().clone(),
     };
     hop.request().expect("the benchmark's request builds");
     c.bench_function("build_request", |b| b.iter(|| black_box(&hop).request()));

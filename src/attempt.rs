@@ -8,12 +8,11 @@ use crate::{
     },
     client::{
         admission::Limits,
-        attempt::AttemptContext,
+        attempt::{AttemptContext, AttemptRequest},
         body_budget::{BodyBudget, BudgetError},
         credentials::{Credentials, CredentialsRejected},
         redirect::Hop,
         response::{head_of, pieces, views, BodyError, CappedBody},
-        signing::SignRequest,
         stack::{attempt_stack, classify, Failed},
         timeout::bounds,
         Clients, ConnInfo, ResponseBody, SendFailure,
@@ -29,7 +28,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
-use tower::{util::Either, ServiceExt as _};
+use tower::{util::Either, Service as _, ServiceExt as _};
 
 /// The caller went away; the action stops.
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +134,7 @@ pub struct AttemptOf<'a> {
     pub action: &'a HttpAction,
     /// 1-based.
     pub number: u32,
-    pub context: &'a AttemptContext,
+    pub context: &'a Arc<AttemptContext>,
     /// An earlier attempt was already retried with refreshed credentials.
     pub refreshed: bool,
 }
@@ -152,19 +151,14 @@ impl RunAttempt for Attempts {
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
         let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
-        let (mut request, client) = match built {
+        let (request, client) = match built {
             Ok((request, client)) => (request, Either::Left(client)),
             Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
-        request.extensions_mut().insert(context.clone());
-        if !action.auth().is_none() {
-            request.extensions_mut().insert(action.auth().clone());
-        }
-        if !matches!(action.signing(), crate::action::Signing::None) {
-            let message_id = action.id.as_str().into();
-            request.extensions_mut().insert(SignRequest { signing: action.signing().clone(), message_id });
-        }
-        let call = attempt_stack(&self.limits, &self.credentials, client).oneshot(request);
+        let request = AttemptRequest { http: request, context: context.clone() };
+        let mut stack = attempt_stack(&self.limits, &self.credentials, client);
+        // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
+        let call = async { stack.ready().await?.call(request).await };
         let mut call = std::pin::pin!(call);
         let sent = loop {
             tokio::select! {
@@ -241,7 +235,7 @@ impl RunAttempt for Attempts {
             return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
         }
 
-        let success = action.success.contains(status);
+        let success = action.success().contains(status);
         let status_end = (!success).then_some(AttemptEnd::Status { status, retry_after });
         // A status that will be retried is not worth its body: decide now, skip reading it.
         let mut refreshes_credentials = false;
@@ -249,11 +243,11 @@ impl RunAttempt for Attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if rejected {
                 let (decision, refreshes) =
-                    action.retry.after_rejected_credentials(number, end, refreshed, remaining);
+                    action.retry().after_rejected_credentials(number, end, refreshed, remaining);
                 refreshes_credentials = refreshes;
                 decision
             } else {
-                action.retry.decide(number, end, remaining)
+                action.retry().decide(number, end, remaining)
             }
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
@@ -349,9 +343,9 @@ impl Attempts {
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
         if streams {
             let server = self.stream_max_response_bytes;
-            action.max_response_bytes.map_or(server, |own| own.min(server))
+            action.max_response_bytes().map_or(server, |own| own.min(server))
         } else {
-            action.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+            action.max_response_bytes().unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
         }
     }
 }
@@ -373,13 +367,13 @@ pub fn cancelled() -> ActionError {
 }
 
 fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
-    let message = match action.error_messages.lookup(head.status) {
+    let message = match action.error_messages().lookup(head.status) {
         Some(mapped) => mapped.to_owned(),
         None => format!(
             "status {} {} is not in success_codes \"{}\"",
             head.status,
             head.reason,
-            action.success.as_str()
+            action.success().as_str()
         ),
     };
     ActionError::new(ErrorKind::UnexpectedStatus, message)
@@ -409,13 +403,13 @@ fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
 /// body, continuing the caller's trace.
 fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
     let hop = Hop {
-        method: action.method.clone(),
-        url: action.url.clone(),
-        headers: action.headers.clone(),
-        body: action.body.clone(),
+        method: action.method().clone(),
+        url: action.url().clone(),
+        headers: action.headers().clone(),
+        body: action.body().clone(),
     };
     let mut request = hop.into_request()?;
-    if let Some(trace) = &action.trace {
+    if let Some(trace) = &action.trace() {
         continue_trace(request.headers_mut(), trace);
     }
     Ok(request)
@@ -425,7 +419,7 @@ fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
 #[derive(Clone)]
 struct FailWith(SendFailure);
 
-impl tower::Service<Request<Bytes>> for FailWith {
+impl tower::Service<AttemptRequest> for FailWith {
     type Response = Response<ResponseBody>;
     type Error = SendFailure;
     type Future = std::future::Ready<Result<Response<ResponseBody>, SendFailure>>;
@@ -434,7 +428,7 @@ impl tower::Service<Request<Bytes>> for FailWith {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, _: AttemptRequest) -> Self::Future {
         std::future::ready(Err(self.0.clone()))
     }
 }

@@ -154,6 +154,9 @@ pub struct AuthProfile {
 #[derive(Debug, Clone, Default)]
 pub struct AuthProfiles(BTreeMap<String, AuthProfile>);
 
+/// No profiles: what validation knows by default.
+pub static NO_PROFILES: AuthProfiles = AuthProfiles(BTreeMap::new());
+
 impl AuthProfiles {
     /// Checks every profile as an action would use it (secret references accepted unread, as
     /// they are filled per action), naming the profile and field of each problem.

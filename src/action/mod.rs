@@ -6,6 +6,7 @@ mod outcome;
 mod retry;
 pub mod secret_ref;
 mod status;
+mod tenant;
 mod trace;
 mod transport;
 mod validate;
@@ -20,6 +21,7 @@ pub use outcome::{
 };
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
+pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
@@ -62,6 +64,10 @@ pub struct ActionInput {
     /// Credentials (a profile's name, or written inline).
     pub auth: AuthInput,
     pub signing: SigningInput,
+    /// The caller's trace (from the gRPC edge's metadata), continued by every attempt.
+    pub trace: Option<TraceContext>,
+    /// The tenant the action belongs to; empty for none.
+    pub tenant: String,
 }
 
 impl ActionInput {
@@ -112,6 +118,9 @@ pub struct RetryInput {
     pub retry_on_errors: Vec<ErrorKind>,
     pub honor_retry_after: Option<bool>,
     pub retry_non_idempotent: bool,
+    /// A `max_attempts` of 0 means no bound but the total time (durable actions), instead of
+    /// the default count.
+    pub unbounded_by_default: bool,
 }
 
 /// Redirect policy as written.
@@ -138,33 +147,54 @@ pub enum OnFailure {
     Continue,
 }
 
-/// A validated action: everything the executor needs, nothing left to check.
+/// A validated action: everything the executor needs, nothing left to check. Built only by
+/// validation (`from_input…`), so every one was checked; read through its accessors.
 #[derive(Clone)]
 pub struct HttpAction {
-    pub id: String,
-    pub method: Method,
+    id: String,
+    method: Method,
     /// The full URL, query appended, credentials and fragment removed.
-    pub url: url::Url,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub timeouts: Timeouts,
-    pub success: StatusSpec,
-    pub on_failure: OnFailure,
-    pub error_messages: ErrorMessages,
-    pub retry: RetryPolicy,
-    pub redirects: RedirectPolicy,
+    url: url::Url,
+    headers: HeaderMap,
+    body: Bytes,
+    timeouts: Timeouts,
+    success: StatusSpec,
+    on_failure: OnFailure,
+    error_messages: ErrorMessages,
+    retry: RetryPolicy,
+    redirects: RedirectPolicy,
     /// Per-action TLS options; the default uses the server's.
-    pub tls: TlsOptions,
+    tls: TlsOptions,
     /// Per-action proxy; `None` uses the server's proxy settings.
-    pub proxy: Option<ProxyUrl>,
+    proxy: Option<ProxyUrl>,
     /// `None`: the caller did not set one (the executor applies its default for the call kind).
-    pub max_response_bytes: Option<u64>,
-    /// The caller's trace, continued by every outbound attempt. Set at the gRPC edge.
-    pub trace: Option<TraceContext>,
+    max_response_bytes: Option<u64>,
+    /// The caller's trace, continued by every outbound attempt.
+    trace: Option<TraceContext>,
+    /// The tenant the action belongs to (a valid tenant name).
+    tenant: Option<String>,
     /// Credentials applied to every attempt (`auth()`).
     auth: Auth,
     /// Request signing, recomputed on every attempt (`signing()`).
     signing: Signing,
+}
+
+/// What validation needs from the server: its secrets, the header names it keeps out of logs,
+/// and its named credentials. The default knows no secrets, only the built-in sensitive
+/// headers, and no profiles.
+#[derive(Clone, Copy)]
+pub struct ValidationContext<'a> {
+    pub secrets: &'a dyn secret_ref::SecretSource,
+    /// Headers whose values are marked sensitive besides the built-in ones.
+    pub sensitive_headers: &'a [HeaderName],
+    /// `[auth.profiles.NAME]`, for actions naming a profile in `auth.profile`.
+    pub auth_profiles: &'a AuthProfiles,
+}
+
+impl Default for ValidationContext<'_> {
+    fn default() -> Self {
+        Self { secrets: &secret_ref::NoSecrets, sensitive_headers: &[], auth_profiles: &auth::NO_PROFILES }
+    }
 }
 
 /// Validated timeouts. `total` is `None` when the caller left it to the server and deadline.
@@ -216,27 +246,83 @@ impl std::fmt::Debug for HttpAction {
             .field("max_response_bytes", &self.max_response_bytes)
             .field("auth", &self.auth)
             .field("signing", &self.signing)
+            .field("tenant", &self.tenant)
             .finish_non_exhaustive()
     }
 }
 
 impl HttpAction {
-    /// Marks the values of headers named in `names` sensitive (kept out of logs and HTTP/2
-    /// header compression tables), besides the built-in ones.
-    pub fn mark_sensitive(&mut self, names: &[HeaderName]) {
-        for name in names {
-            if let http::header::Entry::Occupied(mut entry) = self.headers.entry(name) {
-                for value in entry.iter_mut() {
-                    value.set_sensitive(true);
-                }
-            }
-        }
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The full URL, query appended, credentials and fragment removed.
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    /// The headers to send, sensitive values marked.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The statuses that count as success.
+    pub fn success(&self) -> &StatusSpec {
+        &self.success
+    }
+
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    pub fn error_messages(&self) -> &ErrorMessages {
+        &self.error_messages
+    }
+
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    pub fn redirects(&self) -> RedirectPolicy {
+        self.redirects
+    }
+
+    /// Per-action TLS options; the default uses the server's.
+    pub fn tls(&self) -> &TlsOptions {
+        &self.tls
+    }
+
+    /// Per-action proxy; `None` uses the server's proxy settings.
+    pub fn proxy(&self) -> Option<&ProxyUrl> {
+        self.proxy.as_ref()
+    }
+
+    /// `None`: the caller did not set one (the executor applies its default for the call kind).
+    pub fn max_response_bytes(&self) -> Option<u64> {
+        self.max_response_bytes
+    }
+
+    /// The caller's trace, continued by every outbound attempt.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
     }
 
     /// Validates `input`, collecting every problem with the field it concerns.
-    /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with_secrets`.
+    /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with`.
     pub fn from_input(input: ActionInput) -> Result<Self, InvalidAction> {
-        validate::validate(input, &secret_ref::NoSecrets, &AuthProfiles::default())
+        validate::validate(input, &ValidationContext::default())
     }
 
     /// Validates `input` after replacing its `{{secret:NAME}}` references from `secrets`.
@@ -244,17 +330,32 @@ impl HttpAction {
         input: ActionInput,
         secrets: &dyn secret_ref::SecretSource,
     ) -> Result<Self, InvalidAction> {
-        validate::validate(input, secrets, &AuthProfiles::default())
+        validate::validate(input, &ValidationContext { secrets, ..ValidationContext::default() })
     }
 
-    /// Validates `input`: its `auth.profile` looked up in `profiles`, then its
-    /// `{{secret:NAME}}` references (its own and its profile's) replaced from `secrets`.
+    /// Validates `input` against what the server knows (`context`): its `auth.profile` looked
+    /// up in the profiles, its `{{secret:NAME}}` references (its own and its profile's)
+    /// replaced from the secrets.
     pub fn from_input_with(
         input: ActionInput,
-        secrets: &dyn secret_ref::SecretSource,
-        profiles: &AuthProfiles,
+        context: &ValidationContext<'_>,
     ) -> Result<Self, InvalidAction> {
-        validate::validate(input, secrets, profiles)
+        validate::validate(input, context)
+    }
+
+    /// The action as a single attempt within `remaining` (or its attempt timeout, if shorter):
+    /// the durable runner schedules each attempt itself.
+    pub fn one_attempt(&self, remaining: Duration) -> Self {
+        let mut one = self.clone();
+        one.retry.max_attempts = 1;
+        one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        one
+    }
+
+    /// The tenant the action belongs to, if any: its quotas, its share of the queue, its
+    /// metrics label.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     /// The credentials applied to every attempt.

@@ -72,6 +72,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             retry_on_errors,
             honor_retry_after: retry.honor_retry_after,
             retry_non_idempotent: retry.retry_non_idempotent,
+            unbounded_by_default: false,
         },
         redirects: RedirectsInput { follow: redirects.follow, max_hops: redirects.max_hops },
         tls: TlsInput {
@@ -84,6 +85,8 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         max_response_bytes: req.max_response_bytes,
         auth: auth_input(req.auth, bad),
         signing: signing_input(req.signing),
+        trace: None,
+        tenant: req.tenant,
     }
 }
 

@@ -3,34 +3,18 @@
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
 //! circuit again or re-opens it.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
     error::SendFailure,
     timeout::TimeoutError,
 };
 use crate::action::ErrorKind;
-use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tower::{BoxError, ServiceExt as _};
-
-/// Circuit-breaker settings of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerSettings {
-    /// Consecutive failures that open a destination's circuit; 0 turns breaking off. Default 10.
-    pub failure_threshold: u32,
-    /// How long an open circuit refuses before it lets a probe through. Default 15 s.
-    pub cool_down: Duration,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        Self { failure_threshold: 10, cool_down: Duration::from_secs(15) }
-    }
-}
+use tower::BoxError;
 
 /// How an attempt went, as far as the breaker cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,19 +51,22 @@ const PRUNE_ABOVE: usize = 10_000;
 
 /// The breakers of every destination.
 pub struct CircuitBreakers {
-    settings: BreakerSettings,
+    /// Consecutive failures that open a circuit (`limits.breaker_failures`); 0 is off.
+    failure_threshold: u32,
+    /// How long an open circuit refuses before a probe (`limits.breaker_cool_down`).
+    cool_down: Duration,
     hosts: Mutex<HashMap<String, State>>,
 }
 
 impl CircuitBreakers {
-    pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, hosts: Mutex::default() }
+    pub fn new(failure_threshold: u32, cool_down: Duration) -> Self {
+        Self { failure_threshold, cool_down, hosts: Mutex::default() }
     }
 
     /// Whether an action may go to `key` now. An open circuit whose cool-down is over lets
     /// this one through as the probe.
     pub fn check(&self, key: &str) -> Result<(), BreakerError> {
-        if self.settings.failure_threshold == 0 {
+        if self.failure_threshold == 0 {
             return Ok(());
         }
         let Ok(mut hosts) = self.hosts.lock() else {
@@ -98,11 +85,11 @@ impl CircuitBreakers {
             }
             State::Open { until } => Err(BreakerError(format!(
                 "circuit for {key} is open after {} consecutive failures; next probe in {}",
-                self.settings.failure_threshold,
+                self.failure_threshold,
                 crate::fmt::fmt_duration(until - now)
             ))),
             // The probe never reported (its caller went away): let another one go.
-            State::HalfOpen { since } if now >= since + self.settings.cool_down => {
+            State::HalfOpen { since } if now >= since + self.cool_down => {
                 *state = State::HalfOpen { since: now };
                 Ok(())
             }
@@ -114,7 +101,7 @@ impl CircuitBreakers {
 
     /// Records how an attempt to `key` went.
     pub fn record(&self, key: &str, health: Health) {
-        if self.settings.failure_threshold == 0 || health == Health::Unknown {
+        if self.failure_threshold == 0 || health == Health::Unknown {
             return;
         }
         let Ok(mut hosts) = self.hosts.lock() else {
@@ -131,10 +118,10 @@ impl CircuitBreakers {
             hosts.retain(|_, state| !matches!(state, State::Closed { .. }));
         }
         let now = Instant::now();
-        let open = State::Open { until: now + self.settings.cool_down };
+        let open = State::Open { until: now + self.cool_down };
         let state = hosts.entry(key.to_owned()).or_insert(State::Closed { failures: 0 });
         match *state {
-            State::Closed { failures } if failures + 1 >= self.settings.failure_threshold => {
+            State::Closed { failures } if failures + 1 >= self.failure_threshold => {
                 *state = open;
                 tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
                 crate::metrics::circuit(key, true);
@@ -155,12 +142,19 @@ impl CircuitBreakers {
 pub struct Breaker(pub Arc<CircuitBreakers>);
 
 impl Step for Breaker {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let destination = AttemptContext::of(&request)?.destination.clone();
-        self.0.check(&destination.key)?;
-        let result = next.oneshot(request).await.map_err(Into::into);
-        self.0.record(&destination.key, health_of(&result));
-        result
+    /// The breakers and the context (its destination) to record the attempt against.
+    type Held = (Arc<CircuitBreakers>, Arc<AttemptContext>);
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
+        match self.0.check(&request.context.destination.key) {
+            Ok(()) => Before::Go((self.0.clone(), request.context.clone())),
+            Err(refused) => Before::Refuse(refused.into()),
+        }
+    }
+
+    fn after<B>((breakers, context): Self::Held, reply: Reply<B>) -> Reply<B> {
+        breakers.record(&context.destination.key, health_of(&reply));
+        reply
     }
 }
 
@@ -185,13 +179,10 @@ fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
+    use crate::client::attempt::tests::Harness;
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
-        CircuitBreakers::new(BreakerSettings {
-            failure_threshold: threshold,
-            cool_down: Duration::from_millis(cool_down_ms),
-        })
+        CircuitBreakers::new(threshold, Duration::from_millis(cool_down_ms))
     }
 
     #[test]
@@ -237,24 +228,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
-        use crate::client::attempt::tests::request;
-        let breakers = Arc::new(breakers(2, 60_000));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(Breaker(breakers)).layer(mock);
-        for status in [Some(503), None] {
-            let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
-            let (_, reply) = handle.next_request().await.unwrap();
-            match status {
-                // A 5xx is a response, and a failure for the breaker.
-                Some(status) => reply.send_response(Response::builder().status(status).body(()).unwrap()),
-                None => reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false)),
-            }
-            assert_eq!(call.await.unwrap().is_ok(), status.is_some());
-        }
-        let err = service.call(request("http://h/", Duration::from_secs(5))).await.unwrap_err();
+        let total = Duration::from_secs(5);
+        let mut layer = Harness::new(StepLayer(Breaker(Arc::new(breakers(2, 60_000)))));
+        // A 5xx is a response, and a failure for the breaker.
+        assert_eq!(layer.exchange("http://h/", total, 503).await.unwrap().status(), 503);
+        let call = layer.start("http://h/", total).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false));
+        assert!(call.await.unwrap().is_err());
+        let err = layer.refused("http://h/", total).await;
         assert!(err.is::<BreakerError>(), "{err}");
         assert!(err.to_string().contains("open after 2 consecutive failures"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "the refused attempt sent nothing");
+        assert!(layer.nothing_more_sent().await, "the refused attempt sent nothing");
     }
 }

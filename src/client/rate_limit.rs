@@ -2,12 +2,10 @@
 //! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptRequest, Before, Step, StepLayer},
     host_pattern::{HostPattern, HostPatternError},
 };
-use bytes::Bytes;
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::Request;
 use std::{
     fmt,
     num::NonZeroU32,
@@ -15,7 +13,6 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tower::ServiceExt as _;
 
 /// A rate: `count` sends per `period`, with bursts of up to `burst` at once.
 /// Written `10/s`, `600/m`, `5000/h`, optionally followed by ` burst 20` (default: the count).
@@ -105,23 +102,6 @@ impl FromStr for RateLimitRule {
     }
 }
 
-/// Rate-limit settings of the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateLimitSettings {
-    /// Limit on all sends together. Default none.
-    pub global: Option<Rate>,
-    /// Per-destination limits; the first rule whose pattern matches applies. Default none.
-    pub per_host: Vec<RateLimitRule>,
-    /// Longest shared cool-down a 429's Retry-After may impose on a host. Default 10 min.
-    pub max_cool_down: Duration,
-}
-
-impl Default for RateLimitSettings {
-    fn default() -> Self {
-        Self { global: None, per_host: Vec::new(), max_cool_down: Duration::from_secs(600) }
-    }
-}
-
 /// Why a send may not go before the deadline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -130,22 +110,69 @@ pub struct RateLimitError(pub String);
 /// Keyed buckets are dropped once full again, when this many destinations are tracked.
 const PRUNE_ABOVE: usize = 10_000;
 
+/// One rate applied per key: every key (a destination, a tenant) gets its own GCRA bucket of
+/// `rate`. Per-destination rules and tenant rate quotas both check through here, so this is the
+/// one seam where a fleet-wide backend (Redis GCRA, keyed by `scope` and key) replaces the
+/// local buckets.
+pub struct KeyedRateLimit {
+    /// What the limit is, for messages and as the key's namespace (a rule's pattern, a tenant
+    /// quota's config key).
+    scope: String,
+    rate: Rate,
+    local: DefaultKeyedRateLimiter<String>,
+}
+
+impl KeyedRateLimit {
+    pub fn new(scope: impl Into<String>, rate: Rate) -> Self {
+        Self { scope: scope.into(), rate, local: RateLimiter::keyed(rate.quota()) }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Takes a send for `key` now, or says how long until one is free.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        let checked = self.local.check_key(&key.to_owned());
+        if self.local.len() > PRUNE_ABOVE {
+            self.local.retain_recent();
+        }
+        checked.map_err(|not_until| not_until.wait_time_from(self.local.clock().now()))
+    }
+
+    /// Waits until `key` may send; returns whether it slept, or fails at once with the wait it
+    /// needs when that would pass `deadline`.
+    pub async fn wait(&self, key: &str, deadline: Instant) -> Result<bool, Duration> {
+        wait_for(deadline, || self.check(key)).await
+    }
+}
+
 /// The server's rate limiters, shared by every action.
 pub struct RateLimits {
     global: Option<(Rate, DefaultDirectRateLimiter)>,
-    rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<String>)>,
+    rules: Vec<(RateLimitRule, KeyedRateLimit)>,
 }
 
 impl RateLimits {
-    pub fn new(settings: &RateLimitSettings) -> Self {
+    /// `global` limits all sends together; of `per_host`, the first rule whose pattern matches
+    /// a destination applies.
+    pub fn new(global: Option<Rate>, per_host: &[RateLimitRule]) -> Self {
         Self {
-            global: settings.global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
-            rules: settings
-                .per_host
+            global: global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
+            rules: per_host
                 .iter()
-                .map(|rule| (rule.clone(), RateLimiter::keyed(rule.rate.quota())))
+                .map(|rule| (rule.clone(), KeyedRateLimit::new(rule.pattern.to_string(), rule.rate)))
                 .collect(),
         }
+    }
+
+    /// No limit is configured: nothing to wait for.
+    pub fn is_empty(&self) -> bool {
+        self.global.is_none() && self.rules.is_empty()
     }
 
     /// Waits until `key` (host:port of `host` on `port`) may be sent to: its per-destination
@@ -161,12 +188,7 @@ impl RateLimits {
         let started = Instant::now();
         let mut slept = false;
         if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
-            let key = key.to_owned();
-            slept |= wait_for(deadline, || {
-                limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
-            })
-            .await
-            .map_err(|wait| {
+            slept |= limiter.wait(key, deadline).await.map_err(|wait| {
                 RateLimitError(format!(
                     "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
                     rule.rate,
@@ -174,9 +196,6 @@ impl RateLimits {
                     crate::fmt::fmt_duration(wait)
                 ))
             })?;
-            if limiter.len() > PRUNE_ABOVE {
-                limiter.retain_recent();
-            }
         }
         if let Some((rate, limiter)) = &self.global {
             slept |= wait_for(deadline, || {
@@ -201,15 +220,22 @@ impl RateLimits {
 pub struct RateLimit(pub Arc<RateLimits>);
 
 impl Step for RateLimit {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let to = context.destination.clone();
-        let waited = self.0.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
-        if !waited.is_zero() {
-            tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
-            crate::metrics::rate_limit_waited(&to.key, waited);
+    type Held = ();
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<()> {
+        if self.0.is_empty() {
+            return Before::Go(());
         }
-        next.oneshot(request).await.map_err(Into::into)
+        let (limits, context) = (self.0.clone(), request.context.clone());
+        Before::Wait(Box::pin(async move {
+            let to = &context.destination;
+            let waited = limits.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
+            if !waited.is_zero() {
+                tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
+                crate::metrics::rate_limit_waited(&to.key, waited);
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -235,14 +261,11 @@ async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
-
-    fn rate(s: &str) -> Rate {
-        s.parse().unwrap()
-    }
+    use crate::client::attempt::tests::Harness;
 
     #[test]
     fn parses_rates_and_rules() {
+        let rate = |s: &str| s.parse::<Rate>().unwrap();
         let r = rate("10/s burst 20");
         assert_eq!((r.count.get(), r.period, r.burst.get()), (10, Duration::from_secs(1), 20));
         assert_eq!(rate("600/m").burst.get(), 600);
@@ -259,10 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_that_cannot_fit_fails_at_once() {
-        let limits = RateLimits::new(&RateLimitSettings {
-            per_host: vec!["h=1/m".parse().unwrap()],
-            ..RateLimitSettings::default()
-        });
+        let limits = RateLimits::new(None, &["h=1/m".parse().unwrap()]);
         let deadline = Instant::now() + Duration::from_secs(5);
         assert!(limits.acquire("h:80", "h", 80, deadline).await.is_ok());
         let started = Instant::now();
@@ -281,10 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn global_limit_spaces_sends() {
-        let limits = RateLimits::new(&RateLimitSettings {
-            global: Some(rate("20/s burst 1")),
-            ..RateLimitSettings::default()
-        });
+        let limits = RateLimits::new(Some("20/s burst 1".parse().unwrap()), &[]);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         for i in 0..4 {
@@ -296,21 +313,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_refuses_a_wait_past_the_deadline_without_calling_inner() {
-        let rate = Arc::new(RateLimits::new(&RateLimitSettings {
-            per_host: vec!["h=1/m".parse().unwrap()],
-            ..RateLimitSettings::default()
-        }));
-        let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
-        let mut service = StepLayer(RateLimit(rate)).layer(mock);
-        let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
-        let first = tokio::spawn(service.call(request()));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(http::Response::new(()));
-        assert!(first.await.unwrap().is_ok());
-        let err = service.call(request()).await.unwrap_err();
+        let rate = Arc::new(RateLimits::new(None, &["h=1/m".parse().unwrap()]));
+        let mut layer = Harness::new(StepLayer(RateLimit(rate)));
+        assert!(layer.exchange("http://h/", Duration::from_secs(5), 200).await.is_ok());
+        let err = layer.refused("http://h/", Duration::from_secs(5)).await;
         assert!(err.is::<RateLimitError>(), "{err}");
         assert!(err.to_string().contains("1/m burst 1"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "nothing was sent");
+        assert!(layer.nothing_more_sent().await, "nothing was sent");
     }
 }

@@ -3,20 +3,29 @@
 //! de-duplicate), a fresh `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64
 //! HMAC-SHA256 over "id.timestamp.body">`. It sits above the credentials layer, so an AWS
 //! signature covers these headers too.
-use super::attempt::{Next, Reply, Step, StepLayer};
+use super::attempt::{AttemptRequest, Before, Step, StepLayer};
 use crate::action::{ErrorKind, Signing};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Request};
 use std::{sync::Arc, time::SystemTime};
-use tower::ServiceExt as _;
 
-/// What an attempt is signed with, carried in the request's extensions.
-#[derive(Clone)]
+/// What an action's attempts are signed with, in its `AttemptContext`.
+#[derive(Debug, Clone)]
 pub struct SignRequest {
     pub signing: Signing,
     /// The message id: the action's id.
     pub message_id: Arc<str>,
+}
+
+impl SignRequest {
+    /// The signing of action `id`; none (and nothing allocated) when it is not signed.
+    pub fn of(signing: &Signing, id: &str) -> Option<Self> {
+        match signing {
+            Signing::None => None,
+            signing => Some(Self { signing: signing.clone(), message_id: id.into() }),
+        }
+    }
 }
 
 /// A request that cannot carry its signature (an id or a map that does not fit).
@@ -38,20 +47,23 @@ pub struct Signer;
 pub type SigningLayer = StepLayer<Signer>;
 
 impl Step for Signer {
-    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
-        if let Some(sign) = request.extensions_mut().remove::<SignRequest>() {
-            match &sign.signing {
-                Signing::None => {}
-                Signing::StandardWebhooks { key } => {
-                    let now = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs();
-                    standard_webhooks(&mut request, key, &sign.message_id, now)?;
-                }
+    type Held = ();
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<()> {
+        // Unsigned actions (the common path) pass at once.
+        let Some(sign) = &request.context.signing else { return Before::Go(()) };
+        let signed = match &sign.signing {
+            Signing::None => Ok(()),
+            Signing::StandardWebhooks { key } => {
+                let now =
+                    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+                standard_webhooks(&mut request.http, key, &sign.message_id, now)
             }
+        };
+        match signed {
+            Ok(()) => Before::Go(()),
+            Err(e) => Before::Refuse(e.into()),
         }
-        next.oneshot(request).await.map_err(Into::into)
     }
 }
 
@@ -96,9 +108,8 @@ pub fn standard_webhooks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::attempt::tests::request;
+    use crate::client::attempt::tests::{request, Harness};
     use std::time::Duration;
-    use tower::{Layer as _, Service as _};
 
     /// The example of the Standard Webhooks reference libraries' tests.
     #[test]
@@ -113,23 +124,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn every_attempt_is_signed_anew() {
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, http::Response<()>>();
-        let mut service = StepLayer(Signer).layer(mock);
-        let mut req = request("http://h/", Duration::from_secs(30));
-        *req.body_mut() = Bytes::from_static(b"{}");
-        req.extensions_mut().insert(SignRequest {
-            signing: Signing::StandardWebhooks { key: Arc::from(&b"k"[..]) },
-            message_id: "act-1".into(),
-        });
-        let call = tokio::spawn(service.call(req));
-        let (sent, reply) = handle.next_request().await.unwrap();
-        let timestamp: u64 = sent.headers()["webhook-timestamp"].to_str().unwrap().parse().unwrap();
-        assert_eq!(sent.headers()["webhook-id"], "act-1");
-        assert_eq!(
-            sent.headers()["webhook-signature"],
-            webhook_signature(b"k", "act-1", timestamp, b"{}").as_str()
-        );
-        reply.send_response(http::Response::new(()));
+        let mut harness = Harness::new(StepLayer(Signer));
+        let signing = Signing::StandardWebhooks { key: Arc::from(&b"k"[..]) };
+        for _ in 0..2 {
+            let mut req = request("http://h/", Duration::from_secs(30));
+            *req.http.body_mut() = Bytes::from_static(b"{}");
+            Arc::get_mut(&mut req.context).unwrap().signing = SignRequest::of(&signing, "act-1");
+            let call = harness.send(req).await;
+            let sent = harness.answer(200).await.http;
+            let timestamp: u64 = sent.headers()["webhook-timestamp"].to_str().unwrap().parse().unwrap();
+            assert_eq!(sent.headers()["webhook-id"], "act-1");
+            assert_eq!(
+                sent.headers()["webhook-signature"],
+                webhook_signature(b"k", "act-1", timestamp, b"{}").as_str()
+            );
+            call.await.unwrap().unwrap();
+        }
+        // An unsigned action passes untouched.
+        let call = harness.start("http://h/", Duration::from_secs(30)).await;
+        assert!(harness.answer(200).await.http.headers().get("webhook-signature").is_none());
         call.await.unwrap().unwrap();
+        assert!(SignRequest::of(&Signing::None, "act-1").is_none());
     }
 }

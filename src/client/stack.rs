@@ -2,31 +2,32 @@
 //! a failed attempt's error is classified.
 use super::{
     admission::Limits,
-    attempt::{BoxFuture, StepLayer},
+    attempt::{AttemptRequest, StepLayer},
     breaker::{Breaker, BreakerError},
     concurrency::{DestinationSlot, SlotError},
     cool_down::{CoolDown, CoolDownError},
     credentials::{Credentials, CredentialsError},
     error::SendFailure,
     rate_limit::{RateLimit, RateLimitError},
-    redirect::Redirect,
+    redirect::RedirectLayer,
     signing::{Signer, SigningError},
+    tenant::{TenantQuota, TenantQuotaError},
     timeout::{AttemptTimeout, TimeoutError},
 };
 use crate::action::{ActionError, AttemptEnd, ErrorKind};
-use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use tower::{BoxError, Service, ServiceBuilder};
 
 /// One attempt, outermost first. Refusals come before waits, waits before the clock starts,
-/// and the clock bounds everything that may send.
+/// and the clock bounds everything that may send. No layer boxes its future; a layer boxes a
+/// wait only when one is due.
 pub fn attempt_stack<S, B>(
     limits: &Limits,
     credentials: &Credentials,
     client: S,
-) -> impl Service<Request<Bytes>, Response = Response<B>, Error = BoxError, Future = BoxFuture<Response<B>>> + Send
+) -> impl Service<AttemptRequest, Response = Response<B>, Error = BoxError, Future: Send> + Send
 where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<AttemptRequest, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Send + 'static,
@@ -37,6 +38,9 @@ where
         // A destination that answered 429 Retry-After holds back every action to it, and the
         // 429s seen here start such a cool-down.
         .layer(StepLayer(CoolDown(limits.cool_downs())))
+        // The tenant's own rate quota, before the shared limits: a tenant over its quota waits
+        // in its own bucket without spending the global or a destination's tokens.
+        .layer(StepLayer(TenantQuota(limits.tenants())))
         // Global and per-destination rate limits: waits, bounded by the total deadline.
         .layer(StepLayer(RateLimit(limits.rate())))
         // A slot to the destination, held until the response (body included) is dropped.
@@ -48,10 +52,10 @@ where
         .layer(StepLayer(credentials.clone()))
         // The attempt's clock starts once it may send, and bounds every hop (the body read
         // is bounded by the same instant).
-        .layer(StepLayer(AttemptTimeout))
+        .layer(AttemptTimeout::layer())
         // Each hop is its own send through the client, so the egress-checking connector
         // dials every one; credentials are dropped across origins.
-        .layer(StepLayer(Redirect))
+        .layer(RedirectLayer)
         // The pooled client, decompression around it (`HttpClient`).
         .service(client)
 }
@@ -71,7 +75,11 @@ pub fn classify(error: &BoxError) -> Failed {
     if error.is::<BreakerError>() {
         return refused(ErrorKind::CircuitOpen);
     }
-    if error.is::<CoolDownError>() || error.is::<RateLimitError>() || error.is::<SlotError>() {
+    if error.is::<CoolDownError>()
+        || error.is::<RateLimitError>()
+        || error.is::<SlotError>()
+        || error.is::<TenantQuotaError>()
+    {
         return refused(ErrorKind::RateLimited);
     }
     // Credentials that could not be had (a failed token fetch) or applied: nothing was sent.
@@ -96,6 +104,29 @@ pub fn classify(error: &BoxError) -> Failed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::{
+        attempt::AttemptRequest,
+        credentials::oauth2::{HttpTokenFetcher, TokenCache},
+        HttpClient,
+    };
+
+    #[test]
+    fn the_stack_future_holds_no_copy_of_the_stack() {
+        fn future_size<S: Service<AttemptRequest>>(_: &S) -> usize {
+            std::mem::size_of::<S::Future>()
+        }
+        let egress = std::sync::Arc::new(crate::client::egress::EgressPolicy::new(Default::default()));
+        let client = HttpClient::new(&Default::default(), egress).unwrap();
+        let tokens =
+            TokenCache::new(HttpTokenFetcher::new(client.clone(), Default::default()), Default::default());
+        let limits = Limits::new(&Default::default(), &Default::default());
+        let stack = attempt_stack(&limits, &Credentials::new(tokens), client);
+        // Every layer's future holds the next one's: a layer that kept the rest of the stack (or
+        // the redirect state) inline would make each future above it that much larger, and every
+        // attempt would copy it. 256 bytes on x86_64 today; the stack itself is larger.
+        assert!(future_size(&stack) < std::mem::size_of_val(&stack), "{}", future_size(&stack));
+        assert!(future_size(&stack) <= 512, "{}", future_size(&stack));
+    }
 
     #[test]
     fn errors_are_refusals_or_failed_attempts() {
@@ -106,6 +137,8 @@ mod tests {
         // A token that could not be had ends the action before anything is sent.
         let auth: BoxError = CredentialsError::new(ErrorKind::Auth, "the token endpoint answered 500").into();
         assert!(matches!(classify(&auth), Failed::Refused(e) if e.kind == ErrorKind::Auth));
+        let quota: BoxError = TenantQuotaError("tenant \"t\" is over its rate quota".into()).into();
+        assert!(matches!(classify(&quota), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
         let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();
         assert!(matches!(
             classify(&sent),

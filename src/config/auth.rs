@@ -1,7 +1,7 @@
 //! `[auth.profiles.NAME]`: named credentials from the server's config, turned into the
 //! domain's `AuthProfiles` (checked at start, naming the profile and key of each problem).
-use super::ConfigError;
 use crate::action::{AuthInput, AuthProfile, AuthProfiles, OAuth2Input, SigV4Input};
+use crate::settings::SettingError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// `[auth.profiles.NAME]`: one credential each. Values may hold `{{secret:NAME}}`
-    /// references, read at each use. Default none.
+    /// references, read at each use. Checked while read. Default none.
+    #[serde(deserialize_with = "checked_profiles")]
     pub profiles: BTreeMap<String, AuthProfileConfig>,
 }
 
@@ -68,15 +69,29 @@ pub enum ApiKeyIn {
     Query,
 }
 
+/// The profiles, each checked as the domain will use it, so a bad one fails at start with
+/// its key and source.
+fn checked_profiles<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, AuthProfileConfig>, D::Error> {
+    let profiles = BTreeMap::<String, AuthProfileConfig>::deserialize(d)?;
+    to_domain(&profiles).map_err(serde::de::Error::custom)?;
+    Ok(profiles)
+}
+
+fn to_domain(profiles: &BTreeMap<String, AuthProfileConfig>) -> Result<AuthProfiles, String> {
+    let domain = profiles.iter().map(|(name, p)| (name.clone(), p.to_domain())).collect();
+    AuthProfiles::new(domain).map_err(|bad| {
+        let what: Vec<String> =
+            bad.violations.iter().map(|v| format!("{} {}", v.field, v.description)).collect();
+        what.join("; ")
+    })
+}
+
 impl AuthConfig {
     /// The profiles as the domain checks and uses them.
-    pub fn profiles(&self) -> Result<AuthProfiles, ConfigError> {
-        let profiles = self.profiles.iter().map(|(name, p)| (name.clone(), p.to_domain())).collect();
-        AuthProfiles::new(profiles).map_err(|bad| {
-            let what: Vec<String> =
-                bad.violations.iter().map(|v| format!("{} {}", v.field, v.description)).collect();
-            ConfigError(what.join("; "))
-        })
+    pub fn profiles(&self) -> Result<AuthProfiles, SettingError> {
+        to_domain(&self.profiles).map_err(|e| SettingError::new("auth.profiles", e))
     }
 }
 

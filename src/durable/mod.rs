@@ -32,20 +32,25 @@ use std::{
 };
 use tokio::sync::{oneshot, Notify};
 
-/// Settings of durable actions.
-#[derive(Debug, Clone)]
+/// The `[durable]` section: durable actions (DurableActionService).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DurableSettings {
     /// Unfinished actions stored at most; past this Submit is RESOURCE_EXHAUSTED. Default 100000.
     pub max_pending: u64,
     /// How long final actions are kept before they are purged. Default 7 days.
+    #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Header carrying the action id on POST and PATCH; `None` adds none. Default
-    /// `Idempotency-Key`.
+    /// Header carrying the action id on POST and PATCH; `None` (written as the empty string)
+    /// adds none. Default `Idempotency-Key`.
+    #[serde(with = "crate::settings::optional_header")]
     pub idempotency_header: Option<HeaderName>,
     /// Attempts the runner has in flight at once. Default 256.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent: usize,
     /// Attempts the runner has in flight to one destination at once, so a slow host cannot
     /// take every place. Default 32.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent_per_destination: usize,
 }
 
@@ -304,9 +309,7 @@ impl Durable {
             return finish(None, final_failed(&error, result));
         }
         // One attempt through the executor, within min(attempt timeout, time left).
-        let mut one = plan.action.clone();
-        one.retry.max_attempts = 1;
-        one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        let one = plan.action.one_attempt(remaining);
         let mut buffered = Buffered;
         let run = self.inner.executor.run_admitted(admission, &one, None, &mut buffered);
         let outcome = tokio::select! {
@@ -346,7 +349,7 @@ impl Durable {
                 error.unwrap_or_else(|| ActionError::new(ErrorKind::Cancelled, "no attempt was made"));
             // At least a second: a refusal (an open circuit, say) lasts a while, and each retry
             // is two commits.
-            let backoff = plan.action.retry.backoff(number_in_run).max(Duration::from_secs(1));
+            let backoff = plan.action.retry().backoff(number_in_run).max(Duration::from_secs(1));
             if backoff >= remaining {
                 let result = self.result(claim, None, Some(&error), None);
                 return finish(None, final_failed(&error, result));
@@ -418,7 +421,7 @@ impl Durable {
             result.error = Some(convert::action_error(error));
             result.proceed = self
                 .plan(&stored.request)
-                .is_ok_and(|p| p.action.on_failure == crate::action::OnFailure::Continue);
+                .is_ok_and(|p| p.action.on_failure() == crate::action::OnFailure::Continue);
         }
         result.attempts =
             stored.record.attempts.iter().filter_map(|a| pb::Attempt::decode(a.as_ref()).ok()).collect();
@@ -545,20 +548,21 @@ impl Durable {
             error: Some(convert::action_error(interrupted)),
             ..Default::default()
         };
-        if !plan.action.retry.may_repeat {
+        if !plan.action.retry().may_repeat {
             let error = ActionError::new(
                 ErrorKind::Cancelled,
                 format!(
                     "attempt {} was cut off and may have been sent; a {} without an idempotency key \
                      is not repeated",
-                    claim.attempt, plan.action.method
+                    claim.attempt,
+                    plan.action.method()
                 ),
             );
             return final_failed(&error, self.result(claim, Some(&record), Some(&error), None));
         }
         let in_run = claim.attempt.saturating_sub(claim.stored.run_base);
         let left = claim.stored.deadline_at.duration_since(SystemTime::now()).unwrap_or_default();
-        if in_run >= plan.action.retry.max_attempts || left.is_zero() {
+        if in_run >= plan.action.retry().max_attempts || left.is_zero() {
             return final_failed(interrupted, self.result(claim, Some(&record), Some(interrupted), None));
         }
         Next::Retry { at: SystemTime::now(), last_error: Some(encode(&convert::action_error(interrupted))) }

@@ -186,3 +186,25 @@ async fn insecure_warns_on_stderr() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--insecure") && stderr.contains("not verified"), "{stderr}");
 }
+
+#[tokio::test]
+async fn include_prints_the_response_as_curl_i_does() {
+    let upstream = Upstream::start(|_| async {
+        let mut reply = json(404, serde_json::json!({ "missing": "order" }));
+        reply.headers_mut().insert("x-request-id", http::HeaderValue::from_static("r-7"));
+        reply
+    })
+    .await;
+    let out = exec(&["-i", &upstream.url("/orders/9")]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (head, body) = stdout.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no blank line:\n{stdout}"));
+    let mut lines = head.split("\r\n");
+    assert_eq!(lines.next(), Some("HTTP/1.1 404 Not Found"), "{stdout}");
+    assert!(lines.any(|l| l.eq_ignore_ascii_case("x-request-id: r-7")), "{stdout}");
+    assert_eq!(serde_json::from_str::<Value>(body).ok(), Some(serde_json::json!({ "missing": "order" })));
+    assert!(stderr.contains("UNEXPECTED_STATUS"), "the failure is on stderr: {stderr}");
+    assert!(!stdout.contains("OUTCOME_"), "no outcome JSON with -i: {stdout}");
+}

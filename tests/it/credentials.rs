@@ -197,7 +197,7 @@ async fn a_token_endpoint_the_egress_policy_denies_is_denied_by_policy() {
     let idp = token_server(issuer.clone(), "127.0.0.2:0").await;
     let api = Upstream::fixed(200, "ok").await;
     let mut settings = test_settings();
-    settings.client.egress.deny = vec!["127.0.0.2/32".parse().unwrap()];
+    settings.egress.deny = vec!["127.0.0.2/32".parse().unwrap()];
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(with_auth("GET", &api.url("/"), oauth2(&idp.url("/token")))).await;
     assert_eq!(error_kind(&resp), pb::ErrorKind::DeniedByPolicy, "{resp:?}");

@@ -25,6 +25,7 @@ mod secrets;
 mod service;
 mod smoke;
 mod streaming;
+mod tenants;
 mod timeouts;
 mod timings;
 mod tls;

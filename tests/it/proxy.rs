@@ -398,7 +398,7 @@ async fn socks_session(
 /// Test settings where `name` is fixed at `ip` (as `--resolve`), so nothing is looked up.
 fn resolving(name: &str, ip: [u8; 4]) -> ExecSettings {
     let mut settings = test_settings();
-    settings.client.resolve = vec![(name.to_owned(), vec![IpAddr::from(ip)])];
+    settings.client.resolve = [(name.to_owned(), vec![IpAddr::from(ip)])].into();
     settings
 }
 
@@ -450,7 +450,7 @@ async fn socks5_targets_pass_the_egress_policy_by_their_resolved_address() {
     let socks = SocksProxy::start(None).await;
     // The operator's proxy on loopback is trusted; the target resolves to the metadata address.
     let mut settings = resolving("meta.example.test", [169, 254, 169, 254]);
-    settings.client.egress.allow_private_networks = false;
+    settings.egress.allow_private_networks = false;
     let proxy_url = ProxyUrl::parse(&socks.url("socks5")).unwrap();
     settings.client.proxies = Proxies::new(Some(proxy_url.clone()), Some(proxy_url), NoProxy::default());
     let sidecar = Sidecar::start_with(settings).await;
@@ -464,7 +464,7 @@ async fn socks5_targets_pass_the_egress_policy_by_their_resolved_address() {
 async fn an_actions_socks_proxy_must_pass_the_egress_policy_itself() {
     let socks = SocksProxy::start(None).await;
     let mut settings = test_settings();
-    settings.client.egress.allow_private_networks = false;
+    settings.egress.allow_private_networks = false;
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(via("http://api.example.test/", &socks.url("socks5h"))).await;
     assert_eq!(error_kind(&resp), pb::ErrorKind::DeniedByPolicy, "{resp:?}");

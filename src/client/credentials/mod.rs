@@ -9,12 +9,13 @@
 pub mod oauth2;
 pub mod sigv4;
 
-use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
-use crate::action::{Auth, ErrorKind};
+use super::attempt::{AttemptRequest, Before, Reply, Step, StepLayer};
+use crate::action::{Auth, ErrorKind, OAuth2Credential};
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request};
-use oauth2::{Found, TokenCache};
-use tower::ServiceExt as _;
+use oauth2::{Found, Token, TokenCache};
+use std::sync::Arc;
+use tower::BoxError;
 
 /// Why an attempt's credentials could not be applied. Nothing was sent to the upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,45 +60,73 @@ impl Credentials {
 /// Credentials as a layer of the attempt stack.
 pub type CredentialsLayer = StepLayer<Credentials>;
 
+/// The OAuth2 token an attempt was sent with, and where to drop it if the upstream rejects it.
+pub struct SentToken {
+    tokens: TokenCache,
+    credential: Arc<OAuth2Credential>,
+    token: Token,
+}
+
 impl Step for Credentials {
-    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
-        // Taken out: the hops below have no use for it.
-        let auth = request.extensions_mut().remove::<Auth>().unwrap_or_default();
-        match auth {
-            Auth::None => {}
-            Auth::Header { name, value } => set(&mut request, name, value)?,
-            Auth::Query { pair } => add_query(&mut request, &pair)?,
+    /// Boxed (one pointer in the future): only OAuth2 attempts have one.
+    type Held = Option<Box<SentToken>>;
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
+        // The context stays with this layer: the hops below never see the credential.
+        let applied = match &request.context.auth {
+            // No auth (the common path): nothing to do, nothing allocated.
+            Auth::None => return Before::Go(None),
+            Auth::Header { name, value } => set(&mut request.http, name.clone(), value.clone()),
+            Auth::Query { pair } => add_query(&mut request.http, pair),
             Auth::AwsSigV4(credential) => {
-                sigv4::sign(&mut request, &credential, std::time::SystemTime::now())?
+                sigv4::sign(&mut request.http, credential, std::time::SystemTime::now())
             }
             Auth::OAuth2(credential) => {
-                let deadline = tokio::time::Instant::from_std(AttemptContext::of(&request)?.deadline);
-                let label = credential.profile.as_deref().unwrap_or(INLINE);
-                let (token, found) = match self.tokens.get(&credential, deadline).await {
-                    Ok(got) => got,
-                    Err(e) => {
-                        crate::metrics::oauth2_token_failed(label);
-                        return Err(e.into());
+                // A wait, within the action's deadline: a cached token comes at once, a fetch is
+                // shared with every action that wants the same token. `waited` sets it.
+                let (tokens, credential) = (self.tokens.clone(), credential.clone());
+                let deadline = tokio::time::Instant::from_std(request.context.deadline);
+                return Before::Wait(Box::pin(async move {
+                    let label = credential.profile.as_deref().unwrap_or(INLINE);
+                    let (token, found) = match tokens.get(&credential, deadline).await {
+                        Ok(got) => got,
+                        Err(e) => {
+                            crate::metrics::oauth2_token_failed(label);
+                            return Err(e.into());
+                        }
+                    };
+                    match found {
+                        Found::Cached => crate::metrics::oauth2_token_cache_hit(label),
+                        Found::Fetched => crate::metrics::oauth2_token_fetched(label),
                     }
-                };
-                match found {
-                    Found::Cached => crate::metrics::oauth2_token_cache_hit(label),
-                    Found::Fetched => crate::metrics::oauth2_token_fetched(label),
-                }
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.value)).map_err(|_| {
-                    CredentialsError::new(ErrorKind::Auth, "the access token does not fit a header")
-                })?;
-                value.set_sensitive(true);
-                set(&mut request, header::AUTHORIZATION, value)?;
-                let mut response = next.oneshot(request).await.map_err(Into::into)?;
-                if credential.refresh_on_status.contains(&response.status().as_u16()) {
-                    self.tokens.reject(&credential, &token);
-                    response.extensions_mut().insert(CredentialsRejected);
-                }
-                return Ok(response);
+                    Ok(Some(Box::new(SentToken { tokens, credential, token })))
+                }));
             }
+        };
+        match applied {
+            Ok(()) => Before::Go(None),
+            Err(e) => Before::Refuse(e.into()),
         }
-        next.oneshot(request).await.map_err(Into::into)
+    }
+
+    fn waited(held: &mut Self::Held, request: &mut AttemptRequest) -> Result<(), BoxError> {
+        let Some(sent) = held else { return Ok(()) };
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", sent.token.value))
+            .map_err(|_| CredentialsError::new(ErrorKind::Auth, "the access token does not fit a header"))?;
+        value.set_sensitive(true);
+        set(&mut request.http, header::AUTHORIZATION, value)?;
+        Ok(())
+    }
+
+    fn after<B>(held: Self::Held, reply: Reply<B>) -> Reply<B> {
+        let Some(sent) = held else { return reply };
+        let mut response = reply?;
+        if sent.credential.refresh_on_status.contains(&response.status().as_u16()) {
+            // Stale: dropped, and the response marked for the action's one retry with a new one.
+            sent.tokens.reject(&sent.credential, &sent.token);
+            response.extensions_mut().insert(CredentialsRejected);
+        }
+        Ok(response)
     }
 }
 
@@ -131,19 +160,14 @@ fn add_query(request: &mut Request<Bytes>, pair: &str) -> Result<(), Credentials
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::action::OAuth2Credential;
-    use crate::client::attempt::tests::request;
+    use crate::client::attempt::tests::{request, Harness};
     use oauth2::{FetchToken, Issued, TokenSettings};
     use std::{
         future::Future,
         pin::Pin,
-        sync::{
-            atomic::{AtomicU64, Ordering},
-            Arc,
-        },
+        sync::atomic::{AtomicU64, Ordering},
         time::Duration,
     };
-    use tower::{Layer as _, Service as _};
 
     #[derive(Clone, Default)]
     struct Issuer(Arc<AtomicU64>);
@@ -163,40 +187,39 @@ mod tests {
         StepLayer(Credentials::new(TokenCache::new(issuer.clone(), TokenSettings::default())))
     }
 
-    fn with(auth: Auth, url: &str) -> Request<Bytes> {
+    fn with(auth: Auth, url: &str) -> AttemptRequest {
         let mut request = request(url, Duration::from_secs(30));
-        request.extensions_mut().insert(auth);
+        if let Some(context) = Arc::get_mut(&mut request.context) {
+            context.auth = auth;
+        }
         request
     }
 
     #[tokio::test(start_paused = true)]
     async fn static_credentials_are_set_on_the_request() {
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, http::Response<()>>();
-        let mut service = layer(&Issuer::default()).layer(mock);
+        let mut harness = Harness::new(layer(&Issuer::default()));
         let mut value = HeaderValue::from_static("k");
         value.set_sensitive(true);
-        let call = tokio::spawn(
-            service.call(with(Auth::Header { name: "x-key".parse().unwrap(), value }, "http://h/p")),
-        );
-        let (sent, reply) = handle.next_request().await.unwrap();
+        let call =
+            harness.send(with(Auth::Header { name: "x-key".parse().unwrap(), value }, "http://h/p")).await;
+        let sent = harness.answer(200).await.http;
         assert_eq!(sent.headers()["x-key"], "k");
         assert!(sent.headers()["x-key"].is_sensitive(), "so a cross-origin redirect drops it");
-        assert!(sent.extensions().get::<Auth>().is_none());
-        reply.send_response(http::Response::new(()));
         call.await.unwrap().unwrap();
-        let call =
-            tokio::spawn(service.call(with(Auth::Query { pair: "key=a%26b".into() }, "http://h/p?x=1")));
-        let (sent, reply) = handle.next_request().await.unwrap();
-        assert_eq!(sent.uri(), "http://h/p?x=1&key=a%26b");
-        reply.send_response(http::Response::new(()));
+        let call = harness.send(with(Auth::Query { pair: "key=a%26b".into() }, "http://h/p?x=1")).await;
+        assert_eq!(harness.answer(200).await.http.uri(), "http://h/p?x=1&key=a%26b");
+        call.await.unwrap().unwrap();
+        // No auth: the request goes on as it is.
+        let call = harness.start("http://h/p", Duration::from_secs(30)).await;
+        let sent = harness.answer(200).await.http;
+        assert!(sent.headers().is_empty() && sent.uri() == "http://h/p");
         call.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_rejected_token_is_dropped_and_the_response_marked() {
         let issuer = Issuer::default();
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, http::Response<()>>();
-        let mut service = layer(&issuer).layer(mock);
+        let mut harness = Harness::new(layer(&issuer));
         let credential = Arc::new(OAuth2Credential {
             token_url: url::Url::parse("http://idp.test/token").unwrap(),
             client_id: "c".into(),
@@ -210,13 +233,10 @@ mod tests {
         });
         let mut statuses = vec![];
         for status in [200, 401, 200] {
-            let call = tokio::spawn(service.call(with(Auth::OAuth2(credential.clone()), "http://h/")));
-            let (sent, reply) = handle.next_request().await.unwrap();
+            let call = harness.send(with(Auth::OAuth2(credential.clone()), "http://h/")).await;
+            let sent = harness.answer(status).await.http;
             statuses.push(sent.headers()[header::AUTHORIZATION].to_str().unwrap().to_owned());
             assert!(sent.headers()[header::AUTHORIZATION].is_sensitive());
-            let mut response = http::Response::new(());
-            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
-            reply.send_response(response);
             let response = call.await.unwrap().unwrap();
             assert_eq!(response.extensions().get::<CredentialsRejected>().is_some(), status == 401);
         }

@@ -9,8 +9,13 @@
 //! rejected is dropped only if it is still the current one (`reject` compares its generation),
 //! so any number of actions rejected with the same token cause one new fetch: no refresh storm.
 use super::CredentialsError;
-use crate::action::{ErrorKind, OAuth2Credential};
-use crate::client::{error::SendFailure, http_client::HttpClient};
+use crate::action::{ErrorKind, OAuth2Credential, RedirectPolicy, DEFAULT_CONNECT_TIMEOUT};
+use crate::client::{
+    attempt::{AttemptContext, AttemptRequest, StartSignal},
+    error::SendFailure,
+    host::Destination,
+    http_client::HttpClient,
+};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request};
@@ -308,7 +313,7 @@ async fn fetch(
     loop {
         tries += 1;
         let until = deadline.min(Instant::now() + settings.timeout);
-        let tried = tokio::time::timeout_at(until, request_token(client, credential)).await;
+        let tried = tokio::time::timeout_at(until, request_token(client, credential, until)).await;
         let failed = match tried {
             Ok(Ok(issued)) => return Ok(issued),
             Ok(Err(failed)) => failed,
@@ -389,9 +394,34 @@ pub fn token_request(credential: &OAuth2Credential) -> Result<Request<Bytes>, Cr
     Ok(request)
 }
 
-async fn request_token(client: &HttpClient, credential: &OAuth2Credential) -> Result<Issued, TryFailed> {
+/// The token request as the client sends it: one hop, no redirects, no credentials of an
+/// action, within `until`.
+fn token_attempt(http: Request<Bytes>, credential: &OAuth2Credential, until: Instant) -> AttemptRequest {
+    let url = credential.token_url.clone();
+    let context = AttemptContext {
+        destination: Destination::of(&url),
+        deadline: until.into_std(),
+        total: until.saturating_duration_since(Instant::now()),
+        attempt_timeout: until.saturating_duration_since(Instant::now()),
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        redirects: RedirectPolicy { follow: false, max_hops: 0 },
+        url,
+        cool_down_on_429: false,
+        start: StartSignal::default(),
+        tenant: None,
+        auth: crate::action::Auth::None,
+        signing: None,
+    };
+    AttemptRequest { http, context: std::sync::Arc::new(context) }
+}
+
+async fn request_token(
+    client: &HttpClient,
+    credential: &OAuth2Credential,
+    until: Instant,
+) -> Result<Issued, TryFailed> {
     let final_error = |error| TryFailed { error, retry: false };
-    let request = token_request(credential).map_err(final_error)?;
+    let request = token_attempt(token_request(credential).map_err(final_error)?, credential, until);
     let response =
         tower::ServiceExt::oneshot(client.clone(), request).await.map_err(|e| sent_failed(credential, e))?;
     let status = response.status();
