@@ -21,7 +21,9 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 VENV="${POLYGLOT_VENV:-$TARGET_DIR/polyglot-venv}"
 LIMIT="${POLYGLOT_TIMEOUT:-900}"
 CALL_TIMEOUT=60
-PY_PACKAGES=('grpcio==1.85.*' 'grpcio-tools==1.85.*' 'grpcio-status==1.85.*' 'grpcio-reflection==1.85.*')
+# standardwebhooks: the reference verifier of the Standard Webhooks spec (webhook_check.py).
+PY_PACKAGES=('grpcio==1.85.*' 'grpcio-tools==1.85.*' 'grpcio-status==1.85.*' 'grpcio-reflection==1.85.*'
+    'standardwebhooks==1.1.*')
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/callout-polyglot.XXXXXX")"
 PASSED=0
@@ -99,7 +101,7 @@ else
         --target "$VENV-packages" "${PY_PACKAGES[@]}"
     export PYTHONPATH="$VENV-packages${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PY" -c 'import grpc, grpc_tools, grpc_status, grpc_reflection; print("grpcio", grpc.__version__)'
+"$PY" -c 'import grpc, grpc_tools, grpc_status, grpc_reflection, standardwebhooks; print("grpcio", grpc.__version__)'
 
 step "node packages (examples/node)"
 node --version
@@ -349,6 +351,14 @@ done
 
 step "python: the gRPC edge under a stock grpcio client (metadata and recursion limits)"
 run py-edge 0 "$PY" examples/python/edge_check.py --target "$GRPC" --upstream "$UPSTREAM"
+expect '^all [0-9]+ checks passed$'
+if grep -q '^FAIL' "$OUT"; then
+    fail "$CURRENT: a check failed"
+    show_output
+fi
+
+step "python: Standard Webhooks signatures verified by the reference library"
+run py-webhooks 0 "$PY" examples/python/webhook_check.py --target "$GRPC" --upstream "$UPSTREAM"
 expect '^all [0-9]+ checks passed$'
 if grep -q '^FAIL' "$OUT"; then
     fail "$CURRENT: a check failed"

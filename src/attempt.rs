@@ -10,6 +10,7 @@ use crate::{
         admission::Limits,
         attempt::{AttemptContext, AttemptRequest},
         body_budget::{BodyBudget, BudgetError},
+        credentials::{Credentials, CredentialsRejected},
         redirect::Hop,
         response::{head_of, json_depth_within, pieces, views, BodyError, CappedBody, MAX_JSON_DEPTH},
         stack::{attempt_stack, classify, Failed},
@@ -100,6 +101,9 @@ pub struct AttemptResult {
     /// The retry decision, when the attempt already had to make it (a failing status decides
     /// before its body is read, so a body that will be retried is not read).
     pub decision: Option<RetryDecision>,
+    /// The upstream rejected the attempt's OAuth2 token, and the decision is the one retry
+    /// with a new token (which may go past `max_attempts`).
+    pub refreshes_credentials: bool,
 }
 
 /// What became of an attempt the action tried to make.
@@ -131,6 +135,8 @@ pub struct AttemptOf<'a> {
     /// 1-based.
     pub number: u32,
     pub context: &'a Arc<AttemptContext>,
+    /// An earlier attempt was already retried with refreshed credentials.
+    pub refreshed: bool,
 }
 
 impl RunAttempt for Attempts {
@@ -140,7 +146,7 @@ impl RunAttempt for Attempts {
         started: &mut Option<Instant>,
         observer: &mut O,
     ) -> Attempted {
-        let AttemptOf { action, number, context } = of;
+        let AttemptOf { action, number, context, refreshed } = of;
         let deadline = context.deadline;
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
@@ -150,7 +156,7 @@ impl RunAttempt for Attempts {
             Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
         let request = AttemptRequest { http: request, context: context.clone() };
-        let mut stack = attempt_stack(&self.limits, client);
+        let mut stack = attempt_stack(&self.limits, &self.credentials, client);
         // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
         let call = async { stack.ready().await?.call(request).await };
         let mut call = std::pin::pin!(call);
@@ -184,12 +190,15 @@ impl RunAttempt for Attempts {
         };
         let (until, timeout) = bounds(start, context);
         let mut record = AttemptRecord::new(number);
-        let fail =
-            |mut record: AttemptRecord, error: ActionError, end: Option<AttemptEnd>, response, streamed| {
-                record.timing.total = start.elapsed();
-                record.error = Some(error);
-                AttemptResult { record, end, response, streamed, decision: None }
-            };
+        let fail = |mut record: AttemptRecord,
+                    error: ActionError,
+                    end: Option<AttemptEnd>,
+                    response,
+                    streamed| {
+            record.timing.total = start.elapsed();
+            record.error = Some(error);
+            AttemptResult { record, end, response, streamed, decision: None, refreshes_credentials: false }
+        };
         let response = match sent {
             Ok(response) => response,
             Err(e) => {
@@ -218,6 +227,7 @@ impl RunAttempt for Attempts {
         let head = head_of(&response);
         let status = head.status;
         let retry_after = retry_after(&response);
+        let rejected = response.extensions().get::<CredentialsRejected>().is_some();
         // The head's extensions hold the destination slot until the attempt is over.
         let (_parts, body) = response.into_parts();
         record.status = Some(status);
@@ -228,9 +238,17 @@ impl RunAttempt for Attempts {
         let success = action.success().contains(status);
         let status_end = (!success).then_some(AttemptEnd::Status { status, retry_after });
         // A status that will be retried is not worth its body: decide now, skip reading it.
+        let mut refreshes_credentials = false;
         let status_decision = status_end.map(|end| {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            action.retry().decide(number, end, remaining)
+            if rejected {
+                let (decision, refreshes) =
+                    action.retry().after_rejected_credentials(number, end, refreshed, remaining);
+                refreshes_credentials = refreshes;
+                decision
+            } else {
+                action.retry().decide(number, end, remaining)
+            }
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
             let error = status_error(action, &head);
@@ -244,6 +262,7 @@ impl RunAttempt for Attempts {
             };
             let mut result = fail(record, error, Some(end), Some(response), false);
             result.decision = Some(retry.clone());
+            result.refreshes_credentials = refreshes_credentials;
             return Attempted::Ran(result);
         }
 
@@ -342,7 +361,14 @@ impl RunAttempt for Attempts {
                 result.decision = decision;
                 result
             }
-            _ => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
+            _ => AttemptResult {
+                record,
+                end: None,
+                response: Some(response),
+                streamed,
+                decision: None,
+                refreshes_credentials: false,
+            },
         })
     }
 }
@@ -488,6 +514,8 @@ pub struct Attempts {
     budget: BodyBudget,
     /// Body cap of ExecuteStream.
     stream_max_response_bytes: u64,
+    /// Applies each action's credentials; holds the shared OAuth2 token cache.
+    credentials: Credentials,
 }
 
 impl Attempts {
@@ -496,8 +524,9 @@ impl Attempts {
         limits: Arc<Limits>,
         budget: BodyBudget,
         stream_max_response_bytes: u64,
+        credentials: Credentials,
     ) -> Self {
-        Self { clients, limits, budget, stream_max_response_bytes }
+        Self { clients, limits, budget, stream_max_response_bytes, credentials }
     }
 
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {

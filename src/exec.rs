@@ -4,8 +4,8 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptEnd, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure,
-        Outcome, ResponseData, RetryDecision, ValidationContext,
+        ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles, ErrorKind, HttpAction,
+        InvalidAction, OnFailure, Outcome, ResponseData, RetryDecision, ValidationContext,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -13,8 +13,13 @@ use crate::{
         attempt::{AttemptContext, StartSignal},
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
+        credentials::{
+            oauth2::{HttpTokenFetcher, TokenCache, TokenSettings},
+            Credentials,
+        },
         egress::EgressSettings,
         host::Destination,
+        signing::SignRequest,
         tenant::TenantSettings,
         ClientBuildError, ClientSettings, Clients,
     },
@@ -62,6 +67,10 @@ pub struct ExecSettings {
     pub action_log: ActionLog,
     /// Per-tenant quotas and weights (`[tenants]`).
     pub tenants: TenantSettings,
+    /// Named credentials (`[auth.profiles.NAME]`), checked at start. Default none.
+    pub auth_profiles: AuthProfiles,
+    /// How OAuth2 tokens are fetched and cached.
+    pub tokens: TokenSettings,
 }
 
 impl Default for ExecSettings {
@@ -76,6 +85,8 @@ impl Default for ExecSettings {
             sensitive_headers: Vec::new(),
             action_log: ActionLog::default(),
             tenants: TenantSettings::default(),
+            auth_profiles: AuthProfiles::default(),
+            tokens: TokenSettings::default(),
         }
     }
 }
@@ -95,11 +106,16 @@ pub struct Executor<A = Attempts> {
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
         let limits = Arc::new(Limits::new(&settings.limits, &settings.tenants));
+        let clients = Clients::new(&settings.client, &settings.egress)?;
+        // Token requests go out on the server's own client: its egress policy, proxies, roots.
+        let fetcher = HttpTokenFetcher::new(clients.default_client(), settings.tokens.clone());
+        let credentials = Credentials::new(TokenCache::new(fetcher, settings.tokens.clone()));
         let attempts = Attempts::new(
-            Clients::new(&settings.client, &settings.egress)?,
+            clients,
             limits.clone(),
             BodyBudget::new(settings.limits.buffered_bytes()),
             settings.stream_max_response_bytes,
+            credentials,
         );
         Ok(Self {
             attempts,
@@ -136,8 +152,11 @@ impl<A: RunAttempt> Executor<A> {
     /// server's secrets, its sensitive headers marked. The server and `callout exec` both call
     /// this, so an action means the same wherever it comes from.
     pub fn action(&self, input: ActionInput) -> Result<HttpAction, InvalidAction> {
-        let context =
-            ValidationContext { secrets: &self.secrets, sensitive_headers: &self.settings.sensitive_headers };
+        let context = ValidationContext {
+            secrets: &self.secrets,
+            sensitive_headers: &self.settings.sensitive_headers,
+            auth_profiles: &self.settings.auth_profiles,
+        };
         HttpAction::from_input_with(input, &context)
     }
 
@@ -218,6 +237,9 @@ impl<A: RunAttempt> Executor<A> {
             cool_down_on_429: !action.success().contains(429),
             start: StartSignal::default(),
             tenant: action.tenant().map(Arc::from),
+            // No auth, no signing: nothing allocated for them.
+            auth: action.auth().clone(),
+            signing: SignRequest::of(action.signing(), action.id()),
         });
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
@@ -239,8 +261,12 @@ impl<A: RunAttempt> Executor<A> {
                 }
             };
         drop(queued);
-        let attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
-        for number in 1..=attempts_allowed {
+        let mut attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
+        // Whether an attempt was already retried with a new OAuth2 token (once per action).
+        let mut refreshed = false;
+        let mut number = 0;
+        while number < attempts_allowed {
+            number += 1;
             // Nothing logs at info inside an attempt: its span is for exported traces and for
             // debug lines, and costs a microsecond per action where neither is wanted.
             let span = if crate::telemetry::spans_exported() {
@@ -250,7 +276,7 @@ impl<A: RunAttempt> Executor<A> {
             };
             let mut started = None;
             let attempt = Box::pin(self.attempts.run(
-                AttemptOf { action, number, context: &context },
+                AttemptOf { action, number, context: &context, refreshed },
                 &mut started,
                 observer,
             ))
@@ -303,6 +329,11 @@ impl<A: RunAttempt> Executor<A> {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 action.retry().after_failure(number, end, result.streamed, remaining)
             });
+            if result.refreshes_credentials {
+                // The retry with a new token is an attempt of its own, past max_attempts if need be.
+                refreshed = true;
+                attempts_allowed = attempts_allowed.max(number + 1);
+            }
             let attempt_error = result.record.error.clone();
             let (will_retry, backoff) = match &decision {
                 RetryDecision::Retry { backoff, reason } => {
@@ -426,6 +457,8 @@ mod tests {
         Error(ErrorKind, bool),
         /// Started, and never ends.
         Hangs,
+        /// A 401 whose OAuth2 token the credentials layer dropped.
+        Rejected,
     }
 
     /// A mock of the attempt: plays its script, one entry per attempt; no sockets.
@@ -461,6 +494,25 @@ mod tests {
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
                 }
                 Scripted::Error(kind, sent) => (Some(AttemptEnd::Error { kind, sent }), None, false),
+                Scripted::Rejected => {
+                    record.status = Some(401);
+                    record.error = Some(ActionError::new(ErrorKind::UnexpectedStatus, "401"));
+                    let end = AttemptEnd::Status { status: 401, retry_after: None };
+                    let (decision, refreshes_credentials) = of.action.retry().after_rejected_credentials(
+                        number,
+                        end,
+                        of.refreshed,
+                        Duration::from_secs(60),
+                    );
+                    return Attempted::Ran(AttemptResult {
+                        record,
+                        end: Some(end),
+                        response: None,
+                        streamed: false,
+                        decision: Some(decision),
+                        refreshes_credentials,
+                    });
+                }
                 Scripted::Hangs | Scripted::Refused(_) => std::future::pending().await,
             };
             if let Some(end) = end {
@@ -471,7 +523,14 @@ mod tests {
                 };
                 record.error = Some(ActionError::new(kind, "failed"));
             }
-            Attempted::Ran(AttemptResult { record, end, response, streamed, decision: None })
+            Attempted::Ran(AttemptResult {
+                record,
+                end,
+                response,
+                streamed,
+                decision: None,
+                refreshes_credentials: false,
+            })
         }
     }
 
@@ -498,6 +557,25 @@ mod tests {
         assert_eq!(outcome.attempts.len(), 2);
         assert!(outcome.attempts[0].backoff.is_some() && outcome.attempts[1].backoff.is_none());
         assert_eq!(outcome.response.unwrap().head.status, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_token_is_retried_once_as_an_attempt_of_its_own() {
+        let once = HttpAction::from_input(ActionInput {
+            method: "POST".into(),
+            url: "http://h.test/".into(),
+            retry: crate::action::RetryInput { max_attempts: 1, ..Default::default() },
+            ..Default::default()
+        })
+        .unwrap();
+        let outcome = executor(&[Scripted::Rejected, Scripted::Status(200)]).execute(&once, None).await;
+        assert!(outcome.succeeded, "{outcome:?}");
+        assert_eq!(outcome.attempts.len(), 2, "the retry with the new token is its own attempt");
+        assert_eq!(outcome.attempts[0].status, Some(401));
+        assert_eq!(outcome.attempts[0].backoff, Some(Duration::ZERO));
+        let outcome = executor(&[Scripted::Rejected, Scripted::Rejected]).execute(&once, None).await;
+        assert_eq!(outcome.attempts.len(), 2, "refreshed once per action, never a storm");
+        assert!(!outcome.succeeded);
     }
 
     #[tokio::test(start_paused = true)]

@@ -592,7 +592,12 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
         // Configured tenants are labels; any other tenant is `other`.
         let labels = MetricsSettings { tenants: config.tenants.names(), ..config.metrics.clone() };
-        Some(callout::metrics::install(bound, &labels).map_err(|e| e.to_string())?)
+        let bound = callout::metrics::install(bound, &labels).map_err(|e| e.to_string())?;
+        // Each profile's OAuth2 series at zero from the first scrape.
+        callout::metrics::oauth2_profiles(
+            &config.auth.profiles.keys().map(String::as_str).collect::<Vec<_>>(),
+        );
+        Some(bound)
     } else {
         None
     };

@@ -45,6 +45,9 @@ pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total"
 pub const BUFFERED_BODY_BYTES: &str = "callout_buffered_body_bytes";
 pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
 pub const BUILD_INFO: &str = "callout_build_info";
+pub const OAUTH2_TOKEN_FETCHES: &str = "callout_oauth2_token_fetches_total";
+pub const OAUTH2_TOKEN_CACHE_HITS: &str = "callout_oauth2_token_cache_hits_total";
+pub const OAUTH2_TOKEN_FAILURES: &str = "callout_oauth2_token_failures_total";
 pub const TENANT_ACTIONS: &str = "callout_tenant_actions_total";
 pub const TENANT_IN_FLIGHT: &str = "callout_tenant_actions_in_flight";
 pub const TENANT_QUEUED: &str = "callout_tenant_actions_queued";
@@ -358,6 +361,33 @@ fn at_zero() {
     if let Some(tenants) = TENANTS.get() {
         tenants.named.values().chain([&tenants.other, &tenants.none]).for_each(TenantSeries::at_zero);
     }
+    oauth2_profiles(&[]);
+}
+
+/// The OAuth2 series of `profiles` (and of inline credentials), made at zero. Profile names
+/// come from the server's config, so the label is bounded.
+pub fn oauth2_profiles(profiles: &[&str]) {
+    for profile in profiles.iter().copied().chain([crate::client::credentials::INLINE]) {
+        let profile = profile.to_owned();
+        counter!(OAUTH2_TOKEN_FETCHES, "profile" => profile.clone()).absolute(0);
+        counter!(OAUTH2_TOKEN_CACHE_HITS, "profile" => profile.clone()).absolute(0);
+        counter!(OAUTH2_TOKEN_FAILURES, "profile" => profile).absolute(0);
+    }
+}
+
+/// A token was fetched from the token endpoint (once however many actions waited for it).
+pub fn oauth2_token_fetched(profile: &str) {
+    counter!(OAUTH2_TOKEN_FETCHES, "profile" => profile.to_owned()).increment(1);
+}
+
+/// An action found its token in the cache.
+pub fn oauth2_token_cache_hit(profile: &str) {
+    counter!(OAUTH2_TOKEN_CACHE_HITS, "profile" => profile.to_owned()).increment(1);
+}
+
+/// An action ended because no token could be had (the fetch failed, or its deadline came).
+pub fn oauth2_token_failed(profile: &str) {
+    counter!(OAUTH2_TOKEN_FAILURES, "profile" => profile.to_owned()).increment(1);
 }
 
 fn describe() {
@@ -376,6 +406,15 @@ fn describe() {
         "Time waited for rate limits and cool-downs."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which callout runs.");
+    describe_counter!(
+        OAUTH2_TOKEN_FETCHES,
+        "OAuth2 tokens fetched from token endpoints, by profile (inline: none)."
+    );
+    describe_counter!(OAUTH2_TOKEN_CACHE_HITS, "Attempts that found their OAuth2 token cached, by profile.");
+    describe_counter!(
+        OAUTH2_TOKEN_FAILURES,
+        "Actions that ended ERROR_KIND_AUTH (or DENIED_BY_POLICY) for want of an OAuth2 token, by profile."
+    );
     describe_gauge!(CIRCUIT_OPEN, "1 while a destination's circuit is open or half-open.");
     describe_gauge!(CONNECTIONS, "Upstream connections open now (pooled or in use).");
     describe_counter!(CONNECTIONS_OPENED, "Upstream connections opened.");

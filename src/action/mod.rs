@@ -1,5 +1,6 @@
 //! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+pub mod auth;
 pub mod condition;
 mod excerpt;
 pub mod extract;
@@ -13,6 +14,10 @@ mod transport;
 mod validate;
 pub mod vars;
 
+pub use auth::{
+    Auth, AuthInput, AuthProfile, AuthProfiles, OAuth2Credential, OAuth2Input, SigV4Credential, SigV4Input,
+    Signing, SigningInput,
+};
 pub use excerpt::excerpt;
 pub use outcome::{
     ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
@@ -59,6 +64,9 @@ pub struct ActionInput {
     pub tls: TlsInput,
     pub proxy_url: String,
     pub max_response_bytes: u64,
+    /// Credentials (a profile's name, or written inline).
+    pub auth: AuthInput,
+    pub signing: SigningInput,
     /// The caller's trace (from the gRPC edge's metadata), continued by every attempt.
     pub trace: Option<TraceContext>,
     /// The tenant the action belongs to; empty for none.
@@ -211,20 +219,27 @@ pub struct HttpAction {
     extract: extract::Extracts,
     success_condition: Option<condition::Condition>,
     retry_condition: Option<condition::Condition>,
+    /// Credentials applied to every attempt (`auth()`).
+    auth: Auth,
+    /// Request signing, recomputed on every attempt (`signing()`).
+    signing: Signing,
 }
 
-/// What validation needs from the server: its secrets and the header names it keeps out of
-/// logs. The default knows no secrets and only the built-in sensitive headers.
+/// What validation needs from the server: its secrets, the header names it keeps out of logs,
+/// and its named credentials. The default knows no secrets, only the built-in sensitive
+/// headers, and no profiles.
 #[derive(Clone, Copy)]
 pub struct ValidationContext<'a> {
     pub secrets: &'a dyn secret_ref::SecretSource,
     /// Headers whose values are marked sensitive besides the built-in ones.
     pub sensitive_headers: &'a [HeaderName],
+    /// `[auth.profiles.NAME]`, for actions naming a profile in `auth.profile`.
+    pub auth_profiles: &'a AuthProfiles,
 }
 
 impl Default for ValidationContext<'_> {
     fn default() -> Self {
-        Self { secrets: &secret_ref::NoSecrets, sensitive_headers: &[] }
+        Self { secrets: &secret_ref::NoSecrets, sensitive_headers: &[], auth_profiles: &auth::NO_PROFILES }
     }
 }
 
@@ -275,6 +290,8 @@ impl std::fmt::Debug for HttpAction {
             .field("tls", &self.tls)
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("auth", &self.auth)
+            .field("signing", &self.signing)
             .field("tenant", &self.tenant)
             .field("reply_body", &self.reply_body)
             .field("success_condition", &self.success_condition)
@@ -390,7 +407,9 @@ impl HttpAction {
         validate::validate(input, &ValidationContext { secrets, ..ValidationContext::default() })
     }
 
-    /// Validates `input` against what the server knows (`context`).
+    /// Validates `input` against what the server knows (`context`): its `auth.profile` looked
+    /// up in the profiles, its `{{secret:NAME}}` references (its own and its profile's)
+    /// replaced from the secrets.
     pub fn from_input_with(
         input: ActionInput,
         context: &ValidationContext<'_>,
@@ -411,6 +430,16 @@ impl HttpAction {
     /// metrics label.
     pub fn tenant(&self) -> Option<&str> {
         self.tenant.as_deref()
+    }
+
+    /// The credentials applied to every attempt.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The request signing, recomputed on every attempt.
+    pub fn signing(&self) -> &Signing {
+        &self.signing
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

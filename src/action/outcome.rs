@@ -21,6 +21,8 @@ pub enum ErrorKind {
     RateLimited,
     CircuitOpen,
     Cancelled,
+    /// Credentials could not be obtained (the OAuth2 token endpoint failed); nothing was sent.
+    Auth,
     /// success_condition was false (or failed to evaluate), or retry_condition still true.
     ConditionFailed,
 }
@@ -41,6 +43,7 @@ impl ErrorKind {
             Self::RateLimited => "RATE_LIMITED",
             Self::CircuitOpen => "CIRCUIT_OPEN",
             Self::Cancelled => "CANCELLED",
+            Self::Auth => "AUTH",
             Self::ConditionFailed => "CONDITION_FAILED",
         }
     }

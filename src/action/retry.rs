@@ -119,6 +119,31 @@ impl RetryPolicy {
         RetryDecision::Retry { backoff, reason: format!("{what} is retried after {why}") }
     }
 
+    /// Decides after attempt number `attempt` ended as `end` because the upstream rejected its
+    /// OAuth2 token (the token cache has dropped it by then). The first such attempt of an
+    /// action is tried once more at once with a new token, even past `max_attempts` and for a
+    /// method that is not idempotent (a rejected request was not processed); the second (with
+    /// `refreshed` true) is decided as any status. The bool says whether this is the refresh.
+    pub fn after_rejected_credentials(
+        &self,
+        attempt: u32,
+        end: AttemptEnd,
+        refreshed: bool,
+        remaining: Duration,
+    ) -> (RetryDecision, bool) {
+        if refreshed || remaining.is_zero() {
+            return (self.decide(attempt, end, remaining), false);
+        }
+        let what = match end {
+            AttemptEnd::Status { status, .. } | AttemptEnd::Condition { status, .. } => {
+                format!("status {status}")
+            }
+            AttemptEnd::Error { kind, .. } => format!("{kind} error"),
+        };
+        let reason = format!("{what}: the upstream rejected the token; tried once more with a new one");
+        (RetryDecision::Retry { backoff: Duration::ZERO, reason }, true)
+    }
+
     /// The wait after attempt number `attempt` (1-based): exponential, capped, and with full
     /// jitter a uniformly random share of that.
     pub fn backoff(&self, attempt: u32) -> Duration {
@@ -184,6 +209,17 @@ mod tests {
 
     fn status(status: u16) -> AttemptEnd {
         AttemptEnd::Status { status, retry_after: None }
+    }
+
+    #[test]
+    fn rejected_credentials_are_retried_once_even_on_the_last_attempt() {
+        let p = RetryPolicy { max_attempts: 1, ..policy(false) };
+        let (decision, refresh) = p.after_rejected_credentials(1, status(401), false, HOUR);
+        assert!(refresh);
+        assert!(matches!(decision, RetryDecision::Retry { backoff, .. } if backoff.is_zero()));
+        let (decision, refresh) = p.after_rejected_credentials(2, status(401), true, HOUR);
+        assert!(!refresh, "once per action");
+        assert!(matches!(decision, RetryDecision::Stop { .. }));
     }
 
     #[test]

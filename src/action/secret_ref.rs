@@ -1,6 +1,6 @@
 //! Secret references: an action may write `{{secret:NAME}}` in its URL, a query value, a header
-//! value or its body, and callout puts the secret's value there before validation, so the
-//! workflow engine never carries the token. Values are never echoed in errors.
+//! value, its body or its credentials (`auth`, `signing`), and callout puts the secret's value
+//! there before validation, so the workflow engine never carries the token. Values are never echoed in errors.
 use super::{ActionInput, BodyInput, InvalidAction};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -91,6 +91,12 @@ pub fn resolve(input: &mut ActionInput, source: &dyn SecretSource, bad: &mut Inv
         }
         BodyInput::None | BodyInput::Raw(_) => {}
     }
+    for (field, value) in input.auth.values_mut() {
+        fill(value, &|| format!("auth.{field}"), Escape::None);
+    }
+    for (field, value) in input.signing.values_mut() {
+        fill(value, &|| format!("signing.{field}"), Escape::None);
+    }
     secret_headers
 }
 
@@ -105,6 +111,10 @@ pub fn has_references(input: &ActionInput) -> bool {
             BodyInput::Form(fields) => fields.iter().any(|(_, v)| has(v)),
             BodyInput::None | BodyInput::Raw(_) => false,
         }
+        // A profile's values may hold references too.
+        || matches!(input.auth, super::AuthInput::Profile(_))
+        || input.auth.clone().values_mut().iter().any(|(_, v)| has(v))
+        || input.signing.clone().values_mut().iter().any(|(_, v)| has(v))
 }
 
 /// `text` with each `OPEN…}}` placeholder replaced by what `replace` makes of the name between

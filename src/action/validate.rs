@@ -1,8 +1,10 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    excerpt::excerpt, retry, secret_ref, transport, ActionInput, BodyInput, ClientIdentity, ErrorMessages,
-    HttpAction, ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, TlsOptions, ValidationContext,
+    auth::{self, Auth, AuthInput, Signing},
+    excerpt::excerpt,
+    retry, secret_ref, transport, ActionInput, BodyInput, ClientIdentity, ErrorMessages, HttpAction,
+    ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, TlsOptions, ValidationContext,
     DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
 };
 use base64::Engine as _;
@@ -82,10 +84,22 @@ pub(super) fn validate(
     context: &ValidationContext<'_>,
 ) -> Result<HttpAction, InvalidAction> {
     let mut bad = InvalidAction::default();
+    // The profile in the action's place, so its secret references are filled with the rest.
+    let profile = auth::use_profile(&mut input.auth, context.auth_profiles, &mut bad);
     // Secrets first, so every check below sees the values that will be sent.
+    let before = bad.violations.len();
     let secret_headers = secret_ref::resolve(&mut input, context.secrets, &mut bad);
     // Variables after secrets: a variable's value is never read as a secret reference.
     super::vars::render(&mut input, &mut bad);
+    if let Some((name, _)) = &profile {
+        // The caller wrote only the profile's name: a secret its profile lacks is named so.
+        for v in bad.violations[before..].iter_mut().filter(|v| v.field.starts_with("auth.")) {
+            v.description = format!("profile {name:?}: {}: {}", &v.field["auth.".len()..], v.description);
+            v.field = "auth.profile".into();
+        }
+    }
+    let header_names = headers_named(&input.headers);
+    let (auth, signing) = credentials(&mut input, profile, &header_names, &mut bad);
 
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);
@@ -114,7 +128,7 @@ pub(super) fn validate(
     // URL so it can be logged.
     let url = url.map(|mut url| {
         if !url.username().is_empty() || url.password().is_some() {
-            if !headers.contains_key(header::AUTHORIZATION) {
+            if !headers.contains_key(header::AUTHORIZATION) && auth.is_none() {
                 let user = percent_decode(url.username());
                 let pass = url.password().map(percent_decode).unwrap_or_default();
                 let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
@@ -151,9 +165,60 @@ pub(super) fn validate(
             extract,
             success_condition,
             retry_condition,
+            auth,
+            signing,
         }),
         _ => Err(bad),
     }
+}
+
+/// The action's credentials and signing. A violation inside a profile names `auth.profile`
+/// (the caller wrote only its name), and a header the credentials set must not be set by the
+/// action too.
+fn credentials(
+    input: &mut ActionInput,
+    profile: Option<(String, Vec<u16>)>,
+    header_names: &[Option<HeaderName>],
+    bad: &mut InvalidAction,
+) -> (Auth, Signing) {
+    let auth_input = std::mem::take(&mut input.auth);
+    let kind = auth_input.kind();
+    // The header the credential will set, from what was written (so a conflict is reported
+    // beside any problem with the credential itself).
+    let conflict = match &auth_input {
+        AuthInput::Basic { .. } | AuthInput::Bearer(_) | AuthInput::OAuth2(_) | AuthInput::AwsSigV4(_) => {
+            Some(header::AUTHORIZATION)
+        }
+        AuthInput::ApiKey { name, in_query: false, .. } => HeaderName::from_bytes(name.as_bytes()).ok(),
+        AuthInput::ApiKey { .. } | AuthInput::None | AuthInput::Profile(_) => None,
+    };
+    let (name, refresh) = profile.unzip();
+    let mut found = InvalidAction::default();
+    let auth = auth::validate(auth_input, name.clone(), refresh.as_deref().unwrap_or_default(), &mut found);
+    for v in found.violations {
+        match &name {
+            Some(name) => {
+                bad.push("auth.profile", format!("profile {name:?} ({kind}): {}: {}", v.field, v.description))
+            }
+            None => bad.violations.push(v),
+        }
+    }
+    if let Some(conflict) = conflict {
+        for (i, name) in header_names.iter().enumerate() {
+            if name.as_ref() == Some(&conflict) {
+                bad.push(
+                    format!("headers[{i}].name"),
+                    format!("{conflict} is set by auth; set one or the other"),
+                );
+            }
+        }
+    }
+    let signing = auth::signing(std::mem::take(&mut input.signing), bad);
+    (auth, signing)
+}
+
+fn headers_named(pairs: &[(String, String)]) -> Vec<Option<HeaderName>> {
+    pairs.iter().map(|(name, _)| HeaderName::from_bytes(name.as_bytes()).ok()).collect()
 }
 
 /// Marks the values of headers named in `names` sensitive (kept out of logs and HTTP/2 header

@@ -1,9 +1,9 @@
 //! Proto ⇄ domain conversion. The only place that knows both shapes.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind, InvalidAction,
-        OnFailure, Outcome, RedirectsInput, ReplyBody, ResponseData, ResponseHead, RetryInput, TimeoutsInput,
-        TlsInput, MAX_RETRY_ON_ERRORS,
+        ActionError, ActionInput, AttemptRecord, AttemptTiming, AuthInput, BodyInput, ErrorKind,
+        InvalidAction, OAuth2Input, OnFailure, Outcome, RedirectsInput, ReplyBody, ResponseData,
+        ResponseHead, RetryInput, SigV4Input, SigningInput, TimeoutsInput, TlsInput, MAX_RETRY_ON_ERRORS,
     },
     pb,
 };
@@ -93,6 +93,8 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         },
         proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
         max_response_bytes: req.max_response_bytes,
+        auth: auth_input(req.auth, bad),
+        signing: signing_input(req.signing),
         trace: None,
         tenant: req.tenant,
         reply_body,
@@ -100,6 +102,51 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         success_condition: req.success_condition,
         retry_condition: req.retry_condition,
         vars: req.vars.into_iter().map(|(name, value)| (name, plain_json(value))).collect(),
+    }
+}
+
+/// `auth` as the domain's input; an unset oneof is no credentials.
+fn auth_input(auth: Option<pb::Auth>, bad: &mut InvalidAction) -> AuthInput {
+    use pb::auth::Kind;
+    match auth.and_then(|a| a.kind) {
+        None => AuthInput::None,
+        Some(Kind::Profile(name)) => AuthInput::Profile(name),
+        Some(Kind::Basic(b)) => AuthInput::Basic { username: b.username, password: b.password },
+        Some(Kind::BearerToken(token)) => AuthInput::Bearer(token),
+        Some(Kind::ApiKey(key)) => {
+            let in_query = match pb::api_key_auth::Location::try_from(key.r#in) {
+                Ok(pb::api_key_auth::Location::Unspecified | pb::api_key_auth::Location::Header) => false,
+                Ok(pb::api_key_auth::Location::Query) => true,
+                Err(_) => {
+                    bad.push("auth.api_key.in", format!("unknown value {}", key.r#in));
+                    false
+                }
+            };
+            AuthInput::ApiKey { name: key.name, value: key.value, in_query }
+        }
+        Some(Kind::Oauth2ClientCredentials(o)) => AuthInput::OAuth2(OAuth2Input {
+            token_url: o.token_url,
+            client_id: o.client_id,
+            client_secret: o.client_secret,
+            scopes: o.scopes,
+            audience: o.audience,
+            extra_params: pairs(o.extra_params),
+            credentials_in_body: o.credentials_in_body,
+        }),
+        Some(Kind::AwsSigv4(s)) => AuthInput::AwsSigV4(SigV4Input {
+            region: s.region,
+            service: s.service,
+            access_key_id: s.access_key_id,
+            secret_access_key: s.secret_access_key,
+            session_token: s.session_token,
+        }),
+    }
+}
+
+fn signing_input(signing: Option<pb::Signing>) -> SigningInput {
+    match signing.and_then(|s| s.scheme) {
+        None => SigningInput::None,
+        Some(pb::signing::Scheme::StandardWebhooks(w)) => SigningInput::StandardWebhooks { secret: w.secret },
     }
 }
 
@@ -133,6 +180,7 @@ fn error_kind_from(kind: pb::ErrorKind) -> Option<ErrorKind> {
         pb::ErrorKind::RateLimited => ErrorKind::RateLimited,
         pb::ErrorKind::CircuitOpen => ErrorKind::CircuitOpen,
         pb::ErrorKind::Cancelled => ErrorKind::Cancelled,
+        pb::ErrorKind::Auth => ErrorKind::Auth,
         pb::ErrorKind::ConditionFailed => ErrorKind::ConditionFailed,
     })
 }
@@ -151,6 +199,7 @@ fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
         ErrorKind::RateLimited => pb::ErrorKind::RateLimited,
         ErrorKind::CircuitOpen => pb::ErrorKind::CircuitOpen,
         ErrorKind::Cancelled => pb::ErrorKind::Cancelled,
+        ErrorKind::Auth => pb::ErrorKind::Auth,
         ErrorKind::ConditionFailed => pb::ErrorKind::ConditionFailed,
     }
 }

@@ -2,8 +2,8 @@
 //! (`AttemptRequest`: the HTTP request and the action's `AttemptContext`), the signal that the
 //! attempt started, and `Step`, which makes a before/after concern a tower layer without a boxed
 //! future (`StepFuture`; only a wait is boxed, and only when it happens).
-use super::host::Destination;
-use crate::action::RedirectPolicy;
+use super::{host::Destination, signing::SignRequest};
+use crate::action::{Auth, RedirectPolicy};
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -44,6 +44,10 @@ pub struct AttemptContext {
     pub start: StartSignal,
     /// The action's tenant, whose rate quota the attempt waits for.
     pub tenant: Option<Arc<str>>,
+    /// The action's credentials, applied to each attempt (`credentials::Credentials`).
+    pub auth: Auth,
+    /// How each attempt is signed, when it is (`signing::Signer`).
+    pub signing: Option<SignRequest>,
 }
 
 /// One hop of an attempt on its way down the stack: the HTTP request and its action's context.
@@ -127,6 +131,13 @@ pub trait Step: Clone + Send + Sync + 'static {
     type Held: Send + 'static;
 
     fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held>;
+
+    /// After a `Before::Wait` resolved, before the rest of the attempt: puts what the wait got
+    /// on the request (an OAuth2 token). Most steps have nothing to put.
+    fn waited(held: &mut Self::Held, request: &mut AttemptRequest) -> Result<(), BoxError> {
+        let _ = (held, request);
+        Ok(())
+    }
 
     fn after<B>(held: Self::Held, reply: Reply<B>) -> Reply<B> {
         let _ = held;
@@ -216,8 +227,11 @@ where
                     if let Err(error) = ready!(waited.0.poll_ready(cx)) {
                         return Poll::Ready(Err(error.into()));
                     }
-                    let Some((waited, held)) = rest.take() else { return gone() };
-                    let (mut inner, request) = *waited;
+                    let Some((waited, mut held)) = rest.take() else { return gone() };
+                    let (mut inner, mut request) = *waited;
+                    if let Err(error) = T::waited(&mut held, &mut request) {
+                        return Poll::Ready(Err(error));
+                    }
                     StepFuture::Calling { call: inner.call(request), held: Some(held) }
                 }
                 StepProj::Calling { call, held } => {
@@ -260,6 +274,8 @@ pub(crate) mod tests {
             cool_down_on_429: true,
             start: StartSignal::default(),
             tenant: None,
+            auth: Auth::None,
+            signing: None,
         };
         AttemptRequest { http, context: Arc::new(context) }
     }

@@ -57,6 +57,12 @@ impl Clients {
         })
     }
 
+    /// The server's own client (its trust roots, proxies and egress policy): token requests go
+    /// through it.
+    pub fn default_client(&self) -> HttpClient {
+        self.default.clone()
+    }
+
     /// The client for `action`: the default one unless it sets TLS options or a proxy. A client
     /// that cannot be built (options validation could not foresee) fails the action unsent.
     pub fn for_action(&self, action: &HttpAction) -> Result<HttpClient, SendFailure> {

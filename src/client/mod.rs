@@ -6,16 +6,18 @@
 //! 3. `tenant::TenantQuota`: waits for the action's tenant's rate quota.
 //! 4. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
 //! 5. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
-//! 6. (room for credentials and request signing)
-//! 7. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
-//! 8. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
+//! 6. `signing::Signer`: Standard Webhooks headers, signed anew on every attempt.
+//! 7. `credentials::Credentials`: the action's auth (headers, an API key in the query, OAuth2
+//!    tokens from the shared cache, AWS SigV4 over the request as it stands).
+//! 8. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
+//! 9. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
 //!    connector), credentials and sensitive headers dropped across origins.
-//! 9. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
-//!    dialling through `connect` (DNS/TCP/proxy/TLS with timings and the egress check).
+//! 10. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
+//!     dialling through `connect` (DNS/TCP/proxy/TLS with timings and the egress check).
 //!
 //! Requests go down as `attempt::AttemptRequest`: the hop's HTTP request and the action's
 //! `attempt::AttemptContext` (destination, deadline, timeouts, redirect policy, the start
-//! signal), built once per action and shared by an `Arc`. Errors travel boxed and are
+//! signal, the tenant, the credentials and signing), built once per action and shared by an `Arc`. Errors travel boxed and are
 //! classified once, in `stack::classify`.
 //!
 //! A new layer (credentials, request signing, tenant quotas, a shared limit in Redis) is, in
@@ -24,7 +26,8 @@
 //! comment saying why it sits there, and tower-test unit tests over `attempt::tests::Harness`.
 //! `Step::before` decides at once: `Before::Go(held)` (it may change the request, e.g. sign
 //! it), `Before::Refuse(error)`, or `Before::Wait(future)` for a wait that is due (boxed, and
-//! only then: the hot path allocates nothing for it). `Step::after` gets `held` and the reply
+//! only then: the hot path allocates nothing for it; `Step::waited` then puts what the wait
+//! got on the request, e.g. an OAuth2 token). `Step::after` gets `held` and the reply
 //! (record a result, hand a permit to the response). No layer clones the rest of the stack per
 //! call. A concern that wraps the rest of the attempt (a clock, a loop) is a service with a
 //! named `pin-project-lite` future instead, as `timeout` and `redirect` are.
@@ -44,6 +47,7 @@ pub mod clients;
 pub mod concurrency;
 pub mod connect;
 pub mod cool_down;
+pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod fair;
@@ -54,6 +58,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
+pub mod signing;
 pub mod stack;
 pub mod tenant;
 pub mod timeout;

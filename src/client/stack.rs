@@ -6,9 +6,11 @@ use super::{
     breaker::{Breaker, BreakerError},
     concurrency::{DestinationSlot, SlotError},
     cool_down::{CoolDown, CoolDownError},
+    credentials::{Credentials, CredentialsError},
     error::SendFailure,
     rate_limit::{RateLimit, RateLimitError},
     redirect::RedirectLayer,
+    signing::{Signer, SigningError},
     tenant::{TenantQuota, TenantQuotaError},
     timeout::{AttemptTimeout, TimeoutError},
 };
@@ -21,6 +23,7 @@ use tower::{BoxError, Service, ServiceBuilder};
 /// wait only when one is due.
 pub fn attempt_stack<S, B>(
     limits: &Limits,
+    credentials: &Credentials,
     client: S,
 ) -> impl Service<AttemptRequest, Response = Response<B>, Error = BoxError, Future: Send> + Send
 where
@@ -42,7 +45,11 @@ where
         .layer(StepLayer(RateLimit(limits.rate())))
         // A slot to the destination, held until the response (body included) is dropped.
         .layer(StepLayer(DestinationSlot(limits.concurrency())))
-        // (Credentials and request signing go here: after every wait, so a signature is fresh.)
+        // Signing, then credentials: after every wait, so a timestamp, token or signature is
+        // fresh; signing first, so an AWS signature covers the webhook headers too. A token
+        // fetch waits within the total deadline, before the attempt's clock starts.
+        .layer(StepLayer(Signer))
+        .layer(StepLayer(credentials.clone()))
         // The attempt's clock starts once it may send, and bounds every hop (the body read
         // is bounded by the same instant).
         .layer(AttemptTimeout::layer())
@@ -75,6 +82,13 @@ pub fn classify(error: &BoxError) -> Failed {
     {
         return refused(ErrorKind::RateLimited);
     }
+    // Credentials that could not be had (a failed token fetch) or applied: nothing was sent.
+    if let Some(e) = error.downcast_ref::<CredentialsError>() {
+        return Failed::Refused(ActionError::new(e.kind, e.message.clone()));
+    }
+    if let Some(e) = error.downcast_ref::<SigningError>() {
+        return Failed::Refused(ActionError::new(e.kind(), e.to_string()));
+    }
     if error.is::<TimeoutError>() {
         let end = AttemptEnd::Error { kind: ErrorKind::Timeout, sent: true };
         return Failed::Attempt(ActionError::new(ErrorKind::Timeout, error.to_string()), end);
@@ -90,7 +104,11 @@ pub fn classify(error: &BoxError) -> Failed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{attempt::AttemptRequest, HttpClient};
+    use crate::client::{
+        attempt::AttemptRequest,
+        credentials::oauth2::{HttpTokenFetcher, TokenCache},
+        HttpClient,
+    };
 
     #[test]
     fn the_stack_future_holds_no_copy_of_the_stack() {
@@ -99,7 +117,10 @@ mod tests {
         }
         let egress = std::sync::Arc::new(crate::client::egress::EgressPolicy::new(Default::default()));
         let client = HttpClient::new(&Default::default(), egress).unwrap();
-        let stack = attempt_stack(&Limits::new(&Default::default(), &Default::default()), client);
+        let tokens =
+            TokenCache::new(HttpTokenFetcher::new(client.clone(), Default::default()), Default::default());
+        let limits = Limits::new(&Default::default(), &Default::default());
+        let stack = attempt_stack(&limits, &Credentials::new(tokens), client);
         // Every layer's future holds the next one's: a layer that kept the rest of the stack (or
         // the redirect state) inline would make each future above it that much larger, and every
         // attempt would copy it. 256 bytes on x86_64 today; the stack itself is larger.
@@ -113,6 +134,9 @@ mod tests {
         assert!(matches!(classify(&refusal), Failed::Refused(e) if e.kind == ErrorKind::CircuitOpen));
         let slot: BoxError = SlotError("busy".into()).into();
         assert!(matches!(classify(&slot), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
+        // A token that could not be had ends the action before anything is sent.
+        let auth: BoxError = CredentialsError::new(ErrorKind::Auth, "the token endpoint answered 500").into();
+        assert!(matches!(classify(&auth), Failed::Refused(e) if e.kind == ErrorKind::Auth));
         let quota: BoxError = TenantQuotaError("tenant \"t\" is over its rate quota".into()).into();
         assert!(matches!(classify(&quota), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
         let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();

@@ -388,7 +388,9 @@ impl Durable {
         let number_in_run = claim.attempt.saturating_sub(stored.run_base).max(1);
         let remaining = stored.deadline_at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
         let error = outcome.error.clone();
-        let Some(attempt) = outcome.attempts.first() else {
+        // The last attempt: one, or two when a rejected OAuth2 token was replaced and the
+        // attempt tried again with the new one.
+        let Some(attempt) = outcome.attempts.last() else {
             // Refused before sending (open circuit, rate limit, no slot in time): nothing was
             // sent, so no attempt is recorded; wait and try again.
             let error =
@@ -417,7 +419,7 @@ impl Durable {
             extracted: Vec::new(),
             condition_retry: false,
         };
-        let mut record = convert::outcome(only_attempts).attempts.into_iter().next().unwrap_or_default();
+        let mut record = convert::outcome(only_attempts).attempts.into_iter().last().unwrap_or_default();
         record.number = claim.attempt;
         if outcome.succeeded {
             let result = self.result(claim, Some(&record), None, Some(outcome));

@@ -7,6 +7,7 @@ mod body_budget;
 mod cli;
 mod conditions;
 mod config_example;
+mod credentials;
 mod decompression;
 mod durable;
 mod durable_pg;

@@ -323,7 +323,9 @@ fn a_bad_value_names_its_key_and_where_it_came_from() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("limits.max_in_flight: must be at least 1"), "{stderr}");
-    assert!(stderr.contains(&format!("TOML file {}", path.display())), "{stderr}");
+    // figment may show the path relative to the working directory: look for the file's name.
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(stderr.contains("TOML file ") && stderr.contains(&name), "{stderr}");
     std::fs::remove_file(path).unwrap();
 
     // From the environment: the key and the variable.
