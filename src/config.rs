@@ -16,6 +16,7 @@ use crate::{
     },
     durable::DurableSettings,
     exec::{ActionLog, ExecSettings},
+    fleet::{FleetSettings, Unavailable},
     metrics::MetricsSettings,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
@@ -53,6 +54,7 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub store: StoreConfig,
     pub durable: DurableConfig,
+    pub fleet: FleetConfig,
 }
 
 /// The gRPC listener and the actions' server-wide defaults.
@@ -387,6 +389,39 @@ impl Default for DurableConfig {
     }
 }
 
+/// Fleet-wide limits shared through Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// `redis://[[user]:password@]host[:port][/db]`: the rate limits, 429 cool-downs and open
+    /// circuits hold for every replica sharing it. Default none (each replica's own).
+    pub redis_url: Option<String>,
+    /// Prefix of every key in Redis. Default `callout:v1:`.
+    pub key_prefix: String,
+    /// Redis unreachable: `local` (each replica's own limits) or `deny` (refused,
+    /// RATE_LIMITED). Default `local`.
+    pub redis_unavailable: Unavailable,
+    /// Longest wait for Redis on an attempt's way; slower counts as unreachable. Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait for a connection to Redis. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        let f = FleetSettings::default();
+        Self {
+            redis_url: None,
+            key_prefix: f.key_prefix,
+            redis_unavailable: f.unavailable,
+            timeout: f.timeout,
+            connect_timeout: f.connect_timeout,
+        }
+    }
+}
+
 /// A file mode written in octal digits, as `chmod` takes it: `600` or `"600"` or `"0o600"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileMode(pub u32);
@@ -555,6 +590,7 @@ impl Config {
         }
         self.store_url()?;
         self.durable_settings()?;
+        self.fleet_settings()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(())
@@ -576,6 +612,27 @@ impl Config {
     /// The store `store.url` names.
     pub fn store_url(&self) -> Result<StoreUrl, ConfigError> {
         self.store.url.parse().map_err(|e| ConfigError(format!("store.url {e}")))
+    }
+
+    /// The fleet's settings, when `fleet.redis_url` is set.
+    pub fn fleet_settings(&self) -> Result<Option<FleetSettings>, ConfigError> {
+        let f = &self.fleet;
+        let Some(url) = f.redis_url.as_deref().map(str::trim).filter(|url| !url.is_empty()) else {
+            return Ok(None);
+        };
+        crate::fleet::check_url(url).map_err(|e| ConfigError(format!("fleet.redis_url {e}")))?;
+        for (key, value) in [("fleet.timeout", f.timeout), ("fleet.connect_timeout", f.connect_timeout)] {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{key} must be more than 0")));
+            }
+        }
+        Ok(Some(FleetSettings {
+            redis_url: url.to_owned(),
+            key_prefix: f.key_prefix.clone(),
+            unavailable: f.redis_unavailable,
+            timeout: f.timeout,
+            connect_timeout: f.connect_timeout,
+        }))
     }
 
     /// The durable runner's settings.
@@ -726,6 +783,9 @@ impl Config {
                 *proxy = parsed.redacted();
             }
         }
+        if let Some(url) = shown.fleet.redis_url.as_mut() {
+            *url = crate::fleet::redacted_url(url);
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
 }
@@ -791,6 +851,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("limits.max_in_flight"));
+    }
+
+    #[test]
+    fn fleet_settings_need_a_redis_url_and_name_their_keys() {
+        let from = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+                .map_err(|e| e.to_string())
+                .map(|c| c.fleet_settings().unwrap())
+        };
+        assert_eq!(from("").unwrap(), None);
+        let f = from("[fleet]\nredis_url = \"redis://127.0.0.1:6379\"\nredis_unavailable = \"deny\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.unavailable, f.key_prefix.as_str()), (Unavailable::Deny, "callout:v1:"));
+        for (toml, key) in [
+            ("[fleet]\nredis_url = \"http://h\"", "fleet.redis_url"),
+            ("[fleet]\nredis_url = \"redis://h\"\ntimeout = \"0s\"", "fleet.timeout"),
+            ("[fleet]\nredis_unavailable = \"maybe\"", "redis_unavailable"),
+        ] {
+            let err = from(toml).unwrap_err();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let mut config = Config::default();
+        config.fleet.redis_url = Some("redis://:s3cret@127.0.0.1:6379".into());
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("s3cret") && shown.contains("redacted@127.0.0.1"), "{shown}");
     }
 
     #[test]

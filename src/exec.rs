@@ -14,6 +14,7 @@ use crate::{
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
         host::Destination,
+        shared::SharedLimits,
         ClientBuildError, ClientSettings, Clients,
     },
     cut_off::{shut_down, unless_cut_off, ShutDownAt},
@@ -94,7 +95,15 @@ pub struct Executor<A = Attempts> {
 
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
-        let limits = Arc::new(Limits::new(&settings.limits));
+        Self::with_shared_limits(settings, None)
+    }
+
+    /// An executor whose limits `shared` (the fleet's Redis) holds for the fleet too.
+    pub fn with_shared_limits(
+        settings: ExecSettings,
+        shared: Option<Arc<dyn SharedLimits>>,
+    ) -> Result<Self, ClientBuildError> {
+        let limits = Arc::new(Limits::with_shared(&settings.limits, shared));
         let attempts = Attempts::new(
             Clients::new(&settings.client)?,
             limits.clone(),

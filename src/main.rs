@@ -12,6 +12,7 @@ use callout::{
     config::{Config, FileMode, ListenAddr, LogFormat, StoreUrl},
     durable::Durable,
     exec::{ActionLog, Executor},
+    fleet::RedisLimits,
     server::Listener,
     store::sqlite::{SqliteSettings, SqliteStore},
     telemetry::{self, TelemetrySettings},
@@ -184,6 +185,10 @@ struct ServeFlags {
     /// [durable.max_pending] unfinished durable actions stored at most (100000).
     #[arg(long, value_name = "N")]
     durable_max_pending: Option<u64>,
+    /// [fleet.redis_url] redis://host:port shared by a fleet: rate limits, 429 cool-downs and
+    /// open circuits hold for every replica using it (none: each replica's own).
+    #[arg(help_heading = "Limits", long, value_name = "URL")]
+    redis_url: Option<String>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
@@ -309,7 +314,8 @@ impl ServeArgs {
             .duration("limits.breaker_cool_down", f.breaker_cool_down)
             .set("limits.max_buffered_bytes", f.max_buffered_bytes)
             .set("store.url", f.store)
-            .set("durable.max_pending", f.durable_max_pending);
+            .set("durable.max_pending", f.durable_max_pending)
+            .set("fleet.redis_url", f.redis_url);
         let layer = self.secrets.layer(self.egress.layer(layer));
         Config::extract(&layer.0).map_err(|e| e.to_string())
     }
@@ -477,7 +483,7 @@ async fn run_server(config: Config) -> Result<(), String> {
     let settings = config.exec_settings().map_err(|e| e.to_string())?;
     let buffered_bytes = settings.limits.max_buffered_bytes;
     let mut options = config.server_options().map_err(|e| e.to_string())?;
-    let executor = Executor::new(settings).map_err(|e| e.to_string())?;
+    let fleet = config.fleet_settings().map_err(|e| e.to_string())?;
     let listener = match &config.server.listen {
         ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
         ListenAddr::Unix(path) => Listener::bind_unix(path.clone(), config.server.unix_socket_mode.0),
@@ -491,6 +497,14 @@ async fn run_server(config: Config) -> Result<(), String> {
     } else {
         None
     };
+    // After the metrics recorder, so the fleet's first connection is counted.
+    let fleet_shown =
+        fleet.as_ref().map_or_else(|| "off".to_owned(), |f| callout::fleet::redacted_url(&f.redis_url));
+    let shared: Option<Arc<dyn callout::client::shared::SharedLimits>> = match fleet {
+        Some(fleet) => Some(Arc::new(RedisLimits::start(fleet).await.map_err(|e| e.to_string())?)),
+        None => None,
+    };
+    let executor = Executor::with_shared_limits(settings, shared).map_err(|e| e.to_string())?;
     // After the metrics recorder, so the durable gauges are described to it.
     let store = config.store_url().map_err(|e| e.to_string())?;
     options.durable = durable(&config, &store, &executor).await?;
@@ -508,6 +522,7 @@ async fn run_server(config: Config) -> Result<(), String> {
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         // The memory budget for buffered bodies, derived from the cgroup limit unless set.
         max_buffered_bytes = buffered_bytes,
+        fleet = %fleet_shown,
         store = %match &store {
             StoreUrl::Off => "off".to_owned(),
             StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),

@@ -1,12 +1,15 @@
 //! The server's limits: a place in the server (queue bound) and a running slot per action, and
 //! the parts the per-attempt layers of `stack::attempt_stack` are built from (the circuit
 //! breakers, the shared cool-downs, the rate limits, the destination slots). Checks that refuse
-//! at once come before waits, and every wait counts against the action's deadline.
+//! at once come before waits, and every wait counts against the action's deadline. With a
+//! shared backend (`shared::SharedLimits`, e.g. the fleet's Redis) the breaker, cool-down and
+//! rate-limit layers consult it too.
 use super::{
-    breaker::{BreakerSettings, CircuitBreakers},
+    breaker::{Breaker, BreakerSettings, CircuitBreakers},
     concurrency::{Admission, Concurrency, ConcurrencySettings, Overloaded, Slot},
-    cool_down::CoolDowns,
-    rate_limit::{RateLimitSettings, RateLimits},
+    cool_down::{CoolDown, CoolDowns},
+    rate_limit::{RateLimit, RateLimitSettings, RateLimits},
+    shared::{SharedAdmission, SharedLimits},
 };
 use crate::action::{ActionError, ErrorKind};
 use std::{sync::Arc, time::Instant};
@@ -40,16 +43,45 @@ pub struct Limits {
     rate: Arc<RateLimits>,
     cool_downs: Arc<CoolDowns>,
     breakers: Arc<CircuitBreakers>,
+    shared: Option<Arc<SharedAdmission>>,
 }
 
 impl Limits {
+    /// Limits of this process alone.
     pub fn new(settings: &LimitSettings) -> Self {
+        Self::with_shared(settings, None)
+    }
+
+    /// Limits that `shared`, when given, holds for the fleet too (this process's own stand in
+    /// when it is unreachable).
+    pub fn with_shared(settings: &LimitSettings, shared: Option<Arc<dyn SharedLimits>>) -> Self {
+        let rate = Arc::new(RateLimits::new(&settings.rate));
+        let shared = shared.map(|backend| {
+            let rules = rate.clone();
+            Arc::new(SharedAdmission::new(backend, Arc::new(move |to| rules.shared_buckets(to))))
+        });
         Self {
             concurrency: Arc::new(Concurrency::new(settings.concurrency)),
-            rate: Arc::new(RateLimits::new(&settings.rate)),
+            rate,
             cool_downs: Arc::new(CoolDowns::new(settings.rate.max_cool_down)),
             breakers: Arc::new(CircuitBreakers::new(settings.breaker)),
+            shared,
         }
+    }
+
+    /// The breaker layer's step (it makes the attempt's fleet check, when there is a fleet).
+    pub fn breaker(&self) -> Breaker {
+        Breaker { breakers: self.breakers.clone(), shared: self.shared.clone() }
+    }
+
+    /// The cool-down layer's step.
+    pub fn cool_down(&self) -> CoolDown {
+        CoolDown { cool_downs: self.cool_downs.clone(), shared: self.shared.clone() }
+    }
+
+    /// The rate-limit layer's step.
+    pub fn rate_limit(&self) -> RateLimit {
+        RateLimit { rate: self.rate.clone(), shared: self.shared.clone() }
     }
 
     /// A place for a new action; refused at once when the server's queue is full.

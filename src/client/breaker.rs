@@ -1,10 +1,13 @@
 //! Circuit breaking per destination: after `failure_threshold` consecutive failures (connect
 //! errors, timeouts, 5xx) the circuit opens and actions to that host fail CIRCUIT_OPEN without
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
-//! circuit again or re-opens it.
+//! circuit again or re-opens it. With a shared backend (`shared`) the layer also makes the
+//! attempt's one fleet check: another replica's open circuit refuses here too, and this
+//! replica's opens and closes are told to the fleet.
 use super::{
     attempt::{AttemptContext, Next, Reply, Step, StepLayer},
     error::SendFailure,
+    shared::{Checked, SharedAdmission, Verdict},
     timeout::TimeoutError,
 };
 use crate::action::ErrorKind;
@@ -62,6 +65,15 @@ enum State {
 #[error("{0}")]
 pub struct BreakerError(pub String);
 
+/// What a recorded attempt did to its destination's circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// It opened (or re-opened) for this long.
+    Opened(Duration),
+    /// The probe succeeded: it closed.
+    Closed,
+}
+
 /// Closed circuits with no recent failure are forgotten past this many tracked destinations.
 const PRUNE_ABOVE: usize = 10_000;
 
@@ -112,20 +124,21 @@ impl CircuitBreakers {
         }
     }
 
-    /// Records how an attempt to `key` went.
-    pub fn record(&self, key: &str, health: Health) {
+    /// Records how an attempt to `key` went; says when that opened or closed its circuit.
+    pub fn record(&self, key: &str, health: Health) -> Option<Transition> {
         if self.settings.failure_threshold == 0 || health == Health::Unknown {
-            return;
+            return None;
         }
         let Ok(mut hosts) = self.hosts.lock() else {
-            return;
+            return None;
         };
         if health == Health::Healthy {
             if let Some(State::HalfOpen { .. } | State::Open { .. }) = hosts.remove(key) {
                 tracing::info!(destination = %key, "circuit closed: the probe succeeded");
                 crate::metrics::circuit(key, false);
+                return Some(Transition::Closed);
             }
-            return;
+            return None;
         }
         if hosts.len() > PRUNE_ABOVE {
             hosts.retain(|_, state| !matches!(state, State::Closed { .. }));
@@ -133,33 +146,71 @@ impl CircuitBreakers {
         let now = Instant::now();
         let open = State::Open { until: now + self.settings.cool_down };
         let state = hosts.entry(key.to_owned()).or_insert(State::Closed { failures: 0 });
+        let opened = Some(Transition::Opened(self.settings.cool_down));
         match *state {
             State::Closed { failures } if failures + 1 >= self.settings.failure_threshold => {
                 *state = open;
                 tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
                 crate::metrics::circuit(key, true);
+                opened
             }
-            State::Closed { failures } => *state = State::Closed { failures: failures + 1 },
+            State::Closed { failures } => {
+                *state = State::Closed { failures: failures + 1 };
+                None
+            }
             State::HalfOpen { .. } => {
                 *state = open;
                 tracing::warn!(destination = %key, "circuit re-opened: the probe failed");
+                opened
             }
-            State::Open { .. } => {}
+            State::Open { .. } => None,
         }
     }
 }
 
 /// Refuses attempts to a destination whose circuit is open; records how each attempt that ran
 /// went (by its status when it got one, else by its error) when its response head arrives.
+/// With a shared backend it makes the attempt's fleet check (after its own, so a circuit open
+/// here costs no round trip) and leaves the verdict on the request for the layers below.
 #[derive(Clone)]
-pub struct Breaker(pub Arc<CircuitBreakers>);
+pub struct Breaker {
+    pub breakers: Arc<CircuitBreakers>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl Breaker {
+    /// This process's circuits only.
+    pub fn local(breakers: Arc<CircuitBreakers>) -> Self {
+        Self { breakers, shared: None }
+    }
+}
 
 impl Step for Breaker {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let destination = AttemptContext::of(&request)?.destination.clone();
-        self.0.check(&destination.key)?;
+    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
+        let context = AttemptContext::of(&request)?;
+        let (destination, deadline) = (context.destination.clone(), context.deadline);
+        self.breakers.check(&destination.key)?;
+        if let Some(shared) = &self.shared {
+            let buckets = shared.buckets(&destination);
+            let verdict = shared.check(&destination, &buckets, deadline).await;
+            if let Verdict::CircuitOpen(left) = verdict {
+                return Err(BreakerError(format!(
+                    "circuit for {} was opened by another replica of the fleet; next probe in {}",
+                    destination.key,
+                    crate::fmt::fmt_duration(left)
+                ))
+                .into());
+            }
+            request.extensions_mut().insert(Checked(verdict));
+        }
         let result = next.oneshot(request).await.map_err(Into::into);
-        self.0.record(&destination.key, health_of(&result));
+        let transition = self.breakers.record(&destination.key, health_of(&result));
+        if let (Some(shared), Some(transition)) = (&self.shared, transition) {
+            match transition {
+                Transition::Opened(open_for) => shared.backend().circuit_opened(&destination.key, open_for),
+                Transition::Closed => shared.backend().circuit_closed(&destination.key),
+            }
+        }
         result
     }
 }
@@ -240,7 +291,7 @@ mod tests {
         use crate::client::attempt::tests::request;
         let breakers = Arc::new(breakers(2, 60_000));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(Breaker(breakers)).layer(mock);
+        let mut service = StepLayer(Breaker::local(breakers)).layer(mock);
         for status in [Some(503), None] {
             let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
             let (_, reply) = handle.next_request().await.unwrap();

@@ -1,7 +1,12 @@
 //! The shared cool-down a destination asks for with 429 + Retry-After: every action to it waits
 //! that long (capped by `limits.max_host_cool_down`) before its next attempt. The `CoolDown`
 //! layer waits out a running cool-down before an attempt and starts one from the 429s it sees.
-use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
+//! With a shared backend the fleet's cool-down (in the attempt's fleet check) is waited out too,
+//! and a 429 here cools the destination down for every replica.
+use super::{
+    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    shared::{Checked, SharedAdmission, Verdict},
+};
 use crate::action::parse_retry_after;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -31,6 +36,11 @@ impl CoolDowns {
     /// Cool-downs capped at `max`.
     pub fn new(max: Duration) -> Self {
         Self { until: Mutex::default(), max }
+    }
+
+    /// The longest cool-down a 429 may impose.
+    pub fn max(&self) -> Duration {
+        self.max
     }
 
     /// `key` answered 429 with Retry-After `wait`: every action to it waits that long (capped).
@@ -77,17 +87,53 @@ impl CoolDowns {
     }
 }
 
+/// The fleet's cool-down of `key` runs until `until`: refused when that is past `deadline`.
+fn fits_shared(key: &str, until: Instant, deadline: Instant) -> Result<(), CoolDownError> {
+    if until <= deadline {
+        return Ok(());
+    }
+    Err(CoolDownError(format!(
+        "{key} asked callers to back off (429 Retry-After, seen by another replica of the fleet) for {} more, past the deadline",
+        crate::fmt::fmt_duration(until.saturating_duration_since(Instant::now()))
+    )))
+}
+
 /// Waits out the destination's cool-down before the attempt; a 429 (that fails the action) with
-/// a Retry-After starts one for every action.
+/// a Retry-After starts one for every action (every replica's, with a shared backend).
 #[derive(Clone)]
-pub struct CoolDown(pub Arc<CoolDowns>);
+pub struct CoolDown {
+    pub cool_downs: Arc<CoolDowns>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl CoolDown {
+    /// This process's cool-downs only.
+    pub fn local(cool_downs: Arc<CoolDowns>) -> Self {
+        Self { cool_downs, shared: None }
+    }
+}
 
 impl Step for CoolDown {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
         let context = AttemptContext::of(&request)?;
         let (to, deadline, watch_429) =
             (context.destination.clone(), context.deadline, context.cool_down_on_429);
-        let waited = self.0.wait(&to.key, deadline).await?;
+        // The fleet's cool-down (read by the breaker layer just now) refuses before any wait.
+        let shared_until = match request.extensions().get::<Checked>() {
+            Some(Checked(Verdict::CoolingDown(left))) => Some(Instant::now() + *left),
+            _ => None,
+        };
+        if let Some(until) = shared_until {
+            fits_shared(&to.key, until, deadline)?;
+        }
+        let mut waited = self.cool_downs.wait(&to.key, deadline).await?;
+        if let Some(until) = shared_until {
+            let now = Instant::now();
+            tokio::time::sleep_until(until.into()).await;
+            waited += now.elapsed();
+            // Nothing was taken while the mark was set: the rate-limit layer asks again.
+            request.extensions_mut().remove::<Checked>();
+        }
         if !waited.is_zero() {
             // A cool-down is a rate limit the host set: counted with them.
             crate::metrics::rate_limit_waited(&to.key, waited);
@@ -95,7 +141,10 @@ impl Step for CoolDown {
         let response = next.oneshot(request).await.map_err(Into::into)?;
         if watch_429 && response.status() == StatusCode::TOO_MANY_REQUESTS {
             if let Some(wait) = retry_after(&response) {
-                self.0.cool_down(&to.key, wait);
+                self.cool_downs.cool_down(&to.key, wait);
+                if let Some(shared) = &self.shared {
+                    shared.backend().cool_down(&to.key, wait.min(self.cool_downs.max()));
+                }
             }
         }
         Ok(response)
@@ -120,7 +169,7 @@ mod tests {
     async fn a_429_cools_the_destination_down_for_every_action() {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(600)));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(CoolDown(cool_downs.clone())).layer(mock);
+        let mut service = StepLayer(CoolDown::local(cool_downs.clone())).layer(mock);
         let first = tokio::spawn(service.call(request("http://h/", Duration::from_secs(60))));
         let (_, reply) = handle.next_request().await.unwrap();
         let too_many = Response::builder().status(429).header("retry-after", "5").body(()).unwrap();
@@ -147,7 +196,7 @@ mod tests {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(30)));
         cool_downs.cool_down("h:80", Duration::from_secs(3600));
         let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(CoolDown(cool_downs.clone())).layer(mock);
+        let mut service = StepLayer(CoolDown::local(cool_downs.clone())).layer(mock);
         let err = service.call(request("http://h/", Duration::from_secs(10))).await.unwrap_err();
         assert!(err.is::<CoolDownError>() && err.to_string().contains("429"), "{err}");
         // Capped at 30 s: a deadline past it waits.

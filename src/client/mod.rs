@@ -4,6 +4,9 @@
 //! 1. `breaker::Breaker`: an open circuit refuses at once; the attempt's end feeds it.
 //! 2. `cool_down::CoolDown`: waits out a destination's 429 Retry-After; a 429 starts one.
 //! 3. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
+//!
+//! (1–3 hold for a whole fleet with a `shared::SharedLimits` backend: the breaker layer asks it
+//! once per attempt, and its verdict rides on the request to the two below.)
 //! 4. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
 //! 5. (room for credentials and request signing)
 //! 6. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
@@ -38,6 +41,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
+pub mod shared;
 pub mod stack;
 pub mod timeout;
 pub mod tls;

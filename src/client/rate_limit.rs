@@ -1,15 +1,20 @@
 //! Rate limits on sending: a global limit and per-destination limits picked by host pattern
 //! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
+//! A rule is a `KeyedRate` over its key (a destination here; any `Display` key, e.g. a tenant),
+//! checked here or, with a shared backend (`shared`), as a bucket of the fleet's.
 use super::{
     attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    host::Destination,
     host_pattern::{HostPattern, HostPatternError},
+    shared::{Checked, SharedAdmission, SharedBucket, Verdict},
 };
 use bytes::Bytes;
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::Request;
 use std::{
     fmt,
+    hash::Hash,
     num::NonZeroU32,
     str::FromStr,
     sync::Arc,
@@ -78,6 +83,11 @@ impl fmt::Display for Rate {
 }
 
 impl Rate {
+    /// One send per this long (at least a nanosecond).
+    pub fn interval(&self) -> Duration {
+        (self.period / self.count.get()).max(Duration::from_nanos(1))
+    }
+
     fn quota(&self) -> Quota {
         // One send per period/count; `count` >= 1 so the interval is never zero.
         let interval = self.period / self.count.get();
@@ -130,11 +140,55 @@ pub struct RateLimitError(pub String);
 /// Keyed buckets are dropped once full again, when this many destinations are tracked.
 const PRUNE_ABOVE: usize = 10_000;
 
+/// A rule whose buckets are keyed by `K` (a destination, a tenant): each key gets its own
+/// bucket of `rate`, in this process (governor's GCRA) or, through a shared backend, in the
+/// fleet's bucket named by `rule` and the key's text.
+pub struct KeyedRate<K: Hash + Eq + Clone> {
+    rule: Arc<str>,
+    rate: Rate,
+    limiter: DefaultKeyedRateLimiter<K>,
+}
+
+impl<K: Hash + Eq + Clone + fmt::Display> KeyedRate<K> {
+    /// `rule` names it the same on every replica (`dest:*.example.com`, `tenant`).
+    pub fn new(rule: impl Into<Arc<str>>, rate: Rate) -> Self {
+        Self { rule: rule.into(), rate, limiter: RateLimiter::keyed(rate.quota()) }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Takes from `key`'s local bucket, or says how long until it has room.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
+        let checked = self
+            .limiter
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()));
+        if checked.is_ok() && self.limiter.len() > PRUNE_ABOVE {
+            self.limiter.retain_recent();
+        }
+        checked
+    }
+
+    /// `key`'s bucket in the fleet.
+    pub fn shared(&self, key: &K) -> SharedBucket {
+        shared_bucket(self.rule.clone(), key.to_string(), self.rate)
+    }
+}
+
+fn shared_bucket(rule: Arc<str>, subject: String, rate: Rate) -> SharedBucket {
+    SharedBucket { rule, subject, interval: rate.interval(), burst: rate.burst.get() }
+}
+
 /// The server's rate limiters, shared by every action.
 pub struct RateLimits {
     global: Option<(Rate, DefaultDirectRateLimiter)>,
-    rules: Vec<(RateLimitRule, DefaultKeyedRateLimiter<String>)>,
+    rules: Vec<(HostPattern, KeyedRate<String>)>,
 }
+
+/// The global limit's name in the fleet.
+const GLOBAL: &str = "global";
 
 impl RateLimits {
     pub fn new(settings: &RateLimitSettings) -> Self {
@@ -143,9 +197,24 @@ impl RateLimits {
             rules: settings
                 .per_host
                 .iter()
-                .map(|rule| (rule.clone(), RateLimiter::keyed(rule.rate.quota())))
+                .map(|rule| {
+                    (rule.pattern.clone(), KeyedRate::new(format!("dest:{}", rule.pattern), rule.rate))
+                })
                 .collect(),
         }
+    }
+
+    /// The fleet's buckets an attempt to `to` must pass: its destination rule's, the global one.
+    pub fn shared_buckets(&self, to: &Destination) -> Vec<SharedBucket> {
+        let mut buckets = Vec::with_capacity(2);
+        if let Some((_, rule)) = self.rules.iter().find(|(pattern, _)| pattern.matches(to.host(), to.port()))
+        {
+            buckets.push(rule.shared(&to.key));
+        }
+        if let Some((rate, _)) = &self.global {
+            buckets.push(shared_bucket(GLOBAL.into(), String::new(), *rate));
+        }
+        buckets
     }
 
     /// Waits until `key` (host:port of `host` on `port`) may be sent to: its per-destination
@@ -160,23 +229,15 @@ impl RateLimits {
     ) -> Result<Duration, RateLimitError> {
         let started = Instant::now();
         let mut slept = false;
-        if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
+        if let Some((pattern, rule)) = self.rules.iter().find(|(pattern, _)| pattern.matches(host, port)) {
             let key = key.to_owned();
-            slept |= wait_for(deadline, || {
-                limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
-            })
-            .await
-            .map_err(|wait| {
+            slept |= wait_for(deadline, || rule.check(&key)).await.map_err(|wait| {
                 RateLimitError(format!(
-                    "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
-                    rule.rate,
-                    rule.pattern,
+                    "rate limit {} for {pattern} ({key}) needs a wait of {}, past the deadline",
+                    rule.rate(),
                     crate::fmt::fmt_duration(wait)
                 ))
             })?;
-            if limiter.len() > PRUNE_ABOVE {
-                limiter.retain_recent();
-            }
         }
         if let Some((rate, limiter)) = &self.global {
             slept |= wait_for(deadline, || {
@@ -193,18 +254,97 @@ impl RateLimits {
         // No wait is zero, not the few nanoseconds these checks took.
         Ok(if slept { started.elapsed() } else { Duration::ZERO })
     }
+
+    /// The limits through the fleet's buckets: `first` is the verdict the breaker layer got
+    /// (else this asks itself); waits as long as a verdict says and asks again, until
+    /// `deadline`. With the backend unreachable: this process's own limits, or a refusal.
+    async fn acquire_shared(
+        &self,
+        shared: &SharedAdmission,
+        to: &Destination,
+        deadline: Instant,
+        first: Option<Verdict>,
+    ) -> Result<Duration, RateLimitError> {
+        let denied = || {
+            RateLimitError(
+                "the fleet's shared limits are unreachable (Redis) and fleet.redis_unavailable is \"deny\""
+                    .into(),
+            )
+        };
+        match first {
+            Some(Verdict::Allowed) => return Ok(Duration::ZERO),
+            Some(Verdict::Denied) => return Err(denied()),
+            _ => {}
+        }
+        let buckets = shared.buckets(to);
+        if buckets.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let started = Instant::now();
+        let mut slept = false;
+        let mut verdict = match first {
+            Some(verdict) => verdict,
+            None => shared.check_rate(&buckets, deadline).await,
+        };
+        loop {
+            let wait = match verdict {
+                Verdict::Allowed => break,
+                Verdict::Local => {
+                    let waited = self.acquire(&to.key, to.host(), to.port(), deadline).await?;
+                    return Ok(if slept { started.elapsed() } else { waited });
+                }
+                Verdict::Denied => return Err(denied()),
+                Verdict::Wait { bucket, wait } => {
+                    if Instant::now() + wait > deadline {
+                        let name = buckets.get(bucket).map(SharedBucket::describe).unwrap_or_default();
+                        return Err(RateLimitError(format!(
+                            "fleet rate limit {name} needs a wait of {}, past the deadline",
+                            crate::fmt::fmt_duration(wait)
+                        )));
+                    }
+                    wait
+                }
+                // Marks are the layers above's (read with the first check): a re-check reads
+                // buckets only, so these come only as a first verdict the layers above let by.
+                Verdict::CircuitOpen(_) | Verdict::CoolingDown(_) => Duration::ZERO,
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                slept = true;
+            }
+            verdict = shared.check_rate(&buckets, deadline).await;
+        }
+        Ok(if slept { started.elapsed() } else { Duration::ZERO })
+    }
 }
 
 /// Waits for the rate limits before an attempt (bounded by the action's deadline); refuses
-/// with `RateLimitError` when a wait cannot fit.
+/// with `RateLimitError` when a wait cannot fit. With a shared backend the buckets are the
+/// fleet's: the verdict the breaker layer got says whether they were taken.
 #[derive(Clone)]
-pub struct RateLimit(pub Arc<RateLimits>);
+pub struct RateLimit {
+    pub rate: Arc<RateLimits>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl RateLimit {
+    /// This process's limits only.
+    pub fn local(rate: Arc<RateLimits>) -> Self {
+        Self { rate, shared: None }
+    }
+}
 
 impl Step for RateLimit {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
+    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
         let context = AttemptContext::of(&request)?;
-        let to = context.destination.clone();
-        let waited = self.0.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
+        let (to, deadline) = (context.destination.clone(), context.deadline);
+        let waited = match &self.shared {
+            Some(shared) => {
+                let first = request.extensions_mut().remove::<Checked>().map(|checked| checked.0);
+                self.rate.acquire_shared(shared, &to, deadline, first).await?
+            }
+            None => self.rate.acquire(&to.key, to.host(), to.port(), deadline).await?,
+        };
         if !waited.is_zero() {
             tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
             crate::metrics::rate_limit_waited(&to.key, waited);
@@ -301,7 +441,7 @@ mod tests {
             ..RateLimitSettings::default()
         }));
         let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
-        let mut service = StepLayer(RateLimit(rate)).layer(mock);
+        let mut service = StepLayer(RateLimit::local(rate)).layer(mock);
         let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
         let first = tokio::spawn(service.call(request()));
         let (_, reply) = handle.next_request().await.unwrap();

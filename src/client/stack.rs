@@ -3,11 +3,11 @@
 use super::{
     admission::Limits,
     attempt::{BoxFuture, StepLayer},
-    breaker::{Breaker, BreakerError},
+    breaker::BreakerError,
     concurrency::{DestinationSlot, SlotError},
-    cool_down::{CoolDown, CoolDownError},
+    cool_down::CoolDownError,
     error::SendFailure,
-    rate_limit::{RateLimit, RateLimitError},
+    rate_limit::RateLimitError,
     redirect::Redirect,
     timeout::{AttemptTimeout, TimeoutError},
 };
@@ -29,13 +29,14 @@ where
     B: Send + 'static,
 {
     ServiceBuilder::new()
-        // An open circuit refuses at once, before any wait; the attempt's end feeds it.
-        .layer(StepLayer(Breaker(limits.breakers())))
+        // An open circuit refuses at once, before any wait; the attempt's end feeds it. In a
+        // fleet it also makes the attempt's one shared check (marks and rate buckets).
+        .layer(StepLayer(limits.breaker()))
         // A destination that answered 429 Retry-After holds back every action to it, and the
         // 429s seen here start such a cool-down.
-        .layer(StepLayer(CoolDown(limits.cool_downs())))
+        .layer(StepLayer(limits.cool_down()))
         // Global and per-destination rate limits: waits, bounded by the total deadline.
-        .layer(StepLayer(RateLimit(limits.rate())))
+        .layer(StepLayer(limits.rate_limit()))
         // A slot to the destination, held until the response (body included) is dropped.
         .layer(StepLayer(DestinationSlot(limits.concurrency())))
         // (Credentials and request signing go here: after every wait, so a signature is fresh.)
