@@ -9,6 +9,7 @@ mod decompression;
 mod durable;
 mod edge;
 mod egress;
+mod fleet;
 mod invalid;
 mod limits;
 mod listener;
