@@ -339,3 +339,45 @@ async fn redis_down_with_deny_refuses_within_the_deadline() {
     );
     assert!(serve.logs().matches("fleet: Redis unreachable").count() >= 1, "{}", serve.logs());
 }
+
+/// Every command Redis ran since its stats were reset, by name (`INFO commandstats`), leaving
+/// out the test's own INFO and CONFIG.
+async fn commands_run(redis: &RedisServer) -> Vec<(String, u64)> {
+    let info = match redis.try_command(&["INFO", "commandstats"]).await.unwrap() {
+        redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO: {other:?}"),
+    };
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config" | "config|resetstat"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_attempt_makes_one_round_trip() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::fixed(200, "ok").await;
+    let args = ["--rate-limit", "127.0.0.1=1000/s", "--global-rate-limit", "1000/s"];
+    let serve = replica(&redis, &args, &[]).await;
+    let mut client = HttpActionServiceClient::new(serve.channel().await);
+    // The first check loads the script (EVALSHA answered NOSCRIPT, then EVAL).
+    client.execute(request("GET", &upstream.url("/"))).await.unwrap();
+    redis.try_command(&["CONFIG", "RESETSTAT"]).await.unwrap();
+    for _ in 0..20 {
+        let resp = client.execute(request("GET", &upstream.url("/"))).await.unwrap().into_inner();
+        assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
+    }
+    // One EVALSHA per attempt, and nothing else from outside: the rest is the script's own
+    // work (Redis counts those too): two marks read (PTTL), Redis's clock, two buckets read
+    // and taken.
+    let mut run = commands_run(&redis).await;
+    run.sort();
+    let expected = [("evalsha", 20), ("get", 40), ("pttl", 40), ("set", 40), ("time", 20)];
+    assert_eq!(run, expected.map(|(name, n)| (name.to_owned(), n)));
+    assert_eq!(upstream.hits(), 21);
+}
