@@ -58,7 +58,10 @@ impl Limits {
         let rate = Arc::new(RateLimits::new(&settings.rate));
         let shared = shared.map(|backend| {
             let rules = rate.clone();
-            Arc::new(SharedAdmission::new(backend, Arc::new(move |to| rules.shared_buckets(to))))
+            Arc::new(SharedAdmission::new(
+                backend,
+                Arc::new(move |context| rules.shared_buckets(&context.destination)),
+            ))
         });
         Self {
             concurrency: Arc::new(Concurrency::new(settings.concurrency)),

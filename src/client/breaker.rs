@@ -191,8 +191,8 @@ impl Step for Breaker {
         let (destination, deadline) = (context.destination.clone(), context.deadline);
         self.breakers.check(&destination.key)?;
         if let Some(shared) = &self.shared {
-            let buckets = shared.buckets(&destination);
-            let verdict = shared.check(&destination, &buckets, deadline).await;
+            let buckets = shared.buckets(context);
+            let verdict = shared.check(&destination.key, &buckets, deadline).await;
             if let Verdict::CircuitOpen(left) = verdict {
                 return Err(BreakerError(format!(
                     "circuit for {} was opened by another replica of the fleet; next probe in {}",

@@ -261,10 +261,10 @@ impl RateLimits {
     async fn acquire_shared(
         &self,
         shared: &SharedAdmission,
-        to: &Destination,
-        deadline: Instant,
+        context: &AttemptContext,
         first: Option<Verdict>,
     ) -> Result<Duration, RateLimitError> {
+        let (to, deadline) = (&*context.destination, context.deadline);
         let denied = || {
             RateLimitError(
                 "the fleet's shared limits are unreachable (Redis) and fleet.redis_unavailable is \"deny\""
@@ -276,7 +276,7 @@ impl RateLimits {
             Some(Verdict::Denied) => return Err(denied()),
             _ => {}
         }
-        let buckets = shared.buckets(to);
+        let buckets = shared.buckets(context);
         if buckets.is_empty() {
             return Ok(Duration::ZERO);
         }
@@ -336,14 +336,12 @@ impl RateLimit {
 
 impl Step for RateLimit {
     async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
+        let first = request.extensions_mut().remove::<Checked>().map(|checked| checked.0);
         let context = AttemptContext::of(&request)?;
-        let (to, deadline) = (context.destination.clone(), context.deadline);
+        let to = context.destination.clone();
         let waited = match &self.shared {
-            Some(shared) => {
-                let first = request.extensions_mut().remove::<Checked>().map(|checked| checked.0);
-                self.rate.acquire_shared(shared, &to, deadline, first).await?
-            }
-            None => self.rate.acquire(&to.key, to.host(), to.port(), deadline).await?,
+            Some(shared) => self.rate.acquire_shared(shared, context, first).await?,
+            None => self.rate.acquire(&to.key, to.host(), to.port(), context.deadline).await?,
         };
         if !waited.is_zero() {
             tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");

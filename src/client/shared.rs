@@ -5,7 +5,7 @@
 //! asks it once per attempt (the destination's shared circuit and cool-down marks and every rate
 //! bucket, in one round trip) and the verdict rides in the request's extensions to the cool-down
 //! and rate-limit layers below, so the layer order stays and no layer asks again on the way.
-use super::host::Destination;
+use super::attempt::AttemptContext;
 use std::{
     future::Future,
     pin::Pin,
@@ -87,8 +87,9 @@ pub trait SharedLimits: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct Checked(pub Verdict);
 
-/// Names the buckets an attempt to a destination must pass (the rate rules that apply).
-pub type BucketsOf = dyn Fn(&Destination) -> Vec<SharedBucket> + Send + Sync;
+/// Names the buckets an attempt must pass (the rate rules that apply to its destination, and
+/// whatever else its context keys a rule on).
+pub type BucketsOf = dyn Fn(&AttemptContext) -> Vec<SharedBucket> + Send + Sync;
 
 /// A shared backend and the rate rules it is asked about: what the admission layers hold.
 pub struct SharedAdmission {
@@ -101,14 +102,15 @@ impl SharedAdmission {
         Self { backend, buckets }
     }
 
-    /// The rate buckets an attempt to `to` must pass.
-    pub fn buckets(&self, to: &Destination) -> Vec<SharedBucket> {
-        (self.buckets)(to)
+    /// The rate buckets the attempt of `context` must pass.
+    pub fn buckets(&self, context: &AttemptContext) -> Vec<SharedBucket> {
+        (self.buckets)(context)
     }
 
-    /// The first check of an attempt to `to`: its marks and every bucket of `buckets`.
-    pub async fn check(&self, to: &Destination, buckets: &[SharedBucket], deadline: Instant) -> Verdict {
-        self.backend.check(Some(&to.key), buckets, deadline).await
+    /// The first check of an attempt to `destination` (`host:port`): its marks and every bucket
+    /// of `buckets`.
+    pub async fn check(&self, destination: &str, buckets: &[SharedBucket], deadline: Instant) -> Verdict {
+        self.backend.check(Some(destination), buckets, deadline).await
     }
 
     /// A check of the buckets alone, after a wait (the marks were read before it, as the local

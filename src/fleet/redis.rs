@@ -8,7 +8,7 @@ use crate::client::shared::{CheckFuture, SharedBucket, SharedLimits, Verdict};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, FromRedisValue, Script};
 use std::{
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, RwLock, Weak,
     },
     time::{Duration, Instant},
@@ -34,8 +34,11 @@ struct Inner {
     keys: Keys,
     /// `host:port` (never the URL: it may carry a password).
     endpoint: String,
-    /// `None` while unreachable: checks then answer without a round trip.
-    connection: RwLock<Option<MultiplexedConnection>>,
+    /// `None` while unreachable: checks then answer without a round trip. Numbered, so a late
+    /// failure on a connection already replaced does not drop its successor.
+    connection: RwLock<Option<(u64, MultiplexedConnection)>>,
+    /// The number of the last connection made.
+    generation: AtomicU64,
     /// In an outage (logged and counted once, at its start).
     down: AtomicBool,
     /// Wakes the reconnect task when the connection is lost.
@@ -57,6 +60,7 @@ impl RedisLimits {
             keys: Keys::new(&settings.key_prefix),
             endpoint: endpoint(&settings.redis_url),
             connection: RwLock::new(None),
+            generation: AtomicU64::new(0),
             down: AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
             check: Script::new(CHECK),
@@ -78,7 +82,7 @@ impl RedisLimits {
 }
 
 impl Inner {
-    fn connection(&self) -> Option<MultiplexedConnection> {
+    fn connection(&self) -> Option<(u64, MultiplexedConnection)> {
         self.connection.read().ok()?.clone()
     }
 
@@ -100,8 +104,9 @@ impl Inner {
     }
 
     fn connected(&self, connection: MultiplexedConnection) {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         if let Ok(mut slot) = self.connection.write() {
-            *slot = Some(connection);
+            *slot = Some((generation, connection));
         }
         crate::metrics::fleet_redis_up(true);
         if self.down.swap(false, Ordering::SeqCst) {
@@ -109,9 +114,13 @@ impl Inner {
         }
     }
 
-    /// The connection failed (`why`): dropped, and the reconnect task woken.
-    fn lost(&self, why: &str) {
+    /// Connection number `generation` failed (`why`): dropped, and the reconnect task woken.
+    /// A failure on a connection already replaced changes nothing.
+    fn lost(&self, generation: u64, why: &str) {
         if let Ok(mut slot) = self.connection.write() {
+            if !matches!(&*slot, Some((current, _)) if *current == generation) {
+                return;
+            }
             *slot = None;
         }
         self.outage(why);
@@ -150,7 +159,7 @@ impl Inner {
         if destination.is_none() && buckets.is_empty() {
             return Verdict::Allowed;
         }
-        let Some(mut connection) = self.connection() else {
+        let Some((generation, mut connection)) = self.connection() else {
             return self.fallback();
         };
         let mut keys = Vec::with_capacity(2 + buckets.len());
@@ -179,18 +188,21 @@ impl Inner {
                 match verdict_of(&reply) {
                     Some(verdict) => verdict,
                     None => {
-                        self.lost(&format!("unexpected reply {reply:?} to the check script"));
+                        self.lost(generation, &format!("unexpected reply {reply:?} to the check script"));
                         self.fallback()
                     }
                 }
             }
             Ok(Err(e)) => {
-                self.lost(&e.to_string());
+                self.lost(generation, &e.to_string());
                 self.fallback()
             }
             Err(_) if budget < self.settings.timeout => self.fallback(),
             Err(_) => {
-                self.lost(&format!("no answer within fleet.timeout ({:?})", self.settings.timeout));
+                self.lost(
+                    generation,
+                    &format!("no answer within fleet.timeout ({:?})", self.settings.timeout),
+                );
                 self.fallback()
             }
         }
@@ -270,7 +282,7 @@ impl RedisLimits {
     /// Writes `key` off the attempt's way: a mark lasting `ttl`, or (`None`) its removal. With
     /// Redis unreachable the write is dropped (the outage is logged already).
     fn write(&self, key: String, ttl: Option<Duration>) {
-        let Some(mut connection) = self.inner.connection() else {
+        let Some((generation, mut connection)) = self.inner.connection() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -289,10 +301,11 @@ impl RedisLimits {
             };
             match tokio::time::timeout(inner.settings.timeout, write).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => inner.lost(&e.to_string()),
-                Err(_) => {
-                    inner.lost(&format!("no answer within fleet.timeout ({:?})", inner.settings.timeout))
-                }
+                Ok(Err(e)) => inner.lost(generation, &e.to_string()),
+                Err(_) => inner.lost(
+                    generation,
+                    &format!("no answer within fleet.timeout ({:?})", inner.settings.timeout),
+                ),
             }
         });
     }
