@@ -5,7 +5,7 @@
 //! with backoff; a check never waits past `fleet.timeout` nor the action's deadline.
 use super::{endpoint, FleetError, FleetSettings, Keys, Unavailable};
 use crate::client::shared::{CheckFuture, SharedBucket, SharedLimits, Verdict};
-use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, FromRedisValue, Script};
+use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, Script};
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -53,8 +53,15 @@ impl RedisLimits {
     /// reconnecting. Fails only on a bad URL.
     pub async fn start(settings: FleetSettings) -> Result<Self, FleetError> {
         super::check_url(&settings.redis_url).map_err(|e| FleetError(format!("fleet.redis_url {e}")))?;
-        let client = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| FleetError(format!("fleet.redis_url: {e}")))?;
+        // No Nagle: the connection is multiplexed, and a check written while another's bytes
+        // are unacknowledged must not wait for a delayed ACK.
+        let info = settings
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| FleetError(format!("fleet.redis_url: {e}")))?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(|e| FleetError(format!("fleet.redis_url: {e}")))?;
         let inner = Arc::new(Inner {
             client,
             keys: Keys::new(&settings.key_prefix),
