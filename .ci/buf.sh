@@ -6,6 +6,7 @@
 #                 the merge). BUF_AGAINST=<git ref> picks another. Skipped, with a message, in a
 #                 shallow clone without that commit or when that commit has no buf.yaml yet.
 # Run from the repository root: bash .ci/buf.sh
+# `bash .ci/buf.sh --install-only` installs the CLI and stops (.ci/stubs.sh uses that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ if [ ! -x "$buf" ] || [ "$("$buf" --version)" != "$BUF_VERSION" ]; then
     npm install --prefix "$prefix" --no-save --no-audit --no-fund --loglevel=error "@bufbuild/buf@$BUF_VERSION" >/dev/null
 fi
 echo "buf $("$buf" --version)"
+if [ "${1:-}" = --install-only ]; then
+    exit 0
+fi
 
 "$buf" lint
 echo "buf lint: ok"

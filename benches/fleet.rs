@@ -9,7 +9,7 @@ use bytes::Bytes;
 use callout::{
     action::ActionInput,
     client::{
-        rate_limit::{RateLimitSettings, RateLimits},
+        rate_limit::{Rate, RateLimitRule, RateLimits},
         shared::{SharedBucket, SharedLimits},
     },
     exec::{ExecSettings, Executor},
@@ -93,12 +93,8 @@ fn upstream(runtime: &tokio::runtime::Runtime) -> String {
 }
 
 /// Limits no action here ever waits for: a destination rule and a global limit.
-fn rate_settings() -> RateLimitSettings {
-    RateLimitSettings {
-        global: Some("1000000/s".parse().expect("a rate")),
-        per_host: vec!["127.0.0.1=1000000/s".parse().expect("a rule")],
-        ..RateLimitSettings::default()
-    }
+fn rate_settings() -> (Option<Rate>, Vec<RateLimitRule>) {
+    (Some("1000000/s".parse().expect("a rate")), vec!["127.0.0.1=1000000/s".parse().expect("a rule")])
 }
 
 fn main() {
@@ -112,7 +108,8 @@ fn main() {
     let fleet = runtime.block_on(RedisLimits::start(settings)).expect("the fleet backend");
     let far = || Instant::now() + Duration::from_secs(60);
 
-    let local = RateLimits::new(&rate_settings());
+    let (global, per_host) = rate_settings();
+    let local = RateLimits::new(global, &per_host);
     c.bench_function("fleet/rate_check_local", |b| {
         b.iter(|| runtime.block_on(local.acquire("127.0.0.1:80", "127.0.0.1", 80, far())).expect("no wait"))
     });
@@ -136,8 +133,8 @@ fn main() {
 
     let url = upstream(&runtime);
     let mut exec = ExecSettings::default();
-    exec.client.egress.allow_private_networks = true;
-    exec.limits.rate = rate_settings();
+    exec.egress.allow_private_networks = true;
+    (exec.limits.global_rate_limit, exec.limits.rate_limits) = rate_settings();
     let shared: Arc<dyn SharedLimits> = Arc::new(fleet);
     for (name, shared) in [("fleet/action_local_limits", None), ("fleet/action_fleet_limits", Some(shared))] {
         let executor = Executor::with_shared_limits(exec.clone(), shared).expect("an executor");

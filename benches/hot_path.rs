@@ -89,6 +89,7 @@ fn outcome() -> Outcome {
             body,
             body_json,
             truncated: false,
+            extracted: Vec::new(),
         }),
         attempts: vec![AttemptRecord {
             number: 1,
@@ -100,6 +101,10 @@ fn outcome() -> Outcome {
         }],
         started_at: SystemTime::now(),
         total: Duration::from_millis(19),
+        // The default: the reply carries the JSON view alone.
+        reply_body: callout::action::ReplyBody::Auto,
+        extracted: Vec::new(),
+        condition_retry: false,
     }
 }
 
@@ -118,10 +123,10 @@ fn validate(c: &mut Criterion) {
 fn request(c: &mut Criterion) {
     let action = HttpAction::from_input(realistic_input()).unwrap();
     let hop = Hop {
-        method: action.method.clone(),
-        url: action.url.clone(),
-        headers: action.headers,
-        body: action.body,
+        method: action.method().clone(),
+        url: action.url().clone(),
+        headers: action.headers().clone(),
+        body: action.body().clone(),
     };
     hop.request().expect("the benchmark's request builds");
     c.bench_function("build_request", |b| b.iter(|| black_box(&hop).request()));
@@ -174,7 +179,8 @@ fn response_to_reply(
     let body = rt.block_on(response.into_body().collect()).unwrap().to_bytes();
     let (body_json, body_text) = views(&head, &body);
     let mut outcome = template.clone();
-    outcome.response = Some(ResponseData { head, body, body_json, body_text, truncated: false });
+    outcome.response =
+        Some(ResponseData { head, body, body_json, body_text, truncated: false, extracted: Vec::new() });
     convert::outcome(outcome)
 }
 

@@ -5,6 +5,7 @@
 //! target/release/examples/loadgen            # closed loop + open loop tables (~2 min)
 //! target/release/examples/loadgen --scale    # 10,000 in flight (HTTP/1.1, then h2), 1 GiB stream, cold start
 //! target/release/examples/loadgen --durable  # durable Submit acks/s and latency vs unary Execute
+//! target/release/examples/loadgen --count 2000 --conc 64 --sidecar-wrap 'valgrind --tool=callgrind'
 //! ```
 //!
 //! Every process is separate, so CPU is counted apart: this load generator, the upstream
@@ -19,6 +20,11 @@
 //! concurrencies), `--modes BC` (which of A, B, C run; e.g. `--modes B` as a load to profile),
 //! `--sidecar-arg ARG` (repeatable: passed to `callout serve`, e.g. `--worker-threads`, `1`),
 //! `--open-rates 1000,5000` (open-loop rates after the one at half of saturation).
+//! `--count N` runs exactly N GET 1 KiB actions over B at each `--conc` (64 by default there)
+//! against one sidecar, instead of the timed tables: a fixed amount of work, for counting
+//! instructions where wall-clock time is noise. `--sidecar-wrap 'CMD ARGS'` starts that sidecar
+//! under a command (e.g. valgrind); it is stopped with SIGTERM and waited for, so such a
+//! wrapper writes its report.
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
@@ -168,9 +174,27 @@ impl Listen {
 }
 
 fn spawn_sidecar(path: &Path, listen: &Listen, extra: &[&str]) -> Result<Proc, Error> {
+    spawn_sidecar_wrapped(&[], path, listen, extra)
+}
+
+/// The sidecar started under `wrap` (a command and its arguments, e.g. valgrind), when not empty.
+fn spawn_sidecar_wrapped(
+    wrap: &[String],
+    path: &Path,
+    listen: &Listen,
+    extra: &[&str],
+) -> Result<Proc, Error> {
     // No durable store unless asked for: it would be created in the working directory.
     let store: &[&str] = if extra.contains(&"--store") { &[] } else { &["--store", "off"] };
-    let child = Command::new(path)
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(path);
+            command
+        }
+        None => Command::new(path),
+    };
+    let child = command
         .args([
             "serve",
             "--allow-private-networks",
@@ -536,6 +560,10 @@ struct Options {
     /// Open-loop rates run after the one at half of saturation.
     open_rates: Vec<f64>,
     paths: Paths,
+    /// Exactly this many actions per B cell instead of the timed tables (`--count`).
+    count: Option<u64>,
+    /// The command the counted run's sidecar runs under (`--sidecar-wrap`).
+    sidecar_wrap: Vec<String>,
 }
 
 fn options() -> Result<Options, Error> {
@@ -550,6 +578,8 @@ fn options() -> Result<Options, Error> {
         sidecar_args: Vec::new(),
         open_rates: Vec::new(),
         paths: default_paths(),
+        count: None,
+        sidecar_wrap: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -577,10 +607,18 @@ fn options() -> Result<Options, Error> {
                     return Err("--open-rates takes 1..=200000 actions/s".into());
                 }
             }
+            "--count" => {
+                let n: u64 = value()?.parse()?;
+                if !(1..=10_000_000).contains(&n) {
+                    return Err("--count takes 1..=10000000 actions".into());
+                }
+                o.count = Some(n);
+            }
+            "--sidecar-wrap" => o.sidecar_wrap = value()?.split_whitespace().map(str::to_owned).collect(),
             "--scale" => o.scale = true,
             "--durable" => o.durable = true,
             "--help" | "-h" => {
-                println!("usage: loadgen [--scale] [--durable] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH]");
+                println!("usage: loadgen [--scale] [--durable] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH] [--count N [--sidecar-wrap 'CMD ARGS']]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -837,6 +875,78 @@ async fn durable(o: &Options) -> Result<(), Error> {
     Ok(())
 }
 
+/// Exactly `count` GET 1 KiB actions over B (TCP) at each `--conc`, against one sidecar started
+/// under `--sidecar-wrap` when given; the sidecar is then stopped with SIGTERM and waited for,
+/// so a wrapper such as valgrind writes its report. Startup and shutdown are in the wrapper's
+/// totals: two runs of different counts, subtracted, give the cost per action.
+async fn counted(o: &Options, count: u64) -> Result<(), Error> {
+    let (_upstream, up) = spawn_upstream(&o.paths.upstream, &[])?;
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let extra: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let mut sidecar = spawn_sidecar_wrapped(&o.sidecar_wrap, &o.paths.callout, &tcp, &extra)?;
+    // Under valgrind a start takes seconds.
+    let ready = wait_serving(&tcp, t, Duration::from_secs(120)).await?;
+    println!("upstream {up}; sidecar {} (SERVING after {ready:?}), {count} actions a cell", tcp.arg());
+    println!("| workload | conc | actions | errors | seconds | sidecar cpu us/act |");
+    println!("|---|---|---|---|---|---|");
+    let url = upstream_url(&up, Workload::Get1k, None);
+    let conc: Vec<usize> = if o.conc == [1, 16, 64, 256] { vec![64] } else { o.conc.clone() };
+    for c in conc {
+        let target = Target::Sidecar {
+            clients: sidecar_clients(&tcp, channels_for(c)).await?,
+            url: url.clone(),
+            post: Bytes::new(),
+        };
+        let tickets = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let cpu_before = cpu_time(sidecar.pid());
+        let t = Instant::now();
+        let mut workers = Vec::with_capacity(c);
+        for w in 0..c {
+            let (target, tickets, errors) = (target.clone(), tickets.clone(), errors.clone());
+            workers.push(tokio::spawn(async move {
+                // Bounded by the count: each ticket is one action, errors included.
+                while tickets.fetch_add(1, Ordering::Relaxed) < count {
+                    if target.call(w, Workload::Get1k).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
+        let took = t.elapsed();
+        let cpu = cpu_before.zip(cpu_time(sidecar.pid())).map(|(b, a)| a.saturating_sub(b));
+        println!(
+            "| {} | {c} | {count} | {} | {:.2} | {} |",
+            Workload::Get1k.name(),
+            errors.load(Ordering::Relaxed),
+            took.as_secs_f64(),
+            fmt_opt(cpu.map(|d| d.as_secs_f64() * 1e6 / count as f64)),
+        );
+    }
+    stop_gracefully(&mut sidecar, Duration::from_secs(120))
+}
+
+/// Sends SIGTERM to `proc` and waits (at most `limit`) for it to exit.
+fn stop_gracefully(proc: &mut Proc, limit: Duration) -> Result<(), Error> {
+    let status = Command::new("kill").args(["-TERM", &proc.pid().to_string()]).status()?;
+    if !status.success() {
+        return Err(format!("kill -TERM {} failed", proc.pid()).into());
+    }
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(status) = proc.child.try_wait()? {
+            eprintln!("[loadgen] {} (pid {}) exited: {status}", proc.name, proc.pid());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{} did not exit within {limit:?} of SIGTERM", proc.name).into())
+}
+
 fn rss_sampler(pid: u32) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<RssSamples>) {
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -1047,6 +1157,8 @@ async fn main() -> Result<(), Error> {
         scale(&o).await
     } else if o.durable {
         durable(&o).await
+    } else if let Some(count) = o.count {
+        counted(&o, count).await
     } else {
         throughput(&o).await
     }

@@ -185,6 +185,16 @@ grep_check() {
 # expect REGEX: the last run's output has a line matching REGEX (grep -E).
 expect() { grep_check E "$1" "/$1/"; }
 
+# expect_no PATTERN: no line of the last run's output matches PATTERN (grep -E).
+expect_no() {
+    if grep -Eq -- "$1" "$OUT"; then
+        fail "$CURRENT: has a line matching /$1/"
+        show_output
+    else
+        pass "$CURRENT: no /$1/"
+    fi
+}
+
 # expect_text TEXT: the last run's output contains TEXT (grep -F).
 expect_text() { grep_check F "$1" "contains $1"; }
 
@@ -269,6 +279,30 @@ for lang in python node; do
     expect '^outcome: OUTCOME_SUCCEEDED$'
     expect_text '"path":"/status/201"'
     expect_text '"body":"hello"'
+
+    step "$lang: reply_body, extract and conditions"
+
+    # AUTO (the default): one field, the parsed JSON of the echo.
+    run "$p-reply-auto" 0 "${CLIENT[@]}" execute POST "$UPSTREAM/orders" --json '{"id":1}'
+    expect '^body_json: '
+    expect_no '^body_text: '
+    expect_no '^body: '
+    run "$p-reply-all" 0 "${CLIENT[@]}" execute POST "$UPSTREAM/orders" --json '{"id":1}' --reply-body all
+    expect '^body_json: '
+    expect '^body_text: '
+    expect '^body: [0-9]+ bytes$'
+    run "$p-reply-raw" 0 "${CLIENT[@]}" execute POST "$UPSTREAM/orders" --json '{"id":1}' --reply-body raw
+    expect '^body: [0-9]+ bytes$'
+    expect_no '^body_(json|text): '
+    run "$p-reply-none" 0 "${CLIENT[@]}" execute POST "$UPSTREAM/orders" --json '{"id":1}' --reply-body none \
+        --extract 'path=$.path' --extract 'nothing=$.nope'
+    expect '^status: 200 OK'
+    expect_no '^body'
+    expect_text 'extracted.path: "/orders"'
+    expect_text 'extracted.nothing: null'
+    run "$p-condition-false" 1 "${CLIENT[@]}" execute GET "$UPSTREAM/job" --success-condition 'body.path == "/other"'
+    expect '^outcome: OUTCOME_FAILED$'
+    expect_text 'error: ERROR_KIND_CONDITION_FAILED: success_condition "body.path == "/other"" was false'
 
     run "$p-failed-continue" 0 "${CLIENT[@]}" execute GET "$UPSTREAM/status/503" --on-failure continue --max-attempts 1
     expect '^status: 503 Service Unavailable'

@@ -4,14 +4,14 @@
 use crate::{
     action::{
         parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind, HttpAction,
-        ResponseData, ResponseHead, RetryDecision, TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
+        ReplyBody, ResponseData, ResponseHead, RetryDecision, TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         admission::Limits,
-        attempt::AttemptContext,
+        attempt::{AttemptContext, AttemptRequest},
         body_budget::{BodyBudget, BudgetError},
         redirect::Hop,
-        response::{head_of, pieces, views, BodyError, CappedBody},
+        response::{head_of, json_depth_within, pieces, views, BodyError, CappedBody, MAX_JSON_DEPTH},
         stack::{attempt_stack, classify, Failed},
         timeout::bounds,
         Clients, ConnInfo, ResponseBody, SendFailure,
@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
-use tower::{util::Either, ServiceExt as _};
+use tower::{util::Either, Service as _, ServiceExt as _};
 
 /// The caller went away; the action stops.
 #[derive(Debug, Clone, Copy)]
@@ -130,7 +130,7 @@ pub struct AttemptOf<'a> {
     pub action: &'a HttpAction,
     /// 1-based.
     pub number: u32,
-    pub context: &'a AttemptContext,
+    pub context: &'a Arc<AttemptContext>,
 }
 
 impl RunAttempt for Attempts {
@@ -145,12 +145,14 @@ impl RunAttempt for Attempts {
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
         let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
-        let (mut request, client) = match built {
+        let (request, client) = match built {
             Ok((request, client)) => (request, Either::Left(client)),
             Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
-        request.extensions_mut().insert(context.clone());
-        let call = attempt_stack(&self.limits, client).oneshot(request);
+        let request = AttemptRequest { http: request, context: context.clone(), checked: None };
+        let mut stack = attempt_stack(&self.limits, client);
+        // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
+        let call = async { stack.ready().await?.call(request).await };
         let mut call = std::pin::pin!(call);
         let sent = loop {
             tokio::select! {
@@ -223,27 +225,43 @@ impl RunAttempt for Attempts {
             return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
         }
 
-        let success = action.success.contains(status);
+        let success = action.success().contains(status);
         let status_end = (!success).then_some(AttemptEnd::Status { status, retry_after });
         // A status that will be retried is not worth its body: decide now, skip reading it.
         let status_decision = status_end.map(|end| {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            action.retry.decide(number, end, remaining)
+            action.retry().decide(number, end, remaining)
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
             let error = status_error(action, &head);
-            let response =
-                ResponseData { head, body: Bytes::new(), body_json: None, body_text: None, truncated: false };
+            let response = ResponseData {
+                head,
+                body: Bytes::new(),
+                body_json: None,
+                body_text: None,
+                truncated: false,
+                extracted: Vec::new(),
+            };
             let mut result = fail(record, error, Some(end), Some(response), false);
             result.decision = Some(retry.clone());
             return Attempted::Ran(result);
         }
 
         let streams = observer.streams_body();
-        let cap = self.body_cap(action, streams);
+        // A body a condition or an extract path looks into is read whole first, even on a
+        // stream (its chunks follow, unless the attempt is retried), under Execute's cap.
+        let holds = streams && action.evaluates_body();
+        let cap = if holds {
+            self.body_cap(action, false).min(self.body_cap(action, true))
+        } else {
+            self.body_cap(action, streams)
+        };
         // Set while the read waits for the memory budget: a deadline then is the budget's.
         let mut budget_wait = None;
-        let read = Box::pin(read_body(body, cap, &self.budget, &mut budget_wait, number, observer));
+        // REPLY_BODY_NONE: a stream gets no chunks, the body is still read to its end.
+        let forward = action.reply_body() != ReplyBody::None;
+        let read_mode = ReadMode { attempt: number, streams: streams && !holds, forward };
+        let read = Box::pin(read_body(body, cap, &self.budget, &mut budget_wait, read_mode, observer));
         let read = timeout_at(until.into(), read).await;
         let (body, body_failure): (BodyRead, Option<ActionError>) = match read {
             Err(_) => {
@@ -264,10 +282,15 @@ impl RunAttempt for Attempts {
             }
         };
         let truncated = matches!(body.error, Some(BodyError::TooLarge(_)));
-        let streamed = streams && body.len > 0;
-        let (body_json, body_text) =
-            if truncated || streams { (None, None) } else { body_views(&head, &body.bytes).await };
-        let response = ResponseData { head, body: body.bytes, body_json, body_text, truncated };
+        let mut streamed = streams && !holds && forward && body.len > 0;
+        // Conditions and extract paths parse the body themselves when there is no JSON view.
+        let (body_json, body_text) = if truncated || streams || !action.reply_body().wants_views() {
+            (None, None)
+        } else {
+            body_views(&head, &body.bytes).await
+        };
+        let mut response =
+            ResponseData { head, body: body.bytes, body_json, body_text, truncated, extracted: Vec::new() };
         record.timing.total = start.elapsed();
 
         if let Some(error) = body_failure {
@@ -276,16 +299,184 @@ impl RunAttempt for Attempts {
             let end = AttemptEnd::Error { kind: error.kind, sent: true };
             return Attempted::Ran(fail(record, error, Some(end), Some(response), streamed));
         }
-        Attempted::Ran(match status_end {
-            Some(end) => {
-                let error = status_error(action, &response.head);
+
+        // Conditions and extract paths, on the body as read.
+        let verdict = if action.evaluates_body() {
+            let looked = look_into(action, &mut response, status_end.is_none(), start.elapsed()).await;
+            response.extracted = looked.extracted;
+            looked.verdict
+        } else {
+            Verdict::Passed
+        };
+        let (end, error, decision) = match verdict {
+            Verdict::Retry(error) => {
+                let end = AttemptEnd::Condition { status, retry_after };
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                (Some(end), Some(error), Some(action.retry().decide(number, end, remaining)))
+            }
+            Verdict::Failed(error) => {
+                (Some(AttemptEnd::Error { kind: error.kind, sent: true }), Some(error), None)
+            }
+            Verdict::Passed => match status_end {
+                Some(end) => (Some(end), Some(status_error(action, &response.head)), status_decision),
+                None => (None, None, None),
+            },
+        };
+        if holds {
+            // A retried attempt's body is not handed on: the retry's body stands for it.
+            let retried = matches!(decision, Some(RetryDecision::Retry { .. }));
+            if forward && !retried && !response.body.is_empty() {
+                if send_held(&response.body, number, observer).await.is_err() {
+                    return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
+                }
+                streamed = true;
+            }
+            // The stream's reply carries no body fields: the chunks were the body.
+            response.body = Bytes::new();
+            response.body_json = None;
+            response.body_text = None;
+        }
+        Attempted::Ran(match (end, error) {
+            (Some(end), Some(error)) => {
                 let mut result = fail(record, error, Some(end), Some(response), streamed);
-                result.decision = status_decision;
+                result.decision = decision;
                 result
             }
-            None => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
+            _ => AttemptResult { record, end: None, response: Some(response), streamed, decision: None },
         })
     }
+}
+
+/// What the action's conditions made of an attempt's response.
+enum Verdict {
+    Passed,
+    /// retry_condition was true: the error stands if no attempt follows.
+    Retry(ActionError),
+    Failed(ActionError),
+}
+
+struct Looked {
+    verdict: Verdict,
+    extracted: Vec<(String, serde_json::Value)>,
+}
+
+/// Evaluates the action's conditions and extract paths on `response` (read whole). The JSON is
+/// the body's JSON view, else the body parsed when it parses whatever its Content-Type; parsed
+/// and evaluated off the runtime's threads when the body is large. `status_ok`: the status
+/// is in success_codes (success_condition is evaluated only then).
+async fn look_into(
+    action: &HttpAction,
+    response: &mut ResponseData,
+    status_ok: bool,
+    elapsed: Duration,
+) -> Looked {
+    if response.body.len() < OFFLOAD_BODY_BYTES {
+        return looked(action, response, status_ok, elapsed);
+    }
+    let (action2, moved) = (action.clone(), std::mem::replace(response, empty_response()));
+    let done = tokio::task::spawn_blocking(move || {
+        let looked = looked(&action2, &moved, status_ok, elapsed);
+        (looked, moved)
+    })
+    .await;
+    match done {
+        Ok((looked, moved)) => {
+            *response = moved;
+            looked
+        }
+        // A panic in the evaluator fails the attempt; the body is gone with the task.
+        Err(_) => Looked {
+            verdict: Verdict::Failed(ActionError::new(
+                ErrorKind::ConditionFailed,
+                "the response could not be evaluated",
+            )),
+            extracted: Vec::new(),
+        },
+    }
+}
+
+fn empty_response() -> ResponseData {
+    ResponseData {
+        head: ResponseHead { status: 0, reason: String::new(), version: "HTTP/1.1", headers: Vec::new() },
+        body: Bytes::new(),
+        body_json: None,
+        body_text: None,
+        truncated: false,
+        extracted: Vec::new(),
+    }
+}
+
+fn looked(action: &HttpAction, response: &ResponseData, status_ok: bool, elapsed: Duration) -> Looked {
+    use crate::action::condition::{Facts, FactsBody};
+    let parsed;
+    let json = match &response.body_json {
+        Some(json) => Some(json),
+        None => {
+            parsed = parse_any_json(&response.body);
+            parsed.as_ref()
+        }
+    };
+    let extracted = action.extract().apply(json);
+    let conditions = (action.retry_condition(), action.success_condition().filter(|_| status_ok));
+    if conditions == (None, None) {
+        return Looked { verdict: Verdict::Passed, extracted };
+    }
+    let body = match (json, std::str::from_utf8(&response.body)) {
+        (Some(json), _) => FactsBody::Json(json),
+        (None, Ok(text)) => FactsBody::Text(text),
+        (None, Err(_)) => FactsBody::Bytes(&response.body),
+    };
+    let facts = Facts { status: response.head.status, headers: &response.head.headers, body, elapsed };
+    let failed = |message: String| Verdict::Failed(ActionError::new(ErrorKind::ConditionFailed, message));
+    let variables = match facts.variables() {
+        Ok(v) => v,
+        Err(e) => {
+            return Looked { verdict: failed(format!("the response could not be evaluated: {e}")), extracted }
+        }
+    };
+    let verdict = (|| {
+        if let Some(retry) = conditions.0 {
+            match retry.evaluate(&variables) {
+                Ok(true) => {
+                    return Verdict::Retry(ActionError::new(
+                        ErrorKind::ConditionFailed,
+                        format!("retry_condition {} was still true", retry.quoted()),
+                    ))
+                }
+                Ok(false) => {}
+                Err(e) => return failed(format!("retry_condition {} failed: {e}", retry.quoted())),
+            }
+        }
+        if let Some(success) = conditions.1 {
+            match success.evaluate(&variables) {
+                Ok(true) => {}
+                Ok(false) => return failed(format!("success_condition {} was false", success.quoted())),
+                Err(e) => return failed(format!("success_condition {} failed: {e}", success.quoted())),
+            }
+        }
+        Verdict::Passed
+    })();
+    Looked { verdict, extracted }
+}
+
+/// The body as JSON when it parses (whatever its Content-Type), within the JSON view's depth.
+fn parse_any_json(body: &Bytes) -> Option<serde_json::Value> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if !json_depth_within(&body[start..], MAX_JSON_DEPTH) {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// Hands a held body to the observer in chunks.
+async fn send_held<O: Observer>(body: &Bytes, attempt: u32, observer: &mut O) -> Result<(), Gone> {
+    let mut offset = 0u64;
+    for piece in pieces(body.clone()) {
+        let len = piece.len() as u64;
+        observer.body_chunk(attempt, offset, piece).await?;
+        offset += len;
+    }
+    Ok(())
 }
 
 /// What attempts run on: the server's clients, limits and memory budget for bodies.
@@ -312,9 +503,9 @@ impl Attempts {
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
         if streams {
             let server = self.stream_max_response_bytes;
-            action.max_response_bytes.map_or(server, |own| own.min(server))
+            action.max_response_bytes().map_or(server, |own| own.min(server))
         } else {
-            action.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
+            action.max_response_bytes().unwrap_or(DEFAULT_MAX_RESPONSE_BYTES)
         }
     }
 }
@@ -336,13 +527,13 @@ pub fn cancelled() -> ActionError {
 }
 
 fn status_error(action: &HttpAction, head: &ResponseHead) -> ActionError {
-    let message = match action.error_messages.lookup(head.status) {
+    let message = match action.error_messages().lookup(head.status) {
         Some(mapped) => mapped.to_owned(),
         None => format!(
             "status {} {} is not in success_codes \"{}\"",
             head.status,
             head.reason,
-            action.success.as_str()
+            action.success().as_str()
         ),
     };
     ActionError::new(ErrorKind::UnexpectedStatus, message)
@@ -372,13 +563,13 @@ fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
 /// body, continuing the caller's trace.
 fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
     let hop = Hop {
-        method: action.method.clone(),
-        url: action.url.clone(),
-        headers: action.headers.clone(),
-        body: action.body.clone(),
+        method: action.method().clone(),
+        url: action.url().clone(),
+        headers: action.headers().clone(),
+        body: action.body().clone(),
     };
     let mut request = hop.into_request()?;
-    if let Some(trace) = &action.trace {
+    if let Some(trace) = &action.trace() {
         continue_trace(request.headers_mut(), trace);
     }
     Ok(request)
@@ -388,7 +579,7 @@ fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
 #[derive(Clone)]
 struct FailWith(SendFailure);
 
-impl tower::Service<Request<Bytes>> for FailWith {
+impl tower::Service<AttemptRequest> for FailWith {
     type Response = Response<ResponseBody>;
     type Error = SendFailure;
     type Future = std::future::Ready<Result<Response<ResponseBody>, SendFailure>>;
@@ -397,9 +588,17 @@ impl tower::Service<Request<Bytes>> for FailWith {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, _: AttemptRequest) -> Self::Future {
         std::future::ready(Err(self.0.clone()))
     }
+}
+
+/// How a body is read: handed on in chunks (`streams`; to no one unless `forward`) or buffered.
+#[derive(Clone, Copy)]
+struct ReadMode {
+    attempt: u32,
+    streams: bool,
+    forward: bool,
 }
 
 #[derive(Default)]
@@ -429,10 +628,10 @@ async fn read_body<O: Observer>(
     cap: u64,
     budget: &BodyBudget,
     budget_wait: &mut Option<u64>,
-    attempt: u32,
+    mode: ReadMode,
     observer: &mut O,
 ) -> BodyRead {
-    let streams = observer.streams_body();
+    let ReadMode { attempt, streams, forward } = mode;
     let hint = hyper::body::Body::size_hint(&body).lower().min(cap);
     let mut body = CappedBody::new(body, cap);
     let mut buf = budget.buffer(cap);
@@ -450,7 +649,9 @@ async fn read_body<O: Observer>(
     loop {
         match body.next_chunk().await {
             Ok(Some(data)) => {
-                if streams {
+                if streams && !forward {
+                    // Counted against the cap, handed to no one.
+                } else if streams {
                     let mut offset = body.read() - data.len() as u64;
                     for piece in pieces(data) {
                         let len = piece.len() as u64;

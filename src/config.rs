@@ -1,36 +1,43 @@
-//! Server settings in two steps: `Config` is what an operator writes (a TOML file given with
-//! `--config`, then `CALLOUT_SECTION__KEY` environment variables, then flags, each layer over
-//! the one before; defaults run out of the box), and `Config::exec_settings` /
-//! `Config::server_options` turn it into the validated settings the code runs on. A bad value
-//! fails at start naming its key and where it came from. `callout.example.toml` documents every
-//! key.
+//! Server settings: `Config` is every section an operator can set, read in layers, each over
+//! the one before: defaults, a TOML file given with `--config`, `CALLOUT_SECTION__KEY`
+//! environment variables, then flags (`flags`). Each section is the settings struct the code it
+//! configures runs on, declared beside that code with its one `Default`, and checked while it is
+//! read, so a bad value fails at start naming its key and where it came from (file, variable or
+//! flag). `callout.example.toml` documents every key.
+//!
+//! A new section is one line in `Config` (`pub name: NameSettings,`): a struct beside its
+//! consumer deriving `Serialize`, `Deserialize`, with its `Default`, `#[serde(default,
+//! deny_unknown_fields)]`, checked in its deserializers (`crate::settings`); keys documented in
+//! callout.example.toml.
 use crate::{
     action::ProxyUrl,
     client::{
         admission::LimitSettings,
-        breaker::BreakerSettings,
-        concurrency::ConcurrencySettings,
         egress::{EgressRule, EgressSettings},
-        rate_limit::{Rate, RateLimitRule, RateLimitSettings},
-        ClientSettings, Proxies,
+        rate_limit::{Rate, RateLimitRule},
+        tenant::{TenantQuotaSettings, TenantSettings},
+        ClientSettings,
     },
     durable::DurableSettings,
-    exec::{ActionLog, ExecSettings},
-    fleet::{FleetSettings, Unavailable},
+    exec::{ExecSettings, DEFAULT_TOTAL_TIMEOUT, STREAM_MAX_RESPONSE_BYTES},
+    fleet::FleetSettings,
     metrics::MetricsSettings,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
-    telemetry::TelemetrySettings,
+    settings::{self, SettingError},
+    telemetry::{LogSettings, TracingSettings},
 };
 use figment::{
+    error::Kind,
     providers::{Env, Format, Serialized, Toml},
-    Figment,
+    value::{Dict, Map},
+    Figment, Metadata, Profile, Provider,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -40,24 +47,27 @@ use std::{
 /// override the file, e.g. `CALLOUT_LIMITS__MAX_IN_FLIGHT=100`.
 pub const ENV_PREFIX: &str = "CALLOUT_";
 
-/// Everything an operator can set.
+/// Everything an operator can set: one field per section, its type the section's settings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
-    pub log: LogConfig,
-    pub metrics: MetricsConfig,
-    pub client: ClientConfig,
-    pub limits: LimitsConfig,
-    pub egress: EgressConfig,
-    pub secrets: SecretsConfig,
-    pub tracing: TracingConfig,
+    pub log: LogSettings,
+    pub metrics: MetricsSettings,
+    pub client: ClientSettings,
+    pub limits: LimitSettings,
+    pub egress: EgressSettings,
+    pub secrets: SecretSettings,
+    pub tracing: TracingSettings,
     pub store: StoreConfig,
-    pub durable: DurableConfig,
-    pub fleet: FleetConfig,
+    pub durable: DurableSettings,
+    pub tenants: TenantsConfig,
+    pub fleet: FleetSettings,
 }
 
-/// The gRPC listener and the actions' server-wide defaults.
+/// The `[server]` section: the gRPC listener and the actions' server-wide defaults. Read by
+/// three: the listener (`ServerOptions::try_from`, which reads the files named here), the
+/// executor (`Config::exec_settings`) and `main` (address, socket mode, workers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -81,25 +91,48 @@ pub struct ServerConfig {
     /// Body cap of ExecuteStream, bytes. Default 1 GiB.
     pub stream_max_response_bytes: u64,
     /// Header names whose values are sensitive besides the built-in ones. Default none.
-    pub sensitive_headers: Vec<String>,
-    /// Runtime workers: 0 is one per usable core, 1 the current-thread scheduler. Default 0.
+    #[serde(with = "settings::header_names")]
+    pub sensitive_headers: Vec<http::HeaderName>,
+    /// Runtime workers: 0 is one per usable core, 1 the current-thread scheduler, at most
+    /// 1024. Default 0.
+    #[serde(deserialize_with = "worker_threads")]
     pub worker_threads: usize,
-    /// Largest request message a call may send, bytes; a larger one is INVALID_ARGUMENT.
-    /// Default 4 MiB (gRPC's usual limit).
+    /// Largest request message a call may send, bytes, 4 KiB to 1 GiB; a larger one is
+    /// INVALID_ARGUMENT. Default 4 MiB (gRPC's usual limit).
+    #[serde(deserialize_with = "max_request_bytes")]
     pub max_request_bytes: u64,
 }
 
-/// Bounds of server.max_request_bytes.
+/// Bounds of server.max_request_bytes: below a few KiB no real action fits; past 1 GiB one
+/// call could take the memory.
 const MIN_REQUEST_BYTES: u64 = 4 * 1024;
 const MAX_REQUEST_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// More runtime workers than this is a typo, not a plan: each is an OS thread made at start.
 const MAX_WORKER_THREADS: usize = 1024;
 
+fn worker_threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        n if n > MAX_WORKER_THREADS => Err(serde::de::Error::custom(format!(
+            "must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
+        ))),
+        n => Ok(n),
+    }
+}
+
+fn max_request_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match u64::deserialize(d)? {
+        n if !(MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES).contains(&n) => Err(serde::de::Error::custom(format!(
+            "must be from {MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} bytes"
+        ))),
+        n => Ok(n),
+    }
+}
+
 impl Default for ServerConfig {
-    // The runtime settings' defaults are the one source; the config only names them.
+    // The listener's and the executor's own defaults, named once there.
     fn default() -> Self {
-        let exec = ExecSettings::default();
+        let options = ServerOptions::default();
         Self {
             listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
             unix_socket_mode: FileMode(0o600),
@@ -107,230 +140,136 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
-            drain_timeout: ServerOptions::default().drain_timeout,
-            default_total_timeout: exec.default_total_timeout,
-            stream_max_response_bytes: exec.stream_max_response_bytes,
+            drain_timeout: options.drain_timeout,
+            default_total_timeout: DEFAULT_TOTAL_TIMEOUT,
+            stream_max_response_bytes: STREAM_MAX_RESPONSE_BYTES,
             sensitive_headers: Vec::new(),
             worker_threads: 0,
-            max_request_bytes: ServerOptions::default().max_request_bytes as u64,
+            max_request_bytes: options.max_request_bytes as u64,
         }
     }
 }
 
-/// Log lines: format and level.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// `pretty` (human) or `json` (one object per line). Default `pretty`.
-    pub format: LogFormat,
-    /// A tracing filter: `info`, `debug`, `callout=debug,info`. `RUST_LOG`, when set, wins.
-    /// Default `info`.
-    pub level: String,
-    /// Which finished actions get a line: `all`, `failed` or `off`. Default `failed`.
-    pub actions: ActionLog,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            level: TelemetrySettings::default().level,
-            actions: ExecSettings::default().action_log,
+impl ServerConfig {
+    /// Checks what one key's type cannot: keys that go together.
+    fn check(&self) -> Result<(), SettingError> {
+        if self.tls_key.is_some() != self.tls_cert.is_some() {
+            let key = if self.tls_key.is_some() { "server.tls_key" } else { "server.tls_cert" };
+            return Err(SettingError::new(key, "server.tls_cert and server.tls_key go together"));
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Pretty,
-    Json,
-}
-
-/// The Prometheus endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Serve `/metrics`. Default true.
-    pub enabled: bool,
-    /// Where. Default `127.0.0.1:9464`.
-    pub listen: SocketAddr,
-    /// Destination hosts that get their own `host` label; others are counted as `other`.
-    /// Empty (the default): the first `max_hosts` hosts seen get a label.
-    pub hosts: Vec<String>,
-    /// Most distinct `host` label values when `hosts` is empty. Default 50.
-    pub max_hosts: usize,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        let labels = MetricsSettings::default();
-        Self {
-            enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            hosts: labels.hosts,
-            max_hosts: labels.max_hosts,
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(SettingError::new(
+                "server.tls_client_ca",
+                "needs server.tls_cert and server.tls_key",
+            ));
         }
+        Ok(())
     }
 }
 
-impl MetricsConfig {
-    /// The host labelling the metrics module runs on.
-    pub fn settings(&self) -> MetricsSettings {
-        MetricsSettings { hosts: self.hosts.clone(), max_hosts: self.max_hosts }
+impl TryFrom<&ServerConfig> for ServerOptions {
+    type Error = SettingError;
+
+    /// The listener's protection, with the token and TLS files read.
+    fn try_from(s: &ServerConfig) -> Result<Self, SettingError> {
+        let read = |key: &'static str, path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .map_err(|e| SettingError::new(key, format!("cannot read {}: {e}", path.display())))
+        };
+        let auth_token = match &s.auth_token_file {
+            Some(path) => {
+                let token = read("server.auth_token_file", path)?.trim().to_owned();
+                if token.is_empty() {
+                    return Err(SettingError::new(
+                        "server.auth_token_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        let tls = match (&s.tls_cert, &s.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls {
+                cert_pem: read("server.tls_cert", cert)?,
+                key_pem: read("server.tls_key", key)?,
+                client_ca_pem: s
+                    .tls_client_ca
+                    .as_ref()
+                    .map(|ca| read("server.tls_client_ca", ca))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
+        // Read within MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES.
+        let max_request_bytes = usize::try_from(s.max_request_bytes).unwrap_or(usize::MAX);
+        Ok(ServerOptions {
+            auth_token,
+            tls,
+            drain_timeout: s.drain_timeout,
+            max_request_bytes,
+            durable: None,
+        })
     }
 }
 
-/// The outbound HTTP client.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ClientConfig {
-    /// Idle pooled connections are closed after this. Default 90 s.
-    #[serde(with = "humantime_serde")]
-    pub pool_idle_timeout: Duration,
-    /// Idle connections kept per host; 0 turns reuse off. Default 64.
-    pub pool_max_idle_per_host: usize,
-    /// Offer HTTP/2 to https upstreams. Default true.
-    pub http2: bool,
-    /// TCP keep-alive after this idle time; `0s` turns it off. Default 60 s.
-    #[serde(with = "humantime_serde")]
-    pub tcp_keepalive: Duration,
-    /// HTTP/2 PING interval; default none.
-    #[serde(with = "humantime_serde::option")]
-    pub http2_keep_alive_interval: Option<Duration>,
-    /// PEM file of extra CAs trusted for upstreams. Default none.
-    pub ca_file: Option<PathBuf>,
-    /// `http://`, `https://`, `socks5://` or `socks5h://` `[user:pass@]host[:port]` proxy for
-    /// actions that set none; replaces HTTPS_PROXY and HTTP_PROXY (NO_PROXY still applies).
-    /// Default none.
-    pub proxy: Option<String>,
-    /// Fixed addresses per host name instead of DNS. Default none.
-    pub resolve: BTreeMap<String, Vec<IpAddr>>,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        let client = ClientSettings::default();
-        Self {
-            pool_idle_timeout: client.pool_idle_timeout,
-            pool_max_idle_per_host: client.pool_max_idle_per_host,
-            http2: client.http2,
-            tcp_keepalive: client.tcp_keepalive.unwrap_or(Duration::ZERO),
-            http2_keep_alive_interval: client.http2_keep_alive_interval,
-            ca_file: None,
-            proxy: None,
-            resolve: BTreeMap::new(),
-        }
-    }
-}
-
-/// Queue bound, concurrency caps, rate limits, circuit breaking.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Actions running at once. Default 512.
-    pub max_in_flight: usize,
-    /// Actions waiting for a slot; past this, RESOURCE_EXHAUSTED. Default 2048.
-    pub max_queued: usize,
-    /// Attempts in flight to one host:port. Default 64.
-    pub max_in_flight_per_host: usize,
-    /// Limit on all sends, `200/s` or `200/s burst 50`. Default none.
-    pub global_rate_limit: Option<Rate>,
-    /// `PATTERN=RATE` per destination, first match wins. Default none.
-    pub rate_limits: Vec<RateLimitRule>,
-    /// Longest shared cool-down a 429 Retry-After imposes. Default 10 min.
-    #[serde(with = "humantime_serde")]
-    pub max_host_cool_down: Duration,
-    /// Consecutive failures that open a destination's circuit; 0 is off. Default 10.
-    pub breaker_failures: u32,
-    /// How long an open circuit refuses before a probe. Default 15 s.
-    #[serde(with = "humantime_serde")]
-    pub breaker_cool_down: Duration,
-    /// Bytes of buffered response bodies held at once, server-wide. Default none: an eighth of
-    /// the cgroup memory limit when there is one, else 512 MiB.
-    pub max_buffered_bytes: Option<u64>,
-}
-
-/// A smaller memory budget than one body chunk could not buffer anything.
-const MIN_BUFFERED_BYTES: u64 = crate::client::body_budget::MIN_STEP;
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        let concurrency = ConcurrencySettings::default();
-        let rate = RateLimitSettings::default();
-        let breaker = BreakerSettings::default();
-        Self {
-            max_in_flight: concurrency.max_in_flight,
-            max_queued: concurrency.max_queued,
-            max_in_flight_per_host: concurrency.max_in_flight_per_host,
-            global_rate_limit: rate.global,
-            rate_limits: rate.per_host,
-            max_host_cool_down: rate.max_cool_down,
-            breaker_failures: breaker.failure_threshold,
-            breaker_cool_down: breaker.cool_down,
-            max_buffered_bytes: None,
-        }
-    }
-}
-
-/// Which destinations may be dialled.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EgressConfig {
-    /// Dev mode: loopback and private ranges may be dialled. Default false.
-    pub allow_private_networks: bool,
-    /// Host patterns or CIDRs; when any, only matches are dialled. Default none.
-    pub allow: Vec<EgressRule>,
-    /// Host patterns or CIDRs never dialled. Default none.
-    pub deny: Vec<EgressRule>,
-    /// Ports that may be dialled; empty is any. Default any.
-    pub allowed_ports: Vec<u16>,
-}
-
-/// Span export.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TracingConfig {
-    /// OTLP/gRPC collector to export spans to, e.g. `http://127.0.0.1:4317`. Needs a build
-    /// with `--features otlp`. Default none (spans are only logged).
-    pub otlp_endpoint: Option<String>,
-    /// `service.name` of the exported spans. Default `callout`.
-    pub service_name: String,
-}
-
-impl Default for TracingConfig {
-    fn default() -> Self {
-        let defaults = TelemetrySettings::default();
-        Self { otlp_endpoint: defaults.otlp_endpoint, service_name: defaults.service_name }
-    }
-}
-
-/// Where `{{secret:NAME}}` values come from.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SecretsConfig {
-    /// One file per secret. Default none.
-    pub dir: Option<PathBuf>,
-    /// Read secret NAME from `{env_prefix}NAME`. Default none.
-    pub env_prefix: Option<String>,
-}
-
-/// Where durable actions are stored.
+/// The `[store]` section: where durable actions are stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite:PATH` (relative to the working directory), or `off` to serve no durable
-    /// actions. Default `sqlite:callout-data/actions.db`.
+    /// `sqlite:PATH` (relative to the working directory), `postgres://…` (or `postgresql://…`)
+    /// for a store shared by a fleet, or `off` to serve no durable actions. Default
+    /// `sqlite:callout-data/actions.db`.
+    #[serde(deserialize_with = "store_url")]
     pub url: String,
     /// Largest size of the store file in bytes; past it Submit is UNAVAILABLE as with a full
-    /// disk. Default none (the disk's size).
+    /// disk. Default none (the disk's size). SQLite only.
     pub max_bytes: Option<u64>,
+    /// The PostgreSQL store's connection pool.
+    pub postgres: PostgresConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: "sqlite:callout-data/actions.db".into(), max_bytes: None }
+        Self {
+            url: "sqlite:callout-data/actions.db".into(),
+            max_bytes: None,
+            postgres: PostgresConfig::default(),
+        }
     }
+}
+
+/// The PostgreSQL store's pool (`[store.postgres]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connections in the pool at most (the change listener has one more of its own). Default 8.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
+    pub pool_size: usize,
+    /// How long connecting (or waiting for a pooled connection) may take before the call is
+    /// UNAVAILABLE. Default 5s.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "positive_duration")]
+    pub connect_timeout: Duration,
+}
+
+fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match humantime_serde::deserialize::<Duration, D>(d)? {
+        t if t.is_zero() => Err(serde::de::Error::custom("must be more than 0s")),
+        t => Ok(t),
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { pool_size: 8, connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// A `store.url` that names a store.
+fn store_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    url.parse::<StoreUrl>().map_err(serde::de::Error::custom)?;
+    Ok(url)
 }
 
 /// Which store `store.url` names.
@@ -338,6 +277,70 @@ impl Default for StoreConfig {
 pub enum StoreUrl {
     Off,
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL connection URL. It may hold a password: only `shown` (no password) is ever
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl {
+    /// The URL as written (secret).
+    pub url: String,
+    /// `postgres://user@host:port/database`, for logs and errors.
+    pub shown: String,
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PostgresUrl {
+    /// The URL with its password (in the user part or a `password` parameter) replaced.
+    pub fn redacted(&self) -> String {
+        let Ok(mut url) = url::Url::parse(&self.url) else { return self.shown.clone() };
+        if url.password().is_some() {
+            let _ = url.set_password(Some("REDACTED"));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" { "REDACTED".to_owned() } else { v.into_owned() };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
+    }
+
+    fn parse(raw: &str) -> Result<Self, String> {
+        // The parser's own messages may quote the URL (and so a password): not repeated here.
+        let config: tokio_postgres::Config = raw.parse().map_err(|_| {
+            "is not a valid PostgreSQL URL: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+                .to_owned()
+        })?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err("asks for sslmode=require: callout connects to PostgreSQL without TLS (use a \
+                        loopback, a private network or a TLS-terminating proxy)"
+                .into());
+        }
+        let host = config
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .unwrap_or_else(|| "localhost".into());
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("");
+        let database = config.get_dbname().unwrap_or(user);
+        let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+        Ok(Self { url: raw.to_owned(), shown: format!("postgres://{at}{host}:{port}/{database}") })
+    }
 }
 
 impl FromStr for StoreUrl {
@@ -350,75 +353,111 @@ impl FromStr for StoreUrl {
         match raw.strip_prefix("sqlite:") {
             Some(path) if !path.is_empty() => Ok(Self::Sqlite(PathBuf::from(path.trim_start_matches("//")))),
             Some(_) => Err("sqlite: needs a file path, e.g. sqlite:callout-data/actions.db".into()),
-            None if raw.starts_with("postgres") => {
-                Err(format!("{raw:?}: PostgreSQL stores are not supported yet; use sqlite:PATH"))
+            None if raw.starts_with("postgres://") || raw.starts_with("postgresql://") => {
+                PostgresUrl::parse(raw).map(Self::Postgres)
             }
-            None => Err(format!("{raw:?} is not sqlite:PATH or off")),
+            None if raw.starts_with("postgres") => {
+                Err("a PostgreSQL store is written postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE".into())
+            }
+            None => Err(format!("{raw:?} is not sqlite:PATH, postgres://… or off")),
         }
     }
 }
 
-/// Durable actions (DurableActionService).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DurableConfig {
-    /// Unfinished actions stored at most; past this Submit is RESOURCE_EXHAUSTED. Default 100000.
-    pub max_pending: u64,
-    /// How long final actions are kept. Default 7 days.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-    /// Header carrying the action id on durable POST and PATCH; empty adds none. Default
-    /// `Idempotency-Key`.
-    pub idempotency_header: String,
-    /// Durable attempts in flight at once. Default 256.
-    pub max_concurrent: usize,
-    /// Durable attempts in flight to one destination at once. Default 32.
-    pub max_concurrent_per_destination: usize,
-}
+/// The `[tenants]` section: quotas by the action's `tenant`, `[tenants.NAME]` for a named
+/// tenant (its name is also its metrics label), `[tenants.default]` for every other tenant
+/// (each on its own). Names are checked as they are read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct TenantsConfig(pub BTreeMap<String, TenantConfig>);
 
-impl Default for DurableConfig {
+/// The section of the tenants not named.
+const DEFAULT_TENANT: &str = "default";
+/// Most weight a tenant may have: a typo past this would starve everyone else.
+const MAX_TENANT_WEIGHT: u32 = 1000;
+
+impl Default for TenantsConfig {
     fn default() -> Self {
-        let d = DurableSettings::default();
-        Self {
-            max_pending: d.max_pending,
-            retention: d.retention,
-            idempotency_header: "Idempotency-Key".into(),
-            max_concurrent: d.max_concurrent,
-            max_concurrent_per_destination: d.max_concurrent_per_destination,
-        }
+        Self([(DEFAULT_TENANT.to_owned(), TenantConfig::default())].into())
     }
 }
 
-/// Fleet-wide limits shared through Redis.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FleetConfig {
-    /// `redis://[[user]:password@]host[:port][/db]`: the rate limits, 429 cool-downs and open
-    /// circuits hold for every replica sharing it. Default none (each replica's own).
-    pub redis_url: Option<String>,
-    /// Prefix of every key in Redis. Default `callout:v1:`.
-    pub key_prefix: String,
-    /// Redis unreachable: `local` (each replica's own limits) or `deny` (refused,
-    /// RATE_LIMITED). Default `local`.
-    pub redis_unavailable: Unavailable,
-    /// Longest wait for Redis on an attempt's way; slower counts as unreachable. Default 100 ms.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Longest wait for a connection to Redis. Default 1 s.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
+impl<'de> Deserialize<'de> for TenantsConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut tenants = BTreeMap::<String, TenantConfig>::deserialize(d)?;
+        for name in tenants.keys().filter(|name| *name != DEFAULT_TENANT) {
+            if let Some(problem) = crate::action::tenant_name_problem(name) {
+                return Err(D::Error::custom(format!("the tenant name {name:?} {problem}")));
+            }
+            if [crate::metrics::TENANT_OTHER, crate::metrics::TENANT_NONE].contains(&&**name) {
+                return Err(D::Error::custom(format!(
+                    "{name:?} is the metrics label of unnamed tenants; name the tenant otherwise"
+                )));
+            }
+        }
+        tenants.entry(DEFAULT_TENANT.to_owned()).or_default();
+        Ok(Self(tenants))
+    }
 }
 
-impl Default for FleetConfig {
+/// One tenant's quotas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's actions running at once. Default none (only `limits`).
+    #[serde(deserialize_with = "some_at_least_one")]
+    pub max_concurrent: Option<usize>,
+    /// The tenant's sends (every attempt), `100/s` or `100/s burst 20`. Default none.
+    pub rate: Option<Rate>,
+    /// Share of the running slots while tenants wait for them, 1 to 1000. Default 1.
+    #[serde(deserialize_with = "tenant_weight")]
+    pub weight: u32,
+}
+
+impl Default for TenantConfig {
     fn default() -> Self {
-        let f = FleetSettings::default();
-        Self {
-            redis_url: None,
-            key_prefix: f.key_prefix,
-            redis_unavailable: f.unavailable,
-            timeout: f.timeout,
-            connect_timeout: f.connect_timeout,
+        let quota = TenantQuotaSettings::default();
+        Self { max_concurrent: quota.max_concurrent, rate: quota.rate, weight: quota.weight }
+    }
+}
+
+fn some_at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match Option::<usize>::deserialize(d)? {
+        Some(0) => Err(serde::de::Error::custom("must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn tenant_weight<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        w if (1..=MAX_TENANT_WEIGHT).contains(&w) => Ok(w),
+        _ => Err(serde::de::Error::custom(format!("must be from 1 to {MAX_TENANT_WEIGHT}"))),
+    }
+}
+
+impl TenantsConfig {
+    /// The configured tenants' names (`default` is not one).
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().filter(|name| *name != DEFAULT_TENANT).cloned().collect()
+    }
+
+    /// The quotas the limits run on.
+    pub fn settings(&self) -> TenantSettings {
+        let mut settings = TenantSettings::default();
+        for (name, tenant) in &self.0 {
+            let quota = TenantQuotaSettings {
+                max_concurrent: tenant.max_concurrent,
+                rate: tenant.rate,
+                weight: tenant.weight,
+            };
+            if name == DEFAULT_TENANT {
+                settings.default = quota;
+            } else {
+                settings.named.insert(name.clone(), quota);
+            }
         }
+        settings
     }
 }
 
@@ -519,259 +558,128 @@ macro_rules! serde_as_string {
 }
 serde_as_string!(ListenAddr, Rate, RateLimitRule, EgressRule);
 
-/// Why the configuration is not usable; the message names the key.
+/// A layer of the configuration under a name an operator knows it by.
+struct Named<P> {
+    provider: P,
+    metadata: Metadata,
+}
+
+impl<P: Provider> Provider for Named<P> {
+    fn metadata(&self) -> Metadata {
+        self.metadata.clone()
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.provider.data()
+    }
+}
+
+const ENV_SOURCE: &str = "environment variable";
+
+/// The flags of a command as the top configuration layer: `flags` serializes as the sections
+/// and keys it sets, leaving out each flag not given (`skip_serializing_if`), so each flag lands
+/// on its key with no table of names.
+pub fn flags<T: Serialize>(flags: T) -> impl Provider {
+    Named { provider: Serialized::defaults(flags), metadata: Metadata::named("command-line flags") }
+}
+
+/// Why the configuration is not usable; each message names the key and where its value came
+/// from.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+/// Where the value at `keys` came from, as the operator wrote it.
+fn origin(metadata: &Metadata, keys: &[&str]) -> String {
+    match &metadata.source {
+        Some(source) => format!("{} {source}", metadata.name),
+        None if metadata.name == ENV_SOURCE => {
+            format!("{} {}", metadata.name, metadata.interpolate(&Profile::Default, keys))
+        }
+        None => metadata.name.to_string(),
+    }
+}
+
 impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
         // Every error of the chain (one per bad key), each with its key and source.
-        Self(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+        let each = e.into_iter().map(|e| {
+            let mut keys: Vec<&str> = e.path.iter().map(String::as_str).collect();
+            // An unknown key is named in full, whether or not figment's path has it.
+            if let Kind::UnknownField(field, _) = &e.kind {
+                if keys.last() != Some(&field.as_str()) {
+                    keys.push(field);
+                }
+            }
+            let key = keys.join(".");
+            let what = e.kind.to_string();
+            let what = what.trim();
+            let mut line = if key.is_empty() { what.to_owned() } else { format!("{key}: {what}") };
+            if let Some(metadata) = &e.metadata {
+                line.push_str(&format!(" (from {})", origin(metadata, &keys)));
+            }
+            line
+        });
+        Self(each.collect::<Vec<_>>().join("; "))
+    }
+}
+
+impl ConfigError {
+    /// A setting that cannot be used, with where `figment` took its value from.
+    pub fn setting(figment: &Figment, e: SettingError) -> Self {
+        let keys: Vec<&str> = e.key.split('.').collect();
+        match (!e.key.is_empty()).then(|| figment.find_metadata(e.key)).flatten() {
+            Some(metadata) => Self(format!("{e} (from {})", origin(metadata, &keys))),
+            None => Self(e.to_string()),
+        }
     }
 }
 
 impl Config {
     /// The layers under the flags: defaults, then `file` (which must exist when given), then
     /// `CALLOUT_SECTION__KEY` environment variables. Flags are merged on top by the caller
-    /// with `Figment::merge(("section.key", value))`, then `Config::extract`.
+    /// with `Figment::merge(config::flags(…))`, then `Config::extract`.
     pub fn layers(file: Option<&Path>) -> Figment {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let defaults = Named {
+            provider: Serialized::defaults(Config::default()),
+            metadata: Metadata::named("defaults"),
+        };
+        let mut figment = Figment::from(defaults);
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        // Only double-underscore names are config keys, so prefixed variables of other uses
-        // (a secrets env prefix such as CALLOUT_SECRET_) are not mistaken for keys.
-        figment.merge(Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__"))
+        figment.merge(env(ENV_PREFIX))
     }
 
     /// The configuration the layers make, checked.
     pub fn extract(figment: &Figment) -> Result<Self, ConfigError> {
         let config: Config = figment.extract()?;
-        config.check()?;
+        config.server.check().map_err(|e| ConfigError::setting(figment, e))?;
         Ok(config)
     }
 
-    /// Checks what types alone cannot.
-    fn check(&self) -> Result<(), ConfigError> {
-        self.sensitive_headers()?;
-        for (key, value) in [
-            ("limits.max_in_flight", self.limits.max_in_flight),
-            ("limits.max_in_flight_per_host", self.limits.max_in_flight_per_host),
-        ] {
-            if value == 0 {
-                return Err(ConfigError(format!("{key} must be at least 1")));
-            }
-        }
-        // Below a few KiB no real action fits; past 1 GiB one call could take the memory.
-        if !(MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES).contains(&self.server.max_request_bytes) {
-            return Err(ConfigError(format!(
-                "server.max_request_bytes must be from {MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} bytes"
-            )));
-        }
-        if self.limits.max_buffered_bytes.is_some_and(|n| n < MIN_BUFFERED_BYTES) {
-            return Err(ConfigError(format!(
-                "limits.max_buffered_bytes must be at least {MIN_BUFFERED_BYTES} (bytes)"
-            )));
-        }
-        if self.server.worker_threads > MAX_WORKER_THREADS {
-            return Err(ConfigError(format!(
-                "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
-            )));
-        }
-        if let Some(proxy) = &self.client.proxy {
-            ProxyUrl::parse(proxy).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
-        }
-        if self.server.tls_key.is_some() != self.server.tls_cert.is_some() {
-            return Err(ConfigError("server.tls_cert and server.tls_key go together".into()));
-        }
-        if self.server.tls_client_ca.is_some() && self.server.tls_cert.is_none() {
-            return Err(ConfigError("server.tls_client_ca needs server.tls_cert and server.tls_key".into()));
-        }
-        self.store_url()?;
-        self.durable_settings()?;
-        self.fleet_settings()?;
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
-        Ok(())
-    }
-
-    fn sensitive_headers(&self) -> Result<Vec<http::HeaderName>, ConfigError> {
-        self.server
-            .sensitive_headers
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    ConfigError(format!("server.sensitive_headers[{i}] {name:?} is not a header name"))
-                })
-            })
-            .collect()
-    }
-
     /// The store `store.url` names.
-    pub fn store_url(&self) -> Result<StoreUrl, ConfigError> {
-        self.store.url.parse().map_err(|e| ConfigError(format!("store.url {e}")))
+    pub fn store_url(&self) -> Result<StoreUrl, SettingError> {
+        self.store.url.parse().map_err(|e| SettingError::new("store.url", e))
     }
 
     /// The fleet's settings, when `fleet.redis_url` is set.
-    pub fn fleet_settings(&self) -> Result<Option<FleetSettings>, ConfigError> {
-        let f = &self.fleet;
-        let Some(url) = f.redis_url.as_deref().map(str::trim).filter(|url| !url.is_empty()) else {
-            return Ok(None);
-        };
-        crate::fleet::check_url(url).map_err(|e| ConfigError(format!("fleet.redis_url {e}")))?;
-        for (key, value) in [("fleet.timeout", f.timeout), ("fleet.connect_timeout", f.connect_timeout)] {
-            if value.is_zero() {
-                return Err(ConfigError(format!("{key} must be more than 0")));
-            }
-        }
-        Ok(Some(FleetSettings {
-            redis_url: url.to_owned(),
-            key_prefix: f.key_prefix.clone(),
-            unavailable: f.redis_unavailable,
-            timeout: f.timeout,
-            connect_timeout: f.connect_timeout,
-        }))
+    pub fn fleet_settings(&self) -> Option<FleetSettings> {
+        self.fleet.configured().cloned()
     }
 
-    /// The durable runner's settings.
-    pub fn durable_settings(&self) -> Result<DurableSettings, ConfigError> {
-        let d = &self.durable;
-        for (key, value) in [
-            ("durable.max_concurrent", d.max_concurrent),
-            ("durable.max_concurrent_per_destination", d.max_concurrent_per_destination),
-        ] {
-            if value == 0 {
-                return Err(ConfigError(format!("{key} must be at least 1")));
-            }
-        }
-        let name = d.idempotency_header.trim();
-        let idempotency_header = if name.is_empty() {
-            None
-        } else {
-            Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                ConfigError(format!("durable.idempotency_header {name:?} is not a header name"))
-            })?)
-        };
-        Ok(DurableSettings {
-            max_pending: d.max_pending,
-            retention: d.retention,
-            idempotency_header,
-            max_concurrent: d.max_concurrent,
-            max_concurrent_per_destination: d.max_concurrent_per_destination,
-        })
-    }
-
-    /// The executor's settings. Reads `client.ca_file` and the proxy environment variables.
-    pub fn exec_settings(&self) -> Result<ExecSettings, ConfigError> {
-        let mut settings = ExecSettings {
+    /// The executor's settings: its sections whole, and the action defaults of `[server]` and
+    /// `[log]`. Reads `client.ca_file` and the proxy environment variables.
+    pub fn exec_settings(&self) -> Result<ExecSettings, SettingError> {
+        Ok(ExecSettings {
             default_total_timeout: self.server.default_total_timeout,
             stream_max_response_bytes: self.server.stream_max_response_bytes,
-            ..ExecSettings::default()
-        };
-        let c = &self.client;
-        settings.client.pool_idle_timeout = c.pool_idle_timeout;
-        settings.client.pool_max_idle_per_host = c.pool_max_idle_per_host;
-        settings.client.http2 = c.http2;
-        settings.client.tcp_keepalive = (!c.tcp_keepalive.is_zero()).then_some(c.tcp_keepalive);
-        settings.client.http2_keep_alive_interval = c.http2_keep_alive_interval;
-        if let Some(path) = &c.ca_file {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("client.ca_file: cannot read {}: {e}", path.display())))?;
-            settings.client.extra_ca_pem = Some(pem);
-        }
-        let mut proxies = Proxies::from_env().map_err(ConfigError)?;
-        if let Some(raw) = &c.proxy {
-            let proxy = ProxyUrl::parse(raw).map_err(|e| ConfigError(format!("client.proxy {e}")))?;
-            proxies = proxies.with_proxy(proxy);
-        }
-        settings.client.proxies = proxies;
-        settings.client.resolve =
-            c.resolve.iter().map(|(host, ips)| (host.to_ascii_lowercase(), ips.clone())).collect();
-        settings.client.egress = EgressSettings {
-            allow_private_networks: self.egress.allow_private_networks,
-            allow: self.egress.allow.clone(),
-            deny: self.egress.deny.clone(),
-            allowed_ports: self.egress.allowed_ports.clone(),
-        };
-        let l = &self.limits;
-        settings.limits = LimitSettings {
-            concurrency: ConcurrencySettings {
-                max_in_flight: l.max_in_flight,
-                max_queued: l.max_queued,
-                max_in_flight_per_host: l.max_in_flight_per_host,
-            },
-            rate: RateLimitSettings {
-                global: l.global_rate_limit,
-                per_host: l.rate_limits.clone(),
-                max_cool_down: l.max_host_cool_down,
-            },
-            breaker: BreakerSettings {
-                failure_threshold: l.breaker_failures,
-                cool_down: l.breaker_cool_down,
-            },
-            max_buffered_bytes: l
-                .max_buffered_bytes
-                .unwrap_or_else(crate::client::body_budget::default_total),
-        };
-        settings.secrets =
-            SecretSettings { dir: self.secrets.dir.clone(), env_prefix: self.secrets.env_prefix.clone() };
-        settings.sensitive_headers = self.sensitive_headers()?;
-        settings.action_log = self.log.actions;
-        Ok(settings)
-    }
-
-    /// What the logs and span export are built from.
-    pub fn telemetry_settings(&self) -> TelemetrySettings {
-        TelemetrySettings {
-            format: match self.log.format {
-                LogFormat::Pretty => crate::telemetry::LogFormat::Pretty,
-                LogFormat::Json => crate::telemetry::LogFormat::Json,
-            },
-            level: self.log.level.clone(),
-            otlp_endpoint: self.tracing.otlp_endpoint.clone(),
-            service_name: self.tracing.service_name.clone(),
-        }
-    }
-
-    /// The listener's protection. Reads the token and TLS files.
-    pub fn server_options(&self) -> Result<ServerOptions, ConfigError> {
-        let read = |key: &str, path: &PathBuf| {
-            std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))
-        };
-        let s = &self.server;
-        let auth_token = match &s.auth_token_file {
-            Some(path) => {
-                let token = read("server.auth_token_file", path)?.trim().to_owned();
-                if token.is_empty() {
-                    return Err(ConfigError(format!("server.auth_token_file: {} is empty", path.display())));
-                }
-                Some(token)
-            }
-            None => None,
-        };
-        let tls = match (&s.tls_cert, &s.tls_key) {
-            (Some(cert), Some(key)) => Some(ServerTls {
-                cert_pem: read("server.tls_cert", cert)?,
-                key_pem: read("server.tls_key", key)?,
-                client_ca_pem: s
-                    .tls_client_ca
-                    .as_ref()
-                    .map(|ca| read("server.tls_client_ca", ca))
-                    .transpose()?,
-            }),
-            _ => None,
-        };
-        // Checked in `extract` to lie within MIN_REQUEST_BYTES..=MAX_REQUEST_BYTES.
-        let max_request_bytes = usize::try_from(s.max_request_bytes).unwrap_or(usize::MAX);
-        Ok(ServerOptions {
-            auth_token,
-            tls,
-            drain_timeout: s.drain_timeout,
-            max_request_bytes,
-            durable: None,
+            client: self.client.clone().load()?,
+            egress: self.egress.clone(),
+            limits: self.limits.clone(),
+            secrets: self.secrets.clone(),
+            sensitive_headers: self.server.sensitive_headers.clone(),
+            action_log: self.log.actions,
+            tenants: self.tenants.settings(),
         })
     }
 
@@ -783,11 +691,26 @@ impl Config {
                 *proxy = parsed.redacted();
             }
         }
-        if let Some(url) = shown.fleet.redis_url.as_mut() {
-            *url = crate::fleet::redacted_url(url);
+        if let Ok(StoreUrl::Postgres(url)) = shown.store.url.parse::<StoreUrl>() {
+            shown.store.url = url.redacted();
+        }
+        if !shown.fleet.redis_url.is_empty() {
+            shown.fleet.redis_url = crate::fleet::redacted_url(&shown.fleet.redis_url);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
+}
+
+/// `{prefix}SECTION__KEY` environment variables, each named as itself in errors.
+fn env(prefix: &'static str) -> impl Provider {
+    // Only double-underscore names are config keys, so prefixed variables of other uses
+    // (a secrets env prefix such as CALLOUT_SECRET_) are not mistaken for keys.
+    let provider = Env::prefixed(prefix).filter(|key| key.as_str().contains("__")).split("__");
+    let metadata = Metadata::named(ENV_SOURCE).interpolater(move |_: &Profile, keys: &[&str]| {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+        format!("{prefix}{}", keys.join("__"))
+    });
+    Named { provider, metadata }
 }
 
 #[cfg(test)]
@@ -839,6 +762,73 @@ mod tests {
     }
 
     #[test]
+    fn tenants_have_a_default_and_named_sections_and_bad_ones_name_their_key() {
+        let extract = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+        };
+        let config =
+            extract("[tenants.default]\nmax_concurrent = 2\n[tenants.acme]\nrate = \"10/s\"\nweight = 3\n")
+                .unwrap();
+        let settings = config.exec_settings().unwrap().tenants;
+        assert_eq!(settings.default.max_concurrent, Some(2));
+        assert_eq!(settings.named["acme"].weight, 3);
+        assert_eq!(settings.named["acme"].rate.unwrap().to_string(), "10/s burst 10");
+        assert_eq!(config.tenants.names(), ["acme"]);
+        for (toml, key) in [
+            ("[tenants.\"a b\"]\nweight = 1", "tenants: the tenant name \"a b\""),
+            ("[tenants.other]\nweight = 1", "tenants: \"other\" is the metrics label"),
+            ("[tenants.acme]\nmax_concurrent = 0", "tenants.acme.max_concurrent"),
+            ("[tenants.default]\nweight = 0", "tenants.default.weight"),
+            ("[tenants.acme]\nrate = \"1/d\"", "tenants.acme.rate"),
+            ("[tenants.acme]\nmax_concurent = 1", "max_concurent"),
+        ] {
+            let err = extract(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn postgres_urls_parse_without_showing_their_password_and_bad_store_settings_name_their_key() {
+        let url: StoreUrl = "postgres://app:s3cret@db.internal:6432/actions".parse().unwrap();
+        let StoreUrl::Postgres(pg) = url else { panic!("a PostgreSQL URL") };
+        assert_eq!(pg.shown, "postgres://app@db.internal:6432/actions");
+        assert_eq!(format!("{pg:?}"), pg.shown);
+        assert_eq!(pg.redacted(), "postgres://app:REDACTED@db.internal:6432/actions");
+        let with_param: StoreUrl = "postgresql://app@db/actions?password=s3cret".parse().unwrap();
+        let StoreUrl::Postgres(pg) = with_param else { panic!("a PostgreSQL URL") };
+        assert!(!pg.redacted().contains("s3cret") && !pg.shown.contains("s3cret"), "{}", pg.redacted());
+        let config = Config {
+            store: StoreConfig { url: "postgres://app:s3cret@db/actions".into(), ..StoreConfig::default() },
+            ..Config::default()
+        };
+        assert!(!config.to_redacted_toml().contains("s3cret"));
+        let from = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        for (toml, want) in [
+            (
+                "[store]\nurl = \"postgres://a:s3cret@db/x?sslmode=require\"",
+                "store.url: asks for sslmode=require",
+            ),
+            (
+                "[store]\nurl = \"postgres://a:s3cret@db:notaport/x\"",
+                "store.url: is not a valid PostgreSQL URL",
+            ),
+            ("[store]\nurl = \"postgres:x\"", "store.url: a PostgreSQL store is written"),
+            ("[store.postgres]\npool_size = 0", "store.postgres.pool_size"),
+            ("[store.postgres]\nconnect_timeout = \"0s\"", "store.postgres.connect_timeout"),
+            ("[durable]\nlease = \"500ms\"", "durable.lease: must be at least 1s"),
+        ] {
+            let err = from(toml);
+            assert!(err.contains(want), "{toml}: {err}");
+            assert!(!err.contains("s3cret"), "{toml}: {err}");
+        }
+    }
+
+    #[test]
     fn file_modes_read_as_octal_digits_from_integers_and_strings() {
         let from = |toml: &str| {
             Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
@@ -858,13 +848,13 @@ mod tests {
         let from = |toml: &str| {
             Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
                 .map_err(|e| e.to_string())
-                .map(|c| c.fleet_settings().unwrap())
+                .map(|c| c.fleet_settings())
         };
         assert_eq!(from("").unwrap(), None);
         let f = from("[fleet]\nredis_url = \"redis://127.0.0.1:6379\"\nredis_unavailable = \"deny\"")
             .unwrap()
             .unwrap();
-        assert_eq!((f.unavailable, f.key_prefix.as_str()), (Unavailable::Deny, "callout:v1:"));
+        assert_eq!((f.unavailable, f.key_prefix.as_str()), (crate::fleet::Unavailable::Deny, "callout:v1:"));
         for (toml, key) in [
             ("[fleet]\nredis_url = \"http://h\"", "fleet.redis_url"),
             ("[fleet]\nredis_url = \"redis://h\"\ntimeout = \"0s\"", "fleet.timeout"),
@@ -874,7 +864,7 @@ mod tests {
             assert!(err.contains(key), "{toml}: {err}");
         }
         let mut config = Config::default();
-        config.fleet.redis_url = Some("redis://:s3cret@127.0.0.1:6379".into());
+        config.fleet.redis_url = "redis://:s3cret@127.0.0.1:6379".into();
         let shown = config.to_redacted_toml();
         assert!(!shown.contains("s3cret") && shown.contains("redacted@127.0.0.1"), "{shown}");
     }
@@ -885,5 +875,90 @@ mod tests {
         config.client.proxy = Some("http://user:s3cret@proxy.test:3128".into());
         let shown = config.to_redacted_toml();
         assert!(!shown.contains("s3cret") && shown.contains("<redacted>@proxy.test:3128"), "{shown}");
+    }
+
+    /// A temporary file removed on drop.
+    struct TempToml(PathBuf);
+
+    impl TempToml {
+        fn new(name: &str, text: &str) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("callout-config-{name}-{}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempToml {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_bad_value_from_a_file_names_the_key_and_the_file() {
+        let file = TempToml::new("bad-file", "[limits]\nmax_in_flight = 0\n");
+        let err = Config::extract(&Config::layers(Some(&file.0))).unwrap_err().to_string();
+        assert!(err.contains("limits.max_in_flight: must be at least 1"), "{err}");
+        assert!(err.contains("TOML file") && err.contains(&*file.0.to_string_lossy()), "{err}");
+        // A check across keys names the key and its file too.
+        let file = TempToml::new("bad-tls", "[server]\ntls_key = \"key.pem\"\n");
+        let err = Config::extract(&Config::layers(Some(&file.0))).unwrap_err().to_string();
+        assert!(err.contains("server.tls_key: ") && err.contains(&*file.0.to_string_lossy()), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_key_and_the_variable() {
+        // A prefix of this test's own (not CALLOUT_), so no other test's layers read it.
+        let read = |name: &str, value: &str| {
+            std::env::set_var(format!("CALLOUTUNIT_{name}"), value);
+            let figment = Figment::from(Serialized::defaults(Config::default())).merge(env("CALLOUTUNIT_"));
+            let err = Config::extract(&figment).unwrap_err().to_string();
+            std::env::remove_var(format!("CALLOUTUNIT_{name}"));
+            err
+        };
+        let err = read("DURABLE__MAX_CONCURRENT", "0");
+        assert!(
+            err.contains(
+                "durable.max_concurrent: must be at least 1 \
+                 (from environment variable CALLOUTUNIT_DURABLE__MAX_CONCURRENT)"
+            ),
+            "{err}"
+        );
+        let err = read("DURABLE__IDEMPOTENCY_HEADER", "a b");
+        assert!(
+            err.contains("durable.idempotency_header: \"a b\" is not a header name")
+                && err.contains("CALLOUTUNIT_DURABLE__IDEMPOTENCY_HEADER"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_from_a_flag_names_the_key_and_the_flags() {
+        #[derive(Serialize)]
+        struct Server {
+            worker_threads: usize,
+        }
+        #[derive(Serialize)]
+        struct Flags {
+            server: Server,
+        }
+        let figment = Config::layers(None).merge(flags(Flags { server: Server { worker_threads: 5000 } }));
+        let err = Config::extract(&figment).unwrap_err().to_string();
+        assert!(
+            err.contains("server.worker_threads: must be at most 1024")
+                && err.contains("(from command-line flags)"),
+            "{err}"
+        );
+        // A flag that lands well is taken over the file and defaults.
+        let figment = Config::layers(None).merge(flags(Flags { server: Server { worker_threads: 3 } }));
+        assert_eq!(Config::extract(&figment).unwrap().server.worker_threads, 3);
+    }
+
+    #[test]
+    fn an_unknown_key_names_itself_and_its_source() {
+        let file = TempToml::new("unknown", "[limits]\nmax_in_flihgt = 3\n");
+        let err = Config::extract(&Config::layers(Some(&file.0))).unwrap_err().to_string();
+        assert!(err.contains("limits.max_in_flihgt: unknown field") && err.contains("TOML file"), "{err}");
     }
 }

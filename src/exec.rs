@@ -4,17 +4,19 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure, Outcome,
-        ResponseData, RetryDecision,
+        ActionError, ActionInput, AttemptEnd, AttemptRecord, ErrorKind, HttpAction, InvalidAction, OnFailure,
+        Outcome, ResponseData, RetryDecision, ValidationContext,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
         admission::{LimitSettings, Limits},
-        attempt::AttemptContext,
+        attempt::{AttemptContext, StartSignal},
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
+        egress::EgressSettings,
         host::Destination,
         shared::SharedLimits,
+        tenant::TenantSettings,
         ClientBuildError, ClientSettings, Clients,
     },
     cut_off::{shut_down, unless_cut_off, ShutDownAt},
@@ -32,7 +34,15 @@ use tracing::Instrument as _;
 // the executor look for them.
 pub use crate::attempt::{Buffered, Gone, Observer, OFFLOAD_BODY_BYTES};
 
-/// Settings of the executor.
+pub use crate::telemetry::ActionLog;
+
+/// Total time of an action that sets none (`server.default_total_timeout`'s default).
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Body cap of ExecuteStream (`server.stream_max_response_bytes`'s default): 1 GiB.
+pub const STREAM_MAX_RESPONSE_BYTES: u64 = 1 << 30;
+
+/// Settings of the executor: the config sections it runs on, whole, and the action defaults
+/// the `[server]` section holds (`config::Config::exec_settings` gathers them).
 #[derive(Debug, Clone)]
 pub struct ExecSettings {
     /// Total time of an action that sets none, before the gRPC deadline. Default 5 min.
@@ -40,6 +50,8 @@ pub struct ExecSettings {
     /// Body cap of ExecuteStream. Default 1 GiB.
     pub stream_max_response_bytes: u64,
     pub client: ClientSettings,
+    /// Which destinations may be dialled. Default: public addresses only.
+    pub egress: EgressSettings,
     /// Queue bound, concurrency caps, rate limits and circuit breaking.
     pub limits: LimitSettings,
     /// Where `{{secret:NAME}}` references are read from.
@@ -49,34 +61,22 @@ pub struct ExecSettings {
     pub sensitive_headers: Vec<http::HeaderName>,
     /// Which finished actions get an `action finished` log line. Default failed ones.
     pub action_log: ActionLog,
-}
-
-/// Which finished actions are logged (at info, one line each). Every action is counted in the
-/// metrics either way; a line per success is an access log, worth its cost only when wanted.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ActionLog {
-    /// Every action.
-    All,
-    /// Failed actions (including refused and cancelled ones).
-    #[default]
-    Failed,
-    /// None.
-    Off,
+    /// Per-tenant quotas and weights (`[tenants]`).
+    pub tenants: TenantSettings,
 }
 
 impl Default for ExecSettings {
     fn default() -> Self {
         Self {
-            default_total_timeout: Duration::from_secs(300),
-            stream_max_response_bytes: 1 << 30,
+            default_total_timeout: DEFAULT_TOTAL_TIMEOUT,
+            stream_max_response_bytes: STREAM_MAX_RESPONSE_BYTES,
             client: ClientSettings::default(),
+            egress: EgressSettings::default(),
             limits: LimitSettings::default(),
             secrets: SecretSettings::default(),
             sensitive_headers: Vec::new(),
             action_log: ActionLog::default(),
+            tenants: TenantSettings::default(),
         }
     }
 }
@@ -103,11 +103,11 @@ impl Executor {
         settings: ExecSettings,
         shared: Option<Arc<dyn SharedLimits>>,
     ) -> Result<Self, ClientBuildError> {
-        let limits = Arc::new(Limits::with_shared(&settings.limits, shared));
+        let limits = Arc::new(Limits::with_shared(&settings.limits, &settings.tenants, shared));
         let attempts = Attempts::new(
-            Clients::new(&settings.client)?,
+            Clients::new(&settings.client, &settings.egress)?,
             limits.clone(),
-            BodyBudget::new(settings.limits.max_buffered_bytes),
+            BodyBudget::new(settings.limits.buffered_bytes()),
             settings.stream_max_response_bytes,
         );
         Ok(Self {
@@ -145,9 +145,9 @@ impl<A: RunAttempt> Executor<A> {
     /// server's secrets, its sensitive headers marked. The server and `callout exec` both call
     /// this, so an action means the same wherever it comes from.
     pub fn action(&self, input: ActionInput) -> Result<HttpAction, InvalidAction> {
-        let mut action = HttpAction::from_input_with_secrets(input, &self.secrets)?;
-        action.mark_sensitive(&self.settings.sensitive_headers);
-        Ok(action)
+        let context =
+            ValidationContext { secrets: &self.secrets, sensitive_headers: &self.settings.sensitive_headers };
+        HttpAction::from_input_with(input, &context)
     }
 
     /// The server's limits (the drain waits for their admitted actions).
@@ -184,12 +184,13 @@ impl<A: RunAttempt> Executor<A> {
     ) -> Outcome {
         let span = tracing::info_span!(
             "action",
-            action_id = %action.id,
-            method = %action.method,
+            action_id = %action.id(),
+            method = %action.method(),
             destination = %action.destination(),
-            trace_id = action.trace.as_ref().map(|t| t.trace_id.as_str()),
+            tenant = action.tenant(),
+            trace_id = action.trace().as_ref().map(|t| t.trace_id.as_str()),
         );
-        if let Some(trace) = &action.trace {
+        if let Some(trace) = &action.trace() {
             crate::telemetry::join_trace(&span, trace);
         }
         // Boxed here and below: these futures are kilobytes. Unboxed, every move (into
@@ -213,36 +214,41 @@ impl<A: RunAttempt> Executor<A> {
         let mut attempts: Vec<AttemptRecord> = Vec::new();
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
-        let context = AttemptContext {
-            destination: Arc::new(Destination::of(&action.url)),
+        let mut last_end = None;
+        // One allocation for the action: every attempt and hop shares it.
+        let context = Arc::new(AttemptContext {
+            destination: Destination::of(action.url()),
             deadline,
             total,
-            attempt_timeout: action.timeouts.attempt,
-            connect_timeout: action.timeouts.connect,
-            redirects: action.redirects,
-            url: action.url.clone(),
-            cool_down_on_429: !action.success.contains(429),
-            start: Arc::default(),
-        };
+            attempt_timeout: action.timeouts().attempt,
+            connect_timeout: action.timeouts().connect,
+            redirects: action.redirects(),
+            url: action.url().clone(),
+            cool_down_on_429: !action.success().contains(429),
+            start: StartSignal::default(),
+            tenant: action.tenant().map(Arc::from),
+        });
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
         let mut cut_off = self.cut_off.subscribe();
 
-        let queued = metrics::Raised::queued();
-        let running = match unless_cut_off(&mut cut_off, self.limits.run_slot(deadline)).await {
-            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight())),
-            Some(Err(refused)) => {
-                error = Some(refused);
-                None
-            }
-            None => {
-                error = Some(shut_down(ShutDownAt::Before(1)));
-                None
-            }
-        };
+        let tenant = metrics::tenant(action.tenant());
+        let queued = (metrics::Raised::queued(), tenant.queued());
+        let running =
+            match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
+                Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
+                Some(Err(refused)) => {
+                    error = Some(refused);
+                    None
+                }
+                None => {
+                    error = Some(shut_down(ShutDownAt::Before(1)));
+                    None
+                }
+            };
         drop(queued);
-        let attempts_allowed = if running.is_some() { action.retry.max_attempts } else { 0 };
+        let attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
         for number in 1..=attempts_allowed {
             // Nothing logs at info inside an attempt: its span is for exported traces and for
             // debug lines, and costs a microsecond per action where neither is wanted.
@@ -263,7 +269,7 @@ impl<A: RunAttempt> Executor<A> {
                 // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
                 // end the action: no attempt is recorded for them.
                 Some(Attempted::Refused(refused)) => {
-                    tracing::debug!(action_id = %action.id, attempt = number, error = %refused.message, "attempt refused");
+                    tracing::debug!(action_id = %action.id(), attempt = number, error = %refused.message, "attempt refused");
                     error = Some(refused);
                     break;
                 }
@@ -294,6 +300,7 @@ impl<A: RunAttempt> Executor<A> {
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
+            last_end = result.end;
             let Some(end) = result.end else {
                 error = None;
                 attempts.push(result.record);
@@ -303,16 +310,16 @@ impl<A: RunAttempt> Executor<A> {
             // not read).
             let decision = result.decision.take().unwrap_or_else(|| {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                action.retry.after_failure(number, end, result.streamed, remaining)
+                action.retry().after_failure(number, end, result.streamed, remaining)
             });
             let attempt_error = result.record.error.clone();
             let (will_retry, backoff) = match &decision {
                 RetryDecision::Retry { backoff, reason } => {
-                    tracing::debug!(action_id = %action.id, attempt = number, %reason, ?backoff, "retrying");
+                    tracing::debug!(action_id = %action.id(), attempt = number, %reason, ?backoff, "retrying");
                     (true, Some(*backoff))
                 }
                 RetryDecision::Stop { reason } => {
-                    tracing::debug!(action_id = %action.id, attempt = number, %reason, "not retrying");
+                    tracing::debug!(action_id = %action.id(), attempt = number, %reason, "not retrying");
                     (false, None)
                 }
             };
@@ -335,9 +342,12 @@ impl<A: RunAttempt> Executor<A> {
             }
         }
 
-        let outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        let mut outcome = self.finish(action, started_at, t0, attempts, last_response, error);
+        outcome.condition_retry =
+            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
         self.log_outcome(action, &outcome);
         metrics::action_finished(&outcome, &context.destination.key);
+        tenant.finished(outcome.succeeded);
         outcome
     }
 
@@ -350,8 +360,8 @@ impl<A: RunAttempt> Executor<A> {
         let status = outcome.response.as_ref().map(|r| r.head.status);
         let kind = outcome.error.as_ref().map(|e| e.kind.as_str());
         tracing::info!(
-            action_id = %action.id,
-            method = %action.method,
+            action_id = %action.id(),
+            method = %action.method(),
             destination = %action.destination(),
             status,
             outcome = if outcome.succeeded { "SUCCEEDED" } else { "FAILED" },
@@ -363,7 +373,7 @@ impl<A: RunAttempt> Executor<A> {
     }
 
     fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
-        let total = action.timeouts.total.unwrap_or(self.settings.default_total_timeout);
+        let total = action.timeouts().total.unwrap_or(self.settings.default_total_timeout);
         match budget {
             // Finish a little before the caller's deadline so the reply still reaches it: a
             // tenth of the budget, between 10 ms and 250 ms.
@@ -381,9 +391,10 @@ impl<A: RunAttempt> Executor<A> {
         started_at: SystemTime,
         t0: Instant,
         attempts: Vec<AttemptRecord>,
-        response: Option<ResponseData>,
+        mut response: Option<ResponseData>,
         error: Option<ActionError>,
     ) -> Outcome {
+        let extracted = response.as_mut().map(|r| std::mem::take(&mut r.extracted)).unwrap_or_default();
         let succeeded = error.is_none() && response.is_some();
         let error = match (succeeded, error) {
             (false, None) => {
@@ -392,14 +403,17 @@ impl<A: RunAttempt> Executor<A> {
             (_, e) => e,
         };
         Outcome {
-            action_id: action.id.clone(),
+            action_id: action.id().to_owned(),
             succeeded,
-            proceed: succeeded || action.on_failure == OnFailure::Continue,
+            proceed: succeeded || action.on_failure() == OnFailure::Continue,
             error,
             response,
             attempts,
             started_at,
             total: t0.elapsed(),
+            reply_body: action.reply_body(),
+            extracted,
+            condition_retry: false,
         }
     }
 }
@@ -407,10 +421,7 @@ impl<A: RunAttempt> Executor<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        action::{AttemptEnd, ResponseHead},
-        attempt::AttemptResult,
-    };
+    use crate::{action::ResponseHead, attempt::AttemptResult};
     use bytes::Bytes;
     use std::{collections::VecDeque, sync::Mutex};
 
@@ -430,19 +441,17 @@ mod tests {
     #[derive(Clone, Default)]
     struct Script(Arc<Mutex<VecDeque<Scripted>>>);
 
+    /// When the scripted attempt started (`RunAttempt::run`'s `started`).
+    type Started = Option<Instant>;
+
     impl RunAttempt for Script {
-        async fn run<O: Observer>(
-            &self,
-            of: AttemptOf<'_>,
-            started: &mut Option<Instant>,
-            _: &mut O,
-        ) -> Attempted {
+        async fn run<O: Observer>(&self, of: AttemptOf<'_>, at: &mut Started, _: &mut O) -> Attempted {
             let number = of.number;
             let next = self.0.lock().unwrap().pop_front().expect("the script has an attempt left");
             if let Scripted::Refused(kind) = next {
                 return Attempted::Refused(ActionError::new(kind, "refused"));
             }
-            *started = Some(Instant::now());
+            *at = Some(Instant::now());
             let mut record = AttemptRecord::new(number);
             let (end, response, streamed) = match next {
                 Scripted::Status(status) | Scripted::Streamed(status) => {
@@ -455,6 +464,7 @@ mod tests {
                         body_json: None,
                         body_text: None,
                         truncated: false,
+                        extracted: Vec::new(),
                     };
                     let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
@@ -465,6 +475,7 @@ mod tests {
             if let Some(end) = end {
                 let kind = match end {
                     AttemptEnd::Status { .. } => ErrorKind::UnexpectedStatus,
+                    AttemptEnd::Condition { .. } => ErrorKind::ConditionFailed,
                     AttemptEnd::Error { kind, .. } => kind,
                 };
                 record.error = Some(ActionError::new(kind, "failed"));
@@ -477,7 +488,7 @@ mod tests {
         let settings = ExecSettings::default();
         Executor {
             attempts: Script(Arc::new(Mutex::new(script.iter().copied().collect()))),
-            limits: Arc::new(Limits::new(&settings.limits)),
+            limits: Arc::new(Limits::new(&settings.limits, &settings.tenants)),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
             cut_off: Arc::new(watch::channel(false).0),

@@ -23,5 +23,6 @@ pub mod metrics;
 pub mod runtime;
 pub mod secrets;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod telemetry;

@@ -4,25 +4,32 @@
 //! variables, then the flags below (see `callout::config`).
 #![forbid(unsafe_code)]
 use callout::{
-    action::{ActionInput, BodyInput, OnFailure, RedirectsInput, RetryInput, TimeoutsInput, TlsInput},
+    action::{
+        ActionInput, BodyInput, OnFailure, RedirectsInput, ReplyBody, RetryInput, TimeoutsInput, TlsInput,
+    },
     client::{
         egress::EgressRule,
         rate_limit::{Rate, RateLimitRule},
     },
-    config::{Config, FileMode, ListenAddr, LogFormat, StoreUrl},
+    config::{self, Config, ConfigError, FileMode, ListenAddr, StoreUrl},
     durable::Durable,
     exec::{ActionLog, Executor},
     fleet::RedisLimits,
-    server::Listener,
-    store::sqlite::{SqliteSettings, SqliteStore},
-    telemetry::{self, TelemetrySettings},
+    metrics::MetricsSettings,
+    server::{Listener, ServerOptions},
+    settings::SettingError,
+    store::{
+        postgres::{PostgresSettings, PostgresStore},
+        sqlite::{SqliteSettings, SqliteStore},
+    },
+    telemetry::{self, LogFormat, LogSettings},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use figment::Figment;
 use serde::Serialize;
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
     time::Duration,
@@ -72,156 +79,285 @@ struct ServeArgs {
     secrets: SecretFlags,
 }
 
-/// Flags of `serve`: each overrides the config key named in brackets (defaults in
-/// callout.example.toml). A list flag given at least once replaces the key's list.
-#[derive(clap::Args)]
+// Flags of `serve`: each overrides the config key named in brackets (defaults in
+// callout.example.toml). A list flag given at least once replaces the key's list. Each struct
+// serializes as the part of `Config` its flags set (`config::flags`): one struct per section,
+// each field named as its key or renamed to it, a flag not given left out.
+
+/// Every section's flags.
+#[derive(clap::Args, Serialize)]
 struct ServeFlags {
+    // First: the flags under no heading, beside --config.
+    #[command(flatten)]
+    store: StoreFlags,
+    #[command(flatten)]
+    durable: DurableFlags,
+    #[command(flatten)]
+    fleet: FleetFlags,
+    #[command(flatten, next_help_heading = "Server")]
+    server: ServerFlags,
+    #[command(flatten, next_help_heading = "Logging")]
+    log: LogFlags,
+    #[command(flatten, next_help_heading = "Metrics")]
+    metrics: MetricsFlags,
+    #[command(flatten, next_help_heading = "Upstream client")]
+    client: ClientFlags,
+    #[command(flatten, next_help_heading = "Limits")]
+    limits: LimitFlags,
+}
+
+#[derive(clap::Args, Serialize)]
+struct ServerFlags {
     /// [server.listen] IP:PORT, or unix:PATH for a Unix domain socket [default: 127.0.0.1:50051]
-    #[arg(help_heading = "Server", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<ListenAddr>,
     /// [server.unix_socket_mode] file mode of the Unix socket, octal [default: 600]
-    #[arg(help_heading = "Server", long, value_name = "OCTAL")]
+    #[arg(long, value_name = "OCTAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     unix_socket_mode: Option<FileMode>,
     /// [server.auth_token_file] bearer token action calls must send.
-    #[arg(help_heading = "Server", long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     auth_token_file: Option<PathBuf>,
     /// [server.tls_cert] PEM certificate chain: TLS on the gRPC listener.
-    #[arg(help_heading = "Server", long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert: Option<PathBuf>,
     /// [server.tls_key] PEM private key for --tls-cert.
-    #[arg(help_heading = "Server", long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_key: Option<PathBuf>,
     /// [server.tls_client_ca] PEM CAs client certificates must chain to (mutual TLS).
-    #[arg(help_heading = "Server", long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_client_ca: Option<PathBuf>,
     /// [server.drain_timeout] on SIGTERM, how long in-flight actions may finish before they are
     /// cut off, answered CANCELLED [default: 25s]
-    #[arg(help_heading = "Server", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     drain_timeout: Option<Duration>,
     /// [server.default_total_timeout] total time of an action that sets none [default: 5m]
-    #[arg(help_heading = "Server", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     default_total_timeout: Option<Duration>,
     /// [server.stream_max_response_bytes] body cap of ExecuteStream [default: 1 GiB]
-    #[arg(help_heading = "Server", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     stream_max_response_bytes: Option<u64>,
     /// [server.max_request_bytes] largest request message; larger calls get INVALID_ARGUMENT [default: 4 MiB]
-    #[arg(help_heading = "Server", long, value_name = "N")]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_request_bytes: Option<u64>,
     /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread [default: 0]
-    #[arg(help_heading = "Server", long, value_name = "N")]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     worker_threads: Option<usize>,
     /// [server.sensitive_headers] a header whose values are secret; repeatable.
-    #[arg(help_heading = "Server", long = "sensitive-header", value_name = "NAME")]
+    #[arg(long = "sensitive-header", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     sensitive_headers: Vec<String>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct LogFlags {
     /// [log.format] pretty or json [default: pretty]
-    #[arg(help_heading = "Logging", long, value_enum)]
+    #[arg(long, value_enum)]
+    #[serde(rename = "format", skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
     /// [log.level] tracing filter, e.g. info or callout=debug (RUST_LOG wins when set).
-    #[arg(help_heading = "Logging", long, value_name = "FILTER")]
+    #[arg(long, value_name = "FILTER")]
+    #[serde(rename = "level", skip_serializing_if = "Option::is_none")]
     log_level: Option<String>,
     /// [log.actions] which finished actions get a log line [default: failed]
-    #[arg(help_heading = "Logging", long, value_enum)]
+    #[arg(long, value_enum)]
+    #[serde(rename = "actions", skip_serializing_if = "Option::is_none")]
     log_actions: Option<ActionLog>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct MetricsFlags {
     /// [metrics.listen] address of the Prometheus /metrics endpoint [default: 127.0.0.1:9464]
-    #[arg(help_heading = "Metrics", long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(rename = "listen", skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<SocketAddr>,
     /// [metrics.enabled = false] serve no metrics endpoint.
-    #[arg(help_heading = "Metrics", long)]
+    #[arg(long)]
+    #[serde(rename = "enabled", serialize_with = "negated", skip_serializing_if = "is_false")]
     no_metrics: bool,
+}
+
+#[derive(clap::Args, Serialize)]
+struct ClientFlags {
     /// [client.pool_idle_timeout] idle pooled upstream connections are closed after this [default: 90s]
-    #[arg(help_heading = "Upstream client", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     pool_idle_timeout: Option<Duration>,
     /// [client.pool_max_idle_per_host] idle connections kept per host; 0 turns reuse off [default: 64]
-    #[arg(help_heading = "Upstream client", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pool_max_idle_per_host: Option<usize>,
     /// [client.http2 = false] do not offer HTTP/2 to https upstreams.
-    #[arg(help_heading = "Upstream client", long)]
+    #[arg(long)]
+    #[serde(rename = "http2", serialize_with = "negated", skip_serializing_if = "is_false")]
     no_http2: bool,
     /// [client.tcp_keepalive] TCP keep-alive after this idle time; 0s turns it off [default: 60s]
-    #[arg(help_heading = "Upstream client", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     tcp_keepalive: Option<Duration>,
     /// [client.http2_keep_alive_interval] HTTP/2 PING interval [default: none]
-    #[arg(help_heading = "Upstream client", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     http2_keep_alive_interval: Option<Duration>,
     /// [client.ca_file] PEM file of extra CAs trusted for upstreams.
-    #[arg(help_heading = "Upstream client", long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<PathBuf>,
     /// [client.proxy] http(s):// or socks5(h):// proxy for actions that set none (replaces HTTP(S)_PROXY).
-    #[arg(help_heading = "Upstream client", long, value_name = "URL")]
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<String>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct LimitFlags {
     /// [limits.max_in_flight] actions running at once [default: 512]
-    #[arg(help_heading = "Limits", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_in_flight: Option<usize>,
     /// [limits.max_queued] actions waiting for a slot; past this, RESOURCE_EXHAUSTED [default: 2048]
-    #[arg(help_heading = "Limits", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_queued: Option<usize>,
     /// [limits.max_in_flight_per_host] attempts in flight to one host:port [default: 64]
-    #[arg(help_heading = "Limits", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_in_flight_per_host: Option<usize>,
     /// [limits.global_rate_limit] limit on all sends, e.g. "200/s burst 50".
-    #[arg(help_heading = "Limits", long, value_name = "RATE")]
+    #[arg(long, value_name = "RATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     global_rate_limit: Option<Rate>,
     /// [limits.rate_limits] "PATTERN=RATE" per destination, e.g. "*.example.com=10/s burst 20";
     /// repeatable, first match wins.
-    #[arg(help_heading = "Limits", long = "rate-limit", value_name = "PATTERN=RATE")]
+    #[arg(long = "rate-limit", value_name = "PATTERN=RATE")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     rate_limits: Vec<RateLimitRule>,
     /// [limits.max_host_cool_down] longest shared cool-down from a 429 Retry-After [default: 10m]
-    #[arg(help_heading = "Limits", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     max_host_cool_down: Option<Duration>,
     /// [limits.breaker_failures] consecutive failures that open a circuit; 0 is off [default: 10]
-    #[arg(help_heading = "Limits", long)]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     breaker_failures: Option<u32>,
     /// [limits.breaker_cool_down] how long an open circuit refuses before a probe [default: 15s]
-    #[arg(help_heading = "Limits", long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     breaker_cool_down: Option<Duration>,
     /// [limits.max_buffered_bytes] bytes of buffered response bodies held at once (an eighth
     /// of the cgroup memory limit, else 512 MiB).
-    #[arg(help_heading = "Limits", long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_buffered_bytes: Option<u64>,
-    /// [store.url] where durable actions are stored: sqlite:PATH, or off
-    /// (sqlite:callout-data/actions.db).
+}
+
+#[derive(clap::Args, Serialize)]
+struct StoreFlags {
+    /// [store.url] where durable actions are stored: sqlite:PATH, postgres://USER@HOST/DB (a
+    /// fleet's shared store), or off (sqlite:callout-data/actions.db).
     #[arg(long, value_name = "URL")]
+    #[serde(rename = "url", skip_serializing_if = "Option::is_none")]
     store: Option<String>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct DurableFlags {
     /// [durable.max_pending] unfinished durable actions stored at most (100000).
     #[arg(long, value_name = "N")]
+    #[serde(rename = "max_pending", skip_serializing_if = "Option::is_none")]
     durable_max_pending: Option<u64>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct FleetFlags {
     /// [fleet.redis_url] redis://host:port shared by a fleet: rate limits, 429 cool-downs and
     /// open circuits hold for every replica using it (none: each replica's own).
     #[arg(help_heading = "Limits", long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     redis_url: Option<String>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
-#[derive(clap::Args, Default)]
+#[derive(clap::Args, Serialize)]
 struct EgressFlags {
+    #[command(flatten)]
+    egress: EgressKeyFlags,
+    #[command(flatten)]
+    client: ResolveFlags,
+}
+
+#[derive(clap::Args, Serialize)]
+struct EgressKeyFlags {
     /// [egress.allow_private_networks = true] dev mode: loopback and private ranges may be
     /// dialled. Cloud metadata and link-local stay denied.
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     allow_private_networks: bool,
     /// [egress.allow] only destinations matching a rule are dialled: host pattern
     /// ("*.example.com", "api.example.com:443") or CIDR ("203.0.113.0/24"); repeatable.
     #[arg(long = "egress-allow", value_name = "RULE")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     allow: Vec<EgressRule>,
     /// [egress.deny] never dial destinations matching a rule; repeatable.
     #[arg(long = "egress-deny", value_name = "RULE")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     deny: Vec<EgressRule>,
     /// [egress.allowed_ports] ports that may be dialled, e.g. "443,8443".
     #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     allowed_ports: Vec<u16>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct ResolveFlags {
     /// [client.resolve] addresses for HOST instead of DNS, "HOST=IP[,IP...]"; repeatable.
     #[arg(long = "resolve", value_name = "HOST=IPS", value_parser = parse_resolve)]
+    #[serde(serialize_with = "as_map", skip_serializing_if = "Vec::is_empty")]
     resolve: Vec<(String, Vec<IpAddr>)>,
 }
 
 /// Where `{{secret:NAME}}` references in actions are read from.
-#[derive(clap::Args, Default)]
+#[derive(clap::Args, Serialize)]
 struct SecretFlags {
+    #[command(flatten)]
+    secrets: SecretKeyFlags,
+}
+
+#[derive(clap::Args, Serialize)]
+struct SecretKeyFlags {
     /// [secrets.dir] one file per secret (e.g. a mounted Kubernetes Secret); read at each use.
     #[arg(long, value_name = "DIR")]
+    #[serde(rename = "dir", skip_serializing_if = "Option::is_none")]
     secrets_dir: Option<PathBuf>,
     /// [secrets.env_prefix] read secret NAME from the environment variable PREFIX+NAME.
     #[arg(long, value_name = "PREFIX")]
+    #[serde(rename = "env_prefix", skip_serializing_if = "Option::is_none")]
     secrets_env_prefix: Option<String>,
+}
+
+fn is_false(flag: &bool) -> bool {
+    !flag
+}
+
+/// A `--no-KEY` flag given sets KEY to false.
+fn negated<S: serde::Serializer>(flag: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(!flag)
+}
+
+/// Repeated `KEY=VALUES` flags as the map key they set (a later flag for a key wins).
+fn as_map<S: serde::Serializer>(pairs: &[(String, Vec<IpAddr>)], s: S) -> Result<S::Ok, S::Error> {
+    let map: std::collections::BTreeMap<&String, &Vec<IpAddr>> = pairs.iter().map(|(k, v)| (k, v)).collect();
+    s.collect_map(map)
 }
 
 fn parse_resolve(raw: &str) -> Result<(String, Vec<IpAddr>), String> {
@@ -234,91 +370,46 @@ fn parse_resolve(raw: &str) -> Result<(String, Vec<IpAddr>), String> {
     Ok((host.trim().to_ascii_lowercase(), ips))
 }
 
-/// Flags as a config layer: each flag given becomes one key.
-struct Layer(Figment);
-
-impl Layer {
-    fn set<T: Serialize>(self, key: &str, value: Option<T>) -> Self {
-        match value {
-            Some(value) => Self(self.0.merge((key, value))),
-            None => self,
-        }
-    }
-    fn list<T: Serialize>(self, key: &str, values: Vec<T>) -> Self {
-        let value = (!values.is_empty()).then_some(values);
-        self.set(key, value)
-    }
-    fn flag(self, key: &str, given: bool, value: bool) -> Self {
-        self.set(key, given.then_some(value))
-    }
-    fn duration(self, key: &str, value: Option<Duration>) -> Self {
-        self.set(key, value.map(|d| humantime::format_duration(d).to_string()))
-    }
+/// The effective configuration and the layers it came from (for naming where a value that
+/// cannot be used came from).
+struct Loaded {
+    config: Config,
+    layers: Figment,
 }
 
-impl EgressFlags {
-    fn layer(self, layer: Layer) -> Layer {
-        let resolve: Option<std::collections::BTreeMap<String, Vec<IpAddr>>> =
-            (!self.resolve.is_empty()).then(|| self.resolve.into_iter().collect());
-        layer
-            .flag("egress.allow_private_networks", self.allow_private_networks, true)
-            .list("egress.allow", self.allow)
-            .list("egress.deny", self.deny)
-            .list("egress.allowed_ports", self.allowed_ports)
-            .set("client.resolve", resolve)
+impl Loaded {
+    /// Defaults < `file` < environment < the flags `merge_flags` adds (each group of flags its
+    /// own layer: two groups may set keys of one section).
+    fn new(file: Option<&Path>, merge_flags: impl FnOnce(Figment) -> Figment) -> Result<Self, String> {
+        let layers = merge_flags(Config::layers(file));
+        let config = Config::extract(&layers).map_err(|e| e.to_string())?;
+        Ok(Self { config, layers })
     }
-}
 
-impl SecretFlags {
-    fn layer(self, layer: Layer) -> Layer {
-        layer.set("secrets.dir", self.secrets_dir).set("secrets.env_prefix", self.secrets_env_prefix)
+    /// A setting that cannot be used, said with where its value came from.
+    fn error(&self, e: SettingError) -> String {
+        ConfigError::setting(&self.layers, e).to_string()
     }
 }
 
 impl ServeArgs {
     /// The effective configuration: defaults < file < environment < these flags.
-    fn config(self) -> Result<Config, String> {
-        let f = self.flags;
-        let layer = Layer(Config::layers(self.config.as_deref()))
-            .set("server.listen", f.listen)
-            .set("server.unix_socket_mode", f.unix_socket_mode)
-            .set("server.auth_token_file", f.auth_token_file)
-            .set("server.tls_cert", f.tls_cert)
-            .set("server.tls_key", f.tls_key)
-            .set("server.tls_client_ca", f.tls_client_ca)
-            .duration("server.drain_timeout", f.drain_timeout)
-            .duration("server.default_total_timeout", f.default_total_timeout)
-            .set("server.stream_max_response_bytes", f.stream_max_response_bytes)
-            .list("server.sensitive_headers", f.sensitive_headers)
-            .set("server.worker_threads", f.worker_threads)
-            .set("server.max_request_bytes", f.max_request_bytes)
-            .set("log.format", f.log_format)
-            .set("log.level", f.log_level)
-            .set("log.actions", f.log_actions)
-            .set("metrics.listen", f.metrics_listen)
-            .flag("metrics.enabled", f.no_metrics, false)
-            .duration("client.pool_idle_timeout", f.pool_idle_timeout)
-            .set("client.pool_max_idle_per_host", f.pool_max_idle_per_host)
-            .flag("client.http2", f.no_http2, false)
-            .duration("client.tcp_keepalive", f.tcp_keepalive)
-            .duration("client.http2_keep_alive_interval", f.http2_keep_alive_interval)
-            .set("client.ca_file", f.ca_file)
-            .set("client.proxy", f.proxy)
-            .set("limits.max_in_flight", f.max_in_flight)
-            .set("limits.max_queued", f.max_queued)
-            .set("limits.max_in_flight_per_host", f.max_in_flight_per_host)
-            .set("limits.global_rate_limit", f.global_rate_limit)
-            .list("limits.rate_limits", f.rate_limits)
-            .duration("limits.max_host_cool_down", f.max_host_cool_down)
-            .set("limits.breaker_failures", f.breaker_failures)
-            .duration("limits.breaker_cool_down", f.breaker_cool_down)
-            .set("limits.max_buffered_bytes", f.max_buffered_bytes)
-            .set("store.url", f.store)
-            .set("durable.max_pending", f.durable_max_pending)
-            .set("fleet.redis_url", f.redis_url);
-        let layer = self.secrets.layer(self.egress.layer(layer));
-        Config::extract(&layer.0).map_err(|e| e.to_string())
+    fn load(&self) -> Result<Loaded, String> {
+        Loaded::new(self.config.as_deref(), |layers| {
+            layers
+                .merge(config::flags(&self.flags))
+                .merge(config::flags(&self.egress))
+                .merge(config::flags(&self.secrets))
+        })
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReplyBodyMode {
+    Auto,
+    All,
+    Raw,
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -349,9 +440,13 @@ struct ExecArgs {
     /// warned about on stderr.
     #[arg(short = 'k', long = "insecure")]
     insecure: bool,
-    /// Write the outcome JSON to FILE instead of stdout.
+    /// Write the output to FILE instead of stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Print the response as curl -i does (status line, headers, a blank line, the body as
+    /// received) instead of the outcome JSON; a failure's kind and message go to stderr.
+    #[arg(short = 'i', long = "include")]
+    include: bool,
     /// Log each attempt on stderr (callout's debug logs); by default only warnings.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -403,6 +498,19 @@ struct ExecArgs {
     /// Body cap in bytes.
     #[arg(long)]
     max_response_bytes: Option<u64>,
+    /// Which body fields the outcome carries: auto (one: JSON, else text, else bytes), all, raw
+    /// or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    reply_body: ReplyBodyMode,
+    /// A value to pick out of the JSON body, "name=$.json.path" (RFC 9535); repeatable.
+    #[arg(long = "extract", value_name = "NAME=JSONPATH")]
+    extract: Vec<String>,
+    /// CEL over status, headers, body and elapsed_ms that must also hold for success.
+    #[arg(long, value_name = "CEL")]
+    success_condition: Option<String>,
+    /// CEL over the same variables; true tries the attempt again (polling).
+    #[arg(long, value_name = "CEL")]
+    retry_condition: Option<String>,
     /// TOML config file; its egress, secrets and client settings apply.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -426,9 +534,9 @@ fn main() -> ExitCode {
                 ExitCode::from(3)
             }
         },
-        Command::Config(ConfigCommand::Print(args)) => match args.config() {
-            Ok(config) => {
-                print!("{}", config.to_redacted_toml());
+        Command::Config(ConfigCommand::Print(args)) => match args.load() {
+            Ok(loaded) => {
+                print!("{}", loaded.config.to_redacted_toml());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -440,14 +548,14 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let config = match args.config() {
-        Ok(config) => config,
+    let loaded = match args.load() {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("callout: {e}");
             return ExitCode::from(2);
         }
     };
-    let runtime = match callout::runtime::build(config.server.worker_threads) {
+    let runtime = match callout::runtime::build(loaded.config.server.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("callout: cannot start the runtime: {e}");
@@ -455,14 +563,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let telemetry = match telemetry::init(&config.telemetry_settings()) {
+        let telemetry = match telemetry::init(&loaded.config.log, &loaded.config.tracing) {
             Ok(telemetry) => telemetry,
             Err(e) => {
                 eprintln!("callout: {e}");
                 return ExitCode::from(2);
             }
         };
-        let code = match run_server(config).await {
+        let code = match run_server(&loaded).await {
             Ok(()) => {
                 tracing::info!("callout stopped");
                 ExitCode::SUCCESS
@@ -479,11 +587,12 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 /// Builds everything the configuration names, binds the listeners, serves until SIGTERM or
 /// SIGINT and a drain.
-async fn run_server(config: Config) -> Result<(), String> {
-    let settings = config.exec_settings().map_err(|e| e.to_string())?;
-    let buffered_bytes = settings.limits.max_buffered_bytes;
-    let mut options = config.server_options().map_err(|e| e.to_string())?;
-    let fleet = config.fleet_settings().map_err(|e| e.to_string())?;
+async fn run_server(loaded: &Loaded) -> Result<(), String> {
+    let config = &loaded.config;
+    let settings = config.exec_settings().map_err(|e| loaded.error(e))?;
+    let buffered_bytes = settings.limits.buffered_bytes();
+    let mut options = ServerOptions::try_from(&config.server).map_err(|e| loaded.error(e))?;
+    let fleet = config.fleet_settings();
     let listener = match &config.server.listen {
         ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
         ListenAddr::Unix(path) => Listener::bind_unix(path.clone(), config.server.unix_socket_mode.0),
@@ -493,7 +602,9 @@ async fn run_server(config: Config) -> Result<(), String> {
         let bound = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
             .map_err(|e| format!("cannot listen for metrics on {}: {e}", config.metrics.listen))?;
-        Some(callout::metrics::install(bound, &config.metrics.settings()).map_err(|e| e.to_string())?)
+        // Configured tenants are labels; any other tenant is `other`.
+        let labels = MetricsSettings { tenants: config.tenants.names(), ..config.metrics.clone() };
+        Some(callout::metrics::install(bound, &labels).map_err(|e| e.to_string())?)
     } else {
         None
     };
@@ -506,8 +617,8 @@ async fn run_server(config: Config) -> Result<(), String> {
     };
     let executor = Executor::with_shared_limits(settings, shared).map_err(|e| e.to_string())?;
     // After the metrics recorder, so the durable gauges are described to it.
-    let store = config.store_url().map_err(|e| e.to_string())?;
-    options.durable = durable(&config, &store, &executor).await?;
+    let store = config.store_url().map_err(|e| loaded.error(e))?;
+    options.durable = durable(config, &store, &executor).await?;
     let local = match &listener {
         Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         Listener::Unix { path, .. } => format!("unix:{}", path.display()),
@@ -526,6 +637,7 @@ async fn run_server(config: Config) -> Result<(), String> {
         store = %match &store {
             StoreUrl::Off => "off".to_owned(),
             StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),
+            StoreUrl::Postgres(url) => url.shown.clone(),
         },
         "callout serving"
     );
@@ -538,10 +650,32 @@ async fn run_server(config: Config) -> Result<(), String> {
 /// server: DurableActionService then answers UNAVAILABLE with the reason, and health says
 /// NOT_SERVING for it.
 async fn durable(config: &Config, store: &StoreUrl, executor: &Executor) -> Result<Option<Durable>, String> {
-    let settings = config.durable_settings().map_err(|e| e.to_string())?;
+    let settings = config.durable.clone();
     let path = match store {
         StoreUrl::Off => return Ok(None),
         StoreUrl::Sqlite(path) => path.clone(),
+        StoreUrl::Postgres(url) => {
+            let pg = &config.store.postgres;
+            let postgres = PostgresSettings {
+                url: url.url.clone(),
+                shown: url.shown.clone(),
+                pool_size: pg.pool_size,
+                connect_timeout: pg.connect_timeout,
+                orphan_hold: settings.lease,
+            };
+            // An unreachable database does not fail the open (the store answers UNAVAILABLE
+            // and migrates once it can); a schema newer than this callout knows does.
+            return Ok(Some(match PostgresStore::open(&postgres).await {
+                Ok(store) => {
+                    tracing::info!(store = %url.shown, "durable actions stored in PostgreSQL");
+                    Durable::start(Arc::new(store), executor.clone(), settings)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, store = %url.shown, "durable actions are unavailable");
+                    Durable::unavailable(e.to_string(), executor.clone(), settings)
+                }
+            }));
+        }
     };
     let sqlite = SqliteSettings { path: path.clone(), max_bytes: config.store.max_bytes };
     // Opening and migrating block on the file: off the runtime's threads.
@@ -577,6 +711,23 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// The response as `curl -i` prints it: status line, headers as received, a blank line, the
+/// body bytes (empty when no response came back).
+fn included(outcome: &callout::action::Outcome) -> Vec<u8> {
+    let Some(response) = &outcome.response else {
+        return Vec::new();
+    };
+    let head = &response.head;
+    let status_line = format!("{} {} {}", head.version, head.status, head.reason);
+    let mut out = format!("{}\r\n", status_line.trim_end()).into_bytes();
+    for (name, value) in &head.headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&response.body);
+    out
+}
+
 fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), String> {
     raw.split_once(sep)
         .map(|(k, v)| (k.trim().to_owned(), v.trim_start().to_owned()))
@@ -601,6 +752,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
     let query = args.query.iter().map(|q| split_pair(q, '=', "query")).collect::<Result<_, _>>()?;
     let error_messages =
         args.error_messages.iter().map(|m| split_pair(m, '=', "error message")).collect::<Result<_, _>>()?;
+    let extract = args.extract.iter().map(|e| split_pair(e, '=', "extract")).collect::<Result<_, _>>()?;
     let body = if let Some(json) = args.json {
         BodyInput::Json(json)
     } else if !args.form.is_empty() {
@@ -635,6 +787,15 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         max_response_bytes: args.max_response_bytes.unwrap_or(0),
         proxy_url: args.proxy.unwrap_or_default(),
         tls: TlsInput { insecure_skip_verify: args.insecure, ..TlsInput::default() },
+        reply_body: match args.reply_body {
+            ReplyBodyMode::Auto => ReplyBody::Auto,
+            ReplyBodyMode::All => ReplyBody::All,
+            ReplyBodyMode::Raw => ReplyBody::Raw,
+            ReplyBodyMode::None => ReplyBody::None,
+        },
+        extract,
+        success_condition: args.success_condition.unwrap_or_default(),
+        retry_condition: args.retry_condition.unwrap_or_default(),
         ..ActionInput::default()
     })
 }
@@ -644,26 +805,29 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         eprintln!("callout: {e}");
         ExitCode::from(2)
     };
-    let layer = Layer(Config::layers(args.config.as_deref()));
-    let layer = std::mem::take(&mut args.secrets).layer(std::mem::take(&mut args.egress).layer(layer));
-    let config = match Config::extract(&layer.0) {
-        Ok(config) => config,
-        Err(e) => return fail(e.to_string()),
+    let loaded = Loaded::new(args.config.as_deref(), |layers| {
+        layers.merge(config::flags(&args.secrets)).merge(config::flags(&args.egress))
+    });
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(e),
     };
+    let config = &loaded.config;
     // By hand, only warnings and errors go to stderr (-v: each attempt too): stdout is the outcome.
     let level = if args.verbose { "warn,callout=debug" } else { "warn" };
-    let settings = TelemetrySettings { level: level.into(), ..config.telemetry_settings() };
+    let log = LogSettings { level: level.into(), ..config.log.clone() };
     if args.insecure {
         eprintln!("callout: warning: -k/--insecure: the server's certificate and name are not verified");
     }
     let output = args.output.take();
-    let telemetry = match telemetry::init(&settings) {
+    let include = args.include;
+    let telemetry = match telemetry::init(&log, &config.tracing) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
     };
     let executor = match config
         .exec_settings()
-        .map_err(|e| e.to_string())
+        .map_err(|e| loaded.error(e))
         .and_then(|s| Executor::new(s).map_err(|e| e.to_string()))
     {
         Ok(e) => e,
@@ -676,27 +840,153 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     let outcome = executor.execute(&action, None).await;
     telemetry.shutdown();
     let proceed = outcome.proceed;
-    // The reply a gRPC call would get, in the proto3 JSON grpcurl prints.
-    let text = match callout::api::json::reply_json(&callout::api::convert::outcome(outcome)) {
-        Ok(text) => text,
-        Err(e) => {
-            eprintln!("callout: {e}");
-            return ExitCode::from(3);
+    let bytes = if include {
+        if let Some(error) = &outcome.error {
+            eprintln!("callout: {}: {}", error.kind.as_str(), error.message);
         }
-    };
-    match output {
-        Some(path) => {
-            if let Err(e) = std::fs::write(&path, text + "\n") {
-                eprintln!("callout: writing {}: {e}", path.display());
+        included(&outcome)
+    } else {
+        // The reply a gRPC call would get, in the proto3 JSON grpcurl prints.
+        match callout::api::json::reply_json(&callout::api::convert::outcome(outcome)) {
+            Ok(text) => (text + "\n").into_bytes(),
+            Err(e) => {
+                eprintln!("callout: {e}");
                 return ExitCode::from(3);
             }
         }
-        None => println!("{text}"),
+    };
+    let written = match &output {
+        Some(path) => std::fs::write(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display())),
+        None => {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&bytes).and_then(|()| stdout.flush()).map_err(|e| format!("writing stdout: {e}"))
+        }
+    };
+    if let Err(e) = written {
+        eprintln!("callout: {e}");
+        return ExitCode::from(3);
     }
     // README "Exit status": 0 proceed, 1 stop (2 invalid, 3 not run, above).
     if proceed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(args: &[&str]) -> Config {
+        let cli = Cli::try_parse_from([&["callout", "config", "print"][..], args].concat()).unwrap();
+        let Command::Config(ConfigCommand::Print(args)) = cli.command else { unreachable!() };
+        args.load().unwrap().config
+    }
+
+    #[test]
+    fn every_flag_lands_on_the_key_its_help_names() {
+        let c = loaded(&[
+            "--store=off",
+            "--durable-max-pending=7",
+            "--listen=unix:/tmp/c.sock",
+            "--unix-socket-mode=640",
+            "--auth-token-file=/t",
+            "--tls-cert=/c",
+            "--tls-key=/k",
+            "--tls-client-ca=/ca",
+            "--drain-timeout=3s",
+            "--default-total-timeout=4s",
+            "--stream-max-response-bytes=5",
+            "--max-request-bytes=8192",
+            "--worker-threads=2",
+            "--sensitive-header=X-A",
+            "--sensitive-header=X-B",
+            "--log-format=json",
+            "--log-level=debug",
+            "--log-actions=all",
+            "--metrics-listen=127.0.0.1:1",
+            "--no-metrics",
+            "--pool-idle-timeout=6s",
+            "--pool-max-idle-per-host=0",
+            "--no-http2",
+            "--tcp-keepalive=0s",
+            "--http2-keep-alive-interval=9s",
+            "--ca-file=/ca.pem",
+            "--proxy=http://p.test:3128",
+            "--max-in-flight=10",
+            "--max-queued=11",
+            "--max-in-flight-per-host=12",
+            "--global-rate-limit=5/s",
+            "--rate-limit=a.test=1/s",
+            "--max-host-cool-down=13s",
+            "--breaker-failures=14",
+            "--breaker-cool-down=15s",
+            "--max-buffered-bytes=1048576",
+            "--allow-private-networks",
+            "--egress-allow=*.a.test",
+            "--egress-deny=10.0.0.0/8",
+            "--allowed-ports=443,8443",
+            "--resolve=H.test=127.0.0.2",
+            "--secrets-dir=/s",
+            "--secrets-env-prefix=S_",
+        ]);
+        let s = &c.server;
+        assert_eq!(s.listen, "unix:/tmp/c.sock".parse().unwrap());
+        assert_eq!(s.unix_socket_mode.0, 0o640);
+        assert_eq!(
+            (
+                s.auth_token_file.as_deref(),
+                s.tls_cert.as_deref(),
+                s.tls_key.as_deref(),
+                s.tls_client_ca.as_deref()
+            ),
+            (Some(Path::new("/t")), Some(Path::new("/c")), Some(Path::new("/k")), Some(Path::new("/ca")))
+        );
+        assert_eq!(
+            (s.drain_timeout, s.default_total_timeout),
+            (Duration::from_secs(3), Duration::from_secs(4))
+        );
+        assert_eq!((s.stream_max_response_bytes, s.max_request_bytes, s.worker_threads), (5, 8192, 2));
+        assert_eq!(s.sensitive_headers, ["x-a", "x-b"]);
+        assert_eq!(
+            (c.log.format, c.log.level.as_str(), c.log.actions),
+            (LogFormat::Json, "debug", ActionLog::All)
+        );
+        assert_eq!((c.metrics.enabled, c.metrics.listen.port()), (false, 1));
+        let cl = &c.client;
+        assert_eq!(
+            (cl.pool_idle_timeout, cl.pool_max_idle_per_host, cl.http2),
+            (Duration::from_secs(6), 0, false)
+        );
+        assert_eq!(
+            (cl.tcp_keepalive, cl.http2_keep_alive_interval),
+            (Duration::ZERO, Some(Duration::from_secs(9)))
+        );
+        assert_eq!(
+            (cl.ca_file.as_deref(), cl.proxy.as_deref()),
+            (Some(Path::new("/ca.pem")), Some("http://p.test:3128"))
+        );
+        assert_eq!(cl.resolve.get("h.test"), Some(&vec![IpAddr::from([127, 0, 0, 2])]));
+        let l = &c.limits;
+        assert_eq!((l.max_in_flight, l.max_queued, l.max_in_flight_per_host), (10, 11, 12));
+        assert_eq!(l.global_rate_limit, Some("5/s".parse().unwrap()));
+        assert_eq!(l.rate_limits, vec!["a.test=1/s".parse().unwrap()]);
+        assert_eq!((l.max_host_cool_down, l.breaker_failures), (Duration::from_secs(13), 14));
+        assert_eq!((l.breaker_cool_down, l.max_buffered_bytes), (Duration::from_secs(15), Some(1 << 20)));
+        let e = &c.egress;
+        assert!(e.allow_private_networks);
+        assert_eq!((e.allow.len(), e.deny.len(), &e.allowed_ports[..]), (1, 1, &[443, 8443][..]));
+        assert_eq!(
+            (c.secrets.dir.as_deref(), c.secrets.env_prefix.as_deref()),
+            (Some(Path::new("/s")), Some("S_"))
+        );
+        assert_eq!((c.store.url.as_str(), c.durable.max_pending), ("off", 7));
+    }
+
+    #[test]
+    fn flags_not_given_leave_the_lower_layers_alone() {
+        assert_eq!(loaded(&[]), Config::default());
     }
 }

@@ -1,7 +1,9 @@
 //! Metrics: the names callout records (through the `metrics` facade, so recording is a no-op
 //! until `install` sets the Prometheus recorder) and the `/metrics` endpoint that serves them.
 //! Destination hosts become labels only within a bound: a configured allow-list, or the first
-//! `max_hosts` hosts seen; the rest are `other`. Never a URL, path or header.
+//! `max_hosts` hosts seen; the rest are `other`. Tenants likewise: configured tenants
+//! (`[tenants.NAME]`) are labels, every other tenant is `other`, an action without one `none`.
+//! Never a URL, path or header.
 //!
 //! Conventions: every series the README lists is there, at zero, from the first scrape (the
 //! `other` host's, and each refusal reason's), so dashboards and `rate()` need no first event;
@@ -47,6 +49,10 @@ pub const FLEET_CHECK_SECONDS: &str = "callout_fleet_check_seconds";
 pub const FLEET_REDIS_UP: &str = "callout_fleet_redis_up";
 pub const FLEET_REDIS_UNAVAILABLE: &str = "callout_fleet_redis_unavailable_total";
 pub const FLEET_FALLBACKS: &str = "callout_fleet_fallbacks_total";
+pub const TENANT_ACTIONS: &str = "callout_tenant_actions_total";
+pub const TENANT_IN_FLIGHT: &str = "callout_tenant_actions_in_flight";
+pub const TENANT_QUEUED: &str = "callout_tenant_actions_queued";
+pub const TENANT_QUOTA_REFUSED: &str = "callout_tenant_quota_refused_total";
 
 /// Reasons of `callout_actions_refused_total` and `callout_body_budget_refused_total`, made at
 /// zero when metrics start.
@@ -178,9 +184,93 @@ struct FleetSeries {
     fallback_deny: Counter,
 }
 
+/// One tenant label's series, registered once (all of them at `install`).
+struct TenantSeries {
+    succeeded: Counter,
+    failed: Counter,
+    in_flight: Gauge,
+    queued: Gauge,
+    /// Refused by the tenant's concurrency quota, and by its rate quota.
+    refused_concurrency: Counter,
+    refused_rate: Counter,
+}
+
+impl TenantSeries {
+    fn new(label: &str) -> Self {
+        let tenant = || label.to_owned();
+        Self {
+            succeeded: counter!(TENANT_ACTIONS, "tenant" => tenant(), "outcome" => "succeeded"),
+            failed: counter!(TENANT_ACTIONS, "tenant" => tenant(), "outcome" => "failed"),
+            in_flight: gauge!(TENANT_IN_FLIGHT, "tenant" => tenant()),
+            queued: gauge!(TENANT_QUEUED, "tenant" => tenant()),
+            refused_concurrency: counter!(TENANT_QUOTA_REFUSED, "tenant" => tenant(), "quota" => "concurrency"),
+            refused_rate: counter!(TENANT_QUOTA_REFUSED, "tenant" => tenant(), "quota" => "rate"),
+        }
+    }
+
+    fn at_zero(&self) {
+        for counter in [&self.succeeded, &self.failed, &self.refused_concurrency, &self.refused_rate] {
+            counter.absolute(0);
+        }
+        self.in_flight.set(0.0);
+        self.queued.set(0.0);
+    }
+}
+
+/// The tenant labels: fixed at `install`, so the label set is bounded by the configuration.
+struct TenantLabels {
+    named: HashMap<String, TenantSeries>,
+    other: TenantSeries,
+    none: TenantSeries,
+}
+
 static HOSTS: OnceLock<HostLabels> = OnceLock::new();
 static GAUGES: OnceLock<Gauges> = OnceLock::new();
 static FLEET: OnceLock<FleetSeries> = OnceLock::new();
+static TENANTS: OnceLock<TenantLabels> = OnceLock::new();
+
+/// The `tenant` label values besides the configured tenants' names.
+pub const TENANT_OTHER: &str = "other";
+pub const TENANT_NONE: &str = "none";
+
+/// An action's tenant series (nothing before `install`).
+#[derive(Clone, Copy)]
+pub struct TenantMetrics(Option<&'static TenantSeries>);
+
+/// The series of `tenant`: its own when configured, `other` for any other tenant, `none` for
+/// an action without one.
+pub fn tenant(tenant: Option<&str>) -> TenantMetrics {
+    TenantMetrics(TENANTS.get().map(|labels| match tenant {
+        None => &labels.none,
+        Some(name) => labels.named.get(name).unwrap_or(&labels.other),
+    }))
+}
+
+impl TenantMetrics {
+    /// An action of the tenant waiting for a running slot.
+    pub fn queued(self) -> Raised {
+        Raised::up(self.0.map(|s| s.queued.clone()))
+    }
+
+    /// An action of the tenant running.
+    pub fn in_flight(self) -> Raised {
+        Raised::up(self.0.map(|s| s.in_flight.clone()))
+    }
+
+    /// An action of the tenant finished.
+    pub fn finished(self, succeeded: bool) {
+        if let Some(series) = self.0 {
+            if succeeded { &series.succeeded } else { &series.failed }.increment(1);
+        }
+    }
+
+    /// A tenant quota refused an action: `concurrency` or `rate`.
+    pub fn refused(self, quota: &'static str) {
+        if let Some(series) = self.0 {
+            if quota == "rate" { &series.refused_rate } else { &series.refused_concurrency }.increment(1);
+        }
+    }
+}
 
 /// The `host` label for `host`: itself when allowed (or while the first `max_hosts` are being
 /// seen), else `other`. Before `install`, every host is `other`.
@@ -188,18 +278,35 @@ pub fn host_label(host: &str) -> String {
     HOSTS.get().map_or_else(|| "other".to_owned(), |labels| labels.series(host).label.clone())
 }
 
-/// Which destination hosts get their own `host` label.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `[metrics]` section: the Prometheus endpoint, and which destination hosts get their
+/// own `host` label.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// Hosts labelled by name; the rest are `other`. Empty: the first `max_hosts` seen.
+    /// Serve `/metrics`. Default true.
+    pub enabled: bool,
+    /// Where. Default `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+    /// Hosts labelled by name; the rest are `other`. Empty (the default): the first
+    /// `max_hosts` seen.
     pub hosts: Vec<String>,
     /// Most distinct `host` label values when `hosts` is empty. Default 50.
     pub max_hosts: usize,
+    /// Tenants labelled by name: the ones `[tenants.NAME]` configures (not a key of this
+    /// section); the rest are `other`.
+    #[serde(skip)]
+    pub tenants: Vec<String>,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
-        Self { hosts: Vec::new(), max_hosts: 50 }
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            hosts: Vec::new(),
+            max_hosts: 50,
+            tenants: Vec::new(),
+        }
     }
 }
 
@@ -240,6 +347,11 @@ pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<Sock
         fallback_local: counter!(FLEET_FALLBACKS, "policy" => "local"),
         fallback_deny: counter!(FLEET_FALLBACKS, "policy" => "deny"),
     });
+    let _ = TENANTS.set(TenantLabels {
+        named: settings.tenants.iter().map(|name| (name.clone(), TenantSeries::new(name))).collect(),
+        other: TenantSeries::new(TENANT_OTHER),
+        none: TenantSeries::new(TENANT_NONE),
+    });
     describe();
     at_zero();
     let process = metrics_process::Collector::default();
@@ -273,6 +385,9 @@ fn at_zero() {
         fleet.unavailable.absolute(0);
         fleet.fallback_local.absolute(0);
         fleet.fallback_deny.absolute(0);
+    }
+    if let Some(tenants) = TENANTS.get() {
+        tenants.named.values().chain([&tenants.other, &tenants.none]).for_each(TenantSeries::at_zero);
     }
 }
 
@@ -318,6 +433,16 @@ fn describe() {
         BODY_BUDGET_REFUSED,
         "Buffered bodies refused by the memory budget: reason=exhausted (no room before the \
          deadline), stalled (every holder was waiting) or too_large (larger than the budget)."
+    );
+    describe_counter!(
+        TENANT_ACTIONS,
+        "Actions finished, by tenant (configured names, other, none) and outcome."
+    );
+    describe_gauge!(TENANT_IN_FLIGHT, "Actions running now, by tenant.");
+    describe_gauge!(TENANT_QUEUED, "Actions waiting for a running slot, by tenant.");
+    describe_counter!(
+        TENANT_QUOTA_REFUSED,
+        "Actions refused by their tenant's quota (quota=concurrency or rate), by tenant."
     );
 }
 
@@ -489,7 +614,10 @@ pub struct Raised(Option<Gauge>);
 
 impl Raised {
     fn raise(gauge: impl Fn(&Gauges) -> &Gauge) -> Self {
-        let gauge = GAUGES.get().map(|g| gauge(g).clone());
+        Self::up(GAUGES.get().map(|g| gauge(g).clone()))
+    }
+
+    fn up(gauge: Option<Gauge>) -> Self {
         if let Some(gauge) = &gauge {
             gauge.increment(1.0);
         }

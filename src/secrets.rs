@@ -7,8 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Where secrets come from. Both unset (the default): no secrets, every reference is unknown.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The `[secrets]` section: where secrets come from. Both unset (the default): no secrets,
+/// every reference is unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SecretSettings {
     /// Directory holding one file per secret, named as the secret. Default none.
     pub dir: Option<PathBuf>,

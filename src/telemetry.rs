@@ -3,39 +3,76 @@
 //! trace. Without the feature the trace context is still propagated (see `exec`), only not
 //! exported.
 use crate::action::TraceContext;
+use serde::{Deserialize, Deserializer, Serialize};
 use tracing_subscriber::{
     layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter, Layer, Registry,
 };
 
 /// How log lines look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// For people at a terminal.
+    // For people at a terminal.
+    #[default]
     Pretty,
-    /// One JSON object per line, for log pipelines.
+    // One JSON object per line, for log pipelines.
     Json,
 }
 
-/// What the subscriber is built from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TelemetrySettings {
+/// Which finished actions are logged (at info, one line each). Every action is counted in the
+/// metrics either way; a line per success is an access log, worth its cost only when wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionLog {
+    /// Every action.
+    All,
+    /// Failed actions (including refused and cancelled ones).
+    #[default]
+    Failed,
+    /// None.
+    Off,
+}
+
+/// The `[log]` section: log lines, their format and level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `pretty` (human) or `json` (one object per line). Default `pretty`.
     pub format: LogFormat,
     /// A tracing filter (`info`, `callout=debug,info`); `RUST_LOG`, when set, wins. Default `info`.
+    #[serde(deserialize_with = "filter")]
     pub level: String,
-    /// OTLP/gRPC collector to export spans to. Default none (spans are only logged).
+    /// Which finished actions get a line (the executor's `action_log`). Default `failed`.
+    pub actions: ActionLog,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Pretty, level: "info".into(), actions: ActionLog::default() }
+    }
+}
+
+/// A level that is a valid tracing filter.
+fn filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let level = String::deserialize(d)?;
+    EnvFilter::try_new(&level).map_err(|e| serde::de::Error::custom(format!("{level:?}: {e}")))?;
+    Ok(level)
+}
+
+/// The `[tracing]` section: span export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSettings {
+    /// OTLP/gRPC collector to export spans to, e.g. `http://127.0.0.1:4317`; needs a build
+    /// with `--features otlp`. Default none (spans are only logged).
     pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported spans. Default `callout`.
     pub service_name: String,
 }
 
-impl Default for TelemetrySettings {
+impl Default for TracingSettings {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            level: "info".into(),
-            otlp_endpoint: None,
-            service_name: "callout".into(),
-        }
+        Self { otlp_endpoint: None, service_name: "callout".into() }
     }
 }
 
@@ -61,13 +98,13 @@ impl Telemetry {
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.level`.
-pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, String> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+pub fn init(log: &LogSettings, spans: &TracingSettings) -> Result<Telemetry, String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     // Colours only for a person at a terminal: escape codes in a log file or pipeline are noise,
     // and styling every field costs several microseconds per action line.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
-    let fmt: BoxedLayer = match settings.format {
+    let fmt: BoxedLayer = match log.format {
         // One JSON object per line, the event's fields at the top level, for log pipelines, with
         // the current span (a line logged during an action says which). Not the list of every
         // span: it would repeat the current one's fields a third time on each line.
@@ -80,9 +117,9 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, String> {
     let mut layers: Vec<BoxedLayer> = vec![fmt];
     let telemetry = Telemetry::default();
     #[cfg(feature = "otlp")]
-    let telemetry = match &settings.otlp_endpoint {
+    let telemetry = match &spans.otlp_endpoint {
         Some(endpoint) => {
-            let (layer, provider) = otlp::layer(endpoint, &settings.service_name)?;
+            let (layer, provider) = otlp::layer(endpoint, &spans.service_name)?;
             layers.push(layer);
             SPANS_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
             Telemetry { provider: Some(provider) }
@@ -90,7 +127,7 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, String> {
         None => telemetry,
     };
     #[cfg(not(feature = "otlp"))]
-    if settings.otlp_endpoint.is_some() {
+    if spans.otlp_endpoint.is_some() {
         return Err("tracing.otlp_endpoint needs a build with `--features otlp`".into());
     }
     tracing_subscriber::registry().with(layers.with_filter(filter)).try_init().map_err(|e| e.to_string())?;

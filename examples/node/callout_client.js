@@ -9,7 +9,9 @@
 //
 // options: -H 'Name: value' (repeatable), -q name=value (repeatable), --json TEXT, --text TEXT,
 // --body-file PATH, --success-codes "200,201", --on-failure abort|continue, --max-attempts N,
-// --attempt-timeout SECONDS, --action-id ID, --deadline SECONDS (gRPC deadline, default 60).
+// --attempt-timeout SECONDS, --action-id ID, --deadline SECONDS (gRPC deadline, default 60),
+// --reply-body auto|all|raw|none, --extract NAME=JSONPATH (repeatable), --success-condition CEL,
+// --retry-condition CEL.
 //
 // Exit status, the same as `callout exec` and the Python client (README: "Exit status"):
 // 0 proceed (the action succeeded, or failed under --on-failure continue), 1 stop (it failed),
@@ -125,9 +127,13 @@ function printOutcome(reply) {
   const r = reply.response;
   if (r) {
     console.log(`status: ${r.status} ${r.reason} (${r.httpVersion})`);
+    // reply_body AUTO (the default) sets one of these; ALL every one that applies.
     if (r.bodyJson) console.log(`body_json: ${compact(valueToJs(r.bodyJson))}`);
-    else if (r.bodyText !== undefined && r.bodyText !== null) console.log(`body_text: ${r.bodyText}`);
-    else if (r.body && r.body.length) console.log(`body: ${r.body.length} bytes`);
+    if (r.bodyText !== undefined && r.bodyText !== null) console.log(`body_text: ${r.bodyText}`);
+    if (r.body && r.body.length) console.log(`body: ${r.body.length} bytes`);
+  }
+  for (const name of Object.keys(reply.extracted || {}).sort()) {
+    console.log(`extracted.${name}: ${compact(valueToJs(reply.extracted[name]))}`);
   }
   for (const a of reply.attempts || []) {
     const err = a.error ? ` error=${a.error.kind}` : '';
@@ -175,18 +181,22 @@ function parseArgs(argv) {
     deadline: 60,
     headers: [],
     query: [],
+    extract: [],
     positional: [],
   };
   const valued = {
     '--target': 'target', '--deadline': 'deadline', '--json': 'json', '--text': 'text',
     '--body-file': 'bodyFile', '--success-codes': 'successCodes', '--on-failure': 'onFailure',
     '--max-attempts': 'maxAttempts', '--attempt-timeout': 'attemptTimeout', '--action-id': 'actionId',
+    '--reply-body': 'replyBody', '--success-condition': 'successCondition',
+    '--retry-condition': 'retryCondition',
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const next = () => (i + 1 < argv.length ? argv[++i] : usage(`${arg} needs a value`));
     if (arg === '-H' || arg === '--header') opts.headers.push(next());
     else if (arg === '-q' || arg === '--query') opts.query.push(next());
+    else if (arg === '--extract') opts.extract.push(next());
     else if (valued[arg]) opts[valued[arg]] = next();
     else if (arg === '-h' || arg === '--help') usage();
     else if (arg.startsWith('-') && arg.length > 1) usage(`unknown option ${arg}`);
@@ -219,6 +229,17 @@ function buildRequest(opts) {
     const millis = Math.round(Number(opts.attemptTimeout) * 1000);
     req.timeouts = { attempt: { seconds: String(Math.floor(millis / 1000)), nanos: (millis % 1000) * 1e6 } };
   }
+  const mode = (opts.replyBody || 'auto').toLowerCase();
+  if (!['auto', 'all', 'raw', 'none'].includes(mode)) usage(`--reply-body ${opts.replyBody}: auto, all, raw or none`);
+  req.replyBody = `REPLY_BODY_${mode.toUpperCase()}`;
+  req.extract = {};
+  for (const e of opts.extract) {
+    const i = e.indexOf('=');
+    if (i < 0) usage(`--extract ${e}: expected NAME=JSONPATH`);
+    req.extract[e.slice(0, i)] = e.slice(i + 1);
+  }
+  if (opts.successCondition) req.successCondition = opts.successCondition;
+  if (opts.retryCondition) req.retryCondition = opts.retryCondition;
   return req;
 }
 

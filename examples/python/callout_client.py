@@ -92,12 +92,15 @@ def print_outcome(pb, reply):
     if reply.HasField("response"):
         r = reply.response
         print(f"status: {r.status} {r.reason} ({r.http_version})")
+        # reply_body AUTO (the default) sets one of these; ALL every one that applies.
         if r.HasField("body_json"):
             print(f"body_json: {compact(json_format.MessageToDict(r.body_json))}")
-        elif r.HasField("body_text"):
+        if r.HasField("body_text"):
             print(f"body_text: {r.body_text}")
-        elif r.body:
+        if r.body:
             print(f"body: {len(r.body)} bytes")
+    for name in sorted(reply.extracted):
+        print(f"extracted.{name}: {compact(json_format.MessageToDict(reply.extracted[name]))}")
     for a in reply.attempts:
         err = f" error={pb.ErrorKind.Name(a.error.kind)}" if a.HasField("error") else ""
         backoff = f" backoff={secs(a.backoff)}" if a.HasField("backoff") else ""
@@ -133,6 +136,14 @@ def build_request(pb, args):
         req.retry.max_attempts = args.max_attempts
     if args.attempt_timeout:
         req.timeouts.attempt.FromMilliseconds(int(args.attempt_timeout * 1000))
+    req.reply_body = pb.ReplyBody.Value(f"REPLY_BODY_{args.reply_body.upper()}")
+    for e in args.extract:
+        name, sep, path = e.partition("=")
+        if not sep:
+            raise SystemExit(f"--extract {e!r}: expected NAME=JSONPATH")
+        req.extract[name] = path
+    req.success_condition = args.success_condition
+    req.retry_condition = args.retry_condition
     return req
 
 
@@ -351,6 +362,11 @@ def action_arguments(p):
     p.add_argument("--max-attempts", type=int, default=0, help="attempts in all; 1 turns retries off")
     p.add_argument("--attempt-timeout", type=float, default=0, help="seconds per attempt")
     p.add_argument("--action-id", default="")
+    p.add_argument("--reply-body", choices=["auto", "all", "raw", "none"], default="auto",
+                   help="which body fields the reply carries (default auto: one)")
+    p.add_argument("--extract", action="append", default=[], help="NAME=JSONPATH (RFC 9535), repeatable")
+    p.add_argument("--success-condition", default="", help='CEL that must hold too, e.g. body.ok == true')
+    p.add_argument("--retry-condition", default="", help='CEL; true retries, e.g. body.state != "done"')
 
 
 def main(argv=None):

@@ -92,7 +92,9 @@ def run(pb, stub, channel, args):
     for depth, objects in [(32, True), (32, False), (40, False), (50, True), (50, False),
                            (127, False), (128, False), (10000, False)]:
         body = nested(depth, objects)
-        req = request(method="POST", url=args.upstream + "/raw", text=body, content_type="application/json")
+        # REPLY_BODY_ALL: both views, to see which one a deep document keeps.
+        req = request(method="POST", url=args.upstream + "/raw", text=body, content_type="application/json",
+                      reply_body=pb.REPLY_BODY_ALL)
         what = f"JSON {'objects' if objects else 'arrays'} {depth} deep"
         reply, err = call(stub.Execute, req, t)
         check(f"{what}: Execute reply decodes", err is None, code_of(err) + " " + (err.details() if err else ""))

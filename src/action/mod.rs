@@ -1,13 +1,17 @@
 //! The domain: an HTTP action as a caller writes it (`ActionInput`), validated into an
 //! `HttpAction` that the executor runs, and the `Outcome` it produces. No proto types here.
+pub mod condition;
 mod excerpt;
+pub mod extract;
 mod outcome;
 mod retry;
 pub mod secret_ref;
 mod status;
+mod tenant;
 mod trace;
 mod transport;
 mod validate;
+pub mod vars;
 
 pub use excerpt::excerpt;
 pub use outcome::{
@@ -15,6 +19,7 @@ pub use outcome::{
 };
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
+pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
@@ -54,15 +59,35 @@ pub struct ActionInput {
     pub tls: TlsInput,
     pub proxy_url: String,
     pub max_response_bytes: u64,
+    /// The caller's trace (from the gRPC edge's metadata), continued by every attempt.
+    pub trace: Option<TraceContext>,
+    /// The tenant the action belongs to; empty for none.
+    pub tenant: String,
+    /// Which body fields the reply carries.
+    pub reply_body: ReplyBody,
+    /// Name → RFC 9535 JSONPath, applied to the response's JSON body.
+    pub extract: Vec<(String, String)>,
+    /// CEL; must also be true for success.
+    pub success_condition: String,
+    /// CEL; true retries the attempt.
+    pub retry_condition: String,
+    /// Values for `{{vars.NAME}}` placeholders.
+    pub vars: Vec<(String, serde_json::Value)>,
 }
 
 impl ActionInput {
     /// Whether validating this input may block a thread: a `{{secret:NAME}}` reference may
-    /// read a file, TLS PEM is parsed (keys checked against certificates). Everything else is
-    /// microseconds of CPU, cheaper than a hop to the blocking pool.
+    /// read a file, TLS PEM is parsed (keys checked against certificates), a CEL condition is
+    /// compiled (a generated ANTLR parser, whose prediction can take milliseconds on an
+    /// adversarial expression), `vars` re-render a JSON body (a parse and a write of up to the
+    /// request's size). Everything else is microseconds of CPU, cheaper than a hop to the
+    /// blocking pool.
     pub fn blocks_to_validate(&self) -> bool {
         let tls = &self.tls;
-        !tls.ca_pem.is_empty()
+        !self.success_condition.is_empty()
+            || (!self.vars.is_empty() && matches!(self.body, BodyInput::Json(_)))
+            || !self.retry_condition.is_empty()
+            || !tls.ca_pem.is_empty()
             || !tls.client_cert_pem.is_empty()
             || !tls.client_key_pem.is_empty()
             || secret_ref::has_references(self)
@@ -104,6 +129,9 @@ pub struct RetryInput {
     pub retry_on_errors: Vec<ErrorKind>,
     pub honor_retry_after: Option<bool>,
     pub retry_non_idempotent: bool,
+    /// A `max_attempts` of 0 means no bound but the total time (durable actions), instead of
+    /// the default count.
+    pub unbounded_by_default: bool,
 }
 
 /// Redirect policy as written.
@@ -122,6 +150,27 @@ pub struct TlsInput {
     pub client_key_pem: String,
 }
 
+/// Which of the response's body fields (bytes, JSON, text) a reply carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// One: the JSON view when there is one, else the text view, else the bytes.
+    #[default]
+    Auto,
+    /// Every view that applies, and the bytes.
+    All,
+    /// The bytes only.
+    Raw,
+    /// None (and no body chunks on a stream).
+    None,
+}
+
+impl ReplyBody {
+    /// Whether the reply may carry the JSON or text view (so they are worth computing).
+    pub fn wants_views(self) -> bool {
+        matches!(self, Self::Auto | Self::All)
+    }
+}
+
 /// What the engine should do when the action fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnFailure {
@@ -130,29 +179,53 @@ pub enum OnFailure {
     Continue,
 }
 
-/// A validated action: everything the executor needs, nothing left to check.
+/// A validated action: everything the executor needs, nothing left to check. Built only by
+/// validation (`from_input…`), so every one was checked; read through its accessors.
 #[derive(Clone)]
 pub struct HttpAction {
-    pub id: String,
-    pub method: Method,
+    id: String,
+    method: Method,
     /// The full URL, query appended, credentials and fragment removed.
-    pub url: url::Url,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub timeouts: Timeouts,
-    pub success: StatusSpec,
-    pub on_failure: OnFailure,
-    pub error_messages: ErrorMessages,
-    pub retry: RetryPolicy,
-    pub redirects: RedirectPolicy,
+    url: url::Url,
+    headers: HeaderMap,
+    body: Bytes,
+    timeouts: Timeouts,
+    success: StatusSpec,
+    on_failure: OnFailure,
+    error_messages: ErrorMessages,
+    retry: RetryPolicy,
+    redirects: RedirectPolicy,
     /// Per-action TLS options; the default uses the server's.
-    pub tls: TlsOptions,
+    tls: TlsOptions,
     /// Per-action proxy; `None` uses the server's proxy settings.
-    pub proxy: Option<ProxyUrl>,
+    proxy: Option<ProxyUrl>,
     /// `None`: the caller did not set one (the executor applies its default for the call kind).
-    pub max_response_bytes: Option<u64>,
-    /// The caller's trace, continued by every outbound attempt. Set at the gRPC edge.
-    pub trace: Option<TraceContext>,
+    max_response_bytes: Option<u64>,
+    /// The caller's trace, continued by every outbound attempt.
+    trace: Option<TraceContext>,
+    /// The tenant the action belongs to (a valid tenant name).
+    tenant: Option<String>,
+    /// Which body fields the reply carries.
+    reply_body: ReplyBody,
+    /// The `extract` paths, parsed.
+    extract: extract::Extracts,
+    success_condition: Option<condition::Condition>,
+    retry_condition: Option<condition::Condition>,
+}
+
+/// What validation needs from the server: its secrets and the header names it keeps out of
+/// logs. The default knows no secrets and only the built-in sensitive headers.
+#[derive(Clone, Copy)]
+pub struct ValidationContext<'a> {
+    pub secrets: &'a dyn secret_ref::SecretSource,
+    /// Headers whose values are marked sensitive besides the built-in ones.
+    pub sensitive_headers: &'a [HeaderName],
+}
+
+impl Default for ValidationContext<'_> {
+    fn default() -> Self {
+        Self { secrets: &secret_ref::NoSecrets, sensitive_headers: &[] }
+    }
 }
 
 /// Validated timeouts. `total` is `None` when the caller left it to the server and deadline.
@@ -202,27 +275,111 @@ impl std::fmt::Debug for HttpAction {
             .field("tls", &self.tls)
             .field("proxy", &self.proxy)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("tenant", &self.tenant)
+            .field("reply_body", &self.reply_body)
+            .field("success_condition", &self.success_condition)
+            .field("retry_condition", &self.retry_condition)
             .finish_non_exhaustive()
     }
 }
 
 impl HttpAction {
-    /// Marks the values of headers named in `names` sensitive (kept out of logs and HTTP/2
-    /// header compression tables), besides the built-in ones.
-    pub fn mark_sensitive(&mut self, names: &[HeaderName]) {
-        for name in names {
-            if let http::header::Entry::Occupied(mut entry) = self.headers.entry(name) {
-                for value in entry.iter_mut() {
-                    value.set_sensitive(true);
-                }
-            }
-        }
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The full URL, query appended, credentials and fragment removed.
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    /// The headers to send, sensitive values marked.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The statuses that count as success.
+    pub fn success(&self) -> &StatusSpec {
+        &self.success
+    }
+
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    pub fn error_messages(&self) -> &ErrorMessages {
+        &self.error_messages
+    }
+
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    pub fn redirects(&self) -> RedirectPolicy {
+        self.redirects
+    }
+
+    /// Per-action TLS options; the default uses the server's.
+    pub fn tls(&self) -> &TlsOptions {
+        &self.tls
+    }
+
+    /// Per-action proxy; `None` uses the server's proxy settings.
+    pub fn proxy(&self) -> Option<&ProxyUrl> {
+        self.proxy.as_ref()
+    }
+
+    /// `None`: the caller did not set one (the executor applies its default for the call kind).
+    pub fn max_response_bytes(&self) -> Option<u64> {
+        self.max_response_bytes
+    }
+
+    /// The caller's trace, continued by every outbound attempt.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
+    }
+
+    /// Which body fields the reply carries.
+    pub fn reply_body(&self) -> ReplyBody {
+        self.reply_body
+    }
+
+    /// The `extract` paths, parsed.
+    pub fn extract(&self) -> &extract::Extracts {
+        &self.extract
+    }
+
+    /// CEL that must also be true for success.
+    pub fn success_condition(&self) -> Option<&condition::Condition> {
+        self.success_condition.as_ref()
+    }
+
+    /// CEL whose truth retries the attempt.
+    pub fn retry_condition(&self) -> Option<&condition::Condition> {
+        self.retry_condition.as_ref()
+    }
+
+    /// Whether an attempt's body must be read whole and looked into (conditions, extract).
+    pub fn evaluates_body(&self) -> bool {
+        !self.extract.is_empty() || self.success_condition.is_some() || self.retry_condition.is_some()
     }
 
     /// Validates `input`, collecting every problem with the field it concerns.
-    /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with_secrets`.
+    /// `{{secret:NAME}}` references are unknown secrets here; see `from_input_with`.
     pub fn from_input(input: ActionInput) -> Result<Self, InvalidAction> {
-        validate::validate(input, &secret_ref::NoSecrets)
+        validate::validate(input, &ValidationContext::default())
     }
 
     /// Validates `input` after replacing its `{{secret:NAME}}` references from `secrets`.
@@ -230,7 +387,30 @@ impl HttpAction {
         input: ActionInput,
         secrets: &dyn secret_ref::SecretSource,
     ) -> Result<Self, InvalidAction> {
-        validate::validate(input, secrets)
+        validate::validate(input, &ValidationContext { secrets, ..ValidationContext::default() })
+    }
+
+    /// Validates `input` against what the server knows (`context`).
+    pub fn from_input_with(
+        input: ActionInput,
+        context: &ValidationContext<'_>,
+    ) -> Result<Self, InvalidAction> {
+        validate::validate(input, context)
+    }
+
+    /// The action as a single attempt within `remaining` (or its attempt timeout, if shorter):
+    /// the durable runner schedules each attempt itself.
+    pub fn one_attempt(&self, remaining: Duration) -> Self {
+        let mut one = self.clone();
+        one.retry.max_attempts = 1;
+        one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        one
+    }
+
+    /// The tenant the action belongs to, if any: its quotas, its share of the queue, its
+    /// metrics label.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

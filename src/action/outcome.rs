@@ -21,6 +21,8 @@ pub enum ErrorKind {
     RateLimited,
     CircuitOpen,
     Cancelled,
+    /// success_condition was false (or failed to evaluate), or retry_condition still true.
+    ConditionFailed,
 }
 
 impl ErrorKind {
@@ -39,6 +41,7 @@ impl ErrorKind {
             Self::RateLimited => "RATE_LIMITED",
             Self::CircuitOpen => "CIRCUIT_OPEN",
             Self::Cancelled => "CANCELLED",
+            Self::ConditionFailed => "CONDITION_FAILED",
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct ResponseData {
     pub body_json: Option<serde_json::Value>,
     pub body_text: Option<String>,
     pub truncated: bool,
+    /// The action's `extract` paths applied to this body, by name.
+    pub extracted: Vec<(String, serde_json::Value)>,
 }
 
 /// Timings of one attempt. Connection phases are zero when a pooled connection was reused.
@@ -137,4 +142,10 @@ pub struct Outcome {
     pub attempts: Vec<AttemptRecord>,
     pub started_at: SystemTime,
     pub total: Duration,
+    /// Which body fields the reply carries (the action's choice).
+    pub reply_body: super::ReplyBody,
+    /// The last response's `extract` results, by name.
+    pub extracted: Vec<(String, serde_json::Value)>,
+    /// The last attempt ended with its retry_condition true (a durable runner retries it).
+    pub condition_retry: bool,
 }

@@ -32,6 +32,9 @@ pub const DEFAULT_RETRY_ON_ERRORS: [ErrorKind; 2] = [ErrorKind::Connect, ErrorKi
 pub enum AttemptEnd {
     /// A response with a status that did not count as success.
     Status { status: u16, retry_after: Option<Duration> },
+    /// A response the action's retry_condition asked to try again: the caller's explicit
+    /// consent to repeat the request, whatever the method.
+    Condition { status: u16, retry_after: Option<Duration> },
     /// A transport failure. `sent` is false when the request surely never left (DNS, refused
     /// connection, TLS handshake, connect timeout).
     Error { kind: ErrorKind, sent: bool },
@@ -70,12 +73,16 @@ impl RetryPolicy {
         if attempt >= self.max_attempts {
             return stop(format!("attempt {attempt} of {} was the last", self.max_attempts));
         }
-        let (retryable, surely_unprocessed, what) = match end {
+        // `repeat_anyway`: repeating is safe, or the caller asked for it (retry_condition).
+        let (retryable, repeat_anyway, what) = match end {
             AttemptEnd::Status { status, .. } => (
                 self.retry_on_status.contains(status),
                 status == 429 || status == 503,
                 format!("status {status}"),
             ),
+            AttemptEnd::Condition { status, .. } => {
+                (true, true, format!("retry_condition on status {status}"))
+            }
             AttemptEnd::Error { kind, sent } => {
                 (self.retry_on_errors.contains(&kind), !sent, format!("{kind} error"))
             }
@@ -83,14 +90,19 @@ impl RetryPolicy {
         if !retryable {
             return stop(format!("{what} is not retried by the policy"));
         }
-        if !self.may_repeat && !surely_unprocessed {
+        if !self.may_repeat && !repeat_anyway {
             return stop(format!(
                 "{what} may have been processed and the method is not idempotent \
                  (set an Idempotency-Key header or retry_non_idempotent)"
             ));
         }
         let retry_after = match end {
-            AttemptEnd::Status { retry_after: Some(wait), .. } if self.honor_retry_after => Some(wait),
+            AttemptEnd::Status { retry_after: Some(wait), .. }
+            | AttemptEnd::Condition { retry_after: Some(wait), .. }
+                if self.honor_retry_after =>
+            {
+                Some(wait)
+            }
             _ => None,
         };
         let (backoff, why) = match retry_after {
@@ -224,6 +236,19 @@ mod tests {
             }
         );
         assert!(matches!(p.decide(1, end, Duration::from_millis(900)), RetryDecision::Stop { .. }));
+    }
+
+    #[test]
+    fn a_retry_condition_repeats_any_method_within_attempts_and_deadline() {
+        let p = policy(false);
+        let end = AttemptEnd::Condition { status: 200, retry_after: None };
+        assert!(matches!(p.decide(1, end, HOUR), RetryDecision::Retry { .. }));
+        assert!(matches!(p.decide(3, end, HOUR), RetryDecision::Stop { .. }));
+        assert!(matches!(p.decide(1, end, Duration::from_millis(100)), RetryDecision::Stop { .. }));
+        let waits = AttemptEnd::Condition { status: 200, retry_after: Some(Duration::from_secs(5)) };
+        assert!(
+            matches!(p.decide(1, waits, HOUR), RetryDecision::Retry { backoff, .. } if backoff == Duration::from_secs(5))
+        );
     }
 
     #[test]

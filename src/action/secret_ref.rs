@@ -107,16 +107,32 @@ pub fn has_references(input: &ActionInput) -> bool {
         }
 }
 
+/// `text` with each `OPEN…}}` placeholder replaced by what `replace` makes of the name between
+/// (trimmed), in one pass (a replacement is never scanned again), or the first problem. The one
+/// scanner of `{{secret:NAME}}` and `{{vars.NAME}}`.
+pub(super) fn scan(
+    text: &str,
+    open: &str,
+    replace: &mut dyn FnMut(&str) -> Result<String, String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(open) {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + open.len()..];
+        let end =
+            after.find(CLOSE).ok_or_else(|| format!("has a {open} reference without its closing }}}}"))?;
+        out.push_str(&replace(after[..end].trim())?);
+        rest = &after[end + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// `text` with each `{{secret:NAME}}` replaced, or what is wrong (naming the secret, never a
 /// value).
 fn expand(text: &str, source: &dyn SecretSource, escape: Escape) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find(OPEN) {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + OPEN.len()..];
-        let end = after.find(CLOSE).ok_or("has a {{secret: reference without its closing }}")?;
-        let name = after[..end].trim();
+    scan(text, OPEN, &mut |name| {
         if !is_valid_name(name) {
             return Err(format!(
                 "secret name {:?} is not valid: use letters, digits, '_', '-' and '.'",
@@ -124,18 +140,23 @@ fn expand(text: &str, source: &dyn SecretSource, escape: Escape) -> Result<Strin
             ));
         }
         let value = source.secret(name).ok_or_else(|| format!("refers to unknown secret {name:?}"))?;
-        match escape {
-            Escape::None => out.push_str(&value),
-            Escape::Url => out.extend(utf8_percent_encode(&value, URL_COMPONENT)),
-            Escape::JsonString => {
-                let quoted = serde_json::Value::String(value).to_string();
-                out.push_str(&quoted[1..quoted.len() - 1]);
-            }
-        }
-        rest = &after[end + CLOSE.len()..];
-    }
-    out.push_str(rest);
-    Ok(out)
+        Ok(match escape {
+            Escape::None => value,
+            Escape::Url => url_component(&value),
+            Escape::JsonString => json_string_content(value),
+        })
+    })
+}
+
+/// `value` percent-encoded as one URL component.
+pub(super) fn url_component(value: &str) -> String {
+    utf8_percent_encode(value, URL_COMPONENT).collect()
+}
+
+/// `value` escaped for the inside of a JSON string literal.
+fn json_string_content(value: String) -> String {
+    let quoted = serde_json::Value::String(value).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
 }
 
 fn truncate(s: &str) -> String {

@@ -1,9 +1,9 @@
 //! Turns an `ActionInput` into an `HttpAction`, naming the field of every problem. Nothing is
 //! sent for an action that does not pass.
 use super::{
-    excerpt::excerpt, retry, secret_ref, secret_ref::SecretSource, transport, ActionInput, BodyInput,
-    ClientIdentity, ErrorMessages, HttpAction, ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts,
-    TlsOptions, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
+    excerpt::excerpt, retry, secret_ref, transport, ActionInput, BodyInput, ClientIdentity, ErrorMessages,
+    HttpAction, ProxyUrl, RedirectPolicy, RetryPolicy, StatusSpec, Timeouts, TlsOptions, ValidationContext,
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
 };
 use base64::Engine as _;
 use bytes::Bytes;
@@ -79,16 +79,19 @@ const EXCERPT: usize = 64;
 
 pub(super) fn validate(
     mut input: ActionInput,
-    secrets: &dyn SecretSource,
+    context: &ValidationContext<'_>,
 ) -> Result<HttpAction, InvalidAction> {
     let mut bad = InvalidAction::default();
     // Secrets first, so every check below sees the values that will be sent.
-    let secret_headers = secret_ref::resolve(&mut input, secrets, &mut bad);
+    let secret_headers = secret_ref::resolve(&mut input, context.secrets, &mut bad);
+    // Variables after secrets: a variable's value is never read as a secret reference.
+    super::vars::render(&mut input, &mut bad);
 
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);
     let url = url(&input.url, &input.query, &mut bad);
     let mut headers = headers(&input.headers, &secret_headers, &mut bad);
+    mark_sensitive(&mut headers, context.sensitive_headers);
     let (tls, proxy) = transport_options(&input, &mut bad);
     let (body, default_type) = body(input.body, &mut bad);
     content_type(&input.content_type, default_type, &mut headers, &mut bad);
@@ -97,9 +100,15 @@ pub(super) fn validate(
     let error_messages = error_messages(input.error_messages, &mut bad);
     let redirects = redirects(&input.redirects, &mut bad);
     let retry = retry_policy(&input.retry, method.as_ref(), &headers, &mut bad);
+    let extract = super::extract::parse(std::mem::take(&mut input.extract), &mut bad);
+    let success_condition =
+        super::condition::Condition::compile("success_condition", &input.success_condition, &mut bad);
+    let retry_condition =
+        super::condition::Condition::compile("retry_condition", &input.retry_condition, &mut bad);
     if input.max_response_bytes > u64::MAX / 2 {
         bad.push("max_response_bytes", "is too large");
     }
+    let tenant = tenant(&input.tenant, &mut bad);
 
     // Credentials in the URL become Basic authorization, as curl and browsers do, and leave the
     // URL so it can be logged.
@@ -136,9 +145,26 @@ pub(super) fn validate(
             tls,
             proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
-            trace: None,
+            trace: input.trace,
+            tenant,
+            reply_body: input.reply_body,
+            extract,
+            success_condition,
+            retry_condition,
         }),
         _ => Err(bad),
+    }
+}
+
+/// Marks the values of headers named in `names` sensitive (kept out of logs and HTTP/2 header
+/// compression tables), besides the built-in ones.
+fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        if let header::Entry::Occupied(mut entry) = headers.entry(name) {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
     }
 }
 
@@ -152,6 +178,18 @@ fn action_id(id: &str, bad: &mut InvalidAction) -> String {
         bad.push("action_id", "contains control characters");
     }
     id.to_owned()
+}
+
+/// The tenant, when one is named; a bad name is reported without echoing more than an excerpt.
+fn tenant(name: &str, bad: &mut InvalidAction) -> Option<String> {
+    if name.is_empty() {
+        return None;
+    }
+    if let Some(problem) = super::tenant_name_problem(name) {
+        bad.push("tenant", format!("{:?} {problem}", excerpt(name, EXCERPT)));
+        return None;
+    }
+    Some(name.to_owned())
 }
 
 fn method(method: &str, bad: &mut InvalidAction) -> Option<Method> {
@@ -449,7 +487,11 @@ fn retry_policy(
     let idempotent = method.is_some_and(|m| !matches!(*m, Method::POST | Method::PATCH));
     let keyed = IDEMPOTENCY_HEADERS.iter().any(|h| headers.contains_key(*h));
     Some(RetryPolicy {
-        max_attempts: if r.max_attempts == 0 { retry::DEFAULT_MAX_ATTEMPTS } else { r.max_attempts },
+        max_attempts: match r.max_attempts {
+            0 if r.unbounded_by_default => u32::MAX,
+            0 => retry::DEFAULT_MAX_ATTEMPTS,
+            n => n,
+        },
         initial_backoff: initial,
         max_backoff: max,
         multiplier,
@@ -525,6 +567,19 @@ mod tests {
         assert!(a.redirects.follow);
         assert_eq!(a.id.len(), 36);
         assert_eq!(a.destination(), "example.test:80");
+    }
+
+    #[test]
+    fn a_tenant_is_a_short_plain_name_or_none() {
+        assert_eq!(HttpAction::from_input(input("GET", "http://h.test/")).unwrap().tenant(), None);
+        let mut i = input("GET", "http://h.test/");
+        i.tenant = "acme-eu.2".into();
+        assert_eq!(HttpAction::from_input(i).unwrap().tenant(), Some("acme-eu.2"));
+        for bad in ["a b", "a/b", &"t".repeat(65)] {
+            let mut i = input("GET", "http://h.test/");
+            i.tenant = bad.into();
+            assert_eq!(fields(HttpAction::from_input(i).unwrap_err()), ["tenant"], "{bad:?}");
+        }
     }
 
     #[test]
@@ -632,6 +687,23 @@ mod tests {
     }
 
     #[test]
+    fn the_trace_and_the_attempt_bound_are_set_at_construction() {
+        let mut i = input("GET", "http://h.test/");
+        i.trace = crate::action::TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            None,
+        );
+        assert!(i.trace.is_some());
+        let a = HttpAction::from_input(i.clone()).unwrap();
+        assert_eq!(a.trace().map(|t| t.trace_id.as_str()), Some("0af7651916cd43dd8448eb211c80319c"));
+        assert_eq!(a.retry().max_attempts, retry::DEFAULT_MAX_ATTEMPTS);
+        i.retry.unbounded_by_default = true;
+        assert_eq!(HttpAction::from_input(i.clone()).unwrap().retry().max_attempts, u32::MAX);
+        i.retry.max_attempts = 4;
+        assert_eq!(HttpAction::from_input(i).unwrap().retry().max_attempts, 4);
+    }
+
+    #[test]
     fn debug_output_hides_secrets() {
         let mut i = input("POST", "https://h.test/p/secret-path?token=secret-query");
         i.headers = vec![
@@ -640,8 +712,10 @@ mod tests {
             ("Accept".into(), "text/plain".into()),
         ];
         i.body = BodyInput::Text("secret-body".into());
-        let mut a = HttpAction::from_input(i).unwrap();
-        a.mark_sensitive(&[HeaderName::from_static("x-custom")]);
+        let sensitive = [HeaderName::from_static("x-custom")];
+        let context = ValidationContext { sensitive_headers: &sensitive, ..ValidationContext::default() };
+        let a = HttpAction::from_input_with(i, &context).unwrap();
+        assert!(a.headers()["x-custom"].is_sensitive());
         let shown = format!("{a:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("h.test:443") && shown.contains("text/plain"), "{shown}");

@@ -2,8 +2,8 @@
 use crate::{
     action::{
         ActionError, ActionInput, AttemptRecord, AttemptTiming, BodyInput, ErrorKind, InvalidAction,
-        OnFailure, Outcome, RedirectsInput, ResponseData, ResponseHead, RetryInput, TimeoutsInput, TlsInput,
-        MAX_RETRY_ON_ERRORS,
+        OnFailure, Outcome, RedirectsInput, ReplyBody, ResponseData, ResponseHead, RetryInput, TimeoutsInput,
+        TlsInput, MAX_RETRY_ON_ERRORS,
     },
     pb,
 };
@@ -37,6 +37,16 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             None => bad.push(format!("retry.retry_on_errors[{i}]"), format!("unknown error kind {raw}")),
         }
     }
+    let reply_body = match pb::ReplyBody::try_from(req.reply_body) {
+        Ok(pb::ReplyBody::Unspecified | pb::ReplyBody::Auto) => ReplyBody::Auto,
+        Ok(pb::ReplyBody::All) => ReplyBody::All,
+        Ok(pb::ReplyBody::Raw) => ReplyBody::Raw,
+        Ok(pb::ReplyBody::None) => ReplyBody::None,
+        Err(_) => {
+            bad.push("reply_body", format!("unknown value {}", req.reply_body));
+            ReplyBody::Auto
+        }
+    };
     let mut error_messages: Vec<(String, String)> = req.error_messages.into_iter().collect();
     error_messages.sort();
     let body = match req.body {
@@ -72,6 +82,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             retry_on_errors,
             honor_retry_after: retry.honor_retry_after,
             retry_non_idempotent: retry.retry_non_idempotent,
+            unbounded_by_default: false,
         },
         redirects: RedirectsInput { follow: redirects.follow, max_hops: redirects.max_hops },
         tls: TlsInput {
@@ -82,6 +93,13 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         },
         proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
         max_response_bytes: req.max_response_bytes,
+        trace: None,
+        tenant: req.tenant,
+        reply_body,
+        extract: req.extract.into_iter().collect(),
+        success_condition: req.success_condition,
+        retry_condition: req.retry_condition,
+        vars: req.vars.into_iter().map(|(name, value)| (name, plain_json(value))).collect(),
     }
 }
 
@@ -115,6 +133,7 @@ fn error_kind_from(kind: pb::ErrorKind) -> Option<ErrorKind> {
         pb::ErrorKind::RateLimited => ErrorKind::RateLimited,
         pb::ErrorKind::CircuitOpen => ErrorKind::CircuitOpen,
         pb::ErrorKind::Cancelled => ErrorKind::Cancelled,
+        pb::ErrorKind::ConditionFailed => ErrorKind::ConditionFailed,
     })
 }
 
@@ -132,6 +151,7 @@ fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
         ErrorKind::RateLimited => pb::ErrorKind::RateLimited,
         ErrorKind::CircuitOpen => pb::ErrorKind::CircuitOpen,
         ErrorKind::Cancelled => pb::ErrorKind::Cancelled,
+        ErrorKind::ConditionFailed => pb::ErrorKind::ConditionFailed,
     }
 }
 
@@ -191,24 +211,55 @@ fn response(r: ResponseData) -> pb::HttpResponse {
 /// Largest Execute reply callout sends: gRPC clients refuse messages over 4 MiB by default.
 pub const REPLY_BUDGET: usize = 4 * 1024 * 1024 - 64 * 1024;
 
-/// The outcome as Execute's reply. When the derived body views would push the reply past
-/// `REPLY_BUDGET`, they are dropped (JSON first, then text); the body bytes always stay.
+/// The outcome as Execute's reply, its body fields as the action's `reply_body` asks. A derived
+/// body view that would push the reply past `REPLY_BUDGET` is dropped (JSON first, then text);
+/// under AUTO the next field takes its place, and the body bytes always fit.
 pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
+    let mode = o.reply_body;
     let mut reply = outcome_unbounded(o);
-    if let Some(response) = reply.response.as_mut() {
-        // Sizing walks the whole JSON tree: do it once in the common case (the reply fits),
-        // and again only after dropping the JSON view.
-        if response.body_json.is_none() && response.body_text.is_none() {
+    let Some(response) = reply.response.as_mut() else {
+        return reply;
+    };
+    let body = std::mem::take(&mut response.body);
+    match mode {
+        ReplyBody::None => {
+            response.body_json = None;
+            response.body_text = None;
             return reply;
         }
-        let mut len = prost::Message::encoded_len(response);
+        ReplyBody::Raw => {
+            response.body_json = None;
+            response.body_text = None;
+            response.body = body;
+            return reply;
+        }
+        ReplyBody::Auto | ReplyBody::All => {}
+    }
+    // AUTO: the text view is the JSON view's stand-in, sized only if the JSON is dropped.
+    let stand_in = if mode == ReplyBody::Auto && response.body_json.is_some() {
+        response.body_text.take()
+    } else {
+        None
+    };
+    // Sizing walks the whole JSON tree: do it once in the common case (the reply fits), and
+    // again only after dropping the JSON view.
+    if response.body_json.is_some() || response.body_text.is_some() {
+        let extra = if mode == ReplyBody::All { body.len() + 8 } else { 0 };
+        let mut len = prost::Message::encoded_len(response) + extra;
         if len > REPLY_BUDGET && response.body_json.is_some() {
             response.body_json = None;
-            len = prost::Message::encoded_len(response);
+            if stand_in.is_some() {
+                response.body_text = stand_in;
+            }
+            len = prost::Message::encoded_len(response) + extra;
         }
         if len > REPLY_BUDGET {
             response.body_text = None;
         }
+    }
+    // ALL keeps the bytes; AUTO only when no view is left.
+    if mode == ReplyBody::All || (response.body_json.is_none() && response.body_text.is_none()) {
+        response.body = body;
     }
     reply
 }
@@ -225,6 +276,28 @@ fn outcome_unbounded(o: Outcome) -> pb::ExecuteHttpActionResponse {
             started_at: Some(timestamp(o.started_at)),
             total: Some(proto_duration(o.total)),
         }),
+        extracted: o.extracted.into_iter().map(|(name, value)| (name, json_value(value))).collect(),
+    }
+}
+
+/// A google.protobuf.Value as JSON. A whole number (every number is a double here) becomes an
+/// integer, so `{{vars.id}}` renders `7`, not `7.0`; NaN and infinities become null.
+pub fn plain_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 => {
+            serde_json::Value::from(n as i64)
+        }
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into)
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.into_iter().map(plain_json).collect()),
+        Some(Kind::StructValue(s)) => {
+            serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, plain_json(v))).collect())
+        }
     }
 }
 
@@ -244,4 +317,64 @@ pub fn json_value(v: serde_json::Value) -> prost_types::Value {
         }),
     };
     prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn outcome_with(mode: ReplyBody, json: Option<serde_json::Value>, text: Option<&str>) -> Outcome {
+        let head = ResponseHead { status: 200, reason: "OK".into(), version: "HTTP/1.1", headers: vec![] };
+        let body = Bytes::from(text.unwrap_or("\u{1}").to_owned());
+        Outcome {
+            action_id: "a".into(),
+            succeeded: true,
+            proceed: true,
+            error: None,
+            response: Some(ResponseData {
+                head,
+                body,
+                body_json: json,
+                body_text: text.map(str::to_owned),
+                truncated: false,
+                extracted: Vec::new(),
+            }),
+            attempts: Vec::new(),
+            started_at: SystemTime::UNIX_EPOCH,
+            total: Duration::ZERO,
+            reply_body: mode,
+            extracted: vec![("id".into(), serde_json::json!(7))],
+            condition_retry: false,
+        }
+    }
+
+    fn fields(r: &pb::HttpResponse) -> (bool, bool, bool) {
+        (r.body_json.is_some(), r.body_text.is_some(), !r.body.is_empty())
+    }
+
+    #[test]
+    fn each_mode_carries_its_fields() {
+        let json = || Some(serde_json::json!({"id": 7}));
+        let text = Some(r#"{"id":7}"#);
+        let of = |mode, json, text| fields(&outcome(outcome_with(mode, json, text)).response.unwrap());
+        assert_eq!(of(ReplyBody::Auto, json(), text), (true, false, false));
+        assert_eq!(of(ReplyBody::Auto, None, Some("plain")), (false, true, false));
+        assert_eq!(of(ReplyBody::Auto, None, None), (false, false, true));
+        assert_eq!(of(ReplyBody::All, json(), text), (true, true, true));
+        assert_eq!(of(ReplyBody::Raw, json(), text), (false, false, true));
+        assert_eq!(of(ReplyBody::None, json(), text), (false, false, false));
+        let reply = outcome(outcome_with(ReplyBody::None, json(), text));
+        assert!(reply.extracted.contains_key("id"), "extracted does not depend on the mode");
+    }
+
+    #[test]
+    fn auto_falls_back_to_text_when_the_json_view_is_too_large() {
+        // Half a million numbers: ~1 MB of text, over 5 MB as google.protobuf.Values.
+        let numbers: Vec<serde_json::Value> = (0..500_000).map(|_| serde_json::json!(1)).collect();
+        let text = format!("[{}]", vec!["1"; 500_000].join(","));
+        let reply =
+            outcome(outcome_with(ReplyBody::Auto, Some(serde_json::Value::Array(numbers)), Some(&text)));
+        assert_eq!(fields(&reply.response.unwrap()), (false, true, false));
+    }
 }

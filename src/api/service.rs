@@ -70,7 +70,8 @@ async fn action_of(
 ) -> Result<HttpAction, Status> {
     let trace = trace_context(request.metadata());
     let mut bad = InvalidAction::default();
-    let input = convert::action_input(request.into_inner(), &mut bad);
+    let mut input = convert::action_input(request.into_inner(), &mut bad);
+    input.trace = trace;
     let validated = if input.blocks_to_validate() {
         let executor = executor.clone();
         tokio::task::spawn_blocking(move || executor.action(input))
@@ -80,10 +81,7 @@ async fn action_of(
         executor.action(input)
     };
     match validated {
-        Ok(mut action) if bad.is_empty() => {
-            action.trace = trace;
-            Ok(action)
-        }
+        Ok(action) if bad.is_empty() => Ok(action),
         Ok(_) => Err(invalid_argument(&bad)),
         Err(more) => {
             bad.violations.extend(more.violations);
@@ -166,7 +164,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         tokio::spawn(async move {
             let mut events = EventSink { tx: tx.clone() };
             let accepted = Event::Accepted(pb::Accepted {
-                action_id: action.id.clone(),
+                action_id: action.id().to_owned(),
                 accepted_at: Some(convert::timestamp(std::time::SystemTime::now())),
             });
             if events.send(accepted).await.is_err() {
@@ -183,7 +181,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
                     let _ = events.send(Event::Completed(pb::Completed { result: Some(result) })).await;
                 }
                 _ = tx.closed() => {
-                    tracing::info!(action_id = %action.id, "stream caller went away; action cancelled");
+                    tracing::info!(action_id = %action.id(), "stream caller went away; action cancelled");
                 }
             }
         });

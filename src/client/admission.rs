@@ -1,38 +1,89 @@
 //! The server's limits: a place in the server (queue bound) and a running slot per action, and
 //! the parts the per-attempt layers of `stack::attempt_stack` are built from (the circuit
-//! breakers, the shared cool-downs, the rate limits, the destination slots). Checks that refuse
-//! at once come before waits, and every wait counts against the action's deadline. With a
-//! shared backend (`shared::SharedLimits`, e.g. the fleet's Redis) the breaker, cool-down and
-//! rate-limit layers consult it too.
+//! breakers, the shared cool-downs, the tenant quotas, the rate limits, the destination slots).
+//! Checks that refuse at once come before waits, and every wait counts against the action's
+//! deadline. A tenant's concurrency quota holds here, at the running slot: a tenant at its quota
+//! waits without taking a slot another tenant could run in. With a shared backend
+//! (`shared::SharedLimits`, e.g. the fleet's Redis) the breaker, cool-down and rate-limit layers
+//! consult it too.
 use super::{
-    breaker::{Breaker, BreakerSettings, CircuitBreakers},
-    concurrency::{Admission, Concurrency, ConcurrencySettings, Overloaded, Slot},
+    breaker::{Breaker, CircuitBreakers},
+    concurrency::{Admission, Concurrency, Overloaded},
     cool_down::{CoolDown, CoolDowns},
-    rate_limit::{RateLimit, RateLimitSettings, RateLimits},
+    fair::RunSlot,
+    rate_limit::{Rate, RateLimit, RateLimitRule, RateLimits},
     shared::{SharedAdmission, SharedLimits},
+    tenant::{TenantQuotas, TenantSettings},
 };
-use crate::action::{ActionError, ErrorKind};
-use std::{sync::Arc, time::Instant};
+use crate::{
+    action::{ActionError, ErrorKind},
+    settings::at_least_one,
+};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::{sync::Arc, time::Duration, time::Instant};
 
-/// The server's limits on sending, and on the response bytes held for replies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `[limits]` section: the server's limits on sending, and on the response bytes held for
+/// replies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitSettings {
-    pub concurrency: ConcurrencySettings,
-    pub rate: RateLimitSettings,
-    pub breaker: BreakerSettings,
-    /// Bytes of buffered response bodies held at once, server-wide (see `body_budget`).
-    /// Default an eighth of the cgroup memory limit, else 512 MiB.
-    pub max_buffered_bytes: u64,
+    /// Actions running at once. Default 512.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_in_flight: usize,
+    /// Actions waiting for a slot; past this, RESOURCE_EXHAUSTED. Default 2048.
+    pub max_queued: usize,
+    /// Attempts in flight to one destination (host:port) at once. Default 64.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_in_flight_per_host: usize,
+    /// Limit on all sends together, `200/s` or `200/s burst 50`. Default none.
+    pub global_rate_limit: Option<Rate>,
+    /// `PATTERN=RATE` per destination; the first rule whose pattern matches applies. Default
+    /// none.
+    pub rate_limits: Vec<RateLimitRule>,
+    /// Longest shared cool-down a 429's Retry-After may impose on a host. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub max_host_cool_down: Duration,
+    /// Consecutive failures that open a destination's circuit; 0 turns breaking off. Default 10.
+    pub breaker_failures: u32,
+    /// How long an open circuit refuses before it lets a probe through. Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cool_down: Duration,
+    /// Bytes of buffered response bodies held at once, server-wide (see `body_budget`), at
+    /// least one body chunk. Default none: an eighth of the cgroup memory limit, else 512 MiB.
+    #[serde(deserialize_with = "buffered_bytes")]
+    pub max_buffered_bytes: Option<u64>,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
         Self {
-            concurrency: ConcurrencySettings::default(),
-            rate: RateLimitSettings::default(),
-            breaker: BreakerSettings::default(),
-            max_buffered_bytes: super::body_budget::default_total(),
+            max_in_flight: 512,
+            max_queued: 2048,
+            max_in_flight_per_host: 64,
+            global_rate_limit: None,
+            rate_limits: Vec::new(),
+            max_host_cool_down: Duration::from_secs(600),
+            breaker_failures: 10,
+            breaker_cool_down: Duration::from_secs(15),
+            max_buffered_bytes: None,
         }
+    }
+}
+
+impl LimitSettings {
+    /// The memory budget for buffered bodies: `max_buffered_bytes`, else derived from the
+    /// cgroup limit.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.max_buffered_bytes.unwrap_or_else(super::body_budget::default_total)
+    }
+}
+
+/// A smaller memory budget than one body chunk could not buffer anything.
+fn buffered_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let min = super::body_budget::MIN_STEP;
+    match Option::<u64>::deserialize(d)? {
+        Some(n) if n < min => Err(serde::de::Error::custom(format!("must be at least {min} (bytes)"))),
+        n => Ok(n),
     }
 }
 
@@ -43,19 +94,24 @@ pub struct Limits {
     rate: Arc<RateLimits>,
     cool_downs: Arc<CoolDowns>,
     breakers: Arc<CircuitBreakers>,
+    tenants: Arc<TenantQuotas>,
     shared: Option<Arc<SharedAdmission>>,
 }
 
 impl Limits {
     /// Limits of this process alone.
-    pub fn new(settings: &LimitSettings) -> Self {
-        Self::with_shared(settings, None)
+    pub fn new(settings: &LimitSettings, tenants: &TenantSettings) -> Self {
+        Self::with_shared(settings, tenants, None)
     }
 
     /// Limits that `shared`, when given, holds for the fleet too (this process's own stand in
     /// when it is unreachable).
-    pub fn with_shared(settings: &LimitSettings, shared: Option<Arc<dyn SharedLimits>>) -> Self {
-        let rate = Arc::new(RateLimits::new(&settings.rate));
+    pub fn with_shared(
+        settings: &LimitSettings,
+        tenants: &TenantSettings,
+        shared: Option<Arc<dyn SharedLimits>>,
+    ) -> Self {
+        let rate = Arc::new(RateLimits::new(settings.global_rate_limit, &settings.rate_limits));
         let shared = shared.map(|backend| {
             let rules = rate.clone();
             Arc::new(SharedAdmission::new(
@@ -64,10 +120,15 @@ impl Limits {
             ))
         });
         Self {
-            concurrency: Arc::new(Concurrency::new(settings.concurrency)),
+            concurrency: Arc::new(Concurrency::new(
+                settings.max_in_flight,
+                settings.max_queued,
+                settings.max_in_flight_per_host,
+            )),
             rate,
-            cool_downs: Arc::new(CoolDowns::new(settings.rate.max_cool_down)),
-            breakers: Arc::new(CircuitBreakers::new(settings.breaker)),
+            cool_downs: Arc::new(CoolDowns::new(settings.max_host_cool_down)),
+            breakers: Arc::new(CircuitBreakers::new(settings.breaker_failures, settings.breaker_cool_down)),
+            tenants: Arc::new(TenantQuotas::new(tenants)),
             shared,
         }
     }
@@ -92,9 +153,27 @@ impl Limits {
         self.concurrency.admit()
     }
 
-    /// Waits for a running slot, until `deadline`.
-    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, ActionError> {
-        self.concurrency.run_slot(deadline).await.map_err(|e| ActionError::new(ErrorKind::RateLimited, e.0))
+    /// Waits for a running slot for an action of `tenant`, until `deadline`: served by fair
+    /// share across tenants, and never past the tenant's concurrency quota.
+    pub async fn run_slot(&self, tenant: Option<&str>, deadline: Instant) -> Result<RunSlot, ActionError> {
+        let share = self.tenants.share(tenant);
+        let refused = match self.concurrency.run_slot(tenant.unwrap_or(""), share, deadline).await {
+            Ok(slot) => return Ok(slot),
+            Err(refused) => refused,
+        };
+        let message = match tenant {
+            Some(tenant) if refused.at_cap => {
+                crate::metrics::tenant(Some(tenant)).refused("concurrency");
+                format!(
+                    "tenant {tenant:?} is at its concurrency quota of {} running actions ({}.max_concurrent) \
+                     and none ended before the deadline",
+                    share.cap,
+                    self.tenants.section(tenant)
+                )
+            }
+            _ => self.concurrency.no_run_slot().0,
+        };
+        Err(ActionError::new(ErrorKind::RateLimited, message))
     }
 
     pub fn concurrency(&self) -> Arc<Concurrency> {
@@ -111,6 +190,10 @@ impl Limits {
 
     pub fn breakers(&self) -> Arc<CircuitBreakers> {
         self.breakers.clone()
+    }
+
+    pub fn tenants(&self) -> Arc<TenantQuotas> {
+        self.tenants.clone()
     }
 
     /// Actions admitted and not yet finished (running or queued).

@@ -1,29 +1,32 @@
-//! What every layer of an attempt shares: the context the attempt carries in its request's
-//! extensions, the signal that it started, and `Step`, which makes a concern a tower layer.
+//! What every layer of an attempt shares: the request as it goes down the stack
+//! (`AttemptRequest`: the HTTP request and the action's `AttemptContext`), the signal that the
+//! attempt started, and `Step`, which makes a before/after concern a tower layer without a boxed
+//! future (`StepFuture`; only a wait is boxed, and only when it happens).
 use super::host::Destination;
 use crate::action::RedirectPolicy;
 use bytes::Bytes;
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 use tokio::sync::Notify;
 use tower::{BoxError, Layer, Service};
 use url::Url;
 
-/// The future of each layer: boxed, as an `async` block cannot be named.
+/// A wait of a layer: boxed, as an `async` block cannot be named; built only when a wait is due.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
-/// What every layer of an attempt needs to know about its action, carried in the request's
-/// extensions (one insert per attempt).
-#[derive(Debug, Clone)]
+/// What every layer of an attempt needs to know about its action: built once per action (one
+/// allocation) and shared by its attempts and their hops.
+#[derive(Debug)]
 pub struct AttemptContext {
     /// Where the action goes, as the limits key it.
-    pub destination: Arc<Destination>,
+    pub destination: Destination,
     /// The action's total deadline: every wait before sending counts against it.
     pub deadline: Instant,
     /// The total timeout behind `deadline` (for the message when it runs out).
@@ -38,14 +41,20 @@ pub struct AttemptContext {
     /// A 429 cools its destination down only when it is a failure for this action.
     pub cool_down_on_429: bool,
     /// Told when the attempt has passed every limit and starts.
-    pub start: Arc<StartSignal>,
+    pub start: StartSignal,
+    /// The action's tenant, whose rate quota the attempt waits for.
+    pub tenant: Option<Arc<str>>,
 }
 
-impl AttemptContext {
-    /// The context of `request`; an error (never a panic) when it was built without one.
-    pub fn of<B>(request: &Request<B>) -> Result<&Self, BoxError> {
-        request.extensions().get::<Self>().ok_or_else(|| "the attempt has no context".into())
-    }
+/// One hop of an attempt on its way down the stack: the HTTP request and its action's context.
+/// The context travels beside the request, not in its extensions (a map allocated per request).
+#[derive(Debug)]
+pub struct AttemptRequest {
+    pub http: Request<Bytes>,
+    pub context: Arc<AttemptContext>,
+    /// The attempt's fleet check, from the breaker layer to the ones below it; `None` without
+    /// shared limits (and on redirect hops, which pass no limit again).
+    pub checked: Option<Arc<super::shared::Checked>>,
 }
 
 /// Where an attempt tells its action that it passed admission and starts (the action then tells
@@ -81,12 +90,12 @@ impl StartSignal {
     }
 }
 
-/// What a `Step` returns: the response head (its body still to read), or why there is none.
+/// What a layer returns: the response head (its body still to read), or why there is none.
 pub type Reply<B> = Result<Response<B>, BoxError>;
 
-/// The rest of the stack, as a `Step` sees it.
+/// The rest of the stack, as a layer sees it.
 pub trait Next<B>:
-    Service<Request<Bytes>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+    Service<AttemptRequest, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
     + Clone
     + Send
     + 'static
@@ -94,21 +103,38 @@ pub trait Next<B>:
 }
 
 impl<S, B> Next<B> for S where
-    S: Service<Request<Bytes>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+    S: Service<AttemptRequest, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
         + Clone
         + Send
         + 'static
 {
 }
 
-/// What one layer of the attempt does around the rest of it (`next`). Each concern implements
-/// this once; `StepLayer` and `Layered` make it a tower layer and service.
+/// What a `Step` decides before the rest of the attempt.
+pub enum Before<H> {
+    /// Go on now; `after` gets `H`.
+    Go(H),
+    /// Go on once this resolves (a rate limit, a cool-down, a slot coming free).
+    Wait(BoxFuture<H>),
+    /// Refuse: the rest of the stack is not called.
+    Refuse(BoxError),
+}
+
+/// A concern of the attempt that acts before the rest of it (go, wait or refuse; it may change
+/// the request) and after it (sees the reply; may change it). Each such concern implements this
+/// once; `StepLayer`, `Layered` and `StepFuture` make it a tower layer, service and future.
+/// Concerns that wrap the rest of the attempt instead (its clock, the redirect loop) are
+/// services of their own.
 pub trait Step: Clone + Send + Sync + 'static {
-    fn around<S: Next<B>, B: Send + 'static>(
-        self,
-        request: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Reply<B>> + Send;
+    /// What `after` needs from `before` (a held slot, the key to record against).
+    type Held: Send + 'static;
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held>;
+
+    fn after<B>(held: Self::Held, reply: Reply<B>) -> Reply<B> {
+        let _ = held;
+        reply
+    }
 }
 
 /// The layer of a `Step`.
@@ -122,28 +148,97 @@ impl<T: Clone, S> Layer<S> for StepLayer<T> {
     }
 }
 
-/// A `Step` around the rest of the stack. Always ready: every wait of a step is per request
-/// (its destination, its deadline), so it happens in the response future.
+/// A `Step` around the rest of the stack. Ready when the rest is: every wait of a step is per
+/// request (its destination, its deadline), so it happens in the response future.
 #[derive(Debug, Clone)]
 pub struct Layered<T, S> {
     step: T,
     inner: S,
 }
 
-impl<T: Step, S, B: Send + 'static> Service<Request<Bytes>> for Layered<T, S>
+impl<T: Step, S, B> Service<AttemptRequest> for Layered<T, S>
 where
-    S: Next<B> + Service<Request<Bytes>, Response = Response<B>>,
+    S: Next<B> + Service<AttemptRequest, Response = Response<B>>,
 {
     type Response = Response<B>;
     type Error = BoxError;
-    type Future = BoxFuture<Response<B>>;
+    type Future = StepFuture<T, S>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        Box::pin(self.step.clone().around(request, self.inner.clone()))
+    fn call(&mut self, mut request: AttemptRequest) -> Self::Future {
+        match self.step.before(&mut request) {
+            Before::Go(held) => StepFuture::Calling { call: self.inner.call(request), held: Some(held) },
+            Before::Wait(wait) => {
+                // The ready inner service goes with the wait; a clone stays for the next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                StepFuture::Waiting { wait, rest: Some(Box::new((inner, request))) }
+            }
+            Before::Refuse(error) => StepFuture::Refused { error: Some(error) },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of a `Step`'s layer: its wait (when it has one), the rest of the
+    /// attempt, then `after`.
+    #[project = StepProj]
+    pub enum StepFuture<T: Step, S: Service<AttemptRequest>> {
+        // The rest is boxed with the wait (the rare path): the future stays small, and each
+        // layer's future holds the next one's.
+        Waiting { wait: BoxFuture<T::Held>, rest: Option<Box<(S, AttemptRequest)>> },
+        Ready { rest: Option<(Box<(S, AttemptRequest)>, T::Held)> },
+        Calling { #[pin] call: S::Future, held: Option<T::Held> },
+        Refused { error: Option<BoxError> },
+    }
+}
+
+impl<T: Step, S, B> Future for StepFuture<T, S>
+where
+    S: Service<AttemptRequest, Response = Response<B>, Error: Into<BoxError>>,
+{
+    type Output = Reply<B>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply<B>> {
+        let gone = || Poll::Ready(Err("the attempt was polled after it ended".into()));
+        loop {
+            let next = match self.as_mut().project() {
+                StepProj::Waiting { wait, rest } => {
+                    let held = ready!(wait.as_mut().poll(cx));
+                    match (held, rest.take()) {
+                        (Ok(held), Some(rest)) => StepFuture::Ready { rest: Some((rest, held)) },
+                        (Err(error), _) => return Poll::Ready(Err(error)),
+                        (_, None) => return gone(),
+                    }
+                }
+                StepProj::Ready { rest } => {
+                    let Some((waited, _)) = rest else { return gone() };
+                    if let Err(error) = ready!(waited.0.poll_ready(cx)) {
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let Some((waited, held)) = rest.take() else { return gone() };
+                    let (mut inner, request) = *waited;
+                    StepFuture::Calling { call: inner.call(request), held: Some(held) }
+                }
+                StepProj::Calling { call, held } => {
+                    let reply = ready!(call.poll(cx)).map_err(Into::into);
+                    return match held.take() {
+                        Some(held) => Poll::Ready(T::after(held, reply)),
+                        None => gone(),
+                    };
+                }
+                StepProj::Refused { error } => {
+                    return match error.take() {
+                        Some(error) => Poll::Ready(Err(error)),
+                        None => gone(),
+                    }
+                }
+            };
+            self.set(next);
+        }
     }
 }
 
@@ -153,12 +248,12 @@ pub(crate) mod tests {
 
     /// A request to `url` with its attempt context: a total of `total` from now, an attempt
     /// timeout of 10 s, no redirects followed.
-    pub(crate) fn request(url: &str, total: Duration) -> Request<Bytes> {
+    pub(crate) fn request(url: &str, total: Duration) -> AttemptRequest {
         let url = Url::parse(url).unwrap();
-        let mut request = Request::new(Bytes::new());
-        *request.uri_mut() = url.as_str().parse().unwrap();
-        request.extensions_mut().insert(AttemptContext {
-            destination: Arc::new(Destination::of(&url)),
+        let mut http = Request::new(Bytes::new());
+        *http.uri_mut() = url.as_str().parse().unwrap();
+        let context = AttemptContext {
+            destination: Destination::of(&url),
             deadline: Instant::now() + total,
             total,
             attempt_timeout: Duration::from_secs(10),
@@ -166,9 +261,71 @@ pub(crate) mod tests {
             redirects: RedirectPolicy { follow: false, max_hops: 10 },
             url,
             cool_down_on_429: true,
-            start: Arc::default(),
-        });
-        request
+            start: StartSignal::default(),
+            tenant: None,
+        };
+        AttemptRequest { http, context: Arc::new(context), checked: None }
+    }
+
+    /// A layer of the stack over tower-test's mock, which stands for the rest of the stack.
+    pub(crate) struct Harness<S> {
+        pub service: S,
+        pub handle: tower_test::mock::Handle<AttemptRequest, Response<()>>,
+    }
+
+    impl<S> Harness<S>
+    where
+        S: Service<AttemptRequest, Response = Response<()>, Error = BoxError>,
+        S::Future: Send + 'static,
+    {
+        pub(crate) fn new(
+            layer: impl Layer<tower_test::mock::Mock<AttemptRequest, Response<()>>, Service = S>,
+        ) -> Self {
+            let (mock, handle) = tower_test::mock::pair();
+            Self { service: layer.layer(mock), handle }
+        }
+
+        /// Starts `request` through the layer, on a task of its own.
+        pub(crate) async fn send(&mut self, request: AttemptRequest) -> tokio::task::JoinHandle<Reply<()>> {
+            let call = tower::ServiceExt::ready(&mut self.service).await.unwrap().call(request);
+            tokio::spawn(call)
+        }
+
+        /// Starts an attempt to `url` with a total of `total`.
+        pub(crate) async fn start(
+            &mut self,
+            url: &str,
+            total: Duration,
+        ) -> tokio::task::JoinHandle<Reply<()>> {
+            self.send(request(url, total)).await
+        }
+
+        /// Answers the next request that reached the rest of the stack with `status`; returns it.
+        pub(crate) async fn answer(&mut self, status: u16) -> AttemptRequest {
+            let (request, reply) = self.handle.next_request().await.unwrap();
+            reply.send_response(Response::builder().status(status).body(()).unwrap());
+            request
+        }
+
+        /// An attempt to `url` answered with `status` once it gets through: its reply.
+        pub(crate) async fn exchange(&mut self, url: &str, total: Duration, status: u16) -> Reply<()> {
+            let call = self.start(url, total).await;
+            self.answer(status).await;
+            call.await.unwrap()
+        }
+
+        /// The error of an attempt to `url` that the layer ends without the rest of the stack.
+        pub(crate) async fn refused(&mut self, url: &str, total: Duration) -> BoxError {
+            let call = tower::ServiceExt::ready(&mut self.service).await.unwrap().call(request(url, total));
+            call.await.unwrap_err()
+        }
+
+        /// Drops the layer; true when nothing more reached the rest of the stack.
+        pub(crate) async fn nothing_more_sent(self) -> bool {
+            let Self { service, mut handle } = self;
+            drop(service);
+            handle.next_request().await.is_none()
+        }
     }
 
     #[tokio::test(start_paused = true)]

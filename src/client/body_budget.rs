@@ -385,9 +385,8 @@ mod tests {
         assert_eq!((late.len(), budget.held()), (0, 128 * KIB), "the buffer did not grow");
         let message = budget.exhausted(MIN_STEP).to_string();
         assert!(message.starts_with("memory budget for buffered bodies exhausted"), "{message}");
-        drop(late);
-        drop(full);
-        assert_eq!(budget.held(), 0);
+        drop((late, full));
+        assert_eq!(budget.held(), 0, "both given back");
     }
 
     #[tokio::test(start_paused = true)]
@@ -407,17 +406,29 @@ mod tests {
         assert_eq!(budget.held(), 0);
     }
 
+    /// A buffer of `budget` holding `len` bytes.
+    async fn holding(budget: &BodyBudget, len: usize) -> BudgetedBuf {
+        let mut buf = budget.buffer(u64::MAX);
+        buf.push(&vec![0; len]).await.unwrap();
+        buf
+    }
+
+    /// `buf` asking for 10 bytes more, on a task of its own: the grown buffer once it has room.
+    type Grown = Result<BudgetedBuf, BudgetError>;
+
+    fn grow(mut buf: BudgetedBuf) -> tokio::task::JoinHandle<Grown> {
+        tokio::spawn(async move { buf.push(&[0; 10]).await.map(|()| buf) })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn growing_bodies_that_wait_on_each_other_do_not_wait_forever() {
         let budget = BodyBudget::new(256 * KIB);
-        let mut a = budget.buffer(u64::MAX);
-        a.push(&[0; 128 * 1024]).await.unwrap();
-        let mut b = budget.buffer(u64::MAX);
-        b.push(&[0; 128 * 1024]).await.unwrap();
+        let a = holding(&budget, 128 * 1024).await;
+        let mut b = holding(&budget, 128 * 1024).await;
         assert_eq!(budget.held(), 256 * KIB);
 
         // a waits to grow; b's wait would leave every held byte waiting: b gives up.
-        let grow_a = tokio::spawn(async move { a.push(&[0; 10]).await.map(|()| a) });
+        let grow_a = grow(a);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!grow_a.is_finished());
         let err = b.push(&[0; 10]).await.unwrap_err();
@@ -429,24 +440,23 @@ mod tests {
         assert_eq!(budget.held(), body.len() as u64);
     }
 
+    /// A budget of twice `each` bytes, full: a finished reply of `each` bytes, and a body of
+    /// `each` bytes asking for 10 more (on a task of its own).
+    async fn reply_and_grower(each: usize) -> (BodyBudget, Bytes, tokio::task::JoinHandle<Grown>) {
+        let budget = BodyBudget::new(2 * each as u64);
+        let reply = holding(&budget, each).await.freeze();
+        let grower = grow(holding(&budget, each).await);
+        (budget, reply, grower)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_growing_body_goes_before_a_new_one() {
-        let budget = BodyBudget::new(256 * KIB);
-        let mut reply = budget.buffer(u64::MAX);
-        reply.push(&[0; 128 * 1024]).await.unwrap();
-        let reply = reply.freeze();
-        let mut growing = budget.buffer(u64::MAX);
-        growing.push(&[0; 128 * 1024]).await.unwrap();
-        let grow = tokio::spawn(async move { growing.push(&[0; 10]).await.map(|()| growing) });
+        let (budget, reply, grower) = reply_and_grower(128 * 1024).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let fresh_budget = budget.clone();
-        let fresh = tokio::spawn(async move {
-            let mut fresh = fresh_budget.buffer(u64::MAX);
-            fresh.push(&[0; 10]).await.map(|()| fresh)
-        });
+        let fresh = grow(budget.buffer(u64::MAX));
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(reply);
-        let growing = grow.await.unwrap().unwrap();
+        let growing = grower.await.unwrap().unwrap();
         assert_eq!(budget.held(), 256 * KIB, "the grower took the freed room");
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!fresh.is_finished(), "the new body still waits");
@@ -457,17 +467,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_behind_a_reply_being_sent_keeps_waiting() {
         // Bytes held by a finished body (a reply on its way) will come back: no giving up.
-        let budget = BodyBudget::new(128 * KIB);
-        let mut reply = budget.buffer(u64::MAX);
-        reply.push(&[0; 64 * 1024]).await.unwrap();
-        let reply = reply.freeze();
-        let mut growing = budget.buffer(u64::MAX);
-        growing.push(&[0; 64 * 1024]).await.unwrap();
-        let grow = tokio::spawn(async move { growing.push(&[0; 10]).await.map(|()| growing) });
+        let (_budget, reply, grower) = reply_and_grower(64 * 1024).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(!grow.is_finished(), "it waits for the reply's bytes");
+        assert!(!grower.is_finished(), "it waits for the reply's bytes");
         drop(reply);
-        assert_eq!(grow.await.unwrap().unwrap().len(), 64 * 1024 + 10);
+        assert_eq!(grower.await.unwrap().unwrap().len(), 64 * 1024 + 10);
     }
 
     #[test]

@@ -5,35 +5,19 @@
 //! attempt's one fleet check: another replica's open circuit refuses here too, and this
 //! replica's opens and closes are told to the fleet.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
     error::SendFailure,
     shared::{Checked, SharedAdmission, Verdict},
     timeout::TimeoutError,
 };
 use crate::action::ErrorKind;
-use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tower::{BoxError, ServiceExt as _};
-
-/// Circuit-breaker settings of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerSettings {
-    /// Consecutive failures that open a destination's circuit; 0 turns breaking off. Default 10.
-    pub failure_threshold: u32,
-    /// How long an open circuit refuses before it lets a probe through. Default 15 s.
-    pub cool_down: Duration,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        Self { failure_threshold: 10, cool_down: Duration::from_secs(15) }
-    }
-}
+use tower::BoxError;
 
 /// How an attempt went, as far as the breaker cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,19 +63,22 @@ const PRUNE_ABOVE: usize = 10_000;
 
 /// The breakers of every destination.
 pub struct CircuitBreakers {
-    settings: BreakerSettings,
+    /// Consecutive failures that open a circuit (`limits.breaker_failures`); 0 is off.
+    failure_threshold: u32,
+    /// How long an open circuit refuses before a probe (`limits.breaker_cool_down`).
+    cool_down: Duration,
     hosts: Mutex<HashMap<String, State>>,
 }
 
 impl CircuitBreakers {
-    pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, hosts: Mutex::default() }
+    pub fn new(failure_threshold: u32, cool_down: Duration) -> Self {
+        Self { failure_threshold, cool_down, hosts: Mutex::default() }
     }
 
     /// Whether an action may go to `key` now. An open circuit whose cool-down is over lets
     /// this one through as the probe.
     pub fn check(&self, key: &str) -> Result<(), BreakerError> {
-        if self.settings.failure_threshold == 0 {
+        if self.failure_threshold == 0 {
             return Ok(());
         }
         let Ok(mut hosts) = self.hosts.lock() else {
@@ -110,11 +97,11 @@ impl CircuitBreakers {
             }
             State::Open { until } => Err(BreakerError(format!(
                 "circuit for {key} is open after {} consecutive failures; next probe in {}",
-                self.settings.failure_threshold,
+                self.failure_threshold,
                 crate::fmt::fmt_duration(until - now)
             ))),
             // The probe never reported (its caller went away): let another one go.
-            State::HalfOpen { since } if now >= since + self.settings.cool_down => {
+            State::HalfOpen { since } if now >= since + self.cool_down => {
                 *state = State::HalfOpen { since: now };
                 Ok(())
             }
@@ -126,7 +113,7 @@ impl CircuitBreakers {
 
     /// Records how an attempt to `key` went; says when that opened or closed its circuit.
     pub fn record(&self, key: &str, health: Health) -> Option<Transition> {
-        if self.settings.failure_threshold == 0 || health == Health::Unknown {
+        if self.failure_threshold == 0 || health == Health::Unknown {
             return None;
         }
         let Ok(mut hosts) = self.hosts.lock() else {
@@ -144,11 +131,11 @@ impl CircuitBreakers {
             hosts.retain(|_, state| !matches!(state, State::Closed { .. }));
         }
         let now = Instant::now();
-        let open = State::Open { until: now + self.settings.cool_down };
+        let open = State::Open { until: now + self.cool_down };
         let state = hosts.entry(key.to_owned()).or_insert(State::Closed { failures: 0 });
-        let opened = Some(Transition::Opened(self.settings.cool_down));
+        let opened = Some(Transition::Opened(self.cool_down));
         match *state {
-            State::Closed { failures } if failures + 1 >= self.settings.failure_threshold => {
+            State::Closed { failures } if failures + 1 >= self.failure_threshold => {
                 *state = open;
                 tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
                 crate::metrics::circuit(key, true);
@@ -171,7 +158,7 @@ impl CircuitBreakers {
 /// Refuses attempts to a destination whose circuit is open; records how each attempt that ran
 /// went (by its status when it got one, else by its error) when its response head arrives.
 /// With a shared backend it makes the attempt's fleet check (after its own, so a circuit open
-/// here costs no round trip) and leaves the verdict on the request for the layers below.
+/// here costs no round trip) and leaves the verdict beside the request for the layers below.
 #[derive(Clone)]
 pub struct Breaker {
     pub breakers: Arc<CircuitBreakers>,
@@ -186,32 +173,47 @@ impl Breaker {
 }
 
 impl Step for Breaker {
-    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let (destination, deadline) = (context.destination.clone(), context.deadline);
-        self.breakers.check(&destination.key)?;
-        if let Some(shared) = &self.shared {
-            let buckets = shared.buckets(context);
-            let verdict = shared.check(&destination.key, &buckets, deadline).await;
+    /// The breakers, the context (its destination) to record the attempt against, and the
+    /// fleet to tell of a circuit this attempt opens or closes.
+    type Held = (Arc<CircuitBreakers>, Arc<AttemptContext>, Option<Arc<SharedAdmission>>);
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
+        if let Err(refused) = self.breakers.check(&request.context.destination.key) {
+            return Before::Refuse(refused.into());
+        }
+        let held = (self.breakers.clone(), request.context.clone(), self.shared.clone());
+        let Some(shared) = &self.shared else {
+            return Before::Go(held);
+        };
+        let checked = Arc::new(Checked::default());
+        request.checked = Some(checked.clone());
+        let (shared, context) = (shared.clone(), request.context.clone());
+        Before::Wait(Box::pin(async move {
+            let buckets = shared.buckets(&context);
+            let key = &context.destination.key;
+            let verdict = shared.check(key, &buckets, context.deadline).await;
             if let Verdict::CircuitOpen(left) = verdict {
                 return Err(BreakerError(format!(
-                    "circuit for {} was opened by another replica of the fleet; next probe in {}",
-                    destination.key,
+                    "circuit for {key} was opened by another replica of the fleet; next probe in {}",
                     crate::fmt::fmt_duration(left)
                 ))
                 .into());
             }
-            request.extensions_mut().insert(Checked(verdict));
-        }
-        let result = next.oneshot(request).await.map_err(Into::into);
-        let transition = self.breakers.record(&destination.key, health_of(&result));
-        if let (Some(shared), Some(transition)) = (&self.shared, transition) {
+            checked.set(verdict);
+            Ok(held)
+        }))
+    }
+
+    fn after<B>((breakers, context, shared): Self::Held, reply: Reply<B>) -> Reply<B> {
+        let key = &context.destination.key;
+        let transition = breakers.record(key, health_of(&reply));
+        if let (Some(shared), Some(transition)) = (shared, transition) {
             match transition {
-                Transition::Opened(open_for) => shared.backend().circuit_opened(&destination.key, open_for),
-                Transition::Closed => shared.backend().circuit_closed(&destination.key),
+                Transition::Opened(open_for) => shared.backend().circuit_opened(key, open_for),
+                Transition::Closed => shared.backend().circuit_closed(key),
             }
         }
-        result
+        reply
     }
 }
 
@@ -236,13 +238,10 @@ fn health_of<B>(result: &Result<Response<B>, BoxError>) -> Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
+    use crate::client::attempt::tests::Harness;
 
     fn breakers(threshold: u32, cool_down_ms: u64) -> CircuitBreakers {
-        CircuitBreakers::new(BreakerSettings {
-            failure_threshold: threshold,
-            cool_down: Duration::from_millis(cool_down_ms),
-        })
+        CircuitBreakers::new(threshold, Duration::from_millis(cool_down_ms))
     }
 
     #[test]
@@ -288,24 +287,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
-        use crate::client::attempt::tests::request;
-        let breakers = Arc::new(breakers(2, 60_000));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(Breaker::local(breakers)).layer(mock);
-        for status in [Some(503), None] {
-            let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(5))));
-            let (_, reply) = handle.next_request().await.unwrap();
-            match status {
-                // A 5xx is a response, and a failure for the breaker.
-                Some(status) => reply.send_response(Response::builder().status(status).body(()).unwrap()),
-                None => reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false)),
-            }
-            assert_eq!(call.await.unwrap().is_ok(), status.is_some());
-        }
-        let err = service.call(request("http://h/", Duration::from_secs(5))).await.unwrap_err();
+        let total = Duration::from_secs(5);
+        let mut layer = Harness::new(StepLayer(Breaker::local(Arc::new(breakers(2, 60_000)))));
+        // A 5xx is a response, and a failure for the breaker.
+        assert_eq!(layer.exchange("http://h/", total, 503).await.unwrap().status(), 503);
+        let call = layer.start("http://h/", total).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        reply.send_error(SendFailure::new(ErrorKind::Connect, "refused", false));
+        assert!(call.await.unwrap().is_err());
+        let err = layer.refused("http://h/", total).await;
         assert!(err.is::<BreakerError>(), "{err}");
         assert!(err.to_string().contains("open after 2 consecutive failures"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "the refused attempt sent nothing");
+        assert!(layer.nothing_more_sent().await, "the refused attempt sent nothing");
     }
 }

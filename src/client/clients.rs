@@ -2,6 +2,7 @@
 //! clients built for actions that bring their own TLS options or proxy. Connections made with
 //! different TLS or proxy settings never share a pool, since each setting has its own client.
 use super::{
+    egress::{EgressPolicy, EgressSettings},
     error::SendFailure,
     http_client::{ClientBuildError, ClientSettings, HttpClient},
     proxy::Proxies,
@@ -40,14 +41,18 @@ struct Cache {
 pub struct Clients {
     default: HttpClient,
     settings: Arc<ClientSettings>,
+    egress: Arc<EgressPolicy>,
     cache: Arc<Mutex<Cache>>,
 }
 
 impl Clients {
-    pub fn new(settings: &ClientSettings) -> Result<Self, ClientBuildError> {
+    /// Clients on `settings`, every one dialling only what `egress` allows.
+    pub fn new(settings: &ClientSettings, egress: &EgressSettings) -> Result<Self, ClientBuildError> {
+        let egress = Arc::new(EgressPolicy::new(egress.clone()));
         Ok(Self {
-            default: HttpClient::new(settings)?,
+            default: HttpClient::new(settings, egress.clone())?,
             settings: Arc::new(settings.clone()),
+            egress,
             cache: Arc::default(),
         })
     }
@@ -55,17 +60,17 @@ impl Clients {
     /// The client for `action`: the default one unless it sets TLS options or a proxy. A client
     /// that cannot be built (options validation could not foresee) fails the action unsent.
     pub fn for_action(&self, action: &HttpAction) -> Result<HttpClient, SendFailure> {
-        if action.tls.is_default() && action.proxy.is_none() {
+        if action.tls().is_default() && action.proxy().is_none() {
             return Ok(self.default.clone());
         }
-        let key = Key { tls: action.tls.clone(), proxy: action.proxy.clone() };
+        let key = Key { tls: action.tls().clone(), proxy: action.proxy().cloned() };
         self.get_or_build(key, |key| {
             // An action's own proxy replaces the server's proxies and NO_PROXY.
             let proxies = match &key.proxy {
                 Some(proxy) => Proxies::only(proxy.clone()),
                 None => self.settings.proxies.clone(),
             };
-            HttpClient::with_options(&self.settings, &key.tls, proxies)
+            HttpClient::with_options(&self.settings, self.egress.clone(), &key.tls, proxies)
                 .map_err(|e| SendFailure::new(ErrorKind::InvalidRequest, e.to_string(), false))
         })
     }
@@ -142,7 +147,7 @@ mod tests {
 
     #[tokio::test]
     async fn cache_is_bounded_and_default_actions_share_the_default_client() {
-        let clients = Clients::new(&ClientSettings::default()).unwrap();
+        let clients = Clients::new(&ClientSettings::default(), &EgressSettings::default()).unwrap();
         clients.for_action(&action("")).unwrap();
         assert_eq!(clients.cached(), 0);
         for port in 0..(MAX_CACHED_CLIENTS as u16 + 5) {
@@ -155,12 +160,12 @@ mod tests {
 
     fn key(proxy: &str) -> Key {
         let a = action(proxy);
-        Key { tls: a.tls, proxy: a.proxy }
+        Key { tls: a.tls().clone(), proxy: a.proxy().cloned() }
     }
 
     #[tokio::test]
     async fn a_slow_build_does_not_block_lookups_and_the_first_insert_wins() {
-        let clients = Clients::new(&ClientSettings::default()).unwrap();
+        let clients = Clients::new(&ClientSettings::default(), &EgressSettings::default()).unwrap();
         let cached = clients.for_action(&action("http://p.test:1")).unwrap();
         let (looked_up_tx, looked_up_rx) = std::sync::mpsc::channel::<()>();
         let slow = {
@@ -170,7 +175,7 @@ mod tests {
                     // Still building: a lookup on another thread must get through meanwhile.
                     let waited = looked_up_rx.recv_timeout(std::time::Duration::from_secs(30));
                     assert!(waited.is_ok(), "the lookup was blocked behind the build");
-                    HttpClient::new(&ClientSettings::default())
+                    HttpClient::new(&ClientSettings::default(), Arc::default())
                         .map_err(|e| SendFailure::new(ErrorKind::InvalidRequest, e.to_string(), false))
                 })
             })
@@ -188,7 +193,7 @@ mod tests {
         let raced = clients
             .get_or_build(key("http://p.test:3"), |_| {
                 winner = Some(clients.for_action(&action("http://p.test:3")).unwrap());
-                HttpClient::new(&ClientSettings::default())
+                HttpClient::new(&ClientSettings::default(), Arc::default())
                     .map_err(|e| SendFailure::new(ErrorKind::InvalidRequest, e.to_string(), false))
             })
             .unwrap();

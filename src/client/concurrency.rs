@@ -1,34 +1,18 @@
 //! Concurrency caps: at most `max_in_flight` actions run at once, at most `max_queued` more wait
 //! for a slot (past that a new action is refused at once: backpressure, never unbounded
 //! memory), and at most `max_in_flight_per_host` attempts go to one destination at once (the
-//! `DestinationSlot` layer).
-use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
-use bytes::Bytes;
-use http::Request;
+//! `DestinationSlot` layer). Waiting actions get running slots by fair share across tenants
+//! (`fair`).
+use super::{
+    attempt::{AttemptRequest, Before, Reply, Step, StepLayer},
+    fair::{FairSlots, NoSlot, RunSlot, Share},
+};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::ServiceExt as _;
-
-/// Concurrency settings of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConcurrencySettings {
-    /// Actions running at once. Default 512.
-    pub max_in_flight: usize,
-    /// Actions waiting for a running slot; past this new ones are refused. Default 2048.
-    pub max_queued: usize,
-    /// Attempts in flight to one destination (host:port) at once. Default 64.
-    pub max_in_flight_per_host: usize,
-}
-
-impl Default for ConcurrencySettings {
-    fn default() -> Self {
-        Self { max_in_flight: 512, max_queued: 2048, max_in_flight_per_host: 64 }
-    }
-}
 
 /// The server is at its queue bound.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -60,21 +44,26 @@ const PRUNE_ABOVE: usize = 1024;
 
 /// The server's concurrency caps, shared by every action.
 pub struct Concurrency {
-    settings: ConcurrencySettings,
+    /// `limits.max_in_flight`, `limits.max_queued`, `limits.max_in_flight_per_host`.
+    max_in_flight: usize,
+    max_queued: usize,
+    max_in_flight_per_host: usize,
     /// max_in_flight + max_queued places: an action that gets none is refused.
     places: Arc<Semaphore>,
-    running: Arc<Semaphore>,
+    running: FairSlots,
     per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Concurrency {
-    pub fn new(settings: ConcurrencySettings) -> Self {
-        let max_in_flight = settings.max_in_flight.max(1);
-        let places = max_in_flight.saturating_add(settings.max_queued).min(Semaphore::MAX_PERMITS);
+    pub fn new(max_in_flight: usize, max_queued: usize, max_in_flight_per_host: usize) -> Self {
+        let max_in_flight = max_in_flight.max(1);
+        let places = max_in_flight.saturating_add(max_queued).min(Semaphore::MAX_PERMITS);
         Self {
-            settings,
+            max_in_flight,
+            max_queued,
+            max_in_flight_per_host: max_in_flight_per_host.max(1),
             places: Arc::new(Semaphore::new(places)),
-            running: Arc::new(Semaphore::new(max_in_flight.min(Semaphore::MAX_PERMITS))),
+            running: FairSlots::new(max_in_flight),
             per_host: Mutex::default(),
         }
     }
@@ -87,47 +76,58 @@ impl Concurrency {
         }
     }
 
-    /// Waits in the queue for a running slot until `deadline`.
-    pub async fn run_slot(&self, deadline: Instant) -> Result<Slot, SlotError> {
-        acquire(self.running.clone(), deadline).await.ok_or_else(|| {
-            SlotError(format!(
-                "no running slot came free before the deadline ({} actions in flight)",
-                self.settings.max_in_flight
-            ))
-        })
+    /// Waits in the queue for a running slot for `tenant` (`""`: none) with its `share`, until
+    /// `deadline`.
+    pub async fn run_slot(&self, tenant: &str, share: Share, deadline: Instant) -> Result<RunSlot, NoSlot> {
+        self.running.acquire(tenant, share, deadline).await
+    }
+
+    /// Why no running slot came when the tenant's own cap was not what held it back.
+    pub fn no_run_slot(&self) -> SlotError {
+        SlotError(format!(
+            "no running slot came free before the deadline ({} actions in flight)",
+            self.max_in_flight
+        ))
     }
 
     /// Waits for a slot to destination `key` until `deadline`.
     pub async fn host_slot(&self, key: &str, deadline: Instant) -> Result<Slot, SlotError> {
-        let semaphore = {
-            let Ok(mut hosts) = self.per_host.lock() else {
-                return Err(SlotError("per-host slots are unavailable".into()));
-            };
-            if hosts.len() > PRUNE_ABOVE {
-                // Only this map holds an idle destination's semaphore.
-                hosts.retain(|_, s| Arc::strong_count(s) > 1);
-            }
-            // Look up before inserting: the common case allocates no key.
-            match hosts.get(key) {
-                Some(semaphore) => semaphore.clone(),
-                None => {
-                    let semaphore = Arc::new(Semaphore::new(self.settings.max_in_flight_per_host.max(1)));
-                    hosts.insert(key.to_owned(), semaphore.clone());
-                    semaphore
-                }
-            }
-        };
+        let semaphore = self.host_semaphore(key)?;
         acquire(semaphore, deadline).await.ok_or_else(|| {
             SlotError(format!(
                 "{key} already has {} attempts in flight and none ended before the deadline",
-                self.settings.max_in_flight_per_host
+                self.max_in_flight_per_host
             ))
+        })
+    }
+
+    /// A slot to destination `key` if one is free now.
+    pub fn try_host_slot(&self, key: &str) -> Result<Option<Slot>, SlotError> {
+        Ok(self.host_semaphore(key)?.try_acquire_owned().ok().map(|permit| Slot { _permit: permit }))
+    }
+
+    fn host_semaphore(&self, key: &str) -> Result<Arc<Semaphore>, SlotError> {
+        let Ok(mut hosts) = self.per_host.lock() else {
+            return Err(SlotError("per-host slots are unavailable".into()));
+        };
+        if hosts.len() > PRUNE_ABOVE {
+            // Only this map holds an idle destination's semaphore.
+            hosts.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        // Look up before inserting: the common case allocates no key.
+        Ok(match hosts.get(key) {
+            Some(semaphore) => semaphore.clone(),
+            None => {
+                let semaphore = Arc::new(Semaphore::new(self.max_in_flight_per_host));
+                hosts.insert(key.to_owned(), semaphore.clone());
+                semaphore
+            }
         })
     }
 
     /// Actions running now.
     pub fn in_flight(&self) -> usize {
-        self.settings.max_in_flight.max(1) - self.running.available_permits()
+        self.running.in_use()
     }
 
     /// Actions admitted and waiting for a running slot.
@@ -137,7 +137,7 @@ impl Concurrency {
 
     /// Actions admitted and not finished: running or queued.
     pub fn admitted(&self) -> usize {
-        let total = self.settings.max_in_flight.max(1).saturating_add(self.settings.max_queued);
+        let total = self.max_in_flight.saturating_add(self.max_queued);
         total.min(Semaphore::MAX_PERMITS).saturating_sub(self.places.available_permits())
     }
 }
@@ -160,11 +160,25 @@ pub struct HeldSlot(pub Arc<Slot>);
 pub struct DestinationSlot(pub Arc<Concurrency>);
 
 impl Step for DestinationSlot {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let (to, deadline) = (context.destination.clone(), context.deadline);
-        let slot = self.0.host_slot(&to.key, deadline).await?;
-        let mut response = next.oneshot(request).await.map_err(Into::into)?;
+    /// The slot, handed to the response.
+    type Held = Slot;
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Slot> {
+        let key = &request.context.destination.key;
+        match self.0.try_host_slot(key) {
+            Ok(Some(slot)) => Before::Go(slot),
+            Ok(None) => {
+                let (concurrency, context) = (self.0.clone(), request.context.clone());
+                Before::Wait(Box::pin(async move {
+                    Ok(concurrency.host_slot(&context.destination.key, context.deadline).await?)
+                }))
+            }
+            Err(unavailable) => Before::Refuse(unavailable.into()),
+        }
+    }
+
+    fn after<B>(slot: Slot, reply: Reply<B>) -> Reply<B> {
+        let mut response = reply?;
         response.extensions_mut().insert(HeldSlot(Arc::new(slot)));
         Ok(response)
     }
@@ -176,17 +190,12 @@ pub type DestinationSlotLayer = StepLayer<DestinationSlot>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Response;
+    use crate::client::attempt::tests::Harness;
     use std::time::Duration;
-    use tower::{Layer as _, Service as _};
 
     #[tokio::test]
     async fn refuses_past_the_queue_bound_and_frees_on_drop() {
-        let c = Concurrency::new(ConcurrencySettings {
-            max_in_flight: 1,
-            max_queued: 1,
-            max_in_flight_per_host: 1,
-        });
+        let c = Concurrency::new(1, 1, 1);
         let first = c.admit().unwrap();
         let second = c.admit().unwrap();
         let refused = c.admit().unwrap_err();
@@ -195,9 +204,9 @@ mod tests {
             "callout is at capacity: 0 actions in flight and 2 queued; try again later"
         );
         let soon = Instant::now() + Duration::from_millis(50);
-        let running = c.run_slot(soon).await.unwrap();
+        let running = c.run_slot("", Share::FREE, soon).await.unwrap();
         assert_eq!((c.in_flight(), c.queued()), (1, 1));
-        assert!(c.run_slot(soon).await.is_err(), "the second waits and times out");
+        assert!(c.run_slot("", Share::FREE, soon).await.is_err(), "the second waits and times out");
         drop((running, first));
         assert!(c.admit().is_ok());
         drop(second);
@@ -205,7 +214,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_host_slots_are_per_destination() {
-        let c = Concurrency::new(ConcurrencySettings { max_in_flight_per_host: 1, ..Default::default() });
+        let c = Concurrency::new(512, 2048, 1);
         let soon = Instant::now() + Duration::from_millis(30);
         let a = c.host_slot("a:80", soon).await.unwrap();
         let _b = c.host_slot("b:80", soon).await.unwrap();
@@ -217,24 +226,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_holds_the_slot_until_the_response_is_dropped() {
-        use crate::client::attempt::tests::request;
-        let c = Arc::new(Concurrency::new(ConcurrencySettings {
-            max_in_flight_per_host: 1,
-            ..Default::default()
-        }));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(DestinationSlot(c.clone())).layer(mock);
-        let first = tokio::spawn(service.call(request("http://a/", Duration::from_secs(5))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(Response::new(()));
-        let response = first.await.unwrap().unwrap();
+        let c = Arc::new(Concurrency::new(512, 2048, 1));
+        let mut layer = Harness::new(StepLayer(DestinationSlot(c)));
+        let response = layer.exchange("http://a/", Duration::from_secs(5), 200).await.unwrap();
         // The response holds a's only slot: the next attempt to a waits until its deadline.
-        let err = service.call(request("http://a/", Duration::from_secs(1))).await.unwrap_err();
+        let err = layer.refused("http://a/", Duration::from_secs(1)).await;
         assert!(err.is::<SlotError>(), "{err}");
         drop(response);
-        let second = tokio::spawn(service.call(request("http://a/", Duration::from_secs(1))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(Response::new(()));
-        assert!(second.await.unwrap().is_ok());
+        assert!(layer.exchange("http://a/", Duration::from_secs(1), 200).await.is_ok());
     }
 }

@@ -23,7 +23,7 @@ use hyper_util::{
     rt::TokioIo,
 };
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
@@ -229,7 +229,7 @@ impl TimedConnector {
 
     /// Checks every connection against `egress`; `fixed` names hosts whose addresses are set
     /// instead of looked up.
-    pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &[(String, Vec<IpAddr>)]) -> Self {
+    pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &BTreeMap<String, Vec<IpAddr>>) -> Self {
         self.egress = egress;
         self.fixed = Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
         self
@@ -598,7 +598,7 @@ mod tests {
                 .with_no_client_auth(),
         );
         let connector = TimedConnector::new(tls, Arc::default(), Duration::from_secs(1))
-            .with_egress(Arc::default(), &[("API.Example.test.".into(), vec![ip])]);
+            .with_egress(Arc::default(), &BTreeMap::from([("API.Example.test.".into(), vec![ip])]));
         for name in ["api.example.test", "API.example.test.", "api.example.test."] {
             let (addrs, dns) = resolve(name, 80, None, &connector.fixed).await.unwrap();
             assert_eq!(addrs, vec![SocketAddr::new(ip, 80)], "{name}");

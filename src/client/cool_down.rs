@@ -4,18 +4,16 @@
 //! With a shared backend the fleet's cool-down (in the attempt's fleet check) is waited out too,
 //! and a 429 here cools the destination down for every replica.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
-    shared::{Checked, SharedAdmission, Verdict},
+    attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
+    shared::SharedAdmission,
 };
 use crate::action::parse_retry_after;
-use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{header, Response, StatusCode};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
-use tower::ServiceExt as _;
 
 /// A cool-down runs past the action's deadline: the attempt is refused without a wait.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,21 +67,19 @@ impl CoolDowns {
         Some(until)
     }
 
-    /// Waits out `key`'s cool-down, or refuses at once when it ends after `deadline`. Returns
-    /// the time waited.
-    pub async fn wait(&self, key: &str, deadline: Instant) -> Result<Duration, CoolDownError> {
+    /// When an attempt to `key` may go: now (`None`), at the end of its running cool-down, or
+    /// never before `deadline` (refused at once).
+    pub fn check(&self, key: &str, deadline: Instant) -> Result<Option<Instant>, CoolDownError> {
         let Some(until) = self.until(key) else {
-            return Ok(Duration::ZERO);
+            return Ok(None);
         };
-        let now = Instant::now();
         if until > deadline {
             return Err(CoolDownError(format!(
                 "{key} asked callers to back off (429 Retry-After) for {} more, past the deadline",
-                crate::fmt::fmt_duration(until.saturating_duration_since(now))
+                crate::fmt::fmt_duration(until.saturating_duration_since(Instant::now()))
             )));
         }
-        tokio::time::sleep_until(until.into()).await;
-        Ok(now.elapsed())
+        Ok(Some(until))
     }
 }
 
@@ -114,40 +110,54 @@ impl CoolDown {
 }
 
 impl Step for CoolDown {
-    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        let (to, deadline, watch_429) =
-            (context.destination.clone(), context.deadline, context.cool_down_on_429);
+    /// Where to start a cool-down when the reply is a 429: only for actions that fail on one.
+    type Held = Option<(Arc<CoolDowns>, Arc<AttemptContext>, Option<Arc<SharedAdmission>>)>;
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
+        let context = &request.context;
+        let key = &context.destination.key;
+        let held =
+            context.cool_down_on_429.then(|| (self.cool_downs.clone(), context.clone(), self.shared.clone()));
         // The fleet's cool-down (read by the breaker layer just now) refuses before any wait.
-        let shared_until = match request.extensions().get::<Checked>() {
-            Some(Checked(Verdict::CoolingDown(left))) => Some(Instant::now() + *left),
-            _ => None,
-        };
+        let checked = request.checked.as_ref();
+        let shared_until = checked.and_then(|c| c.cooling_down()).map(|left| Instant::now() + left);
         if let Some(until) = shared_until {
-            fits_shared(&to.key, until, deadline)?;
-        }
-        let mut waited = self.cool_downs.wait(&to.key, deadline).await?;
-        if let Some(until) = shared_until {
-            let now = Instant::now();
-            tokio::time::sleep_until(until.into()).await;
-            waited += now.elapsed();
+            if let Err(refused) = fits_shared(key, until, context.deadline) {
+                return Before::Refuse(refused.into());
+            }
             // Nothing was taken while the mark was set: the rate-limit layer asks again.
-            request.extensions_mut().remove::<Checked>();
+            let _ = checked.and_then(|c| c.take());
         }
-        if !waited.is_zero() {
-            // A cool-down is a rate limit the host set: counted with them.
-            crate::metrics::rate_limit_waited(&to.key, waited);
+        match self.cool_downs.check(key, context.deadline) {
+            Ok(local) => {
+                let Some(until) = local.max(shared_until) else {
+                    return Before::Go(held);
+                };
+                let context = context.clone();
+                Before::Wait(Box::pin(async move {
+                    let waited = Instant::now();
+                    tokio::time::sleep_until(until.into()).await;
+                    // A cool-down is a rate limit the host set: counted with them.
+                    crate::metrics::rate_limit_waited(&context.destination.key, waited.elapsed());
+                    Ok(held)
+                }))
+            }
+            Err(refused) => Before::Refuse(refused.into()),
         }
-        let response = next.oneshot(request).await.map_err(Into::into)?;
-        if watch_429 && response.status() == StatusCode::TOO_MANY_REQUESTS {
-            if let Some(wait) = retry_after(&response) {
-                self.cool_downs.cool_down(&to.key, wait);
-                if let Some(shared) = &self.shared {
-                    shared.backend().cool_down(&to.key, wait.min(self.cool_downs.max()));
+    }
+
+    fn after<B>(held: Self::Held, reply: Reply<B>) -> Reply<B> {
+        if let (Some((cool_downs, context, shared)), Ok(response)) = (held, &reply) {
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                if let Some(wait) = retry_after(response) {
+                    cool_downs.cool_down(&context.destination.key, wait);
+                    if let Some(shared) = shared {
+                        shared.backend().cool_down(&context.destination.key, wait.min(cool_downs.max()));
+                    }
                 }
             }
         }
-        Ok(response)
+        reply
     }
 }
 
@@ -162,49 +172,49 @@ fn retry_after<B>(response: &Response<B>) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::attempt::tests::request;
-    use tower::{Layer as _, Service as _};
+    use crate::client::attempt::tests::Harness;
+
+    /// How long an attempt to `url` waited before it was sent (answered 200).
+    async fn waited_before_sending<S>(layer: &mut Harness<S>, url: &str, total: Duration) -> Duration
+    where
+        S: tower::Service<AttemptRequest, Response = Response<()>, Error = tower::BoxError>,
+        S::Future: Send + 'static,
+    {
+        let started = tokio::time::Instant::now();
+        let call = layer.start(url, total).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        let waited = started.elapsed();
+        reply.send_response(Response::new(()));
+        call.await.unwrap().unwrap();
+        waited
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_429_cools_the_destination_down_for_every_action() {
-        let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(600)));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(CoolDown::local(cool_downs.clone())).layer(mock);
-        let first = tokio::spawn(service.call(request("http://h/", Duration::from_secs(60))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        let too_many = Response::builder().status(429).header("retry-after", "5").body(()).unwrap();
-        reply.send_response(too_many);
+        let minute = Duration::from_secs(60);
+        let mut layer =
+            Harness::new(StepLayer(CoolDown::local(Arc::new(CoolDowns::new(Duration::from_secs(600))))));
+        let first = layer.start("http://h/", minute).await;
+        let (_, reply) = layer.handle.next_request().await.unwrap();
+        reply.send_response(Response::builder().status(429).header("retry-after", "5").body(()).unwrap());
         assert_eq!(first.await.unwrap().unwrap().status(), 429);
-
-        // The next action to h waits the 5 s out before it is sent; another host does not.
-        let started = tokio::time::Instant::now();
-        let second = tokio::spawn(service.call(request("http://h/", Duration::from_secs(60))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        assert_eq!(started.elapsed().as_secs(), 5, "waited out (the paused clock rounds to the ms)");
-        reply.send_response(Response::new(()));
-        second.await.unwrap().unwrap();
-        let started = tokio::time::Instant::now();
-        let other = tokio::spawn(service.call(request("http://other/", Duration::from_secs(60))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        assert_eq!(started.elapsed(), Duration::ZERO);
-        reply.send_response(Response::new(()));
-        other.await.unwrap().unwrap();
+        // The next action to h waits the 5 s out before it is sent (the paused clock rounds to
+        // the ms); another host does not.
+        assert_eq!(waited_before_sending(&mut layer, "http://h/", minute).await.as_secs(), 5);
+        assert_eq!(waited_before_sending(&mut layer, "http://other/", minute).await, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_cool_down_past_the_deadline_refuses_at_once_and_is_capped() {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(30)));
         cool_downs.cool_down("h:80", Duration::from_secs(3600));
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(CoolDown::local(cool_downs.clone())).layer(mock);
-        let err = service.call(request("http://h/", Duration::from_secs(10))).await.unwrap_err();
+        let mut layer = Harness::new(StepLayer(CoolDown::local(cool_downs)));
+        let err = layer.refused("http://h/", Duration::from_secs(10)).await;
         assert!(err.is::<CoolDownError>() && err.to_string().contains("429"), "{err}");
         // Capped at 30 s: a deadline past it waits.
-        let started = tokio::time::Instant::now();
-        let waits = tokio::spawn(service.call(request("http://h/", Duration::from_secs(40))));
-        let (_, reply) = handle.next_request().await.unwrap();
-        assert_eq!(started.elapsed().as_secs(), 30, "waited out (the paused clock rounds to the ms)");
-        reply.send_response(Response::new(()));
-        waits.await.unwrap().unwrap();
+        assert_eq!(
+            waited_before_sending(&mut layer, "http://h/", Duration::from_secs(40)).await.as_secs(),
+            30
+        );
     }
 }

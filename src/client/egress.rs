@@ -49,8 +49,10 @@ impl fmt::Display for EgressRule {
     }
 }
 
-/// The egress settings of the server. The default is safe: public addresses only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The `[egress]` section: which destinations may be dialled. The default is safe: public
+/// addresses only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EgressSettings {
     /// Allow loopback and private ranges (127/8, ::1, 10/8, 172.16/12, 192.168/16, 100.64/10,
     /// fc00::/7). For development and tests. Default false.

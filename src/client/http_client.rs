@@ -1,57 +1,85 @@
 //! The pooled HTTP client: hyper-util's pool over the timed connector, decompression around
 //! it, and the settings it is built from.
 use super::{
+    attempt::AttemptRequest,
     connect,
-    egress::{EgressPolicy, EgressSettings},
+    egress::EgressPolicy,
     error::{self, SendFailure},
     proxy::Proxies,
     tls,
 };
-use crate::action::TlsOptions;
+use crate::{
+    action::{ProxyUrl, TlsOptions},
+    settings::SettingError,
+};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::{Client, ResponseFuture},
+    rt::TokioExecutor,
+};
+use pin_project_lite::pin_project;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::{
+    collections::BTreeMap,
     future::Future,
     net::IpAddr,
+    path::PathBuf,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
-use tower::ServiceExt as _;
-use tower_http::decompression::{Decompression, DecompressionBody};
+use tokio::task::futures::TaskLocalFuture;
+use tower::{Service as _, ServiceExt as _};
+use tower_http::decompression::{Decompression, DecompressionBody, ResponseFuture as DecompressionFuture};
 
 /// Request bodies are built whole from the action, so a full buffer is enough.
 pub type RequestBody = Full<Bytes>;
 
-/// A response body as the executor reads it: decoded per its Content-Encoding.
-pub type ResponseBody = DecompressionBody<Incoming>;
+/// A response body as the executor reads it: decoded per its Content-Encoding. Boxed: the
+/// decoder states make it ~350 bytes, and every layer of the attempt stack hands the response
+/// on by value.
+pub type ResponseBody = Box<DecompressionBody<Incoming>>;
 
-/// Pool and protocol settings of the shared client.
-#[derive(Debug, Clone)]
+/// The `[client]` section: pool and protocol settings of the shared client. The two fields
+/// that are not keys are what `load` reads at start from the files and environment the keys
+/// name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientSettings {
     /// How long an idle pooled connection is kept. Default 90 s.
+    #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per host. Default 64.
+    /// Idle connections kept per host; 0 turns reuse off. Default 64.
     pub pool_max_idle_per_host: usize,
     /// Offer HTTP/2 by ALPN on https. Default true.
     pub http2: bool,
-    /// TCP keep-alive probes on upstream connections after this much idle time; `None` turns
+    /// TCP keep-alive probes on upstream connections after this much idle time; zero turns
     /// them off. Default 60 s (so dead peers behind NAT or load balancers are noticed).
-    pub tcp_keepalive: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
     /// HTTP/2 PING interval on upstream connections; `None` (the default) sends none.
+    #[serde(with = "humantime_serde::option")]
     pub http2_keep_alive_interval: Option<Duration>,
-    /// Extra CA certificates (PEM) trusted besides the webpki roots. Default none.
-    pub extra_ca_pem: Option<String>,
-    /// Which destinations may be dialled. Default: public addresses only.
-    pub egress: EgressSettings,
+    /// PEM file of extra CAs trusted besides the webpki roots. Default none.
+    pub ca_file: Option<PathBuf>,
+    /// `http://`, `https://`, `socks5://` or `socks5h://` `[user:pass@]host[:port]` proxy for
+    /// actions that set none; replaces HTTPS_PROXY and HTTP_PROXY (NO_PROXY still applies).
+    /// Default none.
+    #[serde(deserialize_with = "proxy_url")]
+    pub proxy: Option<String>,
     /// Fixed addresses for host names, used instead of DNS (as curl's --resolve). Default none.
-    pub resolve: Vec<(String, Vec<IpAddr>)>,
-    /// Proxies for actions that set none: `--proxy`, else HTTP(S)_PROXY and NO_PROXY read at
-    /// start. Default none (direct connections).
+    pub resolve: BTreeMap<String, Vec<IpAddr>>,
+    /// Extra CA certificates (PEM) trusted besides the webpki roots: `ca_file`'s, read by
+    /// `load`. Default none.
+    #[serde(skip)]
+    pub extra_ca_pem: Option<String>,
+    /// Proxies for actions that set none: `proxy`, else HTTP(S)_PROXY and NO_PROXY, read by
+    /// `load`. Default none (direct connections).
+    #[serde(skip)]
     pub proxies: Proxies,
 }
 
@@ -61,13 +89,43 @@ impl Default for ClientSettings {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 64,
             http2: true,
-            tcp_keepalive: Some(Duration::from_secs(60)),
+            tcp_keepalive: Duration::from_secs(60),
             http2_keep_alive_interval: None,
+            ca_file: None,
+            proxy: None,
+            resolve: BTreeMap::new(),
             extra_ca_pem: None,
             proxies: Proxies::default(),
-            egress: EgressSettings::default(),
-            resolve: Vec::new(),
         }
+    }
+}
+
+fn proxy_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let raw = Option::<String>::deserialize(d)?;
+    if let Some(raw) = &raw {
+        ProxyUrl::parse(raw).map_err(serde::de::Error::custom)?;
+    }
+    Ok(raw)
+}
+
+impl ClientSettings {
+    /// These settings with what their keys name read: the `ca_file` PEM, and the proxies
+    /// (`proxy`, else HTTP(S)_PROXY) with NO_PROXY from the process environment.
+    pub fn load(mut self) -> Result<Self, SettingError> {
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                SettingError::new("client.ca_file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            self.extra_ca_pem = Some(pem);
+        }
+        // The error names the variable, not a key.
+        let mut proxies = Proxies::from_env().map_err(|e| SettingError::new("", e))?;
+        if let Some(raw) = &self.proxy {
+            let proxy = ProxyUrl::parse(raw).map_err(|e| SettingError::new("client.proxy", e))?;
+            proxies = proxies.with_proxy(proxy);
+        }
+        self.proxies = proxies;
+        Ok(self)
     }
 }
 
@@ -92,14 +150,15 @@ impl HttpClient {
 }
 
 impl HttpClient {
-    /// The server's client: its trust roots and proxies.
-    pub fn new(settings: &ClientSettings) -> Result<Self, ClientBuildError> {
-        Self::with_options(settings, &TlsOptions::default(), settings.proxies.clone())
+    /// The server's client: its trust roots and proxies, dialling what `egress` allows.
+    pub fn new(settings: &ClientSettings, egress: Arc<EgressPolicy>) -> Result<Self, ClientBuildError> {
+        Self::with_options(settings, egress, &TlsOptions::default(), settings.proxies.clone())
     }
 
     /// A client with the server's settings, the action's TLS options added and `proxies`.
     pub fn with_options(
         settings: &ClientSettings,
+        egress: Arc<EgressPolicy>,
         tls: &TlsOptions,
         proxies: Proxies,
     ) -> Result<Self, ClientBuildError> {
@@ -112,8 +171,8 @@ impl HttpClient {
             // dial made outside `send`.
             crate::action::DEFAULT_CONNECT_TIMEOUT,
         )
-        .with_tcp_keepalive(settings.tcp_keepalive)
-        .with_egress(Arc::new(EgressPolicy::new(settings.egress.clone())), &settings.resolve);
+        .with_tcp_keepalive((!settings.tcp_keepalive.is_zero()).then_some(settings.tcp_keepalive))
+        .with_egress(egress, &settings.resolve);
         if proxies.uses_tls() {
             // The proxy is verified with the server's roots only: an action's TLS options are
             // for its upstream, and its client certificate is not shown to a proxy.
@@ -145,17 +204,19 @@ impl HttpClient {
         request: Request<RequestBody>,
         connect_timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendFailure> {
-        self.clone().send_owned(request, connect_timeout).await
+        let mut inner = self.inner.clone();
+        let request = self.with_proxy_authorization(request);
+        connect::CONNECT_TIMEOUT
+            .scope(connect_timeout, inner.ready().await.map_err(|e| error::classify(&e))?.call(request))
+            .await
+            .map(|response| response.map(Box::new))
+            .map_err(|e| error::classify(&e))
     }
 
-    async fn send_owned(
-        self,
-        mut request: Request<RequestBody>,
-        connect_timeout: Duration,
-    ) -> Result<Response<ResponseBody>, SendFailure> {
-        // Plain http through a forwarding proxy: the proxy reads its credentials from the
-        // request itself (https targets send them in CONNECT instead). A Proxy-Authorization
-        // the caller set itself wins.
+    /// Plain http through a forwarding proxy: the proxy reads its credentials from the request
+    /// itself (https targets send them in CONNECT instead). A Proxy-Authorization the caller set
+    /// itself wins.
+    fn with_proxy_authorization(&self, mut request: Request<RequestBody>) -> Request<RequestBody> {
         let uri = request.uri();
         if uri.scheme_str() == Some("http") {
             let auth = uri.host().and_then(|host| self.proxies.forward_authorization(host));
@@ -164,39 +225,54 @@ impl HttpClient {
                 request.headers_mut().entry(header::PROXY_AUTHORIZATION).or_insert(value);
             }
         }
-        connect::CONNECT_TIMEOUT
-            .scope(connect_timeout, self.inner.oneshot(request))
-            .await
-            .map_err(|e| error::classify(&e))
+        request
     }
 }
 
 /// The innermost service of an attempt: one request, no redirects, connecting within the
 /// attempt context's connect timeout.
-impl tower::Service<Request<Bytes>> for HttpClient {
+impl tower::Service<AttemptRequest> for HttpClient {
     type Response = Response<ResponseBody>;
     type Error = SendFailure;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, SendFailure>> + Send>>;
+    type Future = SendFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
+        self.inner.poll_ready(cx).map_err(|e| error::classify(&e))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let connect_timeout = request
-            .extensions()
-            .get::<super::attempt::AttemptContext>()
-            .map_or(crate::action::DEFAULT_CONNECT_TIMEOUT, |c| c.connect_timeout);
-        Box::pin(self.clone().send_owned(request.map(Full::new), connect_timeout))
+    fn call(&mut self, request: AttemptRequest) -> SendFuture {
+        let connect_timeout = request.context.connect_timeout;
+        let request = self.with_proxy_authorization(request.http.map(Full::new));
+        SendFuture { call: connect::CONNECT_TIMEOUT.scope(connect_timeout, self.inner.call(request)) }
+    }
+}
+
+/// What the pooled client's response future is, under the connect timeout's scope.
+type PooledCall = TaskLocalFuture<Duration, DecompressionFuture<ResponseFuture>>;
+
+pin_project! {
+    /// The response future of `HttpClient`: the pooled client's, its error classified.
+    pub struct SendFuture {
+        #[pin]
+        call: PooledCall,
+    }
+}
+
+impl Future for SendFuture {
+    type Output = Result<Response<ResponseBody>, SendFailure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let sent = ready!(self.project().call.poll(cx));
+        Poll::Ready(sent.map(|response| response.map(Box::new)).map_err(|e| error::classify(&e)))
     }
 }
 
 /// Logs, once per action, that it skips certificate verification: the operator should see every
 /// action that opts out. Nothing of the TLS options themselves is logged.
 pub fn warn_if_insecure(action: &crate::action::HttpAction) {
-    if action.tls.insecure_skip_verify {
+    if action.tls().insecure_skip_verify {
         tracing::warn!(
-            action_id = %action.id,
+            action_id = %action.id(),
             destination = %action.destination(),
             "tls.insecure_skip_verify is set: the upstream's certificate is NOT verified for this action"
         );

@@ -1,26 +1,20 @@
 //! Rate limits on sending: a global limit and per-destination limits picked by host pattern
 //! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
-//! A rule is a `KeyedRate` over its key (a destination here; any `Display` key, e.g. a tenant),
-//! checked here or, with a shared backend (`shared`), as a bucket of the fleet's.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptContext, AttemptRequest, Before, Step, StepLayer},
     host::Destination,
     host_pattern::{HostPattern, HostPatternError},
-    shared::{Checked, SharedAdmission, SharedBucket, Verdict},
+    shared::{SharedAdmission, SharedBucket, Verdict},
 };
-use bytes::Bytes;
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::Request;
 use std::{
     fmt,
-    hash::Hash,
     num::NonZeroU32,
     str::FromStr,
     sync::Arc,
     time::{Duration, Instant},
 };
-use tower::ServiceExt as _;
 
 /// A rate: `count` sends per `period`, with bursts of up to `burst` at once.
 /// Written `10/s`, `600/m`, `5000/h`, optionally followed by ` burst 20` (default: the count).
@@ -85,13 +79,12 @@ impl fmt::Display for Rate {
 impl Rate {
     /// One send per this long (at least a nanosecond).
     pub fn interval(&self) -> Duration {
+        // `count` >= 1 so the interval is never zero.
         (self.period / self.count.get()).max(Duration::from_nanos(1))
     }
 
     fn quota(&self) -> Quota {
-        // One send per period/count; `count` >= 1 so the interval is never zero.
-        let interval = self.period / self.count.get();
-        Quota::with_period(interval.max(Duration::from_nanos(1)))
+        Quota::with_period(self.interval())
             .unwrap_or_else(|| Quota::per_second(self.count))
             .allow_burst(self.burst)
     }
@@ -115,23 +108,6 @@ impl FromStr for RateLimitRule {
     }
 }
 
-/// Rate-limit settings of the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateLimitSettings {
-    /// Limit on all sends together. Default none.
-    pub global: Option<Rate>,
-    /// Per-destination limits; the first rule whose pattern matches applies. Default none.
-    pub per_host: Vec<RateLimitRule>,
-    /// Longest shared cool-down a 429's Retry-After may impose on a host. Default 10 min.
-    pub max_cool_down: Duration,
-}
-
-impl Default for RateLimitSettings {
-    fn default() -> Self {
-        Self { global: None, per_host: Vec::new(), max_cool_down: Duration::from_secs(600) }
-    }
-}
-
 /// Why a send may not go before the deadline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -140,81 +116,96 @@ pub struct RateLimitError(pub String);
 /// Keyed buckets are dropped once full again, when this many destinations are tracked.
 const PRUNE_ABOVE: usize = 10_000;
 
-/// A rule whose buckets are keyed by `K` (a destination, a tenant): each key gets its own
-/// bucket of `rate`, in this process (governor's GCRA) or, through a shared backend, in the
-/// fleet's bucket named by `rule` and the key's text.
-pub struct KeyedRate<K: Hash + Eq + Clone> {
-    rule: Arc<str>,
+/// One rate applied per key: every key (a destination, a tenant) gets its own GCRA bucket of
+/// `rate`. Per-destination rules and tenant rate quotas both check through here, so this is the
+/// one seam where a fleet-wide backend (Redis GCRA, keyed by `scope` and key) replaces the
+/// local buckets.
+pub struct KeyedRateLimit {
+    /// What the limit is, for messages and as the key's namespace (a rule's pattern, a tenant
+    /// quota's config key).
+    scope: String,
     rate: Rate,
-    limiter: DefaultKeyedRateLimiter<K>,
+    local: DefaultKeyedRateLimiter<String>,
 }
 
-impl<K: Hash + Eq + Clone + fmt::Display> KeyedRate<K> {
-    /// `rule` names it the same on every replica (`dest:*.example.com`, `tenant`).
-    pub fn new(rule: impl Into<Arc<str>>, rate: Rate) -> Self {
-        Self { rule: rule.into(), rate, limiter: RateLimiter::keyed(rate.quota()) }
+impl KeyedRateLimit {
+    pub fn new(scope: impl Into<String>, rate: Rate) -> Self {
+        Self { scope: scope.into(), rate, local: RateLimiter::keyed(rate.quota()) }
     }
 
     pub fn rate(&self) -> Rate {
         self.rate
     }
 
-    /// Takes from `key`'s local bucket, or says how long until it has room.
-    pub fn check(&self, key: &K) -> Result<(), Duration> {
-        let checked = self
-            .limiter
-            .check_key(key)
-            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()));
-        if checked.is_ok() && self.limiter.len() > PRUNE_ABOVE {
-            self.limiter.retain_recent();
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Takes a send for `key` now, or says how long until one is free.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        let checked = self.local.check_key(&key.to_owned());
+        if self.local.len() > PRUNE_ABOVE {
+            self.local.retain_recent();
         }
-        checked
+        checked.map_err(|not_until| not_until.wait_time_from(self.local.clock().now()))
     }
 
-    /// `key`'s bucket in the fleet.
-    pub fn shared(&self, key: &K) -> SharedBucket {
-        shared_bucket(self.rule.clone(), key.to_string(), self.rate)
+    /// Waits until `key` may send; returns whether it slept, or fails at once with the wait it
+    /// needs when that would pass `deadline`.
+    pub async fn wait(&self, key: &str, deadline: Instant) -> Result<bool, Duration> {
+        wait_for(deadline, || self.check(key)).await
     }
-}
-
-fn shared_bucket(rule: Arc<str>, subject: String, rate: Rate) -> SharedBucket {
-    SharedBucket { rule, subject, interval: rate.interval(), burst: rate.burst.get() }
 }
 
 /// The server's rate limiters, shared by every action.
 pub struct RateLimits {
     global: Option<(Rate, DefaultDirectRateLimiter)>,
-    rules: Vec<(HostPattern, KeyedRate<String>)>,
+    rules: Vec<(RateLimitRule, KeyedRateLimit)>,
+    /// Each rule's name in the fleet (`dest:PATTERN`), beside `rules`.
+    fleet_rules: Vec<Arc<str>>,
 }
 
 /// The global limit's name in the fleet.
 const GLOBAL: &str = "global";
 
+fn shared_bucket(rule: Arc<str>, subject: String, rate: Rate) -> SharedBucket {
+    SharedBucket { rule, subject, interval: rate.interval(), burst: rate.burst.get() }
+}
+
 impl RateLimits {
-    pub fn new(settings: &RateLimitSettings) -> Self {
+    /// `global` limits all sends together; of `per_host`, the first rule whose pattern matches
+    /// a destination applies.
+    pub fn new(global: Option<Rate>, per_host: &[RateLimitRule]) -> Self {
         Self {
-            global: settings.global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
-            rules: settings
-                .per_host
+            global: global.map(|rate| (rate, RateLimiter::direct(rate.quota()))),
+            rules: per_host
                 .iter()
-                .map(|rule| {
-                    (rule.pattern.clone(), KeyedRate::new(format!("dest:{}", rule.pattern), rule.rate))
-                })
+                .map(|rule| (rule.clone(), KeyedRateLimit::new(rule.pattern.to_string(), rule.rate)))
                 .collect(),
+            fleet_rules: per_host.iter().map(|rule| Arc::from(format!("dest:{}", rule.pattern))).collect(),
         }
     }
 
     /// The fleet's buckets an attempt to `to` must pass: its destination rule's, the global one.
     pub fn shared_buckets(&self, to: &Destination) -> Vec<SharedBucket> {
         let mut buckets = Vec::with_capacity(2);
-        if let Some((_, rule)) = self.rules.iter().find(|(pattern, _)| pattern.matches(to.host(), to.port()))
-        {
-            buckets.push(rule.shared(&to.key));
+        let matching = self
+            .rules
+            .iter()
+            .zip(&self.fleet_rules)
+            .find(|((rule, _), _)| rule.pattern.matches(to.host(), to.port()));
+        if let Some(((rule, _), name)) = matching {
+            buckets.push(shared_bucket(name.clone(), to.key.clone(), rule.rate));
         }
         if let Some((rate, _)) = &self.global {
             buckets.push(shared_bucket(GLOBAL.into(), String::new(), *rate));
         }
         buckets
+    }
+
+    /// No limit is configured: nothing to wait for.
+    pub fn is_empty(&self) -> bool {
+        self.global.is_none() && self.rules.is_empty()
     }
 
     /// Waits until `key` (host:port of `host` on `port`) may be sent to: its per-destination
@@ -229,12 +220,12 @@ impl RateLimits {
     ) -> Result<Duration, RateLimitError> {
         let started = Instant::now();
         let mut slept = false;
-        if let Some((pattern, rule)) = self.rules.iter().find(|(pattern, _)| pattern.matches(host, port)) {
-            let key = key.to_owned();
-            slept |= wait_for(deadline, || rule.check(&key)).await.map_err(|wait| {
+        if let Some((rule, limiter)) = self.rules.iter().find(|(rule, _)| rule.pattern.matches(host, port)) {
+            slept |= limiter.wait(key, deadline).await.map_err(|wait| {
                 RateLimitError(format!(
-                    "rate limit {} for {pattern} ({key}) needs a wait of {}, past the deadline",
-                    rule.rate(),
+                    "rate limit {} for {} ({key}) needs a wait of {}, past the deadline",
+                    rule.rate,
+                    rule.pattern,
                     crate::fmt::fmt_duration(wait)
                 ))
             })?;
@@ -264,7 +255,7 @@ impl RateLimits {
         context: &AttemptContext,
         first: Option<Verdict>,
     ) -> Result<Duration, RateLimitError> {
-        let (to, deadline) = (&*context.destination, context.deadline);
+        let (to, deadline) = (&context.destination, context.deadline);
         let denied = || {
             RateLimitError(
                 "the fleet's shared limits are unreachable (Redis) and fleet.redis_unavailable is \"deny\""
@@ -320,7 +311,8 @@ impl RateLimits {
 
 /// Waits for the rate limits before an attempt (bounded by the action's deadline); refuses
 /// with `RateLimitError` when a wait cannot fit. With a shared backend the buckets are the
-/// fleet's: the verdict the breaker layer got says whether they were taken.
+/// fleet's: the verdict the breaker layer got (`AttemptRequest::checked`) says whether they
+/// were taken.
 #[derive(Clone)]
 pub struct RateLimit {
     pub rate: Arc<RateLimits>,
@@ -335,19 +327,39 @@ impl RateLimit {
 }
 
 impl Step for RateLimit {
-    async fn around<S: Next<B>, B: Send + 'static>(self, mut request: Request<Bytes>, next: S) -> Reply<B> {
-        let first = request.extensions_mut().remove::<Checked>().map(|checked| checked.0);
-        let context = AttemptContext::of(&request)?;
-        let to = context.destination.clone();
-        let waited = match &self.shared {
-            Some(shared) => self.rate.acquire_shared(shared, context, first).await?,
-            None => self.rate.acquire(&to.key, to.host(), to.port(), context.deadline).await?,
+    type Held = ();
+
+    fn before(&self, request: &mut AttemptRequest) -> Before<()> {
+        let Some(shared) = &self.shared else {
+            if self.rate.is_empty() {
+                return Before::Go(());
+            }
+            let (limits, context) = (self.rate.clone(), request.context.clone());
+            return Before::Wait(Box::pin(async move {
+                let to = &context.destination;
+                let waited = limits.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
+                waited_for(&to.key, waited);
+                Ok(())
+            }));
         };
-        if !waited.is_zero() {
-            tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
-            crate::metrics::rate_limit_waited(&to.key, waited);
+        let first = request.checked.as_ref().and_then(|checked| checked.take());
+        if first == Some(Verdict::Allowed) {
+            // The breaker layer's check took every bucket.
+            return Before::Go(());
         }
-        next.oneshot(request).await.map_err(Into::into)
+        let (limits, shared, context) = (self.rate.clone(), shared.clone(), request.context.clone());
+        Before::Wait(Box::pin(async move {
+            let waited = limits.acquire_shared(&shared, &context, first).await?;
+            waited_for(&context.destination.key, waited);
+            Ok(())
+        }))
+    }
+}
+
+fn waited_for(key: &str, waited: Duration) {
+    if !waited.is_zero() {
+        tracing::debug!(destination = %key, waited = ?waited, "waited for the rate limit");
+        crate::metrics::rate_limit_waited(key, waited);
     }
 }
 
@@ -373,14 +385,11 @@ async fn wait_for(deadline: Instant, check: impl Fn() -> Result<(), Duration>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer as _, Service as _};
-
-    fn rate(s: &str) -> Rate {
-        s.parse().unwrap()
-    }
+    use crate::client::attempt::tests::Harness;
 
     #[test]
     fn parses_rates_and_rules() {
+        let rate = |s: &str| s.parse::<Rate>().unwrap();
         let r = rate("10/s burst 20");
         assert_eq!((r.count.get(), r.period, r.burst.get()), (10, Duration::from_secs(1), 20));
         assert_eq!(rate("600/m").burst.get(), 600);
@@ -397,10 +406,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_that_cannot_fit_fails_at_once() {
-        let limits = RateLimits::new(&RateLimitSettings {
-            per_host: vec!["h=1/m".parse().unwrap()],
-            ..RateLimitSettings::default()
-        });
+        let limits = RateLimits::new(None, &["h=1/m".parse().unwrap()]);
         let deadline = Instant::now() + Duration::from_secs(5);
         assert!(limits.acquire("h:80", "h", 80, deadline).await.is_ok());
         let started = Instant::now();
@@ -419,10 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn global_limit_spaces_sends() {
-        let limits = RateLimits::new(&RateLimitSettings {
-            global: Some(rate("20/s burst 1")),
-            ..RateLimitSettings::default()
-        });
+        let limits = RateLimits::new(Some("20/s burst 1".parse().unwrap()), &[]);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         for i in 0..4 {
@@ -434,21 +437,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_layer_refuses_a_wait_past_the_deadline_without_calling_inner() {
-        let rate = Arc::new(RateLimits::new(&RateLimitSettings {
-            per_host: vec!["h=1/m".parse().unwrap()],
-            ..RateLimitSettings::default()
-        }));
-        let (mock, mut handle) = tower_test::mock::pair::<http::Request<Bytes>, http::Response<()>>();
-        let mut service = StepLayer(RateLimit::local(rate)).layer(mock);
-        let request = || crate::client::attempt::tests::request("http://h/", Duration::from_secs(5));
-        let first = tokio::spawn(service.call(request()));
-        let (_, reply) = handle.next_request().await.unwrap();
-        reply.send_response(http::Response::new(()));
-        assert!(first.await.unwrap().is_ok());
-        let err = service.call(request()).await.unwrap_err();
+        let rate = Arc::new(RateLimits::new(None, &["h=1/m".parse().unwrap()]));
+        let mut layer = Harness::new(StepLayer(RateLimit::local(rate)));
+        assert!(layer.exchange("http://h/", Duration::from_secs(5), 200).await.is_ok());
+        let err = layer.refused("http://h/", Duration::from_secs(5)).await;
         assert!(err.is::<RateLimitError>(), "{err}");
         assert!(err.to_string().contains("1/m burst 1"), "{err}");
-        drop(service);
-        assert!(handle.next_request().await.is_none(), "nothing was sent");
+        assert!(layer.nothing_more_sent().await, "nothing was sent");
     }
 }

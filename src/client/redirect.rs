@@ -7,15 +7,23 @@
 //! keeps every header but Authorization/Cookie/Proxy-Authorization across origins (ours drops
 //! every sensitive-marked one too), knows no loop detection by visited URL, and its error for
 //! too many hops carries no context. Each hop goes down to the client as its own request, so the
-//! egress-checking connector dials every one.
+//! egress-checking connector dials every one. It loops around the rest of the attempt, so it
+//! is a service of its own rather than a `Step`, with a named future.
 use super::{
-    attempt::{AttemptContext, Next, Reply, Step, StepLayer},
+    attempt::{AttemptContext, AttemptRequest, Reply},
     error::SendFailure,
 };
 use crate::action::ErrorKind;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
-use tower::ServiceExt as _;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+};
+use tower::{BoxError, Layer, Service};
 use url::Url;
 
 const USER_AGENT: &str = concat!("callout/", env!("CARGO_PKG_VERSION"));
@@ -137,50 +145,138 @@ impl Hop {
 /// Follows redirects by the attempt's policy: each hop is sent through the rest of the stack,
 /// and the final response (not a redirect, or redirects not followed) is returned.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Redirect;
+pub struct Redirect<S> {
+    inner: S,
+}
 
-impl Step for Redirect {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
-        if !context.redirects.follow {
-            return next.oneshot(request).await.map_err(Into::into);
-        }
-        let max_hops = context.redirects.max_hops;
-        let mut hop = Hop {
-            method: request.method().clone(),
-            url: context.url.clone(),
-            headers: request.headers().clone(),
-            body: request.body().clone(),
-        };
-        let extensions = request.extensions().clone();
-        let mut visited = vec![hop.url.clone()];
-        let mut request = request;
+impl<S, B> Service<AttemptRequest> for Redirect<S>
+where
+    S: Service<AttemptRequest, Response = Response<B>, Error: Into<BoxError>> + Clone,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = RedirectFuture<S>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: AttemptRequest) -> Self::Future {
+        let context = &request.context;
+        // Following needs the hop as sent (for the next one) and the rest of the stack again.
+        let follow = context.redirects.follow.then(|| {
+            Box::new(Follow {
+                hop: Hop {
+                    method: request.http.method().clone(),
+                    url: context.url.clone(),
+                    headers: request.http.headers().clone(),
+                    body: request.http.body().clone(),
+                },
+                visited: Vec::new(),
+                context: context.clone(),
+                inner: self.inner.clone(),
+                pending: None,
+            })
+        });
+        RedirectFuture { call: self.inner.call(request), follow }
+    }
+}
+
+/// What following needs between hops.
+struct Follow<S> {
+    hop: Hop,
+    /// The URLs so far; empty until the first redirect.
+    visited: Vec<Url>,
+    context: Arc<AttemptContext>,
+    inner: S,
+    /// The next hop, waiting for the rest of the stack to be ready.
+    pending: Option<AttemptRequest>,
+}
+
+pin_project! {
+    /// The response future of `Redirect`: the current hop's send, and what following needs.
+    pub struct RedirectFuture<S: Service<AttemptRequest>> {
+        #[pin]
+        call: S::Future,
+        // None when redirects are not followed: the first response is final. Boxed: a clone of
+        // the rest of the stack and the hop are large, and every future above holds this one.
+        follow: Option<Box<Follow<S>>>,
+    }
+}
+
+impl<S, B> Future for RedirectFuture<S>
+where
+    S: Service<AttemptRequest, Response = Response<B>, Error: Into<BoxError>>,
+{
+    type Output = Reply<B>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply<B>> {
+        let mut this = self.project();
         loop {
-            let response = next.clone().oneshot(request).await.map_err(Into::into)?;
-            let location = response.headers().get(header::LOCATION);
-            let next = next_hop(&hop, response.status(), location, &visited, max_hops)
-                .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
-            let Some(next) = next else {
-                return Ok(response);
+            if let Some(follow) = this.follow.as_mut() {
+                if let Some(request) = follow.pending.take() {
+                    match follow.inner.poll_ready(cx) {
+                        Poll::Pending => {
+                            follow.pending = Some(request);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                        Poll::Ready(Ok(())) => this.call.set(follow.inner.call(request)),
+                    }
+                }
+            }
+            let response = ready!(this.call.as_mut().poll(cx)).map_err(Into::into)?;
+            let Some(follow) = this.follow.as_mut() else {
+                return Poll::Ready(Ok(response));
             };
-            tracing::debug!(status = response.status().as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
-            visited.push(next.url.clone());
-            hop = next;
-            request = hop.request()?;
-            *request.extensions_mut() = extensions.clone();
+            match follow.next(&response) {
+                Ok(Some(request)) => follow.pending = Some(request),
+                Ok(None) => return Poll::Ready(Ok(response)),
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
         }
     }
 }
 
+impl<S> Follow<S> {
+    /// The request of the hop after `response`, when it is a redirect to follow.
+    fn next<B>(&mut self, response: &Response<B>) -> Result<Option<AttemptRequest>, SendFailure> {
+        let status = response.status();
+        if !status.is_redirection() {
+            return Ok(None);
+        }
+        if self.visited.is_empty() {
+            self.visited.push(self.hop.url.clone());
+        }
+        let location = response.headers().get(header::LOCATION);
+        let next = next_hop(&self.hop, status, location, &self.visited, self.context.redirects.max_hops)
+            .map_err(|e| SendFailure::new(ErrorKind::Protocol, e.to_string(), true))?;
+        let Some(next) = next else {
+            return Ok(None);
+        };
+        tracing::debug!(status = status.as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
+        self.visited.push(next.url.clone());
+        self.hop = next;
+        Ok(Some(AttemptRequest { http: self.hop.request()?, context: self.context.clone(), checked: None }))
+    }
+}
+
 /// Redirects as a layer of the attempt stack.
-pub type RedirectLayer = StepLayer<Redirect>;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedirectLayer;
+
+impl<S> Layer<S> for RedirectLayer {
+    type Service = Redirect<S>;
+    fn layer(&self, inner: S) -> Redirect<S> {
+        Redirect { inner }
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use http::Response;
-    use tower::{Layer as _, Service as _};
+    use tower::ServiceExt as _;
 
     fn hop(method: Method, url: &str) -> Hop {
         let mut headers = HeaderMap::new();
@@ -259,24 +355,23 @@ mod tests {
 
     #[tokio::test]
     async fn the_layer_sends_each_hop_and_returns_the_final_response() {
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(Redirect).layer(mock);
+        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
+        let mut service = RedirectLayer.layer(mock);
         let mut first =
             crate::client::attempt::tests::request("http://a.test/x", std::time::Duration::from_secs(5));
-        first.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
-        if let Some(context) = first.extensions_mut().get_mut::<AttemptContext>() {
-            context.redirects.follow = true;
-        }
-        let call = tokio::spawn(service.call(first));
+        first.http.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        Arc::get_mut(&mut first.context).unwrap().redirects.follow = true;
+        let context = first.context.clone();
+        let call = tokio::spawn(service.ready().await.unwrap().call(first));
         let (sent, reply) = handle.next_request().await.unwrap();
-        assert!(sent.headers().contains_key(header::AUTHORIZATION));
+        assert!(sent.http.headers().contains_key(header::AUTHORIZATION));
         reply.send_response(
             Response::builder().status(302).header("location", "http://b.test/y").body(()).unwrap(),
         );
         let (sent, reply) = handle.next_request().await.unwrap();
-        assert_eq!(sent.uri(), "http://b.test/y");
-        assert!(!sent.headers().contains_key(header::AUTHORIZATION), "not across origins");
-        assert!(sent.extensions().get::<AttemptContext>().is_some(), "every hop keeps the context");
+        assert_eq!(sent.http.uri(), "http://b.test/y");
+        assert!(!sent.http.headers().contains_key(header::AUTHORIZATION), "not across origins");
+        assert!(Arc::ptr_eq(&sent.context, &context), "every hop keeps the context");
         reply.send_response(
             Response::builder().status(302).header("location", "http://a.test/x").body(()).unwrap(),
         );

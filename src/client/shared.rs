@@ -3,13 +3,14 @@
 //! must pass, and the `Verdict` of the one check an attempt makes. With no backend every limit
 //! is this process's own (`rate_limit`, `cool_down`, `breaker`); with one, the breaker layer
 //! asks it once per attempt (the destination's shared circuit and cool-down marks and every rate
-//! bucket, in one round trip) and the verdict rides in the request's extensions to the cool-down
-//! and rate-limit layers below, so the layer order stays and no layer asks again on the way.
+//! bucket, in one round trip) and the verdict rides beside the request (`AttemptRequest::checked`)
+//! to the cool-down and rate-limit layers below, so the layer order stays and no layer asks
+//! again on the way.
 use super::attempt::AttemptContext;
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -82,10 +83,33 @@ pub trait SharedLimits: Send + Sync + 'static {
     fn circuit_closed(&self, destination: &str);
 }
 
-/// The verdict of this attempt's shared check, in the request's extensions (set by the breaker
-/// layer, read by the cool-down and rate-limit layers).
-#[derive(Debug, Clone)]
-pub struct Checked(pub Verdict);
+/// The verdict of this attempt's shared check, beside the request (`AttemptRequest::checked`):
+/// set by the breaker layer once its check's wait resolves (the wait runs apart from the
+/// request, hence the shared slot), read by the cool-down and rate-limit layers. Made only when
+/// a backend is configured: without one the attempt allocates nothing for it.
+#[derive(Debug, Default)]
+pub struct Checked(Mutex<Option<Verdict>>);
+
+impl Checked {
+    pub fn set(&self, verdict: Verdict) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(verdict);
+        }
+    }
+
+    /// The verdict, taken (the layer that acts on it consumes it).
+    pub fn take(&self) -> Option<Verdict> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// How much longer the fleet's cool-down of the destination runs, when the check saw one.
+    pub fn cooling_down(&self) -> Option<Duration> {
+        match self.0.lock().ok()?.as_ref()? {
+            Verdict::CoolingDown(left) => Some(*left),
+            _ => None,
+        }
+    }
+}
 
 /// Names the buckets an attempt must pass (the rate rules that apply to its destination, and
 /// whatever else its context keys a rule on).

@@ -2,50 +2,56 @@
 //! a failed attempt's error is classified.
 use super::{
     admission::Limits,
-    attempt::{BoxFuture, StepLayer},
+    attempt::{AttemptRequest, StepLayer},
     breaker::BreakerError,
     concurrency::{DestinationSlot, SlotError},
     cool_down::CoolDownError,
     error::SendFailure,
     rate_limit::RateLimitError,
-    redirect::Redirect,
+    redirect::RedirectLayer,
+    tenant::{TenantQuota, TenantQuotaError},
     timeout::{AttemptTimeout, TimeoutError},
 };
 use crate::action::{ActionError, AttemptEnd, ErrorKind};
-use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use tower::{BoxError, Service, ServiceBuilder};
 
 /// One attempt, outermost first. Refusals come before waits, waits before the clock starts,
-/// and the clock bounds everything that may send.
+/// and the clock bounds everything that may send. No layer boxes its future; a layer boxes a
+/// wait only when one is due.
 pub fn attempt_stack<S, B>(
     limits: &Limits,
     client: S,
-) -> impl Service<Request<Bytes>, Response = Response<B>, Error = BoxError, Future = BoxFuture<Response<B>>> + Send
+) -> impl Service<AttemptRequest, Response = Response<B>, Error = BoxError, Future: Send> + Send
 where
-    S: Service<Request<Bytes>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<AttemptRequest, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
     ServiceBuilder::new()
         // An open circuit refuses at once, before any wait; the attempt's end feeds it. In a
-        // fleet it also makes the attempt's one shared check (marks and rate buckets).
+        // fleet it also makes the attempt's one shared check (marks and rate buckets), its
+        // verdict left beside the request for the cool-down and rate-limit layers.
         .layer(StepLayer(limits.breaker()))
-        // A destination that answered 429 Retry-After holds back every action to it, and the
-        // 429s seen here start such a cool-down.
+        // A destination that answered 429 Retry-After holds back every action to it (every
+        // replica's, in a fleet), and the 429s seen here start such a cool-down.
         .layer(StepLayer(limits.cool_down()))
-        // Global and per-destination rate limits: waits, bounded by the total deadline.
+        // The tenant's own rate quota, before the shared limits: a tenant over its quota waits
+        // in its own bucket without spending the global or a destination's tokens.
+        .layer(StepLayer(TenantQuota(limits.tenants())))
+        // Global and per-destination rate limits (the fleet's buckets, in a fleet): waits,
+        // bounded by the total deadline.
         .layer(StepLayer(limits.rate_limit()))
         // A slot to the destination, held until the response (body included) is dropped.
         .layer(StepLayer(DestinationSlot(limits.concurrency())))
         // (Credentials and request signing go here: after every wait, so a signature is fresh.)
         // The attempt's clock starts once it may send, and bounds every hop (the body read
         // is bounded by the same instant).
-        .layer(StepLayer(AttemptTimeout))
+        .layer(AttemptTimeout::layer())
         // Each hop is its own send through the client, so the egress-checking connector
         // dials every one; credentials are dropped across origins.
-        .layer(StepLayer(Redirect))
+        .layer(RedirectLayer)
         // The pooled client, decompression around it (`HttpClient`).
         .service(client)
 }
@@ -65,7 +71,11 @@ pub fn classify(error: &BoxError) -> Failed {
     if error.is::<BreakerError>() {
         return refused(ErrorKind::CircuitOpen);
     }
-    if error.is::<CoolDownError>() || error.is::<RateLimitError>() || error.is::<SlotError>() {
+    if error.is::<CoolDownError>()
+        || error.is::<RateLimitError>()
+        || error.is::<SlotError>()
+        || error.is::<TenantQuotaError>()
+    {
         return refused(ErrorKind::RateLimited);
     }
     if error.is::<TimeoutError>() {
@@ -83,6 +93,22 @@ pub fn classify(error: &BoxError) -> Failed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::{attempt::AttemptRequest, HttpClient};
+
+    #[test]
+    fn the_stack_future_holds_no_copy_of_the_stack() {
+        fn future_size<S: Service<AttemptRequest>>(_: &S) -> usize {
+            std::mem::size_of::<S::Future>()
+        }
+        let egress = std::sync::Arc::new(crate::client::egress::EgressPolicy::new(Default::default()));
+        let client = HttpClient::new(&Default::default(), egress).unwrap();
+        let stack = attempt_stack(&Limits::new(&Default::default(), &Default::default()), client);
+        // Every layer's future holds the next one's: a layer that kept the rest of the stack (or
+        // the redirect state) inline would make each future above it that much larger, and every
+        // attempt would copy it. 256 bytes on x86_64 today; the stack itself is larger.
+        assert!(future_size(&stack) < std::mem::size_of_val(&stack), "{}", future_size(&stack));
+        assert!(future_size(&stack) <= 512, "{}", future_size(&stack));
+    }
 
     #[test]
     fn errors_are_refusals_or_failed_attempts() {
@@ -90,6 +116,8 @@ mod tests {
         assert!(matches!(classify(&refusal), Failed::Refused(e) if e.kind == ErrorKind::CircuitOpen));
         let slot: BoxError = SlotError("busy".into()).into();
         assert!(matches!(classify(&slot), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
+        let quota: BoxError = TenantQuotaError("tenant \"t\" is over its rate quota".into()).into();
+        assert!(matches!(classify(&quota), Failed::Refused(e) if e.kind == ErrorKind::RateLimited));
         let sent: BoxError = SendFailure::new(ErrorKind::Dns, "no such host", false).into();
         assert!(matches!(
             classify(&sent),

@@ -2,13 +2,21 @@
 //! attempt timeout or the action's total deadline, whichever comes first. The bound covers every
 //! hop of the attempt; the caller bounds the body read by the same instant (`bounds`).
 //! Hand-written rather than tower's `Timeout`: the bound is per request (from its context), and
-//! its error says which clock ran out.
-use super::attempt::{AttemptContext, Next, Reply, Step, StepLayer};
+//! its error says which clock ran out. It wraps the rest of the attempt, so it is a service of
+//! its own rather than a `Step`; its future is tokio's `Timeout`, named.
+use super::attempt::{AttemptContext, AttemptRequest};
 use crate::fmt::fmt_duration;
-use bytes::Bytes;
-use http::Request;
-use std::time::{Duration, Instant};
-use tower::ServiceExt as _;
+use pin_project_lite::pin_project;
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+    time::{Duration, Instant},
+};
+use tower::{
+    layer::{layer_fn, LayerFn},
+    BoxError, Service,
+};
 
 /// An attempt ran out of time: its own timeout, or the action's total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -31,37 +39,77 @@ pub fn bounds(start: Instant, context: &AttemptContext) -> (Instant, TimeoutErro
 
 /// Starts the attempt (tells its action through the context's start signal) and bounds it.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct AttemptTimeout;
+pub struct AttemptTimeout<S> {
+    inner: S,
+}
 
-impl Step for AttemptTimeout {
-    async fn around<S: Next<B>, B: Send + 'static>(self, request: Request<Bytes>, next: S) -> Reply<B> {
-        let context = AttemptContext::of(&request)?;
+impl<S> Service<AttemptRequest> for AttemptTimeout<S>
+where
+    S: Service<AttemptRequest, Error: Into<BoxError>>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: AttemptRequest) -> Self::Future {
         let start = Instant::now();
-        let (until, error) = bounds(start, context);
-        context.start.start(start);
-        match tokio::time::timeout_at(until.into(), next.oneshot(request)).await {
-            Ok(result) => result.map_err(Into::into),
-            Err(_) => Err(error.into()),
-        }
+        let (until, error) = bounds(start, &request.context);
+        request.context.start.start(start);
+        TimeoutFuture { call: tokio::time::timeout_at(until.into(), self.inner.call(request)), error }
     }
 }
 
-/// The attempt's clock as a layer of the attempt stack.
-pub type AttemptTimeoutLayer = StepLayer<AttemptTimeout>;
+pin_project! {
+    /// The rest of the attempt under its clock.
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        call: tokio::time::Timeout<F>,
+        error: TimeoutError,
+    }
+}
+
+impl<F, T, E: Into<BoxError>> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        Poll::Ready(match ready!(this.call.poll(cx)) {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err((*this.error).into()),
+        })
+    }
+}
+
+/// The attempt's clock as a layer of the attempt stack (`AttemptTimeout::layer()`).
+pub type AttemptTimeoutLayer<S> = LayerFn<fn(S) -> AttemptTimeout<S>>;
+
+impl<S> AttemptTimeout<S> {
+    pub fn layer() -> AttemptTimeoutLayer<S> {
+        layer_fn(|inner| Self { inner })
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::client::attempt::tests::request;
     use http::Response;
-    use tower::{Layer as _, Service as _};
+    use tower::ServiceExt as _;
 
     #[tokio::test(start_paused = true)]
     async fn the_nearer_clock_ends_the_attempt_and_is_named() {
-        let (mock, mut handle) = tower_test::mock::pair::<Request<Bytes>, Response<()>>();
-        let mut service = StepLayer(AttemptTimeout).layer(mock);
+        let (mock, mut handle) = tower_test::mock::pair::<AttemptRequest, Response<()>>();
+        let mut service = tower::Layer::layer(&AttemptTimeout::layer(), mock);
         // The total (3 s) comes first.
-        let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(3))));
+        let call =
+            tokio::spawn(service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(3))));
         let _pending = handle.next_request().await.unwrap();
         let started = tokio::time::Instant::now();
         let err = call.await.unwrap().unwrap_err();
@@ -69,9 +117,10 @@ mod tests {
         assert_eq!(*err.downcast_ref::<TimeoutError>().unwrap(), TimeoutError::Total(Duration::from_secs(3)));
         // (The code's std clock does not follow the paused one: the later deadline goes second.)
         // The attempt timeout (10 s) comes first; nobody answers.
-        let call = tokio::spawn(service.call(request("http://h/", Duration::from_secs(60))));
+        let call =
+            tokio::spawn(service.ready().await.unwrap().call(request("http://h/", Duration::from_secs(60))));
         let (sent, _reply) = handle.next_request().await.unwrap();
-        let started = sent.extensions().get::<AttemptContext>().unwrap().start.take();
+        let started = sent.context.start.take();
         assert!(started.is_some(), "the action was told the attempt started");
         let err = call.await.unwrap().unwrap_err();
         assert_eq!(err.to_string(), "attempt timeout of 10s elapsed");

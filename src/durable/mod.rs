@@ -11,7 +11,7 @@ pub mod policy;
 pub mod service;
 
 use crate::{
-    action::{ActionError, ErrorKind, Outcome, RetryDecision},
+    action::{ActionError, AttemptEnd, ErrorKind, Outcome, RetryDecision},
     api::convert,
     client::concurrency::Admission,
     exec::{Buffered, Executor},
@@ -32,21 +32,41 @@ use std::{
 };
 use tokio::sync::{oneshot, Notify};
 
-/// Settings of durable actions.
-#[derive(Debug, Clone)]
+/// The `[durable]` section: durable actions (DurableActionService).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DurableSettings {
     /// Unfinished actions stored at most; past this Submit is RESOURCE_EXHAUSTED. Default 100000.
     pub max_pending: u64,
     /// How long final actions are kept before they are purged. Default 7 days.
+    #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Header carrying the action id on POST and PATCH; `None` adds none. Default
-    /// `Idempotency-Key`.
+    /// Header carrying the action id on POST and PATCH; `None` (written as the empty string)
+    /// adds none. Default `Idempotency-Key`.
+    #[serde(with = "crate::settings::optional_header")]
     pub idempotency_header: Option<HeaderName>,
     /// Attempts the runner has in flight at once. Default 256.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent: usize,
     /// Attempts the runner has in flight to one destination at once, so a slow host cannot
     /// take every place. Default 32.
+    #[serde(deserialize_with = "crate::settings::at_least_one")]
     pub max_concurrent_per_destination: usize,
+    /// How long a claimed attempt is ours without a renewal; renewed every third of it while
+    /// the attempt runs (and while its end is being stored). Another replica of a shared store
+    /// takes the action over only after it runs out. At least 1s. Default 30s.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "lease")]
+    pub lease: Duration,
+}
+
+fn lease<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match humantime_serde::deserialize::<Duration, D>(d)? {
+        t if t < Duration::from_secs(1) => Err(serde::de::Error::custom(format!(
+            "must be at least 1s (it is {})",
+            humantime::format_duration(t)
+        ))),
+        t => Ok(t),
+    }
 }
 
 impl Default for DurableSettings {
@@ -57,6 +77,7 @@ impl Default for DurableSettings {
             idempotency_header: Some(HeaderName::from_static("idempotency-key")),
             max_concurrent: 256,
             max_concurrent_per_destination: 32,
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -66,10 +87,12 @@ impl Default for DurableSettings {
 const TICK: Duration = Duration::from_secs(1);
 /// How often final actions past their retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
-/// Lease of a claimed attempt. The embedded store is this process's alone (its own attempts are
-/// never taken over, and a restart expires every lease), so it only bounds how long an attempt
-/// whose end could not be stored stays RUNNING before it is taken over as interrupted.
-const LEASE: Duration = Duration::from_secs(600);
+/// How long the end of an attempt is tried again while the store is unavailable (PostgreSQL
+/// down): the attempt's result is written when the store comes back within it. Past it the
+/// attempt is left to whoever takes its lease over.
+const FINISH_PATIENCE: Duration = Duration::from_secs(3600);
+/// The longest wait between two tries to store an attempt's end.
+const FINISH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub const GAUGE_ACTIONS: &str = "callout_durable_actions";
 pub const GAUGE_OLDEST_DUE: &str = "callout_durable_oldest_due_seconds";
@@ -251,7 +274,7 @@ impl Durable {
         let claims = store
             .claim(ClaimRequest {
                 now: SystemTime::now(),
-                lease: LEASE,
+                lease: settings.lease,
                 limit: offered,
                 per_destination: settings.max_concurrent_per_destination,
                 busy,
@@ -271,11 +294,41 @@ impl Durable {
         self.running().insert(id.clone(), (claim.destination.clone(), Some(cancel_tx)));
         let durable = self.clone();
         tokio::spawn(async move {
-            let finish = durable.attempt(&claim, admission, cancel_rx).await;
-            durable.finish(finish).await;
+            let attempt = claim.attempt;
+            let work = async {
+                let finish = durable.attempt(&claim, admission, cancel_rx).await;
+                durable.finish(finish).await;
+            };
+            // The lease is renewed while the attempt runs and while its end is being stored.
+            tokio::select! {
+                _ = work => {}
+                _ = durable.keep_lease(&id, attempt) => {}
+            }
             durable.running().remove(&id);
             durable.wake();
         });
+    }
+
+    /// Renews the lease of attempt `attempt` every third of the lease; never returns while the
+    /// lease is ours. When the store says it no longer is (cancelled on another replica, or
+    /// taken over after the lease ran out while the store was unreachable) the attempt is
+    /// aborted, and this waits for it to end.
+    async fn keep_lease(&self, action_id: &str, attempt: u32) {
+        let lease = self.inner.settings.lease;
+        let every = lease / 3;
+        let Ok(store) = self.store() else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(every).await;
+            match store.renew(action_id, attempt, SystemTime::now() + lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(%action_id, attempt, "durable actions: the attempt's lease is no longer ours; aborting it");
+                    self.abort(action_id);
+                    return std::future::pending().await;
+                }
+                Err(e) => tracing::warn!(%action_id, error = %e, "durable actions: cannot renew a lease"),
+            }
+        }
     }
 
     /// Runs one attempt of a claimed action and says what comes next.
@@ -304,9 +357,7 @@ impl Durable {
             return finish(None, final_failed(&error, result));
         }
         // One attempt through the executor, within min(attempt timeout, time left).
-        let mut one = plan.action.clone();
-        one.retry.max_attempts = 1;
-        one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        let one = plan.action.one_attempt(remaining);
         let mut buffered = Buffered;
         let run = self.inner.executor.run_admitted(admission, &one, None, &mut buffered);
         let outcome = tokio::select! {
@@ -344,7 +395,7 @@ impl Durable {
                 error.unwrap_or_else(|| ActionError::new(ErrorKind::Cancelled, "no attempt was made"));
             // At least a second: a refusal (an open circuit, say) lasts a while, and each retry
             // is two commits.
-            let backoff = plan.action.retry.backoff(number_in_run).max(Duration::from_secs(1));
+            let backoff = plan.action.retry().backoff(number_in_run).max(Duration::from_secs(1));
             if backoff >= remaining {
                 let result = self.result(claim, None, Some(&error), None);
                 return finish(None, final_failed(&error, result));
@@ -362,6 +413,9 @@ impl Durable {
             attempts: outcome.attempts.clone(),
             started_at: outcome.started_at,
             total: outcome.total,
+            reply_body: outcome.reply_body,
+            extracted: Vec::new(),
+            condition_retry: false,
         };
         let mut record = convert::outcome(only_attempts).attempts.into_iter().next().unwrap_or_default();
         record.number = claim.attempt;
@@ -378,7 +432,11 @@ impl Durable {
             let value = r.head.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("retry-after"))?;
             crate::action::parse_retry_after(&value.1, SystemTime::now())
         });
-        let end = policy::attempt_end(attempt.status, error.kind, retry_after);
+        let end = match attempt.status {
+            // The retry_condition asked for another attempt: polling, durably.
+            Some(status) if outcome.condition_retry => AttemptEnd::Condition { status, retry_after },
+            status => policy::attempt_end(status, error.kind, retry_after),
+        };
         match policy::decide(plan, number_in_run, end, remaining) {
             RetryDecision::Retry { backoff, reason } => {
                 tracing::debug!(action_id = %stored.record.action_id, attempt = claim.attempt, %reason, ?backoff, "durable retry");
@@ -416,7 +474,7 @@ impl Durable {
             result.error = Some(convert::action_error(error));
             result.proceed = self
                 .plan(&stored.request)
-                .is_ok_and(|p| p.action.on_failure == crate::action::OnFailure::Continue);
+                .is_ok_and(|p| p.action.on_failure() == crate::action::OnFailure::Continue);
         }
         result.attempts =
             stored.record.attempts.iter().filter_map(|a| pb::Attempt::decode(a.as_ref()).ok()).collect();
@@ -431,18 +489,31 @@ impl Durable {
         encode(&result)
     }
 
-    /// Stores the end of an attempt; a store that is unavailable is tried again a few times,
-    /// then the attempt is left to the next start (it is RUNNING under a lease in the store).
+    /// Stores the end of an attempt; a store that is unavailable (PostgreSQL down) is tried
+    /// again with backoff for up to FINISH_PATIENCE, then the attempt is left to whoever takes
+    /// its lease over (it is RUNNING under a lease in the store).
     async fn finish(&self, finish: Finish) {
         let Ok(store) = self.store() else { return };
-        for wait in [0u64, 100, 1000, 5000] {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        loop {
             match store.finish_attempt(finish.clone()).await {
                 Ok(_) => return,
+                Err(e @ StoreError::Unavailable(_)) => {
+                    tracing::warn!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt; trying again")
+                }
                 Err(e) => {
-                    tracing::warn!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt")
+                    // Not a matter of time (a damaged record): left to the lease's takeover.
+                    tracing::error!(action_id = %finish.action_id, error = %e, "durable actions: cannot record an attempt");
+                    return;
                 }
             }
+            if started.elapsed() >= FINISH_PATIENCE {
+                tracing::error!(action_id = %finish.action_id, "durable actions: gave up recording an attempt; it is left to the lease's takeover");
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(FINISH_BACKOFF_MAX);
         }
     }
 
@@ -543,20 +614,21 @@ impl Durable {
             error: Some(convert::action_error(interrupted)),
             ..Default::default()
         };
-        if !plan.action.retry.may_repeat {
+        if !plan.action.retry().may_repeat {
             let error = ActionError::new(
                 ErrorKind::Cancelled,
                 format!(
                     "attempt {} was cut off and may have been sent; a {} without an idempotency key \
                      is not repeated",
-                    claim.attempt, plan.action.method
+                    claim.attempt,
+                    plan.action.method()
                 ),
             );
             return final_failed(&error, self.result(claim, Some(&record), Some(&error), None));
         }
         let in_run = claim.attempt.saturating_sub(claim.stored.run_base);
         let left = claim.stored.deadline_at.duration_since(SystemTime::now()).unwrap_or_default();
-        if in_run >= plan.action.retry.max_attempts || left.is_zero() {
+        if in_run >= plan.action.retry().max_attempts || left.is_zero() {
             return final_failed(interrupted, self.result(claim, Some(&record), Some(interrupted), None));
         }
         Next::Retry { at: SystemTime::now(), last_error: Some(encode(&convert::action_error(interrupted))) }

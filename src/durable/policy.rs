@@ -39,7 +39,6 @@ pub fn plan(
     executor: &Executor,
     idempotency_header: Option<&HeaderName>,
 ) -> Result<Plan, InvalidAction> {
-    let explicit_attempts = request.retry.as_ref().map(|r| r.max_attempts).unwrap_or(0);
     let mut bad = InvalidAction::default();
     if request.action_id.len() > MAX_ACTION_ID
         || request.action_id.bytes().any(|b| !(0x21..=0x7e).contains(&b))
@@ -71,16 +70,12 @@ pub fn plan(
         }
         keyed = present || unsafe_method;
     }
+    // Retry until the total time unless the caller bounded the attempts; an action carrying an
+    // idempotency key may be repeated after a crash whatever its method.
+    input.retry.unbounded_by_default = true;
+    input.retry.retry_non_idempotent |= keyed;
     match executor.action(input) {
-        Ok(mut action) if bad.is_empty() => {
-            if explicit_attempts == 0 {
-                action.retry.max_attempts = u32::MAX;
-            }
-            if keyed {
-                action.retry.may_repeat = true;
-            }
-            Ok(Plan { action, total })
-        }
+        Ok(action) if bad.is_empty() => Ok(Plan { action, total }),
         Ok(_) => Err(bad),
         Err(more) => {
             bad.violations.extend(more.violations);
@@ -97,7 +92,7 @@ pub fn decide(plan: &Plan, number_in_run: u32, end: AttemptEnd, remaining: Durat
             return RetryDecision::Stop { reason: format!("{kind} error is final") };
         }
     }
-    plan.action.retry.decide(number_in_run, end, remaining)
+    plan.action.retry().decide(number_in_run, end, remaining)
 }
 
 /// How an attempt that got `status` (if any) and `error` ended, for the retry decision.
@@ -136,23 +131,23 @@ mod tests {
     fn durable_defaults_are_long() {
         let plan = plan(request("GET"), &executor(), Some(&key())).unwrap();
         assert_eq!(plan.total, DEFAULT_TOTAL);
-        assert_eq!(plan.action.retry.max_attempts, u32::MAX);
-        assert_eq!(plan.action.retry.initial_backoff, DEFAULT_INITIAL_BACKOFF);
-        assert_eq!(plan.action.retry.max_backoff, DEFAULT_MAX_BACKOFF);
-        assert!(!plan.action.headers.contains_key("idempotency-key"), "GET gets no key");
+        assert_eq!(plan.action.retry().max_attempts, u32::MAX);
+        assert_eq!(plan.action.retry().initial_backoff, DEFAULT_INITIAL_BACKOFF);
+        assert_eq!(plan.action.retry().max_backoff, DEFAULT_MAX_BACKOFF);
+        assert!(!plan.action.headers().contains_key("idempotency-key"), "GET gets no key");
     }
 
     #[test]
     fn post_gets_the_action_id_as_idempotency_key_unless_it_sets_one() {
         let plan = plan(request("post"), &executor(), Some(&key())).unwrap();
-        assert_eq!(plan.action.headers["idempotency-key"], "order-17");
-        assert!(plan.action.retry.may_repeat);
+        assert_eq!(plan.action.headers()["idempotency-key"], "order-17");
+        assert!(plan.action.retry().may_repeat);
         let mut own = request("PATCH");
         own.headers.push(pb::KeyValue { name: "Idempotency-Key".into(), value: "mine".into() });
         let plan = super::plan(own, &executor(), Some(&key())).unwrap();
-        assert_eq!(plan.action.headers.get_all("idempotency-key").iter().collect::<Vec<_>>(), ["mine"]);
+        assert_eq!(plan.action.headers().get_all("idempotency-key").iter().collect::<Vec<_>>(), ["mine"]);
         let plan = super::plan(request("POST"), &executor(), None).unwrap();
-        assert!(!plan.action.retry.may_repeat, "no key, no repeat");
+        assert!(!plan.action.retry().may_repeat, "no key, no repeat");
     }
 
     #[test]
@@ -184,9 +179,10 @@ mod tests {
 
     #[test]
     fn backoff_grows_to_an_hour() {
-        let mut plan = plan(request("GET"), &executor(), Some(&key())).unwrap();
-        plan.action.retry.jitter = false;
-        assert_eq!(plan.action.retry.backoff(1), Duration::from_secs(1));
-        assert_eq!(plan.action.retry.backoff(30), DEFAULT_MAX_BACKOFF);
+        let mut request = request("GET");
+        request.retry.get_or_insert_default().jitter = Some(false);
+        let plan = plan(request, &executor(), Some(&key())).unwrap();
+        assert_eq!(plan.action.retry().backoff(1), Duration::from_secs(1));
+        assert_eq!(plan.action.retry().backoff(30), DEFAULT_MAX_BACKOFF);
     }
 }

@@ -129,6 +129,7 @@ impl Rpc for DurableService {
         let new = NewAction {
             action_id: action_id.clone(),
             request: Bytes::from(action.encode_to_vec()),
+            tenant: plan.action.tenant().unwrap_or_default().to_owned(),
             destination: plan.action.destination(),
             due_at: due,
             total: plan.total,

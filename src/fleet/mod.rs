@@ -8,6 +8,7 @@
 //! - `cool:HOST:PORT`: a 429 Retry-After cool-down, expiring when it ends;
 //! - `circuit:HOST:PORT`: an open circuit, expiring when the next probe may go.
 use crate::client::shared::SharedBucket;
+use serde::Deserialize;
 use std::time::Duration;
 
 pub mod redis;
@@ -25,20 +26,49 @@ pub enum Unavailable {
     Deny,
 }
 
-/// The fleet's settings, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `[fleet]` section: fleet-wide limits shared through Redis, checked as it is read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FleetSettings {
-    /// `redis://[[user]:password@]host[:port][/db]`.
+    /// `redis://[[user]:password@]host[:port][/db]`; empty (the default): no fleet, each
+    /// replica's limits are its own.
+    #[serde(deserialize_with = "redis_url")]
     pub redis_url: String,
     /// Every key starts with this. Default `callout:v1:`.
     pub key_prefix: String,
     /// Default `local`.
+    #[serde(rename = "redis_unavailable")]
     pub unavailable: Unavailable,
     /// Longest wait for one answer of Redis on an attempt's way; past it Redis counts as
     /// unreachable. Default 100 ms.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "more_than_zero")]
     pub timeout: Duration,
     /// Longest wait for a connection. Default 1 s.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "more_than_zero")]
     pub connect_timeout: Duration,
+}
+
+impl FleetSettings {
+    /// The settings when a fleet is configured (`redis_url` set).
+    pub fn configured(&self) -> Option<&Self> {
+        (!self.redis_url.is_empty()).then_some(self)
+    }
+}
+
+fn redis_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw = String::deserialize(d)?;
+    let url = raw.trim();
+    if !url.is_empty() {
+        check_url(url).map_err(serde::de::Error::custom)?;
+    }
+    Ok(url.to_owned())
+}
+
+fn more_than_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match humantime_serde::deserialize::<Duration, D>(d)? {
+        t if t.is_zero() => Err(serde::de::Error::custom("must be more than 0")),
+        t => Ok(t),
+    }
 }
 
 impl Default for FleetSettings {

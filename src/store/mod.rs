@@ -5,6 +5,7 @@
 //!
 //! The store knows states, times and sequence numbers; the request, the attempts and the result
 //! are opaque bytes to it (the durable layer keeps them as the contract's own encoding).
+pub mod postgres;
 pub mod sqlite;
 
 use bytes::Bytes;
@@ -94,6 +95,8 @@ pub struct Stored {
 pub struct NewAction {
     pub action_id: String,
     pub request: Bytes,
+    /// The tenant the action belongs to (empty: none), for fairness across tenants.
+    pub tenant: String,
     /// host:port, for fairness across destinations.
     pub destination: String,
     /// When the first attempt is due.
@@ -123,7 +126,7 @@ pub struct ClaimRequest {
     /// Most actions to claim.
     pub limit: usize,
     /// Most actions running per destination, those in `busy` included: fairness across
-    /// destinations (due actions are taken round robin across them).
+    /// destinations (due actions are taken round robin across them, within each tenant).
     pub per_destination: usize,
     /// Destinations with attempts in flight, and how many.
     pub busy: Vec<(String, usize)>,
@@ -220,8 +223,10 @@ pub trait ActionStore: Send + Sync + 'static {
     /// The sequence of the last committed change; it changes after every commit.
     fn subscribe(&self) -> watch::Receiver<u64>;
 
-    /// Takes due PENDING actions (fairly across destinations), makes them RUNNING under a lease
-    /// and records their next attempt as started.
+    /// Takes due PENDING actions, makes them RUNNING under a lease and records their next attempt
+    /// as started. Fair across tenants first (the tenant with the fewest RUNNING goes first, in
+    /// turn among equals, so a tenant with thousands due cannot starve one with a few), then
+    /// round robin across destinations within a tenant.
     fn claim(&self, claim: ClaimRequest) -> StoreFuture<'_, Claims>;
 
     /// Extends the lease of a RUNNING action's attempt; false when it is no longer ours.

@@ -6,10 +6,11 @@
 //! the same file fails at start instead of running the same actions twice; and because no other
 //! process can hold a lease, the leases of a previous run are expired when the store opens.
 //!
-//! Tables: `actions` (one row per action: the request, scheduling columns and the sequence of
-//! its latest change), `attempts` (one row per attempt; a row without a record is an attempt
-//! that was started and may have been sent) and `changes` (one row per state change, numbered
-//! in commit order, holding the record as of that change: what WatchActions replays).
+//! Tables: `actions` (one row per action: the request, scheduling columns (tenant, destination,
+//! due time, lease) and the sequence of its latest change), `attempts` (one row per attempt; a row without a record is an attempt
+//! that was started and may have been sent), `changes` (one row per state change, numbered
+//! in commit order, holding the record as of that change: what WatchActions replays) and
+//! `tenant_turns` (when each tenant was last served by a claim).
 use super::{
     from_millis, to_millis, ActionStore, ClaimRequest, Claimed, Claims, Finish, NewAction, Next, Record,
     State, Stats, StoreError, StoreFuture, Stored, Submitted,
@@ -64,29 +65,35 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX changes_action ON changes (action_id);
     CREATE INDEX changes_time ON changes (committed_at);",
+    // 2: the action's tenant, for fairness across tenants ('' for none, as every action stored
+    // before tenants existed), and when each tenant was last served (the sequence of its last
+    // claim), so tenants take turns across claims.
+    "ALTER TABLE actions ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+    CREATE TABLE tenant_turns (tenant TEXT PRIMARY KEY, served INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
-/// A record as of one change, as the `changes` table keeps it.
+/// A record as of one change, as the `changes` table keeps it (the PostgreSQL store keeps the
+/// same encoding).
 #[derive(Clone, PartialEq, prost::Message)]
-struct Snapshot {
+pub(super) struct Snapshot {
     #[prost(int32, tag = "1")]
-    state: i32,
+    pub(super) state: i32,
     #[prost(bytes = "bytes", repeated, tag = "2")]
-    attempts: Vec<Bytes>,
+    pub(super) attempts: Vec<Bytes>,
     #[prost(int64, optional, tag = "3")]
-    next_attempt_at: Option<i64>,
+    pub(super) next_attempt_at: Option<i64>,
     #[prost(bytes = "bytes", optional, tag = "4")]
-    last_error: Option<Bytes>,
+    pub(super) last_error: Option<Bytes>,
     #[prost(bytes = "bytes", optional, tag = "5")]
-    result: Option<Bytes>,
+    pub(super) result: Option<Bytes>,
     #[prost(int64, tag = "6")]
-    created_at: i64,
+    pub(super) created_at: i64,
     #[prost(int64, tag = "7")]
-    updated_at: i64,
+    pub(super) updated_at: i64,
 }
 
 impl Snapshot {
-    fn record(self, action_id: String, sequence: u64) -> Result<Record, StoreError> {
+    pub(super) fn record(self, action_id: String, sequence: u64) -> Result<Record, StoreError> {
         let state = State::from_i64(i64::from(self.state))
             .ok_or_else(|| StoreError::Corrupt(format!("action {action_id}: state {}", self.state)))?;
         Ok(Record {
@@ -427,8 +434,8 @@ impl Db {
         self.conn
             .prepare_cached(
                 "INSERT INTO actions (action_id, request, destination, state, sequence, next_attempt_at,
-                     total_ms, deadline_at, created_at)
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8)",
+                     total_ms, deadline_at, created_at, tenant)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -440,6 +447,7 @@ impl Db {
                     total,
                     due.max(now).saturating_add(total),
                     now,
+                    new.tenant,
                 ])
             })
             .map_err(unavailable)?;
@@ -507,23 +515,44 @@ impl Db {
 
     fn claim(&mut self, claim: ClaimRequest) -> Result<Claims, StoreError> {
         let now = to_millis(claim.now);
-        // Rows come round robin across destinations; a busy destination's rows beyond its room
-        // are passed over, so the window is widened by what they may take.
+        // Fair across tenants first: each tenant's due rows are ranked (round robin across its
+        // destinations, `drn`, then due time), and a row's turn is its rank plus its tenant's
+        // RUNNING actions, so the tenant with the fewest running goes first; among equals the
+        // tenant served longest ago goes first (`tenant_turns`), so tenants take turns also
+        // when each claim takes one. A busy destination's rows beyond its room are passed
+        // over, so the window is widened by what they may take.
         let window =
             claim.limit + claim.busy.iter().map(|(_, n)| (*n).min(claim.per_destination)).sum::<usize>();
-        let due: Vec<(String, String)> = self
+        let due: Vec<(String, String, String)> = self
             .conn
             .prepare_cached(
-                "SELECT action_id, destination FROM (
-                     SELECT action_id, destination, next_attempt_at, id,
-                         ROW_NUMBER() OVER (PARTITION BY destination ORDER BY next_attempt_at, id) AS rn
+                "WITH due AS (
+                     SELECT action_id, tenant, destination, next_attempt_at, id,
+                         ROW_NUMBER() OVER (PARTITION BY tenant, destination ORDER BY next_attempt_at, id)
+                             AS drn
                      FROM actions WHERE state = ?1 AND next_attempt_at <= ?2
-                 ) WHERE rn <= ?3 ORDER BY rn, next_attempt_at, id LIMIT ?4",
+                 ), ranked AS (
+                     SELECT action_id, tenant, destination, next_attempt_at, id,
+                         ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY drn, next_attempt_at, id) AS trn
+                     FROM due WHERE drn <= ?3
+                 ), running AS (
+                     SELECT tenant, COUNT(*) AS n FROM actions WHERE state = ?5 GROUP BY tenant
+                 )
+                 SELECT action_id, tenant, destination FROM ranked
+                     LEFT JOIN running USING (tenant) LEFT JOIN tenant_turns USING (tenant)
+                 WHERE trn <= ?4 ORDER BY trn + COALESCE(n, 0), COALESCE(served, 0), next_attempt_at, id
+                 LIMIT ?4",
             )
             .and_then(|mut s| {
                 s.query_map(
-                    params![State::Pending as i64, now, claim.per_destination as i64, window as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    params![
+                        State::Pending as i64,
+                        now,
+                        claim.per_destination as i64,
+                        window as i64,
+                        State::Running as i64
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?
                 .collect()
             })
@@ -531,7 +560,7 @@ impl Db {
         let lease_until = to_millis(claim.now + claim.lease);
         let mut claimed = Vec::new();
         let mut taken: std::collections::HashMap<String, usize> = claim.busy.into_iter().collect();
-        for (action_id, destination) in due {
+        for (action_id, tenant, destination) in due {
             if claimed.len() >= claim.limit {
                 break;
             }
@@ -541,6 +570,14 @@ impl Db {
             }
             *n += 1;
             claimed.push(self.start_attempt(&action_id, now, lease_until)?);
+            // The claim's change sequence orders the turns.
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO tenant_turns (tenant, served) VALUES (?1, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET served = excluded.served",
+                )
+                .and_then(|mut s| s.execute(params![tenant, self.last_sequence as i64]))
+                .map_err(unavailable)?;
         }
         let next_due: Option<i64> = self
             .conn
@@ -756,6 +793,14 @@ impl Db {
         // that far back misses them (as it misses purged actions).
         run("DELETE FROM changes WHERE sequence IN (SELECT sequence FROM changes WHERE committed_at < ?1
              AND sequence NOT IN (SELECT sequence FROM actions) LIMIT 10000)")?;
+        // Turns of tenants with nothing left to run (a new action starts them at the front).
+        self.conn
+            .execute(
+                "DELETE FROM tenant_turns WHERE tenant NOT IN
+                     (SELECT tenant FROM actions WHERE state IN (?1, ?2))",
+                [State::Pending as i64, State::Running as i64],
+            )
+            .map_err(unavailable)?;
         Ok(n as u64)
     }
 
@@ -878,6 +923,7 @@ mod tests {
         NewAction {
             action_id: id.into(),
             request: Bytes::from_static(b"request"),
+            tenant: String::new(),
             destination: destination.into(),
             due_at: now,
             total: Duration::from_secs(3600),
@@ -915,6 +961,150 @@ mod tests {
         let mut full = claim(now, 10, 3);
         full.busy = vec![("slow:443".into(), 3)];
         assert!(store.claim(full).await.unwrap().claimed.is_empty());
+    }
+
+    fn of(tenant: &str, id: &str, destination: &str, now: SystemTime) -> NewAction {
+        NewAction { tenant: tenant.into(), max_pending: 100_000, ..new(id, destination, now) }
+    }
+
+    fn ids(claims: &Claims) -> Vec<String> {
+        claims.claimed.iter().map(|c| c.stored.record.action_id.clone()).collect()
+    }
+
+    fn done(id: &str, now: SystemTime) -> Finish {
+        Finish {
+            action_id: id.into(),
+            attempt: 1,
+            record: Some(Bytes::from_static(b"attempt")),
+            next: Next::Final { state: State::Succeeded, last_error: None, result: Bytes::new() },
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_with_thousands_due_cannot_starve_one_with_a_few() {
+        let dir = dir("tenants");
+        let store = open(&dir).unwrap();
+        let now = SystemTime::now();
+        // 10,000 of a's due first (submitted together: one commit per batch), then b's 10, all
+        // to the same destination (round robin across destinations alone would not help b).
+        let mut submits = tokio::task::JoinSet::new();
+        for i in 0..10_000 {
+            let store = store.clone();
+            submits.spawn(async move { store.submit(of("a", &format!("a-{i}"), "api:443", now)).await });
+        }
+        while let Some(submitted) = submits.join_next().await {
+            submitted.unwrap().unwrap();
+        }
+        for i in 0..10 {
+            store.submit(of("b", &format!("b-{i}"), "api:443", now)).await.unwrap();
+        }
+        // Claims of 4, each finished before the next: b's 10 go in the first 20, in turn with a's.
+        let mut claimed = Vec::new();
+        for _ in 0..5 {
+            let claims = store.claim(claim(now, 4, 1000)).await.unwrap();
+            for id in ids(&claims) {
+                store.finish_attempt(done(&id, now)).await.unwrap();
+                claimed.push(id);
+            }
+        }
+        let b = claimed.iter().filter(|id| id.starts_with("b-")).count();
+        assert_eq!(b, 10, "{claimed:?}");
+        assert_eq!(store.stats(now).await.unwrap().pending, 10_000 - 10);
+    }
+
+    #[tokio::test]
+    async fn the_tenant_with_fewer_running_goes_first_and_equals_take_turns() {
+        let dir = dir("turns");
+        let store = open(&dir).unwrap();
+        let now = SystemTime::now();
+        for i in 0..6 {
+            store.submit(of("a", &format!("a-{i}"), "h:443", now)).await.unwrap();
+        }
+        for i in 0..5 {
+            store.submit(of("b", &format!("b-{i}"), "h:443", now)).await.unwrap();
+        }
+        store.submit(new("none-0", "h:443", now)).await.unwrap();
+        // One at a time and none finished: each claim goes to a tenant with the fewest running.
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            order.extend(ids(&store.claim(claim(now, 1, 100)).await.unwrap()));
+        }
+        assert_eq!(order, ["a-0", "b-0", "none-0", "a-1", "b-1", "a-2"]);
+        // Claims of one, each finished before the next (nothing running): tenants take turns.
+        for id in &order {
+            store.finish_attempt(done(id, now)).await.unwrap();
+        }
+        let mut turns = Vec::new();
+        for _ in 0..4 {
+            let claimed = ids(&store.claim(claim(now, 1, 100)).await.unwrap());
+            store.finish_attempt(done(&claimed[0], now)).await.unwrap();
+            turns.extend(claimed);
+        }
+        assert_eq!(turns, ["b-2", "a-3", "b-3", "a-4"]);
+        // A destination's cap still holds within a tenant.
+        store.submit(of("c", "c-0", "busy:443", now)).await.unwrap();
+        store.submit(of("c", "c-1", "busy:443", now)).await.unwrap();
+        let mut busy = claim(now, 10, 1);
+        busy.busy = vec![("busy:443".into(), 1)];
+        assert!(ids(&store.claim(busy).await.unwrap()).iter().all(|id| !id.starts_with("c-")));
+    }
+
+    #[tokio::test]
+    async fn a_store_of_the_first_schema_is_migrated_and_its_actions_run() {
+        let dir = dir("migrate");
+        let now = SystemTime::now();
+        let path = dir.0.join("actions.db");
+        {
+            std::fs::create_dir_all(&dir.0).unwrap();
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            let at = to_millis(now);
+            let snapshot = Snapshot {
+                state: State::Pending as i32,
+                next_attempt_at: Some(at),
+                created_at: at,
+                updated_at: at,
+                ..Snapshot::default()
+            };
+            conn.execute(
+                "INSERT INTO changes (sequence, action_id, committed_at, snapshot) VALUES (1, 'old', ?1, ?2)",
+                params![at, snapshot.encode_to_vec()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO actions (action_id, request, destination, state, sequence, next_attempt_at,
+                     total_ms, deadline_at, created_at) VALUES ('old', x'00', 'h:80', 1, 1, ?1, 3600000, ?2, ?1)",
+                params![at, at + 3_600_000],
+            )
+            .unwrap();
+        }
+        let store = open(&dir).unwrap();
+        store.submit(of("t", "new", "h:80", now)).await.unwrap();
+        assert_eq!(ids(&store.claim(claim(now, 10, 10)).await.unwrap()), ["old", "new"]);
+        drop(store);
+        let conn = (0..100)
+            .find_map(|_| {
+                let conn = Connection::open(&path)
+                    .ok()
+                    .filter(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK").is_ok());
+                if conn.is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                conn
+            })
+            .unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let tenants: Vec<String> = conn
+            .prepare("SELECT tenant FROM actions ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(tenants, ["", "t"]);
     }
 
     #[tokio::test]

@@ -113,7 +113,7 @@ async fn many_large_replies_at_once_stay_within_the_memory_budget() {
 async fn a_body_larger_than_the_whole_budget_fails_body_too_large_at_once() {
     let upstream = large_bodies().await;
     let mut settings = test_settings();
-    settings.limits.max_buffered_bytes = MIB as u64;
+    settings.limits.max_buffered_bytes = Some(MIB as u64);
     let sidecar = Sidecar::start_with(settings).await;
     for path in ["/known", "/chunked"] {
         let mut req = request("GET", &upstream.url(path));

@@ -186,3 +186,60 @@ async fn insecure_warns_on_stderr() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--insecure") && stderr.contains("not verified"), "{stderr}");
 }
+
+#[tokio::test]
+async fn include_prints_the_response_as_curl_i_does() {
+    let upstream = Upstream::start(|_| async {
+        let mut reply = json(404, serde_json::json!({ "missing": "order" }));
+        reply.headers_mut().insert("x-request-id", http::HeaderValue::from_static("r-7"));
+        reply
+    })
+    .await;
+    let out = exec(&["-i", &upstream.url("/orders/9")]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (head, body) = stdout.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no blank line:\n{stdout}"));
+    let mut lines = head.split("\r\n");
+    assert_eq!(lines.next(), Some("HTTP/1.1 404 Not Found"), "{stdout}");
+    assert!(lines.any(|l| l.eq_ignore_ascii_case("x-request-id: r-7")), "{stdout}");
+    assert_eq!(serde_json::from_str::<Value>(body).ok(), Some(serde_json::json!({ "missing": "order" })));
+    assert!(stderr.contains("UNEXPECTED_STATUS"), "the failure is on stderr: {stderr}");
+    assert!(!stdout.contains("OUTCOME_"), "no outcome JSON with -i: {stdout}");
+}
+
+#[tokio::test]
+async fn workflow_flags_extract_check_and_shape_the_reply() {
+    let upstream = Upstream::start(|_| async { json(200, serde_json::json!({"items": [{"id": 7}]})) }).await;
+    let url = upstream.url("/items");
+    let out = exec(&[
+        &url,
+        "--extract",
+        "id=$.items[0].id",
+        "--success-condition",
+        "body.items.size() == 1",
+        "--reply-body",
+        "raw",
+    ])
+    .await;
+    let printed = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{printed:#}");
+    assert_eq!(printed["extracted"]["id"], 7);
+    assert!(
+        printed["response"]["bodyJson"].is_null() && printed["response"]["body"].is_string(),
+        "{printed:#}"
+    );
+
+    let out = exec(&[&url, "--success-condition", "body.items.size() == 2"]).await;
+    let failed = super::cli::printed(&out);
+    assert_eq!(out.status.code(), Some(1), "{failed:#}");
+    assert_eq!(failed["error"]["kind"], "ERROR_KIND_CONDITION_FAILED");
+
+    let hits = upstream.hits();
+    let out = exec(&[&url, "--retry-condition", "body.items[0"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("retry_condition") && stderr.contains("line 1, column"), "stderr: {stderr}");
+    assert_eq!(upstream.hits(), hits, "nothing sent");
+}

@@ -1,15 +1,23 @@
-//! Durable actions (DurableActionService) against a real SQLite file in a temp dir and loopback
-//! upstreams: Submit's idempotency, cancel, replay, list, watch, the pending bound, a full or
+//! Durable actions (DurableActionService) against each store — a real SQLite file in a temp dir
+//! and a real PostgreSQL (tests/it/pg.rs) — and loopback upstreams; one suite, two stores (each
+//! shared test runs as `durable::sqlite::NAME` and `durable::postgres::NAME`): Submit's idempotency, cancel, replay, list, watch, the pending bound, a full or
 //! unwritable store; and with the real `callout` binary killed with SIGKILL mid-run and started
 //! again on the same store: nothing accepted is lost, finals are seen once, and a POST that was
 //! in flight is repeated with the same Idempotency-Key.
-use crate::support::{body, dur, test_settings, text, AbortOnDrop, ServeProcess, TempDir, Upstream};
+use crate::{
+    pg::{Postgres, DATABASE},
+    support::{body, dur, test_settings, text, AbortOnDrop, ServeProcess, TempDir, Upstream},
+};
 use callout::{
     durable::{Durable, DurableSettings},
     exec::Executor,
     pb::{self, durable_action_service_client::DurableActionServiceClient, ActionState},
     server::{Listener, ServerOptions},
-    store::sqlite::{SqliteSettings, SqliteStore},
+    store::{
+        postgres::{PostgresSettings, PostgresStore},
+        sqlite::{SqliteSettings, SqliteStore},
+        ActionStore, StoreError,
+    },
 };
 use std::{
     collections::HashMap,
@@ -19,36 +27,128 @@ use std::{
 use tokio::net::TcpListener;
 use tonic::{transport::Channel, Code};
 
-type Client = DurableActionServiceClient<Channel>;
+pub type Client = DurableActionServiceClient<Channel>;
 
-/// The real gRPC server in this process with durable actions on a store in a temp dir.
-struct Server {
-    client: Client,
-    channel: Channel,
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// Each test in the list runs once on each store: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    submit_is_idempotent_by_action_id,
+    an_invalid_action_names_its_fields_and_nothing_is_stored,
+    cancel_stops_pending_and_in_flight_actions,
+    failed_actions_are_listed_and_replayed_with_their_history,
+    list_pages_through_every_action,
+    pending_actions_are_bounded,
+    health_serves_the_durable_service,
+    a_killed_server_loses_nothing_and_a_watcher_sees_each_final_once,
+    a_post_in_flight_at_a_kill_is_repeated_with_the_same_idempotency_key,
+    a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating,
+    a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges_count_them,
+    watch_filters_by_id_and_resumes_after_a_sequence,
+    a_durable_retry_condition_polls_until_the_job_is_done,
+    a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts,
+    an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start,
+);
+
+/// A store for one test: a SQLite file in a temp dir, or a PostgreSQL cluster of its own.
+pub struct TestStore {
+    pub dir: Arc<TempDir>,
+    pub pg: Option<Postgres>,
+}
+
+/// Leases in tests: a replica that died is taken over within seconds.
+pub const TEST_LEASE: Duration = Duration::from_secs(2);
+/// The same for the `callout` binary.
+pub const LEASE_ENV: (&str, &str) = ("CALLOUT_DURABLE__LEASE", "2s");
+
+impl TestStore {
+    pub fn new(kind: Kind) -> Self {
+        let dir = Arc::new(TempDir::new("durable"));
+        let pg = (kind == Kind::Postgres).then(Postgres::start);
+        Self { dir, pg }
+    }
+
+    /// `--store` for the `callout` binary.
+    pub fn url(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.url(DATABASE),
+            None => self.dir.store_url(),
+        }
+    }
+
+    pub async fn open(&self, max_bytes: Option<u64>) -> Result<Arc<dyn ActionStore>, StoreError> {
+        match &self.pg {
+            Some(pg) => Ok(Arc::new(PostgresStore::open(&pg_settings(&pg.url(DATABASE))).await?)),
+            None => {
+                let path = self.dir.0.join("actions.db");
+                let store = tokio::task::spawn_blocking(move || {
+                    SqliteStore::open(&SqliteSettings { path, max_bytes })
+                })
+                .await
+                .unwrap()?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
+}
+
+/// The PostgreSQL store's settings for `url` (no password in tests).
+pub fn pg_settings(url: &str) -> PostgresSettings {
+    PostgresSettings {
+        url: url.into(),
+        shown: url.into(),
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(2),
+        orphan_hold: TEST_LEASE,
+    }
+}
+
+/// The real gRPC server in this process with durable actions on a store of its own.
+pub struct Server {
+    pub client: Client,
+    pub channel: Channel,
     _task: AbortOnDrop,
-    _dir: Arc<TempDir>,
+    _store: Arc<TestStore>,
 }
 
 impl Server {
-    async fn start(settings: DurableSettings) -> Self {
-        Self::start_on(Arc::new(TempDir::new("durable")), settings, None).await
+    pub async fn start(kind: Kind, settings: DurableSettings) -> Self {
+        Self::start_on(Arc::new(TestStore::new(kind)), settings, None).await
     }
 
-    async fn start_on(dir: Arc<TempDir>, settings: DurableSettings, max_bytes: Option<u64>) -> Self {
-        let path = dir.0.join("actions.db");
+    pub async fn start_on(store: Arc<TestStore>, settings: DurableSettings, max_bytes: Option<u64>) -> Self {
         let executor = Executor::new(test_settings()).unwrap();
-        let opened =
-            tokio::task::spawn_blocking(move || SqliteStore::open(&SqliteSettings { path, max_bytes }))
-                .await
-                .unwrap();
-        let durable = match opened {
-            Ok(store) => Durable::start(Arc::new(store), executor.clone(), settings),
+        let settings = DurableSettings { lease: TEST_LEASE, ..settings };
+        let durable = match store.open(max_bytes).await {
+            Ok(opened) => Durable::start(opened, executor.clone(), settings),
             Err(e) => Durable::unavailable(e.to_string(), executor.clone(), settings),
         };
-        Self::serve(executor, durable, dir).await
+        Self::serve(executor, durable, store).await
     }
 
-    async fn serve(executor: Executor, durable: Durable, dir: Arc<TempDir>) -> Self {
+    pub async fn serve(executor: Executor, durable: Durable, store: Arc<TestStore>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let options = ServerOptions { durable: Some(durable), ..ServerOptions::default() };
@@ -58,12 +158,12 @@ impl Server {
                 .unwrap();
         });
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        Self { client: Client::new(channel.clone()), channel, _task: AbortOnDrop(task), _dir: dir }
+        Self { client: Client::new(channel.clone()), channel, _task: AbortOnDrop(task), _store: store }
     }
 }
 
 /// Backoff of 50 ms doubling, no jitter: retries finish in a test's time.
-fn quick_retry() -> pb::RetryPolicy {
+pub fn quick_retry() -> pb::RetryPolicy {
     pb::RetryPolicy {
         initial_backoff: Some(dur(Duration::from_millis(50))),
         jitter: Some(false),
@@ -71,7 +171,7 @@ fn quick_retry() -> pb::RetryPolicy {
     }
 }
 
-fn action(id: &str, method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
+pub fn action(id: &str, method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
     pb::ExecuteHttpActionRequest {
         action_id: id.into(),
         method: method.into(),
@@ -81,27 +181,27 @@ fn action(id: &str, method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
     }
 }
 
-fn submit_request(action: pb::ExecuteHttpActionRequest) -> pb::SubmitActionRequest {
+pub fn submit_request(action: pb::ExecuteHttpActionRequest) -> pb::SubmitActionRequest {
     pb::SubmitActionRequest { action: Some(action), not_before: None }
 }
 
-async fn submit(client: &Client, action: pb::ExecuteHttpActionRequest) -> pb::SubmitActionResponse {
+pub async fn submit(client: &Client, action: pb::ExecuteHttpActionRequest) -> pb::SubmitActionResponse {
     client.clone().submit(submit_request(action)).await.unwrap().into_inner()
 }
 
-async fn get(client: &Client, id: &str) -> Result<pb::ActionRecord, tonic::Status> {
+pub async fn get(client: &Client, id: &str) -> Result<pb::ActionRecord, tonic::Status> {
     client.clone().get_action(pb::GetActionRequest { action_id: id.into() }).await.map(|r| r.into_inner())
 }
 
 /// Polls GetAction until the action is in a final state (at most 30 s).
-async fn until_final(client: &Client, id: &str) -> pb::ActionRecord {
+pub async fn until_final(client: &Client, id: &str) -> pb::ActionRecord {
     until(client, id, |r| {
         matches!(r.state(), ActionState::Succeeded | ActionState::Failed | ActionState::Cancelled)
     })
     .await
 }
 
-async fn until(client: &Client, id: &str, done: impl Fn(&pb::ActionRecord) -> bool) -> pb::ActionRecord {
+pub async fn until(client: &Client, id: &str, done: impl Fn(&pb::ActionRecord) -> bool) -> pb::ActionRecord {
     for _ in 0..1500 {
         if let Ok(record) = get(client, id).await {
             if done(&record) {
@@ -115,7 +215,7 @@ async fn until(client: &Client, id: &str, done: impl Fn(&pb::ActionRecord) -> bo
 
 /// An upstream that answers the first `failures` requests to each path with 503, then 200,
 /// and records every request per path.
-async fn flaky_per_path(failures: usize) -> (Upstream, Arc<Mutex<HashMap<String, usize>>>) {
+pub async fn flaky_per_path(failures: usize) -> (Upstream, Arc<Mutex<HashMap<String, usize>>>) {
     let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let seen = counts.clone();
     let upstream = Upstream::start(move |req| {
@@ -138,7 +238,7 @@ async fn flaky_per_path(failures: usize) -> (Upstream, Arc<Mutex<HashMap<String,
 }
 
 /// An upstream that never answers the first request and answers 200 to the others.
-async fn hangs_first() -> Upstream {
+pub async fn hangs_first() -> Upstream {
     let calls = Arc::new(Mutex::new(0usize));
     Upstream::start(move |_| {
         let n = {
@@ -156,10 +256,9 @@ async fn hangs_first() -> Upstream {
     .await
 }
 
-#[tokio::test]
-async fn submit_is_idempotent_by_action_id() {
+async fn submit_is_idempotent_by_action_id(kind: Kind) {
     let upstream = Upstream::fixed(200, "ok").await;
-    let server = Server::start(DurableSettings::default()).await;
+    let server = Server::start(kind, DurableSettings::default()).await;
     let a = action("order-1", "POST", &upstream.url("/orders"));
     let first = submit(&server.client, a.clone()).await;
     assert!(first.created);
@@ -189,9 +288,8 @@ async fn submit_is_idempotent_by_action_id() {
     assert_eq!(submit(&server.client, a).await.record.unwrap().state(), ActionState::Succeeded);
 }
 
-#[tokio::test]
-async fn an_invalid_action_names_its_fields_and_nothing_is_stored() {
-    let server = Server::start(DurableSettings::default()).await;
+async fn an_invalid_action_names_its_fields_and_nothing_is_stored(kind: Kind) {
+    let server = Server::start(kind, DurableSettings::default()).await;
     let mut bad = action("bad-1", "FETCH", "ftp://h.test/");
     bad.timeouts =
         Some(pb::Timeouts { total: Some(dur(Duration::from_secs(40 * 24 * 3600))), ..Default::default() });
@@ -205,10 +303,9 @@ async fn an_invalid_action_names_its_fields_and_nothing_is_stored() {
     assert_eq!(crate::support::violated_fields(&err), ["action"]);
 }
 
-#[tokio::test]
-async fn cancel_stops_pending_and_in_flight_actions() {
+async fn cancel_stops_pending_and_in_flight_actions(kind: Kind) {
     let upstream = hangs_first().await;
-    let server = Server::start(DurableSettings::default()).await;
+    let server = Server::start(kind, DurableSettings::default()).await;
     // In flight: the upstream holds the first request.
     submit(&server.client, action("c-1", "GET", &upstream.url("/slow"))).await;
     until(&server.client, "c-1", |r| r.state() == ActionState::Running).await;
@@ -236,8 +333,7 @@ async fn cancel_stops_pending_and_in_flight_actions() {
     assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
 }
 
-#[tokio::test]
-async fn failed_actions_are_listed_and_replayed_with_their_history() {
+async fn failed_actions_are_listed_and_replayed_with_their_history(kind: Kind) {
     let calls = Arc::new(Mutex::new(0usize));
     let upstream = Upstream::start(move |_| {
         let n = {
@@ -254,7 +350,7 @@ async fn failed_actions_are_listed_and_replayed_with_their_history() {
         }
     })
     .await;
-    let server = Server::start(DurableSettings::default()).await;
+    let server = Server::start(kind, DurableSettings::default()).await;
     // 500 is not retried by default: FAILED after one attempt, the dead-letter list.
     submit(&server.client, action("r-1", "GET", &upstream.url("/job"))).await;
     let failed = until_final(&server.client, "r-1").await;
@@ -292,9 +388,8 @@ async fn failed_actions_are_listed_and_replayed_with_their_history() {
     assert_eq!(crate::support::violated_fields(&bad), ["states[0]"]);
 }
 
-#[tokio::test]
-async fn list_pages_through_every_action() {
-    let server = Server::start(DurableSettings::default()).await;
+async fn list_pages_through_every_action(kind: Kind) {
+    let server = Server::start(kind, DurableSettings::default()).await;
     let later = (std::time::SystemTime::now() + Duration::from_secs(3600)).into();
     for i in 0..5 {
         let mut request = submit_request(action(&format!("p-{i}"), "GET", "http://127.0.0.1:9/"));
@@ -324,9 +419,8 @@ async fn list_pages_through_every_action() {
     assert_eq!(ids, ["p-0", "p-1", "p-2", "p-3", "p-4"]);
 }
 
-#[tokio::test]
-async fn pending_actions_are_bounded() {
-    let server = Server::start(DurableSettings { max_pending: 2, ..DurableSettings::default() }).await;
+async fn pending_actions_are_bounded(kind: Kind) {
+    let server = Server::start(kind, DurableSettings { max_pending: 2, ..DurableSettings::default() }).await;
     let later = (std::time::SystemTime::now() + Duration::from_secs(3600)).into();
     for i in 0..3 {
         let mut request = submit_request(action(&format!("b-{i}"), "GET", "http://127.0.0.1:9/"));
@@ -350,14 +444,15 @@ async fn pending_actions_are_bounded() {
 
 #[tokio::test]
 async fn an_unwritable_store_is_unavailable_and_the_rest_serves() {
-    let dir = Arc::new(TempDir::new("unwritable"));
+    let store = Arc::new(TestStore::new(Kind::Sqlite));
+    let dir = &store.dir;
     // A regular file where the store's directory should be: not even root can create it.
     std::fs::write(dir.0.join("file"), b"x").unwrap();
     let path = dir.0.join("file").join("actions.db");
     let executor = Executor::new(test_settings()).unwrap();
     let reason = SqliteStore::open(&SqliteSettings { path, max_bytes: None }).err().unwrap().to_string();
     let durable = Durable::unavailable(reason, executor.clone(), DurableSettings::default());
-    let server = Server::serve(executor, durable, dir).await;
+    let server = Server::serve(executor, durable, store.clone()).await;
     let err = server.client.clone().submit(submit_request(action("u-1", "GET", "http://127.0.0.1:9/"))).await;
     let err = err.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -373,8 +468,8 @@ async fn an_unwritable_store_is_unavailable_and_the_rest_serves() {
 
 #[tokio::test]
 async fn a_full_store_refuses_without_a_half_written_record() {
-    let dir = Arc::new(TempDir::new("full"));
-    let server = Server::start_on(dir, DurableSettings::default(), Some(96 * 1024)).await;
+    let store = Arc::new(TestStore::new(Kind::Sqlite));
+    let server = Server::start_on(store, DurableSettings::default(), Some(96 * 1024)).await;
     let later: prost_types::Timestamp = (std::time::SystemTime::now() + Duration::from_secs(3600)).into();
     let mut refused = None;
     for i in 0..200 {
@@ -395,9 +490,8 @@ async fn a_full_store_refuses_without_a_half_written_record() {
     assert_eq!(get(&server.client, "f-0").await.unwrap().state(), ActionState::Pending);
 }
 
-#[tokio::test]
-async fn health_serves_the_durable_service() {
-    let server = Server::start(DurableSettings::default()).await;
+async fn health_serves_the_durable_service(kind: Kind) {
+    let server = Server::start(kind, DurableSettings::default()).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: "callout.v1.DurableActionService".into() })
@@ -409,7 +503,12 @@ async fn health_serves_the_durable_service() {
 
 /// Collects final records from a watch until `want` distinct actions are final or the stream
 /// breaks; returns the last sequence seen.
-async fn watch_finals(client: &Client, after: u64, finals: &mut Vec<pb::ActionRecord>, want: usize) -> u64 {
+pub async fn watch_finals(
+    client: &Client,
+    after: u64,
+    finals: &mut Vec<pb::ActionRecord>,
+    want: usize,
+) -> u64 {
     let mut last = after;
     let request = pb::WatchActionsRequest { after_sequence: after, action_ids: vec![], final_only: true };
     let Ok(stream) = client.clone().watch_actions(request).await else { return last };
@@ -430,19 +529,18 @@ async fn watch_finals(client: &Client, after: u64, finals: &mut Vec<pb::ActionRe
     }
 }
 
-async fn durable_client(serve: &ServeProcess) -> Client {
+pub async fn durable_client(serve: &ServeProcess) -> Client {
     Client::new(serve.channel().await)
 }
 
-#[tokio::test]
-async fn a_killed_server_loses_nothing_and_a_watcher_sees_each_final_once() {
+async fn a_killed_server_loses_nothing_and_a_watcher_sees_each_final_once(kind: Kind) {
     const N: usize = 100;
     let (upstream, counts) = flaky_per_path(3).await;
-    let dir = TempDir::new("kill");
-    let store = dir.store_url();
+    let dir = TestStore::new(kind);
+    let store = dir.url();
     // The breaker would open after ten 503s in a row and hold every action for its cool-down.
     let args = ["--store", store.as_str(), "--breaker-failures", "0"];
-    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let mut first = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&first).await;
     let mut finals = Vec::new();
     let watcher = {
@@ -468,7 +566,7 @@ async fn a_killed_server_loses_nothing_and_a_watcher_sees_each_final_once() {
     assert!(before.len() < N, "killed mid-run: {} already final", before.len());
     finals.extend(before);
 
-    let second = ServeProcess::spawn(&args, &[]).await;
+    let second = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&second).await;
     let want = N - finals.len();
     let mut after = Vec::new();
@@ -491,13 +589,12 @@ async fn a_killed_server_loses_nothing_and_a_watcher_sees_each_final_once() {
     assert!(counts.lock().unwrap().values().all(|n| *n >= 4));
 }
 
-#[tokio::test]
-async fn a_post_in_flight_at_a_kill_is_repeated_with_the_same_idempotency_key() {
+async fn a_post_in_flight_at_a_kill_is_repeated_with_the_same_idempotency_key(kind: Kind) {
     let upstream = hangs_first().await;
-    let dir = TempDir::new("inflight");
-    let store = dir.store_url();
+    let dir = TestStore::new(kind);
+    let store = dir.url();
     let args = ["--store", store.as_str()];
-    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let mut first = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&first).await;
     let mut post = action("pay-7", "POST", &upstream.url("/payments"));
     post.body = Some(pb::execute_http_action_request::Body::Json(r#"{"amount":7}"#.into()));
@@ -508,7 +605,7 @@ async fn a_post_in_flight_at_a_kill_is_repeated_with_the_same_idempotency_key() 
     first.kill();
     let _ = first.exit_status(Duration::from_secs(10)).await;
 
-    let second = ServeProcess::spawn(&args, &[]).await;
+    let second = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&second).await;
     let done = until_final(&client, "pay-7").await;
     assert_eq!(done.state(), ActionState::Succeeded, "{done:?}");
@@ -518,13 +615,12 @@ async fn a_post_in_flight_at_a_kill_is_repeated_with_the_same_idempotency_key() 
     assert_eq!(keys, [Some("pay-7".to_owned()), Some("pay-7".to_owned())]);
 }
 
-#[tokio::test]
-async fn a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating() {
+async fn a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating(kind: Kind) {
     let upstream = hangs_first().await;
-    let dir = TempDir::new("inflight-nokey");
-    let store = dir.store_url();
+    let dir = TestStore::new(kind);
+    let store = dir.url();
     let args = ["--store", store.as_str()];
-    let env = [("CALLOUT_DURABLE__IDEMPOTENCY_HEADER", "")];
+    let env = [("CALLOUT_DURABLE__IDEMPOTENCY_HEADER", ""), LEASE_ENV];
     let mut first = ServeProcess::spawn(&args, &env).await;
     let client = durable_client(&first).await;
     submit(&client, action("pay-8", "POST", &upstream.url("/payments"))).await;
@@ -541,21 +637,22 @@ async fn a_post_without_a_key_in_flight_at_a_kill_fails_instead_of_repeating() {
     assert!(upstream.seen()[0].header("idempotency-key").is_none());
 }
 
-#[tokio::test]
-async fn a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges_count_them() {
+async fn a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges_count_them(kind: Kind) {
     // A SIGTERM drain stops claiming; what is pending stays stored for the next start.
-    let dir = TempDir::new("drain");
-    let store = dir.store_url();
+    let dir = TestStore::new(kind);
+    let store = dir.url();
     let args = ["--store", store.as_str()];
-    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let mut first = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&first).await;
     let mut later = submit_request(action("d-1", "GET", "http://127.0.0.1:9/"));
     later.not_before = Some((std::time::SystemTime::now() + Duration::from_secs(3600)).into());
     client.clone().submit(later).await.unwrap();
     first.terminate();
     assert!(first.exit_status(Duration::from_secs(20)).await.is_some_and(|s| s.success()));
-    assert!(dir.0.join("actions.db").exists());
-    let second = ServeProcess::spawn(&args, &[]).await;
+    if kind == Kind::Sqlite {
+        assert!(dir.dir.0.join("actions.db").exists());
+    }
+    let second = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let record = get(&durable_client(&second).await, "d-1").await.unwrap();
     assert_eq!(record.state(), ActionState::Pending);
     // The gauges count it (they refresh every second).
@@ -577,14 +674,13 @@ async fn a_drain_leaves_pending_actions_stored_for_the_next_start_and_the_gauges
 }
 
 /// `/metrics` of a sidecar, over plain HTTP/1.1.
-async fn metrics_text(addr: &str) -> String {
+pub async fn metrics_text(addr: &str) -> String {
     crate::support::http_get(addr, "/metrics").await
 }
 
-#[tokio::test]
-async fn watch_filters_by_id_and_resumes_after_a_sequence() {
+async fn watch_filters_by_id_and_resumes_after_a_sequence(kind: Kind) {
     let upstream = Upstream::fixed(200, "ok").await;
-    let server = Server::start(DurableSettings::default()).await;
+    let server = Server::start(kind, DurableSettings::default()).await;
     for id in ["w-1", "w-2"] {
         submit(&server.client, action(id, "GET", &upstream.url("/w"))).await;
         until_final(&server.client, id).await;
@@ -617,8 +713,7 @@ async fn watch_filters_by_id_and_resumes_after_a_sequence() {
     assert!(finals[1].result.is_some());
 }
 
-#[tokio::test]
-async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts() {
+async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts(kind: Kind) {
     // The stuck host never answers; each destination may have two attempts in flight, the
     // runner four in all.
     let stuck = Upstream::start(|_| async {
@@ -632,7 +727,7 @@ async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts() {
         max_concurrent_per_destination: 2,
         ..DurableSettings::default()
     };
-    let server = Server::start(settings).await;
+    let server = Server::start(kind, settings).await;
     for i in 0..20 {
         submit(&server.client, action(&format!("stuck-{i}"), "GET", &stuck.url("/"))).await;
     }
@@ -652,13 +747,12 @@ async fn a_backlog_to_a_stuck_host_does_not_hold_up_other_hosts() {
     assert!(pending.actions.len() >= 18, "the backlog waits its turn: {}", pending.actions.len());
 }
 
-#[tokio::test]
-async fn an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start() {
+async fn an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start(kind: Kind) {
     let upstream = hangs_first().await;
-    let dir = TempDir::new("drain-cut");
-    let store = dir.store_url();
+    let dir = TestStore::new(kind);
+    let store = dir.url();
     let args = ["--store", store.as_str(), "--drain-timeout", "1s"];
-    let mut first = ServeProcess::spawn(&args, &[]).await;
+    let mut first = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&first).await;
     submit(&client, action("cut-1", "POST", &upstream.url("/cut"))).await;
     while upstream.hits() == 0 {
@@ -666,10 +760,29 @@ async fn an_attempt_cut_off_by_the_drain_runs_again_at_the_next_start() {
     }
     first.terminate();
     assert!(first.exit_status(Duration::from_secs(20)).await.is_some(), "the drain ends");
-    let second = ServeProcess::spawn(&args, &[]).await;
+    let second = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let done = until_final(&durable_client(&second).await, "cut-1").await;
     assert_eq!(done.state(), ActionState::Succeeded, "{done:?}");
     assert_eq!(done.attempts[0].error.as_ref().unwrap().kind(), pb::ErrorKind::Cancelled);
     let keys: Vec<_> = upstream.seen().iter().map(|s| s.header("idempotency-key")).collect();
     assert_eq!(keys, [Some("cut-1".to_owned()), Some("cut-1".to_owned())]);
+}
+
+/// A durable action polls through its retry_condition as Execute does: every attempt
+/// recorded, the result the done job's, with what it extracted.
+async fn a_durable_retry_condition_polls_until_the_job_is_done(kind: Kind) {
+    let upstream = crate::conditions::job().await;
+    let server = Server::start(kind, DurableSettings::default()).await;
+    let a = pb::ExecuteHttpActionRequest {
+        retry_condition: r#"body.state != "done""#.into(),
+        extract: [("id".to_string(), "$.id".to_string())].into(),
+        ..action("job-1", "GET", &upstream.url("/job"))
+    };
+    submit(&server.client, a).await;
+    let record = until_final(&server.client, "job-1").await;
+    assert_eq!(record.state(), ActionState::Succeeded, "{record:?}");
+    assert_eq!(record.attempts.len(), 3, "{record:?}");
+    let result = record.result.unwrap();
+    assert_eq!(result.extracted["id"].kind, Some(prost_types::value::Kind::NumberValue(7.0)));
+    assert_eq!(upstream.hits(), 3);
 }

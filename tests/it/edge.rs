@@ -188,6 +188,8 @@ async fn deep_json_replies_still_decode() {
         let json = nested_json(depth, objects);
         let req = pb::ExecuteHttpActionRequest {
             body: Some(Body::Text(json.clone())),
+            // Both views, to see which one a deep document keeps.
+            reply_body: pb::ReplyBody::All as i32,
             ..request("POST", &upstream.url("/"))
         };
         // The tonic client decodes with prost's recursion limit of 100, as Python does.

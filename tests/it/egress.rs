@@ -7,8 +7,7 @@ use std::net::IpAddr;
 
 /// The default policy (no dev mode), with `resolve` fixing host addresses.
 fn policy(egress: EgressSettings, resolve: &[(&str, &str)]) -> ExecSettings {
-    let mut settings = ExecSettings::default();
-    settings.client.egress = egress;
+    let mut settings = ExecSettings { egress, ..ExecSettings::default() };
     settings.client.resolve =
         resolve.iter().map(|(host, ip)| (host.to_string(), vec![ip.parse::<IpAddr>().unwrap()])).collect();
     settings

@@ -1,14 +1,7 @@
 //! Server limits: rate limits per destination, the shared 429 cool-down, the queue bound
 //! (RESOURCE_EXHAUSTED), per-host concurrency, the circuit breaker, and cancellation.
 use crate::support::*;
-use callout::{
-    client::{
-        admission::LimitSettings, breaker::BreakerSettings, concurrency::ConcurrencySettings,
-        rate_limit::RateLimitSettings,
-    },
-    exec::ExecSettings,
-    pb,
-};
+use callout::{client::admission::LimitSettings, exec::ExecSettings, pb};
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -26,10 +19,7 @@ fn with_limits(limits: LimitSettings) -> ExecSettings {
 }
 
 fn rate_limited(rule: &str) -> ExecSettings {
-    with_limits(LimitSettings {
-        rate: RateLimitSettings { per_host: vec![rule.parse().unwrap()], ..RateLimitSettings::default() },
-        ..LimitSettings::default()
-    })
+    with_limits(LimitSettings { rate_limits: vec![rule.parse().unwrap()], ..LimitSettings::default() })
 }
 
 fn with_total(mut req: pb::ExecuteHttpActionRequest, total: Duration) -> pb::ExecuteHttpActionRequest {
@@ -132,7 +122,9 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
     let (upstream, _) = slow_upstream(ms(600)).await;
     let sidecar = Arc::new(
         Sidecar::start_with(with_limits(LimitSettings {
-            concurrency: ConcurrencySettings { max_in_flight: 1, max_queued: 1, max_in_flight_per_host: 8 },
+            max_in_flight: 1,
+            max_queued: 1,
+            max_in_flight_per_host: 8,
             ..LimitSettings::default()
         }))
         .await,
@@ -176,7 +168,7 @@ async fn per_host_concurrency_is_capped() {
     let (upstream, peak) = slow_upstream(ms(150)).await;
     let sidecar = Arc::new(
         Sidecar::start_with(with_limits(LimitSettings {
-            concurrency: ConcurrencySettings { max_in_flight_per_host: 2, ..ConcurrencySettings::default() },
+            max_in_flight_per_host: 2,
             ..LimitSettings::default()
         }))
         .await,
@@ -210,7 +202,8 @@ async fn the_breaker_opens_after_consecutive_failures_and_half_opens_after_its_c
     })
     .await;
     let sidecar = Sidecar::start_with(with_limits(LimitSettings {
-        breaker: BreakerSettings { failure_threshold: 3, cool_down: ms(300) },
+        breaker_failures: 3,
+        breaker_cool_down: ms(300),
         ..LimitSettings::default()
     }))
     .await;
@@ -251,7 +244,8 @@ async fn connection_refusals_open_the_breaker_too() {
     let url = format!("http://{}/", listener.local_addr().unwrap());
     drop(listener);
     let sidecar = Sidecar::start_with(with_limits(LimitSettings {
-        breaker: BreakerSettings { failure_threshold: 2, cool_down: Duration::from_secs(60) },
+        breaker_failures: 2,
+        breaker_cool_down: Duration::from_secs(60),
         ..LimitSettings::default()
     }))
     .await;
@@ -292,7 +286,9 @@ async fn a_full_queue_refuses_before_validating() {
     let (upstream, _) = slow_upstream(ms(600)).await;
     let sidecar = Arc::new(
         Sidecar::start_with(with_limits(LimitSettings {
-            concurrency: ConcurrencySettings { max_in_flight: 1, max_queued: 0, max_in_flight_per_host: 8 },
+            max_in_flight: 1,
+            max_queued: 0,
+            max_in_flight_per_host: 8,
             ..LimitSettings::default()
         }))
         .await,

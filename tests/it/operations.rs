@@ -315,6 +315,51 @@ fn bad_configuration_fails_at_start_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/callout.toml"));
 }
 
+#[test]
+fn a_bad_value_names_its_key_and_where_it_came_from() {
+    // From the file: the key and the file's path.
+    let path = config_file("bad-value", "[limits]\nmax_in_flight = 0\n");
+    let out = callout(&["serve", "--config", path.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("limits.max_in_flight: must be at least 1"), "{stderr}");
+    assert!(stderr.contains(&format!("TOML file {}", path.display())), "{stderr}");
+    std::fs::remove_file(path).unwrap();
+
+    // From the environment: the key and the variable.
+    let out = callout(&["serve"], &[("CALLOUT_SERVER__WORKER_THREADS", "5000")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("server.worker_threads: must be at most 1024"), "{stderr}");
+    assert!(stderr.contains("environment variable CALLOUT_SERVER__WORKER_THREADS"), "{stderr}");
+
+    // From a flag: the key and that a flag set it, also for keys that only go together.
+    for (flags, key) in [
+        (&["--max-request-bytes", "100"][..], "server.max_request_bytes: must be from 4096"),
+        (&["--tls-key", "/nonexistent/key.pem"][..], "server.tls_key: "),
+        (&["--sensitive-header", "a b"][..], "server.sensitive_headers: \"a b\" is not a header name"),
+        (&["--store", "mysql://db"][..], "store.url: "),
+    ] {
+        let out = callout(&[&["config", "print"][..], flags].concat(), &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(key) && stderr.contains("(from command-line flags)"), "{flags:?}: {stderr}");
+    }
+
+    // A file a key names that cannot be read stops the server, naming the key and its source.
+    let out = callout(
+        &["serve", "--listen", "127.0.0.1:0", "--no-metrics", "--store", "off"],
+        &[("CALLOUT_CLIENT__CA_FILE", "/nonexistent/ca.pem")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("client.ca_file: cannot read /nonexistent/ca.pem")
+            && stderr.contains("environment variable CALLOUT_CLIENT__CA_FILE"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn the_callers_trace_continues_to_the_upstream() {
     let upstream = Upstream::fixed(200, "ok").await;

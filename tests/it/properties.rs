@@ -46,11 +46,11 @@ proptest! {
         };
         match HttpAction::from_input(input) {
             Ok(action) => {
-                prop_assert!(matches!(action.url.scheme(), "http" | "https"));
-                for value in action.headers.values() {
+                prop_assert!(matches!(action.url().scheme(), "http" | "https"));
+                for value in action.headers().values() {
                     prop_assert!(!value.as_bytes().iter().any(|b| *b == b'\r' || *b == b'\n'));
                 }
-                prop_assert!(action.url.as_str().parse::<http::Uri>().is_ok());
+                prop_assert!(action.url().as_str().parse::<http::Uri>().is_ok());
             }
             Err(invalid) => {
                 prop_assert!(!invalid.violations.is_empty());

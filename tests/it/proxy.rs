@@ -120,7 +120,7 @@ async fn https_goes_through_a_connect_tunnel_with_proxy_credentials() {
     let proxy_url = proxy.url().replace("http://", "http://user:s3cret@");
     let resp = sidecar.execute(via(&format!("https://{upstream}/"), &proxy_url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.as_ref().unwrap().body, &b"secure"[..]);
+    assert_eq!(resp.response.as_ref().unwrap().body_text.as_deref(), Some("secure"));
     // TLS ran end to end through the tunnel, with h2 negotiated with the target itself.
     assert_eq!(resp.response.unwrap().http_version, "HTTP/2.0");
     assert_eq!(resp.attempts[0].remote_address, proxy.addr.to_string());
@@ -160,7 +160,7 @@ async fn http_is_forwarded_in_absolute_form_with_proxy_credentials() {
     let proxy_url = proxy.url("").replace("http://", "http://user:s3cret@");
     let resp = sidecar.execute(via("http://orders.example.test:8080/a?b=1", &proxy_url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("from the proxy"));
     let seen = &proxy.seen()[0];
     assert_eq!(seen.uri, "http://orders.example.test:8080/a?b=1");
     assert_eq!(seen.header("host").as_deref(), Some("orders.example.test:8080"));
@@ -178,12 +178,12 @@ async fn server_default_proxy_applies_unless_no_proxy_matches() {
     let sidecar = Sidecar::start_with(settings).await;
 
     let resp = sidecar.execute(request("GET", "http://api.example.test/x")).await;
-    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("from the proxy"));
     assert_eq!(proxy.seen()[0].uri, "http://api.example.test/x");
 
     // localhost is in NO_PROXY: straight to the upstream.
     let resp = sidecar.execute(request("GET", &format!("http://localhost:{}/y", direct.addr.port()))).await;
-    assert_eq!(resp.response.unwrap().body, &b"direct"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("direct"));
     assert_eq!(direct.seen()[0].uri, "/y");
     assert_eq!(proxy.hits(), 1);
 }
@@ -196,7 +196,7 @@ async fn action_proxy_replaces_the_servers() {
     settings.client.proxies = Proxies::only(ProxyUrl::parse(&server_proxy.url("")).unwrap());
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(via("http://api.example.test/", &action_proxy.url(""))).await;
-    assert_eq!(resp.response.unwrap().body, &b"action proxy"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("action proxy"));
     assert_eq!(server_proxy.hits(), 0);
 }
 
@@ -210,9 +210,9 @@ async fn no_proxy_cidr_ranges_bypass_the_proxy() {
         Proxies::new(Some(proxy_url.clone()), Some(proxy_url), NoProxy::parse("127.0.0.0/8"));
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(request("GET", &direct.url("/in-range"))).await;
-    assert_eq!(resp.response.unwrap().body, &b"direct"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("direct"));
     let resp = sidecar.execute(request("GET", "http://api.example.test/x")).await;
-    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("from the proxy"));
     assert_eq!((direct.hits(), proxy.hits()), (1, 1));
 }
 
@@ -255,7 +255,7 @@ async fn https_proxy_speaks_tls_itself_and_tunnels_https_inside() {
     let measured = |d: &Option<prost_types::Duration>| d.is_some_and(|d| d.seconds > 0 || d.nanos > 0);
     assert!(measured(&t.connect) && measured(&t.tls), "{t:?}");
     let response = resp.response.unwrap();
-    assert_eq!((response.body.as_ref(), response.http_version.as_str()), (&b"secure"[..], "HTTP/2.0"));
+    assert_eq!((response.body_text.as_deref(), response.http_version.as_str()), (Some("secure"), "HTTP/2.0"));
     let heads = proxy.heads();
     assert_eq!(heads.len(), 1, "{heads:?}");
     assert!(
@@ -398,7 +398,7 @@ async fn socks_session(
 /// Test settings where `name` is fixed at `ip` (as `--resolve`), so nothing is looked up.
 fn resolving(name: &str, ip: [u8; 4]) -> ExecSettings {
     let mut settings = test_settings();
-    settings.client.resolve = vec![(name.to_owned(), vec![IpAddr::from(ip)])];
+    settings.client.resolve = [(name.to_owned(), vec![IpAddr::from(ip)])].into();
     settings
 }
 
@@ -410,7 +410,7 @@ async fn socks5_gets_the_address_callout_resolved() {
     let url = format!("http://orders.example.test:{}/a", upstream.addr.port());
     let resp = sidecar.execute(via(&url, &socks.url("socks5"))).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"via socks"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("via socks"));
     assert_eq!(socks.asked(), vec![SocksAsked::Ip(upstream.addr)]);
     // Through SOCKS the request goes in origin form, with no proxy header.
     let seen = &upstream.seen()[0];
@@ -427,7 +427,7 @@ async fn socks5h_gets_the_name_and_tls_runs_end_to_end() {
     let proxy_url = socks.url("socks5h").replace("://", "://user:s3cret@");
     let resp = sidecar.execute(via(&format!("https://localhost:{}/", upstream.port()), &proxy_url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"secure"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("secure"));
     assert_eq!(socks.asked(), vec![SocksAsked::Domain("localhost".into(), upstream.port())]);
     assert_eq!(socks.logins.lock().unwrap().clone(), vec![("user".to_owned(), "s3cret".to_owned())]);
     task.abort();
@@ -450,7 +450,7 @@ async fn socks5_targets_pass_the_egress_policy_by_their_resolved_address() {
     let socks = SocksProxy::start(None).await;
     // The operator's proxy on loopback is trusted; the target resolves to the metadata address.
     let mut settings = resolving("meta.example.test", [169, 254, 169, 254]);
-    settings.client.egress.allow_private_networks = false;
+    settings.egress.allow_private_networks = false;
     let proxy_url = ProxyUrl::parse(&socks.url("socks5")).unwrap();
     settings.client.proxies = Proxies::new(Some(proxy_url.clone()), Some(proxy_url), NoProxy::default());
     let sidecar = Sidecar::start_with(settings).await;
@@ -464,7 +464,7 @@ async fn socks5_targets_pass_the_egress_policy_by_their_resolved_address() {
 async fn an_actions_socks_proxy_must_pass_the_egress_policy_itself() {
     let socks = SocksProxy::start(None).await;
     let mut settings = test_settings();
-    settings.client.egress.allow_private_networks = false;
+    settings.egress.allow_private_networks = false;
     let sidecar = Sidecar::start_with(settings).await;
     let resp = sidecar.execute(via("http://api.example.test/", &socks.url("socks5h"))).await;
     assert_eq!(error_kind(&resp), pb::ErrorKind::DeniedByPolicy, "{resp:?}");
@@ -500,9 +500,9 @@ async fn the_real_server_reads_proxies_and_no_proxy_ranges_from_the_environment(
         async move { client.execute(req).await.unwrap().into_inner() }
     };
     let resp = execute(direct.url("/in-range")).await;
-    assert_eq!(resp.response.unwrap().body, &b"direct"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("direct"));
     let resp = execute("http://orders.elsewhere.test/x".into()).await;
-    assert_eq!(resp.response.unwrap().body, &b"from the proxy"[..], "{}", serve.logs());
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("from the proxy"), "{}", serve.logs());
     assert_eq!(proxy.seen()[0].uri, "http://orders.elsewhere.test/x");
     assert_eq!((direct.hits(), proxy.hits()), (1, 1));
 }

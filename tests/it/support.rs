@@ -173,7 +173,7 @@ pub fn json(status: u16, value: serde_json::Value) -> Response<UpBody> {
 /// which the default policy denies.
 pub fn test_settings() -> ExecSettings {
     let mut settings = ExecSettings::default();
-    settings.client.egress.allow_private_networks = true;
+    settings.egress.allow_private_networks = true;
     settings
 }
 

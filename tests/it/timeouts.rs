@@ -247,7 +247,7 @@ async fn connect_timeout_is_accepted_on_a_normal_call() {
     req.timeouts = Some(timeouts(Some(ms(500)), Some(Duration::from_secs(2)), Some(Duration::from_secs(3))));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"ok"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("ok"));
 }
 
 #[tokio::test]

@@ -66,7 +66,7 @@ async fn localhost_is_resolved_and_timed() {
     let url = format!("http://localhost:{}/", upstream.addr.port());
     let resp = sidecar.execute(request("GET", &url)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.as_ref().unwrap().body, &b"via name"[..]);
+    assert_eq!(resp.response.as_ref().unwrap().body_text.as_deref(), Some("via name"));
     let (attempt, t) = only_timing(&resp);
     assert!(t.dns.is_some() && std_dur(&t.dns) > Duration::ZERO, "a host name is resolved: {t:?}");
     assert!(std_dur(&t.connect) > Duration::ZERO, "{t:?}");

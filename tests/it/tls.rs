@@ -21,7 +21,7 @@ async fn https_negotiates_h2_by_alpn_and_times_the_handshake() {
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     let response = resp.response.as_ref().unwrap();
     assert_eq!(response.http_version, "HTTP/2.0");
-    assert_eq!(response.body, &b"secure"[..]);
+    assert_eq!(response.body_text.as_deref(), Some("secure"));
     let timing = resp.attempts[0].timing.as_ref().unwrap();
     let tls = timing.tls.as_ref().unwrap();
     assert!(tls.seconds > 0 || tls.nanos > 0, "TLS handshake measured: {timing:?}");
@@ -71,7 +71,7 @@ async fn action_ca_pem_trusts_an_upstream_the_server_does_not() {
     let tls = pb::TlsOptions { ca_pem: pki.ca_pem.clone(), ..Default::default() };
     let resp = sidecar.execute(with_tls(&url, tls)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"secure"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("secure"));
 
     // The trust was the action's alone: the next action without it does not ride its pool.
     let resp = sidecar.execute(request("GET", &url)).await;
@@ -88,7 +88,7 @@ async fn insecure_skip_verify_accepts_an_unknown_ca_for_that_action_only() {
     let tls = pb::TlsOptions { insecure_skip_verify: true, ..Default::default() };
     let resp = sidecar.execute(with_tls(&url, tls)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"secure"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("secure"));
 
     let resp = sidecar.execute(request("GET", &url)).await;
     assert_eq!(error_kind(&resp), pb::ErrorKind::Tls, "verification is back on: {resp:?}");
@@ -117,7 +117,7 @@ async fn mtls_upstream_needs_the_client_certificate() {
     };
     let resp = sidecar.execute(with_tls(&url, with)).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
-    assert_eq!(resp.response.unwrap().body, &b"secure"[..]);
+    assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("secure"));
     task.abort();
 }
 

@@ -71,7 +71,7 @@ async fn response_carries_status_reason_version_repeated_headers_and_body() {
     assert_eq!(headers_named(&r, "x-rep"), ["one=1", "two=2"]);
     assert_eq!(headers_named(&r, "x-single"), ["s"]);
     assert_eq!(headers_named(&r, "content-type"), ["text/plain; charset=utf-8"]);
-    assert_eq!(r.body, &b"accepted, thanks"[..]);
+    assert_eq!(r.body_text.as_deref(), Some("accepted, thanks"));
     assert_eq!(r.body_text.as_deref(), Some("accepted, thanks"));
     assert!(r.body_json.is_none());
     assert!(!r.truncated);
@@ -114,7 +114,14 @@ async fn json_body_becomes_a_protobuf_value() {
         "nested": {"inner": {"deep": [3.25]}, "empty": {}},
     });
     assert_eq!(to_json(value), expected);
-    // JSON is text too.
+    // REPLY_BODY_AUTO (the default) gives the JSON alone; ALL gives the text and bytes too.
+    assert!(r.body_text.is_none() && r.body.is_empty(), "{r:?}");
+    let all = pb::ExecuteHttpActionRequest {
+        reply_body: pb::ReplyBody::All as i32,
+        ..request("GET", &upstream.url("/"))
+    };
+    let r = sidecar.execute(all).await.response.expect("response");
+    assert!(r.body_json.is_some() && !r.body.is_empty(), "{r:?}");
     let text: serde_json::Value = serde_json::from_str(r.body_text.as_deref().expect("body_text")).unwrap();
     assert_eq!(text["count"], 42);
 }
@@ -131,7 +138,11 @@ async fn a_large_json_body_gets_the_same_views() {
     assert!(bytes.len() > callout::exec::OFFLOAD_BODY_BYTES, "{} bytes", bytes.len());
     let upstream = serving("application/json", bytes.clone()).await;
     let sidecar = Sidecar::start().await;
-    let resp = sidecar.execute(request("GET", &upstream.url("/"))).await;
+    let all = pb::ExecuteHttpActionRequest {
+        reply_body: pb::ReplyBody::All as i32,
+        ..request("GET", &upstream.url("/"))
+    };
+    let resp = sidecar.execute(all).await;
     let r = resp.response.expect("response");
     assert_eq!(&r.body[..], &bytes[..]);
     let json = to_json(r.body_json.as_ref().expect("body_json"));
