@@ -5,6 +5,10 @@
 //! 2. `cool_down::CoolDown`: waits out a destination's 429 Retry-After; a 429 starts one.
 //! 3. `tenant::TenantQuota`: waits for the action's tenant's rate quota.
 //! 4. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
+//!
+//! (1, 2 and 4 hold for a whole fleet with a `shared::SharedLimits` backend: the breaker layer
+//! asks it once per attempt, and its verdict rides beside the request, `AttemptRequest::checked`,
+//! to the two below.)
 //! 5. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
 //! 6. (room for credentials and request signing)
 //! 7. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
