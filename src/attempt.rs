@@ -155,7 +155,7 @@ impl RunAttempt for Attempts {
             Ok((request, client)) => (request, Either::Left(client)),
             Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
         };
-        let request = AttemptRequest { http: request, context: context.clone() };
+        let request = AttemptRequest { http: request, context: context.clone(), checked: None };
         let mut stack = attempt_stack(&self.limits, &self.credentials, client);
         // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
         let call = async { stack.ready().await?.call(request).await };

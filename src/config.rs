@@ -21,6 +21,7 @@ use crate::{
     },
     durable::DurableSettings,
     exec::{ExecSettings, DEFAULT_TOTAL_TIMEOUT, STREAM_MAX_RESPONSE_BYTES},
+    fleet::FleetSettings,
     metrics::MetricsSettings,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
@@ -64,6 +65,7 @@ pub struct Config {
     pub durable: DurableSettings,
     pub tenants: TenantsConfig,
     pub auth: AuthConfig,
+    pub fleet: FleetSettings,
 }
 
 /// The `[server]` section: the gRPC listener and the actions' server-wide defaults. Read by
@@ -663,6 +665,11 @@ impl Config {
         self.store.url.parse().map_err(|e| SettingError::new("store.url", e))
     }
 
+    /// The fleet's settings, when `fleet.redis_url` is set.
+    pub fn fleet_settings(&self) -> Option<FleetSettings> {
+        self.fleet.configured().cloned()
+    }
+
     /// The executor's settings: its sections whole, and the action defaults of `[server]` and
     /// `[log]`. Reads `client.ca_file` and the proxy environment variables.
     pub fn exec_settings(&self) -> Result<ExecSettings, SettingError> {
@@ -694,6 +701,9 @@ impl Config {
         }
         if let Ok(StoreUrl::Postgres(url)) = shown.store.url.parse::<StoreUrl>() {
             shown.store.url = url.redacted();
+        }
+        if !shown.fleet.redis_url.is_empty() {
+            shown.fleet.redis_url = crate::fleet::redacted_url(&shown.fleet.redis_url);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
@@ -839,6 +849,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("limits.max_in_flight"));
+    }
+
+    #[test]
+    fn fleet_settings_need_a_redis_url_and_name_their_keys() {
+        let from = |toml: &str| {
+            Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
+                .map_err(|e| e.to_string())
+                .map(|c| c.fleet_settings())
+        };
+        assert_eq!(from("").unwrap(), None);
+        let f = from("[fleet]\nredis_url = \"redis://127.0.0.1:6379\"\nredis_unavailable = \"deny\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.unavailable, f.key_prefix.as_str()), (crate::fleet::Unavailable::Deny, "callout:v1:"));
+        for (toml, key) in [
+            ("[fleet]\nredis_url = \"http://h\"", "fleet.redis_url"),
+            ("[fleet]\nredis_url = \"redis://h\"\ntimeout = \"0s\"", "fleet.timeout"),
+            ("[fleet]\nredis_unavailable = \"maybe\"", "redis_unavailable"),
+        ] {
+            let err = from(toml).unwrap_err();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let mut config = Config::default();
+        config.fleet.redis_url = "redis://:s3cret@127.0.0.1:6379".into();
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("s3cret") && shown.contains("redacted@127.0.0.1"), "{shown}");
     }
 
     #[test]

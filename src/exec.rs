@@ -19,6 +19,7 @@ use crate::{
         },
         egress::EgressSettings,
         host::Destination,
+        shared::SharedLimits,
         signing::SignRequest,
         tenant::TenantSettings,
         ClientBuildError, ClientSettings, Clients,
@@ -105,7 +106,15 @@ pub struct Executor<A = Attempts> {
 
 impl Executor {
     pub fn new(settings: ExecSettings) -> Result<Self, ClientBuildError> {
-        let limits = Arc::new(Limits::new(&settings.limits, &settings.tenants));
+        Self::with_shared_limits(settings, None)
+    }
+
+    /// An executor whose limits `shared` (the fleet's Redis) holds for the fleet too.
+    pub fn with_shared_limits(
+        settings: ExecSettings,
+        shared: Option<Arc<dyn SharedLimits>>,
+    ) -> Result<Self, ClientBuildError> {
+        let limits = Arc::new(Limits::with_shared(&settings.limits, &settings.tenants, shared));
         let clients = Clients::new(&settings.client, &settings.egress)?;
         // Token requests go out on the server's own client: its egress policy, proxies, roots.
         let fetcher = HttpTokenFetcher::new(clients.default_client(), settings.tokens.clone());

@@ -17,6 +17,7 @@ pub mod config;
 pub mod cut_off;
 pub mod durable;
 pub mod exec;
+pub mod fleet;
 pub mod fmt;
 pub mod metrics;
 pub mod runtime;

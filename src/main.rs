@@ -14,6 +14,7 @@ use callout::{
     config::{self, Config, ConfigError, FileMode, ListenAddr, StoreUrl},
     durable::Durable,
     exec::{ActionLog, Executor},
+    fleet::RedisLimits,
     metrics::MetricsSettings,
     server::{Listener, ServerOptions},
     settings::SettingError,
@@ -91,6 +92,8 @@ struct ServeFlags {
     store: StoreFlags,
     #[command(flatten)]
     durable: DurableFlags,
+    #[command(flatten)]
+    fleet: FleetFlags,
     #[command(flatten, next_help_heading = "Server")]
     server: ServerFlags,
     #[command(flatten, next_help_heading = "Logging")]
@@ -273,6 +276,15 @@ struct DurableFlags {
     #[arg(long, value_name = "N")]
     #[serde(rename = "max_pending", skip_serializing_if = "Option::is_none")]
     durable_max_pending: Option<u64>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct FleetFlags {
+    /// [fleet.redis_url] redis://host:port shared by a fleet: rate limits, 429 cool-downs and
+    /// open circuits hold for every replica using it (none: each replica's own).
+    #[arg(help_heading = "Limits", long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_url: Option<String>,
 }
 
 /// Which destinations may be dialled (checked on every resolved address and redirect hop).
@@ -580,7 +592,7 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
     let settings = config.exec_settings().map_err(|e| loaded.error(e))?;
     let buffered_bytes = settings.limits.buffered_bytes();
     let mut options = ServerOptions::try_from(&config.server).map_err(|e| loaded.error(e))?;
-    let executor = Executor::new(settings).map_err(|e| e.to_string())?;
+    let fleet = config.fleet_settings();
     let listener = match &config.server.listen {
         ListenAddr::Tcp(addr) => tokio::net::TcpListener::bind(addr).await.map(Listener::Tcp),
         ListenAddr::Unix(path) => Listener::bind_unix(path.clone(), config.server.unix_socket_mode.0),
@@ -601,6 +613,14 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
     } else {
         None
     };
+    // After the metrics recorder, so the fleet's first connection is counted.
+    let fleet_shown =
+        fleet.as_ref().map_or_else(|| "off".to_owned(), |f| callout::fleet::redacted_url(&f.redis_url));
+    let shared: Option<Arc<dyn callout::client::shared::SharedLimits>> = match fleet {
+        Some(fleet) => Some(Arc::new(RedisLimits::start(fleet).await.map_err(|e| e.to_string())?)),
+        None => None,
+    };
+    let executor = Executor::with_shared_limits(settings, shared).map_err(|e| e.to_string())?;
     // After the metrics recorder, so the durable gauges are described to it.
     let store = config.store_url().map_err(|e| loaded.error(e))?;
     options.durable = durable(config, &store, &executor).await?;
@@ -618,6 +638,7 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         // The memory budget for buffered bodies, derived from the cgroup limit unless set.
         max_buffered_bytes = buffered_bytes,
+        fleet = %fleet_shown,
         store = %match &store {
             StoreUrl::Off => "off".to_owned(),
             StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),

@@ -48,6 +48,10 @@ pub const BUILD_INFO: &str = "callout_build_info";
 pub const OAUTH2_TOKEN_FETCHES: &str = "callout_oauth2_token_fetches_total";
 pub const OAUTH2_TOKEN_CACHE_HITS: &str = "callout_oauth2_token_cache_hits_total";
 pub const OAUTH2_TOKEN_FAILURES: &str = "callout_oauth2_token_failures_total";
+pub const FLEET_CHECK_SECONDS: &str = "callout_fleet_check_seconds";
+pub const FLEET_REDIS_UP: &str = "callout_fleet_redis_up";
+pub const FLEET_REDIS_UNAVAILABLE: &str = "callout_fleet_redis_unavailable_total";
+pub const FLEET_FALLBACKS: &str = "callout_fleet_fallbacks_total";
 pub const TENANT_ACTIONS: &str = "callout_tenant_actions_total";
 pub const TENANT_IN_FLIGHT: &str = "callout_tenant_actions_in_flight";
 pub const TENANT_QUEUED: &str = "callout_tenant_actions_queued";
@@ -61,6 +65,9 @@ const BODY_BUDGET_REASONS: [&str; 3] = ["exhausted", "stalled", "too_large"];
 /// Buckets, in seconds, for times of one request (first byte) or a short wait: 1 ms to 5 min.
 const SHORT_BUCKETS: [f64; 16] =
     [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Buckets for one Redis round trip of the fleet check: 50 us to 1 s.
+const FLEET_BUCKETS: [f64; 14] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 /// Buckets for whole actions and rate-limit waits, which may last as long as their total
 /// timeout (at most 30 days): 1 ms to 30 days.
 const LONG_BUCKETS: [f64; 24] = [
@@ -171,6 +178,15 @@ struct Gauges {
     buffered_body_bytes: Gauge,
 }
 
+/// The fleet's series (`fleet`), registered once: the check is on every attempt's way.
+struct FleetSeries {
+    check: Histogram,
+    up: Gauge,
+    unavailable: Counter,
+    fallback_local: Counter,
+    fallback_deny: Counter,
+}
+
 /// One tenant label's series, registered once (all of them at `install`).
 struct TenantSeries {
     succeeded: Counter,
@@ -213,6 +229,7 @@ struct TenantLabels {
 
 static HOSTS: OnceLock<HostLabels> = OnceLock::new();
 static GAUGES: OnceLock<Gauges> = OnceLock::new();
+static FLEET: OnceLock<FleetSeries> = OnceLock::new();
 static TENANTS: OnceLock<TenantLabels> = OnceLock::new();
 
 /// The `tenant` label values besides the configured tenants' names.
@@ -309,6 +326,7 @@ pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<Sock
         .set_buckets(&SHORT_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(long(ACTION_SECONDS), &LONG_BUCKETS))
         .and_then(|b| b.set_buckets_for_metric(long(RATE_LIMIT_WAIT_SECONDS), &LONG_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(long(FLEET_CHECK_SECONDS), &FLEET_BUCKETS))
         .map_err(|e| MetricsError(e.to_string()))?
         .install_recorder()
         .map_err(|e| MetricsError(e.to_string()))?;
@@ -324,6 +342,13 @@ pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<Sock
         connections: gauge!(CONNECTIONS),
         connections_opened: counter!(CONNECTIONS_OPENED),
         buffered_body_bytes: gauge!(BUFFERED_BODY_BYTES),
+    });
+    let _ = FLEET.set(FleetSeries {
+        check: histogram!(FLEET_CHECK_SECONDS),
+        up: gauge!(FLEET_REDIS_UP),
+        unavailable: counter!(FLEET_REDIS_UNAVAILABLE),
+        fallback_local: counter!(FLEET_FALLBACKS, "policy" => "local"),
+        fallback_deny: counter!(FLEET_FALLBACKS, "policy" => "deny"),
     });
     let _ = TENANTS.set(TenantLabels {
         named: settings.tenants.iter().map(|name| (name.clone(), TenantSeries::new(name))).collect(),
@@ -358,6 +383,12 @@ fn at_zero() {
     let _ = histogram!(RATE_LIMIT_WAIT_SECONDS, "host" => "other");
     gauge!(CIRCUIT_OPEN, "host" => "other").set(0.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    if let Some(fleet) = FLEET.get() {
+        fleet.up.set(0.0);
+        fleet.unavailable.absolute(0);
+        fleet.fallback_local.absolute(0);
+        fleet.fallback_deny.absolute(0);
+    }
     if let Some(tenants) = TENANTS.get() {
         tenants.named.values().chain([&tenants.other, &tenants.none]).for_each(TenantSeries::at_zero);
     }
@@ -404,6 +435,20 @@ fn describe() {
         RATE_LIMIT_WAIT_SECONDS,
         Unit::Seconds,
         "Time waited for rate limits and cool-downs."
+    );
+    describe_histogram!(
+        FLEET_CHECK_SECONDS,
+        Unit::Seconds,
+        "Round trip of the fleet check to Redis (one per attempt, when fleet.redis_url is set)."
+    );
+    describe_gauge!(FLEET_REDIS_UP, "1 while the fleet's Redis is connected; 0 when unreachable or not set.");
+    describe_counter!(
+        FLEET_REDIS_UNAVAILABLE,
+        "Outages of the fleet's Redis (each counted once, at its start)."
+    );
+    describe_counter!(
+        FLEET_FALLBACKS,
+        "Fleet checks answered without Redis, by policy: local (this replica's limits) or deny."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which callout runs.");
     describe_counter!(
@@ -552,6 +597,37 @@ pub fn refused(reason: &'static str) {
 /// Time an attempt waited for rate limits.
 pub fn rate_limit_waited(host: &str, waited: Duration) {
     histogram!(RATE_LIMIT_WAIT_SECONDS, "host" => host_label(host)).record(waited.as_secs_f64());
+}
+
+/// One round trip of the fleet check took `took`.
+pub fn fleet_check(took: Duration) {
+    if let Some(fleet) = FLEET.get() {
+        fleet.check.record(took.as_secs_f64());
+    }
+}
+
+/// The fleet's Redis is connected (`true`) or not.
+pub fn fleet_redis_up(up: bool) {
+    if let Some(fleet) = FLEET.get() {
+        fleet.up.set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// An outage of the fleet's Redis began.
+pub fn fleet_redis_unavailable() {
+    if let Some(fleet) = FLEET.get() {
+        fleet.unavailable.increment(1);
+    }
+}
+
+/// A fleet check was answered without Redis, by `policy` (`local` or `deny`).
+pub fn fleet_fallback(policy: &'static str) {
+    if let Some(fleet) = FLEET.get() {
+        match policy {
+            "deny" => fleet.fallback_deny.increment(1),
+            _ => fleet.fallback_local.increment(1),
+        }
+    }
 }
 
 /// A destination's circuit opened (`true`) or closed.

@@ -3,13 +3,16 @@
 //! breakers, the shared cool-downs, the tenant quotas, the rate limits, the destination slots).
 //! Checks that refuse at once come before waits, and every wait counts against the action's
 //! deadline. A tenant's concurrency quota holds here, at the running slot: a tenant at its quota
-//! waits without taking a slot another tenant could run in.
+//! waits without taking a slot another tenant could run in. With a shared backend
+//! (`shared::SharedLimits`, e.g. the fleet's Redis) the breaker, cool-down and rate-limit layers
+//! consult it too.
 use super::{
-    breaker::CircuitBreakers,
+    breaker::{Breaker, CircuitBreakers},
     concurrency::{Admission, Concurrency, Overloaded},
-    cool_down::CoolDowns,
+    cool_down::{CoolDown, CoolDowns},
     fair::RunSlot,
-    rate_limit::{Rate, RateLimitRule, RateLimits},
+    rate_limit::{Rate, RateLimit, RateLimitRule, RateLimits},
+    shared::{SharedAdmission, SharedLimits},
     tenant::{TenantQuotas, TenantSettings},
 };
 use crate::{
@@ -92,21 +95,57 @@ pub struct Limits {
     cool_downs: Arc<CoolDowns>,
     breakers: Arc<CircuitBreakers>,
     tenants: Arc<TenantQuotas>,
+    shared: Option<Arc<SharedAdmission>>,
 }
 
 impl Limits {
+    /// Limits of this process alone.
     pub fn new(settings: &LimitSettings, tenants: &TenantSettings) -> Self {
+        Self::with_shared(settings, tenants, None)
+    }
+
+    /// Limits that `shared`, when given, holds for the fleet too (this process's own stand in
+    /// when it is unreachable).
+    pub fn with_shared(
+        settings: &LimitSettings,
+        tenants: &TenantSettings,
+        shared: Option<Arc<dyn SharedLimits>>,
+    ) -> Self {
+        let rate = Arc::new(RateLimits::new(settings.global_rate_limit, &settings.rate_limits));
+        let shared = shared.map(|backend| {
+            let rules = rate.clone();
+            Arc::new(SharedAdmission::new(
+                backend,
+                Arc::new(move |context| rules.shared_buckets(&context.destination)),
+            ))
+        });
         Self {
             concurrency: Arc::new(Concurrency::new(
                 settings.max_in_flight,
                 settings.max_queued,
                 settings.max_in_flight_per_host,
             )),
-            rate: Arc::new(RateLimits::new(settings.global_rate_limit, &settings.rate_limits)),
+            rate,
             cool_downs: Arc::new(CoolDowns::new(settings.max_host_cool_down)),
             breakers: Arc::new(CircuitBreakers::new(settings.breaker_failures, settings.breaker_cool_down)),
             tenants: Arc::new(TenantQuotas::new(tenants)),
+            shared,
         }
+    }
+
+    /// The breaker layer's step (it makes the attempt's fleet check, when there is a fleet).
+    pub fn breaker(&self) -> Breaker {
+        Breaker { breakers: self.breakers.clone(), shared: self.shared.clone() }
+    }
+
+    /// The cool-down layer's step.
+    pub fn cool_down(&self) -> CoolDown {
+        CoolDown { cool_downs: self.cool_downs.clone(), shared: self.shared.clone() }
+    }
+
+    /// The rate-limit layer's step.
+    pub fn rate_limit(&self) -> RateLimit {
+        RateLimit { rate: self.rate.clone(), shared: self.shared.clone() }
     }
 
     /// A place for a new action; refused at once when the server's queue is full.

@@ -56,6 +56,9 @@ pub struct AttemptContext {
 pub struct AttemptRequest {
     pub http: Request<Bytes>,
     pub context: Arc<AttemptContext>,
+    /// The attempt's fleet check, from the breaker layer to the ones below it; `None` without
+    /// shared limits (and on redirect hops, which pass no limit again).
+    pub checked: Option<Arc<super::shared::Checked>>,
 }
 
 /// Where an attempt tells its action that it passed admission and starts (the action then tells
@@ -277,7 +280,7 @@ pub(crate) mod tests {
             auth: Auth::None,
             signing: None,
         };
-        AttemptRequest { http, context: Arc::new(context) }
+        AttemptRequest { http, context: Arc::new(context), checked: None }
     }
 
     /// A layer of the stack over tower-test's mock, which stands for the rest of the stack.

@@ -1,10 +1,13 @@
 //! Circuit breaking per destination: after `failure_threshold` consecutive failures (connect
 //! errors, timeouts, 5xx) the circuit opens and actions to that host fail CIRCUIT_OPEN without
 //! sending; after `cool_down` one probe goes through (half-open), and its result closes the
-//! circuit again or re-opens it.
+//! circuit again or re-opens it. With a shared backend (`shared`) the layer also makes the
+//! attempt's one fleet check: another replica's open circuit refuses here too, and this
+//! replica's opens and closes are told to the fleet.
 use super::{
     attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
     error::SendFailure,
+    shared::{Checked, SharedAdmission, Verdict},
     timeout::TimeoutError,
 };
 use crate::action::ErrorKind;
@@ -45,6 +48,15 @@ enum State {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct BreakerError(pub String);
+
+/// What a recorded attempt did to its destination's circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// It opened (or re-opened) for this long.
+    Opened(Duration),
+    /// The probe succeeded: it closed.
+    Closed,
+}
 
 /// Closed circuits with no recent failure are forgotten past this many tracked destinations.
 const PRUNE_ABOVE: usize = 10_000;
@@ -99,20 +111,21 @@ impl CircuitBreakers {
         }
     }
 
-    /// Records how an attempt to `key` went.
-    pub fn record(&self, key: &str, health: Health) {
+    /// Records how an attempt to `key` went; says when that opened or closed its circuit.
+    pub fn record(&self, key: &str, health: Health) -> Option<Transition> {
         if self.failure_threshold == 0 || health == Health::Unknown {
-            return;
+            return None;
         }
         let Ok(mut hosts) = self.hosts.lock() else {
-            return;
+            return None;
         };
         if health == Health::Healthy {
             if let Some(State::HalfOpen { .. } | State::Open { .. }) = hosts.remove(key) {
                 tracing::info!(destination = %key, "circuit closed: the probe succeeded");
                 crate::metrics::circuit(key, false);
+                return Some(Transition::Closed);
             }
-            return;
+            return None;
         }
         if hosts.len() > PRUNE_ABOVE {
             hosts.retain(|_, state| !matches!(state, State::Closed { .. }));
@@ -120,40 +133,86 @@ impl CircuitBreakers {
         let now = Instant::now();
         let open = State::Open { until: now + self.cool_down };
         let state = hosts.entry(key.to_owned()).or_insert(State::Closed { failures: 0 });
+        let opened = Some(Transition::Opened(self.cool_down));
         match *state {
             State::Closed { failures } if failures + 1 >= self.failure_threshold => {
                 *state = open;
                 tracing::warn!(destination = %key, failures = failures + 1, "circuit opened");
                 crate::metrics::circuit(key, true);
+                opened
             }
-            State::Closed { failures } => *state = State::Closed { failures: failures + 1 },
+            State::Closed { failures } => {
+                *state = State::Closed { failures: failures + 1 };
+                None
+            }
             State::HalfOpen { .. } => {
                 *state = open;
                 tracing::warn!(destination = %key, "circuit re-opened: the probe failed");
+                opened
             }
-            State::Open { .. } => {}
+            State::Open { .. } => None,
         }
     }
 }
 
 /// Refuses attempts to a destination whose circuit is open; records how each attempt that ran
 /// went (by its status when it got one, else by its error) when its response head arrives.
+/// With a shared backend it makes the attempt's fleet check (after its own, so a circuit open
+/// here costs no round trip) and leaves the verdict beside the request for the layers below.
 #[derive(Clone)]
-pub struct Breaker(pub Arc<CircuitBreakers>);
+pub struct Breaker {
+    pub breakers: Arc<CircuitBreakers>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl Breaker {
+    /// This process's circuits only.
+    pub fn local(breakers: Arc<CircuitBreakers>) -> Self {
+        Self { breakers, shared: None }
+    }
+}
 
 impl Step for Breaker {
-    /// The breakers and the context (its destination) to record the attempt against.
-    type Held = (Arc<CircuitBreakers>, Arc<AttemptContext>);
+    /// The breakers, the context (its destination) to record the attempt against, and the
+    /// fleet to tell of a circuit this attempt opens or closes.
+    type Held = (Arc<CircuitBreakers>, Arc<AttemptContext>, Option<Arc<SharedAdmission>>);
 
     fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
-        match self.0.check(&request.context.destination.key) {
-            Ok(()) => Before::Go((self.0.clone(), request.context.clone())),
-            Err(refused) => Before::Refuse(refused.into()),
+        if let Err(refused) = self.breakers.check(&request.context.destination.key) {
+            return Before::Refuse(refused.into());
         }
+        let held = (self.breakers.clone(), request.context.clone(), self.shared.clone());
+        let Some(shared) = &self.shared else {
+            return Before::Go(held);
+        };
+        let checked = Arc::new(Checked::default());
+        request.checked = Some(checked.clone());
+        let (shared, context) = (shared.clone(), request.context.clone());
+        Before::Wait(Box::pin(async move {
+            let buckets = shared.buckets(&context);
+            let key = &context.destination.key;
+            let verdict = shared.check(key, &buckets, context.deadline).await;
+            if let Verdict::CircuitOpen(left) = verdict {
+                return Err(BreakerError(format!(
+                    "circuit for {key} was opened by another replica of the fleet; next probe in {}",
+                    crate::fmt::fmt_duration(left)
+                ))
+                .into());
+            }
+            checked.set(verdict);
+            Ok(held)
+        }))
     }
 
-    fn after<B>((breakers, context): Self::Held, reply: Reply<B>) -> Reply<B> {
-        breakers.record(&context.destination.key, health_of(&reply));
+    fn after<B>((breakers, context, shared): Self::Held, reply: Reply<B>) -> Reply<B> {
+        let key = &context.destination.key;
+        let transition = breakers.record(key, health_of(&reply));
+        if let (Some(shared), Some(transition)) = (shared, transition) {
+            match transition {
+                Transition::Opened(open_for) => shared.backend().circuit_opened(key, open_for),
+                Transition::Closed => shared.backend().circuit_closed(key),
+            }
+        }
         reply
     }
 }
@@ -229,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn the_layer_records_the_outcome_and_refuses_an_open_circuit_at_once() {
         let total = Duration::from_secs(5);
-        let mut layer = Harness::new(StepLayer(Breaker(Arc::new(breakers(2, 60_000)))));
+        let mut layer = Harness::new(StepLayer(Breaker::local(Arc::new(breakers(2, 60_000)))));
         // A 5xx is a response, and a failure for the breaker.
         assert_eq!(layer.exchange("http://h/", total, 503).await.unwrap().status(), 503);
         let call = layer.start("http://h/", total).await;

@@ -1,7 +1,12 @@
 //! The shared cool-down a destination asks for with 429 + Retry-After: every action to it waits
 //! that long (capped by `limits.max_host_cool_down`) before its next attempt. The `CoolDown`
 //! layer waits out a running cool-down before an attempt and starts one from the 429s it sees.
-use super::attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer};
+//! With a shared backend the fleet's cool-down (in the attempt's fleet check) is waited out too,
+//! and a 429 here cools the destination down for every replica.
+use super::{
+    attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
+    shared::SharedAdmission,
+};
 use crate::action::parse_retry_after;
 use http::{header, Response, StatusCode};
 use std::{
@@ -29,6 +34,11 @@ impl CoolDowns {
     /// Cool-downs capped at `max`.
     pub fn new(max: Duration) -> Self {
         Self { until: Mutex::default(), max }
+    }
+
+    /// The longest cool-down a 429 may impose.
+    pub fn max(&self) -> Duration {
+        self.max
     }
 
     /// `key` answered 429 with Retry-After `wait`: every action to it waits that long (capped).
@@ -73,21 +83,56 @@ impl CoolDowns {
     }
 }
 
+/// The fleet's cool-down of `key` runs until `until`: refused when that is past `deadline`.
+fn fits_shared(key: &str, until: Instant, deadline: Instant) -> Result<(), CoolDownError> {
+    if until <= deadline {
+        return Ok(());
+    }
+    Err(CoolDownError(format!(
+        "{key} asked callers to back off (429 Retry-After, seen by another replica of the fleet) for {} more, past the deadline",
+        crate::fmt::fmt_duration(until.saturating_duration_since(Instant::now()))
+    )))
+}
+
 /// Waits out the destination's cool-down before the attempt; a 429 (that fails the action) with
-/// a Retry-After starts one for every action.
+/// a Retry-After starts one for every action (every replica's, with a shared backend).
 #[derive(Clone)]
-pub struct CoolDown(pub Arc<CoolDowns>);
+pub struct CoolDown {
+    pub cool_downs: Arc<CoolDowns>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl CoolDown {
+    /// This process's cool-downs only.
+    pub fn local(cool_downs: Arc<CoolDowns>) -> Self {
+        Self { cool_downs, shared: None }
+    }
+}
 
 impl Step for CoolDown {
     /// Where to start a cool-down when the reply is a 429: only for actions that fail on one.
-    type Held = Option<(Arc<CoolDowns>, Arc<AttemptContext>)>;
+    type Held = Option<(Arc<CoolDowns>, Arc<AttemptContext>, Option<Arc<SharedAdmission>>)>;
 
     fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
         let context = &request.context;
-        let held = context.cool_down_on_429.then(|| (self.0.clone(), context.clone()));
-        match self.0.check(&context.destination.key, context.deadline) {
-            Ok(None) => Before::Go(held),
-            Ok(Some(until)) => {
+        let key = &context.destination.key;
+        let held =
+            context.cool_down_on_429.then(|| (self.cool_downs.clone(), context.clone(), self.shared.clone()));
+        // The fleet's cool-down (read by the breaker layer just now) refuses before any wait.
+        let checked = request.checked.as_ref();
+        let shared_until = checked.and_then(|c| c.cooling_down()).map(|left| Instant::now() + left);
+        if let Some(until) = shared_until {
+            if let Err(refused) = fits_shared(key, until, context.deadline) {
+                return Before::Refuse(refused.into());
+            }
+            // Nothing was taken while the mark was set: the rate-limit layer asks again.
+            let _ = checked.and_then(|c| c.take());
+        }
+        match self.cool_downs.check(key, context.deadline) {
+            Ok(local) => {
+                let Some(until) = local.max(shared_until) else {
+                    return Before::Go(held);
+                };
                 let context = context.clone();
                 Before::Wait(Box::pin(async move {
                     let waited = Instant::now();
@@ -102,10 +147,13 @@ impl Step for CoolDown {
     }
 
     fn after<B>(held: Self::Held, reply: Reply<B>) -> Reply<B> {
-        if let (Some((cool_downs, context)), Ok(response)) = (held, &reply) {
+        if let (Some((cool_downs, context, shared)), Ok(response)) = (held, &reply) {
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 if let Some(wait) = retry_after(response) {
                     cool_downs.cool_down(&context.destination.key, wait);
+                    if let Some(shared) = shared {
+                        shared.backend().cool_down(&context.destination.key, wait.min(cool_downs.max()));
+                    }
                 }
             }
         }
@@ -144,7 +192,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_429_cools_the_destination_down_for_every_action() {
         let minute = Duration::from_secs(60);
-        let mut layer = Harness::new(StepLayer(CoolDown(Arc::new(CoolDowns::new(Duration::from_secs(600))))));
+        let mut layer =
+            Harness::new(StepLayer(CoolDown::local(Arc::new(CoolDowns::new(Duration::from_secs(600))))));
         let first = layer.start("http://h/", minute).await;
         let (_, reply) = layer.handle.next_request().await.unwrap();
         reply.send_response(Response::builder().status(429).header("retry-after", "5").body(()).unwrap());
@@ -159,7 +208,7 @@ mod tests {
     async fn a_cool_down_past_the_deadline_refuses_at_once_and_is_capped() {
         let cool_downs = Arc::new(CoolDowns::new(Duration::from_secs(30)));
         cool_downs.cool_down("h:80", Duration::from_secs(3600));
-        let mut layer = Harness::new(StepLayer(CoolDown(cool_downs)));
+        let mut layer = Harness::new(StepLayer(CoolDown::local(cool_downs)));
         let err = layer.refused("http://h/", Duration::from_secs(10)).await;
         assert!(err.is::<CoolDownError>() && err.to_string().contains("429"), "{err}");
         // Capped at 30 s: a deadline past it waits.

@@ -5,6 +5,10 @@
 //! 2. `cool_down::CoolDown`: waits out a destination's 429 Retry-After; a 429 starts one.
 //! 3. `tenant::TenantQuota`: waits for the action's tenant's rate quota.
 //! 4. `rate_limit::RateLimit`: global and per-destination limits (governor's GCRA).
+//!
+//! (1, 2 and 4 hold for a whole fleet with a `shared::SharedLimits` backend: the breaker layer
+//! asks it once per attempt, and its verdict rides beside the request, `AttemptRequest::checked`,
+//! to the two below.)
 //! 5. `concurrency::DestinationSlot`: a slot to the destination, held by the response.
 //! 6. `signing::Signer`: Standard Webhooks headers, signed anew on every attempt.
 //! 7. `credentials::Credentials`: the action's auth (headers, an API key in the query, OAuth2
@@ -58,6 +62,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod response;
+pub mod shared;
 pub mod signing;
 pub mod stack;
 pub mod tenant;

@@ -2,8 +2,10 @@
 //! (GCRA from `governor`), and the `RateLimit` layer that waits for them before an attempt.
 //! A wait counts against the action's deadline; a wait that cannot fit fails at once.
 use super::{
-    attempt::{AttemptRequest, Before, Step, StepLayer},
+    attempt::{AttemptContext, AttemptRequest, Before, Step, StepLayer},
+    host::Destination,
     host_pattern::{HostPattern, HostPatternError},
+    shared::{SharedAdmission, SharedBucket, Verdict},
 };
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::{
@@ -75,10 +77,14 @@ impl fmt::Display for Rate {
 }
 
 impl Rate {
+    /// One send per this long (at least a nanosecond).
+    pub fn interval(&self) -> Duration {
+        // `count` >= 1 so the interval is never zero.
+        (self.period / self.count.get()).max(Duration::from_nanos(1))
+    }
+
     fn quota(&self) -> Quota {
-        // One send per period/count; `count` >= 1 so the interval is never zero.
-        let interval = self.period / self.count.get();
-        Quota::with_period(interval.max(Duration::from_nanos(1)))
+        Quota::with_period(self.interval())
             .unwrap_or_else(|| Quota::per_second(self.count))
             .allow_burst(self.burst)
     }
@@ -155,6 +161,15 @@ impl KeyedRateLimit {
 pub struct RateLimits {
     global: Option<(Rate, DefaultDirectRateLimiter)>,
     rules: Vec<(RateLimitRule, KeyedRateLimit)>,
+    /// Each rule's name in the fleet (`dest:PATTERN`), beside `rules`.
+    fleet_rules: Vec<Arc<str>>,
+}
+
+/// The global limit's name in the fleet.
+const GLOBAL: &str = "global";
+
+fn shared_bucket(rule: Arc<str>, subject: String, rate: Rate) -> SharedBucket {
+    SharedBucket { rule, subject, interval: rate.interval(), burst: rate.burst.get() }
 }
 
 impl RateLimits {
@@ -167,7 +182,25 @@ impl RateLimits {
                 .iter()
                 .map(|rule| (rule.clone(), KeyedRateLimit::new(rule.pattern.to_string(), rule.rate)))
                 .collect(),
+            fleet_rules: per_host.iter().map(|rule| Arc::from(format!("dest:{}", rule.pattern))).collect(),
         }
+    }
+
+    /// The fleet's buckets an attempt to `to` must pass: its destination rule's, the global one.
+    pub fn shared_buckets(&self, to: &Destination) -> Vec<SharedBucket> {
+        let mut buckets = Vec::with_capacity(2);
+        let matching = self
+            .rules
+            .iter()
+            .zip(&self.fleet_rules)
+            .find(|((rule, _), _)| rule.pattern.matches(to.host(), to.port()));
+        if let Some(((rule, _), name)) = matching {
+            buckets.push(shared_bucket(name.clone(), to.key.clone(), rule.rate));
+        }
+        if let Some((rate, _)) = &self.global {
+            buckets.push(shared_bucket(GLOBAL.into(), String::new(), *rate));
+        }
+        buckets
     }
 
     /// No limit is configured: nothing to wait for.
@@ -212,30 +245,121 @@ impl RateLimits {
         // No wait is zero, not the few nanoseconds these checks took.
         Ok(if slept { started.elapsed() } else { Duration::ZERO })
     }
+
+    /// The limits through the fleet's buckets: `first` is the verdict the breaker layer got
+    /// (else this asks itself); waits as long as a verdict says and asks again, until
+    /// `deadline`. With the backend unreachable: this process's own limits, or a refusal.
+    async fn acquire_shared(
+        &self,
+        shared: &SharedAdmission,
+        context: &AttemptContext,
+        first: Option<Verdict>,
+    ) -> Result<Duration, RateLimitError> {
+        let (to, deadline) = (&context.destination, context.deadline);
+        let denied = || {
+            RateLimitError(
+                "the fleet's shared limits are unreachable (Redis) and fleet.redis_unavailable is \"deny\""
+                    .into(),
+            )
+        };
+        match first {
+            Some(Verdict::Allowed) => return Ok(Duration::ZERO),
+            Some(Verdict::Denied) => return Err(denied()),
+            _ => {}
+        }
+        let buckets = shared.buckets(context);
+        if buckets.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let started = Instant::now();
+        let mut slept = false;
+        let mut verdict = match first {
+            Some(verdict) => verdict,
+            None => shared.check_rate(&buckets, deadline).await,
+        };
+        loop {
+            let wait = match verdict {
+                Verdict::Allowed => break,
+                Verdict::Local => {
+                    let waited = self.acquire(&to.key, to.host(), to.port(), deadline).await?;
+                    return Ok(if slept { started.elapsed() } else { waited });
+                }
+                Verdict::Denied => return Err(denied()),
+                Verdict::Wait { bucket, wait } => {
+                    if Instant::now() + wait > deadline {
+                        let name = buckets.get(bucket).map(SharedBucket::describe).unwrap_or_default();
+                        return Err(RateLimitError(format!(
+                            "fleet rate limit {name} needs a wait of {}, past the deadline",
+                            crate::fmt::fmt_duration(wait)
+                        )));
+                    }
+                    wait
+                }
+                // Marks are the layers above's (read with the first check): a re-check reads
+                // buckets only, so these come only as a first verdict the layers above let by.
+                Verdict::CircuitOpen(_) | Verdict::CoolingDown(_) => Duration::ZERO,
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                slept = true;
+            }
+            verdict = shared.check_rate(&buckets, deadline).await;
+        }
+        Ok(if slept { started.elapsed() } else { Duration::ZERO })
+    }
 }
 
 /// Waits for the rate limits before an attempt (bounded by the action's deadline); refuses
-/// with `RateLimitError` when a wait cannot fit.
+/// with `RateLimitError` when a wait cannot fit. With a shared backend the buckets are the
+/// fleet's: the verdict the breaker layer got (`AttemptRequest::checked`) says whether they
+/// were taken.
 #[derive(Clone)]
-pub struct RateLimit(pub Arc<RateLimits>);
+pub struct RateLimit {
+    pub rate: Arc<RateLimits>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl RateLimit {
+    /// This process's limits only.
+    pub fn local(rate: Arc<RateLimits>) -> Self {
+        Self { rate, shared: None }
+    }
+}
 
 impl Step for RateLimit {
     type Held = ();
 
     fn before(&self, request: &mut AttemptRequest) -> Before<()> {
-        if self.0.is_empty() {
+        let Some(shared) = &self.shared else {
+            if self.rate.is_empty() {
+                return Before::Go(());
+            }
+            let (limits, context) = (self.rate.clone(), request.context.clone());
+            return Before::Wait(Box::pin(async move {
+                let to = &context.destination;
+                let waited = limits.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
+                waited_for(&to.key, waited);
+                Ok(())
+            }));
+        };
+        let first = request.checked.as_ref().and_then(|checked| checked.take());
+        if first == Some(Verdict::Allowed) {
+            // The breaker layer's check took every bucket.
             return Before::Go(());
         }
-        let (limits, context) = (self.0.clone(), request.context.clone());
+        let (limits, shared, context) = (self.rate.clone(), shared.clone(), request.context.clone());
         Before::Wait(Box::pin(async move {
-            let to = &context.destination;
-            let waited = limits.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
-            if !waited.is_zero() {
-                tracing::debug!(destination = %to.key, waited = ?waited, "waited for the rate limit");
-                crate::metrics::rate_limit_waited(&to.key, waited);
-            }
+            let waited = limits.acquire_shared(&shared, &context, first).await?;
+            waited_for(&context.destination.key, waited);
             Ok(())
         }))
+    }
+}
+
+fn waited_for(key: &str, waited: Duration) {
+    if !waited.is_zero() {
+        tracing::debug!(destination = %key, waited = ?waited, "waited for the rate limit");
+        crate::metrics::rate_limit_waited(key, waited);
     }
 }
 
@@ -314,7 +438,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_layer_refuses_a_wait_past_the_deadline_without_calling_inner() {
         let rate = Arc::new(RateLimits::new(None, &["h=1/m".parse().unwrap()]));
-        let mut layer = Harness::new(StepLayer(RateLimit(rate)));
+        let mut layer = Harness::new(StepLayer(RateLimit::local(rate)));
         assert!(layer.exchange("http://h/", Duration::from_secs(5), 200).await.is_ok());
         let err = layer.refused("http://h/", Duration::from_secs(5)).await;
         assert!(err.is::<RateLimitError>(), "{err}");

@@ -257,7 +257,7 @@ impl<S> Follow<S> {
         tracing::debug!(status = status.as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
         self.visited.push(next.url.clone());
         self.hop = next;
-        Ok(Some(AttemptRequest { http: self.hop.request()?, context: self.context.clone() }))
+        Ok(Some(AttemptRequest { http: self.hop.request()?, context: self.context.clone(), checked: None }))
     }
 }
 

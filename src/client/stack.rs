@@ -3,12 +3,12 @@
 use super::{
     admission::Limits,
     attempt::{AttemptRequest, StepLayer},
-    breaker::{Breaker, BreakerError},
+    breaker::BreakerError,
     concurrency::{DestinationSlot, SlotError},
-    cool_down::{CoolDown, CoolDownError},
+    cool_down::CoolDownError,
     credentials::{Credentials, CredentialsError},
     error::SendFailure,
-    rate_limit::{RateLimit, RateLimitError},
+    rate_limit::RateLimitError,
     redirect::RedirectLayer,
     signing::{Signer, SigningError},
     tenant::{TenantQuota, TenantQuotaError},
@@ -33,16 +33,19 @@ where
     B: Send + 'static,
 {
     ServiceBuilder::new()
-        // An open circuit refuses at once, before any wait; the attempt's end feeds it.
-        .layer(StepLayer(Breaker(limits.breakers())))
-        // A destination that answered 429 Retry-After holds back every action to it, and the
-        // 429s seen here start such a cool-down.
-        .layer(StepLayer(CoolDown(limits.cool_downs())))
+        // An open circuit refuses at once, before any wait; the attempt's end feeds it. In a
+        // fleet it also makes the attempt's one shared check (marks and rate buckets), its
+        // verdict left beside the request for the cool-down and rate-limit layers.
+        .layer(StepLayer(limits.breaker()))
+        // A destination that answered 429 Retry-After holds back every action to it (every
+        // replica's, in a fleet), and the 429s seen here start such a cool-down.
+        .layer(StepLayer(limits.cool_down()))
         // The tenant's own rate quota, before the shared limits: a tenant over its quota waits
         // in its own bucket without spending the global or a destination's tokens.
         .layer(StepLayer(TenantQuota(limits.tenants())))
-        // Global and per-destination rate limits: waits, bounded by the total deadline.
-        .layer(StepLayer(RateLimit(limits.rate())))
+        // Global and per-destination rate limits (the fleet's buckets, in a fleet): waits,
+        // bounded by the total deadline.
+        .layer(StepLayer(limits.rate_limit()))
         // A slot to the destination, held until the response (body included) is dropped.
         .layer(StepLayer(DestinationSlot(limits.concurrency())))
         // Signing, then credentials: after every wait, so a timestamp, token or signature is

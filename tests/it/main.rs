@@ -14,6 +14,7 @@ mod durable_pg;
 mod edge;
 mod egress;
 mod extract;
+mod fleet;
 mod invalid;
 mod limits;
 mod listener;

@@ -545,3 +545,106 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     raw.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
+
+/// A real `redis-server` on a loopback port of its own (no persistence; its files in a temp
+/// dir), killed when dropped. `stop` and `start` again keep the port, so sidecars pointed at it
+/// see an outage and a recovery. Needs `redis-server` on the PATH (.ci/run installs it).
+pub struct RedisServer {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        // Redis takes no port 0: a free loopback port, bound, read and closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Self { port, dir: TempDir::new("redis"), child: None };
+        redis.restart().await;
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) and waits until it answers PING.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let port = self.port.to_string();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port, "--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir.0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (apt-get install redis-server)");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        loop {
+            if self.try_command(&["PING"]).await.is_ok() {
+                return;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20), "redis-server answers PING");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL: its clients see the connection drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP (`pause`) and SIGCONT: a server that holds its connections and answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = std::process::Command::new("kill").args([signal, &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {signal}");
+    }
+
+    /// One command on a fresh connection.
+    pub async fn try_command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut connection).await
+    }
+
+    /// One command's integer reply (EXISTS, PTTL, DBSIZE).
+    pub async fn int(&self, args: &[&str]) -> i64 {
+        match self.try_command(args).await.unwrap() {
+            redis::Value::Int(n) => n,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    /// Waits (up to 10 s) until `key` exists: the sidecars write marks off the attempt's way.
+    pub async fn wait_for_key(&self, key: &str) {
+        let started = std::time::Instant::now();
+        while self.int(&["EXISTS", key]).await == 0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "{key} was written");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A paused server dies of SIGKILL all the same.
+            self.stop();
+        }
+    }
+}
+
+/// The value of the series `series` (name and labels as printed) in a Prometheus text page.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}

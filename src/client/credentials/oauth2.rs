@@ -412,7 +412,7 @@ fn token_attempt(http: Request<Bytes>, credential: &OAuth2Credential, until: Ins
         auth: crate::action::Auth::None,
         signing: None,
     };
-    AttemptRequest { http, context: std::sync::Arc::new(context) }
+    AttemptRequest { http, context: std::sync::Arc::new(context), checked: None }
 }
 
 async fn request_token(

@@ -1,0 +1,149 @@
+//! Limits shared with the other replicas of a fleet, as the admission layers see them: the
+//! `SharedLimits` trait a backend implements (Redis, in `crate::fleet`), the buckets an attempt
+//! must pass, and the `Verdict` of the one check an attempt makes. With no backend every limit
+//! is this process's own (`rate_limit`, `cool_down`, `breaker`); with one, the breaker layer
+//! asks it once per attempt (the destination's shared circuit and cool-down marks and every rate
+//! bucket, in one round trip) and the verdict rides beside the request (`AttemptRequest::checked`)
+//! to the cool-down and rate-limit layers below, so the layer order stays and no layer asks
+//! again on the way.
+use super::attempt::AttemptContext;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// The future of a shared check (boxed: the trait is used as an object).
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
+
+/// One rate bucket an attempt must pass: a rule, the subject it keys on (a destination, a
+/// tenant, nothing for the global limit), and its GCRA terms. Every replica names a bucket the
+/// same way, so they share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBucket {
+    /// The rule, stable across replicas: `global`, `dest:*.example.com`, `tenant`.
+    pub rule: Arc<str>,
+    /// What the rule keys on: `api.example.com:443`, a tenant id; empty for one bucket.
+    pub subject: String,
+    /// One send per `interval` …
+    pub interval: Duration,
+    /// … with up to `burst` at once.
+    pub burst: u32,
+}
+
+impl SharedBucket {
+    /// The bucket as messages name it: `global`, `dest:h (h:80)`.
+    pub fn describe(&self) -> String {
+        if self.subject.is_empty() {
+            self.rule.to_string()
+        } else {
+            format!("{} ({})", self.rule, self.subject)
+        }
+    }
+}
+
+/// What the shared state says of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every bucket allowed the attempt, and each was taken.
+    Allowed,
+    /// Another replica opened the destination's circuit; it stays open this much longer.
+    CircuitOpen(Duration),
+    /// The destination asked for a cool-down (429 Retry-After) this much longer. Nothing taken.
+    CoolingDown(Duration),
+    /// `buckets[bucket]` needs `wait` before the attempt may go. Nothing taken.
+    Wait { bucket: usize, wait: Duration },
+    /// The backend is unreachable and the policy falls back: this replica's own limits apply.
+    Local,
+    /// The backend is unreachable and the policy refuses.
+    Denied,
+}
+
+/// A backend of shared limits. `check` is the one call on an attempt's way (it never fails:
+/// an unreachable backend answers `Local` or `Denied`, and never waits past `deadline`);
+/// the writes are fire-and-forget, off the attempt's way.
+pub trait SharedLimits: Send + Sync + 'static {
+    /// `destination`'s circuit and cool-down marks (when given), then every bucket of
+    /// `buckets`: all are taken when all allow and no mark is set, none otherwise.
+    fn check<'a>(
+        &'a self,
+        destination: Option<&'a str>,
+        buckets: &'a [SharedBucket],
+        deadline: Instant,
+    ) -> CheckFuture<'a>;
+
+    /// `destination` answered 429 with Retry-After `wait` (already capped): every replica waits.
+    fn cool_down(&self, destination: &str, wait: Duration);
+
+    /// This replica opened `destination`'s circuit for `open_for`: every replica refuses.
+    fn circuit_opened(&self, destination: &str, open_for: Duration);
+
+    /// This replica's probe succeeded: the shared mark goes.
+    fn circuit_closed(&self, destination: &str);
+}
+
+/// The verdict of this attempt's shared check, beside the request (`AttemptRequest::checked`):
+/// set by the breaker layer once its check's wait resolves (the wait runs apart from the
+/// request, hence the shared slot), read by the cool-down and rate-limit layers. Made only when
+/// a backend is configured: without one the attempt allocates nothing for it.
+#[derive(Debug, Default)]
+pub struct Checked(Mutex<Option<Verdict>>);
+
+impl Checked {
+    pub fn set(&self, verdict: Verdict) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(verdict);
+        }
+    }
+
+    /// The verdict, taken (the layer that acts on it consumes it).
+    pub fn take(&self) -> Option<Verdict> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// How much longer the fleet's cool-down of the destination runs, when the check saw one.
+    pub fn cooling_down(&self) -> Option<Duration> {
+        match self.0.lock().ok()?.as_ref()? {
+            Verdict::CoolingDown(left) => Some(*left),
+            _ => None,
+        }
+    }
+}
+
+/// Names the buckets an attempt must pass (the rate rules that apply to its destination, and
+/// whatever else its context keys a rule on).
+pub type BucketsOf = dyn Fn(&AttemptContext) -> Vec<SharedBucket> + Send + Sync;
+
+/// A shared backend and the rate rules it is asked about: what the admission layers hold.
+pub struct SharedAdmission {
+    backend: Arc<dyn SharedLimits>,
+    buckets: Arc<BucketsOf>,
+}
+
+impl SharedAdmission {
+    pub fn new(backend: Arc<dyn SharedLimits>, buckets: Arc<BucketsOf>) -> Self {
+        Self { backend, buckets }
+    }
+
+    /// The rate buckets the attempt of `context` must pass.
+    pub fn buckets(&self, context: &AttemptContext) -> Vec<SharedBucket> {
+        (self.buckets)(context)
+    }
+
+    /// The first check of an attempt to `destination` (`host:port`): its marks and every bucket
+    /// of `buckets`.
+    pub async fn check(&self, destination: &str, buckets: &[SharedBucket], deadline: Instant) -> Verdict {
+        self.backend.check(Some(destination), buckets, deadline).await
+    }
+
+    /// A check of the buckets alone, after a wait (the marks were read before it, as the local
+    /// layers read theirs once).
+    pub async fn check_rate(&self, buckets: &[SharedBucket], deadline: Instant) -> Verdict {
+        self.backend.check(None, buckets, deadline).await
+    }
+
+    pub fn backend(&self) -> &dyn SharedLimits {
+        &*self.backend
+    }
+}
