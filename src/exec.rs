@@ -10,7 +10,7 @@ use crate::{
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
         admission::{LimitSettings, Limits},
-        attempt::{AttemptContext, StartSignal},
+        attempt::{AttemptContext, SignRequest, StartSignal},
         body_budget::BodyBudget,
         concurrency::{Admission, Overloaded},
         credentials::{
@@ -20,7 +20,6 @@ use crate::{
         egress::EgressSettings,
         host::Destination,
         shared::SharedLimits,
-        signing::SignRequest,
         tenant::TenantSettings,
         ClientBuildError, ClientSettings, Clients,
     },

@@ -45,6 +45,8 @@ pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total"
 pub const BUFFERED_BODY_BYTES: &str = "callout_buffered_body_bytes";
 pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
 pub const BUILD_INFO: &str = "callout_build_info";
+/// The `profile` label of credentials written in the action, not named from the config.
+pub const INLINE_PROFILE: &str = "inline";
 pub const OAUTH2_TOKEN_FETCHES: &str = "callout_oauth2_token_fetches_total";
 pub const OAUTH2_TOKEN_CACHE_HITS: &str = "callout_oauth2_token_cache_hits_total";
 pub const OAUTH2_TOKEN_FAILURES: &str = "callout_oauth2_token_failures_total";
@@ -398,7 +400,7 @@ fn at_zero() {
 /// The OAuth2 series of `profiles` (and of inline credentials), made at zero. Profile names
 /// come from the server's config, so the label is bounded.
 pub fn oauth2_profiles(profiles: &[&str]) {
-    for profile in profiles.iter().copied().chain([crate::client::credentials::INLINE]) {
+    for profile in profiles.iter().copied().chain([INLINE_PROFILE]) {
         let profile = profile.to_owned();
         counter!(OAUTH2_TOKEN_FETCHES, "profile" => profile.clone()).absolute(0);
         counter!(OAUTH2_TOKEN_CACHE_HITS, "profile" => profile.clone()).absolute(0);

@@ -2,8 +2,8 @@
 //! (`AttemptRequest`: the HTTP request and the action's `AttemptContext`), the signal that the
 //! attempt started, and `Step`, which makes a before/after concern a tower layer without a boxed
 //! future (`StepFuture`; only a wait is boxed, and only when it happens).
-use super::{host::Destination, signing::SignRequest};
-use crate::action::{Auth, RedirectPolicy};
+use super::host::Destination;
+use crate::action::{Auth, RedirectPolicy, Signing};
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -58,7 +58,7 @@ pub struct AttemptRequest {
     pub context: Arc<AttemptContext>,
     /// The attempt's fleet check, from the breaker layer to the ones below it; `None` without
     /// shared limits (and on redirect hops, which pass no limit again).
-    pub checked: Option<Arc<super::shared::Checked>>,
+    pub checked: Option<Arc<Checked>>,
 }
 
 /// Where an attempt tells its action that it passed admission and starts (the action then tells
@@ -252,6 +252,68 @@ where
                 }
             };
             self.set(next);
+        }
+    }
+}
+
+/// What an action's attempts are signed with, in its `AttemptContext`.
+#[derive(Debug, Clone)]
+pub struct SignRequest {
+    pub signing: Signing,
+    /// The message id: the action's id.
+    pub message_id: Arc<str>,
+}
+
+impl SignRequest {
+    /// The signing of action `id`; none (and nothing allocated) when it is not signed.
+    pub fn of(signing: &Signing, id: &str) -> Option<Self> {
+        match signing {
+            Signing::None => None,
+            signing => Some(Self { signing: signing.clone(), message_id: id.into() }),
+        }
+    }
+}
+
+/// What the shared state says of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every bucket allowed the attempt, and each was taken.
+    Allowed,
+    /// Another replica opened the destination's circuit; it stays open this much longer.
+    CircuitOpen(Duration),
+    /// The destination asked for a cool-down (429 Retry-After) this much longer. Nothing taken.
+    CoolingDown(Duration),
+    /// `buckets[bucket]` needs `wait` before the attempt may go. Nothing taken.
+    Wait { bucket: usize, wait: Duration },
+    /// The backend is unreachable and the policy falls back: this replica's own limits apply.
+    Local,
+    /// The backend is unreachable and the policy refuses.
+    Denied,
+}
+
+/// The verdict of this attempt's shared check, beside the request (`AttemptRequest::checked`):
+/// set by the breaker layer once its check's wait resolves (the wait runs apart from the
+/// request, hence the shared slot), read by the cool-down and rate-limit layers. Made only when
+/// a backend is configured: without one the attempt allocates nothing for it.
+#[derive(Debug, Default)]
+pub struct Checked(Mutex<Option<Verdict>>);
+impl Checked {
+    pub fn set(&self, verdict: Verdict) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(verdict);
+        }
+    }
+
+    /// The verdict, taken (the layer that acts on it consumes it).
+    pub fn take(&self) -> Option<Verdict> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// How much longer the fleet's cool-down of the destination runs, when the check saw one.
+    pub fn cooling_down(&self) -> Option<Duration> {
+        match self.0.lock().ok()?.as_ref()? {
+            Verdict::CoolingDown(left) => Some(*left),
+            _ => None,
         }
     }
 }

@@ -7,10 +7,11 @@
 //! to the cool-down and rate-limit layers below, so the layer order stays and no layer asks
 //! again on the way.
 use super::attempt::AttemptContext;
+pub use super::attempt::{Checked, Verdict};
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -43,23 +44,6 @@ impl SharedBucket {
     }
 }
 
-/// What the shared state says of one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every bucket allowed the attempt, and each was taken.
-    Allowed,
-    /// Another replica opened the destination's circuit; it stays open this much longer.
-    CircuitOpen(Duration),
-    /// The destination asked for a cool-down (429 Retry-After) this much longer. Nothing taken.
-    CoolingDown(Duration),
-    /// `buckets[bucket]` needs `wait` before the attempt may go. Nothing taken.
-    Wait { bucket: usize, wait: Duration },
-    /// The backend is unreachable and the policy falls back: this replica's own limits apply.
-    Local,
-    /// The backend is unreachable and the policy refuses.
-    Denied,
-}
-
 /// A backend of shared limits. `check` is the one call on an attempt's way (it never fails:
 /// an unreachable backend answers `Local` or `Denied`, and never waits past `deadline`);
 /// the writes are fire-and-forget, off the attempt's way.
@@ -81,34 +65,6 @@ pub trait SharedLimits: Send + Sync + 'static {
 
     /// This replica's probe succeeded: the shared mark goes.
     fn circuit_closed(&self, destination: &str);
-}
-
-/// The verdict of this attempt's shared check, beside the request (`AttemptRequest::checked`):
-/// set by the breaker layer once its check's wait resolves (the wait runs apart from the
-/// request, hence the shared slot), read by the cool-down and rate-limit layers. Made only when
-/// a backend is configured: without one the attempt allocates nothing for it.
-#[derive(Debug, Default)]
-pub struct Checked(Mutex<Option<Verdict>>);
-
-impl Checked {
-    pub fn set(&self, verdict: Verdict) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(verdict);
-        }
-    }
-
-    /// The verdict, taken (the layer that acts on it consumes it).
-    pub fn take(&self) -> Option<Verdict> {
-        self.0.lock().ok().and_then(|mut slot| slot.take())
-    }
-
-    /// How much longer the fleet's cool-down of the destination runs, when the check saw one.
-    pub fn cooling_down(&self) -> Option<Duration> {
-        match self.0.lock().ok()?.as_ref()? {
-            Verdict::CoolingDown(left) => Some(*left),
-            _ => None,
-        }
-    }
 }
 
 /// Names the buckets an attempt must pass (the rate rules that apply to its destination, and

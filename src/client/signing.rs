@@ -8,25 +8,7 @@ use crate::action::{ErrorKind, Signing};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Request};
-use std::{sync::Arc, time::SystemTime};
-
-/// What an action's attempts are signed with, in its `AttemptContext`.
-#[derive(Debug, Clone)]
-pub struct SignRequest {
-    pub signing: Signing,
-    /// The message id: the action's id.
-    pub message_id: Arc<str>,
-}
-
-impl SignRequest {
-    /// The signing of action `id`; none (and nothing allocated) when it is not signed.
-    pub fn of(signing: &Signing, id: &str) -> Option<Self> {
-        match signing {
-            Signing::None => None,
-            signing => Some(Self { signing: signing.clone(), message_id: id.into() }),
-        }
-    }
-}
+use std::time::SystemTime;
 
 /// A request that cannot carry its signature (an id or a map that does not fit).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,7 +90,11 @@ pub fn standard_webhooks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::attempt::tests::{request, Harness};
+    use crate::client::attempt::{
+        tests::{request, Harness},
+        SignRequest,
+    };
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// The example of the Standard Webhooks reference libraries' tests.

@@ -130,8 +130,7 @@ impl Step for Credentials {
     }
 }
 
-/// The metrics label of credentials written inline (profiles are labelled by name).
-pub const INLINE: &str = "inline";
+pub use crate::metrics::INLINE_PROFILE as INLINE;
 
 fn set(request: &mut Request<Bytes>, name: HeaderName, value: HeaderValue) -> Result<(), CredentialsError> {
     // `try_`: a map at http's size limit is an error here, never a panic.
