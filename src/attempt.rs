@@ -252,14 +252,7 @@ impl RunAttempt for Attempts {
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
             let error = status_error(action, &head);
-            let response = ResponseData {
-                head,
-                body: Bytes::new(),
-                body_json: None,
-                body_text: None,
-                truncated: false,
-                extracted: Vec::new(),
-            };
+            let response = ResponseData::head_only(head);
             let mut result = fail(record, error, Some(end), Some(response), false);
             result.decision = Some(retry.clone());
             result.refreshes_credentials = refreshes_credentials;

@@ -452,7 +452,6 @@ impl<A: RunAttempt> Executor<A> {
 mod tests {
     use super::*;
     use crate::{action::ResponseHead, attempt::AttemptResult};
-    use bytes::Bytes;
     use std::{collections::VecDeque, sync::Mutex};
 
     /// How a scripted attempt ends.
@@ -490,14 +489,7 @@ mod tests {
                     record.status = Some(status);
                     let head =
                         ResponseHead { status, reason: String::new(), version: "HTTP/1.1", headers: vec![] };
-                    let response = ResponseData {
-                        head,
-                        body: Bytes::new(),
-                        body_json: None,
-                        body_text: None,
-                        truncated: false,
-                        extracted: Vec::new(),
-                    };
+                    let response = ResponseData::head_only(head);
                     let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
                 }

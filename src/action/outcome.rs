@@ -96,6 +96,20 @@ pub struct ResponseData {
     pub extracted: Vec<(String, serde_json::Value)>,
 }
 
+impl ResponseData {
+    /// A response whose body was not read (or had none): the head alone.
+    pub fn head_only(head: ResponseHead) -> Self {
+        Self {
+            head,
+            body: Bytes::new(),
+            body_json: None,
+            body_text: None,
+            truncated: false,
+            extracted: Vec::new(),
+        }
+    }
+}
+
 /// Timings of one attempt. Connection phases are zero when a pooled connection was reused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AttemptTiming {
