@@ -51,6 +51,8 @@ def run(pb, stub, args):
             json=body,
             signing=signing,
             retry=pb.RetryPolicy(max_attempts=attempts),
+            # The echo's raw bytes: the check parses them itself.
+            reply_body=pb.REPLY_BODY_RAW,
         )
         reply = stub.Execute(req, timeout=args.deadline)
         headers, sent = echoed(reply)
