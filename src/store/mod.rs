@@ -46,6 +46,24 @@ impl State {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 
+    /// Whether `cancel` changes an action in this state: PENDING and RUNNING are cancelled, a
+    /// cancelled one is returned as it is (`false`), any other final state is `WrongState`.
+    pub fn check_cancel(self, action_id: &str) -> Result<bool, StoreError> {
+        match self {
+            Self::Cancelled => Ok(false),
+            state if state.is_final() => Err(StoreError::wrong_state(action_id, state)),
+            _ => Ok(true),
+        }
+    }
+
+    /// `replay` takes FAILED or CANCELLED actions only.
+    pub fn check_replay(self, action_id: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Failed | Self::Cancelled => Ok(()),
+            state => Err(StoreError::wrong_state(action_id, state)),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "PENDING",
@@ -201,6 +219,12 @@ pub enum StoreError {
     /// Stored data that does not read back (a bug or a damaged file).
     #[error("the action store holds a damaged record: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    fn wrong_state(action_id: &str, state: State) -> Self {
+        Self::WrongState { action_id: action_id.to_owned(), state: state.as_str() }
+    }
 }
 
 /// A durable store of actions. Every method that changes an action commits before it returns

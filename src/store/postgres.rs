@@ -999,12 +999,8 @@ impl Inner {
         let Some((stored, _)) = self.stored(&tx, action_id, true).await? else {
             return Ok(None);
         };
-        match stored.record.state {
-            State::Cancelled => return Ok(Some(stored.record)),
-            state if state.is_final() => {
-                return Err(StoreError::WrongState { action_id: action_id.to_owned(), state: state.as_str() })
-            }
-            _ => {}
+        if !stored.record.state.check_cancel(action_id)? {
+            return Ok(Some(stored.record));
         }
         let now = to_millis(now);
         self.exec(
@@ -1032,10 +1028,7 @@ impl Inner {
         let Some((stored, _)) = self.stored(&tx, action_id, true).await? else {
             return Ok(None);
         };
-        let state = stored.record.state;
-        if !matches!(state, State::Failed | State::Cancelled) {
-            return Err(StoreError::WrongState { action_id: action_id.to_owned(), state: state.as_str() });
-        }
+        stored.record.state.check_replay(action_id)?;
         let now = to_millis(now);
         self.exec(
             &tx,

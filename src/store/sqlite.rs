@@ -727,12 +727,8 @@ impl Db {
         let Some((stored, _)) = self.stored(action_id)? else {
             return Ok(None);
         };
-        match stored.record.state {
-            State::Cancelled => return Ok(Some(stored.record)),
-            state if state.is_final() => {
-                return Err(StoreError::WrongState { action_id: action_id.to_owned(), state: state.as_str() })
-            }
-            _ => {}
+        if !stored.record.state.check_cancel(action_id)? {
+            return Ok(Some(stored.record));
         }
         let now = to_millis(now);
         self.conn
@@ -755,10 +751,7 @@ impl Db {
         let Some((stored, _)) = self.stored(action_id)? else {
             return Ok(None);
         };
-        let state = stored.record.state;
-        if !matches!(state, State::Failed | State::Cancelled) {
-            return Err(StoreError::WrongState { action_id: action_id.to_owned(), state: state.as_str() });
-        }
+        stored.record.state.check_replay(action_id)?;
         let now = to_millis(now);
         // An attempt cancelled in flight may still be open: it is closed by its own task, or
         // was cut off by a restart; either way the new run starts after it.

@@ -301,15 +301,6 @@ async fn durable_actions_of_a_small_tenant_run_early_despite_a_large_backlog() {
     assert_eq!(last_b, 5);
 }
 
-/// The value of the sample of `name` whose labels include every one of `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-        .find(|line| labels.iter().all(|l| line.contains(l)))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn tenant_metric_labels_are_the_configured_tenants_other_and_none() {
     let upstream = Upstream::fixed(200, "ok").await;
