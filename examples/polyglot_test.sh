@@ -306,6 +306,17 @@ for lang in python node; do
     expect '^outcome: OUTCOME_FAILED$'
     expect_text 'error: ERROR_KIND_CONDITION_FAILED: success_condition "body.path == "/other"" was false'
 
+    step "$lang: vars"
+    # A string variable percent-encoded as one path segment, a typed one as a JSON number.
+    run "$p-vars" 0 "${CLIENT[@]}" execute POST "$UPSTREAM/orders/{{vars.ref}}" \
+        --json '{"n":"{{vars.n}}","who":"{{vars.ref}}"}' --var 'ref=a/b c' --var-json 'n=7'
+    expect_text '"path":"/orders/a%2Fb%20c"'
+    expect_text '\"n\":7'
+    expect_text '\"who\":\"a/b c\"'
+    run "$p-vars-unknown" 2 "${CLIENT[@]}" execute GET "$UPSTREAM/orders/{{vars.nope}}"
+    expect_text 'url'
+    expect_text 'nope'
+
     run "$p-failed-continue" 0 "${CLIENT[@]}" execute GET "$UPSTREAM/status/503" --on-failure continue --max-attempts 1
     expect '^status: 503 Service Unavailable'
     expect '^outcome: OUTCOME_FAILED$'

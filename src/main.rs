@@ -511,6 +511,12 @@ struct ExecArgs {
     /// CEL over the same variables; true tries the attempt again (polling).
     #[arg(long, value_name = "CEL")]
     retry_condition: Option<String>,
+    /// A string for `{{vars.NAME}}`, "NAME=VALUE"; repeatable.
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// A JSON value for `{{vars.NAME}}` (a number, object, ...), "NAME=JSON"; repeatable.
+    #[arg(long = "var-json", value_name = "NAME=JSON")]
+    vars_json: Vec<String>,
     /// TOML config file; its egress, secrets and client settings apply.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -758,6 +764,16 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
     let error_messages =
         args.error_messages.iter().map(|m| split_pair(m, '=', "error message")).collect::<Result<_, _>>()?;
     let extract = args.extract.iter().map(|e| split_pair(e, '=', "extract")).collect::<Result<_, _>>()?;
+    let mut vars = Vec::with_capacity(args.vars.len() + args.vars_json.len());
+    for raw in &args.vars {
+        let (name, value) = split_pair(raw, '=', "var")?;
+        vars.push((name, serde_json::Value::String(value)));
+    }
+    for raw in &args.vars_json {
+        let (name, value) = split_pair(raw, '=', "var-json")?;
+        let value = serde_json::from_str(&value).map_err(|e| format!("--var-json {name}: not JSON: {e}"))?;
+        vars.push((name, value));
+    }
     let body = if let Some(json) = args.json {
         BodyInput::Json(json)
     } else if !args.form.is_empty() {
@@ -801,6 +817,7 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         extract,
         success_condition: args.success_condition.unwrap_or_default(),
         retry_condition: args.retry_condition.unwrap_or_default(),
+        vars,
         ..ActionInput::default()
     })
 }

@@ -11,7 +11,8 @@
 // --body-file PATH, --success-codes "200,201", --on-failure abort|continue, --max-attempts N,
 // --attempt-timeout SECONDS, --action-id ID, --deadline SECONDS (gRPC deadline, default 60),
 // --reply-body auto|all|raw|none, --extract NAME=JSONPATH (repeatable), --success-condition CEL,
-// --retry-condition CEL.
+// --retry-condition CEL, --var NAME=VALUE (a string, repeatable), --var-json NAME=JSON (a typed
+// value, repeatable).
 //
 // Exit status, the same as `callout exec` and the Python client (README: "Exit status"):
 // 0 proceed (the action succeeded, or failed under --on-failure continue), 1 stop (it failed),
@@ -90,6 +91,25 @@ function valueToJs(v) {
       return (v.listValue.values || []).map(valueToJs);
     default:
       return null;
+  }
+}
+
+// A JavaScript value as a google.protobuf.Value (the request's vars).
+function jsToValue(v) {
+  if (v === null) return { nullValue: 'NULL_VALUE' };
+  if (Array.isArray(v)) return { listValue: { values: v.map(jsToValue) } };
+  switch (typeof v) {
+    case 'number':
+      return { numberValue: v };
+    case 'string':
+      return { stringValue: v };
+    case 'boolean':
+      return { boolValue: v };
+    default: {
+      const fields = {};
+      for (const [k, x] of Object.entries(v)) fields[k] = jsToValue(x);
+      return { structValue: { fields } };
+    }
   }
 }
 
@@ -182,6 +202,8 @@ function parseArgs(argv) {
     headers: [],
     query: [],
     extract: [],
+    vars: [],
+    varsJson: [],
     positional: [],
   };
   const valued = {
@@ -197,6 +219,8 @@ function parseArgs(argv) {
     if (arg === '-H' || arg === '--header') opts.headers.push(next());
     else if (arg === '-q' || arg === '--query') opts.query.push(next());
     else if (arg === '--extract') opts.extract.push(next());
+    else if (arg === '--var') opts.vars.push(next());
+    else if (arg === '--var-json') opts.varsJson.push(next());
     else if (valued[arg]) opts[valued[arg]] = next();
     else if (arg === '-h' || arg === '--help') usage();
     else if (arg.startsWith('-') && arg.length > 1) usage(`unknown option ${arg}`);
@@ -240,6 +264,23 @@ function buildRequest(opts) {
   }
   if (opts.successCondition) req.successCondition = opts.successCondition;
   if (opts.retryCondition) req.retryCondition = opts.retryCondition;
+  req.vars = {};
+  for (const v of opts.vars) {
+    const i = v.indexOf('=');
+    if (i < 0) usage(`--var ${v}: expected NAME=VALUE`);
+    req.vars[v.slice(0, i)] = { stringValue: v.slice(i + 1) };
+  }
+  for (const v of opts.varsJson) {
+    const i = v.indexOf('=');
+    if (i < 0) usage(`--var-json ${v}: expected NAME=JSON`);
+    let value;
+    try {
+      value = JSON.parse(v.slice(i + 1));
+    } catch (e) {
+      usage(`--var-json ${v.slice(0, i)}: not JSON: ${e.message}`);
+    }
+    req.vars[v.slice(0, i)] = jsToValue(value);
+  }
   return req;
 }
 

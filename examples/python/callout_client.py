@@ -144,6 +144,19 @@ def build_request(pb, args):
         req.extract[name] = path
     req.success_condition = args.success_condition
     req.retry_condition = args.retry_condition
+    for v in args.var:
+        name, sep, value = v.partition("=")
+        if not sep:
+            raise SystemExit(f"--var {v!r}: expected NAME=VALUE")
+        req.vars[name].string_value = value
+    for v in args.var_json:
+        name, sep, value = v.partition("=")
+        if not sep:
+            raise SystemExit(f"--var-json {v!r}: expected NAME=JSON")
+        try:
+            json_format.Parse(value, req.vars[name])
+        except json_format.ParseError as e:
+            raise SystemExit(f"--var-json {name}: not JSON: {e}")
     return req
 
 
@@ -367,6 +380,8 @@ def action_arguments(p):
     p.add_argument("--extract", action="append", default=[], help="NAME=JSONPATH (RFC 9535), repeatable")
     p.add_argument("--success-condition", default="", help='CEL that must hold too, e.g. body.ok == true')
     p.add_argument("--retry-condition", default="", help='CEL; true retries, e.g. body.state != "done"')
+    p.add_argument("--var", action="append", default=[], help="NAME=VALUE, a string for {{vars.NAME}}; repeatable")
+    p.add_argument("--var-json", action="append", default=[], help="NAME=JSON, a typed value for {{vars.NAME}}; repeatable")
 
 
 def main(argv=None):

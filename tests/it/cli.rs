@@ -243,3 +243,39 @@ async fn workflow_flags_extract_check_and_shape_the_reply() {
     assert!(stderr.contains("retry_condition") && stderr.contains("line 1, column"), "stderr: {stderr}");
     assert_eq!(upstream.hits(), hits, "nothing sent");
 }
+
+/// `--var` gives a string, `--var-json` a typed value; each is rendered for where it stands.
+#[tokio::test]
+async fn vars_flags_render_strings_and_typed_values() {
+    let upstream = Upstream::fixed(200, "ok").await;
+    let url = upstream.url("/orders/{{vars.ref}}");
+    let out = exec(&[
+        "POST",
+        &url,
+        "--json",
+        r#"{"n":"{{vars.n}}","who":"{{vars.ref}}","tags":"{{vars.tags}}"}"#,
+        "--var",
+        "ref=a/b c",
+        "--var-json",
+        "n=7",
+        "--var-json",
+        r#"tags=["x",{"y":true}]"#,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{:#}", printed(&out));
+    let seen = upstream.seen();
+    assert_eq!(seen[0].target, "/orders/a%2Fb%20c");
+    let body: Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(body, serde_json::json!({"n": 7, "who": "a/b c", "tags": ["x", {"y": true}]}));
+
+    // An unknown variable and a --var-json that is not JSON: exit 2, nothing sent.
+    let out = exec(&["GET", &upstream.url("/o/{{vars.nope}}")]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("url") && stderr.contains("nope"), "stderr: {stderr}");
+    let out = exec(&["GET", &upstream.url("/o"), "--var-json", "x={bad"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("--var-json x"), "stderr: {stderr}");
+    assert_eq!(upstream.hits(), 1, "nothing sent for the invalid calls");
+}
