@@ -27,9 +27,10 @@
 //! under a command (e.g. valgrind); it is stopped with SIGTERM and waited for, so such a
 //! wrapper writes its report.
 //! `--batch` runs GET 1 KiB closed loops at each `--conc` (64 by default there) on one sidecar,
-//! `--rounds N` (3) times in turn: A direct, B unary Execute, and ExecuteBatch with the same
-//! number of actions outstanding (one stream per 64, each keeping 64 in flight); it prints each
-//! round and the medians of batch/B actions per sidecar CPU-second and batch/A throughput.
+//! `--rounds N` (3) times in turn: wrk straight to the upstream (when installed), A direct, B
+//! unary Execute, and ExecuteBatch with the same number of actions outstanding (one stream per
+//! 64, each keeping 64 in flight); it prints each round and the medians of batch/B actions per
+//! sidecar CPU-second and of batch/wrk and batch/A throughput.
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
@@ -989,6 +990,19 @@ async fn batch_loop(
     })
 }
 
+/// wrk straight to the upstream (`wrk -t T -c conc -d secs URL`, T = min(2, conc)): requests
+/// per second from its `Requests/sec:` line, or None when wrk is not installed or says nothing.
+fn wrk_direct(url: &str, concurrency: usize, duration: Duration) -> Option<f64> {
+    let output = Command::new("wrk")
+        .args(["-t", &concurrency.min(2).to_string(), "-c", &concurrency.to_string()])
+        .args(["-d", &format!("{}s", duration.as_secs().max(1)), url])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.trim_start().starts_with("Requests/sec:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.retain(|v| v.is_finite());
     values.sort_by(f64::total_cmp);
@@ -1008,8 +1022,8 @@ async fn batches(o: &Options) -> Result<(), Error> {
     let ready = wait_serving(&tcp, t, Duration::from_secs(10)).await?;
     println!("upstream {up}; sidecar {} (SERVING after {ready:?})", tcp.arg());
     println!("cells: {:?} measured after {:?} warm-up, {} rounds\n", o.duration, o.warmup, o.rounds);
-    println!("| conc | round | A direct act/s | B unary act/s | B cpu us/act | batch act/s | batch p50/p99 us | batch cpu us/act | batch/B act per cpu-s | batch/A act/s | errors A/B/batch |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| conc | round | wrk direct req/s | A direct act/s | B unary act/s | B cpu us/act | batch act/s | batch p50/p99 us | batch cpu us/act | batch/B act per cpu-s | batch/wrk | batch/A | errors A/B/batch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let url = upstream_url(&up, Workload::Get1k, None);
     let conc: Vec<usize> = if o.conc == [1, 16, 64, 256] { vec![64] } else { o.conc.clone() };
     let pid = sidecar.pid();
@@ -1021,8 +1035,9 @@ async fn batches(o: &Options) -> Result<(), Error> {
             url: url.clone(),
             post: Bytes::new(),
         };
-        let (mut per_cpu, mut of_direct) = (Vec::new(), Vec::new());
+        let (mut per_cpu, mut of_direct, mut of_wrk) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=o.rounds {
+            let wrk = wrk_direct(&url, c, o.duration);
             let a = closed_loop(&direct, Workload::Get1k, c, o.warmup, o.duration, None, upstream_pid).await;
             let b =
                 closed_loop(&unary, Workload::Get1k, c, o.warmup, o.duration, Some(pid), upstream_pid).await;
@@ -1030,10 +1045,13 @@ async fn batches(o: &Options) -> Result<(), Error> {
             // Actions per sidecar CPU-second is 1 / (CPU per action).
             let cpu_ratio = b.cpu_us_per_action.zip(x.cpu_us_per_action).map(|(b, x)| b / x);
             let direct_ratio = x.actions_per_s / a.actions_per_s;
+            let wrk_ratio = wrk.map(|w| x.actions_per_s / w);
             per_cpu.push(cpu_ratio.unwrap_or(f64::NAN));
             of_direct.push(direct_ratio);
+            of_wrk.push(wrk_ratio.unwrap_or(f64::NAN));
             println!(
-                "| {c} | {round} | {:.0} | {:.0} | {} | {:.0} | {:.0}/{:.0} | {} | {} | {:.2} | {}/{}/{} |",
+                "| {c} | {round} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0}/{:.0} | {} | {} | {} | {:.2} | {}/{}/{} |",
+                wrk.map_or("-".into(), |w| format!("{w:.0}")),
                 a.actions_per_s,
                 b.actions_per_s,
                 fmt_opt(b.cpu_us_per_action),
@@ -1042,6 +1060,7 @@ async fn batches(o: &Options) -> Result<(), Error> {
                 x.p99_us,
                 fmt_opt(x.cpu_us_per_action),
                 cpu_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+                wrk_ratio.map_or("-".into(), |r| format!("{r:.2}")),
                 direct_ratio,
                 a.errors,
                 b.errors,
@@ -1055,9 +1074,11 @@ async fn batches(o: &Options) -> Result<(), Error> {
             format!("{lo:.2}..{hi:.2}")
         };
         println!(
-            "\nconc {c}: median batch/B actions per sidecar CPU-second {:.2} (rounds {}), median batch/A throughput {:.2} (rounds {})",
+            "\nconc {c}: median batch/B actions per sidecar CPU-second {:.2} (rounds {}); median batch/wrk throughput {:.2} (rounds {}); median batch/A {:.2} (rounds {})",
             median(per_cpu.clone()),
             spread(&per_cpu),
+            median(of_wrk.clone()),
+            spread(&of_wrk),
             median(of_direct.clone()),
             spread(&of_direct)
         );
