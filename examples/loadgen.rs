@@ -5,6 +5,7 @@
 //! target/release/examples/loadgen            # closed loop + open loop tables (~2 min)
 //! target/release/examples/loadgen --scale    # 10,000 in flight (HTTP/1.1, then h2), 1 GiB stream, cold start
 //! target/release/examples/loadgen --durable  # durable Submit acks/s and latency vs unary Execute
+//! target/release/examples/loadgen --batch    # ExecuteBatch vs unary Execute vs direct, interleaved
 //! target/release/examples/loadgen --count 2000 --conc 64 --sidecar-wrap 'valgrind --tool=callgrind'
 //! ```
 //!
@@ -25,6 +26,11 @@
 //! instructions where wall-clock time is noise. `--sidecar-wrap 'CMD ARGS'` starts that sidecar
 //! under a command (e.g. valgrind); it is stopped with SIGTERM and waited for, so such a
 //! wrapper writes its report.
+//! `--batch` runs GET 1 KiB closed loops at each `--conc` (64 by default there) on one sidecar,
+//! `--rounds N` (3) times in turn: wrk straight to the upstream (when installed), A direct, B
+//! unary Execute, and ExecuteBatch with the same number of actions outstanding (one stream per
+//! 64, each keeping 64 in flight); it prints each round and the medians of batch/B actions per
+//! sidecar CPU-second and of batch/wrk and batch/A throughput.
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
@@ -554,6 +560,8 @@ struct Options {
     quick: bool,
     scale: bool,
     durable: bool,
+    batch: bool,
+    rounds: usize,
     conc: Vec<usize>,
     modes: String,
     sidecar_args: Vec<String>,
@@ -573,6 +581,8 @@ fn options() -> Result<Options, Error> {
         quick: false,
         scale: false,
         durable: false,
+        batch: false,
+        rounds: 3,
         conc: vec![1, 16, 64, 256],
         modes: "ABC".into(),
         sidecar_args: Vec::new(),
@@ -617,8 +627,15 @@ fn options() -> Result<Options, Error> {
             "--sidecar-wrap" => o.sidecar_wrap = value()?.split_whitespace().map(str::to_owned).collect(),
             "--scale" => o.scale = true,
             "--durable" => o.durable = true,
+            "--batch" => o.batch = true,
+            "--rounds" => {
+                o.rounds = value()?.parse()?;
+                if !(1..=100).contains(&o.rounds) {
+                    return Err("--rounds takes 1..=100".into());
+                }
+            }
             "--help" | "-h" => {
-                println!("usage: loadgen [--scale] [--durable] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH] [--count N [--sidecar-wrap 'CMD ARGS']]");
+                println!("usage: loadgen [--scale] [--durable] [--batch [--rounds N]] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH] [--count N [--sidecar-wrap 'CMD ARGS']]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -872,6 +889,200 @@ async fn durable(o: &Options) -> Result<(), Error> {
     }
     drop(sidecar);
     let _ = std::fs::remove_dir_all(&store);
+    Ok(())
+}
+
+/// Actions each batch stream keeps outstanding: the sidecar's default batch_max_in_flight.
+const BATCH_WINDOW: usize = 64;
+
+/// Closed loop over ExecuteBatch: `concurrency` actions outstanding, on one stream per
+/// BATCH_WINDOW (each on its own connection, as B's channels). A stream's sender sends the next
+/// action when a reply frees a place; the action_id carries the send time (ns since `t0`), so
+/// the reader measures each action's latency. Completions within the window count.
+async fn batch_loop(
+    listen: &Listen,
+    url: &str,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    sidecar: u32,
+    upstream: u32,
+) -> Result<Cell, Error> {
+    let streams = concurrency.div_ceil(BATCH_WINDOW).max(1);
+    let t0 = Instant::now();
+    let start = t0 + warmup;
+    let end = start + duration;
+    let others = [Some(upstream), Some(std::process::id())];
+    let cpu_before = Arc::new(Mutex::new((None, None)));
+    let meter = {
+        let cpu_before = cpu_before.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            *cpu_before.lock().unwrap_or_else(|e| e.into_inner()) = (cpu_time(sidecar), cpu_sum(&others));
+        })
+    };
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::with_capacity(streams);
+    for s in 0..streams {
+        let window = concurrency / streams + usize::from(s < concurrency % streams);
+        let mut client = HttpActionServiceClient::new(channel(listen).await?);
+        let places = Arc::new(tokio::sync::Semaphore::new(window));
+        let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
+        let template = action(Workload::Get1k, url, &Bytes::new());
+        let sender_places = places.clone();
+        tokio::spawn(async move {
+            while Instant::now() < end {
+                let Ok(place) = sender_places.acquire().await else { break };
+                place.forget();
+                let mut next = template.clone();
+                next.action_id = t0.elapsed().as_nanos().to_string();
+                if tx.send(next).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut replies =
+            client.execute_batch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let errors = errors.clone();
+        readers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            while let Ok(Some(reply)) = replies.message().await {
+                places.add_permits(1);
+                let done = Instant::now();
+                if done < start || done >= end {
+                    continue;
+                }
+                let sent = reply.action_id.parse::<u64>().map(Duration::from_nanos).unwrap_or_default();
+                if reply.outcome() == pb::Outcome::Succeeded {
+                    lat.push((done - t0).saturating_sub(sent).as_micros() as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lat
+        }));
+    }
+    let _ = meter.await;
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = cpu_time(sidecar);
+    let others_after = cpu_sum(&others);
+    let mut lat = Vec::new();
+    for r in readers {
+        lat.extend(r.await.unwrap_or_default());
+    }
+    lat.sort_unstable();
+    let n = lat.len() as f64;
+    let (cpu_before, others_before) = *cpu_before.lock().unwrap_or_else(|e| e.into_inner());
+    let per_action = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
+        (Some(b), Some(a)) if n > 0.0 => Some((a.saturating_sub(b)).as_secs_f64() * 1e6 / n),
+        _ => None,
+    };
+    let cpu = per_action(cpu_before, cpu_after);
+    let others = per_action(others_before, others_after);
+    Ok(Cell {
+        actions_per_s: n / duration.as_secs_f64(),
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        errors: errors.load(Ordering::Relaxed),
+        cpu_us_per_action: cpu,
+        total_cpu_us_per_action: cpu.zip(others).map(|(c, o)| c + o),
+        rss_kib: vm_kib(sidecar, "VmRSS"),
+    })
+}
+
+/// wrk straight to the upstream (`wrk -t T -c conc -d secs URL`, T = min(2, conc)): requests
+/// per second from its `Requests/sec:` line, or None when wrk is not installed or says nothing.
+fn wrk_direct(url: &str, concurrency: usize, duration: Duration) -> Option<f64> {
+    let output = Command::new("wrk")
+        .args(["-t", &concurrency.min(2).to_string(), "-c", &concurrency.to_string()])
+        .args(["-d", &format!("{}s", duration.as_secs().max(1)), url])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.trim_start().starts_with("Requests/sec:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// ExecuteBatch against unary Execute (B) and the direct client (A), GET 1 KiB, closed loop at
+/// each `--conc` (64 by default here) on one TCP sidecar, `--rounds` times in turn so drift on a
+/// shared machine hits all three alike.
+async fn batches(o: &Options) -> Result<(), Error> {
+    let (upstream, up) = spawn_upstream(&o.paths.upstream, &[])?;
+    let upstream_pid = upstream.pid();
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let extra: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let sidecar = spawn_sidecar(&o.paths.callout, &tcp, &extra)?;
+    let ready = wait_serving(&tcp, t, Duration::from_secs(10)).await?;
+    println!("upstream {up}; sidecar {} (SERVING after {ready:?})", tcp.arg());
+    println!("cells: {:?} measured after {:?} warm-up, {} rounds\n", o.duration, o.warmup, o.rounds);
+    println!("| conc | round | wrk direct req/s | A direct act/s | B unary act/s | B cpu us/act | batch act/s | batch p50/p99 us | batch cpu us/act | batch/B act per cpu-s | batch/wrk | batch/A | errors A/B/batch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let url = upstream_url(&up, Workload::Get1k, None);
+    let conc: Vec<usize> = if o.conc == [1, 16, 64, 256] { vec![64] } else { o.conc.clone() };
+    let pid = sidecar.pid();
+    for c in conc {
+        let direct =
+            Target::Direct { client: Box::new(direct_client()), url: url.clone(), post: Bytes::new() };
+        let unary = Target::Sidecar {
+            clients: sidecar_clients(&tcp, channels_for(c)).await?,
+            url: url.clone(),
+            post: Bytes::new(),
+        };
+        let (mut per_cpu, mut of_direct, mut of_wrk) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=o.rounds {
+            let wrk = wrk_direct(&url, c, o.duration);
+            let a = closed_loop(&direct, Workload::Get1k, c, o.warmup, o.duration, None, upstream_pid).await;
+            let b =
+                closed_loop(&unary, Workload::Get1k, c, o.warmup, o.duration, Some(pid), upstream_pid).await;
+            let x = batch_loop(&tcp, &url, c, o.warmup, o.duration, pid, upstream_pid).await?;
+            // Actions per sidecar CPU-second is 1 / (CPU per action).
+            let cpu_ratio = b.cpu_us_per_action.zip(x.cpu_us_per_action).map(|(b, x)| b / x);
+            let direct_ratio = x.actions_per_s / a.actions_per_s;
+            let wrk_ratio = wrk.map(|w| x.actions_per_s / w);
+            per_cpu.push(cpu_ratio.unwrap_or(f64::NAN));
+            of_direct.push(direct_ratio);
+            of_wrk.push(wrk_ratio.unwrap_or(f64::NAN));
+            println!(
+                "| {c} | {round} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0}/{:.0} | {} | {} | {} | {:.2} | {}/{}/{} |",
+                wrk.map_or("-".into(), |w| format!("{w:.0}")),
+                a.actions_per_s,
+                b.actions_per_s,
+                fmt_opt(b.cpu_us_per_action),
+                x.actions_per_s,
+                x.p50_us,
+                x.p99_us,
+                fmt_opt(x.cpu_us_per_action),
+                cpu_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+                wrk_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+                direct_ratio,
+                a.errors,
+                b.errors,
+                x.errors
+            );
+        }
+        let spread = |v: &[f64]| {
+            let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+            let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{lo:.2}..{hi:.2}")
+        };
+        println!(
+            "\nconc {c}: median batch/B actions per sidecar CPU-second {:.2} (rounds {}); median batch/wrk throughput {:.2} (rounds {}); median batch/A {:.2} (rounds {})",
+            median(per_cpu.clone()),
+            spread(&per_cpu),
+            median(of_wrk.clone()),
+            spread(&of_wrk),
+            median(of_direct.clone()),
+            spread(&of_direct)
+        );
+    }
     Ok(())
 }
 
@@ -1157,6 +1368,8 @@ async fn main() -> Result<(), Error> {
         scale(&o).await
     } else if o.durable {
         durable(&o).await
+    } else if o.batch {
+        batches(&o).await
     } else if let Some(count) = o.count {
         counted(&o, count).await
     } else {

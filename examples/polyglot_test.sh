@@ -237,6 +237,7 @@ expect '^  map<string, string> error_messages = 14;$'
 
 run py-reflect-describe-service 0 "${PYC[@]}" reflect describe callout.v1.HttpActionService
 expect_text 'rpc ExecuteStream ( .callout.v1.ExecuteHttpActionRequest ) returns ( stream .callout.v1.ActionEvent );'
+expect_text 'rpc ExecuteBatch ( stream .callout.v1.ExecuteHttpActionRequest ) returns ( stream .callout.v1.ExecuteHttpActionResponse );'
 
 run py-reflect-call-execute 0 "${PYC[@]}" reflect call callout.v1.HttpActionService/Execute \
     "{\"method\":\"POST\",\"url\":\"$UPSTREAM/orders\",\"headers\":[{\"name\":\"X-Token\",\"value\":\"t\"}],\"json\":\"{\\\"id\\\":1}\",\"successCodes\":\"200\",\"onFailure\":\"ON_FAILURE_CONTINUE\"}"
@@ -358,6 +359,44 @@ for lang in python node; do
     else
         pass "$CURRENT: no events for an invalid action"
     fi
+
+    step "$lang: ExecuteBatch (JSON lines in, a JSON line per reply as each finishes)"
+    {
+        echo "{\"actionId\":\"slow\",\"method\":\"GET\",\"url\":\"$UPSTREAM/delay/400\",\"retry\":{\"maxAttempts\":1}}"
+        echo "{\"actionId\":\"fast\",\"method\":\"POST\",\"url\":\"$UPSTREAM/orders\",\"json\":\"{\\\"lang\\\":\\\"$lang\\\"}\"}"
+        echo
+        echo "{\"actionId\":\"gone\",\"method\":\"GET\",\"url\":\"$UPSTREAM/status/503\",\"retry\":{\"maxAttempts\":1},\"onFailure\":\"ON_FAILURE_CONTINUE\"}"
+    } >"$WORK/$p-batch.jsonl"
+    run "$p-batch" 0 "${CLIENT[@]}" batch "$WORK/$p-batch.jsonl"
+    expect '^\{"action_id":"fast","body_json":\{.*"path":"/orders".*\},"outcome":"OUTCOME_SUCCEEDED","proceed":true,"status":200\}$'
+    expect_text "\"body\":\"{\\\"lang\\\":\\\"$lang\\\"}\""
+    expect '^\{"action_id":"gone",.*"error":"ERROR_KIND_UNEXPECTED_STATUS: .*"proceed":true,"status":503\}$'
+    expect '^\{"action_id":"slow",.*"outcome":"OUTCOME_SUCCEEDED".*\}$'
+    order="$(sed -n 's/^{"action_id":"\([a-z]*\)".*/\1/p' "$OUT" | paste -sd ' ' -)"
+    if [ "${order##* }" = slow ]; then
+        pass "$CURRENT: replies as actions finish ($order)"
+    else
+        fail "$CURRENT: reply order \"$order\", want the slow one last"
+    fi
+
+    # A malformed action is answered on its own and the stream goes on: exit status 2.
+    {
+        echo '{"actionId":"bad","method":"FETCH","url":"ftp://x"}'
+        echo "{\"actionId\":\"ok\",\"method\":\"GET\",\"url\":\"$UPSTREAM/status/200\"}"
+    } >"$WORK/$p-batch-invalid.jsonl"
+    run "$p-batch-invalid" 2 "${CLIENT[@]}" batch "$WORK/$p-batch-invalid.jsonl"
+    expect '^\{"action_id":"bad","error":"ERROR_KIND_INVALID_REQUEST: invalid action: .*url: .*","outcome":"OUTCOME_FAILED","proceed":false\}$'
+    expect '^\{"action_id":"ok",.*"outcome":"OUTCOME_SUCCEEDED"'
+
+    # From stdin (-): an action that fails stops the step, exit status 1.
+    echo "{\"actionId\":\"stop\",\"method\":\"GET\",\"url\":\"$UPSTREAM/status/500\",\"retry\":{\"maxAttempts\":1}}" \
+        >"$WORK/$p-batch-failed.jsonl"
+    run "$p-batch-failed" 1 "${CLIENT[@]}" batch - <"$WORK/$p-batch-failed.jsonl"
+    expect '^\{"action_id":"stop",.*"proceed":false,"status":500\}$'
+
+    echo 'not json' >"$WORK/$p-batch-unparsable.jsonl"
+    run "$p-batch-unparsable" 2 "${CLIENT[@]}" batch "$WORK/$p-batch-unparsable.jsonl"
+    expect '^line 1: not an action: '
 done
 
 step "python: the gRPC edge under a stock grpcio client (metadata and recursion limits)"

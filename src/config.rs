@@ -104,6 +104,10 @@ pub struct ServerConfig {
     /// INVALID_ARGUMENT. Default 4 MiB (gRPC's usual limit).
     #[serde(deserialize_with = "max_request_bytes")]
     pub max_request_bytes: u64,
+    /// Actions one ExecuteBatch stream runs at once, 1 to 10,000; the stream reads the next
+    /// action only when one of them has finished. Default 64.
+    #[serde(deserialize_with = "batch_max_in_flight")]
+    pub batch_max_in_flight: usize,
 }
 
 /// Bounds of server.max_request_bytes: below a few KiB no real action fits; past 1 GiB one
@@ -119,6 +123,18 @@ fn worker_threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         n if n > MAX_WORKER_THREADS => Err(serde::de::Error::custom(format!(
             "must be at most {MAX_WORKER_THREADS} (0 is one per usable core)"
         ))),
+        n => Ok(n),
+    }
+}
+
+/// Most actions one batch stream may run at once: past this one caller's stream is the queue.
+const MAX_BATCH_IN_FLIGHT: usize = 10_000;
+
+fn batch_max_in_flight<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        n if !(1..=MAX_BATCH_IN_FLIGHT).contains(&n) => {
+            Err(serde::de::Error::custom(format!("must be from 1 to {MAX_BATCH_IN_FLIGHT}")))
+        }
         n => Ok(n),
     }
 }
@@ -149,6 +165,7 @@ impl Default for ServerConfig {
             sensitive_headers: Vec::new(),
             worker_threads: 0,
             max_request_bytes: options.max_request_bytes as u64,
+            batch_max_in_flight: options.batch_max_in_flight,
         }
     }
 }
@@ -211,6 +228,7 @@ impl TryFrom<&ServerConfig> for ServerOptions {
             tls,
             drain_timeout: s.drain_timeout,
             max_request_bytes,
+            batch_max_in_flight: s.batch_max_in_flight,
             durable: None,
         })
     }
@@ -759,6 +777,8 @@ mod tests {
             ("[server]\nworker_threads = 5000", "server.worker_threads"),
             ("[server]\nmax_request_bytes = 100", "server.max_request_bytes"),
             ("[server]\nmax_request_bytes = 2147483648", "server.max_request_bytes"),
+            ("[server]\nbatch_max_in_flight = 0", "server.batch_max_in_flight"),
+            ("[server]\nbatch_max_in_flight = 10001", "server.batch_max_in_flight"),
             ("[server]\nworker_threads = -1", "worker_threads"),
             ("[limits]\nmax_buffered_bytes = 1000", "limits.max_buffered_bytes"),
             ("[limits]\nmax_buffered_bytes = \"64MiB\"", "max_buffered_bytes"),

@@ -149,6 +149,10 @@ struct ServerFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_request_bytes: Option<u64>,
+    /// [server.batch_max_in_flight] actions one ExecuteBatch stream runs at once, 1 to 10000 [default: 64]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_max_in_flight: Option<usize>,
     /// [server.worker_threads] runtime workers; 0 is one per usable core, 1 a single thread [default: 0]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -922,6 +926,7 @@ mod tests {
             "--default-total-timeout=4s",
             "--stream-max-response-bytes=5",
             "--max-request-bytes=8192",
+            "--batch-max-in-flight=7",
             "--worker-threads=2",
             "--sensitive-header=X-A",
             "--sensitive-header=X-B",
@@ -971,6 +976,7 @@ mod tests {
             (Duration::from_secs(3), Duration::from_secs(4))
         );
         assert_eq!((s.stream_max_response_bytes, s.max_request_bytes, s.worker_threads), (5, 8192, 2));
+        assert_eq!(s.batch_max_in_flight, 7);
         assert_eq!(s.sensitive_headers, ["x-a", "x-b"]);
         assert_eq!(
             (c.log.format, c.log.level.as_str(), c.log.actions),

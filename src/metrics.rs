@@ -45,6 +45,8 @@ pub const CONNECTIONS_OPENED: &str = "callout_upstream_connections_opened_total"
 pub const BUFFERED_BODY_BYTES: &str = "callout_buffered_body_bytes";
 pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
 pub const BUILD_INFO: &str = "callout_build_info";
+pub const BATCH_STREAMS: &str = "callout_batch_streams_open";
+pub const BATCH_ACTIONS: &str = "callout_batch_actions_total";
 /// The `profile` label of credentials written in the action, not named from the config.
 pub const INLINE_PROFILE: &str = "inline";
 pub const OAUTH2_TOKEN_FETCHES: &str = "callout_oauth2_token_fetches_total";
@@ -178,6 +180,8 @@ struct Gauges {
     connections: Gauge,
     connections_opened: Counter,
     buffered_body_bytes: Gauge,
+    batch_streams: Gauge,
+    batch_actions: Counter,
 }
 
 /// The fleet's series (`fleet`), registered once: the check is on every attempt's way.
@@ -344,6 +348,8 @@ pub fn install(listener: TcpListener, settings: &MetricsSettings) -> Result<Sock
         connections: gauge!(CONNECTIONS),
         connections_opened: counter!(CONNECTIONS_OPENED),
         buffered_body_bytes: gauge!(BUFFERED_BODY_BYTES),
+        batch_streams: gauge!(BATCH_STREAMS),
+        batch_actions: counter!(BATCH_ACTIONS),
     });
     let _ = FLEET.set(FleetSeries {
         check: histogram!(FLEET_CHECK_SECONDS),
@@ -385,6 +391,10 @@ fn at_zero() {
     let _ = histogram!(RATE_LIMIT_WAIT_SECONDS, "host" => "other");
     gauge!(CIRCUIT_OPEN, "host" => "other").set(0.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    if let Some(g) = GAUGES.get() {
+        g.batch_streams.set(0.0);
+        g.batch_actions.absolute(0);
+    }
     if let Some(fleet) = FLEET.get() {
         fleet.up.set(0.0);
         fleet.unavailable.absolute(0);
@@ -452,6 +462,8 @@ fn describe() {
         FLEET_FALLBACKS,
         "Fleet checks answered without Redis, by policy: local (this replica's limits) or deny."
     );
+    describe_gauge!(BATCH_STREAMS, "ExecuteBatch streams open now.");
+    describe_counter!(BATCH_ACTIONS, "Actions read from ExecuteBatch streams (each answered once).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which callout runs.");
     describe_counter!(
         OAUTH2_TOKEN_FETCHES,
@@ -681,6 +693,18 @@ impl Drop for Raised {
         if let Some(gauge) = &self.0 {
             gauge.decrement(1.0);
         }
+    }
+}
+
+/// An ExecuteBatch stream opened; the returned guard lowers the open-streams gauge.
+pub fn batch_stream_opened() -> Raised {
+    Raised::raise(|g| &g.batch_streams)
+}
+
+/// An action read from an ExecuteBatch stream.
+pub fn batch_action() {
+    if let Some(g) = GAUGES.get() {
+        g.batch_actions.increment(1);
     }
 }
 

@@ -2,7 +2,7 @@
 //! and server reflection (v1 and v1alpha, so grpcurl works with no proto file), on a TCP or Unix
 //! socket listener, optionally with TLS or mutual TLS.
 use crate::{
-    api::{auth::BearerAuth, HttpActionService},
+    api::{auth::BearerAuth, Draining, HttpActionService},
     durable::{service::DurableService, Durable},
     exec::Executor,
     pb::{
@@ -10,15 +10,7 @@ use crate::{
         http_action_service_server::HttpActionServiceServer,
     },
 };
-use std::{
-    future::Future,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{future::Future, path::PathBuf, time::Duration};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{
@@ -67,6 +59,8 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Largest request message, bytes; a larger call gets INVALID_ARGUMENT. Default 4 MiB.
     pub max_request_bytes: usize,
+    /// Actions one ExecuteBatch stream runs at once. Default 64.
+    pub batch_max_in_flight: usize,
     /// Durable actions (DurableActionService) served beside the action service. Default none.
     pub durable: Option<Durable>,
 }
@@ -78,6 +72,7 @@ impl Default for ServerOptions {
             tls: None,
             drain_timeout: Duration::from_secs(25),
             max_request_bytes: 4 << 20,
+            batch_max_in_flight: 64,
             durable: None,
         }
     }
@@ -142,8 +137,8 @@ pub async fn serve_with(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let auth = BearerAuth::new(options.auth_token.as_deref());
-    let draining = Arc::new(AtomicBool::new(false));
-    let service = HttpActionService::new(executor.clone(), draining.clone());
+    let draining = Draining::default();
+    let service = HttpActionService::new(executor.clone(), draining.clone(), options.batch_max_in_flight);
     let actions = InterceptedService::new(
         HttpActionServiceServer::new(service).max_decoding_message_size(options.max_request_bytes),
         auth.clone(),
@@ -161,7 +156,7 @@ pub async fn serve_with(
     let drain_timeout = options.drain_timeout;
     let drain = async move {
         shutdown.await;
-        draining.store(true, Ordering::SeqCst);
+        draining.begin();
         health.set_not_serving::<HttpActionServiceServer<HttpActionService>>().await;
         if let Some(durable) = &durable {
             // No new attempts; pending actions stay stored for the next start.

@@ -6,6 +6,14 @@
 //
 //   node callout_client.js [--target HOST:PORT] execute METHOD URL [options]   unary Execute
 //   node callout_client.js [--target HOST:PORT] stream METHOD URL [options]    ExecuteStream
+//   node callout_client.js [--target HOST:PORT] batch [FILE]                   ExecuteBatch
+//
+// batch reads one action a line (JSON with proto3 JSON's lowerCamelCase names and enum names, as
+// protobufjs reads it: a Duration is {"seconds": S, "nanos": N}; blank lines skipped) from FILE
+// or stdin, checks every line parses before sending any, streams them all on one ExecuteBatch
+// and prints each reply as it comes as one JSON line of sorted keys: action_id, outcome,
+// proceed, and when set error ("KIND: message"), status, body_json or body_text (the same text
+// the Python client prints).
 //
 // options: -H 'Name: value' (repeatable), -q name=value (repeatable), --json TEXT, --text TEXT,
 // --body-file PATH, --success-codes "200,201", --on-failure abort|continue, --max-attempts N,
@@ -18,6 +26,9 @@
 // 0 proceed (the action succeeded, or failed under --on-failure continue), 1 stop (it failed),
 // 2 invalid (bad usage, or INVALID_ARGUMENT: each field violation is printed), 3 the action did
 // not run for another reason (any other gRPC error: unreachable, RESOURCE_EXHAUSTED, UNAVAILABLE …).
+// batch exits with the worst of its actions': 2 when a line does not parse (nothing sent) or an
+// action was answered ERROR_KIND_INVALID_REQUEST, 1 when one did not proceed, 3 (2 for
+// INVALID_ARGUMENT) when the stream ended with a gRPC error, else 0.
 'use strict';
 
 const fs = require('fs');
@@ -192,6 +203,7 @@ function grpcError(err) {
 function usage(message) {
   if (message) console.error(message);
   console.error('usage: node callout_client.js [--target HOST:PORT] [--deadline S] execute|stream METHOD URL [options]');
+  console.error('       node callout_client.js [--target HOST:PORT] [--deadline S] batch [FILE]');
   process.exit(EXIT.usage);
 }
 
@@ -225,6 +237,11 @@ function parseArgs(argv) {
     else if (arg === '-h' || arg === '--help') usage();
     else if (arg.startsWith('-') && arg.length > 1) usage(`unknown option ${arg}`);
     else opts.positional.push(arg);
+  }
+  if (opts.positional[0] === 'batch') {
+    if (opts.positional.length > 2) usage();
+    [opts.command, opts.file] = opts.positional;
+    return opts;
   }
   if (opts.positional.length !== 3) usage();
   [opts.command, opts.method, opts.url] = opts.positional;
@@ -370,12 +387,59 @@ function stream(client, opts) {
   });
 }
 
+// One reply as the JSON line both clients print.
+function batchLine(reply) {
+  const line = { action_id: reply.actionId, outcome: reply.outcome, proceed: Boolean(reply.proceed) };
+  if (reply.error) line.error = `${reply.error.kind}: ${reply.error.message}`;
+  const r = reply.response;
+  if (r) {
+    line.status = r.status || 0;
+    if (r.bodyJson) line.body_json = valueToJs(r.bodyJson);
+    else if (r.bodyText !== undefined && r.bodyText !== null) line.body_text = r.bodyText;
+  }
+  return compact(line);
+}
+
+function batch(client, opts) {
+  const source = opts.file && opts.file !== '-' ? opts.file : 0; // 0: stdin
+  const requests = [];
+  const lines = fs.readFileSync(source, 'utf8').split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    if (!lines[i].trim()) continue;
+    try {
+      const action = JSON.parse(lines[i]);
+      if (!action || typeof action !== 'object' || Array.isArray(action)) throw new Error('not a JSON object');
+      requests.push(action);
+    } catch (err) {
+      console.log(`line ${i + 1}: not an action: ${err.message}`);
+      return Promise.resolve(EXIT.usage);
+    }
+  }
+  return new Promise((resolve) => {
+    let worst = EXIT.proceed;
+    const call = client.ExecuteBatch({ deadline: deadline(opts) });
+    call.on('data', (reply) => {
+      console.log(batchLine(reply));
+      if (reply.error && reply.error.kind === 'ERROR_KIND_INVALID_REQUEST') worst = Math.max(worst, EXIT.invalid);
+      else if (!reply.proceed) worst = Math.max(worst, EXIT.stop);
+    });
+    // Every call ends with a status, after its messages; 'error' repeats a non-OK one.
+    call.on('error', () => {});
+    call.on('status', (status) => {
+      resolve(status.code === grpc.status.OK ? worst : Math.max(worst, grpcError(status)));
+    });
+    for (const request of requests) call.write(request);
+    call.end();
+  });
+}
+
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
   const HttpActionService = loadService();
   const client = new HttpActionService(opts.target, grpc.credentials.createInsecure());
+  const commands = { execute, stream, batch };
   try {
-    return await (opts.command === 'execute' ? execute(client, opts) : stream(client, opts));
+    return await commands[opts.command](client, opts);
   } finally {
     client.close();
   }

@@ -6,9 +6,16 @@ temporary directory, or --stubs-dir), so nothing generated is committed.
 
   callout_client.py [--target HOST:PORT] execute METHOD URL [options]   unary Execute
   callout_client.py [--target HOST:PORT] stream METHOD URL [options]    ExecuteStream, event by event
+  callout_client.py [--target HOST:PORT] batch [FILE]                   ExecuteBatch, JSON lines in and out
   callout_client.py [--target HOST:PORT] reflect list                   like `grpcurl list`
   callout_client.py [--target HOST:PORT] reflect describe SYMBOL        like `grpcurl describe`
   callout_client.py [--target HOST:PORT] reflect call SVC/METHOD JSON   like `grpcurl -d JSON`
+
+batch reads one action a line (proto3 JSON, as `reflect call` takes; blank lines skipped) from
+FILE or stdin, checks every line parses before sending any, streams them all on one ExecuteBatch
+and prints each reply as it comes as one JSON line of sorted keys: action_id, outcome, proceed,
+and when set error ("KIND: message"), status, body_json or body_text (the Node client prints
+the same text).
 
 The reflect commands need no proto file and no stubs: they read the schema from the server's
 reflection service, as grpcurl does.
@@ -16,7 +23,10 @@ reflection service, as grpcurl does.
 Exit status, the same as `callout exec` and the Node client (README: "Exit status"): 0 proceed
 (the action succeeded, or failed under --on-failure continue), 1 stop (it failed), 2 invalid
 (bad usage, or INVALID_ARGUMENT: each field violation is printed), 3 the action did not run for
-another reason (any other gRPC error: unreachable, RESOURCE_EXHAUSTED, UNAVAILABLE …).
+another reason (any other gRPC error: unreachable, RESOURCE_EXHAUSTED, UNAVAILABLE …). batch
+exits with the worst of its actions': 2 when a line does not parse (nothing sent) or an action
+was answered ERROR_KIND_INVALID_REQUEST, 1 when one did not proceed, 3 (2 for INVALID_ARGUMENT)
+when the stream ended with a gRPC error, else 0.
 --target and --deadline may come before or after the command.
 Requires grpcio, grpcio-tools, grpcio-status and grpcio-reflection.
 """
@@ -238,6 +248,50 @@ def stream(pb, pb_grpc, channel, args):
     return EXIT_PROCEED if completed.proceed else EXIT_STOP
 
 
+def batch_line(pb, reply):
+    """One reply as the JSON line both clients print."""
+    line = {
+        "action_id": reply.action_id,
+        "outcome": pb.Outcome.Name(reply.outcome),
+        "proceed": reply.proceed,
+    }
+    if reply.HasField("error"):
+        line["error"] = f"{pb.ErrorKind.Name(reply.error.kind)}: {reply.error.message}"
+    if reply.HasField("response"):
+        line["status"] = reply.response.status
+        if reply.response.HasField("body_json"):
+            line["body_json"] = json_format.MessageToDict(reply.response.body_json)
+        elif reply.response.HasField("body_text"):
+            line["body_text"] = reply.response.body_text
+    return compact(line)
+
+
+def batch(pb, pb_grpc, channel, args):
+    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
+    requests = []
+    with source:
+        for number, text in enumerate(source, start=1):
+            if not text.strip():
+                continue
+            try:
+                requests.append(json_format.Parse(text, pb.ExecuteHttpActionRequest()))
+            except json_format.ParseError as err:
+                print(f"line {number}: not an action: {err}")
+                return EXIT_USAGE
+    stub = pb_grpc.HttpActionServiceStub(channel)
+    worst = EXIT_PROCEED
+    try:
+        for reply in stub.ExecuteBatch(iter(requests), timeout=args.deadline):
+            print(batch_line(pb, reply), flush=True)
+            if reply.HasField("error") and reply.error.kind == pb.ERROR_KIND_INVALID_REQUEST:
+                worst = max(worst, EXIT_INVALID)
+            elif not reply.proceed:
+                worst = max(worst, EXIT_STOP)
+    except grpc.RpcError as err:
+        return max(worst, grpc_error(err))
+    return worst
+
+
 # ------------------------------------------------------------------------------ reflection
 
 SCALARS = {
@@ -398,6 +452,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     action_arguments(sub.add_parser("execute", parents=[common], help="run one action with the unary Execute"))
     action_arguments(sub.add_parser("stream", parents=[common], help="run one action with ExecuteStream"))
+    b = sub.add_parser("batch", parents=[common], help="run many actions on one ExecuteBatch stream")
+    b.add_argument("file", nargs="?", help="JSON lines of actions (default, or -: stdin)")
     r = sub.add_parser("reflect", help="server reflection: what grpcurl does, no proto file needed")
     rsub = r.add_subparsers(dest="reflect_command", required=True)
     rsub.add_parser("list", parents=[common], help="list the services")
@@ -417,7 +473,7 @@ def main(argv=None):
         stubs_dir = args.stubs_dir or tempfile.mkdtemp(prefix="callout-stubs-")
         try:
             pb, pb_grpc = load_stubs(args.proto_dir, stubs_dir)
-            run = execute if args.command == "execute" else stream
+            run = {"execute": execute, "stream": stream, "batch": batch}[args.command]
             return run(pb, pb_grpc, channel, args)
         finally:
             if not args.stubs_dir:

@@ -233,6 +233,12 @@ fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// Whether `id` is a caller's action_id validation keeps as it is (not empty, not too long, no
+/// control characters); the batch stream answers an action under it even when the rest fails.
+pub fn is_valid_action_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ACTION_ID_LEN && !id.chars().any(char::is_control)
+}
+
 fn action_id(id: &str, bad: &mut InvalidAction) -> String {
     if id.is_empty() {
         return uuid::Uuid::new_v4().to_string();

@@ -1,6 +1,7 @@
 //! The gRPC edge: proto ⇄ domain conversion, the service, streaming. Thin by design; proto
 //! types stop here.
 pub mod auth;
+mod batch;
 pub mod codec;
 pub mod convert;
 pub mod json;
@@ -8,5 +9,5 @@ pub mod reply_hold;
 mod service;
 pub mod status;
 
-pub use service::HttpActionService;
+pub use service::{Draining, HttpActionService};
 pub use status::{invalid_argument, oversized_request};

@@ -1,30 +1,22 @@
 //! `callout.v1.HttpActionService`: turn the message into an action, run it on the executor,
 //! map the result. ExecuteStream runs the action in a task feeding a channel, so a caller that
-//! goes away is noticed and the action stops.
+//! goes away is noticed and the action stops. ExecuteBatch (in `batch`) runs many on one stream.
 use super::{
-    convert,
+    batch, convert,
     reply_hold::HeldUntilSent,
     status::{self, invalid_argument},
 };
 use crate::{
-    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
+    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, Outcome, ResponseHead, TraceContext},
     client::concurrency::{Admission, Overloaded},
     exec::{Buffered, Executor, Gone, Observer, OFFLOAD_BODY_BYTES},
     pb::{self, action_event::Event},
 };
 use bytes::Bytes;
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
-use tokio::sync::mpsc;
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
-use tonic::{metadata::MetadataMap, Request, Response, Status};
+use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
 /// Events buffered between the action and a slow reader: bounded, so a slow caller slows the
 /// upstream read instead of growing memory.
@@ -35,42 +27,77 @@ const STREAM_BUFFER: usize = 16;
 const RETRY_QUEUE_FULL: Duration = Duration::from_secs(1);
 const RETRY_DRAINING: Duration = Duration::from_secs(1);
 
+#[derive(Clone)]
 pub struct HttpActionService {
-    executor: Executor,
+    pub(super) executor: Executor,
     /// Set when the server drains: new actions are refused with UNAVAILABLE.
-    draining: Arc<AtomicBool>,
+    pub(super) draining: Draining,
+    /// Actions one ExecuteBatch stream runs at once (`server.batch_max_in_flight`).
+    pub(super) batch_max_in_flight: usize,
+}
+
+/// Whether the server drains, and a way to wait for it (a batch stream stops reading then).
+#[derive(Clone)]
+pub struct Draining(Arc<watch::Sender<bool>>);
+
+impl Default for Draining {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Draining {
+    /// The drain begins: new actions are refused from now on.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_on(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the drain has begun.
+    pub async fn begun(&self) {
+        let _ = self.0.subscribe().wait_for(|on| *on).await;
+    }
 }
 
 impl HttpActionService {
-    pub fn new(executor: Executor, draining: Arc<AtomicBool>) -> Self {
-        Self { executor, draining }
+    pub fn new(executor: Executor, draining: Draining, batch_max_in_flight: usize) -> Self {
+        Self { executor, draining, batch_max_in_flight }
     }
 
     /// A place for a new action: refused while draining or when the queue is full.
     fn admit(&self) -> Result<Admission, Status> {
-        if self.draining.load(Ordering::SeqCst) {
-            crate::metrics::refused("draining");
-            return Err(status::unavailable(
-                "DRAINING",
-                "callout is shutting down; send the action to another instance",
-                RETRY_DRAINING,
-            ));
+        if self.draining.is_on() {
+            return Err(refused_draining());
         }
         self.executor.admit().map_err(overloaded)
     }
 }
 
+/// UNAVAILABLE: the server drains and takes no more actions.
+pub(super) fn refused_draining() -> Status {
+    crate::metrics::refused("draining");
+    status::unavailable(
+        "DRAINING",
+        "callout is shutting down; send the action to another instance",
+        RETRY_DRAINING,
+    )
+}
+
 /// Validates the request; proto-level and domain problems are reported together. Called once
 /// the action is admitted, so a draining or full server refuses before doing this work. An
 /// action whose validation may block (secret files read, TLS PEM parsed) is validated on the
-/// blocking pool; any other is validated in place, cheaper than the hop.
-async fn action_of(
-    request: Request<pb::ExecuteHttpActionRequest>,
+/// blocking pool; any other is validated in place, cheaper than the hop. `trace` is the
+/// caller's trace context, from the call's metadata.
+pub(super) async fn action_of(
+    request: pb::ExecuteHttpActionRequest,
+    trace: Option<TraceContext>,
     executor: &Executor,
 ) -> Result<HttpAction, Status> {
-    let trace = trace_context(request.metadata());
     let mut bad = InvalidAction::default();
-    let mut input = convert::action_input(request.into_inner(), &mut bad);
+    let mut input = convert::action_input(request, &mut bad);
     input.trace = trace;
     let validated = if input.blocks_to_validate() {
         let executor = executor.clone();
@@ -92,21 +119,38 @@ async fn action_of(
 
 /// A full queue: the caller should back off and try again.
 fn overloaded(e: Overloaded) -> Status {
-    tracing::warn!(in_flight = e.in_flight, queued = e.queued, "action refused: queue full");
-    crate::metrics::refused("queue_full");
+    log_overloaded(&e);
     let limits = [("in_flight", e.in_flight), ("queued", e.queued)];
     let metadata = limits.into_iter().map(|(k, v)| (k.to_owned(), v.to_string())).collect();
     status::resource_exhausted("QUEUE_FULL", e.to_string(), RETRY_QUEUE_FULL, metadata)
 }
 
+/// A full queue refused an action: logged and counted.
+pub(super) fn log_overloaded(e: &Overloaded) {
+    tracing::warn!(in_flight = e.in_flight, queued = e.queued, "action refused: queue full");
+    crate::metrics::refused("queue_full");
+}
+
+/// The reply of a finished action. A large JSON body is a large tree to convert and size: off
+/// the runtime's threads.
+pub(super) async fn reply_of(outcome: Outcome) -> Result<pb::ExecuteHttpActionResponse, Status> {
+    if outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES) {
+        tokio::task::spawn_blocking(move || convert::outcome(outcome))
+            .await
+            .map_err(|e| Status::internal(format!("building the reply failed: {e}")))
+    } else {
+        Ok(convert::outcome(outcome))
+    }
+}
+
 /// The caller's W3C trace context (`traceparent`, `tracestate` metadata), when well-formed.
-fn trace_context(metadata: &MetadataMap) -> Option<TraceContext> {
+pub(super) fn trace_context(metadata: &MetadataMap) -> Option<TraceContext> {
     let parent = metadata.get("traceparent")?.to_str().ok()?;
     TraceContext::parse(parent, metadata.get("tracestate").and_then(|s| s.to_str().ok()))
 }
 
 /// The caller's deadline, from the `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
-fn grpc_deadline(metadata: &MetadataMap) -> Option<Duration> {
+pub(super) fn grpc_deadline(metadata: &MetadataMap) -> Option<Duration> {
     let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
@@ -129,21 +173,13 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
         let budget = grpc_deadline(request.metadata());
         let admission = self.admit()?;
-        let action = action_of(request, &self.executor).await?;
+        let trace = trace_context(request.metadata());
+        let action = action_of(request.into_inner(), trace, &self.executor).await?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         // The body's bytes (and their memory budget) stay held until the reply went out.
         let hold =
             outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
-        // A large JSON body is a large tree to convert and size: off the runtime's threads.
-        let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES);
-        let reply = if large {
-            tokio::task::spawn_blocking(move || convert::outcome(outcome))
-                .await
-                .map_err(|e| Status::internal(format!("building the reply failed: {e}")))?
-        } else {
-            convert::outcome(outcome)
-        };
-        let mut reply = Response::new(reply);
+        let mut reply = Response::new(reply_of(outcome).await?);
         if let Some(hold) = hold {
             reply.extensions_mut().insert(hold);
         }
@@ -158,7 +194,8 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let budget = grpc_deadline(request.metadata());
         let admission = self.admit()?;
-        let action = action_of(request, &self.executor).await?;
+        let trace = trace_context(request.metadata());
+        let action = action_of(request.into_inner(), trace, &self.executor).await?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {
@@ -186,6 +223,18 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ExecuteBatchStream = batch::Replies;
+
+    async fn execute_batch(
+        &self,
+        request: Request<Streaming<pb::ExecuteHttpActionRequest>>,
+    ) -> Result<Response<Self::ExecuteBatchStream>, Status> {
+        if self.draining.is_on() {
+            return Err(refused_draining());
+        }
+        Ok(Response::new(batch::start(self, request)))
     }
 }
 

@@ -3,6 +3,7 @@
 mod pg;
 mod support;
 
+mod batch;
 mod body_budget;
 mod cli;
 mod conditions;
