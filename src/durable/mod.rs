@@ -418,6 +418,7 @@ impl Durable {
             reply_body: outcome.reply_body,
             extracted: Vec::new(),
             condition_retry: false,
+            poll_due: None,
         };
         let mut record = convert::outcome(only_attempts).attempts.into_iter().last().unwrap_or_default();
         record.number = claim.attempt;
