@@ -142,8 +142,6 @@ pub struct AttemptOf<'a> {
     /// 1-based, among the tries of this request (the action's own, or one poll): what the
     /// retry policy counts.
     pub tries: u32,
-    /// The attempt polls a 202's Location.
-    pub poll: bool,
     pub context: &'a Arc<AttemptContext>,
     /// An earlier attempt was already retried with refreshed credentials.
     pub refreshed: bool,
@@ -156,7 +154,8 @@ impl RunAttempt for Attempts {
         started: &mut Option<Instant>,
         observer: &mut O,
     ) -> Attempted {
-        let AttemptOf { action, number, tries, poll, context, refreshed } = of;
+        let AttemptOf { action, number, tries, context, refreshed } = of;
+        let poll = action.is_poll();
         let deadline = context.deadline;
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
@@ -410,8 +409,9 @@ impl RunAttempt for Attempts {
     }
 }
 
-/// The Location to poll, when the action polls and `response` is a 202 that has one. A
-/// relative Location resolves against the URL that answered (after redirects).
+/// The Location to poll, when the action polls and `response` is a 202 that has one (or is
+/// itself a poll: a 202 without Location polls the same URL again). A relative Location
+/// resolves against the URL that answered (after redirects).
 fn polled<B>(
     action: &HttpAction,
     context: &AttemptContext,
@@ -420,10 +420,13 @@ fn polled<B>(
     if action.async_poll().is_none() || response.status() != http::StatusCode::ACCEPTED {
         return Ok(None);
     }
-    let Some(location) = response.headers().get(header::LOCATION) else {
-        return Ok(None);
-    };
     let answered = response.extensions().get::<AnsweredBy>().map_or(&context.url, |a| &a.0);
+    let Some(location) = response.headers().get(header::LOCATION) else {
+        let again = action
+            .is_poll()
+            .then(|| PollDue { location: answered.clone(), retry_after: retry_after(response) });
+        return Ok(again);
+    };
     let location = location
         .to_str()
         .map_err(|_| "it is not visible ASCII".to_owned())

@@ -278,14 +278,8 @@ impl<A: RunAttempt> Executor<A> {
             };
             let mut started = None;
             let current = polling.as_ref().map_or(action, |p| &p.action);
-            let of = AttemptOf {
-                action: current,
-                number,
-                tries: number - base,
-                poll: polling.is_some(),
-                context: &context,
-                refreshed,
-            };
+            let of =
+                AttemptOf { action: current, number, tries: number - base, context: &context, refreshed };
             let attempt = Box::pin(self.attempts.run(of, &mut started, observer)).instrument(span);
             let attempted = unless_cut_off(&mut cut_off, attempt).await;
             let mut result = match attempted {
@@ -311,7 +305,7 @@ impl<A: RunAttempt> Executor<A> {
                         let why = shut_down(ShutDownAt::During(number));
                         let mut record = AttemptRecord {
                             error: Some(why.clone()),
-                            poll: polling.is_some(),
+                            poll: current.is_poll(),
                             ..AttemptRecord::new(number)
                         };
                         record.timing.total = started.elapsed();
@@ -355,7 +349,7 @@ impl<A: RunAttempt> Executor<A> {
                     error = Some(shut_down(ShutDownAt::Before(number + 1)));
                     break;
                 }
-                let poll = action.follow_up(due.location);
+                let poll = action.poll_of(due.location);
                 context = context_of(&poll, deadline, total);
                 polling = Some(Polling { action: poll, until });
                 base = number;
@@ -553,11 +547,11 @@ mod tests {
                 return Attempted::Refused(ActionError::new(kind, "refused"));
             }
             *at = Some(Instant::now());
-            let mut record = AttemptRecord { poll: of.poll, ..AttemptRecord::new(number) };
+            let mut record = AttemptRecord { poll: of.action.is_poll(), ..AttemptRecord::new(number) };
             let polls = Arc::clone(&self.1);
             polls.lock().unwrap().push((
                 tokio::time::Instant::now(),
-                of.poll,
+                of.action.is_poll(),
                 of.action.url().to_string(),
                 of.action.method().clone(),
             ));

@@ -11,7 +11,7 @@
 // --body-file PATH, --success-codes "200,201", --on-failure abort|continue, --max-attempts N,
 // --attempt-timeout SECONDS, --action-id ID, --deadline SECONDS (gRPC deadline, default 60),
 // --reply-body auto|all|raw|none, --extract NAME=JSONPATH (repeatable), --success-condition CEL,
-// --retry-condition CEL.
+// --retry-condition CEL, --async-poll (on 202 + Location, poll it until done), --poll-interval SECONDS.
 //
 // Exit status, the same as `callout exec` and the Python client (README: "Exit status"):
 // 0 proceed (the action succeeded, or failed under --on-failure continue), 1 stop (it failed),
@@ -189,7 +189,7 @@ function parseArgs(argv) {
     '--body-file': 'bodyFile', '--success-codes': 'successCodes', '--on-failure': 'onFailure',
     '--max-attempts': 'maxAttempts', '--attempt-timeout': 'attemptTimeout', '--action-id': 'actionId',
     '--reply-body': 'replyBody', '--success-condition': 'successCondition',
-    '--retry-condition': 'retryCondition',
+    '--retry-condition': 'retryCondition', '--poll-interval': 'pollInterval',
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -197,6 +197,7 @@ function parseArgs(argv) {
     if (arg === '-H' || arg === '--header') opts.headers.push(next());
     else if (arg === '-q' || arg === '--query') opts.query.push(next());
     else if (arg === '--extract') opts.extract.push(next());
+    else if (arg === '--async-poll') opts.asyncPoll = true;
     else if (valued[arg]) opts[valued[arg]] = next();
     else if (arg === '-h' || arg === '--help') usage();
     else if (arg.startsWith('-') && arg.length > 1) usage(`unknown option ${arg}`);
@@ -240,6 +241,13 @@ function buildRequest(opts) {
   }
   if (opts.successCondition) req.successCondition = opts.successCondition;
   if (opts.retryCondition) req.retryCondition = opts.retryCondition;
+  if (opts.asyncPoll) {
+    req.asyncPoll = { enabled: true };
+    if (opts.pollInterval) {
+      const millis = Math.round(Number(opts.pollInterval) * 1000);
+      req.asyncPoll.interval = { seconds: String(Math.floor(millis / 1000)), nanos: (millis % 1000) * 1e6 };
+    }
+  }
   return req;
 }
 

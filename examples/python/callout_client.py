@@ -144,6 +144,10 @@ def build_request(pb, args):
         req.extract[name] = path
     req.success_condition = args.success_condition
     req.retry_condition = args.retry_condition
+    if args.async_poll:
+        req.async_poll.enabled = True
+        if args.poll_interval:
+            req.async_poll.interval.FromMilliseconds(int(args.poll_interval * 1000))
     return req
 
 
@@ -367,6 +371,8 @@ def action_arguments(p):
     p.add_argument("--extract", action="append", default=[], help="NAME=JSONPATH (RFC 9535), repeatable")
     p.add_argument("--success-condition", default="", help='CEL that must hold too, e.g. body.ok == true')
     p.add_argument("--retry-condition", default="", help='CEL; true retries, e.g. body.state != "done"')
+    p.add_argument("--async-poll", action="store_true", help="on 202 + Location, poll it until done")
+    p.add_argument("--poll-interval", type=float, default=0, help="seconds between polls (default 1)")
 
 
 def main(argv=None):

@@ -233,6 +233,8 @@ pub struct HttpAction {
     /// Whether the executor polls a 202's Location itself (false: it reports the poll due, for
     /// the durable runner to store and run as an attempt of its own).
     polls_inline: bool,
+    /// The poll of a 202's Location (`poll_of`), not the action's own request.
+    is_poll: bool,
 }
 
 /// What validation needs from the server: its secrets, the header names it keeps out of logs,

@@ -1,7 +1,8 @@
 //! `async_poll`: following a 202 Accepted's Location until the job it names is done. The
 //! settings as written and validated, and the one decision of when the next poll goes out.
-use super::validate::InvalidAction;
+use super::{validate::InvalidAction, HttpAction};
 use std::time::Duration;
+use url::Url;
 
 /// Wait before a poll when the 202 carries no Retry-After.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -62,6 +63,21 @@ impl AsyncPoll {
                      202 Accepted"
                 .to_owned(),
         }
+    }
+}
+
+impl HttpAction {
+    /// The poll of a 202's `location`: the action's follow-up GET, marked as a poll (its
+    /// attempts are recorded as polls, and a 202 without a Location polls the same URL again).
+    pub fn poll_of(&self, location: Url) -> HttpAction {
+        let mut poll = self.follow_up(location);
+        poll.is_poll = true;
+        poll
+    }
+
+    /// Whether this is the poll of a 202's Location (`poll_of`).
+    pub fn is_poll(&self) -> bool {
+        self.is_poll
     }
 }
 

@@ -170,6 +170,7 @@ pub(super) fn validate(
             signing,
             async_poll,
             polls_inline: true,
+            is_poll: false,
         }),
         _ => Err(bad),
     }
