@@ -373,6 +373,7 @@ impl Durable {
                 let record = pb::Attempt {
                     number: claim.attempt,
                     error: Some(convert::action_error(&error)),
+                    poll: step.is_some(),
                     ..Default::default()
                 };
                 // The action is already CANCELLED: only the attempt is recorded.
@@ -654,6 +655,7 @@ impl Durable {
             let record = pb::Attempt {
                 number: claim.attempt,
                 error: Some(convert::action_error(&interrupted)),
+                poll: claim.stored.record.next_step.is_some(),
                 ..Default::default()
             };
             let next = match self.plan(&claim.stored.request) {
@@ -681,6 +683,7 @@ impl Durable {
         let record = pb::Attempt {
             number: claim.attempt,
             error: Some(convert::action_error(interrupted)),
+            poll: claim.stored.record.next_step.is_some(),
             ..Default::default()
         };
         // A poll is a GET: it may always be sent again.
@@ -784,4 +787,50 @@ fn describe_metrics() {
     }
     metrics::gauge!(GAUGE_OLDEST_DUE).set(0.0);
     metrics::counter!(SUBMITTED).absolute(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poll_step_reads_back_as_stored_and_a_damaged_one_is_an_error() {
+        let step = PollStep {
+            location: "http://h.test/jobs/7".parse().unwrap(),
+            until_ms: 1_700_000_000_000,
+            base: 3,
+        };
+        let stored = step.encode();
+        let decoded: StoredStep = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(decoded.location, "http://h.test/jobs/7");
+        let claim = |next_step: Option<Bytes>| Claimed {
+            stored: crate::store::Stored {
+                record: crate::store::Record {
+                    action_id: "a".into(),
+                    state: State::Running,
+                    sequence: 1,
+                    attempts: Vec::new(),
+                    next_attempt_at: None,
+                    last_error: None,
+                    result: None,
+                    next_step,
+                    created_at: SystemTime::UNIX_EPOCH,
+                    updated_at: SystemTime::UNIX_EPOCH,
+                },
+                request: Bytes::new(),
+                attempts_started: 4,
+                run_base: 1,
+                deadline_at: SystemTime::UNIX_EPOCH,
+            },
+            attempt: 4,
+            destination: "h.test:80".into(),
+        };
+        let read = PollStep::of(&claim(Some(stored))).unwrap().unwrap();
+        assert_eq!(read, step);
+        assert_eq!(tries_base(&claim(None), Some(&read)), 3, "a poll's tries count from its base");
+        assert_eq!(tries_base(&claim(None), None), 1, "else from the run's");
+        assert!(PollStep::of(&claim(None)).unwrap().is_none());
+        let damaged = PollStep::of(&claim(Some(Bytes::from_static(b"{")))).unwrap_err();
+        assert_eq!(damaged.kind, ErrorKind::InvalidRequest);
+    }
 }

@@ -298,15 +298,73 @@ async fn callout_exec_names_a_bad_poll_interval() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("async_poll.interval"), "{out:?}");
 }
 
+/// Each durable test runs on SQLite and on PostgreSQL.
 mod durable {
+    use super::Kind;
+
     #[tokio::test]
-    async fn sqlite() {
-        super::a_durable_poll_survives_a_kill_between_polls(super::Kind::Sqlite).await
+    async fn sqlite_kill_between_polls() {
+        super::a_durable_poll_survives_a_kill_between_polls(Kind::Sqlite).await
     }
     #[tokio::test]
-    async fn postgres() {
-        super::a_durable_poll_survives_a_kill_between_polls(super::Kind::Postgres).await
+    async fn postgres_kill_between_polls() {
+        super::a_durable_poll_survives_a_kill_between_polls(Kind::Postgres).await
     }
+    #[tokio::test]
+    async fn sqlite_kill_during_a_poll() {
+        super::a_poll_in_flight_at_a_kill_is_polled_again_not_the_post(Kind::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_kill_during_a_poll() {
+        super::a_poll_in_flight_at_a_kill_is_polled_again_not_the_post(Kind::Postgres).await
+    }
+}
+
+/// A POST without an idempotency key is never repeated after a crash, but its poll is a GET:
+/// a poll cut off by SIGKILL is sent again by the restarted callout.
+async fn a_poll_in_flight_at_a_kill_is_polled_again_not_the_post(kind: Kind) {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let upstream = Upstream::start(move |seen| {
+        let polls = polls.clone();
+        async move {
+            if seen.method == "POST" {
+                return accepted(Some("jobs/7"), Some("0"));
+            }
+            if polls.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            json(200, serde_json::json!({"state": "done", "id": 7}))
+        }
+    })
+    .await;
+    let dir = TestStore::new(kind);
+    let store = dir.url();
+    let args = ["--store", store.as_str()];
+    let env = [("CALLOUT_DURABLE__IDEMPOTENCY_HEADER", ""), LEASE_ENV];
+    let mut first = ServeProcess::spawn(&args, &env).await;
+    let client = durable_client(&first).await;
+    // Three tries per request: the cut-off poll is one of its own, not of the POST's.
+    let a = pb::ExecuteHttpActionRequest {
+        action_id: "job-8".into(),
+        retry: Some(fast_retry(3)),
+        ..post_job(&upstream)
+    };
+    submit(&client, a).await;
+    while upstream.hits() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    let _ = first.exit_status(Duration::from_secs(10)).await;
+
+    let second = ServeProcess::spawn(&args, &env).await;
+    let done = until_final(&durable_client(&second).await, "job-8").await;
+    assert_eq!(done.state(), ActionState::Succeeded, "{done:?}");
+    let attempts: Vec<(u32, bool)> = done.attempts.iter().map(|a| (a.status, a.poll)).collect();
+    assert_eq!(attempts, [(202, false), (0, true), (200, true)], "{done:?}");
+    assert!(done.attempts[1].error.as_ref().unwrap().message.contains("may have been sent"));
+    let paths = methods_and_paths(&upstream);
+    let want = [("POST", "/jobs"), ("GET", "/jobs/7"), ("GET", "/jobs/7")];
+    assert_eq!(paths, want.map(|(m, p)| (m.to_owned(), p.to_owned())), "the POST is not repeated");
 }
 
 /// The real binary polls durably; killed with SIGKILL after the first poll while the next is
