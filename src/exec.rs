@@ -353,7 +353,7 @@ impl<A: RunAttempt> Executor<A> {
                 context = context_of(&poll, deadline, total);
                 polling = Some(Polling { action: poll, until });
                 base = number;
-                attempts_allowed = number + action.retry().max_attempts;
+                attempts_allowed = number.saturating_add(action.retry().max_attempts);
                 continue;
             }
             let Some(end) = result.end else {
