@@ -3,15 +3,16 @@
 //! `AttemptResult`; the action loop (`exec`) decides what happens next.
 use crate::{
     action::{
-        parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind, HttpAction,
-        ReplyBody, ResponseData, ResponseHead, RetryDecision, TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
+        parse_retry_after, resolve_location, ActionError, AttemptEnd, AttemptRecord, AttemptTiming,
+        ErrorKind, HttpAction, PollDue, ReplyBody, ResponseData, ResponseHead, RetryDecision, TraceContext,
+        DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         admission::Limits,
         attempt::{AttemptContext, AttemptRequest},
         body_budget::{BodyBudget, BudgetError},
         credentials::{Credentials, CredentialsRejected},
-        redirect::Hop,
+        redirect::{AnsweredBy, Hop},
         response::{head_of, json_depth_within, pieces, views, BodyError, CappedBody, MAX_JSON_DEPTH},
         stack::{attempt_stack, classify, Failed},
         timeout::bounds,
@@ -38,7 +39,8 @@ pub struct Gone;
 /// streamed through `body_chunk` instead of being buffered when `streams_body` is true.
 pub trait Observer: Send {
     fn streams_body(&self) -> bool;
-    fn attempt_started(&mut self, attempt: u32) -> impl Future<Output = Result<(), Gone>> + Send;
+    /// `poll`: the attempt polls a 202's Location (`async_poll`).
+    fn attempt_started(&mut self, attempt: u32, poll: bool) -> impl Future<Output = Result<(), Gone>> + Send;
     fn response_head(
         &mut self,
         attempt: u32,
@@ -66,7 +68,7 @@ impl Observer for Buffered {
     fn streams_body(&self) -> bool {
         false
     }
-    async fn attempt_started(&mut self, _: u32) -> Result<(), Gone> {
+    async fn attempt_started(&mut self, _: u32, _: bool) -> Result<(), Gone> {
         Ok(())
     }
     async fn response_head(
@@ -104,6 +106,9 @@ pub struct AttemptResult {
     /// The upstream rejected the attempt's OAuth2 token, and the decision is the one retry
     /// with a new token (which may go past `max_attempts`).
     pub refreshes_credentials: bool,
+    /// The response was a 202 with a Location to poll (the action has `async_poll`): its body
+    /// was not read, and no condition looked at it.
+    pub poll: Option<PollDue>,
 }
 
 /// What became of an attempt the action tried to make.
@@ -132,8 +137,11 @@ pub trait RunAttempt: Clone + Send + Sync + 'static {
 #[derive(Clone, Copy)]
 pub struct AttemptOf<'a> {
     pub action: &'a HttpAction,
-    /// 1-based.
+    /// 1-based, counting every request of the action (polls included).
     pub number: u32,
+    /// 1-based, among the tries of this request (the action's own, or one poll): what the
+    /// retry policy counts.
+    pub tries: u32,
     pub context: &'a Arc<AttemptContext>,
     /// An earlier attempt was already retried with refreshed credentials.
     pub refreshed: bool,
@@ -146,7 +154,8 @@ impl RunAttempt for Attempts {
         started: &mut Option<Instant>,
         observer: &mut O,
     ) -> Attempted {
-        let AttemptOf { action, number, context, refreshed } = of;
+        let AttemptOf { action, number, tries, context, refreshed } = of;
+        let poll = action.is_poll();
         let deadline = context.deadline;
         // A request or client that cannot be built fails the attempt once it passed its limits,
         // as a send would.
@@ -165,7 +174,7 @@ impl RunAttempt for Attempts {
                 biased;
                 at = context.start.started(), if started.is_none() => {
                     *started = Some(at);
-                    if observer.attempt_started(number).await.is_err() {
+                    if observer.attempt_started(number, poll).await.is_err() {
                         return Attempted::Gone;
                     }
                 }
@@ -175,7 +184,7 @@ impl RunAttempt for Attempts {
         if started.is_none() {
             if let Some(at) = context.start.take() {
                 *started = Some(at);
-                if observer.attempt_started(number).await.is_err() {
+                if observer.attempt_started(number, poll).await.is_err() {
                     return Attempted::Gone;
                 }
             }
@@ -189,16 +198,21 @@ impl RunAttempt for Attempts {
             (None, Ok(_)) => Instant::now(),
         };
         let (until, timeout) = bounds(start, context);
-        let mut record = AttemptRecord::new(number);
-        let fail = |mut record: AttemptRecord,
-                    error: ActionError,
-                    end: Option<AttemptEnd>,
+        let mut record = AttemptRecord { poll, ..AttemptRecord::new(number) };
+        let fail =
+            |mut record: AttemptRecord, error: ActionError, end: Option<AttemptEnd>, response, streamed| {
+                record.timing.total = start.elapsed();
+                record.error = Some(error);
+                AttemptResult {
+                    record,
+                    end,
                     response,
-                    streamed| {
-            record.timing.total = start.elapsed();
-            record.error = Some(error);
-            AttemptResult { record, end, response, streamed, decision: None, refreshes_credentials: false }
-        };
+                    streamed,
+                    decision: None,
+                    refreshes_credentials: false,
+                    poll: None,
+                }
+            };
         let response = match sent {
             Ok(response) => response,
             Err(e) => {
@@ -228,11 +242,39 @@ impl RunAttempt for Attempts {
         let status = head.status;
         let retry_after = retry_after(&response);
         let rejected = response.extensions().get::<CredentialsRejected>().is_some();
+        let poll_due = match polled(action, context, &response) {
+            Ok(due) => due,
+            Err(error) => {
+                let end = AttemptEnd::Error { kind: error.kind, sent: true };
+                record.status = Some(status);
+                return Attempted::Ran(fail(
+                    record,
+                    error,
+                    Some(end),
+                    Some(ResponseData::head_only(head)),
+                    false,
+                ));
+            }
+        };
         // The head's extensions hold the destination slot until the attempt is over.
         let (_parts, body) = response.into_parts();
         record.status = Some(status);
         if observer.response_head(number, &head, &record.timing, record.remote_addr).await.is_err() {
             return Attempted::Ran(fail(record, cancelled(), Some(CANCELLED_END), None, false));
+        }
+        if let Some(due) = poll_due {
+            // The job is not done: its 202 is no result, so neither its body nor a condition
+            // counts. The body is left unread (its connection is not reused).
+            record.timing.total = start.elapsed();
+            return Attempted::Ran(AttemptResult {
+                record,
+                end: None,
+                response: Some(ResponseData::head_only(head)),
+                streamed: false,
+                decision: None,
+                refreshes_credentials: false,
+                poll: Some(due),
+            });
         }
 
         let success = action.success().contains(status);
@@ -243,11 +285,11 @@ impl RunAttempt for Attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if rejected {
                 let (decision, refreshes) =
-                    action.retry().after_rejected_credentials(number, end, refreshed, remaining);
+                    action.retry().after_rejected_credentials(tries, end, refreshed, remaining);
                 refreshes_credentials = refreshes;
                 decision
             } else {
-                action.retry().decide(number, end, remaining)
+                action.retry().decide(tries, end, remaining)
             }
         });
         if let (Some(end), Some(retry @ RetryDecision::Retry { .. })) = (status_end, &status_decision) {
@@ -324,7 +366,7 @@ impl RunAttempt for Attempts {
             Verdict::Retry(error) => {
                 let end = AttemptEnd::Condition { status, retry_after };
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                (Some(end), Some(error), Some(action.retry().decide(number, end, remaining)))
+                (Some(end), Some(error), Some(action.retry().decide(tries, end, remaining)))
             }
             Verdict::Failed(error) => {
                 (Some(AttemptEnd::Error { kind: error.kind, sent: true }), Some(error), None)
@@ -361,9 +403,36 @@ impl RunAttempt for Attempts {
                 streamed,
                 decision: None,
                 refreshes_credentials: false,
+                poll: None,
             },
         })
     }
+}
+
+/// The Location to poll, when the action polls and `response` is a 202 that has one (or is
+/// itself a poll: a 202 without Location polls the same URL again). A relative Location
+/// resolves against the URL that answered (after redirects).
+fn polled<B>(
+    action: &HttpAction,
+    context: &AttemptContext,
+    response: &Response<B>,
+) -> Result<Option<PollDue>, ActionError> {
+    if action.async_poll().is_none() || response.status() != http::StatusCode::ACCEPTED {
+        return Ok(None);
+    }
+    let answered = response.extensions().get::<AnsweredBy>().map_or(&context.url, |a| &a.0);
+    let Some(location) = response.headers().get(header::LOCATION) else {
+        let again = action
+            .is_poll()
+            .then(|| PollDue { location: answered.clone(), retry_after: retry_after(response) });
+        return Ok(again);
+    };
+    let location = location
+        .to_str()
+        .map_err(|_| "it is not visible ASCII".to_owned())
+        .and_then(|l| resolve_location(answered, l).map_err(|e| e.to_string()))
+        .map_err(|e| ActionError::new(ErrorKind::Protocol, format!("async_poll: the 202's Location: {e}")))?;
+    Ok(Some(PollDue { location, retry_after: retry_after(response) }))
 }
 
 /// What the action's conditions made of an attempt's response.

@@ -4,8 +4,9 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles, ErrorKind, HttpAction,
-        InvalidAction, OnFailure, Outcome, ResponseData, RetryDecision, ValidationContext,
+        poll::PollWait, ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles, ErrorKind,
+        HttpAction, InvalidAction, OnFailure, Outcome, PollDue, ResponseData, RetryDecision,
+        ValidationContext,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -233,22 +234,15 @@ impl<A: RunAttempt> Executor<A> {
         let mut last_response: Option<ResponseData> = None;
         let mut error: Option<ActionError> = None;
         let mut last_end = None;
-        // One allocation for the action: every attempt and hop shares it.
-        let context = Arc::new(AttemptContext {
-            destination: Destination::of(action.url()),
-            deadline,
-            total,
-            attempt_timeout: action.timeouts().attempt,
-            connect_timeout: action.timeouts().connect,
-            redirects: action.redirects(),
-            url: action.url().clone(),
-            cool_down_on_429: !action.success().contains(429),
-            start: StartSignal::default(),
-            tenant: action.tenant().map(Arc::from),
-            // No auth, no signing: nothing allocated for them.
-            auth: action.auth().clone(),
-            signing: SignRequest::of(action.signing(), action.id()),
-        });
+        // One allocation for the action: every attempt and hop shares it (each poll of a 202's
+        // Location has its own, as it goes to another URL).
+        let mut context = context_of(action, deadline, total);
+        let first_context = context.clone();
+        // The request now tried: the action's own, or a poll of a 202's Location.
+        let mut polling: Option<Polling> = None;
+        let mut poll_due: Option<PollDue> = None;
+        // Attempts before the current request's first try: polls do not spend max_attempts.
+        let mut base = 0;
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
@@ -283,12 +277,10 @@ impl<A: RunAttempt> Executor<A> {
                 tracing::debug_span!("attempt", number)
             };
             let mut started = None;
-            let attempt = Box::pin(self.attempts.run(
-                AttemptOf { action, number, context: &context, refreshed },
-                &mut started,
-                observer,
-            ))
-            .instrument(span);
+            let current = polling.as_ref().map_or(action, |p| &p.action);
+            let of =
+                AttemptOf { action: current, number, tries: number - base, context: &context, refreshed };
+            let attempt = Box::pin(self.attempts.run(of, &mut started, observer)).instrument(span);
             let attempted = unless_cut_off(&mut cut_off, attempt).await;
             let mut result = match attempted {
                 // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
@@ -311,8 +303,11 @@ impl<A: RunAttempt> Executor<A> {
                     Some(started) => {
                         // The request may be on the wire or answered: the caller must know.
                         let why = shut_down(ShutDownAt::During(number));
-                        let mut record =
-                            AttemptRecord { error: Some(why.clone()), ..AttemptRecord::new(number) };
+                        let mut record = AttemptRecord {
+                            error: Some(why.clone()),
+                            poll: current.is_poll(),
+                            ..AttemptRecord::new(number)
+                        };
                         record.timing.total = started.elapsed();
                         // The stream still hears why its attempt ended (unless its reader is gone).
                         let _ = observer.attempt_failed(&record, false).await;
@@ -326,6 +321,41 @@ impl<A: RunAttempt> Executor<A> {
                 last_response = Some(response);
             }
             last_end = result.end;
+            if let Some(due) = result.poll.take() {
+                error = None;
+                let (Some(settings), true) = (action.async_poll(), action.polls_inline()) else {
+                    // The durable runner stores the poll as its next step.
+                    attempts.push(result.record);
+                    poll_due = Some(due);
+                    break;
+                };
+                let now = Instant::now();
+                let until = match &polling {
+                    Some(p) => p.until,
+                    None => settings.max_wait.map_or(deadline, |w| (now + w).min(deadline)),
+                };
+                let wait = match settings.next(due.retry_after, until.saturating_duration_since(now)) {
+                    PollWait::After(wait) => wait,
+                    PollWait::Expired => {
+                        attempts.push(result.record);
+                        error = Some(ActionError::new(ErrorKind::Timeout, settings.expired_message()));
+                        break;
+                    }
+                };
+                tracing::debug!(action_id = %action.id(), attempt = number, ?wait, "polling the 202's Location");
+                result.record.backoff = Some(wait);
+                attempts.push(result.record);
+                if unless_cut_off(&mut cut_off, tokio::time::sleep(wait)).await.is_none() {
+                    error = Some(shut_down(ShutDownAt::Before(number + 1)));
+                    break;
+                }
+                let poll = action.poll_of(due.location);
+                context = context_of(&poll, deadline, total);
+                polling = Some(Polling { action: poll, until });
+                base = number;
+                attempts_allowed = number.saturating_add(action.retry().max_attempts);
+                continue;
+            }
             let Some(end) = result.end else {
                 error = None;
                 attempts.push(result.record);
@@ -335,7 +365,7 @@ impl<A: RunAttempt> Executor<A> {
             // not read).
             let decision = result.decision.take().unwrap_or_else(|| {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                action.retry().after_failure(number, end, result.streamed, remaining)
+                current.retry().after_failure(number - base, end, result.streamed, remaining)
             });
             if result.refreshes_credentials {
                 // The retry with a new token is an attempt of its own, past max_attempts if need be.
@@ -375,8 +405,9 @@ impl<A: RunAttempt> Executor<A> {
         let mut outcome = self.finish(action, started_at, t0, attempts, last_response, error);
         outcome.condition_retry =
             matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
+        outcome.poll_due = poll_due;
         self.log_outcome(action, &outcome);
-        metrics::action_finished(&outcome, &context.destination.key);
+        metrics::action_finished(&outcome, &first_context.destination.key);
         tenant.finished(outcome.succeeded);
         outcome
     }
@@ -444,8 +475,36 @@ impl<A: RunAttempt> Executor<A> {
             reply_body: action.reply_body(),
             extracted,
             condition_retry: false,
+            poll_due: None,
         }
     }
+}
+
+/// A poll of a 202's Location in progress.
+struct Polling {
+    /// The GET of the latest Location (`HttpAction::follow_up`).
+    action: HttpAction,
+    /// No poll starts after this: the first 202 plus max_wait, within the total deadline.
+    until: Instant,
+}
+
+/// What every attempt and hop of `action` shares.
+fn context_of(action: &HttpAction, deadline: Instant, total: Duration) -> Arc<AttemptContext> {
+    Arc::new(AttemptContext {
+        destination: Destination::of(action.url()),
+        deadline,
+        total,
+        attempt_timeout: action.timeouts().attempt,
+        connect_timeout: action.timeouts().connect,
+        redirects: action.redirects(),
+        url: action.url().clone(),
+        cool_down_on_429: !action.success().contains(429),
+        start: StartSignal::default(),
+        tenant: action.tenant().map(Arc::from),
+        // No auth, no signing: nothing allocated for them.
+        auth: action.auth().clone(),
+        signing: SignRequest::of(action.signing(), action.id()),
+    })
 }
 
 #[cfg(test)]
@@ -466,11 +525,16 @@ mod tests {
         Hangs,
         /// A 401 whose OAuth2 token the credentials layer dropped.
         Rejected,
+        /// A 202 whose Location is to be polled, with this Retry-After (seconds).
+        Accepted(Option<u64>),
     }
 
-    /// A mock of the attempt: plays its script, one entry per attempt; no sockets.
+    /// A mock of the attempt: plays its script, one entry per attempt; no sockets. Keeps when
+    /// each attempt started, whether it was a poll, and its URL and method.
     #[derive(Clone, Default)]
-    struct Script(Arc<Mutex<VecDeque<Scripted>>>);
+    struct Script(Arc<Mutex<VecDeque<Scripted>>>, Arc<Mutex<Vec<Seen>>>);
+
+    type Seen = (tokio::time::Instant, bool, String, http::Method);
 
     /// When the scripted attempt started (`RunAttempt::run`'s `started`).
     type Started = Option<Instant>;
@@ -483,7 +547,31 @@ mod tests {
                 return Attempted::Refused(ActionError::new(kind, "refused"));
             }
             *at = Some(Instant::now());
-            let mut record = AttemptRecord::new(number);
+            let mut record = AttemptRecord { poll: of.action.is_poll(), ..AttemptRecord::new(number) };
+            let polls = Arc::clone(&self.1);
+            polls.lock().unwrap().push((
+                tokio::time::Instant::now(),
+                of.action.is_poll(),
+                of.action.url().to_string(),
+                of.action.method().clone(),
+            ));
+            if let Scripted::Accepted(retry_after) = next {
+                record.status = Some(202);
+                let head =
+                    ResponseHead { status: 202, reason: String::new(), version: "HTTP/1.1", headers: vec![] };
+                return Attempted::Ran(AttemptResult {
+                    record,
+                    end: None,
+                    response: Some(ResponseData::head_only(head)),
+                    streamed: false,
+                    decision: None,
+                    refreshes_credentials: false,
+                    poll: Some(PollDue {
+                        location: "http://h.test/jobs/7".parse().unwrap(),
+                        retry_after: retry_after.map(Duration::from_secs),
+                    }),
+                });
+            }
             let (end, response, streamed) = match next {
                 Scripted::Status(status) | Scripted::Streamed(status) => {
                     record.status = Some(status);
@@ -511,9 +599,12 @@ mod tests {
                         streamed: false,
                         decision: Some(decision),
                         refreshes_credentials,
+                        poll: None,
                     });
                 }
-                Scripted::Hangs | Scripted::Refused(_) => std::future::pending().await,
+                Scripted::Hangs | Scripted::Refused(_) | Scripted::Accepted(_) => {
+                    std::future::pending().await
+                }
             };
             if let Some(end) = end {
                 let kind = match end {
@@ -530,6 +621,7 @@ mod tests {
                 streamed,
                 decision: None,
                 refreshes_credentials: false,
+                poll: None,
             })
         }
     }
@@ -537,7 +629,7 @@ mod tests {
     fn executor(script: &[Scripted]) -> Executor<Script> {
         let settings = ExecSettings::default();
         Executor {
-            attempts: Script(Arc::new(Mutex::new(script.iter().copied().collect()))),
+            attempts: Script(Arc::new(Mutex::new(script.iter().copied().collect())), Arc::default()),
             limits: Arc::new(Limits::new(&settings.limits, &settings.tenants)),
             secrets: SecretStore::new(settings.secrets.clone()),
             settings,
@@ -557,6 +649,61 @@ mod tests {
         assert_eq!(outcome.attempts.len(), 2);
         assert!(outcome.attempts[0].backoff.is_some() && outcome.attempts[1].backoff.is_none());
         assert_eq!(outcome.response.unwrap().head.status, 200);
+    }
+
+    fn polling_post(max_attempts: u32) -> HttpAction {
+        HttpAction::from_input(ActionInput {
+            method: "POST".into(),
+            url: "http://h.test/jobs".into(),
+            body: crate::action::BodyInput::Json("{}".into()),
+            retry: crate::action::RetryInput { max_attempts, ..Default::default() },
+            async_poll: crate::action::poll::AsyncPollInput {
+                enabled: true,
+                interval: Some(Duration::from_secs(2)),
+                max_wait: None,
+            },
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_202_is_polled_after_retry_after_or_the_interval_without_spending_max_attempts() {
+        let executor = executor(&[
+            Scripted::Accepted(Some(5)),
+            Scripted::Accepted(None),
+            Scripted::Status(503),
+            Scripted::Accepted(None),
+            Scripted::Status(200),
+        ]);
+        // One attempt per request: the polls and the retry of the failed poll are beyond it.
+        let outcome = executor.execute(&polling_post(2), None).await;
+        assert!(outcome.succeeded, "{outcome:?}");
+        assert_eq!(outcome.response.unwrap().head.status, 200);
+        let polls: Vec<bool> = outcome.attempts.iter().map(|a| a.poll).collect();
+        assert_eq!(polls, [false, true, true, true, true]);
+        let numbers: Vec<u32> = outcome.attempts.iter().map(|a| a.number).collect();
+        assert_eq!(numbers, [1, 2, 3, 4, 5], "polls are numbered on");
+        assert_eq!(outcome.attempts[0].backoff, Some(Duration::from_secs(5)), "Retry-After wins");
+        assert_eq!(outcome.attempts[1].backoff, Some(Duration::from_secs(2)), "else the interval");
+        let seen = executor.attempts.1.lock().unwrap().clone();
+        assert_eq!(seen[1].0 - seen[0].0, Duration::from_secs(5));
+        assert_eq!(seen[2].0 - seen[1].0, Duration::from_secs(2));
+        assert_eq!(seen[0].3, http::Method::POST);
+        for (_, poll, url, method) in &seen[1..] {
+            assert!(*poll);
+            assert_eq!((url.as_str(), method), ("http://h.test/jobs/7", &http::Method::GET));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_attempt_reports_its_poll_due_for_the_durable_runner() {
+        let executor = executor(&[Scripted::Accepted(Some(3))]);
+        let outcome = executor.execute(&polling_post(3).one_attempt(Duration::from_secs(30)), None).await;
+        let due = outcome.poll_due.expect("the poll is the runner's next step");
+        assert_eq!(due.location.as_str(), "http://h.test/jobs/7");
+        assert_eq!(due.retry_after, Some(Duration::from_secs(3)));
+        assert_eq!(outcome.attempts.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -521,6 +521,18 @@ struct ExecArgs {
     /// A JSON value for `{{vars.NAME}}` (a number, object, ...), "NAME=JSON"; repeatable.
     #[arg(long = "var-json", value_name = "NAME=JSON")]
     vars_json: Vec<String>,
+    /// On 202 Accepted with a Location, poll it (GET) until it answers something else
+    /// (async_poll.enabled).
+    #[arg(long)]
+    async_poll: bool,
+    /// Wait between polls when the 202 has no Retry-After (async_poll.interval; default 1s, at
+    /// least 100ms): seconds (`2.5`) or with a unit (`500ms`, `2m`).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    poll_interval: Option<Duration>,
+    /// How long to keep polling from the first 202 (async_poll.max_wait; default the total
+    /// timeout): seconds or with a unit.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    poll_max_wait: Option<Duration>,
     /// TOML config file; its egress, secrets and client settings apply.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -822,6 +834,11 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
         success_condition: args.success_condition.unwrap_or_default(),
         retry_condition: args.retry_condition.unwrap_or_default(),
         vars,
+        async_poll: callout::action::poll::AsyncPollInput {
+            enabled: args.async_poll,
+            interval: args.poll_interval,
+            max_wait: args.poll_max_wait,
+        },
         ..ActionInput::default()
     })
 }

@@ -21,6 +21,7 @@
 // --reply-body auto|all|raw|none, --extract NAME=JSONPATH (repeatable), --success-condition CEL,
 // --retry-condition CEL, --var NAME=VALUE (a string, repeatable), --var-json NAME=JSON (a typed
 // value, repeatable).
+// --retry-condition CEL, --async-poll (on 202 + Location, poll it until done), --poll-interval SECONDS.
 //
 // Exit status, the same as `callout exec` and the Python client (README: "Exit status"):
 // 0 proceed (the action succeeded, or failed under --on-failure continue), 1 stop (it failed),
@@ -223,7 +224,7 @@ function parseArgs(argv) {
     '--body-file': 'bodyFile', '--success-codes': 'successCodes', '--on-failure': 'onFailure',
     '--max-attempts': 'maxAttempts', '--attempt-timeout': 'attemptTimeout', '--action-id': 'actionId',
     '--reply-body': 'replyBody', '--success-condition': 'successCondition',
-    '--retry-condition': 'retryCondition',
+    '--retry-condition': 'retryCondition', '--poll-interval': 'pollInterval',
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -233,6 +234,7 @@ function parseArgs(argv) {
     else if (arg === '--extract') opts.extract.push(next());
     else if (arg === '--var') opts.vars.push(next());
     else if (arg === '--var-json') opts.varsJson.push(next());
+    else if (arg === '--async-poll') opts.asyncPoll = true;
     else if (valued[arg]) opts[valued[arg]] = next();
     else if (arg === '-h' || arg === '--help') usage();
     else if (arg.startsWith('-') && arg.length > 1) usage(`unknown option ${arg}`);
@@ -297,6 +299,13 @@ function buildRequest(opts) {
       usage(`--var-json ${v.slice(0, i)}: not JSON: ${e.message}`);
     }
     req.vars[v.slice(0, i)] = jsToValue(value);
+  }
+  if (opts.asyncPoll) {
+    req.asyncPoll = { enabled: true };
+    if (opts.pollInterval) {
+      const millis = Math.round(Number(opts.pollInterval) * 1000);
+      req.asyncPoll.interval = { seconds: String(Math.floor(millis / 1000)), nanos: (millis % 1000) * 1e6 };
+    }
   }
   return req;
 }

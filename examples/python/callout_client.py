@@ -167,6 +167,10 @@ def build_request(pb, args):
             json_format.Parse(value, req.vars[name])
         except json_format.ParseError as e:
             raise SystemExit(f"--var-json {name}: not JSON: {e}")
+    if args.async_poll:
+        req.async_poll.enabled = True
+        if args.poll_interval:
+            req.async_poll.interval.FromMilliseconds(int(args.poll_interval * 1000))
     return req
 
 
@@ -436,6 +440,8 @@ def action_arguments(p):
     p.add_argument("--retry-condition", default="", help='CEL; true retries, e.g. body.state != "done"')
     p.add_argument("--var", action="append", default=[], help="NAME=VALUE, a string for {{vars.NAME}}; repeatable")
     p.add_argument("--var-json", action="append", default=[], help="NAME=JSON, a typed value for {{vars.NAME}}; repeatable")
+    p.add_argument("--async-poll", action="store_true", help="on 202 + Location, poll it until done")
+    p.add_argument("--poll-interval", type=float, default=0, help="seconds between polls (default 1)")
 
 
 def main(argv=None):

@@ -4,7 +4,9 @@ pub mod auth;
 pub mod condition;
 mod excerpt;
 pub mod extract;
+mod follow_up;
 mod outcome;
+pub mod poll;
 mod retry;
 pub mod secret_ref;
 mod status;
@@ -19,8 +21,9 @@ pub use auth::{
     Signing, SigningInput,
 };
 pub use excerpt::excerpt;
+pub use follow_up::{resolve_location, LocationError};
 pub use outcome::{
-    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
+    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, PollDue, ResponseData, ResponseHead,
 };
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
@@ -81,6 +84,8 @@ pub struct ActionInput {
     pub retry_condition: String,
     /// Values for `{{vars.NAME}}` placeholders.
     pub vars: Vec<(String, serde_json::Value)>,
+    /// Following a 202's Location until the job is done.
+    pub async_poll: poll::AsyncPollInput,
 }
 
 impl ActionInput {
@@ -223,6 +228,13 @@ pub struct HttpAction {
     auth: Auth,
     /// Request signing, recomputed on every attempt (`signing()`).
     signing: Signing,
+    /// `async_poll`, when enabled.
+    async_poll: Option<poll::AsyncPoll>,
+    /// Whether the executor polls a 202's Location itself (false: it reports the poll due, for
+    /// the durable runner to store and run as an attempt of its own).
+    polls_inline: bool,
+    /// The poll of a 202's Location (`poll_of`), not the action's own request.
+    is_poll: bool,
 }
 
 /// What validation needs from the server: its secrets, the header names it keeps out of logs,
@@ -296,6 +308,7 @@ impl std::fmt::Debug for HttpAction {
             .field("reply_body", &self.reply_body)
             .field("success_condition", &self.success_condition)
             .field("retry_condition", &self.retry_condition)
+            .field("async_poll", &self.async_poll)
             .finish_non_exhaustive()
     }
 }
@@ -388,6 +401,16 @@ impl HttpAction {
         self.retry_condition.as_ref()
     }
 
+    /// `async_poll`, when enabled.
+    pub fn async_poll(&self) -> Option<&poll::AsyncPoll> {
+        self.async_poll.as_ref()
+    }
+
+    /// Whether the executor polls a 202's Location itself (else it reports the poll due).
+    pub fn polls_inline(&self) -> bool {
+        self.polls_inline
+    }
+
     /// Whether an attempt's body must be read whole and looked into (conditions, extract).
     pub fn evaluates_body(&self) -> bool {
         !self.extract.is_empty() || self.success_condition.is_some() || self.retry_condition.is_some()
@@ -423,6 +446,8 @@ impl HttpAction {
         let mut one = self.clone();
         one.retry.max_attempts = 1;
         one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        // A poll due is the runner's next step, stored, not a wait in this process.
+        one.polls_inline = false;
         one
     }
 

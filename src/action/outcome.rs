@@ -131,6 +131,8 @@ pub struct AttemptRecord {
     pub remote_addr: Option<SocketAddr>,
     /// The wait before the next attempt; `None` on the last one.
     pub backoff: Option<Duration>,
+    /// A poll of a 202's Location (`async_poll`), not the action's own request.
+    pub poll: bool,
 }
 
 impl AttemptRecord {
@@ -143,6 +145,7 @@ impl AttemptRecord {
             timing: AttemptTiming::default(),
             remote_addr: None,
             backoff: None,
+            poll: false,
         }
     }
 }
@@ -165,4 +168,16 @@ pub struct Outcome {
     pub extracted: Vec<(String, serde_json::Value)>,
     /// The last attempt ended with its retry_condition true (a durable runner retries it).
     pub condition_retry: bool,
+    /// The last attempt answered 202 with a Location to poll, and the action does not poll
+    /// inline (`HttpAction::one_attempt`): the durable runner stores the poll as its next step.
+    pub poll_due: Option<PollDue>,
+}
+
+/// A 202's Location, due to be polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollDue {
+    /// Resolved against the URL that answered the 202.
+    pub location: url::Url,
+    /// The 202's Retry-After, if any.
+    pub retry_after: Option<Duration>,
 }

@@ -123,6 +123,7 @@ pub(super) fn validate(
         bad.push("max_response_bytes", "is too large");
     }
     let tenant = tenant(&input.tenant, &mut bad);
+    let async_poll = super::poll::validate(&input.async_poll, timeouts.total, &mut bad);
 
     // Credentials in the URL become Basic authorization, as curl and browsers do, and leave the
     // URL so it can be logged.
@@ -167,6 +168,9 @@ pub(super) fn validate(
             retry_condition,
             auth,
             signing,
+            async_poll,
+            polls_inline: true,
+            is_poll: false,
         }),
         _ => Err(bad),
     }

@@ -102,6 +102,11 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         success_condition: req.success_condition,
         retry_condition: req.retry_condition,
         vars: req.vars.into_iter().map(|(name, value)| (name, plain_json(value))).collect(),
+        async_poll: req.async_poll.map_or_else(Default::default, |p| crate::action::poll::AsyncPollInput {
+            enabled: p.enabled,
+            interval: duration("async_poll.interval", p.interval, bad),
+            max_wait: duration("async_poll.max_wait", p.max_wait, bad),
+        }),
     }
 }
 
@@ -239,6 +244,7 @@ fn attempt(a: &AttemptRecord) -> pb::Attempt {
         timing: Some(attempt_timing(&a.timing)),
         remote_address: a.remote_addr.map(|r| r.to_string()).unwrap_or_default(),
         backoff: a.backoff.map(proto_duration),
+        poll: a.poll,
     }
 }
 
@@ -395,6 +401,7 @@ mod tests {
             reply_body: mode,
             extracted: vec![("id".into(), serde_json::json!(7))],
             condition_retry: false,
+            poll_due: None,
         }
     }
 

@@ -254,9 +254,9 @@ impl Observer for EventSink {
         true
     }
 
-    async fn attempt_started(&mut self, attempt: u32) -> Result<(), Gone> {
+    async fn attempt_started(&mut self, attempt: u32, poll: bool) -> Result<(), Gone> {
         let started_at = Some(convert::timestamp(std::time::SystemTime::now()));
-        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at })).await
+        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at, poll })).await
     }
 
     async fn response_head(
@@ -291,6 +291,7 @@ impl Observer for EventSink {
             status: record.status.map(u32::from).unwrap_or_default(),
             will_retry,
             backoff: record.backoff.map(convert::proto_duration),
+            poll: record.poll,
         }))
         .await
     }

@@ -142,6 +142,11 @@ impl Hop {
     }
 }
 
+/// The URL that answered an attempt whose redirects were followed (in the final response's
+/// extensions): a relative Location in that response resolves against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnsweredBy(pub Url);
+
 /// Follows redirects by the attempt's policy: each hop is sent through the rest of the stack,
 /// and the final response (not a redirect, or redirects not followed) is returned.
 #[derive(Debug, Clone, Copy, Default)]
@@ -231,7 +236,12 @@ where
             };
             match follow.next(&response) {
                 Ok(Some(request)) => follow.pending = Some(request),
-                Ok(None) => return Poll::Ready(Ok(response)),
+                Ok(None) if follow.visited.is_empty() => return Poll::Ready(Ok(response)),
+                Ok(None) => {
+                    let mut response = response;
+                    response.extensions_mut().insert(AnsweredBy(follow.hop.url.clone()));
+                    return Poll::Ready(Ok(response));
+                }
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
         }

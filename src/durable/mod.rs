@@ -11,12 +11,12 @@ pub mod policy;
 pub mod service;
 
 use crate::{
-    action::{ActionError, AttemptEnd, ErrorKind, Outcome, RetryDecision},
+    action::{poll::PollWait, ActionError, AttemptEnd, ErrorKind, Outcome, PollDue, RetryDecision},
     api::convert,
     client::concurrency::Admission,
     exec::{Buffered, Executor},
     pb,
-    store::{ActionStore, ClaimRequest, Claimed, Finish, Next, State, StoreError},
+    store::{from_millis, to_millis, ActionStore, ClaimRequest, Claimed, Finish, Next, State, StoreError},
 };
 use bytes::Bytes;
 use http::HeaderName;
@@ -343,8 +343,14 @@ impl Durable {
             next,
             now: SystemTime::now(),
         };
-        let plan = match self.plan(&stored.request) {
-            Ok(plan) => plan,
+        let step = PollStep::of(claim);
+        let planned = self.plan(&stored.request).and_then(|plan| Ok((plan, step?)));
+        let (plan, step) = match planned {
+            // A 202's Location is due: this attempt polls it, not the submitted request again.
+            Ok((plan, Some(step))) => {
+                (Plan { action: plan.action.poll_of(step.location.clone()), ..plan }, Some(step))
+            }
+            Ok((plan, None)) => (plan, None),
             Err(error) => {
                 let result = self.result(claim, None, Some(&error), None);
                 return finish(None, final_failed(&error, result));
@@ -367,25 +373,31 @@ impl Durable {
                 let record = pb::Attempt {
                     number: claim.attempt,
                     error: Some(convert::action_error(&error)),
+                    poll: step.is_some(),
                     ..Default::default()
                 };
                 // The action is already CANCELLED: only the attempt is recorded.
-                return finish(Some(record), Next::Retry { at: SystemTime::now(), last_error: None });
+                let next = Next::Retry { at: SystemTime::now(), last_error: None, next_step: None };
+                return finish(Some(record), next);
             }
         };
-        self.after_attempt(claim, &plan, outcome, finish)
+        self.after_attempt(claim, &plan, step.as_ref(), outcome, finish)
     }
 
-    /// The retry decision after an attempt's outcome.
+    /// The retry decision after an attempt's outcome. `step`: the attempt polled a 202's
+    /// Location (`plan` is then that poll's).
     fn after_attempt(
         &self,
         claim: &Claimed,
         plan: &Plan,
+        step: Option<&PollStep>,
         outcome: Outcome,
         finish: impl Fn(Option<pb::Attempt>, Next) -> Finish,
     ) -> Finish {
         let stored = &claim.stored;
-        let number_in_run = claim.attempt.saturating_sub(stored.run_base).max(1);
+        let number_in_run = claim.attempt.saturating_sub(tries_base(claim, step)).max(1);
+        // A retry tries the same request again: the poll of the same Location, if it was one.
+        let same_step = stored.record.next_step.clone();
         let remaining = stored.deadline_at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
         let error = outcome.error.clone();
         // The last attempt: one, or two when a rejected OAuth2 token was replaced and the
@@ -403,7 +415,8 @@ impl Durable {
                 return finish(None, final_failed(&error, result));
             }
             let last_error = Some(encode(&convert::action_error(&error)));
-            return finish(None, Next::Retry { at: SystemTime::now() + backoff, last_error });
+            let next = Next::Retry { at: SystemTime::now() + backoff, last_error, next_step: same_step };
+            return finish(None, next);
         };
         // The attempt in the contract's form (no body views are copied for it).
         let only_attempts = Outcome {
@@ -418,9 +431,14 @@ impl Durable {
             reply_body: outcome.reply_body,
             extracted: Vec::new(),
             condition_retry: false,
+            poll_due: None,
         };
         let mut record = convert::outcome(only_attempts).attempts.into_iter().last().unwrap_or_default();
         record.number = claim.attempt;
+        record.poll = step.is_some();
+        if let Some(due) = outcome.poll_due.clone() {
+            return self.after_accepted(claim, plan, step, &due, record, outcome, finish);
+        }
         if outcome.succeeded {
             let result = self.result(claim, Some(&record), None, Some(outcome));
             return finish(Some(record), Next::Final { state: State::Succeeded, last_error: None, result });
@@ -444,12 +462,62 @@ impl Durable {
                 tracing::debug!(action_id = %stored.record.action_id, attempt = claim.attempt, %reason, ?backoff, "durable retry");
                 record.backoff = Some(convert::proto_duration(backoff));
                 let last_error = Some(encode(&convert::action_error(&error)));
-                finish(Some(record), Next::Retry { at: SystemTime::now() + backoff, last_error })
+                let next = Next::Retry { at: SystemTime::now() + backoff, last_error, next_step: same_step };
+                finish(Some(record), next)
             }
             RetryDecision::Stop { reason } => {
                 tracing::debug!(action_id = %stored.record.action_id, attempt = claim.attempt, %reason, "durable action failed");
                 let result = self.result(claim, Some(&record), Some(&error), Some(outcome));
                 finish(Some(record), final_failed(&error, result))
+            }
+        }
+    }
+
+    /// After a 202 with a Location: the poll stored as the next step, due after the Retry-After
+    /// or the interval; or, when it would start past max_wait, the action failed as TIMEOUT.
+    #[allow(clippy::too_many_arguments)]
+    fn after_accepted(
+        &self,
+        claim: &Claimed,
+        plan: &Plan,
+        step: Option<&PollStep>,
+        due: &PollDue,
+        mut record: pb::Attempt,
+        outcome: Outcome,
+        finish: impl Fn(Option<pb::Attempt>, Next) -> Finish,
+    ) -> Finish {
+        let now = SystemTime::now();
+        let deadline = claim.stored.deadline_at;
+        let wait = plan.action.async_poll().map(|settings| {
+            // max_wait runs from the first 202, and is kept with the step.
+            let until = step.map_or_else(
+                || settings.max_wait.map_or(deadline, |w| (now + w).min(deadline)),
+                |s| from_millis(s.until_ms),
+            );
+            let left = until.duration_since(now).unwrap_or_default();
+            (settings.next(due.retry_after, left), until, settings.expired_message())
+        });
+        match wait {
+            Some((PollWait::After(wait), until, _)) => {
+                tracing::debug!(action_id = %claim.stored.record.action_id, attempt = claim.attempt, ?wait, "durable poll of a 202's Location stored");
+                record.backoff = Some(convert::proto_duration(wait));
+                let step = PollStep {
+                    location: due.location.clone(),
+                    until_ms: to_millis(until),
+                    base: claim.attempt,
+                };
+                let next = Next::Retry { at: now + wait, last_error: None, next_step: Some(step.encode()) };
+                finish(Some(record), next)
+            }
+            Some((PollWait::Expired, _, message)) => {
+                let error = ActionError::new(ErrorKind::Timeout, message);
+                let result = self.result(claim, Some(&record), Some(&error), Some(outcome));
+                finish(Some(record), final_failed(&error, result))
+            }
+            // Not an action that polls (the executor reports none then): its 202 is the result.
+            None => {
+                let result = self.result(claim, Some(&record), None, Some(outcome));
+                finish(Some(record), Next::Final { state: State::Succeeded, last_error: None, result })
             }
         }
     }
@@ -587,6 +655,7 @@ impl Durable {
             let record = pb::Attempt {
                 number: claim.attempt,
                 error: Some(convert::action_error(&interrupted)),
+                poll: claim.stored.record.next_step.is_some(),
                 ..Default::default()
             };
             let next = match self.plan(&claim.stored.request) {
@@ -614,9 +683,12 @@ impl Durable {
         let record = pb::Attempt {
             number: claim.attempt,
             error: Some(convert::action_error(interrupted)),
+            poll: claim.stored.record.next_step.is_some(),
             ..Default::default()
         };
-        if !plan.action.retry().may_repeat {
+        // A poll is a GET: it may always be sent again.
+        let polling = claim.stored.record.next_step.is_some();
+        if !polling && !plan.action.retry().may_repeat {
             let error = ActionError::new(
                 ErrorKind::Cancelled,
                 format!(
@@ -628,13 +700,66 @@ impl Durable {
             );
             return final_failed(&error, self.result(claim, Some(&record), Some(&error), None));
         }
-        let in_run = claim.attempt.saturating_sub(claim.stored.run_base);
+        let step = PollStep::of(claim).ok().flatten();
+        let in_run = claim.attempt.saturating_sub(tries_base(claim, step.as_ref()));
         let left = claim.stored.deadline_at.duration_since(SystemTime::now()).unwrap_or_default();
         if in_run >= plan.action.retry().max_attempts || left.is_zero() {
             return final_failed(interrupted, self.result(claim, Some(&record), Some(interrupted), None));
         }
-        Next::Retry { at: SystemTime::now(), last_error: Some(encode(&convert::action_error(interrupted))) }
+        Next::Retry {
+            at: SystemTime::now(),
+            last_error: Some(encode(&convert::action_error(interrupted))),
+            next_step: claim.stored.record.next_step.clone(),
+        }
     }
+}
+
+/// The next step of a durable action that polls: the 202's Location, due at `next_attempt_at`
+/// (stored as `Record::next_step`, JSON), so a restarted callout polls it rather than sending
+/// the submitted request again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PollStep {
+    /// Resolved against the URL that answered the 202.
+    location: url::Url,
+    /// No poll starts after this (ms since the Unix epoch): the first 202 plus max_wait.
+    until_ms: i64,
+    /// Attempts before this poll's first try: the retry policy counts the poll's tries from it.
+    base: u32,
+}
+
+/// `PollStep` as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredStep {
+    location: String,
+    /// No poll starts after this (ms since the Unix epoch): the first 202 plus max_wait.
+    until_ms: i64,
+    /// Attempts before this poll's first try: the retry policy counts the poll's tries from it.
+    base: u32,
+}
+
+impl PollStep {
+    /// The step stored with a claimed action, if any; a damaged one fails the action.
+    fn of(claim: &Claimed) -> Result<Option<Self>, ActionError> {
+        let Some(bytes) = &claim.stored.record.next_step else { return Ok(None) };
+        let damaged = |e: String| {
+            ActionError::new(ErrorKind::InvalidRequest, format!("the stored next step does not decode: {e}"))
+        };
+        let stored: StoredStep = serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
+        let location = url::Url::parse(&stored.location).map_err(|e| damaged(e.to_string()))?;
+        Ok(Some(Self { location, until_ms: stored.until_ms, base: stored.base }))
+    }
+
+    fn encode(&self) -> Bytes {
+        let stored =
+            StoredStep { location: self.location.to_string(), until_ms: self.until_ms, base: self.base };
+        // A string and two numbers: serializing cannot fail.
+        Bytes::from(serde_json::to_vec(&stored).unwrap_or_default())
+    }
+}
+
+/// Attempts of the run before the current request's first try (a poll's own, when polling).
+fn tries_base(claim: &Claimed, step: Option<&PollStep>) -> u32 {
+    step.map_or(claim.stored.run_base, |s| s.base.max(claim.stored.run_base))
 }
 
 fn final_failed(error: &ActionError, result: Bytes) -> Next {
@@ -662,4 +787,50 @@ fn describe_metrics() {
     }
     metrics::gauge!(GAUGE_OLDEST_DUE).set(0.0);
     metrics::counter!(SUBMITTED).absolute(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poll_step_reads_back_as_stored_and_a_damaged_one_is_an_error() {
+        let step = PollStep {
+            location: "http://h.test/jobs/7".parse().unwrap(),
+            until_ms: 1_700_000_000_000,
+            base: 3,
+        };
+        let stored = step.encode();
+        let decoded: StoredStep = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(decoded.location, "http://h.test/jobs/7");
+        let claim = |next_step: Option<Bytes>| Claimed {
+            stored: crate::store::Stored {
+                record: crate::store::Record {
+                    action_id: "a".into(),
+                    state: State::Running,
+                    sequence: 1,
+                    attempts: Vec::new(),
+                    next_attempt_at: None,
+                    last_error: None,
+                    result: None,
+                    next_step,
+                    created_at: SystemTime::UNIX_EPOCH,
+                    updated_at: SystemTime::UNIX_EPOCH,
+                },
+                request: Bytes::new(),
+                attempts_started: 4,
+                run_base: 1,
+                deadline_at: SystemTime::UNIX_EPOCH,
+            },
+            attempt: 4,
+            destination: "h.test:80".into(),
+        };
+        let read = PollStep::of(&claim(Some(stored))).unwrap().unwrap();
+        assert_eq!(read, step);
+        assert_eq!(tries_base(&claim(None), Some(&read)), 3, "a poll's tries count from its base");
+        assert_eq!(tries_base(&claim(None), None), 1, "else from the run's");
+        assert!(PollStep::of(&claim(None)).unwrap().is_none());
+        let damaged = PollStep::of(&claim(Some(Bytes::from_static(b"{")))).unwrap_err();
+        assert_eq!(damaged.kind, ErrorKind::InvalidRequest);
+    }
 }

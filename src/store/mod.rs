@@ -89,6 +89,9 @@ pub struct Record {
     pub last_error: Option<Bytes>,
     /// The final outcome, encoded by the durable layer.
     pub result: Option<Bytes>,
+    /// What the next attempt does when it is not the submitted request again (a 202's
+    /// Location to poll), encoded by the durable layer; cleared by a final state and a replay.
+    pub next_step: Option<Bytes>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
 }
@@ -170,8 +173,8 @@ pub struct Claims {
 /// What happens after an attempt.
 #[derive(Debug, Clone)]
 pub enum Next {
-    /// PENDING again, due at `at`.
-    Retry { at: SystemTime, last_error: Option<Bytes> },
+    /// PENDING again, due at `at`, its next attempt `next_step` (`None`: the submitted request).
+    Retry { at: SystemTime, last_error: Option<Bytes>, next_step: Option<Bytes> },
     /// SUCCEEDED or FAILED, with the outcome.
     Final { state: State, last_error: Option<Bytes>, result: Bytes },
 }

@@ -926,6 +926,7 @@ impl Inner {
             next_attempt_at: stored.record.next_attempt_at.map(to_millis),
             last_error: stored.record.last_error.clone(),
             result: stored.record.result.clone(),
+            next_step: stored.record.next_step.clone(),
             created_at: to_millis(stored.record.created_at),
             updated_at: to_millis(stored.record.updated_at),
         };
@@ -954,10 +955,11 @@ impl Inner {
         snapshot.updated_at = now;
         let attempts_delta: i32 = if finish.record.is_none() { 1 } else { 0 };
         let unfinished = match finish.next {
-            Next::Retry { at, last_error } => {
+            Next::Retry { at, last_error, next_step } => {
                 let at = to_millis(at);
                 snapshot.state = State::Pending as i32;
                 snapshot.next_attempt_at = Some(at);
+                snapshot.next_step = next_step;
                 if last_error.is_some() {
                     snapshot.last_error = last_error;
                 }
@@ -975,6 +977,7 @@ impl Inner {
                 snapshot.next_attempt_at = None;
                 snapshot.last_error = last_error;
                 snapshot.result = Some(result);
+                snapshot.next_step = None;
                 self.exec(
                     &tx,
                     "UPDATE callout_actions SET state = $2, next_attempt_at = NULL, lease_until = NULL,
@@ -1041,6 +1044,7 @@ impl Inner {
         snapshot.state = State::Pending as i32;
         snapshot.next_attempt_at = Some(now);
         snapshot.result = None;
+        snapshot.next_step = None;
         snapshot.updated_at = now;
         let sequence = self.reserve(&tx, 1, 1).await?;
         self.change(&tx, action_id, sequence, &snapshot).await?;
@@ -1136,6 +1140,7 @@ fn snapshot_of(record: &Record) -> Snapshot {
         next_attempt_at: record.next_attempt_at.map(to_millis),
         last_error: record.last_error.clone(),
         result: record.result.clone(),
+        next_step: record.next_step.clone(),
         created_at: to_millis(record.created_at),
         updated_at: to_millis(record.updated_at),
     }

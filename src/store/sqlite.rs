@@ -90,6 +90,9 @@ pub(super) struct Snapshot {
     pub(super) created_at: i64,
     #[prost(int64, tag = "7")]
     pub(super) updated_at: i64,
+    /// `Record::next_step`; absent in snapshots written before it existed.
+    #[prost(bytes = "bytes", optional, tag = "8")]
+    pub(super) next_step: Option<Bytes>,
 }
 
 impl Snapshot {
@@ -104,6 +107,7 @@ impl Snapshot {
             next_attempt_at: self.next_attempt_at.map(from_millis),
             last_error: self.last_error,
             result: self.result,
+            next_step: self.next_step,
             created_at: from_millis(self.created_at),
             updated_at: from_millis(self.updated_at),
         })
@@ -689,10 +693,11 @@ impl Db {
         snapshot.updated_at = now;
         let attempts_delta = if finish.record.is_none() { 1 } else { 0 };
         match finish.next {
-            Next::Retry { at, last_error } => {
+            Next::Retry { at, last_error, next_step } => {
                 let at = to_millis(at);
                 snapshot.state = State::Pending as i32;
                 snapshot.next_attempt_at = Some(at);
+                snapshot.next_step = next_step;
                 if last_error.is_some() {
                     snapshot.last_error = last_error;
                 }
@@ -709,6 +714,7 @@ impl Db {
                 snapshot.next_attempt_at = None;
                 snapshot.last_error = last_error;
                 snapshot.result = Some(result);
+                snapshot.next_step = None;
                 self.conn
                     .prepare_cached(
                         "UPDATE actions SET state = ?2, next_attempt_at = NULL, lease_until = NULL,
@@ -766,6 +772,7 @@ impl Db {
         snapshot.state = State::Pending as i32;
         snapshot.next_attempt_at = Some(now);
         snapshot.result = None;
+        snapshot.next_step = None;
         snapshot.updated_at = now;
         let sequence = self.change(action_id, &snapshot)?;
         self.unfinished += 1;
@@ -1130,7 +1137,7 @@ mod tests {
             action_id: "x".into(),
             attempt: 1,
             record: Some(Bytes::from_static(b"attempt 1")),
-            next: Next::Retry { at: now, last_error: None },
+            next: Next::Retry { at: now, last_error: None, next_step: None },
             now,
         };
         let record = store.finish_attempt(finish).await.unwrap().unwrap();
@@ -1156,7 +1163,7 @@ mod tests {
             action_id: "c".into(),
             attempt: 1,
             record: Some(Bytes::from_static(b"aborted")),
-            next: Next::Retry { at: now, last_error: None },
+            next: Next::Retry { at: now, last_error: None, next_step: None },
             now,
         };
         assert!(store.finish_attempt(finish).await.unwrap().is_none());

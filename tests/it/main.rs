@@ -21,6 +21,7 @@ mod limits;
 mod listener;
 mod operations;
 mod otlp;
+mod poll;
 mod properties;
 mod proto_compat;
 mod proxy;
