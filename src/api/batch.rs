@@ -10,6 +10,11 @@
 //! UNAVAILABLE: every action without a reply was not run. A message that does not decode ends
 //! the stream the same way, with INVALID_ARGUMENT. The caller going away cancels the running
 //! actions (their upstream requests are dropped).
+//!
+//! Memory: a reply's body keeps its share of the buffered-body budget while the reply waits in
+//! the channel; once tonic has encoded it the budget is free, and the encoded copy waits in the
+//! HTTP/2 send buffer, which hyper fills only as the caller's window opens (about one encode
+//! buffer, 32 KiB or one reply, past the window).
 use super::service::{
     action_of, grpc_deadline, log_overloaded, refused_draining, reply_of, trace_context, HttpActionService,
 };
