@@ -104,11 +104,11 @@ fn by_id(replies: Vec<pb::ExecuteHttpActionResponse>) -> HashMap<String, pb::Exe
     map
 }
 
-/// Answers with the request's path as its body, after `/slow` sleeps 300 ms.
+/// Answers with the request's path as its body, after `/slow` sleeps 500 ms.
 async fn paths_upstream() -> Upstream {
     Upstream::start(|seen| async move {
         if seen.target.starts_with("/slow") {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         Response::builder().status(200).body(body(seen.target.clone())).unwrap()
     })
