@@ -67,7 +67,7 @@ struct Batch {
     service: HttpActionService,
     deadline: Option<Instant>,
     trace: Option<TraceContext>,
-    /// The caller's action_ids of the actions running now (at most batch_max_in_flight).
+    /// The caller's (valid) action_ids of the actions running now: at most batch_max_in_flight.
     running: Mutex<HashSet<String>>,
 }
 
@@ -133,7 +133,9 @@ impl Batch {
         tx: &mpsc::Sender<Reply>,
     ) {
         crate::metrics::batch_action();
-        let id = (!request.action_id.is_empty()).then(|| request.action_id.clone());
+        // Only an id validation keeps is tracked (at most 128 bytes): any other is refused by
+        // validation and answered under a generated id.
+        let id = is_valid_action_id(&request.action_id).then(|| request.action_id.clone());
         if let Some(id) = &id {
             if !self.lock_running().insert(id.clone()) {
                 let mut bad = InvalidAction::default();
