@@ -10,6 +10,11 @@
 //! UNAVAILABLE: every action without a reply was not run. A message that does not decode ends
 //! the stream the same way, with INVALID_ARGUMENT. The caller going away cancels the running
 //! actions (their upstream requests are dropped).
+//!
+//! Memory: a reply's body keeps its share of the buffered-body budget while the reply waits in
+//! the channel; once tonic has encoded it the budget is free, and the encoded copy waits in the
+//! HTTP/2 send buffer, which hyper fills only as the caller's window opens (about one encode
+//! buffer, 32 KiB or one reply, past the window).
 use super::service::{
     action_of, grpc_deadline, log_overloaded, refused_draining, reply_of, trace_context, HttpActionService,
 };
@@ -62,7 +67,7 @@ struct Batch {
     service: HttpActionService,
     deadline: Option<Instant>,
     trace: Option<TraceContext>,
-    /// The caller's action_ids of the actions running now (at most batch_max_in_flight).
+    /// The caller's (valid) action_ids of the actions running now: at most batch_max_in_flight.
     running: Mutex<HashSet<String>>,
 }
 
@@ -128,7 +133,9 @@ impl Batch {
         tx: &mpsc::Sender<Reply>,
     ) {
         crate::metrics::batch_action();
-        let id = (!request.action_id.is_empty()).then(|| request.action_id.clone());
+        // Only an id validation keeps is tracked (at most 128 bytes): any other is refused by
+        // validation and answered under a generated id.
+        let id = is_valid_action_id(&request.action_id).then(|| request.action_id.clone());
         if let Some(id) = &id {
             if !self.lock_running().insert(id.clone()) {
                 let mut bad = InvalidAction::default();

@@ -1,7 +1,7 @@
 //! ExecuteBatch: many actions on one stream against loopback upstreams. Replies matched by
 //! action_id as they finish, a malformed or duplicate action answered on its own (nothing sent),
 //! a full queue answered RATE_LIMITED, the per-stream bound, flow control against a caller that
-//! stops reading, cancellation, the drain, and the stream's deadline.
+//! stops reading, cancellation, the drain, the stream's deadline, and an oversized message.
 use crate::support::*;
 use bytes::Bytes;
 use callout::{
@@ -45,10 +45,14 @@ impl Server {
     }
 
     async fn start_with(bound: usize, settings: ExecSettings) -> Self {
+        let options = ServerOptions { batch_max_in_flight: bound, ..ServerOptions::default() };
+        Self::start_with_options(options, settings).await
+    }
+
+    async fn start_with_options(options: ServerOptions, settings: ExecSettings) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let executor = Executor::new(settings).unwrap();
-        let options = ServerOptions { batch_max_in_flight: bound, ..ServerOptions::default() };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async move {
@@ -104,11 +108,11 @@ fn by_id(replies: Vec<pb::ExecuteHttpActionResponse>) -> HashMap<String, pb::Exe
     map
 }
 
-/// Answers with the request's path as its body, after `/slow` sleeps 300 ms.
+/// Answers with the request's path as its body, after `/slow` sleeps 500 ms.
 async fn paths_upstream() -> Upstream {
     Upstream::start(|seen| async move {
         if seen.target.starts_with("/slow") {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         Response::builder().status(200).body(body(seen.target.clone())).unwrap()
     })
@@ -130,7 +134,7 @@ async fn replies_come_as_actions_finish_matched_by_action_id() {
     let mut actions: Vec<_> = (0..20)
         .map(|i| {
             let path = if i % 2 == 0 { format!("/slow/{i}") } else { format!("/fast/{i}") };
-            action(&format!("a{i}"), &upstream.url(&path))
+            action(&format!("id-{i}"), &upstream.url(&path))
         })
         .collect();
     // No action_id: one is generated, as Execute does.
@@ -143,11 +147,11 @@ async fn replies_come_as_actions_finish_matched_by_action_id() {
     assert!(last_fast < first_slow, "replies go out as actions finish, not in request order");
     let replies = by_id(replies);
     for i in 0..20 {
-        let reply = &replies[&format!("a{i}")];
+        let reply = &replies[&format!("id-{i}")];
         assert_eq!(reply.outcome(), pb::Outcome::Succeeded, "{reply:?}");
         assert!(body_text(reply).ends_with(&format!("/{i}")), "{reply:?}");
     }
-    let anonymous: Vec<_> = replies.keys().filter(|id| !id.starts_with('a')).collect();
+    let anonymous: Vec<_> = replies.keys().filter(|id| !id.starts_with("id-")).collect();
     assert_eq!(anonymous.len(), 1, "{anonymous:?}");
     assert_eq!(anonymous[0].len(), 36, "a generated UUID: {anonymous:?}");
     assert_eq!(upstream.hits(), 21);
@@ -440,4 +444,28 @@ async fn the_streams_deadline_bounds_every_action() {
     assert_eq!(reply.action_id, "slow");
     assert_eq!(error_kind(&reply), pb::ErrorKind::Timeout, "{reply:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_oversized_message_ends_the_stream_invalid_argument_after_the_replies() {
+    let upstream = paths_upstream().await;
+    let options = ServerOptions { max_request_bytes: 64 * 1024, ..ServerOptions::default() };
+    let server = Server::start_with_options(options, test_settings()).await;
+    let (tx, mut replies) = server.open().await;
+    tx.send(action("small", &upstream.url("/slow/small"))).await.unwrap();
+    while upstream.hits() < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let big = pb::ExecuteHttpActionRequest {
+        body: Some(pb::execute_http_action_request::Body::Text("a".repeat(100 * 1024))),
+        ..action("big", &upstream.url("/fast/big"))
+    };
+    tx.send(big).await.unwrap();
+    // The running action still answers; then the stream ends naming the setting.
+    let small = replies.message().await.unwrap().expect("the running action's reply");
+    assert_eq!((small.action_id.as_str(), small.outcome()), ("small", pb::Outcome::Succeeded));
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("server.max_request_bytes"), "{status:?}");
+    assert_eq!(upstream.hits(), 1, "nothing sent for the oversized action");
 }
