@@ -4,7 +4,8 @@
 use crate::{
     action::{
         parse_retry_after, ActionError, AttemptEnd, AttemptRecord, AttemptTiming, ErrorKind, HttpAction,
-        ReplyBody, ResponseData, ResponseHead, RetryDecision, TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
+        PageRecord, ReplyBody, ResponseData, ResponseHead, RetryDecision, TraceContext,
+        DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         admission::Limits,
@@ -57,6 +58,18 @@ pub trait Observer: Send {
         record: &AttemptRecord,
         will_retry: bool,
     ) -> impl Future<Output = Result<(), Gone>> + Send;
+    /// A paginated action's next page is about to be requested (page 1 is not announced):
+    /// the attempts and events that follow belong to it.
+    fn page_started(&mut self, _page: u32) {}
+    /// A paginated action's page succeeded with these items (kept by the executor only when
+    /// the body is not streamed).
+    fn page_completed(
+        &mut self,
+        _page: &PageRecord,
+        _items: &[serde_json::Value],
+    ) -> impl Future<Output = Result<(), Gone>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Observes nothing and buffers the body: the unary `Execute` and `callout exec`.

@@ -4,8 +4,9 @@
 //! executor.
 use crate::{
     action::{
-        ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles, ErrorKind, HttpAction,
-        InvalidAction, OnFailure, Outcome, ResponseData, RetryDecision, ValidationContext,
+        paginate, ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles, ErrorKind, HttpAction,
+        InvalidAction, NextPage, OnFailure, Outcome, PageRecord, Paginate, PaginationEnd, ResponseData,
+        RetryDecision, ValidationContext, DEFAULT_MAX_RESPONSE_BYTES,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -230,25 +231,8 @@ impl<A: RunAttempt> Executor<A> {
         let total = self.total_budget(action, budget);
         let deadline = t0 + total;
         let mut attempts: Vec<AttemptRecord> = Vec::new();
-        let mut last_response: Option<ResponseData> = None;
-        let mut error: Option<ActionError> = None;
-        let mut last_end = None;
-        // One allocation for the action: every attempt and hop shares it.
-        let context = Arc::new(AttemptContext {
-            destination: Destination::of(action.url()),
-            deadline,
-            total,
-            attempt_timeout: action.timeouts().attempt,
-            connect_timeout: action.timeouts().connect,
-            redirects: action.redirects(),
-            url: action.url().clone(),
-            cool_down_on_429: !action.success().contains(429),
-            start: StartSignal::default(),
-            tenant: action.tenant().map(Arc::from),
-            // No auth, no signing: nothing allocated for them.
-            auth: action.auth().clone(),
-            signing: SignRequest::of(action.signing(), action.id()),
-        });
+        // One allocation per request: every attempt and hop shares it.
+        let context = attempt_context(action, deadline, total);
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
@@ -256,21 +240,62 @@ impl<A: RunAttempt> Executor<A> {
 
         let tenant = metrics::tenant(action.tenant());
         let queued = (metrics::Raised::queued(), tenant.queued());
+        let mut run = RequestRun::default();
         let running =
             match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
                 Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
                 Some(Err(refused)) => {
-                    error = Some(refused);
+                    run.error = Some(refused);
                     None
                 }
                 None => {
-                    error = Some(shut_down(ShutDownAt::Before(1)));
+                    run.error = Some(shut_down(ShutDownAt::Before(1)));
                     None
                 }
             };
         drop(queued);
-        let mut attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
-        // Whether an attempt was already retried with a new OAuth2 token (once per action).
+        let mut pages = Pages::default();
+        if running.is_some() {
+            let page = u32::from(action.paginate().is_some());
+            let page_started = Instant::now();
+            run = self.run_request(action, &context, &mut cut_off, observer, &mut attempts, page).await;
+            if let Some(paginate) = action.paginate() {
+                let walk = Walk { first: action, paginate, deadline, total };
+                run = self
+                    .walk_pages(walk, run, page_started, &mut cut_off, observer, &mut attempts, &mut pages)
+                    .await;
+            }
+        }
+        let RequestRun { response, error, last_end } = run;
+
+        let mut outcome = self.finish(action, started_at, t0, attempts, response, error);
+        outcome.condition_retry =
+            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
+        outcome.items = pages.items;
+        outcome.pages = pages.records;
+        self.log_outcome(action, &outcome);
+        metrics::action_finished(&outcome, &context.destination.key);
+        tenant.finished(outcome.succeeded);
+        outcome
+    }
+
+    /// One request's attempts under the action's retry policy (`page`: its page with
+    /// pagination, else 0), each recorded in `attempts`.
+    async fn run_request<O: Observer>(
+        &self,
+        action: &HttpAction,
+        context: &Arc<AttemptContext>,
+        cut_off: &mut watch::Receiver<bool>,
+        observer: &mut O,
+        attempts: &mut Vec<AttemptRecord>,
+        page: u32,
+    ) -> RequestRun {
+        let deadline = context.deadline;
+        let mut last_response: Option<ResponseData> = None;
+        let mut error: Option<ActionError> = None;
+        let mut last_end = None;
+        let mut attempts_allowed = action.retry().max_attempts;
+        // Whether an attempt was already retried with a new OAuth2 token (once per request).
         let mut refreshed = false;
         let mut number = 0;
         while number < attempts_allowed {
@@ -284,12 +309,12 @@ impl<A: RunAttempt> Executor<A> {
             };
             let mut started = None;
             let attempt = Box::pin(self.attempts.run(
-                AttemptOf { action, number, context: &context, refreshed },
+                AttemptOf { action, number, context, refreshed },
                 &mut started,
                 observer,
             ))
             .instrument(span);
-            let attempted = unless_cut_off(&mut cut_off, attempt).await;
+            let attempted = unless_cut_off(cut_off, attempt).await;
             let mut result = match attempted {
                 // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
                 // end the action: no attempt is recorded for them.
@@ -312,7 +337,7 @@ impl<A: RunAttempt> Executor<A> {
                         // The request may be on the wire or answered: the caller must know.
                         let why = shut_down(ShutDownAt::During(number));
                         let mut record =
-                            AttemptRecord { error: Some(why.clone()), ..AttemptRecord::new(number) };
+                            AttemptRecord { error: Some(why.clone()), page, ..AttemptRecord::new(number) };
                         record.timing.total = started.elapsed();
                         // The stream still hears why its attempt ended (unless its reader is gone).
                         let _ = observer.attempt_failed(&record, false).await;
@@ -322,6 +347,7 @@ impl<A: RunAttempt> Executor<A> {
                     }
                 },
             };
+            result.record.page = page;
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
@@ -363,7 +389,7 @@ impl<A: RunAttempt> Executor<A> {
             }
             match backoff {
                 Some(wait) => {
-                    if unless_cut_off(&mut cut_off, tokio::time::sleep(wait)).await.is_none() {
+                    if unless_cut_off(cut_off, tokio::time::sleep(wait)).await.is_none() {
                         error = Some(shut_down(ShutDownAt::Before(number + 1)));
                         break;
                     }
@@ -371,16 +397,102 @@ impl<A: RunAttempt> Executor<A> {
                 None => break,
             }
         }
-
-        let mut outcome = self.finish(action, started_at, t0, attempts, last_response, error);
-        outcome.condition_retry =
-            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
-        self.log_outcome(action, &outcome);
-        metrics::action_finished(&outcome, &context.destination.key);
-        tenant.finished(outcome.succeeded);
-        outcome
+        RequestRun { response: last_response, error, last_end }
     }
 
+    /// Pagination: after page 1 (`run`, begun at `page_started`), each next page the last one
+    /// names, as a request of its own, until a page names none, `max_pages`, a loop, the items'
+    /// cap or a failure. Returns the last page's run.
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_pages<O: Observer>(
+        &self,
+        walk: Walk<'_>,
+        mut run: RequestRun,
+        mut page_started: Instant,
+        cut_off: &mut watch::Receiver<bool>,
+        observer: &mut O,
+        attempts: &mut Vec<AttemptRecord>,
+        pages: &mut Pages,
+    ) -> RequestRun {
+        let Walk { first, paginate, deadline, total } = walk;
+        let mut visited = paginate.visited(first);
+        // A stream sends each page's items as it comes; a buffered reply keeps them, capped.
+        let streams = observer.streams_body();
+        let cap = first.max_response_bytes().unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+        let mut current = first.clone();
+        let mut number = 1;
+        loop {
+            let mut record = PageRecord {
+                number,
+                status: run.response.as_ref().map(|r| r.head.status),
+                url: paginate::shown_url(current.url()),
+                total: page_started.elapsed(),
+                items: 0,
+                attempts: attempts.iter().filter(|a| a.page == number).count() as u32,
+                end: None,
+            };
+            let response = match (&run.error, &run.response) {
+                (None, Some(response)) => response,
+                _ => {
+                    pages.records.push(record);
+                    return run;
+                }
+            };
+            let json = page_json(response).await;
+            let next = paginate.next_page(current.url(), &response.head.headers, json.as_ref());
+            let mut items = paginate.items(json.as_ref());
+            drop(json);
+            let mut capped = false;
+            if !streams {
+                let kept = pages.fit(&mut items, cap);
+                capped = kept < items.len();
+                items.truncate(kept);
+            }
+            record.items = items.len() as u32;
+            let end = if capped {
+                Some(PaginationEnd::ItemsCapped)
+            } else {
+                match &next {
+                    NextPage::None => Some(PaginationEnd::LastPage),
+                    NextPage::Invalid(why) => {
+                        run.error = Some(ActionError::new(
+                            ErrorKind::Protocol,
+                            format!(
+                                "paginate: page {number} named a next page that cannot be requested: {why}"
+                            ),
+                        ));
+                        pages.records.push(record);
+                        return run;
+                    }
+                    _ if number >= paginate.max_pages() => Some(PaginationEnd::MaxPages),
+                    next if !visited.first_time(next) => Some(PaginationEnd::Loop),
+                    _ => None,
+                }
+            };
+            record.end = end;
+            if observer.page_completed(&record, &items).await.is_err() {
+                run.error = Some(cancelled());
+            }
+            pages.records.push(record);
+            if !streams {
+                pages.items.append(&mut items);
+            }
+            if let Some(end) = end {
+                tracing::debug!(action_id = %first.id(), page = number, end = end.as_str(), "pagination ended");
+                return run;
+            }
+            if run.error.is_some() {
+                return run;
+            }
+            current = current.next_page(first, &next);
+            number += 1;
+            tracing::debug!(action_id = %first.id(), page = number, "next page");
+            observer.page_started(number);
+            let context = attempt_context(&current, deadline, total);
+            page_started = Instant::now();
+            run = self.run_request(&current, &context, cut_off, observer, attempts, number).await;
+        }
+    }
     fn log_outcome(&self, action: &HttpAction, outcome: &Outcome) {
         match self.settings.action_log {
             ActionLog::All => {}
@@ -444,8 +556,104 @@ impl<A: RunAttempt> Executor<A> {
             reply_body: action.reply_body(),
             extracted,
             condition_retry: false,
+            items: Vec::new(),
+            pages: Vec::new(),
         }
     }
+}
+
+/// How one request's attempts ended: its last response, the error that stands, and how its
+/// last attempt ended.
+#[derive(Default)]
+struct RequestRun {
+    response: Option<ResponseData>,
+    error: Option<ActionError>,
+    last_end: Option<AttemptEnd>,
+}
+
+/// What pagination walks: the action as written, its pagination, the one total deadline.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    first: &'a HttpAction,
+    paginate: &'a Paginate,
+    deadline: Instant,
+    total: Duration,
+}
+
+/// The pages so far and their items (with the items' size against the cap).
+#[derive(Default)]
+struct Pages {
+    records: Vec<PageRecord>,
+    items: Vec<serde_json::Value>,
+    items_bytes: u64,
+}
+
+impl Pages {
+    /// How many of `items` fit under `cap` bytes of compact JSON with those kept before.
+    fn fit(&mut self, items: &mut [serde_json::Value], cap: u64) -> usize {
+        for (i, item) in items.iter().enumerate() {
+            let size = json_len(item);
+            if self.items_bytes.saturating_add(size) > cap {
+                return i;
+            }
+            self.items_bytes += size;
+        }
+        items.len()
+    }
+}
+
+/// The size of `value` as compact JSON, counted without writing it out.
+fn json_len(value: &serde_json::Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => u64::MAX,
+    }
+}
+
+/// A page's body as JSON: its JSON view, else its bytes parsed (off the runtime's threads when
+/// large); `None` when it is not JSON.
+async fn page_json(response: &ResponseData) -> Option<serde_json::Value> {
+    if let Some(json) = &response.body_json {
+        return Some(json.clone());
+    }
+    let body = response.body.clone();
+    if body.is_empty() {
+        return None;
+    }
+    if body.len() < OFFLOAD_BODY_BYTES {
+        return serde_json::from_slice(&body).ok();
+    }
+    tokio::task::spawn_blocking(move || serde_json::from_slice(&body).ok()).await.ok().flatten()
+}
+
+/// What every attempt and hop of one request shares.
+fn attempt_context(action: &HttpAction, deadline: Instant, total: Duration) -> Arc<AttemptContext> {
+    Arc::new(AttemptContext {
+        destination: Destination::of(action.url()),
+        deadline,
+        total,
+        attempt_timeout: action.timeouts().attempt,
+        connect_timeout: action.timeouts().connect,
+        redirects: action.redirects(),
+        url: action.url().clone(),
+        cool_down_on_429: !action.success().contains(429),
+        start: StartSignal::default(),
+        tenant: action.tenant().map(Arc::from),
+        // No auth, no signing: nothing allocated for them.
+        auth: action.auth().clone(),
+        signing: SignRequest::of(action.signing(), action.id()),
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod condition;
 mod excerpt;
 pub mod extract;
 mod outcome;
+pub mod paginate;
 mod retry;
 pub mod secret_ref;
 mod status;
@@ -20,8 +21,9 @@ pub use auth::{
 };
 pub use excerpt::excerpt;
 pub use outcome::{
-    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, ResponseData, ResponseHead,
+    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, PageRecord, ResponseData, ResponseHead,
 };
+pub use paginate::{NextInput, NextPage, Paginate, PaginateInput, PaginationEnd};
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
 pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
@@ -81,6 +83,8 @@ pub struct ActionInput {
     pub retry_condition: String,
     /// Values for `{{vars.NAME}}` placeholders.
     pub vars: Vec<(String, serde_json::Value)>,
+    /// Walk a paginated collection; `None`: one request.
+    pub paginate: Option<PaginateInput>,
 }
 
 impl ActionInput {
@@ -223,6 +227,8 @@ pub struct HttpAction {
     auth: Auth,
     /// Request signing, recomputed on every attempt (`signing()`).
     signing: Signing,
+    /// Pagination (`paginate()`); `None`: one request.
+    paginate: Option<Paginate>,
 }
 
 /// What validation needs from the server: its secrets, the header names it keeps out of logs,
@@ -296,6 +302,7 @@ impl std::fmt::Debug for HttpAction {
             .field("reply_body", &self.reply_body)
             .field("success_condition", &self.success_condition)
             .field("retry_condition", &self.retry_condition)
+            .field("paginate", &self.paginate.as_ref().map(|p| p.max_pages()))
             .finish_non_exhaustive()
     }
 }
@@ -388,9 +395,13 @@ impl HttpAction {
         self.retry_condition.as_ref()
     }
 
-    /// Whether an attempt's body must be read whole and looked into (conditions, extract).
+    /// Whether an attempt's body must be read whole and looked into (conditions, extract,
+    /// pagination's next page and items).
     pub fn evaluates_body(&self) -> bool {
-        !self.extract.is_empty() || self.success_condition.is_some() || self.retry_condition.is_some()
+        !self.extract.is_empty()
+            || self.success_condition.is_some()
+            || self.retry_condition.is_some()
+            || self.paginate.is_some()
     }
 
     /// Validates `input`, collecting every problem with the field it concerns.
@@ -422,7 +433,9 @@ impl HttpAction {
     pub fn one_attempt(&self, remaining: Duration) -> Self {
         let mut one = self.clone();
         one.retry.max_attempts = 1;
-        one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        // A paginated action's try is every page once: each page gets an attempt's time.
+        let pages = self.paginate.as_ref().map_or(1, Paginate::max_pages);
+        one.timeouts.total = Some(one.timeouts.attempt.saturating_mul(pages).min(remaining));
         one
     }
 

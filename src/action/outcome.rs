@@ -131,6 +131,8 @@ pub struct AttemptRecord {
     pub remote_addr: Option<SocketAddr>,
     /// The wait before the next attempt; `None` on the last one.
     pub backoff: Option<Duration>,
+    /// With pagination: the page (1-based) the attempt belongs to; 0 without.
+    pub page: u32,
 }
 
 impl AttemptRecord {
@@ -143,8 +145,27 @@ impl AttemptRecord {
             timing: AttemptTiming::default(),
             remote_addr: None,
             backoff: None,
+            page: 0,
         }
     }
+}
+
+/// One page of a paginated action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRecord {
+    /// 1 for the action's own request.
+    pub number: u32,
+    /// The page's last response status.
+    pub status: Option<u16>,
+    /// Scheme, host, port and path only (`paginate::shown_url`).
+    pub url: String,
+    /// From the page's first attempt to its end.
+    pub total: Duration,
+    /// Items the page gave (those kept under the cap).
+    pub items: u32,
+    pub attempts: u32,
+    /// On the last page of a successful action: why pagination stopped.
+    pub end: Option<super::PaginationEnd>,
 }
 
 /// The verdict of a whole action.
@@ -165,4 +186,8 @@ pub struct Outcome {
     pub extracted: Vec<(String, serde_json::Value)>,
     /// The last attempt ended with its retry_condition true (a durable runner retries it).
     pub condition_retry: bool,
+    /// With pagination: the pages' items, in order, under the cap (none when streamed).
+    pub items: Vec<serde_json::Value>,
+    /// With pagination: every page requested.
+    pub pages: Vec<PageRecord>,
 }

@@ -123,6 +123,7 @@ pub(super) fn validate(
         bad.push("max_response_bytes", "is too large");
     }
     let tenant = tenant(&input.tenant, &mut bad);
+    let paginate = super::paginate::parse(input.paginate.take(), &mut bad);
 
     // Credentials in the URL become Basic authorization, as curl and browsers do, and leave the
     // URL so it can be logged.
@@ -167,6 +168,7 @@ pub(super) fn validate(
             retry_condition,
             auth,
             signing,
+            paginate,
         }),
         _ => Err(bad),
     }

@@ -7,7 +7,9 @@ use super::{
     status::{self, invalid_argument},
 };
 use crate::{
-    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, ResponseHead, TraceContext},
+    action::{
+        AttemptRecord, AttemptTiming, HttpAction, InvalidAction, PageRecord, ResponseHead, TraceContext,
+    },
     client::concurrency::{Admission, Overloaded},
     exec::{Buffered, Executor, Gone, Observer, OFFLOAD_BODY_BYTES},
     pb::{self, action_event::Event},
@@ -135,7 +137,8 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let hold =
             outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
         // A large JSON body is a large tree to convert and size: off the runtime's threads.
-        let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES);
+        let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES)
+            || outcome.items.len() >= OFFLOAD_ITEMS;
         let reply = if large {
             tokio::task::spawn_blocking(move || convert::outcome(outcome))
                 .await
@@ -162,7 +165,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {
-            let mut events = EventSink { tx: tx.clone() };
+            let mut events = EventSink { tx: tx.clone(), page: u32::from(action.paginate().is_some()) };
             let accepted = Event::Accepted(pb::Accepted {
                 action_id: action.id().to_owned(),
                 accepted_at: Some(convert::timestamp(std::time::SystemTime::now())),
@@ -178,6 +181,8 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
                         // The body went out as BodyChunk events.
                         response.body.clear();
                     }
+                    // And the items as PageCompleted events (the executor kept none).
+                    result.items.clear();
                     let _ = events.send(Event::Completed(pb::Completed { result: Some(result) })).await;
                 }
                 _ = tx.closed() => {
@@ -189,9 +194,14 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     }
 }
 
+/// Paginated items from this many on are converted off the runtime's threads, as a large body.
+const OFFLOAD_ITEMS: usize = 1_000;
+
 /// Feeds executor observations into the stream as `ActionEvent`s.
 struct EventSink {
     tx: mpsc::Sender<Result<pb::ActionEvent, Status>>,
+    /// The page the events belong to with pagination (1 from the start), else 0.
+    page: u32,
 }
 
 impl EventSink {
@@ -207,7 +217,7 @@ impl Observer for EventSink {
 
     async fn attempt_started(&mut self, attempt: u32) -> Result<(), Gone> {
         let started_at = Some(convert::timestamp(std::time::SystemTime::now()));
-        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at })).await
+        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at, page: self.page })).await
     }
 
     async fn response_head(
@@ -244,6 +254,15 @@ impl Observer for EventSink {
             backoff: record.backoff.map(convert::proto_duration),
         }))
         .await
+    }
+
+    fn page_started(&mut self, page: u32) {
+        self.page = page;
+    }
+
+    async fn page_completed(&mut self, page: &PageRecord, items: &[serde_json::Value]) -> Result<(), Gone> {
+        let items = items.iter().cloned().map(convert::json_value).collect();
+        self.send(Event::PageCompleted(pb::PageCompleted { page: Some(convert::page(page)), items })).await
     }
 }
 

@@ -418,6 +418,8 @@ impl Durable {
             reply_body: outcome.reply_body,
             extracted: Vec::new(),
             condition_retry: false,
+            items: Vec::new(),
+            pages: Vec::new(),
         };
         let mut record = convert::outcome(only_attempts).attempts.into_iter().last().unwrap_or_default();
         record.number = claim.attempt;
