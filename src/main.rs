@@ -759,6 +759,7 @@ fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), Stri
 }
 
 fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
+    let paginate = paginate_input(&args)?;
     let (method, url) = match (&args.target[..], args.request) {
         ([method, url], None) => (method.clone(), url.clone()),
         ([_, _], Some(_)) => return Err("give the method once: as -X METHOD or as the first argument".into()),
@@ -777,7 +778,6 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
     let error_messages =
         args.error_messages.iter().map(|m| split_pair(m, '=', "error message")).collect::<Result<_, _>>()?;
     let extract = args.extract.iter().map(|e| split_pair(e, '=', "extract")).collect::<Result<_, _>>()?;
-    let paginate = paginate_input(&args)?;
     let body = if let Some(json) = args.json {
         BodyInput::Json(json)
     } else if !args.form.is_empty() {
