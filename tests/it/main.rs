@@ -20,6 +20,7 @@ mod limits;
 mod listener;
 mod operations;
 mod otlp;
+mod paginate;
 mod properties;
 mod proto_compat;
 mod proxy;
