@@ -356,8 +356,12 @@ impl RunAttempt for Attempts {
                 }
                 streamed = true;
             }
-            // The stream's reply carries no body fields: the chunks were the body.
-            response.body = Bytes::new();
+            // The stream's reply carries no body fields: the chunks were the body. Pagination
+            // still reads the held bytes for the next page and the items (the executor drops
+            // them, and the stream's reply never carries them).
+            if action.paginate().is_none() {
+                response.body = Bytes::new();
+            }
             response.body_json = None;
             response.body_text = None;
         }

@@ -444,7 +444,7 @@ impl<A: RunAttempt> Executor<A> {
             drop(json);
             let mut capped = false;
             if !streams {
-                let kept = pages.fit(&mut items, cap);
+                let kept = pages.fit(&items, cap);
                 capped = kept < items.len();
                 items.truncate(kept);
             }
@@ -590,7 +590,7 @@ struct Pages {
 
 impl Pages {
     /// How many of `items` fit under `cap` bytes of compact JSON with those kept before.
-    fn fit(&mut self, items: &mut [serde_json::Value], cap: u64) -> usize {
+    fn fit(&mut self, items: &[serde_json::Value], cap: u64) -> usize {
         for (i, item) in items.iter().enumerate() {
             let size = json_len(item);
             if self.items_bytes.saturating_add(size) > cap {

@@ -434,6 +434,8 @@ mod tests {
             reply_body: mode,
             extracted: vec![("id".into(), serde_json::json!(7))],
             condition_retry: false,
+            items: Vec::new(),
+            pages: Vec::new(),
         }
     }
 
