@@ -245,7 +245,7 @@ async fn max_pages_ends_the_walk_with_the_pages_so_far() {
 async fn items_past_max_response_bytes_are_dropped_and_the_walk_stops() {
     let c = collection().await;
     let sidecar = Sidecar::start().await;
-    // Each item is 26 bytes of JSON ({"id":1,"name":"item 1"}), each page's body under 100.
+    // Each item is 24 bytes of JSON ({"id":1,"name":"item 1"}), each page's body under 100: five fit.
     let request = pb::ExecuteHttpActionRequest {
         max_response_bytes: 130,
         ..paginated(&c.upstream.url("/link"), by_link("$.data"))
