@@ -98,6 +98,7 @@ fn outcome() -> Outcome {
             timing,
             remote_addr: Some("93.184.215.14:443".parse().unwrap()),
             backoff: None,
+            page: 0,
         }],
         started_at: SystemTime::now(),
         total: Duration::from_millis(19),
@@ -105,6 +106,8 @@ fn outcome() -> Outcome {
         reply_body: callout::action::ReplyBody::Auto,
         extracted: Vec::new(),
         condition_retry: false,
+        items: Vec::new(),
+        pages: Vec::new(),
     }
 }
 
