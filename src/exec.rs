@@ -421,6 +421,8 @@ impl<A: RunAttempt> Executor<A> {
         let cap = first.max_response_bytes().unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
         let mut current = first.clone();
         let mut number = 1;
+        // Where the page's attempts begin in `attempts` (page 1's are all there are so far).
+        let mut first_attempt = 0;
         loop {
             let mut record = PageRecord {
                 number,
@@ -428,7 +430,7 @@ impl<A: RunAttempt> Executor<A> {
                 url: paginate::shown_url(current.url()),
                 total: page_started.elapsed(),
                 items: 0,
-                attempts: attempts.iter().filter(|a| a.page == number).count() as u32,
+                attempts: u32::try_from(attempts.len() - first_attempt).unwrap_or(u32::MAX),
                 end: None,
             };
             let response = match (&run.error, &run.response) {
@@ -448,7 +450,7 @@ impl<A: RunAttempt> Executor<A> {
                 capped = kept < items.len();
                 items.truncate(kept);
             }
-            record.items = items.len() as u32;
+            record.items = u32::try_from(items.len()).unwrap_or(u32::MAX);
             let end = if capped {
                 Some(PaginationEnd::ItemsCapped)
             } else {
@@ -490,7 +492,12 @@ impl<A: RunAttempt> Executor<A> {
             observer.page_started(number);
             let context = attempt_context(&current, deadline, total);
             page_started = Instant::now();
+            first_attempt = attempts.len();
             run = self.run_request(&current, &context, cut_off, observer, attempts, number).await;
+            // "Before any request was sent" holds for this page only: say which.
+            if let Some(error) = run.error.as_mut().filter(|e| e.kind == ErrorKind::Cancelled) {
+                error.message = format!("page {number}: {}", error.message);
+            }
         }
     }
     fn log_outcome(&self, action: &HttpAction, outcome: &Outcome) {
@@ -674,6 +681,8 @@ mod tests {
         Hangs,
         /// A 401 whose OAuth2 token the credentials layer dropped.
         Rejected,
+        /// A 200 page of a paginated action, with a Link to a next page when true.
+        Page(bool),
     }
 
     /// A mock of the attempt: plays its script, one entry per attempt; no sockets.
@@ -700,6 +709,18 @@ mod tests {
                     let response = ResponseData::head_only(head);
                     let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
+                }
+                Scripted::Page(next) => {
+                    record.status = Some(200);
+                    let n = of.action.url().path().len();
+                    let headers = if next {
+                        vec![("link".to_owned(), format!("</{}>; rel=\"next\"", "p".repeat(n)))]
+                    } else {
+                        Vec::new()
+                    };
+                    let head =
+                        ResponseHead { status: 200, reason: String::new(), version: "HTTP/1.1", headers };
+                    (None, Some(ResponseData::head_only(head)), false)
                 }
                 Scripted::Error(kind, sent) => (Some(AttemptEnd::Error { kind, sent }), None, false),
                 Scripted::Rejected => {
@@ -824,6 +845,47 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::Cancelled);
         assert_eq!(error.message, "the server shut down during attempt 1; the request may have been sent");
         assert_eq!(outcome.attempts.len(), 1);
+    }
+
+    fn paginated() -> HttpAction {
+        let input = ActionInput {
+            method: "GET".into(),
+            url: "http://h.test/".into(),
+            paginate: Some(crate::action::PaginateInput::default()),
+            ..Default::default()
+        };
+        HttpAction::from_input(input).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_are_requested_until_one_names_no_next_each_with_its_retries() {
+        let script =
+            [Scripted::Page(true), Scripted::Status(503), Scripted::Page(true), Scripted::Page(false)];
+        let outcome = executor(&script).execute(&paginated(), None).await;
+        assert!(outcome.succeeded, "{outcome:?}");
+        let attempts: Vec<(u32, u32)> = outcome.attempts.iter().map(|a| (a.page, a.number)).collect();
+        assert_eq!(attempts, [(1, 1), (2, 1), (2, 2), (3, 1)]);
+        let pages: Vec<(u32, u32, Option<PaginationEnd>)> =
+            outcome.pages.iter().map(|p| (p.number, p.attempts, p.end)).collect();
+        assert_eq!(pages, [(1, 1, None), (2, 2, None), (3, 1, Some(PaginationEnd::LastPage))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_off_during_a_later_page_names_the_page() {
+        let executor = executor(&[Scripted::Page(true), Scripted::Hangs]);
+        let running = tokio::spawn({
+            let executor = executor.clone();
+            async move { executor.execute(&paginated(), None).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        executor.cut_off();
+        let outcome = running.await.unwrap();
+        assert_eq!(
+            outcome.error.unwrap().message,
+            "page 2: the server shut down during attempt 1; the request may have been sent"
+        );
+        assert_eq!(outcome.pages.len(), 2);
+        assert_eq!(outcome.attempts.iter().map(|a| a.page).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[tokio::test(start_paused = true)]
