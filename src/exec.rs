@@ -596,35 +596,16 @@ struct Pages {
 }
 
 impl Pages {
-    /// How many of `items` fit under `cap` bytes of compact JSON with those kept before.
+    /// How many of `items` fit under `cap` bytes of the reply with those kept before.
     fn fit(&mut self, items: &[serde_json::Value], cap: u64) -> usize {
         for (i, item) in items.iter().enumerate() {
-            let size = json_len(item);
+            let size = paginate::reply_size(item);
             if self.items_bytes.saturating_add(size) > cap {
                 return i;
             }
             self.items_bytes += size;
         }
         items.len()
-    }
-}
-
-/// The size of `value` as compact JSON, counted without writing it out.
-fn json_len(value: &serde_json::Value) -> u64 {
-    struct Count(u64);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    match serde_json::to_writer(&mut count, value) {
-        Ok(()) => count.0,
-        Err(_) => u64::MAX,
     }
 }
 

@@ -231,6 +231,30 @@ impl HttpAction {
     }
 }
 
+/// The size of `value` as an item of the reply: a length-delimited google.protobuf.Value (the
+/// Execute reply's size is what gRPC clients bound, 4 MiB by default, and a Value costs more
+/// than its JSON: 9 bytes a number).
+pub fn reply_size(value: &Value) -> u64 {
+    fn delimited(len: u64) -> u64 {
+        1 + varint_len(len) + len
+    }
+    fn varint_len(n: u64) -> u64 {
+        u64::from((64 - (n | 1).leading_zeros()).div_ceil(7))
+    }
+    fn size(v: &Value) -> u64 {
+        match v {
+            Value::Null | Value::Bool(_) => 2,
+            Value::Number(_) => 9,
+            Value::String(s) => delimited(s.len() as u64),
+            Value::Array(items) => delimited(items.iter().map(|i| delimited(size(i))).sum()),
+            Value::Object(fields) => delimited(
+                fields.iter().map(|(k, v)| delimited(delimited(k.len() as u64) + delimited(size(v)))).sum(),
+            ),
+        }
+    }
+    delimited(size(value))
+}
+
 /// The page's URL as a reply may show it: scheme, host, port and path (no query, no
 /// credentials: either may carry a secret).
 pub fn shown_url(url: &url::Url) -> String {

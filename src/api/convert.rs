@@ -347,6 +347,10 @@ pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
     if mode == ReplyBody::All || (response.body_json.is_none() && response.body_text.is_none()) {
         response.body = body;
     }
+    // Paginated, the items are what the caller came for: the last page's bytes give way.
+    if budget < REPLY_BUDGET && prost::Message::encoded_len(response) > budget {
+        response.body = bytes::Bytes::new();
+    }
     reply
 }
 
@@ -436,6 +440,23 @@ mod tests {
             condition_retry: false,
             items: Vec::new(),
             pages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_items_reply_size_is_its_encoding() {
+        use prost::Message as _;
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!(7),
+            serde_json::json!("héllo"),
+            serde_json::json!([1, "a", [true]]),
+            serde_json::json!({"id": 1, "tags": {"a": "x".repeat(300)}}),
+        ];
+        for v in values {
+            let reply =
+                pb::ExecuteHttpActionResponse { items: vec![json_value(v.clone())], ..Default::default() };
+            assert_eq!(crate::action::paginate::reply_size(&v), reply.encoded_len() as u64, "{v}");
         }
     }
 

@@ -245,9 +245,10 @@ async fn max_pages_ends_the_walk_with_the_pages_so_far() {
 async fn items_past_max_response_bytes_are_dropped_and_the_walk_stops() {
     let c = collection().await;
     let sidecar = Sidecar::start().await;
-    // Each item is 24 bytes of JSON ({"id":1,"name":"item 1"}), each page's body under 100: five fit.
+    // Each item ({"id":1,"name":"item 1"}) is 39 bytes in the reply, each page's body under
+    // 100 bytes: five items fit in 200.
     let request = pb::ExecuteHttpActionRequest {
-        max_response_bytes: 130,
+        max_response_bytes: 200,
         ..paginated(&c.upstream.url("/link"), by_link("$.data"))
     };
     let reply = sidecar.execute(request).await;
