@@ -54,6 +54,9 @@ pub enum NextInput {
 pub struct Paginate {
     next: Next,
     items_path: Option<JsonPath>,
+    /// `items_path` names at most one node (RFC 9535's singular query): an array it selects
+    /// is the items, not one item.
+    items_singular: bool,
     max_pages: u32,
 }
 
@@ -155,7 +158,7 @@ impl Paginate {
             Some(path) => path.query(json).all(),
         };
         match nodes.as_slice() {
-            [Value::Array(items)] => items.clone(),
+            [Value::Array(items)] if self.items_singular => items.clone(),
             _ => nodes.into_iter().cloned().collect(),
         }
     }
@@ -289,6 +292,7 @@ pub(super) fn parse(input: Option<PaginateInput>, bad: &mut InvalidAction) -> Op
         }
     };
     let items_path = path_of("paginate.items_path", &input.items_path, true, bad);
+    let items_singular = singular(&input.items_path);
     let max_pages = input.max_pages.unwrap_or(DEFAULT_MAX_PAGES);
     if !(1..=MAX_MAX_PAGES).contains(&max_pages) {
         bad.push(
@@ -297,7 +301,9 @@ pub(super) fn parse(input: Option<PaginateInput>, bad: &mut InvalidAction) -> Op
         );
     }
     match next {
-        Some(next) if bad.violations.len() == before => Some(Paginate { next, items_path, max_pages }),
+        Some(next) if bad.violations.len() == before => {
+            Some(Paginate { next, items_path, items_singular, max_pages })
+        }
         _ => None,
     }
 }
@@ -325,6 +331,33 @@ fn path_of(field: &str, path: &str, optional: bool, bad: &mut InvalidAction) -> 
             None
         }
     }
+}
+
+/// Whether a (valid) path names at most one node: only names and indexes, no wildcard,
+/// descendant, filter, slice or union (RFC 9535 2.3.5.1's singular query), quoted names skipped.
+fn singular(path: &str) -> bool {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut previous = ' ';
+    for c in path.chars() {
+        if let Some(q) = quote {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                _ if c == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => quote = Some(c),
+            '*' | '?' | ':' | ',' => return false,
+            '.' if previous == '.' => return false,
+            _ => {}
+        }
+        previous = c;
+    }
+    true
 }
 
 /// The one node `path` selects (the first when several are).
@@ -495,6 +528,20 @@ mod tests {
         assert_eq!(with("$.data[*]").items(Some(&body)), vec![json!({"id": 1}), json!({"id": 2})]);
         assert_eq!(with("$.data").items(Some(&body)), vec![json!({"id": 1}), json!({"id": 2})]);
         assert_eq!(with("$.data[*].id").items(Some(&body)), vec![json!(1), json!(2)]);
+        assert_eq!(with("$['data']").items(Some(&body)), vec![json!({"id": 1}), json!({"id": 2})]);
+        let nested = json!({"data": [[1, 2]]});
+        assert_eq!(
+            with("$.data[*]").items(Some(&nested)),
+            vec![json!([1, 2])],
+            "a wildcard's one node is one item"
+        );
+        assert_eq!(with("$..data").items(Some(&nested)), vec![json!([[1, 2]])]);
+        assert_eq!(with("$.data[0]").items(Some(&nested)), vec![json!(1), json!(2)]);
+        assert_eq!(
+            with("$['a*b']").items(Some(&json!({"a*b": [3]}))),
+            vec![json!(3)],
+            "quoted names skipped"
+        );
         assert_eq!(with("$.none").items(Some(&body)), Vec::<Value>::new());
         assert_eq!(with("").items(Some(&json!([1, 2]))), vec![json!(1), json!(2)]);
         assert_eq!(with("").items(Some(&body)), Vec::<Value>::new());
