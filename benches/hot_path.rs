@@ -99,6 +99,7 @@ fn outcome() -> Outcome {
             remote_addr: Some("93.184.215.14:443".parse().unwrap()),
             backoff: None,
             poll: false,
+            page: 0,
         }],
         started_at: SystemTime::now(),
         total: Duration::from_millis(19),
@@ -107,6 +108,8 @@ fn outcome() -> Outcome {
         extracted: Vec::new(),
         condition_retry: false,
         poll_due: None,
+        items: Vec::new(),
+        pages: Vec::new(),
     }
 }
 

@@ -4,7 +4,8 @@
 use crate::{
     action::{
         parse_retry_after, resolve_location, ActionError, AttemptEnd, AttemptRecord, AttemptTiming,
-        ErrorKind, HttpAction, PollDue, ReplyBody, ResponseData, ResponseHead, RetryDecision, TraceContext,
+        ErrorKind, HttpAction, PageRecord, PollDue, ReplyBody, ResponseData, ResponseHead, RetryDecision,
+        TraceContext,
         DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
@@ -59,6 +60,18 @@ pub trait Observer: Send {
         record: &AttemptRecord,
         will_retry: bool,
     ) -> impl Future<Output = Result<(), Gone>> + Send;
+    /// A paginated action's next page is about to be requested (page 1 is not announced):
+    /// the attempts and events that follow belong to it.
+    fn page_started(&mut self, _page: u32) {}
+    /// A paginated action's page succeeded with these items (kept by the executor only when
+    /// the body is not streamed).
+    fn page_completed(
+        &mut self,
+        _page: &PageRecord,
+        _items: &[serde_json::Value],
+    ) -> impl Future<Output = Result<(), Gone>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Observes nothing and buffers the body: the unary `Execute` and `callout exec`.
@@ -385,8 +398,12 @@ impl RunAttempt for Attempts {
                 }
                 streamed = true;
             }
-            // The stream's reply carries no body fields: the chunks were the body.
-            response.body = Bytes::new();
+            // The stream's reply carries no body fields: the chunks were the body. Pagination
+            // still reads the held bytes for the next page and the items (the executor drops
+            // them, and the stream's reply never carries them).
+            if action.paginate().is_none() {
+                response.body = Bytes::new();
+            }
             response.body_json = None;
             response.body_text = None;
         }

@@ -4,9 +4,10 @@
 //! executor.
 use crate::{
     action::{
-        poll::PollWait, ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles, ErrorKind,
-        HttpAction, InvalidAction, OnFailure, Outcome, PollDue, ResponseData, RetryDecision,
-        ValidationContext,
+        paginate, poll::PollWait, ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles,
+        ErrorKind, HttpAction, InvalidAction, NextPage, OnFailure, Outcome, PageRecord, Paginate,
+        PaginationEnd, PollDue, ResponseData, RetryDecision, ValidationContext,
+        DEFAULT_MAX_RESPONSE_BYTES,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -231,18 +232,8 @@ impl<A: RunAttempt> Executor<A> {
         let total = self.total_budget(action, budget);
         let deadline = t0 + total;
         let mut attempts: Vec<AttemptRecord> = Vec::new();
-        let mut last_response: Option<ResponseData> = None;
-        let mut error: Option<ActionError> = None;
-        let mut last_end = None;
-        // One allocation for the action: every attempt and hop shares it (each poll of a 202's
-        // Location has its own, as it goes to another URL).
-        let mut context = context_of(action, deadline, total);
-        let first_context = context.clone();
-        // The request now tried: the action's own, or a poll of a 202's Location.
-        let mut polling: Option<Polling> = None;
-        let mut poll_due: Option<PollDue> = None;
-        // Attempts before the current request's first try: polls do not spend max_attempts.
-        let mut base = 0;
+        // One allocation per request: every attempt and hop shares it.
+        let context = attempt_context(action, deadline, total);
 
         // Every wait below gives way to the drain's cut-off, which ends the action with a reply
         // saying how far it got.
@@ -250,21 +241,71 @@ impl<A: RunAttempt> Executor<A> {
 
         let tenant = metrics::tenant(action.tenant());
         let queued = (metrics::Raised::queued(), tenant.queued());
+        let mut run = RequestRun::default();
         let running =
             match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
                 Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
                 Some(Err(refused)) => {
-                    error = Some(refused);
+                    run.error = Some(refused);
                     None
                 }
                 None => {
-                    error = Some(shut_down(ShutDownAt::Before(1)));
+                    run.error = Some(shut_down(ShutDownAt::Before(1)));
                     None
                 }
             };
         drop(queued);
-        let mut attempts_allowed = if running.is_some() { action.retry().max_attempts } else { 0 };
-        // Whether an attempt was already retried with a new OAuth2 token (once per action).
+        let mut pages = Pages::default();
+        if running.is_some() {
+            let page = u32::from(action.paginate().is_some());
+            let page_started = Instant::now();
+            run = self.run_request(action, &context, &mut cut_off, observer, &mut attempts, page).await;
+            if let Some(paginate) = action.paginate() {
+                let walk = Walk { first: action, paginate, deadline, total };
+                run = self
+                    .walk_pages(walk, run, page_started, &mut cut_off, observer, &mut attempts, &mut pages)
+                    .await;
+            }
+        }
+        let RequestRun { response, error, last_end, poll_due } = run;
+
+        let mut outcome = self.finish(action, started_at, t0, attempts, response, error);
+        outcome.condition_retry =
+            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
+        outcome.poll_due = poll_due;
+        outcome.items = pages.items;
+        outcome.pages = pages.records;
+        self.log_outcome(action, &outcome);
+        metrics::action_finished(&outcome, &context.destination.key);
+        tenant.finished(outcome.succeeded);
+        outcome
+    }
+
+    /// One request's attempts under the action's retry policy (`page`: its page with
+    /// pagination, else 0), each recorded in `attempts`.
+    async fn run_request<O: Observer>(
+        &self,
+        action: &HttpAction,
+        context: &Arc<AttemptContext>,
+        cut_off: &mut watch::Receiver<bool>,
+        observer: &mut O,
+        attempts: &mut Vec<AttemptRecord>,
+        page: u32,
+    ) -> RequestRun {
+        let deadline = context.deadline;
+        let mut last_response: Option<ResponseData> = None;
+        let mut error: Option<ActionError> = None;
+        let mut last_end = None;
+        // The request now tried: the action's own, or a poll of a 202's Location, which has a
+        // context of its own (it goes to another URL).
+        let mut context = context.clone();
+        let total = context.total;
+        let mut polling: Option<Polling> = None;
+        let mut poll_due: Option<PollDue> = None;
+        // Attempts before the current request's first try: polls do not spend max_attempts.
+        let mut base = 0;
+        let mut attempts_allowed = action.retry().max_attempts;
+        // Whether an attempt was already retried with a new OAuth2 token (once per request).
         let mut refreshed = false;
         let mut number = 0;
         while number < attempts_allowed {
@@ -281,7 +322,7 @@ impl<A: RunAttempt> Executor<A> {
             let of =
                 AttemptOf { action: current, number, tries: number - base, context: &context, refreshed };
             let attempt = Box::pin(self.attempts.run(of, &mut started, observer)).instrument(span);
-            let attempted = unless_cut_off(&mut cut_off, attempt).await;
+            let attempted = unless_cut_off(cut_off, attempt).await;
             let mut result = match attempted {
                 // Refusals (open circuit, a rate-limit wait past the deadline) send nothing and
                 // end the action: no attempt is recorded for them.
@@ -306,6 +347,7 @@ impl<A: RunAttempt> Executor<A> {
                         let mut record = AttemptRecord {
                             error: Some(why.clone()),
                             poll: current.is_poll(),
+                            page,
                             ..AttemptRecord::new(number)
                         };
                         record.timing.total = started.elapsed();
@@ -317,6 +359,7 @@ impl<A: RunAttempt> Executor<A> {
                     }
                 },
             };
+            result.record.page = page;
             if let Some(response) = result.response.take() {
                 last_response = Some(response);
             }
@@ -345,12 +388,12 @@ impl<A: RunAttempt> Executor<A> {
                 tracing::debug!(action_id = %action.id(), attempt = number, ?wait, "polling the 202's Location");
                 result.record.backoff = Some(wait);
                 attempts.push(result.record);
-                if unless_cut_off(&mut cut_off, tokio::time::sleep(wait)).await.is_none() {
+                if unless_cut_off(cut_off, tokio::time::sleep(wait)).await.is_none() {
                     error = Some(shut_down(ShutDownAt::Before(number + 1)));
                     break;
                 }
                 let poll = action.poll_of(due.location);
-                context = context_of(&poll, deadline, total);
+                context = attempt_context(&poll, deadline, total);
                 polling = Some(Polling { action: poll, until });
                 base = number;
                 attempts_allowed = number.saturating_add(action.retry().max_attempts);
@@ -393,7 +436,7 @@ impl<A: RunAttempt> Executor<A> {
             }
             match backoff {
                 Some(wait) => {
-                    if unless_cut_off(&mut cut_off, tokio::time::sleep(wait)).await.is_none() {
+                    if unless_cut_off(cut_off, tokio::time::sleep(wait)).await.is_none() {
                         error = Some(shut_down(ShutDownAt::Before(number + 1)));
                         break;
                     }
@@ -401,17 +444,109 @@ impl<A: RunAttempt> Executor<A> {
                 None => break,
             }
         }
-
-        let mut outcome = self.finish(action, started_at, t0, attempts, last_response, error);
-        outcome.condition_retry =
-            matches!(last_end, Some(AttemptEnd::Condition { .. })) && !outcome.succeeded;
-        outcome.poll_due = poll_due;
-        self.log_outcome(action, &outcome);
-        metrics::action_finished(&outcome, &first_context.destination.key);
-        tenant.finished(outcome.succeeded);
-        outcome
+        RequestRun { response: last_response, error, last_end, poll_due }
     }
 
+    /// Pagination: after page 1 (`run`, begun at `page_started`), each next page the last one
+    /// names, as a request of its own, until a page names none, `max_pages`, a loop, the items'
+    /// cap or a failure. Returns the last page's run.
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_pages<O: Observer>(
+        &self,
+        walk: Walk<'_>,
+        mut run: RequestRun,
+        mut page_started: Instant,
+        cut_off: &mut watch::Receiver<bool>,
+        observer: &mut O,
+        attempts: &mut Vec<AttemptRecord>,
+        pages: &mut Pages,
+    ) -> RequestRun {
+        let Walk { first, paginate, deadline, total } = walk;
+        let mut visited = paginate.visited(first);
+        // A stream sends each page's items as it comes; a buffered reply keeps them, capped.
+        let streams = observer.streams_body();
+        let cap = first.max_response_bytes().unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+        let mut current = first.clone();
+        let mut number = 1;
+        // Where the page's attempts begin in `attempts` (page 1's are all there are so far).
+        let mut first_attempt = 0;
+        loop {
+            let mut record = PageRecord {
+                number,
+                status: run.response.as_ref().map(|r| r.head.status),
+                url: paginate::shown_url(current.url()),
+                total: page_started.elapsed(),
+                items: 0,
+                attempts: u32::try_from(attempts.len() - first_attempt).unwrap_or(u32::MAX),
+                end: None,
+            };
+            let response = match (&run.error, &run.response) {
+                (None, Some(response)) => response,
+                _ => {
+                    pages.records.push(record);
+                    return run;
+                }
+            };
+            let json = page_json(response).await;
+            let next = paginate.next_page(current.url(), &response.head.headers, json.as_ref());
+            let mut items = paginate.items(json.as_ref());
+            drop(json);
+            let mut capped = false;
+            if !streams {
+                let kept = pages.fit(&items, cap);
+                capped = kept < items.len();
+                items.truncate(kept);
+            }
+            record.items = u32::try_from(items.len()).unwrap_or(u32::MAX);
+            let end = if capped {
+                Some(PaginationEnd::ItemsCapped)
+            } else {
+                match &next {
+                    NextPage::None => Some(PaginationEnd::LastPage),
+                    NextPage::Invalid(why) => {
+                        run.error = Some(ActionError::new(
+                            ErrorKind::Protocol,
+                            format!(
+                                "paginate: page {number} named a next page that cannot be requested: {why}"
+                            ),
+                        ));
+                        pages.records.push(record);
+                        return run;
+                    }
+                    _ if number >= paginate.max_pages() => Some(PaginationEnd::MaxPages),
+                    next if !visited.first_time(next) => Some(PaginationEnd::Loop),
+                    _ => None,
+                }
+            };
+            record.end = end;
+            if observer.page_completed(&record, &items).await.is_err() {
+                run.error = Some(cancelled());
+            }
+            pages.records.push(record);
+            if !streams {
+                pages.items.append(&mut items);
+            }
+            if let Some(end) = end {
+                tracing::debug!(action_id = %first.id(), page = number, end = end.as_str(), "pagination ended");
+                return run;
+            }
+            if run.error.is_some() {
+                return run;
+            }
+            current = current.next_page(first, &next);
+            number += 1;
+            tracing::debug!(action_id = %first.id(), page = number, "next page");
+            observer.page_started(number);
+            let context = attempt_context(&current, deadline, total);
+            page_started = Instant::now();
+            first_attempt = attempts.len();
+            run = self.run_request(&current, &context, cut_off, observer, attempts, number).await;
+            // "Before any request was sent" holds for this page only: say which.
+            if let Some(error) = run.error.as_mut().filter(|e| e.kind == ErrorKind::Cancelled) {
+                error.message = format!("page {number}: {}", error.message);
+            }
+        }
+    }
     fn log_outcome(&self, action: &HttpAction, outcome: &Outcome) {
         match self.settings.action_log {
             ActionLog::All => {}
@@ -476,6 +611,8 @@ impl<A: RunAttempt> Executor<A> {
             extracted,
             condition_retry: false,
             poll_due: None,
+            items: Vec::new(),
+            pages: Vec::new(),
         }
     }
 }
@@ -488,8 +625,66 @@ struct Polling {
     until: Instant,
 }
 
-/// What every attempt and hop of `action` shares.
-fn context_of(action: &HttpAction, deadline: Instant, total: Duration) -> Arc<AttemptContext> {
+/// How one request's attempts ended: its last response, the error that stands, and how its
+/// last attempt ended.
+#[derive(Default)]
+struct RequestRun {
+    response: Option<ResponseData>,
+    error: Option<ActionError>,
+    last_end: Option<AttemptEnd>,
+    /// A 202 to poll later (the durable runner stores it as the next step).
+    poll_due: Option<PollDue>,
+}
+
+/// What pagination walks: the action as written, its pagination, the one total deadline.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    first: &'a HttpAction,
+    paginate: &'a Paginate,
+    deadline: Instant,
+    total: Duration,
+}
+
+/// The pages so far and their items (with the items' size against the cap).
+#[derive(Default)]
+struct Pages {
+    records: Vec<PageRecord>,
+    items: Vec<serde_json::Value>,
+    items_bytes: u64,
+}
+
+impl Pages {
+    /// How many of `items` fit under `cap` bytes of the reply with those kept before.
+    fn fit(&mut self, items: &[serde_json::Value], cap: u64) -> usize {
+        for (i, item) in items.iter().enumerate() {
+            let size = paginate::reply_size(item);
+            if self.items_bytes.saturating_add(size) > cap {
+                return i;
+            }
+            self.items_bytes += size;
+        }
+        items.len()
+    }
+}
+
+/// A page's body as JSON: its JSON view, else its bytes parsed (off the runtime's threads when
+/// large); `None` when it is not JSON.
+async fn page_json(response: &ResponseData) -> Option<serde_json::Value> {
+    if let Some(json) = &response.body_json {
+        return Some(json.clone());
+    }
+    let body = response.body.clone();
+    if body.is_empty() {
+        return None;
+    }
+    if body.len() < OFFLOAD_BODY_BYTES {
+        return serde_json::from_slice(&body).ok();
+    }
+    tokio::task::spawn_blocking(move || serde_json::from_slice(&body).ok()).await.ok().flatten()
+}
+
+/// What every attempt and hop of one request shares.
+fn attempt_context(action: &HttpAction, deadline: Instant, total: Duration) -> Arc<AttemptContext> {
     Arc::new(AttemptContext {
         destination: Destination::of(action.url()),
         deadline,
@@ -527,6 +722,8 @@ mod tests {
         Rejected,
         /// A 202 whose Location is to be polled, with this Retry-After (seconds).
         Accepted(Option<u64>),
+        /// A 200 page of a paginated action, with a Link to a next page when true.
+        Page(bool),
     }
 
     /// A mock of the attempt: plays its script, one entry per attempt; no sockets. Keeps when
@@ -580,6 +777,18 @@ mod tests {
                     let response = ResponseData::head_only(head);
                     let end = (status >= 400).then_some(AttemptEnd::Status { status, retry_after: None });
                     (end, Some(response), matches!(next, Scripted::Streamed(_)))
+                }
+                Scripted::Page(next) => {
+                    record.status = Some(200);
+                    let n = of.action.url().path().len();
+                    let headers = if next {
+                        vec![("link".to_owned(), format!("</{}>; rel=\"next\"", "p".repeat(n)))]
+                    } else {
+                        Vec::new()
+                    };
+                    let head =
+                        ResponseHead { status: 200, reason: String::new(), version: "HTTP/1.1", headers };
+                    (None, Some(ResponseData::head_only(head)), false)
                 }
                 Scripted::Error(kind, sent) => (Some(AttemptEnd::Error { kind, sent }), None, false),
                 Scripted::Rejected => {
@@ -763,6 +972,47 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::Cancelled);
         assert_eq!(error.message, "the server shut down during attempt 1; the request may have been sent");
         assert_eq!(outcome.attempts.len(), 1);
+    }
+
+    fn paginated() -> HttpAction {
+        let input = ActionInput {
+            method: "GET".into(),
+            url: "http://h.test/".into(),
+            paginate: Some(crate::action::PaginateInput::default()),
+            ..Default::default()
+        };
+        HttpAction::from_input(input).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_are_requested_until_one_names_no_next_each_with_its_retries() {
+        let script =
+            [Scripted::Page(true), Scripted::Status(503), Scripted::Page(true), Scripted::Page(false)];
+        let outcome = executor(&script).execute(&paginated(), None).await;
+        assert!(outcome.succeeded, "{outcome:?}");
+        let attempts: Vec<(u32, u32)> = outcome.attempts.iter().map(|a| (a.page, a.number)).collect();
+        assert_eq!(attempts, [(1, 1), (2, 1), (2, 2), (3, 1)]);
+        let pages: Vec<(u32, u32, Option<PaginationEnd>)> =
+            outcome.pages.iter().map(|p| (p.number, p.attempts, p.end)).collect();
+        assert_eq!(pages, [(1, 1, None), (2, 2, None), (3, 1, Some(PaginationEnd::LastPage))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_off_during_a_later_page_names_the_page() {
+        let executor = executor(&[Scripted::Page(true), Scripted::Hangs]);
+        let running = tokio::spawn({
+            let executor = executor.clone();
+            async move { executor.execute(&paginated(), None).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        executor.cut_off();
+        let outcome = running.await.unwrap();
+        assert_eq!(
+            outcome.error.unwrap().message,
+            "page 2: the server shut down during attempt 1; the request may have been sent"
+        );
+        assert_eq!(outcome.pages.len(), 2);
+        assert_eq!(outcome.attempts.iter().map(|a| a.page).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[tokio::test(start_paused = true)]

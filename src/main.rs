@@ -5,7 +5,8 @@
 #![forbid(unsafe_code)]
 use callout::{
     action::{
-        ActionInput, BodyInput, OnFailure, RedirectsInput, ReplyBody, RetryInput, TimeoutsInput, TlsInput,
+        ActionInput, BodyInput, NextInput, OnFailure, PaginateInput, RedirectsInput, ReplyBody, RetryInput,
+        TimeoutsInput, TlsInput,
     },
     client::{
         egress::EgressRule,
@@ -533,6 +534,24 @@ struct ExecArgs {
     /// timeout): seconds or with a unit.
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     poll_max_wait: Option<Duration>,
+    /// Paginate by the Link header's rel="next" (the default when another --paginate-* or
+    /// --items-path / --max-pages flag is given).
+    #[arg(long, group = "paginate_next")]
+    paginate_link: bool,
+    /// Paginate by the next page's URL at this JSONPath in each page's body, e.g. "$.next".
+    #[arg(long, value_name = "JSONPATH", group = "paginate_next")]
+    paginate_next_url: Option<String>,
+    /// Paginate by a cursor at JSONPATH in each page's body, written into the query parameter
+    /// PARAM, e.g. "$.meta.next_cursor=cursor".
+    #[arg(long, value_name = "JSONPATH=PARAM", group = "paginate_next")]
+    paginate_cursor: Option<String>,
+    /// With pagination: the JSONPath of each page's items (the outcome's "items"), e.g.
+    /// "$.data[*]"; unset, a page that is a JSON array is its items.
+    #[arg(long, value_name = "JSONPATH")]
+    items_path: Option<String>,
+    /// With pagination: the most pages fetched (1 to 1000; default 10).
+    #[arg(long, value_name = "N")]
+    max_pages: Option<u32>,
     /// TOML config file; its egress, secrets and client settings apply.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -762,6 +781,7 @@ fn split_pair(raw: &str, sep: char, what: &str) -> Result<(String, String), Stri
 }
 
 fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
+    let paginate = paginate_input(&args)?;
     let (method, url) = match (&args.target[..], args.request) {
         ([method, url], None) => (method.clone(), url.clone()),
         ([_, _], Some(_)) => return Err("give the method once: as -X METHOD or as the first argument".into()),
@@ -839,8 +859,31 @@ fn exec_input(args: ExecArgs) -> Result<ActionInput, String> {
             interval: args.poll_interval,
             max_wait: args.poll_max_wait,
         },
+        paginate,
         ..ActionInput::default()
     })
+}
+
+/// `--paginate-*`, `--items-path` and `--max-pages` as the action's `paginate`; none given: none.
+fn paginate_input(args: &ExecArgs) -> Result<Option<PaginateInput>, String> {
+    let next = if let Some(path) = &args.paginate_next_url {
+        NextInput::UrlPath(path.clone())
+    } else if let Some(cursor) = &args.paginate_cursor {
+        // The JSONPath may hold '=' (a filter): the parameter is after the last one.
+        let (path, param) = cursor
+            .rsplit_once('=')
+            .ok_or_else(|| format!("--paginate-cursor {cursor:?}: expected JSONPATH=PARAM"))?;
+        NextInput::Cursor { path: path.to_owned(), param: param.to_owned() }
+    } else if args.paginate_link || args.items_path.is_some() || args.max_pages.is_some() {
+        NextInput::LinkHeader
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(PaginateInput {
+        next,
+        items_path: args.items_path.clone().unwrap_or_default(),
+        max_pages: args.max_pages,
+    }))
 }
 
 async fn exec(mut args: ExecArgs) -> ExitCode {

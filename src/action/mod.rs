@@ -7,6 +7,7 @@ pub mod extract;
 mod follow_up;
 mod outcome;
 pub mod poll;
+pub mod paginate;
 mod retry;
 pub mod secret_ref;
 mod status;
@@ -23,8 +24,10 @@ pub use auth::{
 pub use excerpt::excerpt;
 pub use follow_up::{resolve_location, LocationError};
 pub use outcome::{
-    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, PollDue, ResponseData, ResponseHead,
+    ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, PageRecord, PollDue, ResponseData,
+    ResponseHead,
 };
+pub use paginate::{NextInput, NextPage, Paginate, PaginateInput, PaginationEnd};
 pub use retry::{parse_retry_after, retryable_kind, AttemptEnd, RetryDecision, RetryPolicy};
 pub use status::{StatusSpec, StatusSpecError};
 pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
@@ -86,6 +89,8 @@ pub struct ActionInput {
     pub vars: Vec<(String, serde_json::Value)>,
     /// Following a 202's Location until the job is done.
     pub async_poll: poll::AsyncPollInput,
+    /// Walk a paginated collection; `None`: one request.
+    pub paginate: Option<PaginateInput>,
 }
 
 impl ActionInput {
@@ -235,6 +240,8 @@ pub struct HttpAction {
     polls_inline: bool,
     /// The poll of a 202's Location (`poll_of`), not the action's own request.
     is_poll: bool,
+    /// Pagination (`paginate()`); `None`: one request.
+    paginate: Option<Paginate>,
 }
 
 /// What validation needs from the server: its secrets, the header names it keeps out of logs,
@@ -309,6 +316,7 @@ impl std::fmt::Debug for HttpAction {
             .field("success_condition", &self.success_condition)
             .field("retry_condition", &self.retry_condition)
             .field("async_poll", &self.async_poll)
+            .field("paginate", &self.paginate.as_ref().map(|p| p.max_pages()))
             .finish_non_exhaustive()
     }
 }
@@ -411,9 +419,13 @@ impl HttpAction {
         self.polls_inline
     }
 
-    /// Whether an attempt's body must be read whole and looked into (conditions, extract).
+    /// Whether an attempt's body must be read whole and looked into (conditions, extract,
+    /// pagination's next page and items).
     pub fn evaluates_body(&self) -> bool {
-        !self.extract.is_empty() || self.success_condition.is_some() || self.retry_condition.is_some()
+        !self.extract.is_empty()
+            || self.success_condition.is_some()
+            || self.retry_condition.is_some()
+            || self.paginate.is_some()
     }
 
     /// Validates `input`, collecting every problem with the field it concerns.
@@ -445,7 +457,9 @@ impl HttpAction {
     pub fn one_attempt(&self, remaining: Duration) -> Self {
         let mut one = self.clone();
         one.retry.max_attempts = 1;
-        one.timeouts.total = Some(one.timeouts.attempt.min(remaining));
+        // A paginated action's try is every page once: each page gets an attempt's time.
+        let pages = self.paginate.as_ref().map_or(1, Paginate::max_pages);
+        one.timeouts.total = Some(one.timeouts.attempt.saturating_mul(pages).min(remaining));
         // A poll due is the runner's next step, stored, not a wait in this process.
         one.polls_inline = false;
         one

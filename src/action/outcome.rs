@@ -133,6 +133,8 @@ pub struct AttemptRecord {
     pub backoff: Option<Duration>,
     /// A poll of a 202's Location (`async_poll`), not the action's own request.
     pub poll: bool,
+    /// With pagination: the page (1-based) the attempt belongs to; 0 without.
+    pub page: u32,
 }
 
 impl AttemptRecord {
@@ -146,8 +148,27 @@ impl AttemptRecord {
             remote_addr: None,
             backoff: None,
             poll: false,
+            page: 0,
         }
     }
+}
+
+/// One page of a paginated action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRecord {
+    /// 1 for the action's own request.
+    pub number: u32,
+    /// The page's last response status.
+    pub status: Option<u16>,
+    /// Scheme, host, port and path only (`paginate::shown_url`).
+    pub url: String,
+    /// From the page's first attempt to its end.
+    pub total: Duration,
+    /// Items the page gave (those kept under the cap).
+    pub items: u32,
+    pub attempts: u32,
+    /// On the last page of a successful action: why pagination stopped.
+    pub end: Option<super::PaginationEnd>,
 }
 
 /// The verdict of a whole action.
@@ -168,6 +189,10 @@ pub struct Outcome {
     pub extracted: Vec<(String, serde_json::Value)>,
     /// The last attempt ended with its retry_condition true (a durable runner retries it).
     pub condition_retry: bool,
+    /// With pagination: the pages' items, in order, under the cap (none when streamed).
+    pub items: Vec<serde_json::Value>,
+    /// With pagination: every page requested.
+    pub pages: Vec<PageRecord>,
     /// The last attempt answered 202 with a Location to poll, and the action does not poll
     /// inline (`HttpAction::one_attempt`): the durable runner stores the poll as its next step.
     pub poll_due: Option<PollDue>,

@@ -124,6 +124,7 @@ pub(super) fn validate(
     }
     let tenant = tenant(&input.tenant, &mut bad);
     let async_poll = super::poll::validate(&input.async_poll, timeouts.total, &mut bad);
+    let paginate = super::paginate::parse(input.paginate.take(), &mut bad);
 
     // Credentials in the URL become Basic authorization, as curl and browsers do, and leave the
     // URL so it can be logged.
@@ -171,6 +172,7 @@ pub(super) fn validate(
             async_poll,
             polls_inline: true,
             is_poll: false,
+            paginate,
         }),
         _ => Err(bad),
     }

@@ -2,8 +2,9 @@
 use crate::{
     action::{
         ActionError, ActionInput, AttemptRecord, AttemptTiming, AuthInput, BodyInput, ErrorKind,
-        InvalidAction, OAuth2Input, OnFailure, Outcome, RedirectsInput, ReplyBody, ResponseData,
-        ResponseHead, RetryInput, SigV4Input, SigningInput, TimeoutsInput, TlsInput, MAX_RETRY_ON_ERRORS,
+        InvalidAction, NextInput, OAuth2Input, OnFailure, Outcome, PageRecord, PaginateInput, PaginationEnd,
+        RedirectsInput, ReplyBody, ResponseData, ResponseHead, RetryInput, SigV4Input, SigningInput,
+        TimeoutsInput, TlsInput, MAX_RETRY_ON_ERRORS,
     },
     pb,
 };
@@ -107,6 +108,39 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             interval: duration("async_poll.interval", p.interval, bad),
             max_wait: duration("async_poll.max_wait", p.max_wait, bad),
         }),
+        paginate: req.paginate.map(paginate_input),
+    }
+}
+
+/// `paginate` as the domain's input; an unset `next` is the Link header.
+fn paginate_input(p: pb::Paginate) -> PaginateInput {
+    use pb::paginate::Next;
+    let next = match p.next {
+        None | Some(Next::LinkHeader(true)) => NextInput::LinkHeader,
+        Some(Next::LinkHeader(false)) => NextInput::LinkHeaderFalse,
+        Some(Next::NextUrlPath(path)) => NextInput::UrlPath(path),
+        Some(Next::Cursor(c)) => NextInput::Cursor { path: c.path, param: c.param },
+    };
+    PaginateInput { next, items_path: p.items_path, max_pages: p.max_pages }
+}
+
+/// A page as the reply's (and PageCompleted's) `Page`.
+pub fn page(p: &PageRecord) -> pb::Page {
+    let end = match p.end {
+        None => pb::PaginationEnd::Unspecified,
+        Some(PaginationEnd::LastPage) => pb::PaginationEnd::LastPage,
+        Some(PaginationEnd::MaxPages) => pb::PaginationEnd::MaxPages,
+        Some(PaginationEnd::Loop) => pb::PaginationEnd::Loop,
+        Some(PaginationEnd::ItemsCapped) => pb::PaginationEnd::ItemsCapped,
+    };
+    pb::Page {
+        number: p.number,
+        status: p.status.map(u32::from).unwrap_or_default(),
+        url: p.url.clone(),
+        total: Some(proto_duration(p.total)),
+        items: p.items,
+        attempts: p.attempts,
+        end: end as i32,
     }
 }
 
@@ -245,6 +279,7 @@ fn attempt(a: &AttemptRecord) -> pb::Attempt {
         remote_address: a.remote_addr.map(|r| r.to_string()).unwrap_or_default(),
         backoff: a.backoff.map(proto_duration),
         poll: a.poll,
+        page: a.page,
     }
 }
 
@@ -272,6 +307,8 @@ pub const REPLY_BUDGET: usize = 4 * 1024 * 1024 - 64 * 1024;
 pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
     let mode = o.reply_body;
     let mut reply = outcome_unbounded(o);
+    // Paginated items share the reply with the last page's body views.
+    let budget = REPLY_BUDGET.saturating_sub(reply.items.iter().map(prost::Message::encoded_len).sum());
     let Some(response) = reply.response.as_mut() else {
         return reply;
     };
@@ -301,20 +338,24 @@ pub fn outcome(o: Outcome) -> pb::ExecuteHttpActionResponse {
     if response.body_json.is_some() || response.body_text.is_some() {
         let extra = if mode == ReplyBody::All { body.len() + 8 } else { 0 };
         let mut len = prost::Message::encoded_len(response) + extra;
-        if len > REPLY_BUDGET && response.body_json.is_some() {
+        if len > budget && response.body_json.is_some() {
             response.body_json = None;
             if stand_in.is_some() {
                 response.body_text = stand_in;
             }
             len = prost::Message::encoded_len(response) + extra;
         }
-        if len > REPLY_BUDGET {
+        if len > budget {
             response.body_text = None;
         }
     }
     // ALL keeps the bytes; AUTO only when no view is left.
     if mode == ReplyBody::All || (response.body_json.is_none() && response.body_text.is_none()) {
         response.body = body;
+    }
+    // Paginated, the items are what the caller came for: the last page's bytes give way.
+    if budget < REPLY_BUDGET && prost::Message::encoded_len(response) > budget {
+        response.body = bytes::Bytes::new();
     }
     reply
 }
@@ -332,6 +373,8 @@ fn outcome_unbounded(o: Outcome) -> pb::ExecuteHttpActionResponse {
             total: Some(proto_duration(o.total)),
         }),
         extracted: o.extracted.into_iter().map(|(name, value)| (name, json_value(value))).collect(),
+        items: o.items.into_iter().map(json_value).collect(),
+        pages: o.pages.iter().map(page).collect(),
     }
 }
 
@@ -402,6 +445,25 @@ mod tests {
             extracted: vec![("id".into(), serde_json::json!(7))],
             condition_retry: false,
             poll_due: None,
+            items: Vec::new(),
+            pages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_items_reply_size_is_its_encoding() {
+        use prost::Message as _;
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!(7),
+            serde_json::json!("héllo"),
+            serde_json::json!([1, "a", [true]]),
+            serde_json::json!({"id": 1, "tags": {"a": "x".repeat(300)}}),
+        ];
+        for v in values {
+            let reply =
+                pb::ExecuteHttpActionResponse { items: vec![json_value(v.clone())], ..Default::default() };
+            assert_eq!(crate::action::paginate::reply_size(&v), reply.encoded_len() as u64, "{v}");
         }
     }
 

@@ -7,7 +7,10 @@ use super::{
     status::{self, invalid_argument},
 };
 use crate::{
-    action::{AttemptRecord, AttemptTiming, HttpAction, InvalidAction, Outcome, ResponseHead, TraceContext},
+    action::{
+        AttemptRecord, AttemptTiming, HttpAction, InvalidAction, Outcome, PageRecord, ResponseHead,
+        TraceContext,
+    },
     client::concurrency::{Admission, Overloaded},
     exec::{Buffered, Executor, Gone, Observer, OFFLOAD_BODY_BYTES},
     pb::{self, action_event::Event},
@@ -134,7 +137,11 @@ pub(super) fn log_overloaded(e: &Overloaded) {
 /// The reply of a finished action. A large JSON body is a large tree to convert and size: off
 /// the runtime's threads.
 pub(super) async fn reply_of(outcome: Outcome) -> Result<pb::ExecuteHttpActionResponse, Status> {
-    if outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES) {
+    // A large JSON body (or many items) is a large tree to convert and size: off the runtime's
+    // threads.
+    let large = outcome.response.as_ref().is_some_and(|r| r.body.len() >= OFFLOAD_BODY_BYTES)
+        || outcome.items.len() >= OFFLOAD_ITEMS;
+    if large {
         tokio::task::spawn_blocking(move || convert::outcome(outcome))
             .await
             .map_err(|e| Status::internal(format!("building the reply failed: {e}")))
@@ -199,7 +206,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {
-            let mut events = EventSink { tx: tx.clone() };
+            let mut events = EventSink { tx: tx.clone(), page: u32::from(action.paginate().is_some()) };
             let accepted = Event::Accepted(pb::Accepted {
                 action_id: action.id().to_owned(),
                 accepted_at: Some(convert::timestamp(std::time::SystemTime::now())),
@@ -215,6 +222,8 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
                         // The body went out as BodyChunk events.
                         response.body.clear();
                     }
+                    // And the items as PageCompleted events (the executor kept none).
+                    result.items.clear();
                     let _ = events.send(Event::Completed(pb::Completed { result: Some(result) })).await;
                 }
                 _ = tx.closed() => {
@@ -238,9 +247,14 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
     }
 }
 
+/// Paginated items from this many on are converted off the runtime's threads, as a large body.
+const OFFLOAD_ITEMS: usize = 1_000;
+
 /// Feeds executor observations into the stream as `ActionEvent`s.
 struct EventSink {
     tx: mpsc::Sender<Result<pb::ActionEvent, Status>>,
+    /// The page the events belong to with pagination (1 from the start), else 0.
+    page: u32,
 }
 
 impl EventSink {
@@ -256,7 +270,8 @@ impl Observer for EventSink {
 
     async fn attempt_started(&mut self, attempt: u32, poll: bool) -> Result<(), Gone> {
         let started_at = Some(convert::timestamp(std::time::SystemTime::now()));
-        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at, poll })).await
+        self.send(Event::AttemptStarted(pb::AttemptStarted { attempt, started_at, poll, page: self.page }))
+            .await
     }
 
     async fn response_head(
@@ -294,6 +309,15 @@ impl Observer for EventSink {
             poll: record.poll,
         }))
         .await
+    }
+
+    fn page_started(&mut self, page: u32) {
+        self.page = page;
+    }
+
+    async fn page_completed(&mut self, page: &PageRecord, items: &[serde_json::Value]) -> Result<(), Gone> {
+        let items = items.iter().cloned().map(convert::json_value).collect();
+        self.send(Event::PageCompleted(pb::PageCompleted { page: Some(convert::page(page)), items })).await
     }
 }
 

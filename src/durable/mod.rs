@@ -432,6 +432,8 @@ impl Durable {
             extracted: Vec::new(),
             condition_retry: false,
             poll_due: None,
+            items: Vec::new(),
+            pages: Vec::new(),
         };
         let mut record = convert::outcome(only_attempts).attempts.into_iter().last().unwrap_or_default();
         record.number = claim.attempt;

@@ -22,6 +22,7 @@ mod listener;
 mod operations;
 mod otlp;
 mod poll;
+mod paginate;
 mod properties;
 mod proto_compat;
 mod proxy;

@@ -54,6 +54,7 @@ fn labels(events: &[Event]) -> Vec<String> {
             Event::Completed(c) => {
                 format!("Completed({:?})", c.result.as_ref().map(|r| r.outcome()).unwrap_or_default())
             }
+            Event::PageCompleted(p) => format!("PageCompleted({})", p.page.as_ref().map_or(0, |p| p.number)),
         };
         if label.starts_with("BodyChunk") && out.last() == Some(&label) {
             continue;
