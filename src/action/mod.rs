@@ -5,6 +5,7 @@ pub mod condition;
 mod excerpt;
 pub mod extract;
 mod outcome;
+pub mod redact;
 mod retry;
 pub mod secret_ref;
 mod status;
@@ -28,8 +29,8 @@ pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
-    FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS, MAX_HEADER_BYTES,
-    MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
+    is_sensitive as is_sensitive_header, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS,
+    MAX_HEADERS, MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
 };
 
 use bytes::Bytes;
@@ -223,6 +224,8 @@ pub struct HttpAction {
     auth: Auth,
     /// Request signing, recomputed on every attempt (`signing()`).
     signing: Signing,
+    /// The `{{secret:NAME}}` values filled in, for showing the action redacted (Render).
+    secret_values: redact::SecretValues,
 }
 
 /// What validation needs from the server: its secrets, the header names it keeps out of logs,
@@ -440,6 +443,11 @@ impl HttpAction {
     /// The request signing, recomputed on every attempt.
     pub fn signing(&self) -> &Signing {
         &self.signing
+    }
+
+    /// The `{{secret:NAME}}` values the action was filled with, to redact what is shown of it.
+    pub fn secret_values(&self) -> &redact::SecretValues {
+        &self.secret_values
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod json;
+pub mod render;
 pub mod reply_hold;
 mod service;
 pub mod status;

@@ -298,20 +298,94 @@ impl tower::Service<Uri> for TimedConnector {
 }
 
 impl TimedConnector {
-    async fn connect(self, uri: Uri) -> Result<Stream, ConnectError> {
+    /// The route to `uri`: its target, and the proxy and host dialled when one applies.
+    fn route(&self, uri: &Uri) -> Result<Route, ConnectError> {
         let https = uri.scheme_str() == Some("https");
         let host = uri
             .host()
             .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
             .ok_or_else(|| ConnectError::new(ErrorKind::Connect, "URL has no host".into(), None))?;
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-
-        // Route: the host dialled is the proxy's when one applies to this target.
         let proxy = self.proxies.for_target(https, &host).cloned();
         let (dial_host, dial_port) = match &proxy {
             Some(p) => (p.host().to_owned(), p.port()),
             None => (host.clone(), port),
         };
+        Ok(Route { https, host, port, proxy, dial_host, dial_port })
+    }
+
+    /// What `connect` would do for `uri`, nothing dialled: the same route, the same egress
+    /// checks in the same order, the host dialled resolved the same way (fixed addresses, then
+    /// the system resolver). Render shows it.
+    pub async fn preview(&self, uri: &Uri) -> RoutePreview {
+        let route = match self.route(uri) {
+            Ok(route) => route,
+            Err(e) => return RoutePreview { resolve_error: Some(e.message), ..RoutePreview::default() },
+        };
+        let Route { host, port, proxy, dial_host, dial_port, .. } = route;
+        let caller_proxy = proxy.is_some() && self.proxies.chosen_by_caller();
+        let mut preview = RoutePreview {
+            target: authority(&host, port),
+            dialled: authority(&dial_host, dial_port),
+            caller_proxy,
+            ..RoutePreview::default()
+        };
+        // The target's name and port, a caller's proxy, and the target's addresses where callout
+        // (not the proxy) resolves it: as `connect` checks them before dialling.
+        let mut denied = self.egress.check_host(&host, port).err();
+        if denied.is_none() && caller_proxy {
+            denied = self.egress.check_host(&dial_host, dial_port).err();
+        }
+        if denied.is_none() {
+            denied = match proxy.as_ref().map(ProxyUrl::scheme) {
+                Some(ProxyScheme::Socks5) => match resolve(&host, port, None, &self.fixed).await {
+                    Ok((addrs, _)) => self
+                        .allowed(&host, addrs)
+                        .err()
+                        .map(|e| Denied { target: preview.target.clone(), rule: e.message }),
+                    Err(e) => {
+                        preview.resolve_error = Some(e.message);
+                        None
+                    }
+                },
+                Some(_) => {
+                    host.parse::<IpAddr>().ok().and_then(|ip| self.egress.check_ip(&host, port, ip).err())
+                }
+                None => None,
+            };
+        }
+        preview.denied = denied.map(|d| d.to_string());
+        preview.proxy = proxy;
+        if preview.denied.is_some() || preview.resolve_error.is_some() {
+            return preview;
+        }
+        preview.resolved_by = resolved_by(&dial_host, &self.fixed);
+        let checked = preview.proxy.is_none() || caller_proxy;
+        match resolve(&dial_host, dial_port, preview.proxy.as_ref(), &self.fixed).await {
+            Ok((addrs, _)) => {
+                preview.addresses = addrs
+                    .into_iter()
+                    .map(|addr| {
+                        let verdict = if checked {
+                            match self.egress.check_ip(&dial_host, addr.port(), addr.ip()) {
+                                Ok(()) => AddressVerdict::Allowed,
+                                Err(denied) => AddressVerdict::Denied(denied.rule),
+                            }
+                        } else {
+                            AddressVerdict::NotChecked("the operator's proxy is trusted wherever it lives")
+                        };
+                        (addr, verdict)
+                    })
+                    .collect();
+            }
+            Err(e) => preview.resolve_error = Some(e.message),
+        }
+        preview
+    }
+
+    async fn connect(self, uri: Uri) -> Result<Stream, ConnectError> {
+        // Route: the host dialled is the proxy's when one applies to this target.
+        let Route { https, host, port, proxy, dial_host, dial_port } = self.route(&uri)?;
         let scheme = proxy.as_ref().map(ProxyUrl::scheme);
 
         // Egress, before any lookup: the target's name and port, and a caller's proxy itself.
@@ -427,6 +501,68 @@ impl TimedConnector {
             )
         })?;
         Ok(Transport::ProxyTls(Box::new(stream)))
+    }
+}
+
+/// Where a connection goes: the target, and what is dialled (the target, or its proxy).
+struct Route {
+    https: bool,
+    host: String,
+    port: u16,
+    proxy: Option<ProxyUrl>,
+    dial_host: String,
+    dial_port: u16,
+}
+
+/// What a connection to a URI would do, nothing dialled (`TimedConnector::preview`).
+#[derive(Debug, Clone, Default)]
+pub struct RoutePreview {
+    /// The target, `host:port`.
+    pub target: String,
+    /// The proxy that applies to the target, if any.
+    pub proxy: Option<ProxyUrl>,
+    /// The proxy is the action's own (checked like any destination), not the operator's.
+    pub caller_proxy: bool,
+    /// Why the policy refuses the target (its name or port, a caller's proxy, or a target
+    /// callout resolves for a proxy); nothing is resolved further then.
+    pub denied: Option<String>,
+    /// What is dialled, `host:port`.
+    pub dialled: String,
+    /// Where the addresses of the host dialled come from: "literal", "fixed" or "dns".
+    pub resolved_by: &'static str,
+    /// The addresses of the host dialled, in the order they are tried, each with its verdict.
+    pub addresses: Vec<(SocketAddr, AddressVerdict)>,
+    /// Why a name could not be resolved.
+    pub resolve_error: Option<String>,
+}
+
+impl RoutePreview {
+    /// The connection would be made: nothing refused, something to dial that may be dialled.
+    pub fn allowed(&self) -> bool {
+        self.denied.is_none()
+            && self.resolve_error.is_none()
+            && self.addresses.iter().any(|(_, v)| !matches!(v, AddressVerdict::Denied(_)))
+    }
+}
+
+/// The egress policy's word on one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressVerdict {
+    Allowed,
+    /// The rule that refuses it.
+    Denied(String),
+    /// The policy does not look at it, and why.
+    NotChecked(&'static str),
+}
+
+/// Where `resolve` gets the addresses of `host`.
+fn resolved_by(host: &str, fixed: &HashMap<String, Vec<IpAddr>>) -> &'static str {
+    if fixed.contains_key(host::normalize(host).as_str()) {
+        "fixed"
+    } else if host.parse::<IpAddr>().is_ok() {
+        "literal"
+    } else {
+        "dns"
     }
 }
 
