@@ -754,9 +754,14 @@ fn dry_run_output(
         if let Some(why) = route.denied.as_ref().or(route.resolve_error.as_ref()) {
             eprintln!("callout: would not be sent: {why}");
         } else if !allowed {
+            let why = route.addresses.iter().find_map(|(_, verdict)| match verdict {
+                callout::client::connect::AddressVerdict::Denied(rule) => Some(rule.as_str()),
+                _ => None,
+            });
             eprintln!(
-                "callout: would not be sent: the egress policy denies every address of {}",
-                route.dialled
+                "callout: would not be sent: the egress policy denies every address of {} ({})",
+                route.dialled,
+                why.unwrap_or("no address")
             );
         }
         request_text(&rendered)
