@@ -6,6 +6,7 @@
 //
 //   node callout_client.js [--target HOST:PORT] execute METHOD URL [options]   unary Execute
 //   node callout_client.js [--target HOST:PORT] stream METHOD URL [options]    ExecuteStream
+//   node callout_client.js [--target HOST:PORT] render METHOD URL [options]    Render: what would be sent
 //
 // options: -H 'Name: value' (repeatable), -q name=value (repeatable), --json TEXT, --text TEXT,
 // --body-file PATH, --success-codes "200,201", --on-failure abort|continue, --max-attempts N,
@@ -171,7 +172,7 @@ function grpcError(err) {
 
 function usage(message) {
   if (message) console.error(message);
-  console.error('usage: node callout_client.js [--target HOST:PORT] [--deadline S] execute|stream METHOD URL [options]');
+  console.error('usage: node callout_client.js [--target HOST:PORT] [--deadline S] execute|stream|render METHOD URL [options]');
   process.exit(EXIT.usage);
 }
 
@@ -204,7 +205,7 @@ function parseArgs(argv) {
   }
   if (opts.positional.length !== 3) usage();
   [opts.command, opts.method, opts.url] = opts.positional;
-  if (!['execute', 'stream'].includes(opts.command)) usage(`unknown command ${opts.command}`);
+  if (!['execute', 'stream', 'render'].includes(opts.command)) usage(`unknown command ${opts.command}`);
   return opts;
 }
 
@@ -255,6 +256,29 @@ function execute(client, opts) {
       if (err) return resolve(grpcError(err));
       printOutcome(reply);
       resolve(reply.proceed ? EXIT.proceed : EXIT.stop);
+    });
+  });
+}
+
+// Render: the request Execute would send (redacted) and the egress verdict; nothing sent. Exits
+// 0 when the egress policy would let it out, 1 when not.
+function render(client, opts) {
+  return new Promise((resolve) => {
+    client.Render(buildRequest(opts), { deadline: deadline(opts) }, (err, r) => {
+      if (err) return resolve(grpcError(err));
+      console.log(`request: ${r.method} ${r.url}`);
+      for (const h of r.headers || []) console.log(`header: ${h.name}: ${h.value}`);
+      console.log(`body_bytes: ${r.bodySize || 0}`);
+      const e = r.egress || {};
+      console.log(`egress: allowed=${!!e.allowed} target=${e.target || ''} dialled=${e.dialled || ''}`);
+      for (const a of e.addresses || []) {
+        console.log(`address: ${a.address} allowed=${!!a.allowed} ${a.reason || ''}`.trimEnd());
+      }
+      const proxy = r.proxy || {};
+      console.log(`proxy: used=${!!proxy.used} ${proxy.url || ''}`.trimEnd());
+      const policy = r.policy || {};
+      console.log(`policy: max_attempts=${policy.maxAttempts || 0} success_codes=${policy.successCodes || ''}`);
+      resolve(e.allowed ? EXIT.proceed : EXIT.stop);
     });
   });
 }
@@ -334,7 +358,8 @@ async function main() {
   const HttpActionService = loadService();
   const client = new HttpActionService(opts.target, grpc.credentials.createInsecure());
   try {
-    return await (opts.command === 'execute' ? execute(client, opts) : stream(client, opts));
+    const run = { execute, stream, render }[opts.command];
+    return await run(client, opts);
   } finally {
     client.close();
   }

@@ -332,29 +332,28 @@ impl TimedConnector {
         };
         // The target's name and port, a caller's proxy, and the target's addresses where callout
         // (not the proxy) resolves it: as `connect` checks them before dialling.
-        let mut denied = self.egress.check_host(&host, port).err();
+        let mut denied = self.egress.check_host(&host, port).err().map(|d| d.to_string());
         if denied.is_none() && caller_proxy {
-            denied = self.egress.check_host(&dial_host, dial_port).err();
+            denied = self.egress.check_host(&dial_host, dial_port).err().map(|d| d.to_string());
         }
         if denied.is_none() {
             denied = match proxy.as_ref().map(ProxyUrl::scheme) {
                 Some(ProxyScheme::Socks5) => match resolve(&host, port, None, &self.fixed).await {
-                    Ok((addrs, _)) => self
-                        .allowed(&host, addrs)
-                        .err()
-                        .map(|e| Denied { target: preview.target.clone(), rule: e.message }),
+                    Ok((addrs, _)) => self.allowed(&host, addrs).err().map(|e| e.message),
                     Err(e) => {
                         preview.resolve_error = Some(e.message);
                         None
                     }
                 },
-                Some(_) => {
-                    host.parse::<IpAddr>().ok().and_then(|ip| self.egress.check_ip(&host, port, ip).err())
-                }
+                Some(_) => host
+                    .parse::<IpAddr>()
+                    .ok()
+                    .and_then(|ip| self.egress.check_ip(&host, port, ip).err())
+                    .map(|d| d.to_string()),
                 None => None,
             };
         }
-        preview.denied = denied.map(|d| d.to_string());
+        preview.denied = denied;
         preview.proxy = proxy;
         if preview.denied.is_some() || preview.resolve_error.is_some() {
             return preview;
