@@ -721,6 +721,7 @@ async fn dial(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::NoProxy;
 
     #[tokio::test]
     async fn fixed_addresses_match_names_however_written() {
@@ -739,5 +740,48 @@ mod tests {
             assert_eq!(addrs, vec![SocketAddr::new(ip, 80)], "{name}");
             assert_eq!(dns, Duration::ZERO);
         }
+    }
+
+    fn through(proxies: Proxies) -> TimedConnector {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let fixed = BTreeMap::from([("api.example.test".into(), vec!["10.0.0.5".parse().unwrap()])]);
+        TimedConnector::new(tls, Arc::new(proxies), Duration::from_secs(1))
+            .with_egress(Arc::default(), &fixed)
+    }
+
+    #[tokio::test]
+    async fn a_preview_checks_what_connect_checks_through_each_kind_of_proxy() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let proxy = |s: &str| ProxyUrl::parse(s).unwrap();
+        // Through socks5 callout resolves the target: its private address is refused.
+        let caller = through(Proxies::only(proxy("socks5://203.0.113.7:1080")));
+        let preview = caller.preview(&uri("http://api.example.test/")).await;
+        assert!(!preview.allowed() && preview.caller_proxy);
+        assert!(preview.denied.as_deref().unwrap().contains("private range"), "{preview:?}");
+        // Through socks5h the proxy resolves it: only the caller's proxy address is checked.
+        let caller = through(Proxies::only(proxy("socks5h://203.0.113.7:1080")));
+        let preview = caller.preview(&uri("http://api.example.test/")).await;
+        assert!(preview.allowed(), "{preview:?}");
+        assert_eq!((preview.dialled.as_str(), preview.resolved_by), ("203.0.113.7:1080", "literal"));
+        assert_eq!(preview.addresses, [("203.0.113.7:1080".parse().unwrap(), AddressVerdict::Allowed)]);
+        // The operator's proxy is trusted wherever it lives; a target written as an address is
+        // still checked.
+        let operator = through(Proxies::new(Some(proxy("http://10.9.9.9:3128")), None, NoProxy::default()));
+        let preview = operator.preview(&uri("http://api.example.test/")).await;
+        assert!(preview.allowed(), "{preview:?}");
+        assert!(matches!(preview.addresses[0].1, AddressVerdict::NotChecked(_)));
+        let preview = operator.preview(&uri("http://169.254.169.254/latest")).await;
+        assert!(preview.denied.as_deref().unwrap().contains("cloud metadata"), "{preview:?}");
+        // Direct: every address checked.
+        let direct = through(Proxies::default());
+        let preview = direct.preview(&uri("http://api.example.test:8080/")).await;
+        assert_eq!(preview.resolved_by, "fixed");
+        assert!(!preview.allowed() && matches!(preview.addresses[0].1, AddressVerdict::Denied(_)));
     }
 }
