@@ -283,6 +283,20 @@ for lang in python node; do
     expect_text '"path":"/status/201"'
     expect_text '"body":"hello"'
 
+    step "$lang: Render (what Execute would send; nothing sent)"
+    run "$p-render" 0 "${CLIENT[@]}" render POST "$UPSTREAM/orders" -q step=42 \
+        -H "Authorization: Bearer s3cret-$lang" --json '{"id":1}'
+    expect "^request: POST $UPSTREAM/orders\\?step=42$"
+    expect '^header: authorization: Bearer \[REDACTED\]$'
+    expect '^header: content-type: application/json$'
+    expect '^body_bytes: 8$'
+    expect '^egress: allowed=true target=127\.0\.0\.1:[0-9]+ '
+    expect '^address: 127\.0\.0\.1:[0-9]+ allowed=true$'
+    expect '^proxy: used=false$'
+    expect_no 's3cret'
+    run "$p-render-invalid" 2 "${CLIENT[@]}" render GET "ftp://x"
+    expect '^violation: url: '
+
     step "$lang: reply_body, extract and conditions"
 
     # AUTO (the default): one field, the parsed JSON of the echo.

@@ -608,6 +608,11 @@ impl Attempts {
         Self { clients, limits, budget, stream_max_response_bytes, credentials }
     }
 
+    /// The clients attempts are sent with (Render previews a connection on them).
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
     fn body_cap(&self, action: &HttpAction, streams: bool) -> u64 {
         if streams {
             let server = self.stream_max_response_bytes;
@@ -669,7 +674,7 @@ fn continue_trace(headers: &mut http::HeaderMap, trace: &TraceContext) {
 
 /// The first hop's request: the action's method, URL, headers (plus a default User-Agent) and
 /// body, continuing the caller's trace.
-fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
+pub(crate) fn first_request(action: &HttpAction) -> Result<Request<Bytes>, SendFailure> {
     let hop = Hop {
         method: action.method().clone(),
         url: action.url().clone(),

@@ -27,6 +27,7 @@ use crate::{
     },
     cut_off::{shut_down, unless_cut_off, ShutDownAt},
     metrics,
+    render::{render, Rendered, Total},
     secrets::{SecretSettings, SecretStore},
 };
 use std::{
@@ -134,6 +135,20 @@ impl Executor {
             settings,
             cut_off: Arc::new(watch::channel(false).0),
         })
+    }
+}
+
+impl Executor {
+    /// The request `action`'s first attempt would send, redacted, with the egress verdict,
+    /// proxy and policy around it (Render, `callout exec --dry-run`). Nothing is sent and no
+    /// token fetched; `budget` is the caller's deadline, as for `execute`.
+    pub async fn render(
+        &self,
+        action: &HttpAction,
+        budget: Option<Duration>,
+    ) -> Result<Rendered, ActionError> {
+        let total = self.total_of(action, budget);
+        render(action, self.attempts.clients(), &self.settings.sensitive_headers, total).await
     }
 }
 
@@ -569,15 +584,28 @@ impl<A: RunAttempt> Executor<A> {
     }
 
     fn total_budget(&self, action: &HttpAction, budget: Option<Duration>) -> Duration {
-        let total = action.timeouts().total.unwrap_or(self.settings.default_total_timeout);
+        self.total_of(action, budget).budget
+    }
+
+    /// The action's total budget and where it comes from.
+    fn total_of(&self, action: &HttpAction, budget: Option<Duration>) -> Total {
+        let (total, source) = match action.timeouts().total {
+            Some(own) => (own, "action"),
+            None => (self.settings.default_total_timeout, "server default"),
+        };
         match budget {
             // Finish a little before the caller's deadline so the reply still reaches it: a
             // tenth of the budget, between 10 ms and 250 ms.
             Some(budget) => {
                 let margin = (budget / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
-                total.min(budget.saturating_sub(margin))
+                let by_deadline = budget.saturating_sub(margin);
+                if by_deadline < total {
+                    Total { budget: by_deadline, source: "deadline" }
+                } else {
+                    Total { budget: total, source }
+                }
             }
-            None => total,
+            None => Total { budget: total, source },
         }
     }
 

@@ -20,6 +20,7 @@ pub mod exec;
 pub mod fleet;
 pub mod fmt;
 pub mod metrics;
+pub mod render;
 pub mod runtime;
 pub mod secrets;
 pub mod server;

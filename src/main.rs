@@ -452,6 +452,12 @@ struct ExecArgs {
     /// received) instead of the outcome JSON; a failure's kind and message go to stderr.
     #[arg(short = 'i', long = "include")]
     include: bool,
+    /// Send nothing: print the request callout would send (as the Render RPC answers it: its
+    /// JSON, or with -i as HTTP/1.1 text), the egress verdict, proxy and policy. No token is
+    /// fetched. Exit 0 when the egress policy would let it out, 1 when not (or the host does
+    /// not resolve), 2 for an invalid action.
+    #[arg(long)]
+    dry_run: bool,
     /// Log each attempt on stderr (callout's debug logs); by default only warnings.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -757,6 +763,86 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Writes what `callout exec` prints to `path`, or stdout.
+fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<(), String> {
+    match path {
+        Some(path) => std::fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display())),
+        None => {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(bytes).and_then(|()| stdout.flush()).map_err(|e| format!("writing stdout: {e}"))
+        }
+    }
+}
+
+/// `callout exec --dry-run`'s output and exit status: Render's reply as JSON, or (`-i`) the
+/// request as HTTP/1.1 text with the verdict on stderr.
+fn dry_run_output(
+    rendered: Result<callout::render::Rendered, callout::action::ActionError>,
+    include: bool,
+    output: Option<&Path>,
+) -> ExitCode {
+    let rendered = match rendered {
+        Ok(rendered) => rendered,
+        Err(e) => {
+            eprintln!("callout: {}: {}", e.kind.as_str(), e.message);
+            return ExitCode::from(2);
+        }
+    };
+    let allowed = rendered.route.allowed();
+    let bytes = if include {
+        let route = &rendered.route;
+        if let Some(why) = route.denied.as_ref().or(route.resolve_error.as_ref()) {
+            eprintln!("callout: would not be sent: {why}");
+        } else if !allowed {
+            let why = route.addresses.iter().find_map(|(_, verdict)| match verdict {
+                callout::client::connect::AddressVerdict::Denied(rule) => Some(rule.as_str()),
+                _ => None,
+            });
+            eprintln!(
+                "callout: would not be sent: the egress policy denies every address of {} ({})",
+                route.dialled,
+                why.unwrap_or("no address")
+            );
+        }
+        request_text(&rendered)
+    } else {
+        match callout::api::json::rendered_json(&callout::api::render::rendered(rendered)) {
+            Ok(text) => (text + "\n").into_bytes(),
+            Err(e) => {
+                eprintln!("callout: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    };
+    if let Err(e) = write_output(output, &bytes) {
+        eprintln!("callout: {e}");
+        return ExitCode::from(3);
+    }
+    if allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A rendered request as HTTP/1.1 text: request line (origin form), headers, a blank line, the
+/// body (redacted).
+fn request_text(rendered: &callout::render::Rendered) -> Vec<u8> {
+    let target = rendered
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+        .unwrap_or("/");
+    let mut out = format!("{} {target} HTTP/1.1\r\n", rendered.method).into_bytes();
+    for (name, value) in &rendered.headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&rendered.body);
+    out
+}
+
 /// The response as `curl -i` prints it: status line, headers as received, a blank line, the
 /// body bytes (empty when no response came back).
 fn included(outcome: &callout::action::Outcome) -> Vec<u8> {
@@ -907,6 +993,7 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
     }
     let output = args.output.take();
     let include = args.include;
+    let dry_run = args.dry_run;
     let telemetry = match telemetry::init(&log, &config.tracing) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
@@ -923,6 +1010,11 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
         Ok(action) => action,
         Err(e) => return fail(e),
     };
+    if dry_run {
+        let rendered = executor.render(&action, None).await;
+        telemetry.shutdown();
+        return dry_run_output(rendered, include, output.as_deref());
+    }
     let outcome = executor.execute(&action, None).await;
     telemetry.shutdown();
     let proceed = outcome.proceed;
@@ -941,15 +1033,7 @@ async fn exec(mut args: ExecArgs) -> ExitCode {
             }
         }
     };
-    let written = match &output {
-        Some(path) => std::fs::write(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display())),
-        None => {
-            use std::io::Write as _;
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(&bytes).and_then(|()| stdout.flush()).map_err(|e| format!("writing stdout: {e}"))
-        }
-    };
-    if let Err(e) = written {
+    if let Err(e) = write_output(output.as_deref(), &bytes) {
         eprintln!("callout: {e}");
         return ExitCode::from(3);
     }

@@ -6,6 +6,7 @@
 //
 //   node callout_client.js [--target HOST:PORT] execute METHOD URL [options]   unary Execute
 //   node callout_client.js [--target HOST:PORT] stream METHOD URL [options]    ExecuteStream
+//   node callout_client.js [--target HOST:PORT] render METHOD URL [options]    Render: what would be sent
 //   node callout_client.js [--target HOST:PORT] batch [FILE]                   ExecuteBatch
 //
 // batch reads one action a line (JSON with proto3 JSON's lowerCamelCase names and enum names, as
@@ -203,7 +204,7 @@ function grpcError(err) {
 
 function usage(message) {
   if (message) console.error(message);
-  console.error('usage: node callout_client.js [--target HOST:PORT] [--deadline S] execute|stream METHOD URL [options]');
+  console.error('usage: node callout_client.js [--target HOST:PORT] [--deadline S] execute|stream|render METHOD URL [options]');
   console.error('       node callout_client.js [--target HOST:PORT] [--deadline S] batch [FILE]');
   process.exit(EXIT.usage);
 }
@@ -247,7 +248,7 @@ function parseArgs(argv) {
   }
   if (opts.positional.length !== 3) usage();
   [opts.command, opts.method, opts.url] = opts.positional;
-  if (!['execute', 'stream'].includes(opts.command)) usage(`unknown command ${opts.command}`);
+  if (!['execute', 'stream', 'render'].includes(opts.command)) usage(`unknown command ${opts.command}`);
   return opts;
 }
 
@@ -322,6 +323,29 @@ function execute(client, opts) {
       if (err) return resolve(grpcError(err));
       printOutcome(reply);
       resolve(reply.proceed ? EXIT.proceed : EXIT.stop);
+    });
+  });
+}
+
+// Render: the request Execute would send (redacted) and the egress verdict; nothing sent. Exits
+// 0 when the egress policy would let it out, 1 when not.
+function render(client, opts) {
+  return new Promise((resolve) => {
+    client.Render(buildRequest(opts), { deadline: deadline(opts) }, (err, r) => {
+      if (err) return resolve(grpcError(err));
+      console.log(`request: ${r.method} ${r.url}`);
+      for (const h of r.headers || []) console.log(`header: ${h.name}: ${h.value}`);
+      console.log(`body_bytes: ${r.bodySize || 0}`);
+      const e = r.egress || {};
+      console.log(`egress: allowed=${!!e.allowed} target=${e.target || ''} dialled=${e.dialled || ''}`);
+      for (const a of e.addresses || []) {
+        console.log(`address: ${a.address} allowed=${!!a.allowed} ${a.reason || ''}`.trimEnd());
+      }
+      const proxy = r.proxy || {};
+      console.log(`proxy: used=${!!proxy.used} ${proxy.url || ''}`.trimEnd());
+      const policy = r.policy || {};
+      console.log(`policy: max_attempts=${policy.maxAttempts || 0} success_codes=${policy.successCodes || ''}`);
+      resolve(e.allowed ? EXIT.proceed : EXIT.stop);
     });
   });
 }
@@ -446,7 +470,7 @@ async function main() {
   const opts = parseArgs(process.argv.slice(2));
   const HttpActionService = loadService();
   const client = new HttpActionService(opts.target, grpc.credentials.createInsecure());
-  const commands = { execute, stream, batch };
+  const commands = { execute, stream, batch, render };
   try {
     return await commands[opts.command](client, opts);
   } finally {

@@ -6,6 +6,7 @@ temporary directory, or --stubs-dir), so nothing generated is committed.
 
   callout_client.py [--target HOST:PORT] execute METHOD URL [options]   unary Execute
   callout_client.py [--target HOST:PORT] stream METHOD URL [options]    ExecuteStream, event by event
+  callout_client.py [--target HOST:PORT] render METHOD URL [options]    Render: what would be sent
   callout_client.py [--target HOST:PORT] batch [FILE]                   ExecuteBatch, JSON lines in and out
   callout_client.py [--target HOST:PORT] reflect list                   like `grpcurl list`
   callout_client.py [--target HOST:PORT] reflect describe SYMBOL        like `grpcurl describe`
@@ -296,6 +297,27 @@ def batch(pb, pb_grpc, channel, args):
     return worst
 
 
+def render(pb, pb_grpc, channel, args):
+    """Render: the request Execute would send (redacted) and the egress verdict; nothing sent.
+    Exits 0 when the egress policy would let it out, 1 when not."""
+    stub = pb_grpc.HttpActionServiceStub(channel)
+    try:
+        r = stub.Render(build_request(pb, args), timeout=args.deadline)
+    except grpc.RpcError as err:
+        return grpc_error(err)
+    print(f"request: {r.method} {r.url}")
+    for h in r.headers:
+        print(f"header: {h.name}: {h.value}")
+    print(f"body_bytes: {r.body_size}")
+    e = r.egress
+    print(f"egress: allowed={str(e.allowed).lower()} target={e.target} dialled={e.dialled}")
+    for a in e.addresses:
+        print(f"address: {a.address} allowed={str(a.allowed).lower()} {a.reason}".rstrip())
+    print(f"proxy: used={str(r.proxy.used).lower()} {r.proxy.url}".rstrip())
+    print(f"policy: max_attempts={r.policy.max_attempts} success_codes={r.policy.success_codes}")
+    return EXIT_PROCEED if e.allowed else EXIT_STOP
+
+
 # ------------------------------------------------------------------------------ reflection
 
 SCALARS = {
@@ -458,6 +480,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     action_arguments(sub.add_parser("execute", parents=[common], help="run one action with the unary Execute"))
     action_arguments(sub.add_parser("stream", parents=[common], help="run one action with ExecuteStream"))
+    action_arguments(sub.add_parser("render", parents=[common], help="show what Execute would send, sending nothing"))
     b = sub.add_parser("batch", parents=[common], help="run many actions on one ExecuteBatch stream")
     b.add_argument("file", nargs="?", help="JSON lines of actions (default, or -: stdin)")
     r = sub.add_parser("reflect", help="server reflection: what grpcurl does, no proto file needed")
@@ -479,7 +502,7 @@ def main(argv=None):
         stubs_dir = args.stubs_dir or tempfile.mkdtemp(prefix="callout-stubs-")
         try:
             pb, pb_grpc = load_stubs(args.proto_dir, stubs_dir)
-            run = {"execute": execute, "stream": stream, "batch": batch}[args.command]
+            run = {"execute": execute, "stream": stream, "batch": batch, "render": render}[args.command]
             return run(pb, pb_grpc, channel, args)
         finally:
             if not args.stubs_dir:

@@ -280,6 +280,16 @@ impl fmt::Debug for Auth {
     }
 }
 
+impl Signing {
+    /// The kind, for Render and logs (never the key).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::StandardWebhooks { .. } => "standard_webhooks",
+        }
+    }
+}
+
 impl fmt::Debug for Signing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

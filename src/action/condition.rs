@@ -109,6 +109,11 @@ impl Condition {
         }
     }
 
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The expression, as quoted in messages (an excerpt).
     pub fn quoted(&self) -> String {
         let short = excerpt(&self.source, QUOTED);

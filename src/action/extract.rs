@@ -23,6 +23,11 @@ impl Extracts {
         self.0.is_empty()
     }
 
+    /// Each name and its path, written out again.
+    pub fn paths(&self) -> impl Iterator<Item = (&str, String)> {
+        self.0.iter().map(|(name, path)| (name.as_str(), path.to_string()))
+    }
+
     /// Every path applied to `body` (`None`: the body is not JSON): the one node selected, a
     /// list when several are, null when none is.
     pub fn apply(&self, body: Option<&Value>) -> Vec<(String, Value)> {

@@ -8,6 +8,7 @@ mod follow_up;
 mod outcome;
 pub mod poll;
 pub mod paginate;
+pub mod redact;
 mod retry;
 pub mod secret_ref;
 mod status;
@@ -34,8 +35,9 @@ pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
-    is_valid_action_id, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS,
-    MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
+    is_sensitive as is_sensitive_header, is_valid_action_id, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES,
+    MAX_FORM_FIELDS, MAX_HEADERS, MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS,
+    MAX_STATUS_SPEC_LEN,
 };
 
 use bytes::Bytes;
@@ -242,6 +244,8 @@ pub struct HttpAction {
     is_poll: bool,
     /// Pagination (`paginate()`); `None`: one request.
     paginate: Option<Paginate>,
+    /// The `{{secret:NAME}}` values filled in, for showing the action redacted (Render).
+    secret_values: redact::SecretValues,
 }
 
 /// What validation needs from the server: its secrets, the header names it keeps out of logs,
@@ -479,6 +483,11 @@ impl HttpAction {
     /// The request signing, recomputed on every attempt.
     pub fn signing(&self) -> &Signing {
         &self.signing
+    }
+
+    /// The `{{secret:NAME}}` values the action was filled with, to redact what is shown of it.
+    pub fn secret_values(&self) -> &redact::SecretValues {
+        &self.secret_values
     }
 
     /// The host and port the action goes to, for logs (never credentials or the path).

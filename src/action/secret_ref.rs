@@ -46,17 +46,23 @@ enum Escape {
     Url,
 }
 
-/// Header indices whose values held a secret (to be kept out of logs and HPACK tables).
-pub type SecretHeaders = Vec<usize>;
+/// What filling the references did: the header indices whose values held a secret (to be kept
+/// out of logs and HPACK tables), and each secret filled in, `(name, value)` (for redaction).
+#[derive(Default)]
+pub struct Filled {
+    pub headers: Vec<usize>,
+    pub values: Vec<(String, String)>,
+}
 
 /// Replaces every reference in `input` by its secret's value, reporting unknown secrets and
 /// malformed references with their field.
-pub fn resolve(input: &mut ActionInput, source: &dyn SecretSource, bad: &mut InvalidAction) -> SecretHeaders {
+pub fn resolve(input: &mut ActionInput, source: &dyn SecretSource, bad: &mut InvalidAction) -> Filled {
+    let mut values = Vec::new();
     let mut fill = |text: &mut String, field: &dyn Fn() -> String, escape: Escape| -> bool {
         if !text.contains(OPEN) {
             return false;
         }
-        match expand(text, source, escape) {
+        match expand(text, source, escape, &mut values) {
             Ok(expanded) => {
                 *text = expanded;
                 true
@@ -97,7 +103,7 @@ pub fn resolve(input: &mut ActionInput, source: &dyn SecretSource, bad: &mut Inv
     for (field, value) in input.signing.values_mut() {
         fill(value, &|| format!("signing.{field}"), Escape::None);
     }
-    secret_headers
+    Filled { headers: secret_headers, values }
 }
 
 /// Whether `input` holds a `{{secret:` reference anywhere `resolve` looks.
@@ -141,7 +147,12 @@ pub(super) fn scan(
 
 /// `text` with each `{{secret:NAME}}` replaced, or what is wrong (naming the secret, never a
 /// value).
-fn expand(text: &str, source: &dyn SecretSource, escape: Escape) -> Result<String, String> {
+fn expand(
+    text: &str,
+    source: &dyn SecretSource,
+    escape: Escape,
+    filled: &mut Vec<(String, String)>,
+) -> Result<String, String> {
     scan(text, OPEN, &mut |name| {
         if !is_valid_name(name) {
             return Err(format!(
@@ -150,11 +161,13 @@ fn expand(text: &str, source: &dyn SecretSource, escape: Escape) -> Result<Strin
             ));
         }
         let value = source.secret(name).ok_or_else(|| format!("refers to unknown secret {name:?}"))?;
-        Ok(match escape {
-            Escape::None => value,
+        let written = match escape {
+            Escape::None => value.clone(),
             Escape::Url => url_component(&value),
-            Escape::JsonString => json_string_content(value),
-        })
+            Escape::JsonString => json_string_content(value.clone()),
+        };
+        filled.push((name.to_owned(), value));
+        Ok(written)
     })
 }
 
@@ -222,13 +235,20 @@ mod tests {
             ..ActionInput::default()
         };
         let mut bad = InvalidAction::default();
-        let secret_headers = resolve(&mut input, &source(), &mut bad);
+        let filled = resolve(&mut input, &source(), &mut bad);
         assert!(bad.is_empty(), "{bad}");
         assert_eq!(input.url, "https://h.test/bob/x?k=s3cr%22t%2F%3F%26");
         assert_eq!(input.query[0].1, "{{ secret:TOKEN }}", "only the exact form is a reference");
         assert_eq!(input.query[1].1, "{{x}}");
         assert_eq!(input.headers[1].1, "Bearer s3cr\"t/?&");
-        assert_eq!(secret_headers, [1]);
+        assert_eq!(filled.headers, [1]);
+        let mut values = filled.values.clone();
+        values.sort();
+        values.dedup();
+        assert_eq!(
+            values,
+            [("TOKEN".to_owned(), "s3cr\"t/?&".to_owned()), ("user.name".into(), "bob".into())]
+        );
         let BodyInput::Json(json) = &input.body else { panic!() };
         let parsed: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(parsed["t"], "s3cr\"t/?&");

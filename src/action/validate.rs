@@ -88,7 +88,7 @@ pub(super) fn validate(
     let profile = auth::use_profile(&mut input.auth, context.auth_profiles, &mut bad);
     // Secrets first, so every check below sees the values that will be sent.
     let before = bad.violations.len();
-    let secret_headers = secret_ref::resolve(&mut input, context.secrets, &mut bad);
+    let filled = secret_ref::resolve(&mut input, context.secrets, &mut bad);
     // Variables after secrets: a variable's value is never read as a secret reference.
     super::vars::render(&mut input, &mut bad);
     if let Some((name, _)) = &profile {
@@ -104,7 +104,7 @@ pub(super) fn validate(
     let id = action_id(&input.action_id, &mut bad);
     let method = method(&input.method, &mut bad);
     let url = url(&input.url, &input.query, &mut bad);
-    let mut headers = headers(&input.headers, &secret_headers, &mut bad);
+    let mut headers = headers(&input.headers, &filled.headers, &mut bad);
     mark_sensitive(&mut headers, context.sensitive_headers);
     let (tls, proxy) = transport_options(&input, &mut bad);
     let (body, default_type) = body(input.body, &mut bad);
@@ -173,6 +173,7 @@ pub(super) fn validate(
             polls_inline: true,
             is_poll: false,
             paginate,
+            secret_values: super::redact::SecretValues::new(filled.values),
         }),
         _ => Err(bad),
     }
@@ -400,7 +401,7 @@ fn headers(pairs: &[(String, String)], secret_headers: &[usize], bad: &mut Inval
 }
 
 /// Headers whose values are secrets: kept out of logs and HTTP/2 header compression tables.
-pub(crate) fn is_sensitive(name: &HeaderName) -> bool {
+pub fn is_sensitive(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "x-api-key" | "api-key"

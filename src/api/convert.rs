@@ -224,7 +224,7 @@ fn error_kind_from(kind: pb::ErrorKind) -> Option<ErrorKind> {
     })
 }
 
-fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
+pub fn error_kind(kind: ErrorKind) -> pb::ErrorKind {
     match kind {
         ErrorKind::InvalidRequest => pb::ErrorKind::InvalidRequest,
         ErrorKind::DeniedByPolicy => pb::ErrorKind::DeniedByPolicy,

@@ -12,6 +12,11 @@ pub fn reply_json(reply: &pb::ExecuteHttpActionResponse) -> Result<String, Strin
     to_json(reply, "callout.v1.ExecuteHttpActionResponse")
 }
 
+/// A `RenderedRequest` in proto3 JSON, as grpcurl prints Render's reply.
+pub fn rendered_json(reply: &pb::RenderedRequest) -> Result<String, String> {
+    to_json(reply, "callout.v1.RenderedRequest")
+}
+
 fn to_json(message: &impl Message, full_name: &str) -> Result<String, String> {
     static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
     let pool = POOL

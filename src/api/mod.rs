@@ -5,6 +5,7 @@ mod batch;
 pub mod codec;
 pub mod convert;
 pub mod json;
+pub mod render;
 pub mod reply_hold;
 mod service;
 pub mod status;

@@ -193,6 +193,22 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         Ok(reply)
     }
 
+    async fn render(
+        &self,
+        request: Request<pb::ExecuteHttpActionRequest>,
+    ) -> Result<Response<pb::RenderedRequest>, Status> {
+        // Nothing runs: no place in the queue is taken (a draining server still answers).
+        let budget = grpc_deadline(request.metadata());
+        let trace = trace_context(request.metadata());
+        let action = action_of(request.into_inner(), trace, &self.executor).await?;
+        match self.executor.render(&action, budget).await {
+            Ok(rendered) => Ok(Response::new(super::render::rendered(rendered))),
+            // A request the attempt could not build (validation let it through): as Execute's
+            // attempt would fail, but there is no attempt to report it in.
+            Err(e) => Err(Status::failed_precondition(format!("{}: {}", e.kind.as_str(), e.message))),
+        }
+    }
+
     type ExecuteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::ActionEvent, Status>> + Send>>;
 
     async fn execute_stream(

@@ -298,20 +298,93 @@ impl tower::Service<Uri> for TimedConnector {
 }
 
 impl TimedConnector {
-    async fn connect(self, uri: Uri) -> Result<Stream, ConnectError> {
+    /// The route to `uri`: its target, and the proxy and host dialled when one applies.
+    fn route(&self, uri: &Uri) -> Result<Route, ConnectError> {
         let https = uri.scheme_str() == Some("https");
         let host = uri
             .host()
             .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
             .ok_or_else(|| ConnectError::new(ErrorKind::Connect, "URL has no host".into(), None))?;
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-
-        // Route: the host dialled is the proxy's when one applies to this target.
         let proxy = self.proxies.for_target(https, &host).cloned();
         let (dial_host, dial_port) = match &proxy {
             Some(p) => (p.host().to_owned(), p.port()),
             None => (host.clone(), port),
         };
+        Ok(Route { https, host, port, proxy, dial_host, dial_port })
+    }
+
+    /// What `connect` would do for `uri`, nothing dialled: the same route, the same egress
+    /// checks in the same order, the host dialled resolved the same way (fixed addresses, then
+    /// the system resolver). Render shows it.
+    pub async fn preview(&self, uri: &Uri) -> RoutePreview {
+        let route = match self.route(uri) {
+            Ok(route) => route,
+            Err(e) => return RoutePreview { resolve_error: Some(e.message), ..RoutePreview::default() },
+        };
+        let Route { host, port, proxy, dial_host, dial_port, .. } = route;
+        let caller_proxy = proxy.is_some() && self.proxies.chosen_by_caller();
+        let mut preview = RoutePreview {
+            target: authority(&host, port),
+            dialled: authority(&dial_host, dial_port),
+            caller_proxy,
+            ..RoutePreview::default()
+        };
+        // The target's name and port, a caller's proxy, and the target's addresses where callout
+        // (not the proxy) resolves it: as `connect` checks them before dialling.
+        let mut denied = self.egress.check_host(&host, port).err().map(|d| d.to_string());
+        if denied.is_none() && caller_proxy {
+            denied = self.egress.check_host(&dial_host, dial_port).err().map(|d| d.to_string());
+        }
+        if denied.is_none() {
+            denied = match proxy.as_ref().map(ProxyUrl::scheme) {
+                Some(ProxyScheme::Socks5) => match resolve(&host, port, None, &self.fixed).await {
+                    Ok((addrs, _)) => self.allowed(&host, addrs).err().map(|e| e.message),
+                    Err(e) => {
+                        preview.resolve_error = Some(e.message);
+                        None
+                    }
+                },
+                Some(_) => host
+                    .parse::<IpAddr>()
+                    .ok()
+                    .and_then(|ip| self.egress.check_ip(&host, port, ip).err())
+                    .map(|d| d.to_string()),
+                None => None,
+            };
+        }
+        preview.denied = denied;
+        preview.proxy = proxy;
+        if preview.denied.is_some() || preview.resolve_error.is_some() {
+            return preview;
+        }
+        preview.resolved_by = resolved_by(&dial_host, &self.fixed);
+        let checked = preview.proxy.is_none() || caller_proxy;
+        match resolve(&dial_host, dial_port, preview.proxy.as_ref(), &self.fixed).await {
+            Ok((addrs, _)) => {
+                preview.addresses = addrs
+                    .into_iter()
+                    .map(|addr| {
+                        let verdict = if checked {
+                            match self.egress.check_ip(&dial_host, addr.port(), addr.ip()) {
+                                Ok(()) => AddressVerdict::Allowed,
+                                Err(denied) => AddressVerdict::Denied(denied.rule),
+                            }
+                        } else {
+                            AddressVerdict::NotChecked("the operator's proxy is trusted wherever it lives")
+                        };
+                        (addr, verdict)
+                    })
+                    .collect();
+            }
+            Err(e) => preview.resolve_error = Some(e.message),
+        }
+        preview
+    }
+
+    async fn connect(self, uri: Uri) -> Result<Stream, ConnectError> {
+        // Route: the host dialled is the proxy's when one applies to this target.
+        let Route { https, host, port, proxy, dial_host, dial_port } = self.route(&uri)?;
         let scheme = proxy.as_ref().map(ProxyUrl::scheme);
 
         // Egress, before any lookup: the target's name and port, and a caller's proxy itself.
@@ -427,6 +500,68 @@ impl TimedConnector {
             )
         })?;
         Ok(Transport::ProxyTls(Box::new(stream)))
+    }
+}
+
+/// Where a connection goes: the target, and what is dialled (the target, or its proxy).
+struct Route {
+    https: bool,
+    host: String,
+    port: u16,
+    proxy: Option<ProxyUrl>,
+    dial_host: String,
+    dial_port: u16,
+}
+
+/// What a connection to a URI would do, nothing dialled (`TimedConnector::preview`).
+#[derive(Debug, Clone, Default)]
+pub struct RoutePreview {
+    /// The target, `host:port`.
+    pub target: String,
+    /// The proxy that applies to the target, if any.
+    pub proxy: Option<ProxyUrl>,
+    /// The proxy is the action's own (checked like any destination), not the operator's.
+    pub caller_proxy: bool,
+    /// Why the policy refuses the target (its name or port, a caller's proxy, or a target
+    /// callout resolves for a proxy); nothing is resolved further then.
+    pub denied: Option<String>,
+    /// What is dialled, `host:port`.
+    pub dialled: String,
+    /// Where the addresses of the host dialled come from: "literal", "fixed" or "dns".
+    pub resolved_by: &'static str,
+    /// The addresses of the host dialled, in the order they are tried, each with its verdict.
+    pub addresses: Vec<(SocketAddr, AddressVerdict)>,
+    /// Why a name could not be resolved.
+    pub resolve_error: Option<String>,
+}
+
+impl RoutePreview {
+    /// The connection would be made: nothing refused, something to dial that may be dialled.
+    pub fn allowed(&self) -> bool {
+        self.denied.is_none()
+            && self.resolve_error.is_none()
+            && self.addresses.iter().any(|(_, v)| !matches!(v, AddressVerdict::Denied(_)))
+    }
+}
+
+/// The egress policy's word on one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressVerdict {
+    Allowed,
+    /// The rule that refuses it.
+    Denied(String),
+    /// The policy does not look at it, and why.
+    NotChecked(&'static str),
+}
+
+/// Where `resolve` gets the addresses of `host`.
+fn resolved_by(host: &str, fixed: &HashMap<String, Vec<IpAddr>>) -> &'static str {
+    if fixed.contains_key(host::normalize(host).as_str()) {
+        "fixed"
+    } else if host.parse::<IpAddr>().is_ok() {
+        "literal"
+    } else {
+        "dns"
     }
 }
 
@@ -586,6 +721,7 @@ async fn dial(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::NoProxy;
 
     #[tokio::test]
     async fn fixed_addresses_match_names_however_written() {
@@ -604,5 +740,48 @@ mod tests {
             assert_eq!(addrs, vec![SocketAddr::new(ip, 80)], "{name}");
             assert_eq!(dns, Duration::ZERO);
         }
+    }
+
+    fn through(proxies: Proxies) -> TimedConnector {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let fixed = BTreeMap::from([("api.example.test".into(), vec!["10.0.0.5".parse().unwrap()])]);
+        TimedConnector::new(tls, Arc::new(proxies), Duration::from_secs(1))
+            .with_egress(Arc::default(), &fixed)
+    }
+
+    #[tokio::test]
+    async fn a_preview_checks_what_connect_checks_through_each_kind_of_proxy() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let proxy = |s: &str| ProxyUrl::parse(s).unwrap();
+        // Through socks5 callout resolves the target: its private address is refused.
+        let caller = through(Proxies::only(proxy("socks5://203.0.113.7:1080")));
+        let preview = caller.preview(&uri("http://api.example.test/")).await;
+        assert!(!preview.allowed() && preview.caller_proxy);
+        assert!(preview.denied.as_deref().unwrap().contains("private range"), "{preview:?}");
+        // Through socks5h the proxy resolves it: only the caller's proxy address is checked.
+        let caller = through(Proxies::only(proxy("socks5h://203.0.113.7:1080")));
+        let preview = caller.preview(&uri("http://api.example.test/")).await;
+        assert!(preview.allowed(), "{preview:?}");
+        assert_eq!((preview.dialled.as_str(), preview.resolved_by), ("203.0.113.7:1080", "literal"));
+        assert_eq!(preview.addresses, [("203.0.113.7:1080".parse().unwrap(), AddressVerdict::Allowed)]);
+        // The operator's proxy is trusted wherever it lives; a target written as an address is
+        // still checked.
+        let operator = through(Proxies::new(Some(proxy("http://10.9.9.9:3128")), None, NoProxy::default()));
+        let preview = operator.preview(&uri("http://api.example.test/")).await;
+        assert!(preview.allowed(), "{preview:?}");
+        assert!(matches!(preview.addresses[0].1, AddressVerdict::NotChecked(_)));
+        let preview = operator.preview(&uri("http://169.254.169.254/latest")).await;
+        assert!(preview.denied.as_deref().unwrap().contains("cloud metadata"), "{preview:?}");
+        // Direct: every address checked.
+        let direct = through(Proxies::default());
+        let preview = direct.preview(&uri("http://api.example.test:8080/")).await;
+        assert_eq!(preview.resolved_by, "fixed");
+        assert!(!preview.allowed() && matches!(preview.addresses[0].1, AddressVerdict::Denied(_)));
     }
 }

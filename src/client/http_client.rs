@@ -139,6 +139,8 @@ pub struct ClientBuildError(#[from] tls::TlsConfigError);
 pub struct HttpClient {
     inner: Decompression<Client<connect::TimedConnector, RequestBody>>,
     proxies: Arc<Proxies>,
+    /// The pool's connector, for previews of a connection (Render): cheap to clone.
+    connector: connect::TimedConnector,
 }
 
 impl HttpClient {
@@ -190,11 +192,60 @@ impl HttpClient {
             // PINGs also while idle, so a pooled h2 connection that died is found before use.
             builder.http2_keep_alive_interval(interval).http2_keep_alive_while_idle(true);
         }
-        let inner = builder.build(connector);
+        let inner = builder.build(connector.clone());
         // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
         // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
         let inner = Decompression::new(inner);
-        Ok(Self { inner, proxies })
+        Ok(Self { inner, proxies, connector })
+    }
+
+    /// The proxies this client connects through.
+    pub fn proxies(&self) -> &Proxies {
+        &self.proxies
+    }
+
+    /// What a connection to `uri` would do (route, proxy, egress verdicts), nothing dialled.
+    pub async fn preview(&self, uri: &http::Uri) -> connect::RoutePreview {
+        self.connector.preview(uri).await
+    }
+
+    /// `request` with the headers this client adds on the way out, in the order they are
+    /// written on an HTTP/1.1 connection: Proxy-Authorization (below), Accept-Encoding
+    /// (tower-http's decompression, unless set), Host (hyper-util's pool, unless set) and
+    /// Content-Length (hyper, for a body that is not empty). Render shows them; `send` and the
+    /// attempt add the same ones on their own way down.
+    pub fn wire_headers(&self, request: Request<Bytes>) -> Request<Bytes> {
+        let mut request = self.with_proxy_authorization(request);
+        if !request.headers().contains_key(header::ACCEPT_ENCODING) {
+            // The decompression layer itself says what it offers, so the value shown is the one
+            // sent: it hands its inner service the request synchronously, which keeps it.
+            let kept = std::sync::Mutex::new(None);
+            let keep = tower::service_fn(|probe: Request<()>| {
+                *kept.lock().unwrap_or_else(|e| e.into_inner()) =
+                    probe.headers().get(header::ACCEPT_ENCODING).cloned();
+                std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new()))))
+            });
+            drop(Decompression::new(keep).call(Request::new(())));
+            if let Some(offered) = kept.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                add(&mut request, header::ACCEPT_ENCODING, offered);
+            }
+        }
+        if let Some(host) = request.uri().host() {
+            // hyper-util's pool: the authority, its port only when not the scheme's default (the
+            // URL has none then).
+            let host = match request.uri().port_u16() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            };
+            if let Ok(value) = HeaderValue::from_str(&host) {
+                add(&mut request, header::HOST, value);
+            }
+        }
+        let len = request.body().len();
+        if len > 0 {
+            add(&mut request, header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        request
     }
 
     /// Sends one request (no redirects followed), connecting within `connect_timeout` when no
@@ -216,7 +267,7 @@ impl HttpClient {
     /// Plain http through a forwarding proxy: the proxy reads its credentials from the request
     /// itself (https targets send them in CONNECT instead). A Proxy-Authorization the caller set
     /// itself wins.
-    fn with_proxy_authorization(&self, mut request: Request<RequestBody>) -> Request<RequestBody> {
+    fn with_proxy_authorization<B>(&self, mut request: Request<B>) -> Request<B> {
         let uri = request.uri();
         if uri.scheme_str() == Some("http") {
             let auth = uri.host().and_then(|host| self.proxies.forward_authorization(host));
@@ -226,6 +277,13 @@ impl HttpClient {
             }
         }
         request
+    }
+}
+
+/// Sets `name` unless the request has it (a map at http's size limit is left as it is).
+fn add(request: &mut Request<Bytes>, name: header::HeaderName, value: HeaderValue) {
+    if let Ok(entry) = request.headers_mut().try_entry(name) {
+        entry.or_insert(value);
     }
 }
 

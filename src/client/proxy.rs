@@ -108,6 +108,15 @@ impl Proxies {
             .any(|p| p.scheme() == crate::action::ProxyScheme::Https)
     }
 
+    /// The proxy set for targets of this scheme, whether or not NO_PROXY exempts a host.
+    pub fn configured_for(&self, https: bool) -> Option<&ProxyUrl> {
+        if https {
+            self.https.as_ref()
+        } else {
+            self.http.as_ref()
+        }
+    }
+
     /// The proxy for a target, or `None` to connect directly.
     pub fn for_target(&self, https: bool, host: &str) -> Option<&ProxyUrl> {
         let proxy = if https { self.https.as_ref() } else { self.http.as_ref() }?;

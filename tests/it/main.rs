@@ -27,6 +27,7 @@ mod properties;
 mod proto_compat;
 mod proxy;
 mod redirects;
+mod render;
 mod reply_body;
 mod requests;
 mod retries;

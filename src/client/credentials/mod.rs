@@ -76,10 +76,8 @@ impl Step for Credentials {
         let applied = match &request.context.auth {
             // No auth (the common path): nothing to do, nothing allocated.
             Auth::None => return Before::Go(None),
-            Auth::Header { name, value } => set(&mut request.http, name.clone(), value.clone()),
-            Auth::Query { pair } => add_query(&mut request.http, pair),
-            Auth::AwsSigV4(credential) => {
-                sigv4::sign(&mut request.http, credential, std::time::SystemTime::now())
+            auth @ (Auth::Header { .. } | Auth::Query { .. } | Auth::AwsSigV4(_)) => {
+                apply_now(auth, &mut request.http, std::time::SystemTime::now())
             }
             Auth::OAuth2(credential) => {
                 // A wait, within the action's deadline: a cached token comes at once, a fetch is
@@ -131,6 +129,22 @@ impl Step for Credentials {
 }
 
 pub use crate::metrics::INLINE_PROFILE as INLINE;
+
+/// Applies the credentials that need no wait (header, query, AWS SigV4 at `now`) to `request`;
+/// OAuth2 (a token from the cache, after a wait) and none leave it as it is. The attempt and
+/// Render both apply credentials through this.
+pub fn apply_now(
+    auth: &Auth,
+    request: &mut Request<Bytes>,
+    now: std::time::SystemTime,
+) -> Result<(), CredentialsError> {
+    match auth {
+        Auth::Header { name, value } => set(request, name.clone(), value.clone()),
+        Auth::Query { pair } => add_query(request, pair),
+        Auth::AwsSigV4(credential) => sigv4::sign(request, credential, now),
+        Auth::None | Auth::OAuth2(_) => Ok(()),
+    }
+}
 
 fn set(request: &mut Request<Bytes>, name: HeaderName, value: HeaderValue) -> Result<(), CredentialsError> {
     // `try_`: a map at http's size limit is an error here, never a panic.
