@@ -1067,9 +1067,30 @@ async fn counted(o: &Options, count: u64) -> Result<(), Error> {
     stop_gracefully(&mut sidecar, Duration::from_secs(120))
 }
 
-/// Sends SIGTERM to `proc` and waits (at most `limit`) for it to exit.
+/// The processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Sends SIGTERM to `proc` and waits (at most `limit`) for it to exit. A wrapper that runs the
+/// sidecar as its child (heaptrack's script) has the child signalled instead, so the wrapper
+/// lives to write its report.
 fn stop_gracefully(proc: &mut Proc, limit: Duration) -> Result<(), Error> {
-    let status = Command::new("kill").args(["-TERM", &proc.pid().to_string()]).status()?;
+    let kids = children(proc.pid());
+    let targets = if kids.is_empty() { vec![proc.pid()] } else { kids };
+    let mut kill = Command::new("kill");
+    kill.arg("-TERM");
+    kill.args(targets.iter().map(u32::to_string));
+    let status = kill.status()?;
     if !status.success() {
         return Err(format!("kill -TERM {} failed", proc.pid()).into());
     }
@@ -1365,17 +1386,7 @@ impl Nginx {
     /// The master and its workers.
     fn pids(&self) -> Vec<Option<u32>> {
         let master = self.proc.pid();
-        let mut pids = vec![Some(master)];
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-            let ppid =
-                stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
-            if ppid == Some(master) {
-                pids.push(Some(pid));
-            }
-        }
-        pids
+        std::iter::once(master).chain(children(master)).map(Some).collect()
     }
 }
 
