@@ -6,6 +6,9 @@
 //! target/release/examples/loadgen --scale    # 10,000 in flight (HTTP/1.1, then h2), 1 GiB stream, cold start
 //! target/release/examples/loadgen --durable  # durable Submit acks/s and latency vs unary Execute
 //! target/release/examples/loadgen --batch    # ExecuteBatch vs unary Execute vs direct, interleaved
+//! target/release/examples/loadgen --durable  # Submit (SQLite, PostgreSQL) and Redis-checked limits vs unary Execute
+//! target/release/examples/loadgen --nginx    # h2load → callout → nginx vs h2load → nginx reverse proxy → nginx
+//! ulimit -n 20000; target/release/examples/loadgen --burst h2 [--sidecar-wrap heaptrack]  # 10,000 in flight only
 //! target/release/examples/loadgen --count 2000 --conc 64 --sidecar-wrap 'valgrind --tool=callgrind'
 //! ```
 //!
@@ -31,6 +34,13 @@
 //! unary Execute, and ExecuteBatch with the same number of actions outstanding (one stream per
 //! 64, each keeping 64 in flight); it prints each round and the medians of batch/B actions per
 //! sidecar CPU-second and of batch/wrk and batch/A throughput.
+//! `--nginx` (needs nginx, h2load and wrk): an origin nginx serving the 1 KiB JSON document,
+//! then, over the same h2load client (4 connections × 16 streams, h2c), callout's `Execute`
+//! (h2load POSTs a pre-encoded gRPC frame of the action with `content-type: application/grpc`
+//! and `te: trailers`) against nginx as an h2c reverse proxy to the same origin, and wrk
+//! straight to the origin; CPU per request of each proxy process (nginx: master and workers)
+//! from /proc, `--reps` interleaved rounds (3), `--count` requests a cell (40,000). The origin's
+//! stub_status counter checks that every request that succeeded reached it.
 //! Every spawned process is killed when loadgen exits, also on error or panic.
 use bytes::Bytes;
 use callout::pb::{
@@ -562,6 +572,12 @@ struct Options {
     durable: bool,
     batch: bool,
     rounds: usize,
+    /// h2load through callout against nginx as a reverse proxy (`--nginx`).
+    nginx: bool,
+    /// Only the 10,000-in-flight burst, over h1 or h2 (`--burst`).
+    burst: Option<String>,
+    /// Interleaved rounds of the `--nginx` cells (`--reps`, 3).
+    reps: usize,
     conc: Vec<usize>,
     modes: String,
     sidecar_args: Vec<String>,
@@ -583,6 +599,9 @@ fn options() -> Result<Options, Error> {
         durable: false,
         batch: false,
         rounds: 3,
+        nginx: false,
+        burst: None,
+        reps: 3,
         conc: vec![1, 16, 64, 256],
         modes: "ABC".into(),
         sidecar_args: Vec::new(),
@@ -634,8 +653,16 @@ fn options() -> Result<Options, Error> {
                     return Err("--rounds takes 1..=100".into());
                 }
             }
+            "--nginx" => o.nginx = true,
+            "--burst" => o.burst = Some(value()?),
+            "--reps" => {
+                o.reps = value()?.parse()?;
+                if !(1..=20).contains(&o.reps) {
+                    return Err("--reps takes 1..=20".into());
+                }
+            }
             "--help" | "-h" => {
-                println!("usage: loadgen [--scale] [--durable] [--batch [--rounds N]] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH] [--count N [--sidecar-wrap 'CMD ARGS']]");
+                println!("usage: loadgen [--scale] [--durable] [--batch [--rounds N]] [--nginx [--reps N] [--count REQUESTS]] [--burst h1|h2 [--sidecar-wrap 'CMD ARGS']] [--quick] [--conc 1,16,64,256] [--modes ABC] [--sidecar-arg ARG] [--open-rates R,R] [--duration S] [--warmup S] [--callout PATH] [--upstream PATH] [--count N [--sidecar-wrap 'CMD ARGS']]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -826,68 +853,165 @@ type RssSamples = (u64, u64, Vec<u64>);
 
 /// Samples a process's RSS every 100 ms until stopped (at most 10 minutes).
 /// Durable Submit against unary Execute on one sidecar (TCP), GET 1 KiB, closed loop at each
-/// `--conc` (64 by default here): Submit's ack waits for the store's commit (group commit,
-/// synchronous=FULL), and the submitted actions run in the background meanwhile.
+/// `--conc` (1 and 64 by default here), for a SQLite store and a throwaway PostgreSQL one:
+/// Submit's ack waits for the store's commit (group commit), and the submitted actions run in
+/// the background meanwhile. Then unary Execute with local rate limits against the same limits
+/// checked in a throwaway redis-server (`--redis-url`). `--reps` interleaved rounds.
 async fn durable(o: &Options) -> Result<(), Error> {
     let (upstream, up) = spawn_upstream(&o.paths.upstream, &[])?;
     let upstream_pid = upstream.pid();
     let store = std::env::temp_dir().join(format!("callout-loadgen-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
-    let store_url = format!("sqlite:{}", store.join("actions.db").display());
-    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
-    let mut extra: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
-    extra.extend(["--store", &store_url, "--durable-max-pending", "100000000"]);
-    let t = Instant::now();
-    let sidecar = spawn_sidecar(&o.paths.callout, &tcp, &extra)?;
-    let ready = wait_serving(&tcp, t, Duration::from_secs(10)).await?;
-    println!("upstream {up}; sidecar {} (SERVING after {ready:?}), store {}", tcp.arg(), store.display());
-    println!("cells: {:?} measured after {:?} warm-up\n", o.duration, o.warmup);
-    println!("| conc | Execute act/s | Execute p50/p99 us | Submit acks/s | Submit p50/p99 us | Submit/Execute | Submit cpu us/ack | errors E/S |");
-    println!("|---|---|---|---|---|---|---|---|");
+    let sqlite_url = format!("sqlite:{}", store.join("actions.db").display());
+    let postgres = Postgres::start()?;
+    let redis = start_redis()?;
+    let own: Vec<&str> = o.sidecar_args.iter().map(String::as_str).collect();
+    // Limits no action here waits for, the same on both limit sidecars: only where they are
+    // checked differs.
+    let limits = ["--global-rate-limit", "1000000/s", "--rate-limit", "127.0.0.1=1000000/s"];
+    let mut stores: Vec<(&str, Listen, Proc)> = Vec::new();
+    let mut fleet: Vec<(&str, Listen, Proc)> = Vec::new();
+    let pg_url = postgres.as_ref().map(Postgres::url);
+    let redis_url = redis.as_ref().map(|(_, url)| url.clone());
+    let mut start = |label: &'static str, extra: Vec<&str>, into_fleet: bool| -> Result<(), Error> {
+        let listen = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+        let args: Vec<&str> = own.iter().copied().chain(extra).collect();
+        let proc = spawn_sidecar(&o.paths.callout, &listen, &args)?;
+        if into_fleet {
+            fleet.push((label, listen, proc))
+        } else {
+            stores.push((label, listen, proc))
+        }
+        Ok(())
+    };
+    start("SQLite", vec!["--store", &sqlite_url, "--durable-max-pending", "100000000"], false)?;
+    match &pg_url {
+        Some(url) => start("PostgreSQL", vec!["--store", url, "--durable-max-pending", "100000000"], false)?,
+        None => println!("no PostgreSQL binaries under /usr/lib/postgresql: its rows are skipped"),
+    }
+    start("local limits", limits.to_vec(), true)?;
+    match &redis_url {
+        Some(url) => start("fleet limits (Redis)", [&limits[..], &["--redis-url", url]].concat(), true)?,
+        None => println!("no redis-server on the PATH: the fleet row is skipped"),
+    }
+    for (_, listen, _) in stores.iter().chain(&fleet) {
+        wait_serving(listen, Instant::now(), Duration::from_secs(30)).await?;
+    }
+    let redis_pid = redis.as_ref().map(|(p, _)| p.pid());
+    println!(
+        "upstream {up}; SQLite store {}; PostgreSQL {}; Redis {}",
+        store.display(),
+        pg_url.as_deref().unwrap_or("-"),
+        redis_url.as_deref().unwrap_or("-")
+    );
+    println!(
+        "cells: {:?} measured after {:?} warm-up; {} interleaved rounds\n",
+        o.duration, o.warmup, o.reps
+    );
     let url = upstream_url(&up, Workload::Get1k, None);
     let post = Bytes::new();
-    let conc: Vec<usize> = if o.conc == [1, 16, 64, 256] { vec![64] } else { o.conc.clone() };
+    let conc: Vec<usize> = if o.conc == [1, 16, 64, 256] { vec![1, 64] } else { o.conc.clone() };
     let next = Arc::new(AtomicU64::new(0));
-    for c in conc {
-        let execute = Target::Sidecar {
-            clients: sidecar_clients(&tcp, channels_for(c)).await?,
-            url: url.clone(),
-            post: post.clone(),
-        };
-        let mut submitters = Vec::new();
-        for _ in 0..channels_for(c) {
-            submitters.push(DurableActionServiceClient::new(channel(&tcp).await?));
-        }
-        let submit =
-            Target::Submit { clients: submitters, url: url.clone(), post: post.clone(), next: next.clone() };
-        let e = closed_loop(
-            &execute,
-            Workload::Get1k,
-            c,
-            o.warmup,
-            o.duration,
-            Some(sidecar.pid()),
-            upstream_pid,
-        )
-        .await;
-        let s =
-            closed_loop(&submit, Workload::Get1k, c, o.warmup, o.duration, Some(sidecar.pid()), upstream_pid)
+    let mut durable_rows = Vec::new();
+    let mut fleet_rows = Vec::new();
+    for round in 1..=o.reps {
+        for &c in &conc {
+            for (label, listen, side) in &stores {
+                let execute = Target::Sidecar {
+                    clients: sidecar_clients(listen, channels_for(c)).await?,
+                    url: url.clone(),
+                    post: post.clone(),
+                };
+                let mut submitters = Vec::new();
+                for _ in 0..channels_for(c) {
+                    submitters.push(DurableActionServiceClient::new(channel(listen).await?));
+                }
+                let submit = Target::Submit {
+                    clients: submitters,
+                    url: url.clone(),
+                    post: post.clone(),
+                    next: next.clone(),
+                };
+                let pid = Some(side.pid());
+                let e =
+                    closed_loop(&execute, Workload::Get1k, c, o.warmup, o.duration, pid, upstream_pid).await;
+                let s =
+                    closed_loop(&submit, Workload::Get1k, c, o.warmup, o.duration, pid, upstream_pid).await;
+                durable_rows.push(format!(
+                    "| {round} | {c} | {label} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {}/{} |",
+                    e.actions_per_s,
+                    e.p50_us,
+                    e.p99_us,
+                    s.actions_per_s,
+                    s.p50_us,
+                    s.p99_us,
+                    s.actions_per_s / e.actions_per_s,
+                    fmt_opt(s.cpu_us_per_action),
+                    e.errors,
+                    s.errors
+                ));
+                // The submitted actions run in the background: let them finish before the next cell.
+                settle(side.pid(), Duration::from_secs(20)).await;
+            }
+            let mut cells = Vec::new();
+            for (_, listen, side) in &fleet {
+                let execute = Target::Sidecar {
+                    clients: sidecar_clients(listen, channels_for(c)).await?,
+                    url: url.clone(),
+                    post: post.clone(),
+                };
+                let redis_before = redis_pid.and_then(cpu_time);
+                let cell = closed_loop(
+                    &execute,
+                    Workload::Get1k,
+                    c,
+                    o.warmup,
+                    o.duration,
+                    Some(side.pid()),
+                    upstream_pid,
+                )
                 .await;
-        println!(
-            "| {c} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.2} | {} | {}/{} |",
-            e.actions_per_s,
-            e.p50_us,
-            e.p99_us,
-            s.actions_per_s,
-            s.p50_us,
-            s.p99_us,
-            s.actions_per_s / e.actions_per_s,
-            fmt_opt(s.cpu_us_per_action),
-            e.errors,
-            s.errors
-        );
+                let redis_cpu = redis_before.zip(redis_pid.and_then(cpu_time)).map(|(b, a)| {
+                    // Over the warm-up too: an upper bound per action.
+                    a.saturating_sub(b).as_secs_f64() * 1e6
+                        / (cell.actions_per_s * (o.duration + o.warmup).as_secs_f64())
+                });
+                cells.push((cell, redis_cpu));
+            }
+            if let [(l, _), (f, redis_cpu)] = &cells[..] {
+                fleet_rows.push(format!(
+                    "| {round} | {c} | {:.0} | {:.0}/{:.0} | {:.0} | {:.0}/{:.0} | {:.0} / {:.0} | {:.2} | {} / {} | {} | {}/{} |",
+                    l.actions_per_s,
+                    l.p50_us,
+                    l.p99_us,
+                    f.actions_per_s,
+                    f.p50_us,
+                    f.p99_us,
+                    f.p50_us - l.p50_us,
+                    f.p99_us - l.p99_us,
+                    f.actions_per_s / l.actions_per_s,
+                    fmt_opt(l.cpu_us_per_action),
+                    fmt_opt(f.cpu_us_per_action),
+                    fmt_opt(*redis_cpu),
+                    l.errors,
+                    f.errors
+                ));
+            }
+        }
     }
-    drop(sidecar);
+    println!(
+        "Durable Submit beside unary Execute on the same sidecar (Submit's ack: the action committed)\n"
+    );
+    println!("| round | conc | store | Execute act/s | Execute p50/p99 us | Submit acks/s | Submit p50/p99 us | Submit/Execute | Submit cpu us/ack | errors E/S |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    durable_rows.iter().for_each(|r| println!("{r}"));
+    println!(
+        "\nUnary Execute with local limits against the same limits checked in Redis (fleet.redis_url)\n"
+    );
+    println!("| round | conc | local act/s | local p50/p99 us | fleet act/s | fleet p50/p99 us | added p50 / p99 us | fleet/local | sidecar cpu us/act local / fleet | redis cpu us/act | errors L/F |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    fleet_rows.iter().for_each(|r| println!("{r}"));
+    drop((stores, fleet, redis, postgres));
     let _ = std::fs::remove_dir_all(&store);
     Ok(())
 }
@@ -1086,6 +1210,20 @@ async fn batches(o: &Options) -> Result<(), Error> {
     Ok(())
 }
 
+/// Waits until the sidecar is idle (under 10 ms of CPU in 200 ms), at most `limit`.
+async fn settle(pid: u32, limit: Duration) {
+    let t = Instant::now();
+    let mut last = cpu_time(pid);
+    while t.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = cpu_time(pid);
+        if last.zip(now).is_some_and(|(b, a)| a.saturating_sub(b) < Duration::from_millis(10)) {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Exactly `count` GET 1 KiB actions over B (TCP) at each `--conc`, against one sidecar started
 /// under `--sidecar-wrap` when given; the sidecar is then stopped with SIGTERM and waited for,
 /// so a wrapper such as valgrind writes its report. Startup and shutdown are in the wrapper's
@@ -1141,9 +1279,30 @@ async fn counted(o: &Options, count: u64) -> Result<(), Error> {
     stop_gracefully(&mut sidecar, Duration::from_secs(120))
 }
 
-/// Sends SIGTERM to `proc` and waits (at most `limit`) for it to exit.
+/// The processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Sends SIGTERM to `proc` and waits (at most `limit`) for it to exit. A wrapper that runs the
+/// sidecar as its child (heaptrack's script) has the child signalled instead, so the wrapper
+/// lives to write its report.
 fn stop_gracefully(proc: &mut Proc, limit: Duration) -> Result<(), Error> {
-    let status = Command::new("kill").args(["-TERM", &proc.pid().to_string()]).status()?;
+    let kids = children(proc.pid());
+    let targets = if kids.is_empty() { vec![proc.pid()] } else { kids };
+    let mut kill = Command::new("kill");
+    kill.arg("-TERM");
+    kill.args(targets.iter().map(u32::to_string));
+    let status = kill.status()?;
     if !status.success() {
         return Err(format!("kill -TERM {} failed", proc.pid()).into());
     }
@@ -1370,9 +1529,544 @@ async fn main() -> Result<(), Error> {
         durable(&o).await
     } else if o.batch {
         batches(&o).await
+    } else if o.nginx {
+        nginx_mode(&o).await
+    } else if let Some(over) = &o.burst {
+        burst_only(&o, over).await
     } else if let Some(count) = o.count {
         counted(&o, count).await
     } else {
         throughput(&o).await
     }
+}
+
+// ---------------------------------------------------------------- nginx (issue 17, target 1)
+
+/// An nginx master process (and its workers) on a generated config, stopped when dropped:
+/// SIGTERM to the master, which stops its workers (a SIGKILL would orphan them).
+struct Nginx {
+    proc: Proc,
+    port: u16,
+}
+
+impl Nginx {
+    /// Starts `nginx -p dir -c dir/NAME.conf` with `workers` worker processes, a server on a
+    /// free loopback port whose `listen` line ends in `listen_suffix` (" http2" for h2c) and
+    /// whose body is `server`, plus `http` (extra directives in the http block).
+    fn start(
+        dir: &Path,
+        name: &str,
+        workers: &str,
+        listen_suffix: &str,
+        http: &str,
+        server: &str,
+    ) -> Result<Self, Error> {
+        let port = free_port()?;
+        let d = dir.display();
+        // No access log on either nginx: it would be the one cost nginx pays per request that
+        // callout does not (callout records metrics, writes no line per success).
+        let conf = format!(
+            "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/{name}.pid;\n\
+             error_log {d}/{name}.error.log warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+             client_body_temp_path {d}/{name}.body;\n  proxy_temp_path {d}/{name}.proxy;\n\
+             fastcgi_temp_path {d}/{name}.fastcgi;\n  uwsgi_temp_path {d}/{name}.uwsgi;\n\
+             scgi_temp_path {d}/{name}.scgi;\n{http}\n  server {{\n    listen 127.0.0.1:{port}{listen_suffix};\n{server}\n  }}\n}}\n"
+        );
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf)?;
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join(format!("{name}.error.log")))
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting nginx: {e}"))?;
+        let nginx = Nginx { proc: Proc { name: "nginx", child }, port };
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(format!("nginx {name} not listening on {port} within 10 s").into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(nginx)
+    }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<Option<u32>> {
+        let master = self.proc.pid();
+        std::iter::once(master).chain(children(master)).map(Some).collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.proc.pid().to_string()]).status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Requests the origin nginx has served so far (its stub_status counter, less this request).
+fn origin_requests(port: u16) -> Result<u64, Error> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    tcp.write_all(b"GET /status HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply)?;
+    // "... server accepts handled requests\n A H R \n..."
+    let numbers = reply.split("requests").nth(1).ok_or("stub_status: no counters")?;
+    let requests: u64 = numbers.split_whitespace().nth(2).ok_or("stub_status: short")?.parse()?;
+    Ok(requests - 1)
+}
+
+/// What one h2load (or wrk) run reported.
+#[derive(Default, Clone, Copy)]
+struct LoadRun {
+    requests_per_s: f64,
+    succeeded: u64,
+    failed: u64,
+    mean_latency_us: f64,
+}
+
+/// A duration as h2load and wrk print it ("512us", "1.02ms", "3.10s"), in microseconds.
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    Some(num.parse::<f64>().ok()? * scale)
+}
+
+/// h2load: `requests` requests over 4 connections × 16 streams (one thread), `extra` arguments
+/// before the URL (the gRPC body and headers for callout).
+fn h2load(url: &str, requests: u64, extra: &[&str]) -> Result<LoadRun, Error> {
+    let out = Command::new("h2load")
+        .args(["-n", &requests.to_string(), "-c", "4", "-m", "16", "-t", "1"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("running h2load: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut run = LoadRun::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with("finished in") {
+            run.requests_per_s = words.get(3).and_then(|w| w.parse().ok()).unwrap_or(f64::NAN);
+        } else if line.starts_with("requests:") {
+            // requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
+            run.succeeded = words.get(7).and_then(|w| w.parse().ok()).unwrap_or(0);
+            run.failed = words.get(9).and_then(|w| w.parse().ok()).unwrap_or(0);
+        } else if line.starts_with("time for request:") {
+            run.mean_latency_us = words.get(5).and_then(|w| parse_duration_us(w)).unwrap_or(f64::NAN);
+        }
+    }
+    if run.succeeded == 0 {
+        return Err(format!(
+            "h2load {url}: nothing succeeded:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(run)
+}
+
+/// wrk: one thread, 64 connections, for `duration`.
+fn wrk(url: &str, duration: Duration) -> Result<LoadRun, Error> {
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", "64", "-d", &format!("{}s", duration.as_secs().max(1)), url])
+        .output()
+        .map_err(|e| format!("running wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut run = LoadRun::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first() {
+            Some(&"Requests/sec:") => {
+                run.requests_per_s = words.get(1).and_then(|w| w.parse().ok()).unwrap_or(f64::NAN)
+            }
+            Some(&"Latency") => {
+                run.mean_latency_us = words.get(1).and_then(|w| parse_duration_us(w)).unwrap_or(f64::NAN)
+            }
+            _ if line.contains("requests in") => {
+                run.succeeded = words.first().and_then(|w| w.parse().ok()).unwrap_or(0)
+            }
+            _ => {}
+        }
+    }
+    if run.succeeded == 0 {
+        return Err(format!("wrk {url}: nothing done:\n{text}").into());
+    }
+    Ok(run)
+}
+
+/// One proxy measured: what h2load saw, CPU per request of the proxy and of the origin, and
+/// how many requests reached the origin (must equal the requests that succeeded).
+struct ProxyRun {
+    load: LoadRun,
+    proxy_cpu_us: f64,
+    origin_cpu_us: f64,
+    origin_seen: u64,
+}
+
+fn measure_proxy(
+    proxy: &dyn Fn() -> Vec<Option<u32>>,
+    origin: &Nginx,
+    run: &dyn Fn(u64) -> Result<LoadRun, Error>,
+    requests: u64,
+) -> Result<ProxyRun, Error> {
+    run(requests / 20 + 100)?; // warm-up: connections, pools, caches
+    let (p0, o0, seen0) = (cpu_sum(&proxy()), cpu_sum(&origin.pids()), origin_requests(origin.port)?);
+    let load = run(requests)?;
+    let (p1, o1, seen1) = (cpu_sum(&proxy()), cpu_sum(&origin.pids()), origin_requests(origin.port)?);
+    let per = |b: Option<Duration>, a: Option<Duration>| {
+        b.zip(a).map_or(f64::NAN, |(b, a)| a.saturating_sub(b).as_secs_f64() * 1e6 / load.succeeded as f64)
+    };
+    Ok(ProxyRun {
+        load,
+        proxy_cpu_us: per(p0, p1),
+        origin_cpu_us: per(o0, o1),
+        origin_seen: seen1 - seen0 - 1,
+    })
+}
+
+/// h2load → callout `Execute` → nginx (1 KiB JSON) against h2load → nginx as an h2c reverse
+/// proxy → the same nginx, and wrk → that nginx directly; each proxy's CPU per request from
+/// /proc (utime + stime of every process and thread of it) over a fixed number of requests.
+async fn nginx_mode(o: &Options) -> Result<(), Error> {
+    let requests = o.count.unwrap_or(40_000);
+    let reps = o.reps;
+    let dir = std::env::temp_dir().join(format!("callout-loadgen-nginx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("www/bytes"))?;
+    // Nginx workers run as `nobody` when started by root: let them read the files.
+    let _ = Command::new("chmod").args(["-R", "a+rX"]).arg(&dir).status();
+    // The same document as bench_upstream's /bytes/1024: JSON of exactly 1,024 bytes.
+    let prefix = "{\"data\":\"";
+    let doc = format!("{prefix}{}\"}}", "x".repeat(1024 - prefix.len() - 2));
+    std::fs::write(dir.join("www/bytes/1024"), &doc)?;
+    let _ = Command::new("chmod").args(["-R", "a+rX"]).arg(&dir).status();
+    let www = dir.join("www");
+    let origin = Nginx::start(
+        &dir,
+        "origin",
+        "1",
+        "",
+        "",
+        &format!(
+            "    location /bytes/ {{ root {}; default_type application/json; }}\n    location = /status {{ stub_status; }}",
+            www.display()
+        ),
+    )?;
+    let origin_url = format!("http://127.0.0.1:{}/bytes/1024", origin.port);
+    let upstream_block = format!(
+        "  upstream origin {{ server 127.0.0.1:{}; keepalive 64; keepalive_requests 100000000; }}",
+        origin.port
+    );
+    let proxy_server = "    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }";
+    let nginx_1 = Nginx::start(&dir, "proxy1", "1", " http2", &upstream_block, proxy_server)?;
+    let nginx_auto = Nginx::start(&dir, "proxy_auto", "auto", " http2", &upstream_block, proxy_server)?;
+
+    // The gRPC request h2load sends to callout: one length-prefixed, uncompressed message.
+    let action = action(Workload::Get1k, &origin_url, &Bytes::new());
+    let message = prost::Message::encode_to_vec(&action);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let frame_path = dir.join("execute.grpc");
+    std::fs::write(&frame_path, &frame)?;
+    let frame_arg = frame_path.to_string_lossy().into_owned();
+
+    let mut sidecars = Vec::new();
+    for (label, args) in
+        [("callout, 1 worker", &["--worker-threads", "1"][..]), ("callout, default (2 workers)", &[][..])]
+    {
+        let listen = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+        let extra: Vec<&str> =
+            args.iter().copied().chain(o.sidecar_args.iter().map(String::as_str)).collect();
+        let t = Instant::now();
+        let side = spawn_sidecar(&o.paths.callout, &listen, &extra)?;
+        wait_serving(&listen, t, Duration::from_secs(10)).await?;
+        // One call through the generated client first: the frame must be a succeeding action.
+        let reply = sidecar_clients(&listen, 1).await?.remove(0).execute(action.clone()).await?.into_inner();
+        if reply.outcome() != pb::Outcome::Succeeded {
+            return Err(format!("{label}: the action does not succeed: {:?}", reply.error).into());
+        }
+        sidecars.push((label, listen, side));
+    }
+    println!(
+        "origin nginx {origin_url} (1 worker); proxies: nginx h2c 1 worker, nginx h2c auto workers ({} here), callout 1 worker, callout default",
+        nginx_auto.pids().len() - 1
+    );
+    println!("h2load -n {requests} -c 4 -m 16 -t 1 (after {} warm-up requests) per cell; {reps} interleaved rounds; wrk -t 1 -c 64 -d {:?} straight to the origin\n", requests / 20 + 100, o.duration);
+    println!("| round | path | req/s | mean latency us | proxy cpu us/req | origin cpu us/req | origin saw / succeeded | failed |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut summary: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
+    let note = |summary: &mut Vec<(&str, Vec<f64>, Vec<f64>)>, label: &'static str, rps: f64, cpu: f64| {
+        match summary.iter_mut().find(|(l, _, _)| *l == label) {
+            Some((_, r, c)) => {
+                r.push(rps);
+                c.push(cpu);
+            }
+            None => summary.push((label, vec![rps], vec![cpu])),
+        }
+    };
+    let grpc_args = ["-d", frame_arg.as_str(), "-H", "content-type: application/grpc", "-H", "te: trailers"];
+    for round in 1..=reps {
+        let mut cells: Vec<(&'static str, ProxyRun)> = Vec::new();
+        // Interleaved: callout 1 worker, nginx 1 worker, callout default, nginx auto.
+        for (i, (label, listen, side)) in sidecars.iter().enumerate() {
+            let url = format!("http://{}/callout.v1.HttpActionService/Execute", listen.arg());
+            let pid = side.pid();
+            let r = measure_proxy(&|| vec![Some(pid)], &origin, &|n| h2load(&url, n, &grpc_args), requests)?;
+            cells.push((label, r));
+            let (nlabel, nginx) = if i == 0 {
+                ("nginx h2c proxy, 1 worker", &nginx_1)
+            } else {
+                ("nginx h2c proxy, auto workers", &nginx_auto)
+            };
+            let url = format!("http://127.0.0.1:{}/bytes/1024", nginx.port);
+            let r = measure_proxy(&|| nginx.pids(), &origin, &|n| h2load(&url, n, &[]), requests)?;
+            cells.push((nlabel, r));
+        }
+        for (label, r) in &cells {
+            println!(
+                "| {round} | {label} | {:.0} | {:.0} | {:.1} | {:.1} | {} / {} | {} |",
+                r.load.requests_per_s,
+                r.load.mean_latency_us,
+                r.proxy_cpu_us,
+                r.origin_cpu_us,
+                r.origin_seen,
+                r.load.succeeded,
+                r.load.failed
+            );
+            note(&mut summary, label, r.load.requests_per_s, r.proxy_cpu_us);
+        }
+        let direct = wrk(&origin_url, o.duration)?;
+        println!(
+            "| {round} | wrk → origin direct | {:.0} | {:.0} | - | - | - | - |",
+            direct.requests_per_s, direct.mean_latency_us
+        );
+        note(&mut summary, "wrk → origin direct", direct.requests_per_s, f64::NAN);
+    }
+    let get = |label: &str| summary.iter().find(|(l, _, _)| *l == label).cloned();
+    let span = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    };
+    println!("\n| ratio (per round: {reps} rounds) | values | min-max |\n|---|---|---|");
+    let ratios = |num: &str, den: &str, cpu: bool| -> Option<(String, (f64, f64))> {
+        let (n, d) = (get(num)?, get(den)?);
+        let (a, b) = if cpu { (n.2, d.2) } else { (n.1, d.1) };
+        let r: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x / y).collect();
+        Some((r.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" / "), span(&r)))
+    };
+    for (what, num, den, cpu) in [
+        (
+            "CPU per request: callout 1 worker / nginx 1 worker (target ≤ 1.0)",
+            "callout, 1 worker",
+            "nginx h2c proxy, 1 worker",
+            true,
+        ),
+        (
+            "CPU per request: callout default / nginx auto",
+            "callout, default (2 workers)",
+            "nginx h2c proxy, auto workers",
+            true,
+        ),
+        (
+            "CPU per request: callout default / callout 1 worker",
+            "callout, default (2 workers)",
+            "callout, 1 worker",
+            true,
+        ),
+        ("req/s: callout 1 worker / wrk direct", "callout, 1 worker", "wrk → origin direct", false),
+        ("req/s: callout default / wrk direct", "callout, default (2 workers)", "wrk → origin direct", false),
+        ("req/s: nginx 1 worker / wrk direct", "nginx h2c proxy, 1 worker", "wrk → origin direct", false),
+        (
+            "req/s: callout default / callout 1 worker",
+            "callout, default (2 workers)",
+            "callout, 1 worker",
+            false,
+        ),
+    ] {
+        if let Some((values, (lo, hi))) = ratios(num, den, cpu) {
+            println!("| {what} | {values} | {lo:.2}-{hi:.2} |");
+        }
+    }
+    drop(sidecars);
+    drop((nginx_1, nginx_auto, origin));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- durable and fleet (issue 17, target 6)
+
+/// A throwaway PostgreSQL cluster in a temp dir on a free loopback port (as tests/it/pg.rs
+/// starts them: initdb, trust auth, run as `nobody` when we are root), stopped and removed
+/// when dropped. fsync and synchronous_commit stay on, as a real store runs.
+struct Postgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn bin_dir() -> Option<PathBuf> {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+            .filter(|(_, bin)| bin.join("initdb").exists())
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, bin)| bin)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--"]).arg(self.bin.join(program));
+            c
+        } else {
+            Command::new(self.bin.join(program))
+        }
+    }
+
+    fn run(&self, mut c: Command, what: &str) -> Result<(), Error> {
+        let out = c.output().map_err(|e| format!("{what}: {e}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            return Err(format!("{what} failed: {}{log}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        Ok(())
+    }
+
+    /// None when no PostgreSQL binaries are installed.
+    fn start() -> Result<Option<Self>, Error> {
+        let Some(bin) = Self::bin_dir() else { return Ok(None) };
+        let dir = std::env::temp_dir().join(format!("callout-loadgen-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let _ = Command::new("chown").arg("nobody:").arg(&dir).status();
+        let pg = Self { bin, dir, port: free_port()? };
+        let mut init = pg.command("initdb");
+        init.arg("-D").arg(pg.dir.join("data")).args([
+            "-U",
+            "callout",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        pg.run(init, "initdb")?;
+        let mut start = pg.command("pg_ctl");
+        start
+            .arg("-D")
+            .arg(pg.dir.join("data"))
+            .arg("-l")
+            .arg(pg.dir.join("log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=60",
+                pg.port,
+                pg.dir.display()
+            ))
+            .arg("start");
+        pg.run(start, "pg_ctl start")?;
+        let mut create = pg.command("createdb");
+        create.args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "callout", "callout"]);
+        pg.run(create, "createdb")?;
+        Ok(Some(pg))
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://callout@127.0.0.1:{}/callout", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let mut stop = self.command("pg_ctl");
+        stop.arg("-D").arg(self.dir.join("data")).args(["-w", "-m", "immediate", "stop"]);
+        let _ = stop.output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `redis-server` on a free loopback port, no persistence; None when none is installed.
+fn start_redis() -> Result<Option<(Proc, String)>, Error> {
+    let port = free_port()?;
+    let Ok(child) = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return Ok(None);
+    };
+    let proc = Proc { name: "redis-server", child };
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err("redis-server not listening within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Some((proc, format!("redis://127.0.0.1:{port}"))))
+}
+
+/// Only the scale run's 10,000-in-flight burst, over `h1` (plain HTTP/1.1 upstream, a
+/// connection each) or `h2` (HTTPS upstream speaking h2, one connection), against one sidecar
+/// started under `--sidecar-wrap` when given (e.g. heaptrack) and stopped with SIGTERM, so the
+/// wrapper writes its report. For repeated memory measurements (issue 17, target 4).
+async fn burst_only(o: &Options, over: &str) -> Result<(), Error> {
+    let tls_dir = std::env::temp_dir().join(format!("callout-loadgen-tls-{}", std::process::id()));
+    let tls_dir_arg = tls_dir.to_string_lossy().into_owned();
+    let h2 = match over {
+        "h1" => false,
+        "h2" => true,
+        other => return Err(format!("--burst takes h1 or h2, not {other:?}").into()),
+    };
+    let upstream_args: &[&str] = if h2 { &["--tls-dir", &tls_dir_arg] } else { &[] };
+    let (upstream, up) = spawn_upstream(&o.paths.upstream, upstream_args)?;
+    let ca = tls_dir.join("ca.pem").to_string_lossy().into_owned();
+    let mut args: Vec<&str> =
+        vec!["--max-in-flight", "10000", "--max-in-flight-per-host", "10000", "--max-queued", "1000"];
+    if h2 {
+        args.extend(["--ca-file", &ca]);
+    }
+    args.extend(o.sidecar_args.iter().map(String::as_str));
+    let tcp = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
+    let t = Instant::now();
+    let mut side = spawn_sidecar_wrapped(&o.sidecar_wrap, &o.paths.callout, &tcp, &args)?;
+    wait_serving(&tcp, t, Duration::from_secs(120)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("| measure | value |\n|---|---|");
+    println!("| idle RSS | {} MiB |", mib(vm_kib(side.pid(), "VmRSS")));
+    let label = if h2 { "h2 over TLS" } else { "HTTP/1.1" };
+    let url = upstream_url(&up, Workload::Get1k, Some(HOLD_MS));
+    let clients = in_flight_burst(&tcp, side.pid(), &url, label).await?;
+    drop(clients);
+    println!("| upstream VmHWM, for comparison | {} MiB |", mib(vm_kib(upstream.pid(), "VmHWM")));
+    let stopped = stop_gracefully(&mut side, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&tls_dir);
+    stopped
 }

@@ -5,8 +5,7 @@ use crate::{
     action::{
         parse_retry_after, resolve_location, ActionError, AttemptEnd, AttemptRecord, AttemptTiming,
         ErrorKind, HttpAction, PageRecord, PollDue, ReplyBody, ResponseData, ResponseHead, RetryDecision,
-        TraceContext,
-        DEFAULT_MAX_RESPONSE_BYTES,
+        TraceContext, DEFAULT_MAX_RESPONSE_BYTES,
     },
     client::{
         admission::Limits,

@@ -6,8 +6,7 @@ use crate::{
     action::{
         paginate, poll::PollWait, ActionError, ActionInput, AttemptEnd, AttemptRecord, AuthProfiles,
         ErrorKind, HttpAction, InvalidAction, NextPage, OnFailure, Outcome, PageRecord, Paginate,
-        PaginationEnd, PollDue, ResponseData, RetryDecision, ValidationContext,
-        DEFAULT_MAX_RESPONSE_BYTES,
+        PaginationEnd, PollDue, ResponseData, RetryDecision, ValidationContext, DEFAULT_MAX_RESPONSE_BYTES,
     },
     attempt::{cancelled, AttemptOf, Attempted, Attempts, RunAttempt},
     client::{
@@ -256,19 +255,21 @@ impl<A: RunAttempt> Executor<A> {
 
         let tenant = metrics::tenant(action.tenant());
         let queued = (metrics::Raised::queued(), tenant.queued());
+        // Boxed: the wait for a slot is this future's largest state (~0.7 KB), which would
+        // otherwise stay reserved for the whole action (issue 17: memory in flight).
         let mut run = RequestRun::default();
-        let running =
-            match unless_cut_off(&mut cut_off, self.limits.run_slot(action.tenant(), deadline)).await {
-                Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
-                Some(Err(refused)) => {
-                    run.error = Some(refused);
-                    None
-                }
-                None => {
-                    run.error = Some(shut_down(ShutDownAt::Before(1)));
-                    None
-                }
-            };
+        let wait_for_slot = Box::pin(self.limits.run_slot(action.tenant(), deadline));
+        let running = match unless_cut_off(&mut cut_off, wait_for_slot).await {
+            Some(Ok(slot)) => Some((slot, metrics::Raised::in_flight(), tenant.in_flight())),
+            Some(Err(refused)) => {
+                run.error = Some(refused);
+                None
+            }
+            None => {
+                run.error = Some(shut_down(ShutDownAt::Before(1)));
+                None
+            }
+        };
         drop(queued);
         let mut pages = Pages::default();
         if running.is_some() {

@@ -6,8 +6,8 @@ mod excerpt;
 pub mod extract;
 mod follow_up;
 mod outcome;
-pub mod poll;
 pub mod paginate;
+pub mod poll;
 pub mod redact;
 mod retry;
 pub mod secret_ref;
@@ -35,9 +35,9 @@ pub use tenant::{tenant_name_problem, MAX_TENANT_LEN};
 pub use trace::TraceContext;
 pub use transport::{ClientIdentity, ProxyScheme, ProxyUrl, TlsOptions};
 pub use validate::{
-    is_sensitive as is_sensitive_header, is_valid_action_id, FieldViolation, InvalidAction, MAX_ERROR_MESSAGES,
-    MAX_FORM_FIELDS, MAX_HEADERS, MAX_HEADER_BYTES, MAX_QUERY_PARAMS, MAX_RETRY_ON_ERRORS,
-    MAX_STATUS_SPEC_LEN,
+    is_sensitive as is_sensitive_header, is_valid_action_id, FieldViolation, InvalidAction,
+    MAX_ERROR_MESSAGES, MAX_FORM_FIELDS, MAX_HEADERS, MAX_HEADER_BYTES, MAX_QUERY_PARAMS,
+    MAX_RETRY_ON_ERRORS, MAX_STATUS_SPEC_LEN,
 };
 
 use bytes::Bytes;

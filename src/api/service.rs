@@ -181,7 +181,9 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let budget = grpc_deadline(request.metadata());
         let admission = self.admit()?;
         let trace = trace_context(request.metadata());
-        let action = action_of(request.into_inner(), trace, &self.executor).await?;
+        // Boxed: validation's state would otherwise stay reserved in this future for the whole
+        // action (~2.8 KB of 6.4 per Execute in flight; RESULTS section 10).
+        let action = Box::pin(action_of(request.into_inner(), trace, &self.executor)).await?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         // The body's bytes (and their memory budget) stay held until the reply went out.
         let hold =
