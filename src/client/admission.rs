@@ -7,6 +7,7 @@
 //! (`shared::SharedLimits`, e.g. the fleet's Redis) the breaker, cool-down and rate-limit layers
 //! consult it too.
 use super::{
+    attempt::AttemptContext,
     breaker::{Breaker, CircuitBreakers},
     concurrency::{Admission, Concurrency, Overloaded},
     cool_down::{CoolDown, CoolDowns},
@@ -112,12 +113,16 @@ impl Limits {
         shared: Option<Arc<dyn SharedLimits>>,
     ) -> Self {
         let rate = Arc::new(RateLimits::new(settings.global_rate_limit, &settings.rate_limits));
+        let tenants = Arc::new(TenantQuotas::new(tenants));
         let shared = shared.map(|backend| {
-            let rules = rate.clone();
-            Arc::new(SharedAdmission::new(
-                backend,
-                Arc::new(move |context| rules.shared_buckets(&context.destination)),
-            ))
+            let (rules, quotas) = (rate.clone(), tenants.clone());
+            // The tenant's rate quota is one more bucket of the attempt's one check.
+            let buckets = move |context: &AttemptContext| {
+                let mut buckets = rules.shared_buckets(&context.destination);
+                buckets.extend(context.tenant.as_deref().and_then(|tenant| quotas.shared_bucket(tenant)));
+                buckets
+            };
+            Arc::new(SharedAdmission::new(backend, Arc::new(buckets)))
         });
         Self {
             concurrency: Arc::new(Concurrency::new(
@@ -128,7 +133,7 @@ impl Limits {
             rate,
             cool_downs: Arc::new(CoolDowns::new(settings.max_host_cool_down)),
             breakers: Arc::new(CircuitBreakers::new(settings.breaker_failures, settings.breaker_cool_down)),
-            tenants: Arc::new(TenantQuotas::new(tenants)),
+            tenants,
             shared,
         }
     }

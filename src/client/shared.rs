@@ -15,6 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The fleet's name of the tenants' rate quotas: `rate:tenant:NAME`.
+pub const TENANT_RULE: &str = "tenant";
+
 /// The future of a shared check (boxed: the trait is used as an object).
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
 
