@@ -416,12 +416,21 @@ pub struct TenantConfig {
     /// Share of the running slots while tenants wait for them, 1 to 1000. Default 1.
     #[serde(deserialize_with = "tenant_weight")]
     pub weight: u32,
+    /// The tenant's actions waiting for a running slot at once (0: none wait); one more is
+    /// refused at once (RESOURCE_EXHAUSTED, reason TENANT_QUEUE_FULL), so one tenant's flood
+    /// cannot fill the server's queue. Default none: only `limits.max_queued`.
+    pub max_queued: Option<usize>,
 }
 
 impl Default for TenantConfig {
     fn default() -> Self {
         let quota = TenantQuotaSettings::default();
-        Self { max_concurrent: quota.max_concurrent, rate: quota.rate, weight: quota.weight }
+        Self {
+            max_concurrent: quota.max_concurrent,
+            rate: quota.rate,
+            weight: quota.weight,
+            max_queued: quota.max_queued,
+        }
     }
 }
 
@@ -453,6 +462,7 @@ impl TenantsConfig {
                 max_concurrent: tenant.max_concurrent,
                 rate: tenant.rate,
                 weight: tenant.weight,
+                max_queued: tenant.max_queued,
             };
             if name == DEFAULT_TENANT {
                 settings.default = quota;

@@ -25,11 +25,14 @@ pub struct TenantQuotaSettings {
     pub rate: Option<Rate>,
     /// Share of the running slots while tenants wait for them. Default 1.
     pub weight: u32,
+    /// Actions of the tenant waiting for a running slot at once; one more is refused at once.
+    /// Default none: only the server's `limits.max_queued`.
+    pub max_queued: Option<usize>,
 }
 
 impl Default for TenantQuotaSettings {
     fn default() -> Self {
-        Self { max_concurrent: None, rate: None, weight: 1 }
+        Self { max_concurrent: None, rate: None, weight: 1, max_queued: None }
     }
 }
 
@@ -89,7 +92,11 @@ impl TenantQuotas {
     pub fn share(&self, tenant: Option<&str>) -> Share {
         let Some(tenant) = tenant else { return Share::FREE };
         let (quota, _) = self.quota(tenant);
-        Share { cap: quota.max_concurrent.unwrap_or(usize::MAX).max(1), weight: quota.weight.max(1) }
+        Share {
+            cap: quota.max_concurrent.unwrap_or(usize::MAX).max(1),
+            weight: quota.weight.max(1),
+            max_queued: quota.max_queued.unwrap_or(usize::MAX),
+        }
     }
 
     /// The rate quota that holds for `tenant`, if any.
@@ -184,6 +191,7 @@ mod tests {
             max_concurrent: max,
             rate: rate.map(|r| r.parse().unwrap()),
             weight,
+            max_queued: None,
         };
         TenantSettings {
             default: quota(Some(2), Some("1/m"), 1),
@@ -198,8 +206,8 @@ mod tests {
     #[test]
     fn named_tenants_have_their_quotas_and_the_rest_the_default() {
         let quotas = TenantQuotas::new(&settings());
-        assert_eq!(quotas.share(Some("big")), Share { cap: usize::MAX, weight: 5 });
-        assert_eq!(quotas.share(Some("someone")), Share { cap: 2, weight: 1 });
+        assert_eq!(quotas.share(Some("big")), Share { weight: 5, ..Share::FREE });
+        assert_eq!(quotas.share(Some("someone")), Share { cap: 2, ..Share::FREE });
         assert_eq!(quotas.share(None), Share::FREE);
         assert_eq!(quotas.section("big"), "tenants.big");
         assert_eq!(quotas.section("someone"), "tenants.default");

@@ -92,7 +92,7 @@ fn of(tenant: &str, url: String) -> pb::ExecuteHttpActionRequest {
 }
 
 fn quota(max_concurrent: Option<usize>, rate: Option<&str>) -> TenantQuotaSettings {
-    TenantQuotaSettings { max_concurrent, rate: rate.map(|r| r.parse().unwrap()), weight: 1 }
+    TenantQuotaSettings { max_concurrent, rate: rate.map(|r| r.parse().unwrap()), ..Default::default() }
 }
 
 fn with_tenants(tenants: TenantSettings, max_in_flight: usize) -> ExecSettings {
