@@ -1,7 +1,10 @@
 //! What the fleet's Redis check adds to an attempt: the local rate check against the Redis
 //! check alone (one EVALSHA: two marks read, two buckets taken), and a whole action (GET to a
 //! loopback upstream through the executor) with local limits against the same with the
-//! fleet's. A real `redis-server` is started on a free loopback port (without one on the PATH
+//! fleet's. Then what tenant quotas add in a fleet: one of a tenant's running places taken and
+//! given back (EVALSHA, then ZREM off the way), and a whole action of a tenant with a rate and
+//! a concurrency quota (the rate one more bucket of the attempt's check; the place two more
+//! round trips per action). A real `redis-server` is started on a free loopback port (without one on the PATH
 //! the benchmark says so and measures nothing).
 //!
 //! `cargo bench --bench fleet`; `cargo test --benches` runs each once as a smoke test.
@@ -11,6 +14,7 @@ use callout::{
     client::{
         rate_limit::{Rate, RateLimitRule, RateLimits},
         shared::{SharedBucket, SharedLimits},
+        tenant::TenantQuotaSettings,
     },
     exec::{ExecSettings, Executor},
     fleet::{FleetSettings, RedisLimits},
@@ -131,14 +135,40 @@ fn main() {
         b.iter(|| black_box(runtime.block_on(fleet.check(Some("127.0.0.1:80"), &buckets, far()))))
     });
 
+    c.bench_function("fleet/tenant_place_redis", |b| {
+        b.iter(|| {
+            let held = runtime.block_on(fleet.hold("acme", 1_000_000, far()));
+            assert!(matches!(held, callout::client::shared::Hold::Held(_)), "{held:?}");
+        })
+    });
+
     let url = upstream(&runtime);
     let mut exec = ExecSettings::default();
     exec.egress.allow_private_networks = true;
     (exec.limits.global_rate_limit, exec.limits.rate_limits) = rate_settings();
     let shared: Arc<dyn SharedLimits> = Arc::new(fleet);
-    for (name, shared) in [("fleet/action_local_limits", None), ("fleet/action_fleet_limits", Some(shared))] {
+    let mut tenants = exec.clone();
+    tenants.tenants.named.insert(
+        "acme".into(),
+        TenantQuotaSettings {
+            max_concurrent: Some(1_000_000),
+            rate: Some("1000000/s".parse().expect("a rate")),
+            ..Default::default()
+        },
+    );
+    for (name, exec, shared, tenant) in [
+        ("fleet/action_local_limits", &exec, None, None),
+        ("fleet/action_fleet_limits", &exec, Some(shared.clone()), None),
+        ("fleet/action_local_tenant_quotas", &tenants, None, Some("acme")),
+        ("fleet/action_fleet_tenant_quotas", &tenants, Some(shared), Some("acme")),
+    ] {
         let executor = Executor::with_shared_limits(exec.clone(), shared).expect("an executor");
-        let input = ActionInput { method: "GET".into(), url: url.clone(), ..ActionInput::default() };
+        let input = ActionInput {
+            method: "GET".into(),
+            url: url.clone(),
+            tenant: tenant.unwrap_or_default().to_owned(),
+            ..ActionInput::default()
+        };
         let action = executor.action(input).expect("a valid action");
         c.bench_function(name, |b| {
             b.iter(|| {

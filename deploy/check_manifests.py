@@ -34,7 +34,7 @@ def documented_keys(example_text):
     keys, section = set(), None
     for line in example_text.splitlines():
         line = line.strip()
-        header = re.fullmatch(r"\[([a-z_]+)\]", line)
+        header = re.fullmatch(r"\[([a-z_.]+)\]", line)
         if header:
             section = header.group(1)
             continue
@@ -95,7 +95,11 @@ def main():
         except tomllib.TOMLDecodeError as e:
             check("callout.toml parses as TOML", False, e)
     if config is not None:
-        used = {f"{s}.{k}" for s, table in config.items() if isinstance(table, dict) for k in table}
+        # Keys by their dotted path: [tenants.default] max_queued is tenants.default.max_queued.
+        def flat(table, prefix):
+            for k, v in table.items():
+                yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+        used = {key for s, table in config.items() if isinstance(table, dict) for key in flat(table, f"{s}.")}
         sections = {s for s, v in config.items() if not isinstance(v, dict)}
         unknown = sorted((used - documented) | sections)
         check("callout.toml names only keys documented in callout.example.toml", not unknown, unknown)

@@ -434,12 +434,21 @@ pub struct TenantConfig {
     /// Share of the running slots while tenants wait for them, 1 to 1000. Default 1.
     #[serde(deserialize_with = "tenant_weight")]
     pub weight: u32,
+    /// The tenant's actions waiting for a running slot at once (0: none wait); one more is
+    /// refused at once (RESOURCE_EXHAUSTED, reason TENANT_QUEUE_FULL), so one tenant's flood
+    /// cannot fill the server's queue. Default none: only `limits.max_queued`.
+    pub max_queued: Option<usize>,
 }
 
 impl Default for TenantConfig {
     fn default() -> Self {
         let quota = TenantQuotaSettings::default();
-        Self { max_concurrent: quota.max_concurrent, rate: quota.rate, weight: quota.weight }
+        Self {
+            max_concurrent: quota.max_concurrent,
+            rate: quota.rate,
+            weight: quota.weight,
+            max_queued: quota.max_queued,
+        }
     }
 }
 
@@ -471,6 +480,7 @@ impl TenantsConfig {
                 max_concurrent: tenant.max_concurrent,
                 rate: tenant.rate,
                 weight: tenant.weight,
+                max_queued: tenant.max_queued,
             };
             if name == DEFAULT_TENANT {
                 settings.default = quota;
@@ -795,10 +805,11 @@ mod tests {
             Config::extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)))
         };
         let config =
-            extract("[tenants.default]\nmax_concurrent = 2\n[tenants.acme]\nrate = \"10/s\"\nweight = 3\n")
+            extract("[tenants.default]\nmax_concurrent = 2\nmax_queued = 0\n[tenants.acme]\nrate = \"10/s\"\nweight = 3\n")
                 .unwrap();
         let settings = config.exec_settings().unwrap().tenants;
         assert_eq!(settings.default.max_concurrent, Some(2));
+        assert_eq!((settings.default.max_queued, settings.named["acme"].max_queued), (Some(0), None));
         assert_eq!(settings.named["acme"].weight, 3);
         assert_eq!(settings.named["acme"].rate.unwrap().to_string(), "10/s burst 10");
         assert_eq!(config.tenants.names(), ["acme"]);
@@ -808,6 +819,7 @@ mod tests {
             ("[tenants.acme]\nmax_concurrent = 0", "tenants.acme.max_concurrent"),
             ("[tenants.default]\nweight = 0", "tenants.default.weight"),
             ("[tenants.acme]\nrate = \"1/d\"", "tenants.acme.rate"),
+            ("[tenants.acme]\nmax_queued = -1", "tenants.acme.max_queued"),
             ("[tenants.acme]\nmax_concurent = 1", "max_concurent"),
         ] {
             let err = extract(toml).unwrap_err().to_string();
@@ -887,6 +899,7 @@ mod tests {
             ("[fleet]\nredis_url = \"http://h\"", "fleet.redis_url"),
             ("[fleet]\nredis_url = \"redis://h\"\ntimeout = \"0s\"", "fleet.timeout"),
             ("[fleet]\nredis_unavailable = \"maybe\"", "redis_unavailable"),
+            ("[fleet]\nconcurrency_lease = \"100ms\"", "fleet.concurrency_lease"),
         ] {
             let err = from(toml).unwrap_err();
             assert!(err.contains(key), "{toml}: {err}");

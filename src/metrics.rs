@@ -60,6 +60,7 @@ pub const TENANT_ACTIONS: &str = "callout_tenant_actions_total";
 pub const TENANT_IN_FLIGHT: &str = "callout_tenant_actions_in_flight";
 pub const TENANT_QUEUED: &str = "callout_tenant_actions_queued";
 pub const TENANT_QUOTA_REFUSED: &str = "callout_tenant_quota_refused_total";
+pub const TENANT_QUOTA_WAITS: &str = "callout_tenant_quota_waits_total";
 
 /// Reasons of `callout_actions_refused_total` and `callout_body_budget_refused_total`, made at
 /// zero when metrics start.
@@ -199,9 +200,13 @@ struct TenantSeries {
     failed: Counter,
     in_flight: Gauge,
     queued: Gauge,
-    /// Refused by the tenant's concurrency quota, and by its rate quota.
+    /// Refused by the tenant's concurrency quota, by its rate quota, by its queue bound.
     refused_concurrency: Counter,
     refused_rate: Counter,
+    refused_queue: Counter,
+    /// Waits for the tenant's concurrency quota (the fleet's), and for its rate quota.
+    waited_concurrency: Counter,
+    waited_rate: Counter,
 }
 
 impl TenantSeries {
@@ -214,11 +219,22 @@ impl TenantSeries {
             queued: gauge!(TENANT_QUEUED, "tenant" => tenant()),
             refused_concurrency: counter!(TENANT_QUOTA_REFUSED, "tenant" => tenant(), "quota" => "concurrency"),
             refused_rate: counter!(TENANT_QUOTA_REFUSED, "tenant" => tenant(), "quota" => "rate"),
+            refused_queue: counter!(TENANT_QUOTA_REFUSED, "tenant" => tenant(), "quota" => "queue"),
+            waited_concurrency: counter!(TENANT_QUOTA_WAITS, "tenant" => tenant(), "quota" => "concurrency"),
+            waited_rate: counter!(TENANT_QUOTA_WAITS, "tenant" => tenant(), "quota" => "rate"),
         }
     }
 
     fn at_zero(&self) {
-        for counter in [&self.succeeded, &self.failed, &self.refused_concurrency, &self.refused_rate] {
+        for counter in [
+            &self.succeeded,
+            &self.failed,
+            &self.refused_concurrency,
+            &self.refused_rate,
+            &self.refused_queue,
+            &self.waited_concurrency,
+            &self.waited_rate,
+        ] {
             counter.absolute(0);
         }
         self.in_flight.set(0.0);
@@ -273,10 +289,23 @@ impl TenantMetrics {
         }
     }
 
-    /// A tenant quota refused an action: `concurrency` or `rate`.
+    /// A tenant quota refused an action: `concurrency`, `rate` or `queue`.
     pub fn refused(self, quota: &'static str) {
         if let Some(series) = self.0 {
-            if quota == "rate" { &series.refused_rate } else { &series.refused_concurrency }.increment(1);
+            match quota {
+                "rate" => &series.refused_rate,
+                "queue" => &series.refused_queue,
+                _ => &series.refused_concurrency,
+            }
+            .increment(1);
+        }
+    }
+
+    /// An action of the tenant waited for its quota: `concurrency` (the fleet's lease) or
+    /// `rate`.
+    pub fn waited(self, quota: &'static str) {
+        if let Some(series) = self.0 {
+            if quota == "rate" { &series.waited_rate } else { &series.waited_concurrency }.increment(1);
         }
     }
 }
@@ -495,7 +524,12 @@ fn describe() {
     describe_gauge!(TENANT_QUEUED, "Actions waiting for a running slot, by tenant.");
     describe_counter!(
         TENANT_QUOTA_REFUSED,
-        "Actions refused by their tenant's quota (quota=concurrency or rate), by tenant."
+        "Actions refused by their tenant's quota (quota=concurrency, rate or queue), by tenant."
+    );
+    describe_counter!(
+        TENANT_QUOTA_WAITS,
+        "Waits for a tenant's quota before an attempt or action (quota=rate, or concurrency: \
+         the fleet's count of the tenant's running actions), by tenant."
     );
 }
 

@@ -89,6 +89,18 @@ pub(super) fn refused_draining() -> Status {
     )
 }
 
+impl HttpActionService {
+    /// Refuses at once an action whose tenant has its `max_queued` actions waiting already.
+    fn tenant_queue(&self, action: &HttpAction) -> Result<(), Status> {
+        let Some(message) = self.executor.limits().tenant_queue_full_now(action.tenant()) else {
+            return Ok(());
+        };
+        crate::metrics::tenant(action.tenant()).refused("queue");
+        let metadata = action.tenant().map(|t| ("tenant".to_owned(), t.to_owned())).into_iter().collect();
+        Err(status::resource_exhausted("TENANT_QUEUE_FULL", message, RETRY_QUEUE_FULL, metadata))
+    }
+}
+
 /// Validates the request; proto-level and domain problems are reported together. Called once
 /// the action is admitted, so a draining or full server refuses before doing this work. An
 /// action whose validation may block (secret files read, TLS PEM parsed) is validated on the
@@ -184,6 +196,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         // Boxed: validation's state would otherwise stay reserved in this future for the whole
         // action (~2.8 KB of 6.4 per Execute in flight; RESULTS section 10).
         let action = Box::pin(action_of(request.into_inner(), trace, &self.executor)).await?;
+        self.tenant_queue(&action)?;
         let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
         // The body's bytes (and their memory budget) stay held until the reply went out.
         let hold =
@@ -221,6 +234,7 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         let admission = self.admit()?;
         let trace = trace_context(request.metadata());
         let action = action_of(request.into_inner(), trace, &self.executor).await?;
+        self.tenant_queue(&action)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let executor = self.executor.clone();
         tokio::spawn(async move {

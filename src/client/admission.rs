@@ -7,12 +7,13 @@
 //! (`shared::SharedLimits`, e.g. the fleet's Redis) the breaker, cool-down and rate-limit layers
 //! consult it too.
 use super::{
+    attempt::AttemptContext,
     breaker::{Breaker, CircuitBreakers},
     concurrency::{Admission, Concurrency, Overloaded},
     cool_down::{CoolDown, CoolDowns},
-    fair::RunSlot,
+    fair::{NoSlot, RunSlot, Share},
     rate_limit::{Rate, RateLimit, RateLimitRule, RateLimits},
-    shared::{SharedAdmission, SharedLimits},
+    shared::{FleetSlot, Hold, SharedAdmission, SharedLimits},
     tenant::{TenantQuotas, TenantSettings},
 };
 use crate::{
@@ -87,6 +88,17 @@ fn buffered_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Err
     }
 }
 
+/// A tenant's full fleet-wide quota is asked again after this long, and up to as long again.
+const FLEET_PLACE_POLL: Duration = Duration::from_millis(20);
+
+/// What a running action holds: its running slot here and, for a tenant with a concurrency
+/// quota in a fleet, one of the tenant's places across the fleet. Released on drop.
+#[derive(Debug)]
+pub struct Running {
+    _slot: RunSlot,
+    _fleet: Option<FleetSlot>,
+}
+
 /// The limits, shared by every action of the server. The per-attempt ones are layers of the
 /// attempt stack (`attempt::attempt_stack`), each built from its part here.
 pub struct Limits {
@@ -112,12 +124,16 @@ impl Limits {
         shared: Option<Arc<dyn SharedLimits>>,
     ) -> Self {
         let rate = Arc::new(RateLimits::new(settings.global_rate_limit, &settings.rate_limits));
+        let tenants = Arc::new(TenantQuotas::new(tenants));
         let shared = shared.map(|backend| {
-            let rules = rate.clone();
-            Arc::new(SharedAdmission::new(
-                backend,
-                Arc::new(move |context| rules.shared_buckets(&context.destination)),
-            ))
+            let (rules, quotas) = (rate.clone(), tenants.clone());
+            // The tenant's rate quota is one more bucket of the attempt's one check.
+            let buckets = move |context: &AttemptContext| {
+                let mut buckets = rules.shared_buckets(&context.destination);
+                buckets.extend(context.tenant.as_deref().and_then(|tenant| quotas.shared_bucket(tenant)));
+                buckets
+            };
+            Arc::new(SharedAdmission::new(backend, Arc::new(buckets)))
         });
         Self {
             concurrency: Arc::new(Concurrency::new(
@@ -128,7 +144,7 @@ impl Limits {
             rate,
             cool_downs: Arc::new(CoolDowns::new(settings.max_host_cool_down)),
             breakers: Arc::new(CircuitBreakers::new(settings.breaker_failures, settings.breaker_cool_down)),
-            tenants: Arc::new(TenantQuotas::new(tenants)),
+            tenants,
             shared,
         }
     }
@@ -154,26 +170,99 @@ impl Limits {
     }
 
     /// Waits for a running slot for an action of `tenant`, until `deadline`: served by fair
-    /// share across tenants, and never past the tenant's concurrency quota.
-    pub async fn run_slot(&self, tenant: Option<&str>, deadline: Instant) -> Result<RunSlot, ActionError> {
+    /// share across tenants, and never past the tenant's concurrency quota (the fleet's, in a
+    /// fleet). A tenant with `max_queued` of its actions waiting already is refused at once.
+    pub async fn run_slot(&self, tenant: Option<&str>, deadline: Instant) -> Result<Running, ActionError> {
         let share = self.tenants.share(tenant);
-        let refused = match self.concurrency.run_slot(tenant.unwrap_or(""), share, deadline).await {
-            Ok(slot) => return Ok(slot),
-            Err(refused) => refused,
+        let slot = match self.concurrency.run_slot(tenant.unwrap_or(""), share, deadline).await {
+            Ok(slot) => slot,
+            Err(refused) => return Err(self.no_run_slot(tenant, share, refused)),
         };
+        let fleet = match (tenant, &self.shared) {
+            (Some(tenant), Some(shared)) if share.cap != usize::MAX => {
+                self.fleet_place(shared, tenant, share, deadline).await?
+            }
+            _ => None,
+        };
+        Ok(Running { _slot: slot, _fleet: fleet })
+    }
+
+    /// One of `tenant`'s running places across the fleet (this process's own slot is held
+    /// already, so at most the quota's number of its actions wait here). A full quota is asked
+    /// again every few tens of milliseconds (a round trip each) until the deadline.
+    async fn fleet_place(
+        &self,
+        shared: &SharedAdmission,
+        tenant: &str,
+        share: Share,
+        deadline: Instant,
+    ) -> Result<Option<FleetSlot>, ActionError> {
+        let mut waited = false;
+        loop {
+            match shared.hold(tenant, share.cap, deadline).await {
+                Hold::Held(place) => return Ok(Some(place)),
+                Hold::Local => return Ok(None),
+                Hold::Denied => {
+                    return Err(ActionError::new(
+                        ErrorKind::RateLimited,
+                        format!(
+                            "tenant {tenant:?}'s fleet-wide concurrency quota cannot be checked: the fleet's \
+                             shared limits are unreachable (Redis) and fleet.redis_unavailable is \"deny\""
+                        ),
+                    ))
+                }
+                Hold::Full => {}
+            }
+            let pause = FLEET_PLACE_POLL + FLEET_PLACE_POLL.mul_f64(fastrand::f64());
+            if Instant::now() + pause > deadline {
+                let refused = NoSlot { at_cap: true, queue_full: false };
+                return Err(self.no_run_slot(Some(tenant), share, refused));
+            }
+            if !waited {
+                crate::metrics::tenant(Some(tenant)).waited("concurrency");
+                waited = true;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    fn no_run_slot(&self, tenant: Option<&str>, share: Share, refused: NoSlot) -> ActionError {
         let message = match tenant {
+            Some(tenant) if refused.queue_full => {
+                crate::metrics::tenant(Some(tenant)).refused("queue");
+                self.tenant_queue_full(tenant, share)
+            }
             Some(tenant) if refused.at_cap => {
                 crate::metrics::tenant(Some(tenant)).refused("concurrency");
                 format!(
-                    "tenant {tenant:?} is at its concurrency quota of {} running actions ({}.max_concurrent) \
+                    "tenant {tenant:?} is at its concurrency quota of {} running actions ({}.max_concurrent{}) \
                      and none ended before the deadline",
                     share.cap,
-                    self.tenants.section(tenant)
+                    self.tenants.section(tenant),
+                    if self.shared.is_some() { ", fleet-wide" } else { "" }
                 )
             }
             _ => self.concurrency.no_run_slot().0,
         };
-        Err(ActionError::new(ErrorKind::RateLimited, message))
+        ActionError::new(ErrorKind::RateLimited, message)
+    }
+
+    fn tenant_queue_full(&self, tenant: &str, share: Share) -> String {
+        format!(
+            "tenant {tenant:?} has {} actions waiting for a running slot, its bound ({}.max_queued); \
+             try again later",
+            share.max_queued,
+            self.tenants.section(tenant)
+        )
+    }
+
+    /// Why a new action of `tenant` would be refused at once: its queue bound is reached (the
+    /// gRPC edge answers RESOURCE_EXHAUSTED before running it; `run_slot` holds it too).
+    pub fn tenant_queue_full_now(&self, tenant: Option<&str>) -> Option<String> {
+        let tenant = tenant?;
+        let share = self.tenants.share(Some(tenant));
+        (share.max_queued != usize::MAX && self.concurrency.waiting(tenant) >= share.max_queued)
+            .then(|| self.tenant_queue_full(tenant, share))
     }
 
     pub fn concurrency(&self) -> Arc<Concurrency> {

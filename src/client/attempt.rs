@@ -304,6 +304,11 @@ impl Checked {
         }
     }
 
+    /// Whether the verdict (not yet taken) is `verdict`.
+    pub fn is(&self, verdict: &Verdict) -> bool {
+        self.0.lock().ok().is_some_and(|slot| slot.as_ref() == Some(verdict))
+    }
+
     /// The verdict, taken (the layer that acts on it consumes it).
     pub fn take(&self) -> Option<Verdict> {
         self.0.lock().ok().and_then(|mut slot| slot.take())

@@ -82,6 +82,11 @@ impl Concurrency {
         self.running.acquire(tenant, share, deadline).await
     }
 
+    /// Actions of `tenant` waiting for a running slot now.
+    pub fn waiting(&self, tenant: &str) -> usize {
+        self.running.waiting(tenant)
+    }
+
     /// Why no running slot came when the tenant's own cap was not what held it back.
     pub fn no_run_slot(&self) -> SlotError {
         SlotError(format!(

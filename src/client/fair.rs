@@ -19,19 +19,23 @@ pub struct Share {
     /// Its share when tenants wait: a tenant of weight 2 runs twice as many as one of weight 1.
     /// At least 1.
     pub weight: u32,
+    /// Most of the tenant's actions waiting at once: one more is refused at once.
+    pub max_queued: usize,
 }
 
 impl Share {
     /// No cap of its own, weight 1 (an action without a tenant, a tenant without quotas).
-    pub const FREE: Share = Share { cap: usize::MAX, weight: 1 };
+    pub const FREE: Share = Share { cap: usize::MAX, weight: 1, max_queued: usize::MAX };
 }
 
-/// No slot came free before the deadline.
+/// No slot came free before the deadline, or the tenant's queue was full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoSlot {
     /// The tenant's own cap held it back (it had `cap` running when the wait ended), rather
     /// than the total.
     pub at_cap: bool,
+    /// Refused at once: `max_queued` of the tenant's actions were waiting already.
+    pub queue_full: bool,
 }
 
 /// The slots, shared by every action.
@@ -89,6 +93,12 @@ impl FairSlots {
                 *free -= 1;
                 return Ok(RunSlot { shared: self.shared.clone(), tenant: tenant.to_owned() });
             }
+            if entry.waiters.len() >= share.max_queued {
+                if entry.running == 0 && entry.waiters.is_empty() {
+                    tenants.remove(tenant);
+                }
+                return Err(NoSlot { at_cap: false, queue_full: true });
+            }
             let id = *next_id;
             *next_id += 1;
             let (tx, rx) = oneshot::channel();
@@ -105,8 +115,13 @@ impl FairSlots {
                 waiting.done = true;
                 Ok(RunSlot { shared: self.shared.clone(), tenant: tenant.to_owned() })
             }
-            _ => Err(NoSlot { at_cap: waiting.give_up() }),
+            _ => Err(NoSlot { at_cap: waiting.give_up(), queue_full: false }),
         }
+    }
+
+    /// Actions of `tenant` waiting for a slot now.
+    pub fn waiting(&self, tenant: &str) -> usize {
+        self.shared.lock().tenants.get(tenant).map_or(0, |t| t.waiters.len())
     }
 
     /// Slots taken now.
@@ -291,10 +306,10 @@ mod tests {
     async fn weights_share_the_slots_and_a_capped_tenant_waits_while_others_run() {
         let slots = Arc::new(FairSlots::new(4));
         let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
-        let heavy = Share { cap: usize::MAX, weight: 3 };
+        let heavy = Share { weight: 3, ..Share::FREE };
         waiters(&slots, "heavy", heavy, 40, &tx);
         waiters(&slots, "light", Share::FREE, 40, &tx);
-        waiters(&slots, "capped", Share { cap: 1, weight: 10 }, 40, &tx);
+        waiters(&slots, "capped", Share { cap: 1, weight: 10, ..Share::FREE }, 40, &tx);
         tokio::time::sleep(Duration::from_millis(1)).await;
         // Hold every slot granted; count who runs.
         let mut held = Vec::new();
@@ -321,7 +336,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_that_ends_leaves_no_trace_and_says_whether_the_cap_held_it() {
         let slots = FairSlots::new(1);
-        let capped = Share { cap: 1, weight: 1 };
+        let capped = Share { cap: 1, ..Share::FREE };
         let first = slots.acquire("t", capped, later(1)).await.unwrap();
         let err = slots.acquire("t", capped, later(1)).await.unwrap_err();
         assert!(err.at_cap);
@@ -339,5 +354,35 @@ mod tests {
         assert_eq!(slots.in_use(), 1);
         drop(again);
         assert!(slots.shared.lock().tenants.is_empty() && slots.shared.lock().ring.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_past_its_queue_bound_is_refused_at_once_and_others_still_queue() {
+        let slots = Arc::new(FairSlots::new(1));
+        let bounded = Share { max_queued: 2, ..Share::FREE };
+        let running = slots.acquire("t", bounded, later(60)).await.unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..2 {
+            let slots = slots.clone();
+            queued.push(tokio::spawn(async move { slots.acquire("t", bounded, later(60)).await.map(drop) }));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(slots.waiting("t"), 2);
+        let refused = slots.acquire("t", bounded, later(60)).await.unwrap_err();
+        assert_eq!(refused, NoSlot { at_cap: false, queue_full: true });
+        // Another tenant still queues, and a bound of 0 refuses any wait without a trace.
+        let other = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire("u", bounded, later(60)).await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(slots.waiting("u"), 1);
+        let none = Share { max_queued: 0, ..Share::FREE };
+        assert!(slots.acquire("v", none, later(60)).await.unwrap_err().queue_full);
+        assert!(!slots.shared.lock().tenants.contains_key("v"));
+        drop(running);
+        for wait in queued.into_iter().chain([other]) {
+            wait.await.unwrap().unwrap();
+        }
     }
 }

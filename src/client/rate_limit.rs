@@ -5,7 +5,7 @@ use super::{
     attempt::{AttemptContext, AttemptRequest, Before, Step, StepLayer},
     host::Destination,
     host_pattern::{HostPattern, HostPatternError},
-    shared::{SharedAdmission, SharedBucket, Verdict},
+    shared::{SharedAdmission, SharedBucket, Verdict, TENANT_RULE},
 };
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::{
@@ -286,12 +286,19 @@ impl RateLimits {
                 }
                 Verdict::Denied => return Err(denied()),
                 Verdict::Wait { bucket, wait } => {
+                    let tenant = buckets.get(bucket).filter(|b| &*b.rule == TENANT_RULE).map(|b| &*b.subject);
                     if Instant::now() + wait > deadline {
+                        if let Some(tenant) = tenant {
+                            crate::metrics::tenant(Some(tenant)).refused("rate");
+                        }
                         let name = buckets.get(bucket).map(SharedBucket::describe).unwrap_or_default();
                         return Err(RateLimitError(format!(
                             "fleet rate limit {name} needs a wait of {}, past the deadline",
                             crate::fmt::fmt_duration(wait)
                         )));
+                    }
+                    if let Some(tenant) = tenant {
+                        crate::metrics::tenant(Some(tenant)).waited("rate");
                     }
                     wait
                 }

@@ -15,8 +15,37 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The fleet's name of the tenants' rate quotas: `rate:tenant:NAME`.
+pub const TENANT_RULE: &str = "tenant";
+
 /// The future of a shared check (boxed: the trait is used as an object).
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
+
+/// The future of a hold on a tenant's fleet-wide running places.
+pub type HoldFuture<'a> = Pin<Box<dyn Future<Output = Hold> + Send + 'a>>;
+
+/// What the fleet says when an action asks for one of its tenant's running places.
+#[derive(Debug)]
+pub enum Hold {
+    /// Held until the `FleetSlot` is dropped (or, should this process die, its lease ends).
+    Held(FleetSlot),
+    /// The tenant's quota is held across the fleet; ask again later.
+    Full,
+    /// The backend is unreachable and the policy falls back: this replica's own quota applies.
+    Local,
+    /// The backend is unreachable and the policy refuses.
+    Denied,
+}
+
+/// One of a tenant's running places across the fleet, given back when dropped. The backend
+/// keeps its lease renewed meanwhile.
+pub struct FleetSlot(pub Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for FleetSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetSlot")
+    }
+}
 
 /// One rate bucket an attempt must pass: a rule, the subject it keys on (a destination, a
 /// tenant, nothing for the global limit), and its GCRA terms. Every replica names a bucket the
@@ -65,6 +94,11 @@ pub trait SharedLimits: Send + Sync + 'static {
 
     /// This replica's probe succeeded: the shared mark goes.
     fn circuit_closed(&self, destination: &str);
+
+    /// One of `tenant`'s running places, when fewer than `quota` of its actions run across the
+    /// fleet: once per action, not per attempt. Never fails nor waits past `deadline`, like
+    /// `check`.
+    fn hold<'a>(&'a self, tenant: &'a str, quota: usize, deadline: Instant) -> HoldFuture<'a>;
 }
 
 /// Names the buckets an attempt must pass (the rate rules that apply to its destination, and
@@ -97,6 +131,11 @@ impl SharedAdmission {
     /// layers read theirs once).
     pub async fn check_rate(&self, buckets: &[SharedBucket], deadline: Instant) -> Verdict {
         self.backend.check(None, buckets, deadline).await
+    }
+
+    /// One of `tenant`'s fleet-wide running places (its concurrency quota `quota`).
+    pub async fn hold(&self, tenant: &str, quota: usize, deadline: Instant) -> Hold {
+        self.backend.hold(tenant, quota, deadline).await
     }
 
     pub fn backend(&self) -> &dyn SharedLimits {

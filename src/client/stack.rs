@@ -41,7 +41,10 @@ where
         // replica's, in a fleet), and the 429s seen here start such a cool-down.
         .layer(StepLayer(limits.cool_down()))
         // The tenant's own rate quota, before the shared limits: a tenant over its quota waits
-        // in its own bucket without spending the global or a destination's tokens.
+        // in its own bucket without spending the global or a destination's tokens. In a fleet
+        // its bucket is one of the breaker layer's one check instead (all buckets taken
+        // together, so still one round trip per attempt), and this layer acts only when that
+        // check fell back to local limits.
         .layer(StepLayer(TenantQuota(limits.tenants())))
         // Global and per-destination rate limits (the fleet's buckets, in a fleet): waits,
         // bounded by the total deadline.

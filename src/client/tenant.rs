@@ -7,6 +7,7 @@ use super::{
     attempt::{AttemptRequest, Before, Step, StepLayer},
     fair::Share,
     rate_limit::{KeyedRateLimit, Rate},
+    shared::{SharedBucket, Verdict, TENANT_RULE},
 };
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,11 +25,14 @@ pub struct TenantQuotaSettings {
     pub rate: Option<Rate>,
     /// Share of the running slots while tenants wait for them. Default 1.
     pub weight: u32,
+    /// Actions of the tenant waiting for a running slot at once; one more is refused at once.
+    /// Default none: only the server's `limits.max_queued`.
+    pub max_queued: Option<usize>,
 }
 
 impl Default for TenantQuotaSettings {
     fn default() -> Self {
-        Self { max_concurrent: None, rate: None, weight: 1 }
+        Self { max_concurrent: None, rate: None, weight: 1, max_queued: None }
     }
 }
 
@@ -88,19 +92,39 @@ impl TenantQuotas {
     pub fn share(&self, tenant: Option<&str>) -> Share {
         let Some(tenant) = tenant else { return Share::FREE };
         let (quota, _) = self.quota(tenant);
-        Share { cap: quota.max_concurrent.unwrap_or(usize::MAX).max(1), weight: quota.weight.max(1) }
+        Share {
+            cap: quota.max_concurrent.unwrap_or(usize::MAX).max(1),
+            weight: quota.weight.max(1),
+            max_queued: quota.max_queued.unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The rate quota that holds for `tenant`, if any.
+    fn rate_of(&self, tenant: &str) -> Option<&KeyedRateLimit> {
+        match self.rates.get(tenant) {
+            Some(limit) => Some(limit),
+            None if self.settings.named.contains_key(tenant) => None,
+            None => self.default_rate.as_ref(),
+        }
+    }
+
+    /// `tenant`'s rate quota as the fleet's bucket (`rate:tenant:NAME`): every replica takes
+    /// from the one bucket, an unnamed tenant's default quota too (each tenant its own).
+    pub fn shared_bucket(&self, tenant: &str) -> Option<SharedBucket> {
+        let rate = self.rate_of(tenant)?.rate();
+        Some(SharedBucket {
+            rule: TENANT_RULE.into(),
+            subject: tenant.to_owned(),
+            interval: rate.interval(),
+            burst: rate.burst.get(),
+        })
     }
 
     /// Waits until `tenant` may send under its rate quota; returns the time waited, or fails at
     /// once when the wait would pass `deadline`.
     pub async fn acquire(&self, tenant: &str, deadline: Instant) -> Result<Duration, TenantQuotaError> {
-        let limit = match self.rates.get(tenant) {
-            Some(limit) => limit,
-            None if self.settings.named.contains_key(tenant) => return Ok(Duration::ZERO),
-            None => match &self.default_rate {
-                Some(limit) => limit,
-                None => return Ok(Duration::ZERO),
-            },
+        let Some(limit) = self.rate_of(tenant) else {
+            return Ok(Duration::ZERO);
         };
         let started = Instant::now();
         match limit.wait(tenant, deadline).await {
@@ -117,7 +141,10 @@ impl TenantQuotas {
 }
 
 /// Waits for the tenant's rate quota before an attempt (bounded by the action's deadline);
-/// refuses with `TenantQuotaError` when the wait cannot fit.
+/// refuses with `TenantQuotaError` when the wait cannot fit. In a fleet the quota is a bucket
+/// of the attempt's one shared check (`TenantQuotas::shared_bucket`, asked for by the breaker
+/// layer, waited for by the rate-limit layer with the others), so this layer acts only when
+/// that check fell back to this process's own limits.
 #[derive(Clone)]
 pub struct TenantQuota(pub Arc<TenantQuotas>);
 
@@ -129,11 +156,17 @@ impl Step for TenantQuota {
         let Some(tenant) = request.context.tenant.clone() else {
             return Before::Go(());
         };
+        if let Some(checked) = &request.checked {
+            if !checked.is(&Verdict::Local) {
+                return Before::Go(());
+            }
+        }
         let (quotas, deadline) = (self.0.clone(), request.context.deadline);
         Before::Wait(Box::pin(async move {
             match quotas.acquire(&tenant, deadline).await {
                 Ok(waited) if !waited.is_zero() => {
                     tracing::debug!(tenant = %tenant, waited = ?waited, "waited for the tenant's rate quota");
+                    crate::metrics::tenant(Some(&tenant)).waited("rate");
                     Ok(())
                 }
                 Ok(_) => Ok(()),
@@ -158,6 +191,7 @@ mod tests {
             max_concurrent: max,
             rate: rate.map(|r| r.parse().unwrap()),
             weight,
+            max_queued: None,
         };
         TenantSettings {
             default: quota(Some(2), Some("1/m"), 1),
@@ -172,8 +206,8 @@ mod tests {
     #[test]
     fn named_tenants_have_their_quotas_and_the_rest_the_default() {
         let quotas = TenantQuotas::new(&settings());
-        assert_eq!(quotas.share(Some("big")), Share { cap: usize::MAX, weight: 5 });
-        assert_eq!(quotas.share(Some("someone")), Share { cap: 2, weight: 1 });
+        assert_eq!(quotas.share(Some("big")), Share { weight: 5, ..Share::FREE });
+        assert_eq!(quotas.share(Some("someone")), Share { cap: 2, ..Share::FREE });
         assert_eq!(quotas.share(None), Share::FREE);
         assert_eq!(quotas.section("big"), "tenants.big");
         assert_eq!(quotas.section("someone"), "tenants.default");

@@ -6,7 +6,9 @@
 //! - `rate:global`, `rate:dest:PATTERN:HOST:PORT`, `rate:RULE:SUBJECT`: a GCRA bucket (its
 //!   theoretical arrival time in microseconds of Redis's clock), expiring once full again;
 //! - `cool:HOST:PORT`: a 429 Retry-After cool-down, expiring when it ends;
-//! - `circuit:HOST:PORT`: an open circuit, expiring when the next probe may go.
+//! - `circuit:HOST:PORT`: an open circuit, expiring when the next probe may go;
+//! - `running:tenant:NAME`: a tenant's running actions across the fleet (its concurrency
+//!   quota), a sorted set of holder ids scored by when each one's lease ends.
 use crate::client::shared::SharedBucket;
 use serde::Deserialize;
 use std::time::Duration;
@@ -46,6 +48,11 @@ pub struct FleetSettings {
     /// Longest wait for a connection. Default 1 s.
     #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "more_than_zero")]
     pub connect_timeout: Duration,
+    /// How long a replica's hold on one of a tenant's running places (its concurrency quota)
+    /// lasts unless renewed; renewed every third of it while the action runs, so the places of
+    /// a replica that dies come free within this. Default 10 s; at least 300 ms.
+    #[serde(serialize_with = "humantime_serde::serialize", deserialize_with = "lease")]
+    pub concurrency_lease: Duration,
 }
 
 impl FleetSettings {
@@ -71,6 +78,17 @@ fn more_than_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D:
     }
 }
 
+/// Shortest `concurrency_lease`: renewed every third of it, a shorter one would be lost to a
+/// round trip on a loaded machine.
+const MIN_LEASE: Duration = Duration::from_millis(300);
+
+fn lease<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match humantime_serde::deserialize::<Duration, D>(d)? {
+        t if t < MIN_LEASE => Err(serde::de::Error::custom("must be at least 300ms")),
+        t => Ok(t),
+    }
+}
+
 impl Default for FleetSettings {
     fn default() -> Self {
         Self {
@@ -79,6 +97,7 @@ impl Default for FleetSettings {
             unavailable: Unavailable::Local,
             timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(1),
+            concurrency_lease: Duration::from_secs(10),
         }
     }
 }
@@ -152,6 +171,10 @@ impl Keys {
     pub fn circuit(&self, destination: &str) -> String {
         format!("{}circuit:{destination}", self.prefix)
     }
+
+    pub fn running(&self, tenant: &str) -> String {
+        format!("{}running:tenant:{tenant}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +198,7 @@ mod tests {
         assert_eq!(keys.bucket(&bucket("tenant", "acme")), "callout:v1:rate:tenant:acme");
         assert_eq!(keys.cool_down("h:80"), "callout:v1:cool:h:80");
         assert_eq!(Keys::new("x:").circuit("[::1]:80"), "x:circuit:[::1]:80");
+        assert_eq!(keys.running("acme"), "callout:v1:running:tenant:acme");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! (`Unavailable`), the outage is logged once and counted, and a background task reconnects
 //! with backoff; a check never waits past `fleet.timeout` nor the action's deadline.
 use super::{endpoint, FleetError, FleetSettings, Keys, Unavailable};
-use crate::client::shared::{CheckFuture, SharedBucket, SharedLimits, Verdict};
+use crate::client::shared::{CheckFuture, FleetSlot, Hold, HoldFuture, SharedBucket, SharedLimits, Verdict};
 use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, Script};
 use std::{
     sync::{
@@ -17,6 +17,8 @@ use tokio::sync::Notify;
 
 const CHECK: &str = include_str!("check.lua");
 const MARK: &str = include_str!("mark.lua");
+const HOLD: &str = include_str!("hold.lua");
+const RENEW: &str = include_str!("renew.lua");
 
 /// Reconnect backoff: doubling from the first to the last, with up to half again of jitter.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -45,6 +47,8 @@ struct Inner {
     wake: Arc<Notify>,
     check: Script,
     mark: Script,
+    hold: Script,
+    renew: Script,
 }
 
 impl RedisLimits {
@@ -72,6 +76,8 @@ impl RedisLimits {
             wake: Arc::new(Notify::new()),
             check: Script::new(CHECK),
             mark: Script::new(MARK),
+            hold: Script::new(HOLD),
+            renew: Script::new(RENEW),
             settings,
         });
         match inner.connect().await {
@@ -215,6 +221,73 @@ impl Inner {
         }
     }
 
+    /// One of `tenant`'s running places (see `hold.lua`), its lease renewed until the slot is
+    /// dropped; one round trip, bounded like a check.
+    async fn hold(self: &Arc<Self>, tenant: &str, quota: usize, deadline: Instant) -> Hold {
+        let Some((generation, mut connection)) = self.connection() else {
+            return self.hold_fallback();
+        };
+        let key = self.keys.running(tenant);
+        let holder = fastrand::u64(..);
+        let lease = millis(self.settings.concurrency_lease);
+        let args = [holder, u64::try_from(quota).unwrap_or(u64::MAX), lease];
+        let budget = self.settings.timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let keys = [key];
+        let reply = tokio::time::timeout(
+            budget,
+            self.eval::<Vec<i64>>(&self.hold, HOLD, &keys, &args, &mut connection),
+        )
+        .await;
+        let [key] = keys;
+        let failed = match reply {
+            Ok(Ok(reply)) => match reply[..] {
+                [1, _] => {
+                    let renewing = tokio::spawn(renew(self.clone(), key.clone(), holder));
+                    return Hold::Held(FleetSlot(Box::new(Held {
+                        inner: self.clone(),
+                        key,
+                        holder,
+                        renewing,
+                    })));
+                }
+                [0, _] => return Hold::Full,
+                _ => format!("unexpected reply {reply:?} to the hold script"),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) if budget < self.settings.timeout => String::new(),
+            Err(_) => format!("no answer within fleet.timeout ({:?})", self.settings.timeout),
+        };
+        // The script may have run all the same: the place is given back, should it be held.
+        self.release(key, holder);
+        if !failed.is_empty() {
+            self.lost(generation, &failed);
+        }
+        self.hold_fallback()
+    }
+
+    fn hold_fallback(&self) -> Hold {
+        match self.fallback() {
+            Verdict::Denied => Hold::Denied,
+            _ => Hold::Local,
+        }
+    }
+
+    /// Gives back `holder`'s place in `key`, off the action's way.
+    fn release(&self, key: String, holder: u64) {
+        let (Some((_, mut connection)), Ok(runtime)) =
+            (self.connection(), tokio::runtime::Handle::try_current())
+        else {
+            // Unreachable: the lease ends on its own.
+            return;
+        };
+        let timeout = self.settings.timeout;
+        runtime.spawn(async move {
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(&key).arg(holder);
+            let _ = tokio::time::timeout(timeout, zrem.query_async::<i64>(&mut connection)).await;
+        });
+    }
+
     /// Runs `script` by its hash; sends its source when Redis does not know it (after a
     /// restart or SCRIPT FLUSH), which also caches it for the next EVALSHA.
     async fn eval<T: FromRedisValue>(
@@ -249,6 +322,49 @@ fn verdict_of(reply: &[i64]) -> Option<Verdict> {
             Some(Verdict::Wait { bucket: usize::try_from(bucket - 1).ok()?, wait: micros(wait) })
         }
         _ => None,
+    }
+}
+
+fn millis(t: Duration) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// A held place of a tenant's (`FleetSlot`): its renewal stops and the place is given back when
+/// it is dropped.
+struct Held {
+    inner: Arc<Inner>,
+    key: String,
+    holder: u64,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.renewing.abort();
+        self.inner.release(std::mem::take(&mut self.key), self.holder);
+    }
+}
+
+/// Renews `holder`'s lease in `key` every third of the lease, until aborted. A renewal that
+/// fails leaves the action running: the place is at worst free for another replica early.
+async fn renew(inner: Arc<Inner>, key: String, holder: u64) {
+    let lease = inner.settings.concurrency_lease;
+    let keys = [key];
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let Some((generation, mut connection)) = inner.connection() else { continue };
+        let args = [holder, millis(lease)];
+        let renewal = inner.eval::<i64>(&inner.renew, RENEW, &keys, &args, &mut connection);
+        match tokio::time::timeout(inner.settings.timeout, renewal).await {
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) => {
+                tracing::warn!(key = %keys[0], "fleet: a running action's lease on its tenant's place was lost (Redis lost it, or it was not renewed in time)");
+                return;
+            }
+            Ok(Err(e)) => inner.lost(generation, &e.to_string()),
+            Err(_) => inner
+                .lost(generation, &format!("no answer within fleet.timeout ({:?})", inner.settings.timeout)),
+        }
     }
 }
 
@@ -338,6 +454,10 @@ impl SharedLimits for RedisLimits {
 
     fn circuit_closed(&self, destination: &str) {
         self.write(self.inner.keys.circuit(destination), None);
+    }
+
+    fn hold<'a>(&'a self, tenant: &'a str, quota: usize, deadline: Instant) -> HoldFuture<'a> {
+        Box::pin(self.inner.hold(tenant, quota, deadline))
     }
 }
 

@@ -386,3 +386,237 @@ async fn an_attempt_makes_one_round_trip() {
     assert_eq!(run, expected.map(|(name, n)| (name.to_owned(), n)));
     assert_eq!(upstream.hits(), 21);
 }
+
+fn of_tenant(tenant: &str, url: &str, total: Duration) -> pb::ExecuteHttpActionRequest {
+    pb::ExecuteHttpActionRequest { tenant: tenant.into(), ..with_total(url, total) }
+}
+
+fn message_of(resp: &pb::ExecuteHttpActionResponse) -> String {
+    resp.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn two_replicas_share_a_tenants_rate_quota() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::fixed(200, "ok").await;
+    // acme: 10/s with bursts of 2 for the fleet; a fallback would refuse, never add sends.
+    let env = [("CALLOUT_FLEET__REDIS_UNAVAILABLE", "deny"), ("CALLOUT_TENANTS__ACME__RATE", "10/s burst 2")];
+    let a = replica(&redis, &[], &env).await;
+    let b = replica(&redis, &[], &env).await;
+    let window = Duration::from_secs(3);
+    let total = Duration::from_millis(300);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for serve in [&a, &b] {
+        for _ in 0..4 {
+            let mut client = HttpActionServiceClient::new(serve.channel().await);
+            let url = upstream.url("/");
+            workers.push(tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..1000 {
+                    if started.elapsed() >= window {
+                        break;
+                    }
+                    let resp = client.execute(of_tenant("acme", &url, total)).await.unwrap().into_inner();
+                    match error_kind(&resp) {
+                        pb::ErrorKind::Unspecified => ok += 1,
+                        pb::ErrorKind::RateLimited | pb::ErrorKind::Timeout => {}
+                        other => panic!("{other:?}: {resp:?}"),
+                    }
+                }
+                ok
+            }));
+        }
+    }
+    let mut per_replica = [0; 2];
+    for (i, worker) in workers.into_iter().enumerate() {
+        per_replica[i / 4] += worker.await.unwrap();
+    }
+    // As for the destination rules: the burst plus one send per 100 ms within window + total,
+    // +2 for a re-check that reaches Redis a little after its deadline.
+    let hits = upstream.hits();
+    let bound = 2 + (window + total).as_millis() as usize / 100 + 2;
+    let floor = (10 * window.as_secs() as usize + 2) * 8 / 10;
+    eprintln!("tenant fleet rate: {hits} sends (bound {bound}, floor {floor}), per replica {per_replica:?}");
+    assert!(hits <= bound, "{hits} acme sends within {:?}, bound {bound}", window + total);
+    assert!(hits >= floor, "{hits} acme sends: the quota was used, at least {floor}");
+    assert!(per_replica.iter().all(|&n| n > 0), "both replicas sent: {per_replica:?}");
+    assert!(redis.int(&["EXISTS", "callout:v1:rate:tenant:acme"]).await == 1, "the bucket is the fleet's");
+    for serve in [&a, &b] {
+        let text = metrics_of(serve).await;
+        // (A re-check whose deadline leaves no time for Redis is answered by the policy: that
+        // is no outage.)
+        assert_eq!(metric(&text, "callout_fleet_redis_unavailable_total"), Some(0.0), "{text}");
+        let waits = "callout_tenant_quota_waits_total{tenant=\"acme\",quota=\"rate\"}";
+        assert!(metric(&text, waits).is_some_and(|n| n >= 1.0), "{text}");
+    }
+}
+
+/// An upstream that holds each request `hold` (paths under `/long` for a minute) and records
+/// the most it saw at once.
+async fn holding(hold: Duration) -> (Upstream, Arc<AtomicUsize>) {
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let seen_most = most.clone();
+    let upstream = Upstream::start(move |seen| {
+        let (now, most) = (now.clone(), most.clone());
+        async move {
+            let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(at_once, Ordering::SeqCst);
+            let hold = if seen.target.starts_with("/long") { Duration::from_secs(60) } else { hold };
+            tokio::time::sleep(hold).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            text(200, "ok")
+        }
+    })
+    .await;
+    (upstream, seen_most)
+}
+
+#[tokio::test]
+async fn two_replicas_share_a_tenants_concurrency_quota() {
+    let redis = RedisServer::start().await;
+    let (upstream, most) = holding(Duration::from_millis(200)).await;
+    let env = [("CALLOUT_FLEET__REDIS_UNAVAILABLE", "deny"), ("CALLOUT_TENANTS__ACME__MAX_CONCURRENT", "2")];
+    let a = replica(&redis, &[], &env).await;
+    let b = replica(&redis, &[], &env).await;
+    let window = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for serve in [&a, &b] {
+        for _ in 0..4 {
+            let mut client = HttpActionServiceClient::new(serve.channel().await);
+            let url = upstream.url("/");
+            workers.push(tokio::spawn(async move {
+                let mut ok = 0;
+                while started.elapsed() < window {
+                    let req = of_tenant("acme", &url, Duration::from_secs(10));
+                    let resp = client.execute(req).await.unwrap().into_inner();
+                    assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
+                    ok += 1;
+                }
+                ok
+            }));
+        }
+    }
+    let mut per_replica = [0; 2];
+    for (i, worker) in workers.into_iter().enumerate() {
+        per_replica[i / 4] += worker.await.unwrap();
+    }
+    let done = per_replica[0] + per_replica[1];
+    eprintln!(
+        "tenant fleet concurrency: most at once {}, {done} done, per replica {per_replica:?}",
+        most.load(Ordering::SeqCst)
+    );
+    // Alone each replica would run 2 at once: 4 across both.
+    assert_eq!(most.load(Ordering::SeqCst), 2, "at most 2 acme requests at once across the fleet");
+    // 2 at a time for 200 ms each: about 10 per second; at least half of that ran.
+    assert!(done >= 10, "{done} done: {per_replica:?}");
+    assert!(per_replica.iter().all(|&n| n > 0), "both replicas ran: {per_replica:?}");
+    assert_eq!(redis.int(&["ZCARD", "callout:v1:running:tenant:acme"]).await, 0, "every place given back");
+    let text = metrics_of(&a).await;
+    let waits = "callout_tenant_quota_waits_total{tenant=\"acme\",quota=\"concurrency\"}";
+    assert!(metric(&text, waits).is_some_and(|n| n >= 1.0), "{text}");
+}
+
+#[tokio::test]
+async fn a_killed_replicas_tenant_places_come_free_within_the_lease() {
+    let redis = RedisServer::start().await;
+    let (upstream, _) = holding(Duration::ZERO).await;
+    let lease = Duration::from_secs(1);
+    let env = [("CALLOUT_TENANTS__ACME__MAX_CONCURRENT", "2"), ("CALLOUT_FLEET__CONCURRENCY_LEASE", "1s")];
+    let mut a = replica(&redis, &[], &env).await;
+    let b = replica(&redis, &[], &env).await;
+    // a holds both of acme's places with actions the upstream holds for a minute.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = HttpActionServiceClient::new(a.channel().await);
+        let req = of_tenant("acme", &upstream.url("/long"), Duration::from_secs(60));
+        held.push(tokio::spawn(async move { client.execute(req).await }));
+    }
+    while upstream.hits() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Renewed past the lease: b still finds acme full, and gives up by its deadline.
+    tokio::time::sleep(lease * 2).await;
+    let mut client = HttpActionServiceClient::new(b.channel().await);
+    let url = upstream.url("/");
+    let refused =
+        client.execute(of_tenant("acme", &url, Duration::from_millis(500))).await.unwrap().into_inner();
+    assert_eq!(error_kind(&refused), pb::ErrorKind::RateLimited, "{refused:?}");
+    let message = message_of(&refused);
+    assert!(message.contains("tenants.acme.max_concurrent, fleet-wide"), "{message}");
+    // kill -9: a gives nothing back; its leases end within `lease`, and b's action runs.
+    a.kill();
+    let killed = Instant::now();
+    let resp = client.execute(of_tenant("acme", &url, Duration::from_secs(10))).await.unwrap().into_inner();
+    assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
+    let took = killed.elapsed();
+    eprintln!("a killed replica's places came free after {took:?} (lease {lease:?})");
+    assert!(took <= lease + Duration::from_millis(500), "{took:?}");
+    for call in held {
+        assert!(call.await.unwrap().is_err(), "the killed replica's calls end with it");
+    }
+}
+
+#[tokio::test]
+async fn redis_down_tenant_quotas_fall_back_by_the_policy() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::fixed(200, "ok").await;
+    let tenant_env =
+        [("CALLOUT_TENANTS__ACME__RATE", "1/m burst 2"), ("CALLOUT_TENANTS__ACME__MAX_CONCURRENT", "1")];
+    let local = replica(&redis, &[], &tenant_env).await;
+    let mut deny_env = tenant_env.to_vec();
+    deny_env.push(("CALLOUT_FLEET__REDIS_UNAVAILABLE", "deny"));
+    let deny = replica(&redis, &[], &deny_env).await;
+    let url = upstream.url("/");
+    let total = Duration::from_secs(2);
+    redis.stop();
+    // local: this replica's own quota, the burst of 2 and then a refusal naming the quota.
+    let mut client = HttpActionServiceClient::new(local.channel().await);
+    for _ in 0..2 {
+        let resp = client.execute(of_tenant("acme", &url, total)).await.unwrap().into_inner();
+        assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
+    }
+    let refused = client.execute(of_tenant("acme", &url, total)).await.unwrap().into_inner();
+    assert_eq!(error_kind(&refused), pb::ErrorKind::RateLimited, "{refused:?}");
+    assert!(message_of(&refused).contains("tenants.acme.rate"), "{}", message_of(&refused));
+    // deny: refused, nothing sent, no crash.
+    let mut client = HttpActionServiceClient::new(deny.channel().await);
+    for _ in 0..2 {
+        let resp = client.execute(of_tenant("acme", &url, total)).await.unwrap().into_inner();
+        assert_eq!(error_kind(&resp), pb::ErrorKind::RateLimited, "{resp:?}");
+        assert!(message_of(&resp).contains("deny"), "{}", message_of(&resp));
+    }
+    assert_eq!(upstream.hits(), 2);
+    for serve in [&local, &deny] {
+        assert_eq!(metric(&metrics_of(serve).await, "callout_fleet_redis_up"), Some(0.0));
+    }
+}
+
+#[tokio::test]
+async fn a_tenants_action_makes_one_round_trip_per_attempt_and_two_for_its_place() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::fixed(200, "ok").await;
+    let env = [("CALLOUT_TENANTS__ACME__RATE", "1000/s"), ("CALLOUT_TENANTS__ACME__MAX_CONCURRENT", "10")];
+    let serve = replica(&redis, &["--rate-limit", "127.0.0.1=1000/s"], &env).await;
+    let mut client = HttpActionServiceClient::new(serve.channel().await);
+    let url = upstream.url("/");
+    // The first loads the scripts.
+    client.execute(of_tenant("acme", &url, Duration::from_secs(5))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.try_command(&["CONFIG", "RESETSTAT"]).await.unwrap();
+    for _ in 0..20 {
+        let resp =
+            client.execute(of_tenant("acme", &url, Duration::from_secs(5))).await.unwrap().into_inner();
+        assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
+    }
+    // The place is given back off the action's way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let run = commands_run(&redis).await;
+    let calls = |name: &str| run.iter().find(|(n, _)| n == name).map_or(0, |(_, n)| *n);
+    // Per action: its place taken (EVALSHA) and given back (ZREM); its one attempt's check
+    // (EVALSHA) with the destination's and the tenant's buckets, read and taken in it.
+    assert_eq!((calls("evalsha"), calls("zrem")), (40, 20), "{run:?}");
+    assert_eq!(calls("set"), 40, "two buckets taken per attempt: {run:?}");
+    assert_eq!(upstream.hits(), 21);
+}

@@ -92,7 +92,7 @@ fn of(tenant: &str, url: String) -> pb::ExecuteHttpActionRequest {
 }
 
 fn quota(max_concurrent: Option<usize>, rate: Option<&str>) -> TenantQuotaSettings {
-    TenantQuotaSettings { max_concurrent, rate: rate.map(|r| r.parse().unwrap()), weight: 1 }
+    TenantQuotaSettings { max_concurrent, rate: rate.map(|r| r.parse().unwrap()), ..Default::default() }
 }
 
 fn with_tenants(tenants: TenantSettings, max_in_flight: usize) -> ExecSettings {
@@ -244,6 +244,40 @@ async fn a_flood_of_one_tenant_does_not_queue_another_behind_it() {
     assert_eq!(order.len(), 31);
     let at = order.iter().position(|p| p == "/hold/b").unwrap();
     assert_eq!(at, 2, "{order:?}");
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_queue_bound_is_refused_at_once_and_another_is_not() {
+    let (upstream, gate) = gated().await;
+    let bounded = TenantQuotaSettings { max_queued: Some(3), ..Default::default() };
+    let tenants = TenantSettings { named: [("a".to_owned(), bounded)].into(), ..TenantSettings::default() };
+    let server = Server::start(with_tenants(tenants, 2), None).await;
+    // a: 2 running (held by the upstream), 3 waiting: its bound.
+    let flood: Vec<_> =
+        (0..5).map(|i| server.spawn(of("a", upstream.url(&format!("/hold/a-{i}"))))).collect();
+    until_hits(&upstream, 2).await;
+    server.until_admitted(5).await;
+    // a's next is refused at once, RESOURCE_EXHAUSTED naming its quota; nothing sent.
+    let refused = server.client().execute(of("a", upstream.url("/a-over"))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("tenant \"a\"") && refused.message().contains("tenants.a.max_queued"),
+        "{}",
+        refused.message()
+    );
+    let details = tonic_types::StatusExt::get_error_details(&refused);
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "TENANT_QUEUE_FULL", "{info:?}");
+    assert_eq!(info.metadata.get("tenant").map(String::as_str), Some("a"), "{info:?}");
+    // b (no bound) still queues behind the same two running slots, and runs.
+    let b: Vec<_> = (0..4).map(|i| server.spawn(of("b", upstream.url(&format!("/b-{i}"))))).collect();
+    server.until_admitted(9).await;
+    gate.add_permits(1000);
+    for action in flood.into_iter().chain(b) {
+        assert_eq!(action.await.unwrap().outcome(), pb::Outcome::Succeeded);
+    }
+    assert!(!paths(&upstream).iter().any(|p| p == "/a-over"), "nothing of the refused one sent");
+    assert_eq!(upstream.hits(), 9);
 }
 
 #[tokio::test]
