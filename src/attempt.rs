@@ -123,6 +123,19 @@ pub struct AttemptResult {
     pub poll: Option<PollDue>,
 }
 
+impl AttemptResult {
+    /// An attempt that ended as `end` with no decision made yet, no credentials to refresh and
+    /// nothing to poll.
+    pub fn ended(
+        record: AttemptRecord,
+        end: Option<AttemptEnd>,
+        response: Option<ResponseData>,
+        streamed: bool,
+    ) -> Self {
+        Self { record, end, response, streamed, decision: None, refreshes_credentials: false, poll: None }
+    }
+}
+
 /// What became of an attempt the action tried to make.
 // Returned once per attempt and unpacked at once: boxing `Ran` would allocate for nothing.
 #[allow(clippy::large_enum_variant)]
@@ -215,15 +228,7 @@ impl RunAttempt for Attempts {
             |mut record: AttemptRecord, error: ActionError, end: Option<AttemptEnd>, response, streamed| {
                 record.timing.total = start.elapsed();
                 record.error = Some(error);
-                AttemptResult {
-                    record,
-                    end,
-                    response,
-                    streamed,
-                    decision: None,
-                    refreshes_credentials: false,
-                    poll: None,
-                }
+                AttemptResult::ended(record, end, response, streamed)
             };
         let response = match sent {
             Ok(response) => response,
@@ -278,15 +283,8 @@ impl RunAttempt for Attempts {
             // The job is not done: its 202 is no result, so neither its body nor a condition
             // counts. The body is left unread (its connection is not reused).
             record.timing.total = start.elapsed();
-            return Attempted::Ran(AttemptResult {
-                record,
-                end: None,
-                response: Some(ResponseData::head_only(head)),
-                streamed: false,
-                decision: None,
-                refreshes_credentials: false,
-                poll: Some(due),
-            });
+            let polled = AttemptResult::ended(record, None, Some(ResponseData::head_only(head)), false);
+            return Attempted::Ran(AttemptResult { poll: Some(due), ..polled });
         }
 
         let success = action.success().contains(status);
@@ -412,15 +410,7 @@ impl RunAttempt for Attempts {
                 result.decision = decision;
                 result
             }
-            _ => AttemptResult {
-                record,
-                end: None,
-                response: Some(response),
-                streamed,
-                decision: None,
-                refreshes_credentials: false,
-                poll: None,
-            },
+            _ => AttemptResult::ended(record, None, Some(response), streamed),
         })
     }
 }

@@ -785,18 +785,10 @@ mod tests {
                 record.status = Some(202);
                 let head =
                     ResponseHead { status: 202, reason: String::new(), version: "HTTP/1.1", headers: vec![] };
-                return Attempted::Ran(AttemptResult {
-                    record,
-                    end: None,
-                    response: Some(ResponseData::head_only(head)),
-                    streamed: false,
-                    decision: None,
-                    refreshes_credentials: false,
-                    poll: Some(PollDue {
-                        location: "http://h.test/jobs/7".parse().unwrap(),
-                        retry_after: retry_after.map(Duration::from_secs),
-                    }),
-                });
+                let accepted = AttemptResult::ended(record, None, Some(ResponseData::head_only(head)), false);
+                let location = "http://h.test/jobs/7".parse().unwrap();
+                let poll = PollDue { location, retry_after: retry_after.map(Duration::from_secs) };
+                return Attempted::Ran(AttemptResult { poll: Some(poll), ..accepted });
             }
             let (end, response, streamed) = match next {
                 Scripted::Status(status) | Scripted::Streamed(status) => {
@@ -830,14 +822,11 @@ mod tests {
                         of.refreshed,
                         Duration::from_secs(60),
                     );
+                    let ended = AttemptResult::ended(record, Some(end), None, false);
                     return Attempted::Ran(AttemptResult {
-                        record,
-                        end: Some(end),
-                        response: None,
-                        streamed: false,
                         decision: Some(decision),
                         refreshes_credentials,
-                        poll: None,
+                        ..ended
                     });
                 }
                 Scripted::Hangs | Scripted::Refused(_) | Scripted::Accepted(_) => {
@@ -852,16 +841,19 @@ mod tests {
                 };
                 record.error = Some(ActionError::new(kind, "failed"));
             }
-            Attempted::Ran(AttemptResult {
-                record,
-                end,
-                response,
-                streamed,
-                decision: None,
-                refreshes_credentials: false,
-                poll: None,
-            })
+            Attempted::Ran(AttemptResult::ended(record, end, response, streamed))
         }
+    }
+
+    /// Runs `action`, and cuts the executor off a second (of the paused clock) later.
+    async fn cut_off_after_a_second(executor: Executor<Script>, action: HttpAction) -> Outcome {
+        let running = tokio::spawn({
+            let executor = executor.clone();
+            async move { executor.execute(&action, None).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        executor.cut_off();
+        running.await.unwrap()
     }
 
     fn executor(script: &[Scripted]) -> Executor<Script> {
@@ -989,14 +981,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cut_off_ends_a_running_attempt_saying_the_request_may_have_been_sent() {
-        let executor = executor(&[Scripted::Hangs]);
-        let running = tokio::spawn({
-            let executor = executor.clone();
-            async move { executor.execute(&get(), None).await }
-        });
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        executor.cut_off();
-        let outcome = running.await.unwrap();
+        let outcome = cut_off_after_a_second(executor(&[Scripted::Hangs]), get()).await;
         let error = outcome.error.unwrap();
         assert_eq!(error.kind, ErrorKind::Cancelled);
         assert_eq!(error.message, "the server shut down during attempt 1; the request may have been sent");
@@ -1029,13 +1014,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cut_off_during_a_later_page_names_the_page() {
         let executor = executor(&[Scripted::Page(true), Scripted::Hangs]);
-        let running = tokio::spawn({
-            let executor = executor.clone();
-            async move { executor.execute(&paginated(), None).await }
-        });
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        executor.cut_off();
-        let outcome = running.await.unwrap();
+        let outcome = cut_off_after_a_second(executor, paginated()).await;
         assert_eq!(
             outcome.error.unwrap().message,
             "page 2: the server shut down during attempt 1; the request may have been sent"

@@ -31,8 +31,23 @@ pub fn resolve_location(answered: &Url, location: &str) -> Result<Url, LocationE
     Ok(url)
 }
 
+/// Headers that carry credentials whatever validation marked.
 const CREDENTIAL_HEADERS: [header::HeaderName; 3] =
     [header::AUTHORIZATION, header::COOKIE, header::PROXY_AUTHORIZATION];
+
+/// Removes what may not go to another origin: Authorization, Cookie, Proxy-Authorization and
+/// every value validation marked sensitive (one filled from `{{secret:…}}`, an API-key header,
+/// a configured sensitive header). Redirects, polls and next pages all drop them here.
+pub fn drop_credentials(headers: &mut http::HeaderMap) {
+    for name in &CREDENTIAL_HEADERS {
+        headers.remove(name);
+    }
+    let sensitive: Vec<header::HeaderName> =
+        headers.iter().filter(|(_, v)| v.is_sensitive()).map(|(n, _)| n.clone()).collect();
+    for name in sensitive {
+        headers.remove(name);
+    }
+}
 
 impl HttpAction {
     /// The action's follow-up: a GET of `url`, no body and no Content-Type, the same headers
@@ -48,14 +63,7 @@ impl HttpAction {
         // A GET may always be repeated.
         next.retry.may_repeat = true;
         if url.origin() != self.url.origin() {
-            for name in &CREDENTIAL_HEADERS {
-                next.headers.remove(name);
-            }
-            let sensitive: Vec<header::HeaderName> =
-                next.headers.iter().filter(|(_, v)| v.is_sensitive()).map(|(n, _)| n.clone()).collect();
-            for name in sensitive {
-                next.headers.remove(name);
-            }
+            drop_credentials(&mut next.headers);
             next.auth = Auth::None;
             next.signing = Signing::None;
         }

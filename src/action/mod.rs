@@ -23,7 +23,7 @@ pub use auth::{
     Signing, SigningInput,
 };
 pub use excerpt::excerpt;
-pub use follow_up::{resolve_location, LocationError};
+pub use follow_up::{drop_credentials, resolve_location, LocationError};
 pub use outcome::{
     ActionError, AttemptRecord, AttemptTiming, ErrorKind, Outcome, PageRecord, PollDue, ResponseData,
     ResponseHead,

@@ -4,9 +4,8 @@
 use super::{
     excerpt::excerpt,
     extract::{nesting, MAX_EXTRACT_PATH_LEN},
-    Auth, HttpAction, InvalidAction,
+    HttpAction, InvalidAction,
 };
-use http::{header, HeaderName, Method};
 use serde_json::Value;
 use serde_json_path::JsonPath;
 use std::collections::HashSet;
@@ -21,9 +20,6 @@ pub const MAX_CURSOR_PARAM_LEN: usize = 256;
 const MAX_PATH_NESTING: usize = 16;
 /// Longest next URL or cursor taken from a response: longer ones end pagination as invalid.
 const MAX_NEXT_LEN: usize = 8 * 1024;
-/// Headers that carry credentials whatever validation marked (as redirects drop them).
-const CREDENTIAL_HEADERS: [HeaderName; 3] =
-    [header::AUTHORIZATION, header::COOKIE, header::PROXY_AUTHORIZATION];
 
 /// `paginate` as written; `None` for no pagination.
 #[derive(Debug, Clone, Default)]
@@ -204,31 +200,8 @@ impl HttpAction {
                 }
                 page
             }
-            NextPage::Url(url) => {
-                let mut page = self.clone();
-                page.method = Method::GET;
-                page.body = Default::default();
-                for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
-                    page.headers.remove(name);
-                }
-                if url.origin() != self.url.origin() {
-                    for name in &CREDENTIAL_HEADERS {
-                        page.headers.remove(name);
-                    }
-                    let sensitive: Vec<HeaderName> = page
-                        .headers
-                        .iter()
-                        .filter(|(_, v)| v.is_sensitive())
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    for name in sensitive {
-                        page.headers.remove(name);
-                    }
-                    page.auth = Auth::None;
-                }
-                page.url = url.clone();
-                page
-            }
+            // A GET of the next URL, credentials dropped across origins (as a poll's).
+            NextPage::Url(url) => self.follow_up(url.clone()),
             NextPage::None | NextPage::Invalid(_) => self.clone(),
         }
     }
@@ -449,6 +422,7 @@ impl PaginationEnd {
 mod tests {
     use super::*;
     use crate::action::ActionInput;
+    use http::{header, Method};
     use serde_json::json;
 
     fn paginate(input: PaginateInput) -> Result<Paginate, InvalidAction> {

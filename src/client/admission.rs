@@ -151,17 +151,17 @@ impl Limits {
 
     /// The breaker layer's step (it makes the attempt's fleet check, when there is a fleet).
     pub fn breaker(&self) -> Breaker {
-        Breaker { breakers: self.breakers.clone(), shared: self.shared.clone() }
+        Breaker { local: self.breakers.clone(), shared: self.shared.clone() }
     }
 
     /// The cool-down layer's step.
     pub fn cool_down(&self) -> CoolDown {
-        CoolDown { cool_downs: self.cool_downs.clone(), shared: self.shared.clone() }
+        CoolDown { local: self.cool_downs.clone(), shared: self.shared.clone() }
     }
 
     /// The rate-limit layer's step.
     pub fn rate_limit(&self) -> RateLimit {
-        RateLimit { rate: self.rate.clone(), shared: self.shared.clone() }
+        RateLimit { local: self.rate.clone(), shared: self.shared.clone() }
     }
 
     /// A place for a new action; refused at once when the server's queue is full.

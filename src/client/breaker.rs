@@ -7,7 +7,7 @@
 use super::{
     attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
     error::SendFailure,
-    shared::{Checked, SharedAdmission, Verdict},
+    shared::{Checked, FleetBacked, SharedAdmission, Verdict},
     timeout::TimeoutError,
 };
 use crate::action::ErrorKind;
@@ -159,29 +159,18 @@ impl CircuitBreakers {
 /// went (by its status when it got one, else by its error) when its response head arrives.
 /// With a shared backend it makes the attempt's fleet check (after its own, so a circuit open
 /// here costs no round trip) and leaves the verdict beside the request for the layers below.
-#[derive(Clone)]
-pub struct Breaker {
-    pub breakers: Arc<CircuitBreakers>,
-    pub shared: Option<Arc<SharedAdmission>>,
-}
+pub type Breaker = FleetBacked<CircuitBreakers>;
 
-impl Breaker {
-    /// This process's circuits only.
-    pub fn local(breakers: Arc<CircuitBreakers>) -> Self {
-        Self { breakers, shared: None }
-    }
-}
-
-impl Step for Breaker {
+impl Step for FleetBacked<CircuitBreakers> {
     /// The breakers, the context (its destination) to record the attempt against, and the
     /// fleet to tell of a circuit this attempt opens or closes.
     type Held = (Arc<CircuitBreakers>, Arc<AttemptContext>, Option<Arc<SharedAdmission>>);
 
     fn before(&self, request: &mut AttemptRequest) -> Before<Self::Held> {
-        if let Err(refused) = self.breakers.check(&request.context.destination.key) {
+        if let Err(refused) = self.local.check(&request.context.destination.key) {
             return Before::Refuse(refused.into());
         }
-        let held = (self.breakers.clone(), request.context.clone(), self.shared.clone());
+        let held = (self.local.clone(), request.context.clone(), self.shared.clone());
         let Some(shared) = &self.shared else {
             return Before::Go(held);
         };

@@ -726,13 +726,7 @@ mod tests {
     #[tokio::test]
     async fn fixed_addresses_match_names_however_written() {
         let ip: IpAddr = "127.0.0.9".parse().unwrap();
-        let tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        );
+        let tls = no_roots();
         let connector = TimedConnector::new(tls, Arc::default(), Duration::from_secs(1))
             .with_egress(Arc::default(), &BTreeMap::from([("API.Example.test.".into(), vec![ip])]));
         for name in ["api.example.test", "API.example.test.", "api.example.test."] {
@@ -742,14 +736,19 @@ mod tests {
         }
     }
 
-    fn through(proxies: Proxies) -> TimedConnector {
-        let tls = Arc::new(
+    /// A TLS config that trusts nothing: these tests never get to a handshake.
+    fn no_roots() -> Arc<rustls::ClientConfig> {
+        Arc::new(
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .unwrap()
                 .with_root_certificates(rustls::RootCertStore::empty())
                 .with_no_client_auth(),
-        );
+        )
+    }
+
+    fn through(proxies: Proxies) -> TimedConnector {
+        let tls = no_roots();
         let fixed = BTreeMap::from([("api.example.test".into(), vec!["10.0.0.5".parse().unwrap()])]);
         TimedConnector::new(tls, Arc::new(proxies), Duration::from_secs(1))
             .with_egress(Arc::default(), &fixed)

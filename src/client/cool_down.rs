@@ -5,7 +5,7 @@
 //! and a 429 here cools the destination down for every replica.
 use super::{
     attempt::{AttemptContext, AttemptRequest, Before, Reply, Step, StepLayer},
-    shared::SharedAdmission,
+    shared::{FleetBacked, SharedAdmission},
 };
 use crate::action::parse_retry_after;
 use http::{header, Response, StatusCode};
@@ -96,20 +96,9 @@ fn fits_shared(key: &str, until: Instant, deadline: Instant) -> Result<(), CoolD
 
 /// Waits out the destination's cool-down before the attempt; a 429 (that fails the action) with
 /// a Retry-After starts one for every action (every replica's, with a shared backend).
-#[derive(Clone)]
-pub struct CoolDown {
-    pub cool_downs: Arc<CoolDowns>,
-    pub shared: Option<Arc<SharedAdmission>>,
-}
+pub type CoolDown = FleetBacked<CoolDowns>;
 
-impl CoolDown {
-    /// This process's cool-downs only.
-    pub fn local(cool_downs: Arc<CoolDowns>) -> Self {
-        Self { cool_downs, shared: None }
-    }
-}
-
-impl Step for CoolDown {
+impl Step for FleetBacked<CoolDowns> {
     /// Where to start a cool-down when the reply is a 429: only for actions that fail on one.
     type Held = Option<(Arc<CoolDowns>, Arc<AttemptContext>, Option<Arc<SharedAdmission>>)>;
 
@@ -117,7 +106,7 @@ impl Step for CoolDown {
         let context = &request.context;
         let key = &context.destination.key;
         let held =
-            context.cool_down_on_429.then(|| (self.cool_downs.clone(), context.clone(), self.shared.clone()));
+            context.cool_down_on_429.then(|| (self.local.clone(), context.clone(), self.shared.clone()));
         // The fleet's cool-down (read by the breaker layer just now) refuses before any wait.
         let checked = request.checked.as_ref();
         let shared_until = checked.and_then(|c| c.cooling_down()).map(|left| Instant::now() + left);
@@ -128,7 +117,7 @@ impl Step for CoolDown {
             // Nothing was taken while the mark was set: the rate-limit layer asks again.
             let _ = checked.and_then(|c| c.take());
         }
-        match self.cool_downs.check(key, context.deadline) {
+        match self.local.check(key, context.deadline) {
             Ok(local) => {
                 let Some(until) = local.max(shared_until) else {
                     return Before::Go(held);

@@ -5,7 +5,7 @@ use super::{
     attempt::{AttemptContext, AttemptRequest, Before, Step, StepLayer},
     host::Destination,
     host_pattern::{HostPattern, HostPatternError},
-    shared::{SharedAdmission, SharedBucket, Verdict, TENANT_RULE},
+    shared::{FleetBacked, SharedAdmission, SharedBucket, Verdict, TENANT_RULE},
 };
 use governor::{clock::Clock, DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::{
@@ -320,28 +320,17 @@ impl RateLimits {
 /// with `RateLimitError` when a wait cannot fit. With a shared backend the buckets are the
 /// fleet's: the verdict the breaker layer got (`AttemptRequest::checked`) says whether they
 /// were taken.
-#[derive(Clone)]
-pub struct RateLimit {
-    pub rate: Arc<RateLimits>,
-    pub shared: Option<Arc<SharedAdmission>>,
-}
+pub type RateLimit = FleetBacked<RateLimits>;
 
-impl RateLimit {
-    /// This process's limits only.
-    pub fn local(rate: Arc<RateLimits>) -> Self {
-        Self { rate, shared: None }
-    }
-}
-
-impl Step for RateLimit {
+impl Step for FleetBacked<RateLimits> {
     type Held = ();
 
     fn before(&self, request: &mut AttemptRequest) -> Before<()> {
         let Some(shared) = &self.shared else {
-            if self.rate.is_empty() {
+            if self.local.is_empty() {
                 return Before::Go(());
             }
-            let (limits, context) = (self.rate.clone(), request.context.clone());
+            let (limits, context) = (self.local.clone(), request.context.clone());
             return Before::Wait(Box::pin(async move {
                 let to = &context.destination;
                 let waited = limits.acquire(&to.key, to.host(), to.port(), context.deadline).await?;
@@ -354,7 +343,7 @@ impl Step for RateLimit {
             // The breaker layer's check took every bucket.
             return Before::Go(());
         }
-        let (limits, shared, context) = (self.rate.clone(), shared.clone(), request.context.clone());
+        let (limits, shared, context) = (self.local.clone(), shared.clone(), request.context.clone());
         Before::Wait(Box::pin(async move {
             let waited = limits.acquire_shared(&shared, &context, first).await?;
             waited_for(&context.destination.key, waited);

@@ -50,9 +50,6 @@ pub enum RedirectError {
     BadScheme(String),
 }
 
-const CREDENTIAL_HEADERS: [header::HeaderName; 3] =
-    [header::AUTHORIZATION, header::COOKIE, header::PROXY_AUTHORIZATION];
-
 /// The hop after `current`, when its response is a redirect to follow; `None` when the
 /// response is final (not a redirect, or no Location). `visited` holds the URLs so far.
 pub fn next_hop(
@@ -98,17 +95,7 @@ pub fn next_hop(
         next.headers.remove(header::CONTENT_ENCODING);
     }
     if next.url.origin() != current.url.origin() {
-        for name in &CREDENTIAL_HEADERS {
-            next.headers.remove(name);
-        }
-        // Validation marks every value that may carry a credential sensitive: one filled from
-        // `{{secret:…}}`, an API-key header, a configured sensitive header. None of them is
-        // meant for another origin.
-        let sensitive: Vec<header::HeaderName> =
-            next.headers.iter().filter(|(_, v)| v.is_sensitive()).map(|(n, _)| n.clone()).collect();
-        for name in sensitive {
-            next.headers.remove(name);
-        }
+        crate::action::drop_credentials(&mut next.headers);
     }
     Ok(Some(next))
 }

@@ -105,6 +105,27 @@ pub trait SharedLimits: Send + Sync + 'static {
 /// whatever else its context keys a rule on).
 pub type BucketsOf = dyn Fn(&AttemptContext) -> Vec<SharedBucket> + Send + Sync;
 
+/// An admission layer's state: this process's `local` limit, and the fleet's backend when
+/// there is one. The breaker, the 429 cool-down and the rate limits are each one of these.
+pub struct FleetBacked<T> {
+    pub local: Arc<T>,
+    pub shared: Option<Arc<SharedAdmission>>,
+}
+
+impl<T> FleetBacked<T> {
+    /// This process's limit only.
+    pub fn local(local: Arc<T>) -> Self {
+        Self { local, shared: None }
+    }
+}
+
+// Derived Clone would ask `T: Clone`; only the `Arc`s are cloned.
+impl<T> Clone for FleetBacked<T> {
+    fn clone(&self) -> Self {
+        Self { local: self.local.clone(), shared: self.shared.clone() }
+    }
+}
+
 /// A shared backend and the rate rules it is asked about: what the admission layers hold.
 pub struct SharedAdmission {
     backend: Arc<dyn SharedLimits>,
