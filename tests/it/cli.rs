@@ -10,15 +10,19 @@ use std::{
 /// Runs `callout exec ARGS...` off the runtime's threads (the upstream keeps serving) and
 /// returns its output.
 async fn exec(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    // Test upstreams are on loopback, which the egress policy denies by default.
+    callout_exec(&["--allow-private-networks"], args).await
+}
+
+/// `callout exec FIRST... ARGS...`, off the runtime's threads, with no log filter and no proxy
+/// from the test's own environment (upstreams are on loopback).
+pub(crate) async fn callout_exec(first: &[&str], args: &[&str]) -> Output {
+    let args: Vec<String> = first.iter().chain(args).map(|a| a.to_string()).collect();
     let run = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_callout"))
             .arg("exec")
-            // Test upstreams are on loopback, which the egress policy denies by default.
-            .arg("--allow-private-networks")
             .args(&args)
             .env_remove("RUST_LOG")
-            // Upstreams are on loopback: a proxy from the test's own environment must not apply.
             .env_remove("HTTP_PROXY")
             .env_remove("http_proxy")
             .env_remove("HTTPS_PROXY")

@@ -13,13 +13,7 @@ use callout::{
 };
 use prost::Message as _;
 use prost_types::{value::Kind, Value};
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::PathBuf,
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Output, time::Duration};
 
 const TOKEN: &str = "tok-5ecret-r3nder";
 const TENANT: &str = "acme corp";
@@ -338,20 +332,7 @@ async fn an_invalid_action_is_invalid_argument_naming_the_field() {
 
 /// `callout exec --dry-run ARGS...`, the real binary.
 async fn dry_run(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_callout"))
-            .args(["exec", "--dry-run"])
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .output()
-            .expect("callout runs")
-    });
-    tokio::time::timeout(Duration::from_secs(60), run).await.expect("callout exec finishes").unwrap()
+    super::cli::callout_exec(&["--dry-run"], args).await
 }
 
 #[tokio::test]
