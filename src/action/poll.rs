@@ -1,6 +1,6 @@
 //! `async_poll`: following a 202 Accepted's Location until the job it names is done. The
 //! settings as written and validated, and the one decision of when the next poll goes out.
-use super::{validate::InvalidAction, HttpAction};
+use super::{HttpAction, InvalidAction};
 use std::time::Duration;
 use url::Url;
 

@@ -15,7 +15,7 @@
 //! the channel; once tonic has encoded it the budget is free, and the encoded copy waits in the
 //! HTTP/2 send buffer, which hyper fills only as the caller's window opens (about one encode
 //! buffer, 32 KiB or one reply, past the window).
-use super::service::{
+use super::call::{
     action_of, grpc_deadline, log_overloaded, refused_draining, reply_of, trace_context, HttpActionService,
 };
 use crate::{

@@ -2,6 +2,7 @@
 //! types stop here.
 pub mod auth;
 mod batch;
+mod call;
 pub mod codec;
 pub mod convert;
 pub mod json;
@@ -10,5 +11,5 @@ pub mod reply_hold;
 mod service;
 pub mod status;
 
-pub use service::{Draining, HttpActionService};
+pub use call::{Draining, HttpActionService};
 pub use status::{invalid_argument, oversized_request};
