@@ -2,7 +2,7 @@
 //! 127.0.0.1:0, the generated tonic client, and a loopback hyper upstream answering 1 KiB of
 //! JSON, all on one tokio runtime (two workers). Each iteration is a burst of `conc` actions at
 //! once (`Throughput::Elements(conc)`), so criterion reports actions per second beside the time
-//! of a burst. Execute and ExecuteStream; ExecuteBatch joins them when it is in the proto.
+//! of a burst. Execute, ExecuteStream and ExecuteBatch (one stream of `conc` actions).
 //!
 //! `cargo bench --bench end_to_end`; `cargo test --benches` runs each once as a smoke test.
 use bytes::Bytes;
@@ -95,6 +95,23 @@ async fn execute_stream(client: &HttpActionServiceClient<Channel>, req: pb::Exec
     assert_eq!(outcome, Some(pb::Outcome::Succeeded));
 }
 
+/// One ExecuteBatch stream carrying `conc` actions; every reply read.
+async fn execute_batch(client: &HttpActionServiceClient<Channel>, url: &str, conc: usize) {
+    let actions: Vec<_> = (0..conc).map(|_| request(url)).collect();
+    let mut replies = client
+        .clone()
+        .execute_batch(tokio_stream::iter(actions))
+        .await
+        .expect("ExecuteBatch answers")
+        .into_inner();
+    let mut succeeded = 0;
+    while let Some(reply) = replies.message().await.expect("the batch stream goes on") {
+        assert_eq!(reply.outcome(), pb::Outcome::Succeeded);
+        succeeded += 1;
+    }
+    assert_eq!(succeeded, conc);
+}
+
 /// Runs `conc` copies of `call` at once on the runtime and waits for all of them.
 async fn burst<F, Fut>(conc: usize, call: F)
 where
@@ -136,9 +153,10 @@ fn end_to_end(c: &mut Criterion) {
                 }))
             })
         });
-        // ExecuteBatch (issue 17 item 2, branch `batch`): when `rpc ExecuteBatch` is in the
-        // proto, add `execute_batch` here: one call carrying `conc` actions,
-        // `Throughput::Elements(conc)` as above, so its actions/s reads beside Execute's.
+        // One call carrying `conc` actions: its actions/s reads beside Execute's.
+        group.bench_with_input(BenchmarkId::new("execute_batch", conc), &conc, |b, &conc| {
+            b.iter(|| runtime.block_on(execute_batch(&client, &url, conc)))
+        });
     }
     group.finish();
 }
