@@ -81,24 +81,36 @@ pub(super) fn parse(mut input: Vec<(String, String)>, bad: &mut InvalidAction) -
     Extracts(parsed)
 }
 
-/// The deepest nesting of `[` and `(` in `text`, quoted strings skipped. Shared with the CEL
-/// conditions' bound.
-pub(super) fn nesting(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
+/// The characters of `text` outside its quoted strings ('…' or "…", backslash escapes inside),
+/// each opening quote included: what the bound checks on paths and conditions look at.
+pub(super) fn unquoted(text: &str) -> impl Iterator<Item = char> + '_ {
     let mut quote: Option<char> = None;
     let mut escaped = false;
-    for c in text.chars() {
-        if let Some(q) = quote {
+    text.chars().filter(move |&c| match quote {
+        Some(q) => {
             match c {
                 _ if escaped => escaped = false,
                 '\\' => escaped = true,
                 _ if c == q => quote = None,
                 _ => {}
             }
-            continue;
+            false
         }
+        None => {
+            if c == '\'' || c == '"' {
+                quote = Some(c);
+            }
+            true
+        }
+    })
+}
+
+/// The deepest nesting of `[` and `(` in `text`, quoted strings skipped. Shared with the CEL
+/// conditions' bound.
+pub(super) fn nesting(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for c in unquoted(text) {
         match c {
-            '\'' | '"' => quote = Some(c),
             '[' | '(' | '{' => {
                 depth += 1;
                 deepest = deepest.max(depth);

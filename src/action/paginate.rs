@@ -3,7 +3,7 @@
 //! and the action that requests the next page (`HttpAction::next_page`). Pure: no I/O.
 use super::{
     excerpt::excerpt,
-    extract::{nesting, MAX_EXTRACT_PATH_LEN},
+    extract::{nesting, unquoted, MAX_EXTRACT_PATH_LEN},
     HttpAction, InvalidAction,
 };
 use serde_json::Value;
@@ -309,21 +309,9 @@ fn path_of(field: &str, path: &str, optional: bool, bad: &mut InvalidAction) -> 
 /// Whether a (valid) path names at most one node: only names and indexes, no wildcard,
 /// descendant, filter, slice or union (RFC 9535 2.3.5.1's singular query), quoted names skipped.
 fn singular(path: &str) -> bool {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
     let mut previous = ' ';
-    for c in path.chars() {
-        if let Some(q) = quote {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                _ if c == q => quote = None,
-                _ => {}
-            }
-            continue;
-        }
+    for c in unquoted(path) {
         match c {
-            '\'' | '"' => quote = Some(c),
             '*' | '?' | ':' | ',' => return false,
             '.' if previous == '.' => return false,
             _ => {}

@@ -2,6 +2,7 @@
 //! what a loopback upstream then receives for the same action (identical but for redacted
 //! values), nothing sent and no token fetched on Render, the egress verdict per address, the
 //! proxy, INVALID_ARGUMENT for a bad action, and the real binary's dry run.
+use super::secrets::{secrets_dir, with_secrets};
 use crate::support::*;
 use base64::Engine as _;
 use callout::{
@@ -9,11 +10,10 @@ use callout::{
     client::{NoProxy, Proxies},
     exec::ExecSettings,
     pb::{self, execute_http_action_request::Body},
-    secrets::SecretSettings,
 };
 use prost::Message as _;
 use prost_types::{value::Kind, Value};
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Output, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, process::Output, time::Duration};
 
 const TOKEN: &str = "tok-5ecret-r3nder";
 const TENANT: &str = "acme corp";
@@ -26,23 +26,6 @@ fn string(s: &str) -> Value {
 
 fn number(n: f64) -> Value {
     Value { kind: Some(Kind::NumberValue(n)) }
-}
-
-fn secrets_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("callout-it-render-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, value) in [("api-token", TOKEN), ("tenant", TENANT), ("password", PASSWORD)] {
-        std::fs::write(dir.join(name), value).unwrap();
-    }
-    dir
-}
-
-fn with_secrets(dir: &std::path::Path) -> ExecSettings {
-    ExecSettings {
-        secrets: SecretSettings { dir: Some(dir.to_owned()), env_prefix: None },
-        ..test_settings()
-    }
 }
 
 async fn render(sidecar: &Sidecar, req: pb::ExecuteHttpActionRequest) -> pb::RenderedRequest {
@@ -100,7 +83,7 @@ fn templated(upstream: &Upstream) -> pb::ExecuteHttpActionRequest {
 
 #[tokio::test]
 async fn render_is_what_the_upstream_then_receives_but_for_redacted_values() {
-    let dir = secrets_dir("same");
+    let dir = secrets_dir("render-same", &[("api-token", TOKEN), ("tenant", TENANT), ("password", PASSWORD)]);
     let upstream = Upstream::fixed(200, "ok").await;
     let sidecar = Sidecar::start_with(with_secrets(&dir)).await;
 

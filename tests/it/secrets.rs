@@ -7,7 +7,8 @@ use std::{path::PathBuf, process::Command, time::Duration};
 const TOKEN: &str = "tok-5ecret-c0ffee";
 
 /// A fresh secrets directory holding `files`.
-fn secrets_dir(test: &str, files: &[(&str, &str)]) -> PathBuf {
+/// A throwaway secrets directory holding `files` (name, value).
+pub(crate) fn secrets_dir(test: &str, files: &[(&str, &str)]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("callout-it-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -17,7 +18,7 @@ fn secrets_dir(test: &str, files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
-fn with_secrets(dir: &std::path::Path) -> ExecSettings {
+pub(crate) fn with_secrets(dir: &std::path::Path) -> ExecSettings {
     ExecSettings {
         secrets: SecretSettings { dir: Some(dir.to_owned()), env_prefix: None },
         ..test_settings()
