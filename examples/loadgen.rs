@@ -1748,6 +1748,9 @@ fn measure_proxy(
 /// h2load → callout `Execute` → nginx (1 KiB JSON) against h2load → nginx as an h2c reverse
 /// proxy → the same nginx, and wrk → that nginx directly; each proxy's CPU per request from
 /// /proc (utime + stime of every process and thread of it) over a fixed number of requests.
+/// The old default layout (`--runtime work-stealing`), measured beside the per-core default.
+const WORK_STEALING: &str = "callout, work-stealing (2 workers)";
+
 async fn nginx_mode(o: &Options) -> Result<(), Error> {
     let requests = o.count.unwrap_or(40_000);
     let reps = o.reps;
@@ -1793,9 +1796,11 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
     let frame_arg = frame_path.to_string_lossy().into_owned();
 
     let mut sidecars = Vec::new();
-    for (label, args) in
-        [("callout, 1 worker", &["--worker-threads", "1"][..]), ("callout, default (2 workers)", &[][..])]
-    {
+    for (label, args) in [
+        ("callout, 1 worker", &["--worker-threads", "1"][..]),
+        ("callout, default (per-core, 2 cores)", &[][..]),
+        (WORK_STEALING, &["--runtime", "work-stealing"][..]),
+    ] {
         let listen = Listen::Tcp(format!("127.0.0.1:{}", free_port()?));
         let extra: Vec<&str> =
             args.iter().copied().chain(o.sidecar_args.iter().map(String::as_str)).collect();
@@ -1810,7 +1815,7 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
         sidecars.push((label, listen, side));
     }
     println!(
-        "origin nginx {origin_url} (1 worker); proxies: nginx h2c 1 worker, nginx h2c auto workers ({} here), callout 1 worker, callout default",
+        "origin nginx {origin_url} (1 worker); proxies: nginx h2c 1 worker, nginx h2c auto workers ({} here), callout 1 worker, callout default (per-core), callout work-stealing",
         nginx_auto.pids().len() - 1
     );
     println!("h2load -n {requests} -c 4 -m 16 -t 1 (after {} warm-up requests) per cell; {reps} interleaved rounds; wrk -t 1 -c 64 -d {:?} straight to the origin\n", requests / 20 + 100, o.duration);
@@ -1829,16 +1834,17 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
     let grpc_args = ["-d", frame_arg.as_str(), "-H", "content-type: application/grpc", "-H", "te: trailers"];
     for round in 1..=reps {
         let mut cells: Vec<(&'static str, ProxyRun)> = Vec::new();
-        // Interleaved: callout 1 worker, nginx 1 worker, callout default, nginx auto.
+        // Interleaved: callout 1 worker, nginx 1 worker, callout default, nginx auto, callout
+        // work-stealing.
         for (i, (label, listen, side)) in sidecars.iter().enumerate() {
             let url = format!("http://{}/callout.v1.HttpActionService/Execute", listen.arg());
             let pid = side.pid();
             let r = measure_proxy(&|| vec![Some(pid)], &origin, &|n| h2load(&url, n, &grpc_args), requests)?;
             cells.push((label, r));
-            let (nlabel, nginx) = if i == 0 {
-                ("nginx h2c proxy, 1 worker", &nginx_1)
-            } else {
-                ("nginx h2c proxy, auto workers", &nginx_auto)
+            let (nlabel, nginx) = match i {
+                0 => ("nginx h2c proxy, 1 worker", &nginx_1),
+                1 => ("nginx h2c proxy, auto workers", &nginx_auto),
+                _ => continue,
             };
             let url = format!("http://127.0.0.1:{}/bytes/1024", nginx.port);
             let r = measure_proxy(&|| nginx.pids(), &origin, &|n| h2load(&url, n, &[]), requests)?;
@@ -1886,22 +1892,39 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
         ),
         (
             "CPU per request: callout default / nginx auto",
-            "callout, default (2 workers)",
+            "callout, default (per-core, 2 cores)",
             "nginx h2c proxy, auto workers",
             true,
         ),
         (
             "CPU per request: callout default / callout 1 worker",
-            "callout, default (2 workers)",
+            "callout, default (per-core, 2 cores)",
             "callout, 1 worker",
             true,
         ),
+        (
+            "CPU per request: callout work-stealing / callout 1 worker",
+            WORK_STEALING,
+            "callout, 1 worker",
+            true,
+        ),
+        (
+            "CPU per request: callout default / callout work-stealing",
+            "callout, default (per-core, 2 cores)",
+            WORK_STEALING,
+            true,
+        ),
         ("req/s: callout 1 worker / wrk direct", "callout, 1 worker", "wrk → origin direct", false),
-        ("req/s: callout default / wrk direct", "callout, default (2 workers)", "wrk → origin direct", false),
+        (
+            "req/s: callout default / wrk direct",
+            "callout, default (per-core, 2 cores)",
+            "wrk → origin direct",
+            false,
+        ),
         ("req/s: nginx 1 worker / wrk direct", "nginx h2c proxy, 1 worker", "wrk → origin direct", false),
         (
             "req/s: callout default / callout 1 worker",
-            "callout, default (2 workers)",
+            "callout, default (per-core, 2 cores)",
             "callout, 1 worker",
             false,
         ),
@@ -1909,6 +1932,9 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
         if let Some((values, (lo, hi))) = ratios(num, den, cpu) {
             println!("| {what} | {values} | {lo:.2}-{hi:.2} |");
         }
+    }
+    if let Some((values, (lo, hi))) = ratios(WORK_STEALING, "callout, 1 worker", false) {
+        println!("| req/s: callout work-stealing / callout 1 worker | {values} | {lo:.2}-{hi:.2} |");
     }
     drop(sidecars);
     drop((nginx_1, nginx_auto, origin));

@@ -16,7 +16,7 @@ use crate::{
         response::{head_of, json_depth_within, pieces, views, BodyError, CappedBody, MAX_JSON_DEPTH},
         stack::{attempt_stack, classify, Failed},
         timeout::bounds,
-        Clients, ConnInfo, ResponseBody, SendFailure,
+        ClientBuildError, Clients, ConnInfo, ResponseBody, SendFailure,
     },
 };
 use bytes::Bytes;
@@ -595,6 +595,12 @@ impl Attempts {
         credentials: Credentials,
     ) -> Self {
         Self { clients, limits, budget, stream_max_response_bytes, credentials }
+    }
+
+    /// The same attempts on clients with pools of their own (see [`Clients::with_own_pools`]);
+    /// limits, the body budget and the token cache stay shared.
+    pub fn with_own_pools(&self) -> Result<Self, ClientBuildError> {
+        Ok(Self { clients: self.clients.with_own_pools()?, ..self.clone() })
     }
 
     /// The clients attempts are sent with (Render previews a connection on them).

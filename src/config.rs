@@ -23,6 +23,7 @@ use crate::{
     exec::{ExecSettings, DEFAULT_TOTAL_TIMEOUT, STREAM_MAX_RESPONSE_BYTES},
     fleet::FleetSettings,
     metrics::MetricsSettings,
+    runtime::Layout,
     secrets::SecretSettings,
     server::{ServerOptions, ServerTls},
     settings::{self, SettingError},
@@ -100,6 +101,9 @@ pub struct ServerConfig {
     /// 1024. Default 0.
     #[serde(deserialize_with = "worker_threads")]
     pub worker_threads: usize,
+    /// How more than one worker shares the work: `per-core` (one current-thread runtime per
+    /// worker, connections dealt out to them) or `work-stealing`. Default per-core.
+    pub runtime: Layout,
     /// Largest request message a call may send, bytes, 4 KiB to 1 GiB; a larger one is
     /// INVALID_ARGUMENT. Default 4 MiB (gRPC's usual limit).
     #[serde(deserialize_with = "max_request_bytes")]
@@ -164,6 +168,7 @@ impl Default for ServerConfig {
             stream_max_response_bytes: STREAM_MAX_RESPONSE_BYTES,
             sensitive_headers: Vec::new(),
             worker_threads: 0,
+            runtime: Layout::default(),
             max_request_bytes: options.max_request_bytes as u64,
             batch_max_in_flight: options.batch_max_in_flight,
         }
@@ -229,6 +234,7 @@ impl TryFrom<&ServerConfig> for ServerOptions {
             drain_timeout: s.drain_timeout,
             max_request_bytes,
             batch_max_in_flight: s.batch_max_in_flight,
+            cores: crate::runtime::cores(s.worker_threads, s.runtime),
             durable: None,
         })
     }

@@ -135,6 +135,13 @@ impl Executor {
             cut_off: Arc::new(watch::channel(false).0),
         })
     }
+
+    /// This executor for another core: the same limits, secrets, token cache and cut-off, on
+    /// upstream pools of its own, so the connections it opens are driven by the runtime that
+    /// uses it and an action never waits on another thread's connection task.
+    pub fn for_another_core(&self) -> Result<Self, ClientBuildError> {
+        Ok(Self { attempts: self.attempts.with_own_pools()?, ..self.clone() })
+    }
 }
 
 impl Executor {

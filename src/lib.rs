@@ -1,6 +1,7 @@
 //! callout: a gRPC sidecar that executes HTTP actions for workflow engines.
 #![forbid(unsafe_code)]
 
+mod accept;
 pub mod action;
 
 /// Generated protobuf and gRPC code. Used only at the gRPC edge (`api`) and by clients.

@@ -158,6 +158,10 @@ struct ServerFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     worker_threads: Option<usize>,
+    /// [server.runtime] how more than one worker shares the work: per-core runtimes, or one work-stealing scheduler [default: per-core]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<callout::runtime::Layout>,
     /// [server.sensitive_headers] a header whose values are secret; repeatable.
     #[arg(long = "sensitive-header", value_name = "NAME")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -574,7 +578,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args),
         // One action needs no more than one thread.
-        Command::Exec(args) => match callout::runtime::build(1) {
+        Command::Exec(args) => match callout::runtime::core(0) {
             Ok(runtime) => runtime.block_on(exec(*args)),
             Err(e) => {
                 eprintln!("callout: cannot start the runtime: {e}");
@@ -602,13 +606,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match callout::runtime::build(loaded.config.server.worker_threads) {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("callout: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime =
+        match callout::runtime::build(loaded.config.server.worker_threads, loaded.config.server.runtime) {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("callout: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     runtime.block_on(async {
         let telemetry = match telemetry::init(&loaded.config.log, &loaded.config.tracing) {
             Ok(telemetry) => telemetry,
@@ -682,7 +687,8 @@ async fn run_server(loaded: &Loaded) -> Result<(), String> {
         mutual_tls = options.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
         bearer_token = options.auth_token.is_some(),
         private_networks = config.egress.allow_private_networks,
-        workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        workers = callout::runtime::workers(config.server.worker_threads),
+        runtime = ?config.server.runtime,
         // The memory budget for buffered bodies, derived from the cgroup limit unless set.
         max_buffered_bytes = buffered_bytes,
         fleet = %fleet_shown,

@@ -11,6 +11,7 @@
 //! seconds, with buckets up to 30 days for whole actions (a durable action may retry that
 //! long); `callout_build_info{version}` is 1; the standard `process_*` series (CPU, memory,
 //! open file descriptors) are read at each scrape.
+use crate::accept::{accept_next, AcceptBackoff};
 use crate::action::Outcome;
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -47,6 +48,7 @@ pub const BODY_BUDGET_REFUSED: &str = "callout_body_budget_refused_total";
 pub const BUILD_INFO: &str = "callout_build_info";
 pub const BATCH_STREAMS: &str = "callout_batch_streams_open";
 pub const BATCH_ACTIONS: &str = "callout_batch_actions_total";
+pub const CALLER_CONNECTIONS: &str = "callout_caller_connections_total";
 /// The `profile` label of credentials written in the action, not named from the config.
 pub const INLINE_PROFILE: &str = "inline";
 pub const OAUTH2_TOKEN_FETCHES: &str = "callout_oauth2_token_fetches_total";
@@ -493,6 +495,10 @@ fn describe() {
     );
     describe_gauge!(BATCH_STREAMS, "ExecuteBatch streams open now.");
     describe_counter!(BATCH_ACTIONS, "Actions read from ExecuteBatch streams (each answered once).");
+    describe_counter!(
+        CALLER_CONNECTIONS,
+        "Callers' connections accepted, by the core (runtime) they were dealt to; with server.runtime = per-core a connection's calls all run on its core."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which callout runs.");
     describe_counter!(
         OAUTH2_TOKEN_FETCHES,
@@ -533,60 +539,10 @@ fn describe() {
     );
 }
 
-/// Waits between failed `accept`s: a persistent failure (EMFILE: out of file descriptors)
-/// would otherwise spin a core retrying. 10 ms doubling to 1 s; reset by a success.
-#[derive(Debug, Default)]
-struct AcceptBackoff {
-    /// Failures in the current streak.
-    failures: u32,
-}
-
-impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const MAX: Duration = Duration::from_secs(1);
-
-    /// The wait after one more failure.
-    fn failed(&mut self) -> Duration {
-        let wait = Self::FIRST.saturating_mul(1 << self.failures.min(16)).min(Self::MAX);
-        self.failures = self.failures.saturating_add(1);
-        wait
-    }
-
-    fn succeeded(&mut self) {
-        self.failures = 0;
-    }
-}
-
-/// The next accepted connection: failures are logged once per streak and waited out.
-async fn accept_next<T, E, F, Fut>(mut accept: F, backoff: &mut AcceptBackoff) -> T
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    loop {
-        match accept().await {
-            Ok(accepted) => {
-                if backoff.failures > 0 {
-                    tracing::info!(failures = backoff.failures, "metrics listener accepts again");
-                }
-                backoff.succeeded();
-                return accepted;
-            }
-            Err(e) => {
-                if backoff.failures == 0 {
-                    tracing::warn!("metrics listener cannot accept: {e}; backing off until it can");
-                }
-                tokio::time::sleep(backoff.failed()).await;
-            }
-        }
-    }
-}
-
 async fn serve(listener: TcpListener, handle: PrometheusHandle, process: Arc<metrics_process::Collector>) {
     let mut backoff = AcceptBackoff::default();
     loop {
-        let (tcp, _) = accept_next(|| listener.accept(), &mut backoff).await;
+        let (tcp, _) = accept_next("metrics listener", || listener.accept(), &mut backoff).await;
         let (handle, process) = (handle.clone(), process.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -742,52 +698,22 @@ pub fn batch_action() {
     }
 }
 
+/// Each core's series of accepted connections, at zero from the first scrape.
+pub fn caller_cores(cores: usize) {
+    for core in 0..cores {
+        counter!(CALLER_CONNECTIONS, "core" => core.to_string()).increment(0);
+    }
+}
+
+/// A caller's connection accepted and dealt to core `core` (counted per connection, not per call).
+pub fn caller_connection(core: usize) {
+    counter!(CALLER_CONNECTIONS, "core" => core.to_string()).increment(1);
+}
+
 /// An upstream connection opened; the returned guard lowers the open-connections gauge.
 pub fn connection_opened() -> Raised {
     if let Some(g) = GAUGES.get() {
         g.connections_opened.increment(1);
     }
     Raised::raise(|g| &g.connections)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_backoff_doubles_to_a_second_and_resets() {
-        let mut backoff = AcceptBackoff::default();
-        let waits: Vec<u64> = (0..9).map(|_| backoff.failed().as_millis() as u64).collect();
-        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-        for _ in 0..100 {
-            assert_eq!(backoff.failed(), AcceptBackoff::MAX);
-        }
-        backoff.succeeded();
-        assert_eq!(backoff.failed(), AcceptBackoff::FIRST);
-    }
-
-    // (tokio's paused clock needs its test-util feature, not worth a second build of tokio and
-    // everything above it: the schedule is checked above, this checks the loop uses it.)
-    #[tokio::test]
-    async fn failing_accepts_back_off_and_a_success_resets_the_streak() {
-        let mut backoff = AcceptBackoff::default();
-        let mut calls = 0;
-        let accepted = accept_next(
-            || {
-                calls += 1;
-                let n = calls;
-                async move {
-                    if n <= 4 {
-                        Err("too many open files")
-                    } else {
-                        Ok(n)
-                    }
-                }
-            },
-            &mut backoff,
-        )
-        .await;
-        assert_eq!(accepted, 5);
-        assert_eq!(backoff.failures, 0, "a success resets the streak");
-    }
 }

@@ -57,6 +57,17 @@ impl Clients {
         })
     }
 
+    /// The same clients with pools of their own (same settings and egress policy, no connection
+    /// shared): a per-core runtime's, whose connections are then driven by that runtime alone.
+    pub fn with_own_pools(&self) -> Result<Self, ClientBuildError> {
+        Ok(Self {
+            default: HttpClient::new(&self.settings, self.egress.clone())?,
+            settings: self.settings.clone(),
+            egress: self.egress.clone(),
+            cache: Arc::default(),
+        })
+    }
+
     /// The server's own client (its trust roots, proxies and egress policy): token requests go
     /// through it.
     pub fn default_client(&self) -> HttpClient {

@@ -58,11 +58,14 @@ async fn a_rate_limit_of_5_per_second_holds_over_two_seconds_of_load() {
             tokio::spawn(async move { sidecar.execute(req).await })
         })
         .collect();
-    let mut succeeded = 0;
+    let (mut succeeded, mut late) = (0, 0);
     for call in calls {
         let resp = call.await.unwrap();
-        match resp.outcome() {
-            pb::Outcome::Succeeded => succeeded += 1,
+        match (resp.outcome(), error_kind(&resp)) {
+            (pb::Outcome::Succeeded, _) => succeeded += 1,
+            // A place granted at the deadline's edge leaves the send too little time (seen on
+            // a loaded box): it was let through by the limit, so it counts as a send.
+            (_, pb::ErrorKind::Timeout) if resp.attempts.len() == 1 => late += 1,
             _ => {
                 assert_eq!(error_kind(&resp), pb::ErrorKind::RateLimited, "{resp:?}");
                 assert!(resp.attempts.is_empty(), "a refused action records no attempt");
@@ -72,8 +75,11 @@ async fn a_rate_limit_of_5_per_second_holds_over_two_seconds_of_load() {
     let elapsed = started.elapsed();
     // 5/s with no burst over a 2 s window: one at once, then one every 200 ms.
     let hits = upstream.hits();
-    assert_eq!(hits, succeeded, "every send succeeded; every refusal sent nothing");
-    assert!((8..=11).contains(&hits), "{hits} requests in {elapsed:?}");
+    assert!(
+        (succeeded..=succeeded + late).contains(&hits),
+        "every send that got an answer succeeded ({succeeded}, {late} late); every refusal sent nothing: {hits}"
+    );
+    assert!((8..=11).contains(&(succeeded + late)), "{succeeded} + {late} let through in {elapsed:?}");
     assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
 }
 

@@ -448,20 +448,147 @@ async fn by_default_only_failed_actions_are_logged() {
     }
 }
 
-/// `server.worker_threads` sizes the runtime: 1 is the single-thread scheduler, N that many
-/// workers; either way actions run.
+/// The names of the process's threads (`/proc/PID/task/*/comm`).
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+/// Connections dealt to `core` as of `text`.
+fn dealt(text: &str, core: usize) -> Option<f64> {
+    sample(text, "callout_caller_connections_total", &[&format!("core=\"{core}\"")])
+}
+
+/// `server.worker_threads` and `server.runtime` lay out the runtimes. One worker is the
+/// single-thread scheduler. N per-core (the default layout) are N current-thread runtimes, the
+/// others on threads `callout-core-1` onwards, with callers' connections dealt out to them in
+/// turn (so six connections are two a core) and every call on each answered. N work-stealing is
+/// one scheduler of N `callout-worker` threads serving every connection.
 #[tokio::test]
-async fn worker_threads_size_the_runtime() {
+async fn worker_threads_and_runtime_lay_out_the_runtimes() {
     let upstream = Upstream::fixed(200, "ok").await;
-    for workers in ["1", "3"] {
-        let serve = ServeProcess::spawn(&["--worker-threads", workers], &[]).await;
-        let mut client = HttpActionServiceClient::new(serve.channel().await);
-        let reply = client.execute(request("GET", &upstream.url("/"))).await.unwrap().into_inner();
-        assert_eq!(reply.response.map(|r| r.status), Some(200));
+    let layouts: [(&[&str], usize, usize, &str); 3] = [
+        (&["--worker-threads", "1"], 1, 1, "PerCore"),
+        (&["--worker-threads", "3"], 3, 3, "PerCore"),
+        (&["--worker-threads", "3", "--runtime", "work-stealing"], 3, 1, "WorkStealing"),
+    ];
+    for (args, workers, cores, layout) in layouts {
+        let serve = ServeProcess::spawn(args, &[]).await;
+        let metrics = serve.metrics.clone().expect("metrics on");
+        let before = http_get(&metrics, "/metrics").await;
+        for _ in 0..6 {
+            let mut client = HttpActionServiceClient::new(serve.channel().await);
+            let reply = client.execute(request("GET", &upstream.url("/"))).await.unwrap().into_inner();
+            assert_eq!(reply.outcome(), pb::Outcome::Succeeded, "{args:?}: {reply:?}");
+        }
+        let after = http_get(&metrics, "/metrics").await;
+        for core in 0..cores {
+            let got = dealt(&after, core).unwrap_or_else(|| panic!("{args:?}: core {core} in\n{after}"));
+            let was = dealt(&before, core).unwrap_or(0.0);
+            assert_eq!(got - was, (6 / cores) as f64, "{args:?}: connections dealt to core {core}\n{after}");
+        }
+        assert_eq!(dealt(&after, cores), None, "{args:?}: no core {cores}\n{after}");
+
+        // Core 0 is the main thread; each core's blocking threads carry its name too.
+        let threads = thread_names(serve.pid());
+        let mut core_threads: Vec<&str> = threads
+            .iter()
+            .map(String::as_str)
+            .filter(|t| t.starts_with("callout-core-") && *t != "callout-core-0")
+            .collect();
+        core_threads.sort_unstable();
+        core_threads.dedup();
+        let want: Vec<String> = (1..cores).map(|core| format!("callout-core-{core}")).collect();
+        assert_eq!(core_threads, want, "{args:?}: {threads:?}");
+        let stealing = threads.iter().filter(|t| *t == "callout-worker").count();
+        match layout {
+            "WorkStealing" => assert!(stealing >= workers, "{args:?}: {threads:?}"),
+            _ => assert_eq!(stealing, 0, "{args:?}: {threads:?}"),
+        }
         let logs = serve.logs();
         let start = logs.lines().find(|l| l.contains("callout serving")).unwrap();
         assert!(start.contains(&format!("workers={workers}")), "{start}");
+        assert!(start.contains(&format!("runtime={layout}")), "{start}");
     }
+}
+
+/// Per-core runtimes share one set of limits: with one running slot and no queue, an action on
+/// another core's connection is refused while the first runs, as on one runtime.
+#[tokio::test]
+async fn per_core_runtimes_share_the_limits() {
+    let slow = Upstream::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        text(200, "slow")
+    })
+    .await;
+    let serve =
+        ServeProcess::spawn(&["--worker-threads", "2", "--max-in-flight", "1", "--max-queued", "0"], &[])
+            .await;
+    let metrics = serve.metrics.clone().expect("metrics on");
+    let (first, second) = (serve.channel().await, serve.channel().await);
+    let running = {
+        let mut client = HttpActionServiceClient::new(first);
+        let req = request("GET", &slow.url("/first"));
+        tokio::spawn(async move { client.execute(req).await })
+    };
+    while slow.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = HttpActionServiceClient::new(second).execute(request("GET", &slow.url("/second"))).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::ResourceExhausted, "the one slot is taken");
+    let ran = running.await.unwrap().unwrap().into_inner();
+    assert_eq!(ran.outcome(), pb::Outcome::Succeeded);
+    assert_eq!(slow.hits(), 1, "the refused action sent nothing");
+    let text = http_get(&metrics, "/metrics").await;
+    assert!(
+        dealt(&text, 0).unwrap() >= 1.0 && dealt(&text, 1).unwrap() >= 1.0,
+        "both cores took one\n{text}"
+    );
+}
+
+/// SIGTERM drains every core: an action running on each core's connection finishes, one still
+/// running at the drain timeout is answered CANCELLED from its core, and the process exits 0.
+#[tokio::test]
+async fn the_drain_covers_every_core() {
+    let upstream = Upstream::start(|req| async move {
+        let wait = if req.target == "/stuck" { 60_000 } else { 1_200 };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        text(200, "late")
+    })
+    .await;
+    let mut serve = ServeProcess::spawn(&["--worker-threads", "2", "--drain-timeout", "3s"], &[]).await;
+    let mut calls = Vec::new();
+    for path in ["/slow", "/slow", "/stuck", "/stuck"] {
+        let mut client = HttpActionServiceClient::new(serve.channel().await);
+        let req = request("GET", &upstream.url(path));
+        calls.push(tokio::spawn(async move { client.execute(req).await }));
+    }
+    while upstream.hits() < 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = http_get(serve.metrics.as_deref().expect("metrics on"), "/metrics").await;
+    assert!(dealt(&text, 0).unwrap() >= 2.0 && dealt(&text, 1).unwrap() >= 2.0, "two a core\n{text}");
+    serve.terminate();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let reply = call.await.unwrap().expect("a reply, not a transport error").into_inner();
+        outcomes.push((reply.outcome(), reply.error.map(|e| e.kind())));
+    }
+    let (ok, cut) = (pb::Outcome::Succeeded, pb::Outcome::Failed);
+    assert_eq!(
+        outcomes,
+        [
+            (ok, None),
+            (ok, None),
+            (cut, Some(pb::ErrorKind::Cancelled)),
+            (cut, Some(pb::ErrorKind::Cancelled))
+        ]
+    );
+    let status = serve.exit_status(Duration::from_secs(10)).await.expect("exits after the drain");
+    assert!(status.success(), "{status:?}\n{}", serve.logs());
 }
 
 /// Host labels are bounded: past `metrics.max_hosts` destinations, the rest share `other`. The
