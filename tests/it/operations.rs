@@ -465,8 +465,9 @@ fn dealt(text: &str, core: usize) -> Option<f64> {
 /// `server.worker_threads` and `server.runtime` lay out the runtimes. One worker is the
 /// single-thread scheduler. N per-core (the default layout) are N current-thread runtimes, the
 /// others on threads `callout-core-1` onwards, with callers' connections dealt out to them in
-/// turn (so six connections are two a core) and every call on each answered. N work-stealing is
-/// one scheduler of N `callout-worker` threads serving every connection.
+/// turn (so six connections are two a core), every call on each answered, and each core with an
+/// upstream pool of its own. N work-stealing is one scheduler of N `callout-worker` threads
+/// serving every connection from one pool.
 #[tokio::test]
 async fn worker_threads_and_runtime_lay_out_the_runtimes() {
     let upstream = Upstream::fixed(200, "ok").await;
@@ -491,6 +492,10 @@ async fn worker_threads_and_runtime_lay_out_the_runtimes() {
             assert_eq!(got - was, (6 / cores) as f64, "{args:?}: connections dealt to core {core}\n{after}");
         }
         assert_eq!(dealt(&after, cores), None, "{args:?}: no core {cores}\n{after}");
+        // Each core has its own upstream pool: one connection opened per core, then reused.
+        let opened =
+            |text: &str| sample(text, "callout_upstream_connections_opened_total", &[]).unwrap_or(0.0);
+        assert_eq!(opened(&after) - opened(&before), cores as f64, "{args:?}: upstream connections\n{after}");
 
         // Core 0 is the main thread; each core's blocking threads carry its name too.
         let threads = thread_names(serve.pid());
