@@ -1720,8 +1720,29 @@ fn wrk(url: &str, duration: Duration) -> Result<LoadRun, Error> {
 struct ProxyRun {
     load: LoadRun,
     proxy_cpu_us: f64,
+    /// The proxy's context switches (voluntary and not, every thread) per request: its wake-ups.
+    proxy_switches: f64,
     origin_cpu_us: f64,
     origin_seen: u64,
+}
+
+/// Context switches so far of every thread of `pids` (`/proc/PID/task/*/status`).
+fn switches_sum(pids: &[Option<u32>]) -> u64 {
+    let mut sum = 0;
+    for pid in pids.iter().flatten() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+            sum += status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    sum
 }
 
 fn measure_proxy(
@@ -1732,7 +1753,9 @@ fn measure_proxy(
 ) -> Result<ProxyRun, Error> {
     run(requests / 20 + 100)?; // warm-up: connections, pools, caches
     let (p0, o0, seen0) = (cpu_sum(&proxy()), cpu_sum(&origin.pids()), origin_requests(origin.port)?);
+    let s0 = switches_sum(&proxy());
     let load = run(requests)?;
+    let s1 = switches_sum(&proxy());
     let (p1, o1, seen1) = (cpu_sum(&proxy()), cpu_sum(&origin.pids()), origin_requests(origin.port)?);
     let per = |b: Option<Duration>, a: Option<Duration>| {
         b.zip(a).map_or(f64::NAN, |(b, a)| a.saturating_sub(b).as_secs_f64() * 1e6 / load.succeeded as f64)
@@ -1740,17 +1763,18 @@ fn measure_proxy(
     Ok(ProxyRun {
         load,
         proxy_cpu_us: per(p0, p1),
+        proxy_switches: s1.saturating_sub(s0) as f64 / load.succeeded.max(1) as f64,
         origin_cpu_us: per(o0, o1),
         origin_seen: seen1 - seen0 - 1,
     })
 }
 
-/// h2load → callout `Execute` → nginx (1 KiB JSON) against h2load → nginx as an h2c reverse
-/// proxy → the same nginx, and wrk → that nginx directly; each proxy's CPU per request from
-/// /proc (utime + stime of every process and thread of it) over a fixed number of requests.
 /// The old default layout (`--runtime work-stealing`), measured beside the per-core default.
 const WORK_STEALING: &str = "callout, work-stealing (2 workers)";
 
+/// h2load → callout `Execute` → nginx (1 KiB JSON) against h2load → nginx as an h2c reverse
+/// proxy → the same nginx, and wrk → that nginx directly; each proxy's CPU per request from
+/// /proc (utime + stime of every process and thread of it) over a fixed number of requests.
 async fn nginx_mode(o: &Options) -> Result<(), Error> {
     let requests = o.count.unwrap_or(40_000);
     let reps = o.reps;
@@ -1819,8 +1843,8 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
         nginx_auto.pids().len() - 1
     );
     println!("h2load -n {requests} -c 4 -m 16 -t 1 (after {} warm-up requests) per cell; {reps} interleaved rounds; wrk -t 1 -c 64 -d {:?} straight to the origin\n", requests / 20 + 100, o.duration);
-    println!("| round | path | req/s | mean latency us | proxy cpu us/req | origin cpu us/req | origin saw / succeeded | failed |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| round | path | req/s | mean latency us | proxy cpu us/req | proxy switches/req | origin cpu us/req | origin saw / succeeded | failed |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut summary: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
     let note = |summary: &mut Vec<(&str, Vec<f64>, Vec<f64>)>, label: &'static str, rps: f64, cpu: f64| {
         match summary.iter_mut().find(|(l, _, _)| *l == label) {
@@ -1852,10 +1876,11 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
         }
         for (label, r) in &cells {
             println!(
-                "| {round} | {label} | {:.0} | {:.0} | {:.1} | {:.1} | {} / {} | {} |",
+                "| {round} | {label} | {:.0} | {:.0} | {:.1} | {:.3} | {:.1} | {} / {} | {} |",
                 r.load.requests_per_s,
                 r.load.mean_latency_us,
                 r.proxy_cpu_us,
+                r.proxy_switches,
                 r.origin_cpu_us,
                 r.origin_seen,
                 r.load.succeeded,
@@ -1865,7 +1890,7 @@ async fn nginx_mode(o: &Options) -> Result<(), Error> {
         }
         let direct = wrk(&origin_url, o.duration)?;
         println!(
-            "| {round} | wrk → origin direct | {:.0} | {:.0} | - | - | - | - |",
+            "| {round} | wrk → origin direct | {:.0} | {:.0} | - | - | - | - | - |",
             direct.requests_per_s, direct.mean_latency_us
         );
         note(&mut summary, "wrk → origin direct", direct.requests_per_s, f64::NAN);
