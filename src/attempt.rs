@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::time::timeout_at;
-use tower::{util::Either, Service as _, ServiceExt as _};
+use tower::{util::Either, BoxError, ServiceExt as _};
 
 /// The caller went away; the action stops.
 #[derive(Debug, Clone, Copy)]
@@ -179,20 +179,9 @@ impl RunAttempt for Attempts {
         started: &mut Option<Instant>,
         observer: &mut O,
     ) -> Attempted {
-        let AttemptOf { action, number, tries, context, refreshed } = of;
+        let AttemptOf { action, number, context, .. } = of;
         let poll = action.is_poll();
-        let deadline = context.deadline;
-        // A request or client that cannot be built fails the attempt once it passed its limits,
-        // as a send would.
-        let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
-        let (request, client) = match built {
-            Ok((request, client)) => (request, Either::Left(client)),
-            Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
-        };
-        let request = AttemptRequest { http: request, context: context.clone(), checked: None };
-        let mut stack = attempt_stack(&self.limits, &self.credentials, client);
-        // `ready` then `call`, not `oneshot`: the stack is not moved into the future.
-        let call = async { stack.ready().await?.call(request).await };
+        let call = self.call_of(action, context);
         let mut call = std::pin::pin!(call);
         let sent = loop {
             tokio::select! {
@@ -206,6 +195,25 @@ impl RunAttempt for Attempts {
                 sent = &mut call => break sent,
             }
         };
+        // Boxed: what follows the response (its head, the body read, conditions) is kilobytes
+        // of state, which an attempt waiting for its response would otherwise reserve.
+        Box::pin(self.answered(of, sent, started, observer)).await
+    }
+}
+
+impl Attempts {
+    /// The rest of an attempt once its stack answered (`sent`): the observer told, the body
+    /// read, the conditions looked at.
+    async fn answered<O: Observer>(
+        &self,
+        of: AttemptOf<'_>,
+        sent: Result<Response<ResponseBody>, BoxError>,
+        started: &mut Option<Instant>,
+        observer: &mut O,
+    ) -> Attempted {
+        let AttemptOf { action, number, tries, context, refreshed } = of;
+        let poll = action.is_poll();
+        let deadline = context.deadline;
         if started.is_none() {
             if let Some(at) = context.start.take() {
                 *started = Some(at);
@@ -412,6 +420,26 @@ impl RunAttempt for Attempts {
             }
             _ => AttemptResult::ended(record, None, Some(response), streamed),
         })
+    }
+
+    /// The attempt stack called with the attempt's request. `oneshot`, built outside the
+    /// attempt's future: the stack and the request are the call's state only until it is
+    /// made, and then its future takes their room, so an attempt waiting for its response
+    /// reserves neither (issue 17: memory in flight).
+    fn call_of(
+        &self,
+        action: &HttpAction,
+        context: &Arc<AttemptContext>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, BoxError>> + Send + 'static {
+        // A request or client that cannot be built fails the attempt once it passed its limits,
+        // as a send would.
+        let built = first_request(action).and_then(|request| Ok((request, self.clients.for_action(action)?)));
+        let (request, client) = match built {
+            Ok((request, client)) => (request, Either::Left(client)),
+            Err(failure) => (Request::new(Bytes::new()), Either::Right(FailWith(failure))),
+        };
+        let request = AttemptRequest { http: request, context: context.clone(), checked: None };
+        attempt_stack(&self.limits, &self.credentials, client).oneshot(request)
     }
 }
 
@@ -791,4 +819,38 @@ async fn read_body<O: Observer>(
         }
     }
     BodyRead { bytes: buf.freeze(), len: body.read(), error, gone }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::credentials::oauth2::{HttpTokenFetcher, TokenCache};
+
+    #[tokio::test]
+    async fn an_attempt_waiting_for_its_response_reserves_little() {
+        fn future_size<F: Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let settings = crate::exec::ExecSettings::default();
+        let clients = Clients::new(&settings.client, &settings.egress).unwrap();
+        let limits = Arc::new(Limits::new(&settings.limits, &settings.tenants));
+        let fetcher = HttpTokenFetcher::new(clients.default_client(), Default::default());
+        let credentials = Credentials::new(TokenCache::new(fetcher, Default::default()));
+        let attempts = Attempts::new(clients, limits, BodyBudget::new(1 << 20), 1 << 20, credentials);
+        let input = crate::action::ActionInput {
+            method: "GET".into(),
+            url: "http://h.test/".into(),
+            ..Default::default()
+        };
+        let action = HttpAction::from_input(input).unwrap();
+        let context =
+            crate::client::attempt::tests::request("http://h.test/", Duration::from_secs(1)).context;
+        let (mut started, mut observer) = (None, Buffered);
+        let of = AttemptOf { action: &action, number: 1, tries: 1, context: &context, refreshed: false };
+        let attempt = attempts.run(of, &mut started, &mut observer);
+        // Every action in flight holds its attempt's future: neither the stack nor the request
+        // (once called) nor what follows the response (boxed) may be reserved in it. 1,168
+        // bytes on x86_64 today; 3,816 with all of them inline.
+        assert!(future_size(&attempt) <= 1536, "{}", future_size(&attempt));
+    }
 }

@@ -18,7 +18,7 @@ use crate::{
     pb::{self, action_event::Event},
 };
 use bytes::Bytes;
-use std::{net::SocketAddr, pin::Pin};
+use std::{future::Future, net::SocketAddr, pin::Pin, time::Duration};
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
@@ -41,6 +41,32 @@ impl HttpActionService {
 }
 
 impl HttpActionService {
+    /// Execute once admitted: the action validated (`validation`, boxed by the caller), run,
+    /// and its reply.
+    async fn execute_admitted(
+        &self,
+        admission: Admission,
+        validation: impl Future<Output = Result<HttpAction, Status>>,
+        budget: Option<Duration>,
+    ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
+        // The action is dropped before the reply is built, so the reply's state shares its room.
+        let outcome = {
+            let action = validation.await?;
+            self.tenant_queue(&action)?;
+            self.executor.run_admitted(admission, &action, budget, &mut Buffered).await
+        };
+        // The body's bytes (and their memory budget) stay held until the reply went out.
+        let hold =
+            outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
+        // Boxed: the reply's state (the outcome again, the message) is another kilobyte, which
+        // would otherwise stay reserved in this future through the wait.
+        let mut reply = Response::new(Box::pin(reply_of(outcome)).await?);
+        if let Some(hold) = hold {
+            reply.extensions_mut().insert(hold);
+        }
+        Ok(reply)
+    }
+
     /// Refuses at once an action whose tenant has its `max_queued` actions waiting already.
     fn tenant_queue(&self, action: &HttpAction) -> Result<(), Status> {
         let Some(message) = self.executor.limits().tenant_queue_full_now(action.tenant()) else {
@@ -54,26 +80,31 @@ impl HttpActionService {
 
 #[tonic::async_trait]
 impl pb::http_action_service_server::HttpActionService for HttpActionService {
-    async fn execute(
-        &self,
+    // Not an async fn: an async fn keeps its arguments reserved for its whole life, and the
+    // request is over a kilobyte. Taken apart here, its message goes into validation's own
+    // boxed future, freed before the wait (issue 17: memory in flight).
+    fn execute<'life0, 'async_trait>(
+        &'life0 self,
         request: Request<pb::ExecuteHttpActionRequest>,
-    ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
+    ) -> Pin<
+        Box<
+            dyn Future<Output = Result<Response<pb::ExecuteHttpActionResponse>, Status>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
         let budget = grpc_deadline(request.metadata());
-        let admission = self.admit()?;
+        let admission = match self.admit() {
+            Ok(admission) => admission,
+            Err(refused) => return Box::pin(std::future::ready(Err(refused))),
+        };
         let trace = trace_context(request.metadata());
-        // Boxed: validation's state would otherwise stay reserved in this future for the whole
-        // action (~2.8 KB of 6.4 per Execute in flight; RESULTS section 10).
-        let action = Box::pin(action_of(request.into_inner(), trace, &self.executor)).await?;
-        self.tenant_queue(&action)?;
-        let outcome = self.executor.run_admitted(admission, &action, budget, &mut Buffered).await;
-        // The body's bytes (and their memory budget) stay held until the reply went out.
-        let hold =
-            outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
-        let mut reply = Response::new(reply_of(outcome).await?);
-        if let Some(hold) = hold {
-            reply.extensions_mut().insert(hold);
-        }
-        Ok(reply)
+        let validation = Box::pin(action_of(request.into_inner(), trace, &self.executor));
+        Box::pin(self.execute_admitted(admission, validation, budget))
     }
 
     async fn render(
@@ -215,5 +246,32 @@ impl Observer for EventSink {
     async fn page_completed(&mut self, page: &PageRecord, items: &[serde_json::Value]) -> Result<(), Gone> {
         let items = items.iter().cloned().map(convert::json_value).collect();
         self.send(Event::PageCompleted(pb::PageCompleted { page: Some(convert::page(page)), items })).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::ExecSettings;
+
+    #[tokio::test]
+    async fn an_execute_waiting_for_its_action_reserves_little() {
+        fn future_size<F: Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let executor = Executor::new(ExecSettings::default()).unwrap();
+        let service = HttpActionService::new(executor, Draining::default(), 1);
+        let admission = service.admit().unwrap();
+        let request = pb::ExecuteHttpActionRequest {
+            method: "GET".into(),
+            url: "http://h.test/".into(),
+            ..Default::default()
+        };
+        let validation = Box::pin(action_of(request, None, &service.executor));
+        let execute = service.execute_admitted(admission, validation, None);
+        // Every Execute in flight holds this future: the request (a kilobyte) and validation's
+        // state are not reserved in it, nor the reply's: 1,920 bytes on x86_64 today (the
+        // action is 1,200 of them); 5,056 with all of them inline.
+        assert!(future_size(&execute) <= 2048, "{}", future_size(&execute));
     }
 }
