@@ -796,6 +796,7 @@ mod tests {
             ("[server]\nbatch_max_in_flight = 0", "server.batch_max_in_flight"),
             ("[server]\nbatch_max_in_flight = 10001", "server.batch_max_in_flight"),
             ("[server]\nworker_threads = -1", "worker_threads"),
+            ("[server]\nruntime = \"bogus\"", "server.runtime"),
             ("[limits]\nmax_buffered_bytes = 1000", "limits.max_buffered_bytes"),
             ("[limits]\nmax_buffered_bytes = \"64MiB\"", "max_buffered_bytes"),
         ] {

@@ -161,6 +161,17 @@ pub async fn serve_with(
         }
         tls = Some(config);
     }
+    // Health is described too, so grpcurl can call it with no proto file, and google/rpc's
+    // status and error details, so it can decode a status's details (BadRequest, RetryInfo).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+    let oversized: EdgeMap = crate::api::oversized_request;
+    let held: EdgeMap = crate::api::reply_hold::hold_until_sent;
     // One router per core, each on an executor of its own: core 0 on the one given, the others
     // on its limits and state with upstream pools of their own.
     let cores = options.cores.max(1);
@@ -184,24 +195,14 @@ pub async fn serve_with(
         if let Some(tls) = &tls {
             server = server.tls_config(tls.clone())?;
         }
-        // Health is described too, so grpcurl can call it with no proto file, and google/rpc's
-        // status and error details, so it can decode a status's details (BadRequest, RetryInfo).
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        };
-        let oversized: EdgeMap = crate::api::oversized_request;
-        let held: EdgeMap = crate::api::reply_hold::hold_until_sent;
         let router = server
             // tonic answers an oversized request OUT_OF_RANGE; it is the caller's INVALID_ARGUMENT.
             .layer(MapResponseLayer::new(oversized))
             // An Execute reply's body keeps its memory budget until the reply went out.
             .layer(MapResponseLayer::new(held))
             .add_service(health_service.clone())
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
             .add_service(actions)
             .add_optional_service(durable_actions);
         routers.push(router);
