@@ -512,10 +512,26 @@ async fn two_replicas_share_a_tenants_concurrency_quota() {
     // 2 at a time for 200 ms each: about 10 per second; at least half of that ran.
     assert!(done >= 10, "{done} done: {per_replica:?}");
     assert!(per_replica.iter().all(|&n| n > 0), "both replicas ran: {per_replica:?}");
-    assert_eq!(redis.int(&["ZCARD", "callout:v1:running:tenant:acme"]).await, 0, "every place given back");
-    let text = metrics_of(&a).await;
+    // A place is given back off the action's way (a spawned ZREM), so the last ones may land
+    // just after their replies. ZCARD counts ended leases too: only the ZREMs empty the set.
+    let given_back = Instant::now();
+    loop {
+        let held = redis.int(&["ZCARD", "callout:v1:running:tenant:acme"]).await;
+        if held == 0 {
+            break;
+        }
+        assert!(given_back.elapsed() < Duration::from_secs(2), "{held} places not given back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 4 actions hold a local slot for 2 fleet places, so someone waited for the fleet. Which
+    // replica is a race (a place given back is often taken at once by the same replica's next
+    // action), so the waits are counted across both.
     let waits = "callout_tenant_quota_waits_total{tenant=\"acme\",quota=\"concurrency\"}";
-    assert!(metric(&text, waits).is_some_and(|n| n >= 1.0), "{text}");
+    let mut waited = [0.0; 2];
+    for (n, serve) in waited.iter_mut().zip([&a, &b]) {
+        *n = metric(&metrics_of(serve).await, waits).unwrap_or(0.0);
+    }
+    assert!(waited[0] + waited[1] >= 1.0, "fleet waits per replica {waited:?}");
 }
 
 #[tokio::test]
@@ -610,10 +626,16 @@ async fn a_tenants_action_makes_one_round_trip_per_attempt_and_two_for_its_place
             client.execute(of_tenant("acme", &url, Duration::from_secs(5))).await.unwrap().into_inner();
         assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
     }
-    // The place is given back off the action's way.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let run = commands_run(&redis).await;
-    let calls = |name: &str| run.iter().find(|(n, _)| n == name).map_or(0, |(_, n)| *n);
+    // The place is given back off the action's way: wait (bounded) for the last ZREM.
+    let calls =
+        |run: &[(String, u64)], name: &str| run.iter().find(|(n, _)| n == name).map_or(0, |(_, n)| *n);
+    let given_back = Instant::now();
+    let mut run = commands_run(&redis).await;
+    while calls(&run, "zrem") < 20 && given_back.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        run = commands_run(&redis).await;
+    }
+    let calls = |name: &str| calls(&run, name);
     // Per action: its place taken (EVALSHA) and given back (ZREM); its one attempt's check
     // (EVALSHA) with the destination's and the tenant's buckets, read and taken in it.
     assert_eq!((calls("evalsha"), calls("zrem")), (40, 20), "{run:?}");
