@@ -74,7 +74,7 @@ fn request(url: &str) -> pb::ExecuteHttpActionRequest {
     pb::ExecuteHttpActionRequest {
         method: "GET".into(),
         url: url.into(),
-        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
+        retry: Some(Box::new(pb::RetryPolicy { max_attempts: 1, ..Default::default() })),
         ..Default::default()
     }
 }

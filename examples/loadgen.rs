@@ -322,7 +322,7 @@ fn action(workload: Workload, url: &str, post: &Bytes) -> pb::ExecuteHttpActionR
         method: method.into(),
         url: url.into(),
         body,
-        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
+        retry: Some(Box::new(pb::RetryPolicy { max_attempts: 1, ..Default::default() })),
         ..Default::default()
     }
 }
@@ -1371,11 +1371,11 @@ async fn scale(o: &Options) -> Result<(), Error> {
     let req = pb::ExecuteHttpActionRequest {
         method: "GET".into(),
         url: format!("{up}/stream/{STREAM_BYTES}"),
-        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
-        timeouts: Some(pb::Timeouts {
+        retry: Some(Box::new(pb::RetryPolicy { max_attempts: 1, ..Default::default() })),
+        timeouts: Some(Box::new(pb::Timeouts {
             attempt: Some(prost_types::Duration { seconds: 300, nanos: 0 }),
             ..Default::default()
-        }),
+        })),
         ..Default::default()
     };
     // First, on the fresh sidecar: the stream must not grow its memory.

@@ -94,8 +94,8 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
         },
         proxy_url: req.proxy.map(|p| p.url).unwrap_or_default(),
         max_response_bytes: req.max_response_bytes,
-        auth: auth_input(req.auth, bad),
-        signing: signing_input(req.signing),
+        auth: auth_input(req.auth.map(|a| *a), bad),
+        signing: signing_input(req.signing.map(|s| *s)),
         trace: None,
         tenant: req.tenant,
         reply_body,
@@ -108,7 +108,7 @@ pub fn action_input(req: pb::ExecuteHttpActionRequest, bad: &mut InvalidAction) 
             interval: duration("async_poll.interval", p.interval, bad),
             max_wait: duration("async_poll.max_wait", p.max_wait, bad),
         }),
-        paginate: req.paginate.map(paginate_input),
+        paginate: req.paginate.map(|p| paginate_input(*p)),
     }
 }
 

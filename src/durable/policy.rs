@@ -153,10 +153,10 @@ mod tests {
     #[test]
     fn totals_past_thirty_days_are_refused() {
         let mut r = request("GET");
-        r.timeouts = Some(pb::Timeouts {
+        r.timeouts = Some(Box::new(pb::Timeouts {
             total: Some(prost_types::Duration { seconds: 31 * 24 * 3600, nanos: 0 }),
             ..Default::default()
-        });
+        }));
         r.action_id = "bad id".into();
         let err = plan(r, &executor(), Some(&key())).unwrap_err();
         let fields: Vec<_> = err.violations.iter().map(|v| v.field.as_str()).collect();

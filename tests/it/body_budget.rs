@@ -63,8 +63,10 @@ async fn many_large_replies_at_once_stay_within_the_memory_budget() {
             let mut client = client.clone();
             let path = if i % 2 == 0 { "/known" } else { "/chunked" };
             let mut req = request("GET", &upstream.url(path));
-            req.timeouts =
-                Some(pb::Timeouts { total: Some(dur(Duration::from_secs(30))), ..Default::default() });
+            req.timeouts = Some(Box::new(pb::Timeouts {
+                total: Some(dur(Duration::from_secs(30))),
+                ..Default::default()
+            }));
             tokio::spawn(async move { client.execute(req).await.map(|r| r.into_inner()) })
         })
         .collect();
@@ -117,7 +119,7 @@ async fn a_body_larger_than_the_whole_budget_fails_body_too_large_at_once() {
     let sidecar = Sidecar::start_with(settings).await;
     for path in ["/known", "/chunked"] {
         let mut req = request("GET", &upstream.url(path));
-        req.retry = Some(fast_retry(3));
+        req.retry = Some(Box::new(fast_retry(3)));
         let reply = sidecar.execute(req).await;
         assert_eq!(error_kind(&reply), pb::ErrorKind::BodyTooLarge, "{path}: {:?}", reply.error);
         let message = &reply.error.as_ref().unwrap().message;

@@ -31,7 +31,7 @@ fn polling(method: &str, url: &str, attempts: u32) -> pb::ExecuteHttpActionReque
         retry_condition: r#"body.state != "done""#.into(),
         success_condition: "body.id == 7 && status == 200".into(),
         extract: [("id".to_string(), "$.id".to_string())].into(),
-        retry: Some(fast_retry(attempts)),
+        retry: Some(Box::new(fast_retry(attempts))),
         ..request(method, url)
     }
 }

@@ -103,7 +103,7 @@ fn oauth2(token_url: &str) -> pb::Auth {
 }
 
 fn with_auth(method: &str, url: &str, auth: pb::Auth) -> pb::ExecuteHttpActionRequest {
-    pb::ExecuteHttpActionRequest { auth: Some(auth), ..request(method, url) }
+    pb::ExecuteHttpActionRequest { auth: Some(Box::new(auth)), ..request(method, url) }
 }
 
 #[tokio::test]
@@ -145,7 +145,7 @@ async fn a_revoked_token_is_refreshed_once_and_the_attempt_retried_with_the_new_
     let sidecar = Sidecar::start().await;
     let mut req = with_auth("POST", &api.url("/orders"), oauth2(&idp.url("/token")));
     // No retries of its own, a POST: the refresh is its own attempt all the same.
-    req.retry = Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() });
+    req.retry = Some(Box::new(pb::RetryPolicy { max_attempts: 1, ..Default::default() }));
     assert_eq!(sidecar.execute(req.clone()).await.outcome(), pb::Outcome::Succeeded);
     issuer.revoke_all();
     let resp = sidecar.execute(req.clone()).await;
@@ -173,7 +173,8 @@ async fn a_failing_token_endpoint_ends_the_action_as_auth_and_sends_nothing() {
     let api = Upstream::fixed(200, "ok").await;
     let sidecar = Sidecar::start().await;
     let mut req = with_auth("GET", &api.url("/"), oauth2(&idp.url("/token")));
-    req.timeouts = Some(pb::Timeouts { total: Some(dur(Duration::from_secs(20))), ..Default::default() });
+    req.timeouts =
+        Some(Box::new(pb::Timeouts { total: Some(dur(Duration::from_secs(20))), ..Default::default() }));
     let resp = sidecar.execute(req).await;
     assert_eq!(error_kind(&resp), pb::ErrorKind::Auth, "{resp:?}");
     let message = &resp.error.as_ref().unwrap().message;
@@ -290,11 +291,11 @@ async fn profiles_carry_the_credential_and_unknown_or_malformed_ones_are_invalid
     assert_eq!(violated_fields(&status), ["auth.oauth2_client_credentials.token_url", "headers[0].name"]);
     assert!(!status.message().contains(CLIENT_SECRET));
     let mut req = request("POST", &api.url("/"));
-    req.signing = Some(pb::Signing {
+    req.signing = Some(Box::new(pb::Signing {
         scheme: Some(pb::signing::Scheme::StandardWebhooks(pb::StandardWebhooks {
             secret: "whsec_***".into(),
         })),
-    });
+    }));
     assert_eq!(
         violated_fields(&sidecar.try_execute(req).await.unwrap_err()),
         ["signing.standard_webhooks.secret"]
@@ -477,10 +478,10 @@ async fn standard_webhooks_sign_every_attempt() {
     let mut req = request("POST", &api.url("/hook"));
     req.action_id = "evt_2Nx1".into();
     req.body = Some(pb::execute_http_action_request::Body::Json(r#"{"type":"invoice.paid"}"#.into()));
-    req.signing = Some(pb::Signing {
+    req.signing = Some(Box::new(pb::Signing {
         scheme: Some(pb::signing::Scheme::StandardWebhooks(pb::StandardWebhooks { secret: secret.clone() })),
-    });
-    req.retry = Some(fast_retry(2));
+    }));
+    req.retry = Some(Box::new(fast_retry(2)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.attempts.len(), 2, "{resp:?}");
     for seen in api.seen() {
@@ -520,11 +521,11 @@ async fn trace_logs_hold_no_secret_or_token() {
     ];
     for kind in kinds {
         let mut req = with_auth("POST", &echo.url("/x"), pb::Auth { kind: Some(kind) });
-        req.signing = Some(pb::Signing {
+        req.signing = Some(Box::new(pb::Signing {
             scheme: Some(pb::signing::Scheme::StandardWebhooks(pb::StandardWebhooks {
                 secret: base64::engine::general_purpose::STANDARD.encode(secrets[5]),
             })),
-        });
+        }));
         let resp = client.execute(req).await.unwrap().into_inner();
         assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     }

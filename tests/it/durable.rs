@@ -176,7 +176,7 @@ pub fn action(id: &str, method: &str, url: &str) -> pb::ExecuteHttpActionRequest
         action_id: id.into(),
         method: method.into(),
         url: url.into(),
-        retry: Some(quick_retry()),
+        retry: Some(Box::new(quick_retry())),
         ..Default::default()
     }
 }
@@ -291,8 +291,10 @@ async fn submit_is_idempotent_by_action_id(kind: Kind) {
 async fn an_invalid_action_names_its_fields_and_nothing_is_stored(kind: Kind) {
     let server = Server::start(kind, DurableSettings::default()).await;
     let mut bad = action("bad-1", "FETCH", "ftp://h.test/");
-    bad.timeouts =
-        Some(pb::Timeouts { total: Some(dur(Duration::from_secs(40 * 24 * 3600))), ..Default::default() });
+    bad.timeouts = Some(Box::new(pb::Timeouts {
+        total: Some(dur(Duration::from_secs(40 * 24 * 3600))),
+        ..Default::default()
+    }));
     let err = server.client.clone().submit(submit_request(bad)).await.unwrap_err();
     let fields = crate::support::violated_fields(&err);
     for want in ["action.method", "action.url", "action.timeouts.total"] {

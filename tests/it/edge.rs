@@ -77,19 +77,19 @@ async fn other_caller_sized_lists_are_capped() {
         ..request("GET", &url)
     };
     let errors = pb::ExecuteHttpActionRequest {
-        retry: Some(pb::RetryPolicy {
+        retry: Some(Box::new(pb::RetryPolicy {
             max_attempts: 1,
             retry_on_errors: vec![pb::ErrorKind::Timeout as i32; 65],
             ..Default::default()
-        }),
+        })),
         ..request("GET", &url)
     };
     let retry_on_status = pb::ExecuteHttpActionRequest {
-        retry: Some(pb::RetryPolicy {
+        retry: Some(Box::new(pb::RetryPolicy {
             max_attempts: 1,
             retry_on_status: "503,".repeat(300),
             ..Default::default()
-        }),
+        })),
         ..request("GET", &url)
     };
     for (req, field) in [
@@ -359,7 +359,7 @@ async fn a_url_with_no_written_host_is_refused() {
     // An action's proxy the same: the upstream would have seen the request in absolute form.
     for proxy in [format!("http:///{host}"), format!("http:/{host}"), format!("http:{host}")] {
         let req = pb::ExecuteHttpActionRequest {
-            proxy: Some(pb::ProxyOptions { url: proxy.clone() }),
+            proxy: Some(Box::new(pb::ProxyOptions { url: proxy.clone() })),
             ..request("GET", "http://example.invalid/")
         };
         let status = refused(&upstream, &sidecar, req).await;

@@ -25,7 +25,7 @@ async fn loopback_is_denied_by_default_and_opened_by_the_dev_setting() {
     let upstream = Upstream::fixed(200, "ok").await;
     let strict = Sidecar::start_with(ExecSettings::default()).await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let message = denial(&strict.execute(req.clone()).await);
     assert!(message.contains("loopback range 127.0.0.0/8"), "{message}");
     assert!(message.contains("allow private networks"), "the message says how to open it: {message}");
@@ -131,7 +131,7 @@ async fn a_callers_proxy_must_pass_the_policy_too() {
     let proxy = Upstream::fixed(200, "proxied").await;
     let sidecar = Sidecar::start_with(policy(EgressSettings::default(), &[("shop.test", "127.0.0.1")])).await;
     let mut req = request("GET", "http://shop.test/orders");
-    req.proxy = Some(pb::ProxyOptions { url: format!("http://{}", proxy.addr) });
+    req.proxy = Some(Box::new(pb::ProxyOptions { url: format!("http://{}", proxy.addr) }));
     let message = denial(&sidecar.execute(req).await);
     assert!(message.contains("loopback"), "{message}");
     assert_eq!(proxy.hits(), 0);

@@ -128,7 +128,7 @@ async fn replica(redis: &RedisServer, args: &[&str], env: &[(&str, &str)]) -> Se
 
 fn with_total(url: &str, total: Duration) -> pb::ExecuteHttpActionRequest {
     let mut req = request("GET", url);
-    req.timeouts = Some(pb::Timeouts { total: Some(dur(total)), ..Default::default() });
+    req.timeouts = Some(Box::new(pb::Timeouts { total: Some(dur(total)), ..Default::default() }));
     req
 }
 

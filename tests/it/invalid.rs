@@ -141,7 +141,11 @@ async fn bad_success_specs_are_rejected() {
 async fn zero_timeouts_are_rejected_each_by_name() {
     let (upstream, sidecar) = setup().await;
     let req = pb::ExecuteHttpActionRequest {
-        timeouts: Some(pb::Timeouts { connect: seconds(0), attempt: seconds(0), total: seconds(0) }),
+        timeouts: Some(Box::new(pb::Timeouts {
+            connect: seconds(0),
+            attempt: seconds(0),
+            total: seconds(0),
+        })),
         ..request("GET", &upstream.url("/"))
     };
     let status = rejected(&upstream, &sidecar, req).await;
@@ -164,8 +168,10 @@ async fn negative_timeouts_are_rejected() {
             "timeouts.total",
         ),
     ] {
-        let req =
-            pb::ExecuteHttpActionRequest { timeouts: Some(timeouts), ..request("GET", &upstream.url("/")) };
+        let req = pb::ExecuteHttpActionRequest {
+            timeouts: Some(Box::new(timeouts)),
+            ..request("GET", &upstream.url("/"))
+        };
         rejects_field(&upstream, &sidecar, req, field).await;
     }
 }
@@ -193,7 +199,7 @@ async fn bad_error_message_keys_are_rejected() {
 async fn a_retry_multiplier_below_one_is_rejected() {
     let (upstream, sidecar) = setup().await;
     let req = pb::ExecuteHttpActionRequest {
-        retry: Some(pb::RetryPolicy { max_attempts: 1, multiplier: 0.5, ..Default::default() }),
+        retry: Some(Box::new(pb::RetryPolicy { max_attempts: 1, multiplier: 0.5, ..Default::default() })),
         ..request("GET", &upstream.url("/"))
     };
     rejects_field(&upstream, &sidecar, req, "retry.multiplier").await;
@@ -214,8 +220,12 @@ async fn every_problem_is_reported_in_one_status() {
         headers: vec![kv("X Bad", "1"), kv("X-Ok", "line\nbreak")],
         success_codes: "abc".into(),
         on_failure: 99,
-        timeouts: Some(pb::Timeouts { connect: seconds(0), attempt: seconds(-1), ..Default::default() }),
-        retry: Some(pb::RetryPolicy { multiplier: 0.5, ..Default::default() }),
+        timeouts: Some(Box::new(pb::Timeouts {
+            connect: seconds(0),
+            attempt: seconds(-1),
+            ..Default::default()
+        })),
+        retry: Some(Box::new(pb::RetryPolicy { multiplier: 0.5, ..Default::default() })),
         body: Some(Body::Json("{".into())),
         ..request("GET", &upstream.url("/"))
     };
@@ -240,11 +250,11 @@ async fn every_problem_is_reported_in_one_status() {
 async fn bad_tls_and_proxy_options_are_refused() {
     let (upstream, sidecar) = setup().await;
     let req = pb::ExecuteHttpActionRequest {
-        tls: Some(pb::TlsOptions {
+        tls: Some(Box::new(pb::TlsOptions {
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             client_cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             ..Default::default()
-        }),
+        })),
         ..request("GET", &upstream.url("/"))
     };
     let status = rejected(&upstream, &sidecar, req).await;
@@ -252,7 +262,9 @@ async fn bad_tls_and_proxy_options_are_refused() {
 
     // The proxy is the live upstream itself: had it been used, the upstream would have seen it.
     let req = pb::ExecuteHttpActionRequest {
-        proxy: Some(pb::ProxyOptions { url: upstream.url("").replace("http://", "socks4://user:s3cret@") }),
+        proxy: Some(Box::new(pb::ProxyOptions {
+            url: upstream.url("").replace("http://", "socks4://user:s3cret@"),
+        })),
         ..request("GET", "http://example.invalid/")
     };
     let status = rejected(&upstream, &sidecar, req).await;

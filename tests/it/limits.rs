@@ -23,7 +23,7 @@ fn rate_limited(rule: &str) -> ExecSettings {
 }
 
 fn with_total(mut req: pb::ExecuteHttpActionRequest, total: Duration) -> pb::ExecuteHttpActionRequest {
-    req.timeouts = Some(pb::Timeouts { total: Some(dur(total)), ..Default::default() });
+    req.timeouts = Some(Box::new(pb::Timeouts { total: Some(dur(total)), ..Default::default() }));
     req
 }
 
@@ -266,13 +266,13 @@ async fn a_cancelled_call_stops_retrying_at_once() {
     let upstream = Upstream::fixed(503, "down").await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(pb::RetryPolicy {
+    req.retry = Some(Box::new(pb::RetryPolicy {
         max_attempts: 10,
         initial_backoff: Some(dur(ms(300))),
         multiplier: 1.0,
         jitter: Some(false),
         ..Default::default()
-    });
+    }));
     let mut client = sidecar.client.clone();
     let call = tokio::spawn(async move { client.execute(req).await });
     while upstream.hits() == 0 {

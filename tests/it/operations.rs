@@ -22,7 +22,7 @@ async fn metrics_count_real_actions_by_outcome_status_class_and_host() {
         client.execute(request("GET", &ok.url("/"))).await.unwrap();
     }
     let mut failing = request("GET", &down.url("/"));
-    failing.retry = Some(fast_retry(2));
+    failing.retry = Some(Box::new(fast_retry(2)));
     client.execute(failing).await.unwrap();
 
     let text = http_get(serve.metrics.as_deref().expect("metrics on"), "/metrics").await;
@@ -365,7 +365,7 @@ async fn the_callers_trace_continues_to_the_upstream() {
         request
     };
     let mut retried = request("GET", &upstream.url("/a"));
-    retried.retry = Some(fast_retry(1));
+    retried.retry = Some(Box::new(fast_retry(1)));
     sidecar.client.clone().execute(traced(retried)).await.unwrap();
     let seen = &upstream.seen()[0];
     let sent = seen.header("traceparent").expect("traceparent sent upstream");
@@ -431,7 +431,7 @@ async fn by_default_only_failed_actions_are_logged() {
         good.action_id = "fine-1".into();
         let mut bad = request("GET", &down.url("/down"));
         bad.action_id = "down-1".into();
-        bad.retry = Some(fast_retry(1));
+        bad.retry = Some(Box::new(fast_retry(1)));
         client.execute(good).await.unwrap();
         client.execute(bad).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -121,7 +121,7 @@ async fn collection() -> Collection {
 }
 
 fn paginated(url: &str, paginate: pb::Paginate) -> pb::ExecuteHttpActionRequest {
-    pb::ExecuteHttpActionRequest { paginate: Some(paginate), ..request("GET", url) }
+    pb::ExecuteHttpActionRequest { paginate: Some(Box::new(paginate)), ..request("GET", url) }
 }
 
 fn by_link(items_path: &str) -> pb::Paginate {
@@ -264,7 +264,7 @@ async fn a_failing_page_is_retried_by_the_retry_policy() {
     let c = collection().await;
     let sidecar = Sidecar::start().await;
     let request = pb::ExecuteHttpActionRequest {
-        retry: Some(fast_retry(3)),
+        retry: Some(Box::new(fast_retry(3))),
         ..paginated(&c.upstream.url("/flaky"), by_link("$.data"))
     };
     let reply = sidecar.execute(request).await;
@@ -437,7 +437,7 @@ async fn a_durable_action_walks_the_collection(kind: Kind) {
     let c = collection().await;
     let server = Server::start(kind, DurableSettings::default()).await;
     let action = pb::ExecuteHttpActionRequest {
-        paginate: Some(by_link("$.data")),
+        paginate: Some(Box::new(by_link("$.data"))),
         ..durable::action("pages-1", "GET", &c.upstream.url("/flaky"))
     };
     submit(&server.client, action).await;
@@ -461,7 +461,7 @@ async fn a_kill_during_a_page_walks_again_from_page_one(kind: Kind) {
     let mut first = ServeProcess::spawn(&args, &[LEASE_ENV]).await;
     let client = durable_client(&first).await;
     let action = pb::ExecuteHttpActionRequest {
-        paginate: Some(by_link("$.data")),
+        paginate: Some(Box::new(by_link("$.data"))),
         ..durable::action("pages-2", "GET", &c.upstream.url("/hang"))
     };
     submit(&client, action).await;

@@ -66,7 +66,7 @@ fn post_job(upstream: &Upstream) -> pb::ExecuteHttpActionRequest {
     pb::ExecuteHttpActionRequest {
         body: Some(pb::execute_http_action_request::Body::Json(r#"{"run":true}"#.into())),
         headers: vec![kv("authorization", "Bearer job-token")],
-        async_poll: Some(async_poll(Duration::from_millis(100), None)),
+        async_poll: Some(Box::new(async_poll(Duration::from_millis(100), None))),
         extract: [("id".to_string(), "$.id".to_string())].into(),
         success_condition: r#"body.state == "done""#.into(),
         ..request("POST", &upstream.url("/jobs"))
@@ -158,7 +158,7 @@ async fn a_failing_poll_is_retried_by_the_retry_policy_without_spending_the_post
     })
     .await;
     let sidecar = Sidecar::start().await;
-    let req = pb::ExecuteHttpActionRequest { retry: Some(fast_retry(2)), ..post_job(&upstream) };
+    let req = pb::ExecuteHttpActionRequest { retry: Some(Box::new(fast_retry(2))), ..post_job(&upstream) };
     let reply = sidecar.execute(req).await;
     assert_eq!(reply.outcome(), pb::Outcome::Succeeded, "{reply:?}");
     let attempts: Vec<(u32, bool)> = reply.attempts.iter().map(|a| (a.status, a.poll)).collect();
@@ -170,7 +170,7 @@ async fn a_job_still_accepted_when_max_wait_runs_out_is_a_timeout_naming_max_wai
     let upstream = job(usize::MAX, "/jobs/7").await;
     let sidecar = Sidecar::start().await;
     let req = pb::ExecuteHttpActionRequest {
-        async_poll: Some(async_poll(Duration::from_millis(100), Some(Duration::from_millis(700)))),
+        async_poll: Some(Box::new(async_poll(Duration::from_millis(100), Some(Duration::from_millis(700))))),
         ..post_job(&upstream)
     };
     let reply = sidecar.execute(req).await;
@@ -236,15 +236,18 @@ async fn bad_poll_settings_are_invalid_argument_naming_the_field_and_nothing_is_
     let upstream = job(0, "/jobs/7").await;
     let sidecar = Sidecar::start().await;
     let zero = pb::ExecuteHttpActionRequest {
-        async_poll: Some(async_poll(Duration::ZERO, None)),
+        async_poll: Some(Box::new(async_poll(Duration::ZERO, None))),
         ..post_job(&upstream)
     };
     let status = sidecar.try_execute(zero).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(violated_fields(&status), ["async_poll.interval"]);
     let too_long = pb::ExecuteHttpActionRequest {
-        timeouts: Some(pb::Timeouts { total: Some(dur(Duration::from_secs(10))), ..Default::default() }),
-        async_poll: Some(async_poll(Duration::from_secs(1), Some(Duration::from_secs(60)))),
+        timeouts: Some(Box::new(pb::Timeouts {
+            total: Some(dur(Duration::from_secs(10))),
+            ..Default::default()
+        })),
+        async_poll: Some(Box::new(async_poll(Duration::from_secs(1), Some(Duration::from_secs(60))))),
         ..post_job(&upstream)
     };
     let status = sidecar.try_execute(too_long).await.unwrap_err();
@@ -346,7 +349,7 @@ async fn a_poll_in_flight_at_a_kill_is_polled_again_not_the_post(kind: Kind) {
     // Three tries per request: the cut-off poll is one of its own, not of the POST's.
     let a = pb::ExecuteHttpActionRequest {
         action_id: "job-8".into(),
-        retry: Some(fast_retry(3)),
+        retry: Some(Box::new(fast_retry(3))),
         ..post_job(&upstream)
     };
     submit(&client, a).await;
@@ -380,8 +383,8 @@ async fn a_durable_poll_survives_a_kill_between_polls(kind: Kind) {
     let client = durable_client(&first).await;
     let a = pb::ExecuteHttpActionRequest {
         action_id: "job-7".into(),
-        async_poll: Some(async_poll(Duration::from_secs(2), None)),
-        retry: Some(fast_retry(3)),
+        async_poll: Some(Box::new(async_poll(Duration::from_secs(2), None))),
+        retry: Some(Box::new(fast_retry(3))),
         ..post_job(&upstream)
     };
     submit(&client, a).await;

@@ -100,7 +100,7 @@ async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn via(url: &str, proxy: &str) -> pb::ExecuteHttpActionRequest {
     pb::ExecuteHttpActionRequest {
-        proxy: Some(pb::ProxyOptions { url: proxy.into() }),
+        proxy: Some(Box::new(pb::ProxyOptions { url: proxy.into() })),
         ..request("GET", url)
     }
 }

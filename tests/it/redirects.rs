@@ -267,7 +267,7 @@ async fn more_redirects_than_max_hops_fail() {
     let upstream = routing_upstream().await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/chain/5"));
-    req.redirects = Some(pb::Redirects { follow: None, max_hops: 3 });
+    req.redirects = Some(Box::new(pb::Redirects { follow: None, max_hops: 3 }));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
     assert_eq!(error_kind(&resp), pb::ErrorKind::Protocol, "{resp:?}");
@@ -280,7 +280,7 @@ async fn exactly_max_hops_redirects_succeed() {
     let upstream = routing_upstream().await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/chain/3"));
-    req.redirects = Some(pb::Redirects { follow: None, max_hops: 3 });
+    req.redirects = Some(Box::new(pb::Redirects { follow: None, max_hops: 3 }));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(final_text(&resp), "final GET /chain/0");
@@ -292,7 +292,7 @@ async fn not_following_returns_the_redirect_itself() {
     let upstream = routing_upstream().await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/r/302/elsewhere"));
-    req.redirects = Some(pb::Redirects { follow: Some(false), max_hops: 0 });
+    req.redirects = Some(Box::new(pb::Redirects { follow: Some(false), max_hops: 0 }));
     let resp = sidecar.execute(req.clone()).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "a 302 is not 2xx: {resp:?}");
     assert_eq!(error_kind(&resp), pb::ErrorKind::UnexpectedStatus, "{resp:?}");

@@ -66,17 +66,17 @@ fn templated(upstream: &Upstream) -> pb::ExecuteHttpActionRequest {
         body: Some(Body::Json(
             r#"{"key":"{{secret:api-token}}","n":"{{vars.n}}","who":"{{vars.order}}"}"#.into(),
         )),
-        auth: Some(pb::Auth {
+        auth: Some(Box::new(pb::Auth {
             kind: Some(pb::auth::Kind::Basic(pb::BasicAuth {
                 username: "u".into(),
                 password: "{{secret:password}}".into(),
             })),
-        }),
-        signing: Some(pb::Signing {
+        })),
+        signing: Some(Box::new(pb::Signing {
             scheme: Some(pb::signing::Scheme::StandardWebhooks(pb::StandardWebhooks {
                 secret: webhook_secret,
             })),
-        }),
+        })),
         ..request("POST", &upstream.url("/t/{{secret:tenant}}/{{vars.order}}"))
     }
 }
@@ -180,14 +180,14 @@ async fn credentials_render_redacted_and_no_token_is_fetched() {
     let upstream = Upstream::fixed(200, "ok").await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/data"));
-    req.auth = Some(pb::Auth {
+    req.auth = Some(Box::new(pb::Auth {
         kind: Some(pb::auth::Kind::Oauth2ClientCredentials(pb::OAuth2ClientCredentials {
             token_url: idp.url("/token"),
             client_id: "cid".into(),
             client_secret: "cl1ent-s3cret".into(),
             ..Default::default()
         })),
-    });
+    }));
     let rendered = render(&sidecar, req).await;
     let auth = rendered.headers.iter().find(|h| h.name == "authorization").unwrap();
     assert_eq!(
@@ -200,20 +200,20 @@ async fn credentials_render_redacted_and_no_token_is_fetched() {
 
     // An API key in the query, and a bearer token.
     let mut req = request("GET", &upstream.url("/data?a=1"));
-    req.auth = Some(pb::Auth {
+    req.auth = Some(Box::new(pb::Auth {
         kind: Some(pb::auth::Kind::ApiKey(pb::ApiKeyAuth {
             name: "key".into(),
             value: "k3y-value".into(),
             r#in: 2,
         })),
-    });
+    }));
     let rendered = render(&sidecar, req.clone()).await;
     assert_eq!(rendered.url, upstream.url("/data?a=1&key=[REDACTED:api key]"));
     assert!(!everything(&rendered).contains("k3y-value"));
     sidecar.execute(req).await;
     assert_eq!(upstream.seen()[0].target, "/data?a=1&key=k3y-value", "the key is sent where Render shows it");
     let mut req = request("GET", &upstream.url("/"));
-    req.auth = Some(pb::Auth { kind: Some(pb::auth::Kind::BearerToken("b3arer-tok".into())) });
+    req.auth = Some(Box::new(pb::Auth { kind: Some(pb::auth::Kind::BearerToken("b3arer-tok".into())) }));
     let rendered = render(&sidecar, req).await;
     assert!(rendered.headers.iter().any(|h| h.name == "authorization" && h.value == "Bearer [REDACTED]"));
     assert!(!everything(&rendered).contains("b3arer-tok"));
@@ -295,7 +295,7 @@ async fn the_proxy_is_named_without_its_credentials() {
     assert!(route.reason.contains("NO_PROXY"), "{route:?}");
     // The action's own proxy.
     let mut req = request("GET", "http://api.example.test/x");
-    req.proxy = Some(pb::ProxyOptions { url: "http://127.0.0.1:9/".into() });
+    req.proxy = Some(Box::new(pb::ProxyOptions { url: "http://127.0.0.1:9/".into() }));
     let rendered = render(&sidecar, req).await;
     assert_eq!(rendered.proxy.unwrap().source, "action");
     assert_eq!(rendered.egress.unwrap().dialled, "127.0.0.1:9");

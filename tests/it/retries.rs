@@ -40,7 +40,7 @@ async fn two_503s_then_success() {
     let upstream = failing(2, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/flaky"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
 
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
@@ -70,7 +70,7 @@ async fn default_policy_retries_a_503() {
     let upstream = failing(1, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(pb::RetryPolicy { initial_backoff: Some(dur(ms(10))), ..Default::default() });
+    req.retry = Some(Box::new(pb::RetryPolicy { initial_backoff: Some(dur(ms(10))), ..Default::default() }));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(resp.attempts.len(), 2, "{resp:?}");
@@ -84,7 +84,7 @@ async fn status_500_is_not_retried_by_default() {
     let upstream = failing(5, 500, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
     assert_eq!(error_kind(&resp), pb::ErrorKind::UnexpectedStatus, "{resp:?}");
@@ -99,7 +99,7 @@ async fn gives_up_after_max_attempts() {
     let upstream = failing(usize::MAX, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(2));
+    req.retry = Some(Box::new(fast_retry(2)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
     assert_eq!(error_kind(&resp), pb::ErrorKind::UnexpectedStatus, "{resp:?}");
@@ -117,7 +117,7 @@ async fn retry_after_is_waited_for() {
     let upstream = failing(1, 429, &[("retry-after", "1")]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -135,8 +135,9 @@ async fn retry_after_past_the_deadline_fails_at_once() {
     let upstream = failing(usize::MAX, 429, &[("retry-after", "30")]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(3));
-    req.timeouts = Some(pb::Timeouts { total: Some(dur(Duration::from_secs(2))), ..Default::default() });
+    req.retry = Some(Box::new(fast_retry(3)));
+    req.timeouts =
+        Some(Box::new(pb::Timeouts { total: Some(dur(Duration::from_secs(2))), ..Default::default() }));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -157,7 +158,7 @@ async fn retry_after_is_ignored_when_not_honoured() {
     let upstream = failing(1, 503, &[("retry-after", "30")]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(pb::RetryPolicy { honor_retry_after: Some(false), ..fast_retry(3) });
+    req.retry = Some(Box::new(pb::RetryPolicy { honor_retry_after: Some(false), ..fast_retry(3) }));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
@@ -170,7 +171,7 @@ async fn post_without_key_is_not_retried_after_502() {
     let upstream = failing(1, 502, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = post(&upstream.url("/orders"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
     assert_eq!(resp.attempts.len(), 1, "a 502 POST may have been processed: {resp:?}");
@@ -183,7 +184,7 @@ async fn post_without_key_is_retried_after_503() {
     let upstream = failing(2, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = post(&upstream.url("/orders"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(resp.attempts.len(), 3, "{resp:?}");
@@ -197,7 +198,7 @@ async fn post_without_key_is_retried_after_connection_refused() {
     let url = refused_url().await;
     let sidecar = Sidecar::start().await;
     let mut req = post(&url);
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
     assert_eq!(error_kind(&resp), pb::ErrorKind::Connect, "{resp:?}");
@@ -215,7 +216,7 @@ async fn post_with_idempotency_key_is_retried_after_502() {
     let sidecar = Sidecar::start().await;
     let mut req = post(&upstream.url("/orders"));
     req.headers.push(kv("Idempotency-Key", "order-1"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(resp.attempts.len(), 2, "{resp:?}");
@@ -231,7 +232,7 @@ async fn post_with_retry_non_idempotent_is_retried_after_502() {
     let upstream = failing(1, 502, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = post(&upstream.url("/orders"));
-    req.retry = Some(pb::RetryPolicy { retry_non_idempotent: true, ..fast_retry(3) });
+    req.retry = Some(Box::new(pb::RetryPolicy { retry_non_idempotent: true, ..fast_retry(3) }));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(resp.attempts.len(), 2, "{resp:?}");
@@ -244,9 +245,9 @@ async fn patch_without_key_is_not_retried_after_504_but_put_is() {
     let put_upstream = failing(1, 504, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut patch = request("PATCH", &patch_upstream.url("/"));
-    patch.retry = Some(fast_retry(3));
+    patch.retry = Some(Box::new(fast_retry(3)));
     let mut put = request("PUT", &put_upstream.url("/"));
-    put.retry = Some(fast_retry(3));
+    put.retry = Some(Box::new(fast_retry(3)));
     let patch = sidecar.execute(patch).await;
     let put = sidecar.execute(put).await;
     assert_eq!(patch.attempts.len(), 1, "{patch:?}");
@@ -295,7 +296,7 @@ async fn get_is_retried_after_the_connection_closes_without_an_answer() {
     let (url, connections, task) = dropping_server(1).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &url);
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     task.abort();
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
@@ -312,7 +313,7 @@ async fn post_is_not_retried_after_the_connection_closes_without_an_answer() {
     let (url, connections, task) = dropping_server(1).await;
     let sidecar = Sidecar::start().await;
     let mut req = post(&url);
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let resp = sidecar.execute(req).await;
     task.abort();
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
@@ -328,7 +329,7 @@ async fn custom_retry_on_status_retries_500_and_not_503() {
     let sidecar = Sidecar::start().await;
     let policy = pb::RetryPolicy { retry_on_status: "500".into(), ..fast_retry(3) };
     let mut req = request("GET", &retried.url("/"));
-    req.retry = Some(policy.clone());
+    req.retry = Some(Box::new(policy.clone()));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(resp.attempts.len(), 2, "{resp:?}");
@@ -336,7 +337,7 @@ async fn custom_retry_on_status_retries_500_and_not_503() {
     assert_eq!(retried.hits(), 2);
 
     let mut req = request("GET", &not_retried.url("/"));
-    req.retry = Some(policy);
+    req.retry = Some(Box::new(policy));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Failed, "{resp:?}");
     assert_eq!(resp.attempts.len(), 1, "503 is not in the custom list: {resp:?}");
@@ -348,8 +349,10 @@ async fn connect_errors_are_not_retried_when_left_out_of_retry_on_errors() {
     let url = refused_url().await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &url);
-    req.retry =
-        Some(pb::RetryPolicy { retry_on_errors: vec![pb::ErrorKind::Timeout as i32], ..fast_retry(3) });
+    req.retry = Some(Box::new(pb::RetryPolicy {
+        retry_on_errors: vec![pb::ErrorKind::Timeout as i32],
+        ..fast_retry(3)
+    }));
     let resp = sidecar.execute(req).await;
     assert_eq!(error_kind(&resp), pb::ErrorKind::Connect, "{resp:?}");
     assert_eq!(resp.attempts.len(), 1, "{resp:?}");

@@ -116,7 +116,7 @@ async fn serve_logs_no_secret_values() {
     let mut req = request("POST", &upstream.url("/x"));
     req.headers =
         vec![kv("X-Api-Key", "{{secret:api-token}}"), kv("Authorization", &format!("Bearer {TOKEN}"))];
-    req.retry = Some(fast_retry(2));
+    req.retry = Some(Box::new(fast_retry(2)));
     let resp = client.execute(req).await.unwrap().into_inner();
     assert_eq!(resp.attempts.len(), 2, "503 retried: more to log");
     assert_eq!(upstream.seen()[0].header("x-api-key").as_deref(), Some(TOKEN));

@@ -186,12 +186,12 @@ async fn retried_status_shows_both_attempts() {
     let upstream = failing(1, 503, &[]).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/flaky"));
-    req.retry = Some(pb::RetryPolicy {
+    req.retry = Some(Box::new(pb::RetryPolicy {
         max_attempts: 2,
         initial_backoff: Some(dur(Duration::from_millis(10))),
         jitter: Some(false),
         ..Default::default()
-    });
+    }));
     let events = sidecar.stream(req).await.unwrap();
 
     assert_eq!(
@@ -250,12 +250,12 @@ async fn refused_connection_is_retried_when_the_policy_allows() {
     let url = closed_port_url().await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &url);
-    req.retry = Some(pb::RetryPolicy {
+    req.retry = Some(Box::new(pb::RetryPolicy {
         max_attempts: 2,
         initial_backoff: Some(dur(Duration::from_millis(10))),
         jitter: Some(false),
         ..Default::default()
-    });
+    }));
     let events = sidecar.stream(req).await.unwrap();
     assert_eq!(
         labels(&events),

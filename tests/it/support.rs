@@ -238,7 +238,7 @@ pub fn request(method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
     pb::ExecuteHttpActionRequest {
         method: method.into(),
         url: url.into(),
-        retry: Some(pb::RetryPolicy { max_attempts: 1, ..Default::default() }),
+        retry: Some(Box::new(pb::RetryPolicy { max_attempts: 1, ..Default::default() })),
         ..Default::default()
     }
 }

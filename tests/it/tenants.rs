@@ -163,7 +163,7 @@ async fn a_tenant_at_its_concurrency_quota_waits_or_is_refused_while_another_pro
     let waiting = server.spawn(of("a", upstream.url("/a-2")));
     let mut short = of("a", upstream.url("/a-3"));
     short.timeouts =
-        Some(pb::Timeouts { total: Some(dur(Duration::from_millis(300))), ..Default::default() });
+        Some(Box::new(pb::Timeouts { total: Some(dur(Duration::from_millis(300))), ..Default::default() }));
     let refused = server.client().execute(short).await.unwrap().into_inner();
     assert_eq!(error_kind(&refused), pb::ErrorKind::RateLimited, "{refused:?}");
     let message = refused.error.map(|e| e.message).unwrap_or_default();
@@ -193,7 +193,8 @@ async fn rate_quotas_are_per_tenant() {
     let mut client = server.client();
     let run = |tenant: &str| {
         let mut req = of(tenant, upstream.url(&format!("/{tenant}")));
-        req.timeouts = Some(pb::Timeouts { total: Some(dur(Duration::from_secs(2))), ..Default::default() });
+        req.timeouts =
+            Some(Box::new(pb::Timeouts { total: Some(dur(Duration::from_secs(2))), ..Default::default() }));
         let mut client = client.clone();
         async move { client.execute(req).await.unwrap().into_inner() }
     };

@@ -40,7 +40,7 @@ async fn slow_response_head_hits_the_attempt_timeout() {
     let upstream = slow_upstream(Duration::from_secs(5)).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/slow"));
-    req.timeouts = Some(timeouts(None, Some(ms(200)), None));
+    req.timeouts = Some(Box::new(timeouts(None, Some(ms(200)), None)));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -77,7 +77,7 @@ async fn body_that_stalls_midway_hits_the_attempt_timeout() {
     .await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/stall"));
-    req.timeouts = Some(timeouts(None, Some(ms(300)), None));
+    req.timeouts = Some(Box::new(timeouts(None, Some(ms(300)), None)));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -111,8 +111,8 @@ async fn total_timeout_cuts_a_retried_action() {
     .await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(5));
-    req.timeouts = Some(timeouts(None, Some(Duration::from_secs(10)), Some(ms(500))));
+    req.retry = Some(Box::new(fast_retry(5)));
+    req.timeouts = Some(Box::new(timeouts(None, Some(Duration::from_secs(10)), Some(ms(500)))));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -136,8 +136,8 @@ async fn attempt_timeouts_retry_until_the_total_deadline() {
     let upstream = slow_upstream(Duration::from_secs(5)).await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(10));
-    req.timeouts = Some(timeouts(None, Some(ms(200)), Some(ms(500))));
+    req.retry = Some(Box::new(fast_retry(10)));
+    req.timeouts = Some(Box::new(timeouts(None, Some(ms(200)), Some(ms(500)))));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -163,7 +163,7 @@ async fn grpc_deadline_bounds_the_total() {
     let sidecar = Sidecar::start().await;
     // No attempt or total timeout of its own, and retries on: only the deadline can stop it.
     let mut req = request("GET", &upstream.url("/"));
-    req.retry = Some(fast_retry(3));
+    req.retry = Some(Box::new(fast_retry(3)));
     let mut call = tonic::Request::new(req);
     call.set_timeout(ms(300));
     let t0 = Instant::now();
@@ -185,7 +185,7 @@ async fn a_call_that_times_out_and_continues() {
     let sidecar = Sidecar::start().await;
     let mut req = request("POST", &upstream.url("/hook"));
     req.body = Some(pb::execute_http_action_request::Body::Json(r#"{"a":1}"#.into()));
-    req.timeouts = Some(timeouts(None, Some(ms(300)), None));
+    req.timeouts = Some(Box::new(timeouts(None, Some(ms(300)), None)));
     req.on_failure = pb::OnFailure::Continue as i32;
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
@@ -227,7 +227,7 @@ async fn connect_timeout_on_a_full_backlog() {
     let addr = listener.local_addr().unwrap();
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &format!("http://{addr}/"));
-    req.timeouts = Some(timeouts(Some(ms(200)), Some(Duration::from_secs(5)), None));
+    req.timeouts = Some(Box::new(timeouts(Some(ms(200)), Some(Duration::from_secs(5)), None)));
     let t0 = Instant::now();
     let resp = sidecar.execute(req).await;
     let elapsed = t0.elapsed();
@@ -244,7 +244,8 @@ async fn connect_timeout_is_accepted_on_a_normal_call() {
     let upstream = Upstream::fixed(200, "ok").await;
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
-    req.timeouts = Some(timeouts(Some(ms(500)), Some(Duration::from_secs(2)), Some(Duration::from_secs(3))));
+    req.timeouts =
+        Some(Box::new(timeouts(Some(ms(500)), Some(Duration::from_secs(2)), Some(Duration::from_secs(3)))));
     let resp = sidecar.execute(req).await;
     assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
     assert_eq!(resp.response.unwrap().body_text.as_deref(), Some("ok"));
@@ -254,7 +255,7 @@ async fn connect_timeout_is_accepted_on_a_normal_call() {
 async fn zero_timeouts_are_invalid() {
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", "http://127.0.0.1:9/");
-    req.timeouts = Some(timeouts(Some(Duration::ZERO), Some(Duration::ZERO), Some(Duration::ZERO)));
+    req.timeouts = Some(Box::new(timeouts(Some(Duration::ZERO), Some(Duration::ZERO), Some(Duration::ZERO))));
     let status = sidecar.try_execute(req).await.expect_err("zero timeouts are refused");
     let mut fields = violated_fields(&status);
     fields.sort();

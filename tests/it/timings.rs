@@ -84,12 +84,12 @@ async fn action_timing_covers_every_attempt_and_backoff() {
     let sidecar = Sidecar::start().await;
     let mut req = request("GET", &upstream.url("/"));
     let backoff = Duration::from_millis(30);
-    req.retry = Some(pb::RetryPolicy {
+    req.retry = Some(Box::new(pb::RetryPolicy {
         max_attempts: 2,
         initial_backoff: Some(dur(backoff)),
         jitter: Some(false),
         ..Default::default()
-    });
+    }));
     let before = SystemTime::now();
     let resp = sidecar.execute(req).await;
     let after = SystemTime::now();

@@ -59,7 +59,7 @@ async fn untrusted_certificate_fails_as_tls() {
 }
 
 fn with_tls(url: &str, tls: pb::TlsOptions) -> pb::ExecuteHttpActionRequest {
-    pb::ExecuteHttpActionRequest { tls: Some(tls), ..request("GET", url) }
+    pb::ExecuteHttpActionRequest { tls: Some(Box::new(tls)), ..request("GET", url) }
 }
 
 #[tokio::test]
