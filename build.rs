@@ -18,8 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".callout.v1")
-        // The request's optional sections boxed: most actions set few of them, and the request is
-        // held by value in tonic's futures and the handler's while the action is in flight
+        // The request's optional sections boxed: most actions set few of them, and tonic's unary
+        // and generated service futures hold the request by value while the action is in flight
         // (1,048 bytes inline, 512 with these boxed).
         .boxed(".callout.v1.ExecuteHttpActionRequest.timeouts")
         .boxed(".callout.v1.ExecuteHttpActionRequest.retry")
