@@ -627,15 +627,15 @@ async fn a_tenants_action_makes_one_round_trip_per_attempt_and_two_for_its_place
         assert_eq!(error_kind(&resp), pb::ErrorKind::Unspecified, "{resp:?}");
     }
     // The place is given back off the action's way: wait (bounded) for the last ZREM.
-    let calls =
+    let count_in =
         |run: &[(String, u64)], name: &str| run.iter().find(|(n, _)| n == name).map_or(0, |(_, n)| *n);
     let given_back = Instant::now();
     let mut run = commands_run(&redis).await;
-    while calls(&run, "zrem") < 20 && given_back.elapsed() < Duration::from_secs(5) {
+    while count_in(&run, "zrem") < 20 && given_back.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         run = commands_run(&redis).await;
     }
-    let calls = |name: &str| calls(&run, name);
+    let calls = |name: &str| count_in(&run, name);
     // Per action: its place taken (EVALSHA) and given back (ZREM); its one attempt's check
     // (EVALSHA) with the destination's and the tenant's buckets, read and taken in it.
     assert_eq!((calls("evalsha"), calls("zrem")), (40, 20), "{run:?}");
