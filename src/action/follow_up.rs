@@ -64,7 +64,9 @@ impl HttpAction {
         next.retry.may_repeat = true;
         if url.origin() != self.url.origin() {
             drop_credentials(&mut next.headers);
-            next.auth = Auth::None;
+            if let Some(uncommon) = next.uncommon.as_mut() {
+                uncommon.auth = Auth::None;
+            }
             next.signing = Signing::None;
         }
         next.url = url;

@@ -178,7 +178,7 @@ impl Visited {
 impl HttpAction {
     /// Pagination, when the action walks a collection.
     pub fn paginate(&self) -> Option<&Paginate> {
-        self.paginate.as_ref()
+        self.uncommon().paginate.as_ref()
     }
 
     /// The action that requests `next` after the page `self` (a `NextPage::Url` or `Cursor`;
@@ -189,7 +189,7 @@ impl HttpAction {
         match next {
             NextPage::Cursor(cursor) => {
                 let mut page = first.clone();
-                if let Some(Next::Cursor { param, .. }) = first.paginate.as_ref().map(|p| &p.next) {
+                if let Some(Next::Cursor { param, .. }) = first.paginate().map(|p| &p.next) {
                     let kept: Vec<(String, String)> = first
                         .url
                         .query_pairs()

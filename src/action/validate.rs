@@ -155,24 +155,27 @@ pub(super) fn validate(
             timeouts,
             success,
             on_failure: input.on_failure,
-            error_messages,
             retry,
             redirects,
-            tls,
-            proxy,
             max_response_bytes: (input.max_response_bytes > 0).then_some(input.max_response_bytes),
             trace: input.trace,
             tenant,
             reply_body: input.reply_body,
             extract,
-            success_condition,
-            retry_condition,
-            auth,
             signing,
-            async_poll,
+            uncommon: super::Uncommon {
+                error_messages,
+                tls,
+                proxy,
+                auth,
+                success_condition,
+                retry_condition,
+                async_poll,
+                paginate,
+            }
+            .boxed(),
             polls_inline: true,
             is_poll: false,
-            paginate,
             secret_values: super::redact::SecretValues::new(filled.values),
         }),
         _ => Err(bad),
@@ -838,8 +841,8 @@ mod tests {
         let mut i = input("GET", "http://h.test/");
         i.error_messages = vec![("4xx".into(), "client".into()), ("404".into(), "missing".into())];
         let a = HttpAction::from_input(i).unwrap();
-        assert_eq!(a.error_messages.lookup(404), Some("missing"));
-        assert_eq!(a.error_messages.lookup(400), Some("client"));
-        assert_eq!(a.error_messages.lookup(500), None);
+        assert_eq!(a.error_messages().lookup(404), Some("missing"));
+        assert_eq!(a.error_messages().lookup(400), Some("client"));
+        assert_eq!(a.error_messages().lookup(500), None);
     }
 }

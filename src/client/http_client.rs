@@ -134,13 +134,34 @@ impl ClientSettings {
 #[error("building the HTTP client: {0}")]
 pub struct ClientBuildError(#[from] tls::TlsConfigError);
 
-/// A pooled HTTP client with one TLS configuration and one set of proxies.
+/// A pooled HTTP client with one TLS configuration and one set of proxies. A clone is a few
+/// pointers: every attempt takes one, and a redirect's state keeps one for the next hop.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Decompression<Client<connect::TimedConnector, RequestBody>>,
+    inner: Decompression<Pooled>,
     proxies: Arc<Proxies>,
-    /// The pool's connector, for previews of a connection (Render): cheap to clone.
-    connector: connect::TimedConnector,
+    /// The pool's connector, for previews of a connection (Render).
+    connector: Arc<connect::TimedConnector>,
+}
+
+/// hyper-util's pooled client behind an `Arc`: the client itself is hundreds of bytes (its
+/// builders and connector), and it sends through `&self`.
+#[derive(Clone)]
+struct Pooled(Arc<Client<connect::TimedConnector, RequestBody>>);
+
+impl tower::Service<Request<RequestBody>> for Pooled {
+    type Response = Response<Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // As hyper-util's own `Service` impl: the pool waits inside the call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<RequestBody>) -> ResponseFuture {
+        self.0.request(request)
+    }
 }
 
 impl HttpClient {
@@ -195,8 +216,8 @@ impl HttpClient {
         let inner = builder.build(connector.clone());
         // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
         // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
-        let inner = Decompression::new(inner);
-        Ok(Self { inner, proxies, connector })
+        let inner = Decompression::new(Pooled(Arc::new(inner)));
+        Ok(Self { inner, proxies, connector: Arc::new(connector) })
     }
 
     /// The proxies this client connects through.

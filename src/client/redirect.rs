@@ -181,8 +181,9 @@ struct Follow<S> {
     visited: Vec<Url>,
     context: Arc<AttemptContext>,
     inner: S,
-    /// The next hop, waiting for the rest of the stack to be ready.
-    pending: Option<AttemptRequest>,
+    /// The next hop, waiting for the rest of the stack to be ready. Boxed: most attempts never
+    /// have one, and this state lives through the whole wait for the response.
+    pending: Option<Box<AttemptRequest>>,
 }
 
 pin_project! {
@@ -190,8 +191,8 @@ pin_project! {
     pub struct RedirectFuture<S: Service<AttemptRequest>> {
         #[pin]
         call: S::Future,
-        // None when redirects are not followed: the first response is final. Boxed: a clone of
-        // the rest of the stack and the hop are large, and every future above holds this one.
+        // None when redirects are not followed: the first response is final. Boxed: the hop
+        // is large, and every future above holds this one.
         follow: Option<Box<Follow<S>>>,
     }
 }
@@ -213,7 +214,7 @@ where
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                        Poll::Ready(Ok(())) => this.call.set(follow.inner.call(request)),
+                        Poll::Ready(Ok(())) => this.call.set(follow.inner.call(*request)),
                     }
                 }
             }
@@ -237,7 +238,7 @@ where
 
 impl<S> Follow<S> {
     /// The request of the hop after `response`, when it is a redirect to follow.
-    fn next<B>(&mut self, response: &Response<B>) -> Result<Option<AttemptRequest>, SendFailure> {
+    fn next<B>(&mut self, response: &Response<B>) -> Result<Option<Box<AttemptRequest>>, SendFailure> {
         let status = response.status();
         if !status.is_redirection() {
             return Ok(None);
@@ -254,7 +255,8 @@ impl<S> Follow<S> {
         tracing::debug!(status = status.as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
         self.visited.push(next.url.clone());
         self.hop = next;
-        Ok(Some(AttemptRequest { http: self.hop.request()?, context: self.context.clone(), checked: None }))
+        let request = AttemptRequest { http: self.hop.request()?, context: self.context.clone(), checked: None };
+        Ok(Some(Box::new(request)))
     }
 }
 
@@ -348,6 +350,16 @@ mod tests {
         assert_eq!(r.unwrap_err(), RedirectError::TooMany(10));
         assert!(follow(&h, 200, "/y").unwrap().is_none());
         assert!(next_hop(&h, StatusCode::FOUND, None, &[], 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn following_reserves_little_until_a_redirect_comes() {
+        // Every attempt that follows redirects (the default) keeps this state through its wait
+        // for the response: the hop as sent and a clone of the client (a few pointers), the next
+        // hop's request boxed only once a redirect comes. 312 bytes on x86_64 today; 1,000
+        // with the client and the pending request inline.
+        let size = std::mem::size_of::<Follow<crate::client::HttpClient>>();
+        assert!(size <= 384, "{size}");
     }
 
     #[tokio::test]
