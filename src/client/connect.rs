@@ -48,8 +48,55 @@ tokio::task_local! {
     pub static CONNECT_TIMEOUT: Duration;
 }
 
-/// The stream hyper talks over: the connection, or the target's TLS over it.
-pub type Stream = MaybeHttpsStream<TimedConn>;
+/// The stream hyper talks over: the connection, or the target's TLS over it. Boxed: TLS state is
+/// about a kilobyte, and hyper keeps its connection's stream inline in state it allocates per
+/// request (hyper-util's connect-or-reuse future, and every HTTP/2 request's task, are sized by
+/// the connection task they could have been), so an inline stream costs every request in flight.
+pub struct Stream(Box<MaybeHttpsStream<TimedConn>>);
+
+impl Stream {
+    fn new(stream: MaybeHttpsStream<TimedConn>) -> Self {
+        Self(Box::new(stream))
+    }
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        self.0.connected()
+    }
+}
+
+impl hyper::rt::Read for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Stream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write_vectored(cx, bufs)
+    }
+}
 
 /// What a connection runs on: TCP, or TLS to an `https://` proxy over TCP.
 #[derive(Debug)]
@@ -199,9 +246,14 @@ impl hyper::rt::Write for TimedConn {
 }
 
 /// Resolves, connects, tunnels through a proxy when one applies and (for https) handshakes,
-/// timing each phase.
+/// timing each phase. One pointer: hyper-util keeps copies of its connector in the state of
+/// every request in flight.
 #[derive(Clone)]
-pub struct TimedConnector {
+pub struct TimedConnector(Arc<ConnectorConfig>);
+
+/// What a `TimedConnector` dials with.
+#[derive(Clone)]
+pub struct ConnectorConfig {
     tls: tokio_rustls::TlsConnector,
     /// TLS with `https://` proxies: the server's trust roots, HTTP/1.1 only (CONNECT and
     /// forwarded requests are HTTP/1.1).
@@ -214,9 +266,16 @@ pub struct TimedConnector {
     fixed: Arc<HashMap<String, Vec<IpAddr>>>,
 }
 
+impl std::ops::Deref for TimedConnector {
+    type Target = ConnectorConfig;
+    fn deref(&self) -> &ConnectorConfig {
+        &self.0
+    }
+}
+
 impl TimedConnector {
     pub fn new(tls: Arc<rustls::ClientConfig>, proxies: Arc<Proxies>, default_timeout: Duration) -> Self {
-        Self {
+        Self(Arc::new(ConnectorConfig {
             tls: tokio_rustls::TlsConnector::from(tls),
             proxy_tls: None,
             proxies,
@@ -224,14 +283,15 @@ impl TimedConnector {
             tcp_keepalive: None,
             egress: Arc::default(),
             fixed: Arc::default(),
-        }
+        }))
     }
 
     /// Checks every connection against `egress`; `fixed` names hosts whose addresses are set
     /// instead of looked up.
     pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &BTreeMap<String, Vec<IpAddr>>) -> Self {
-        self.egress = egress;
-        self.fixed = Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
+        let config = Arc::make_mut(&mut self.0);
+        config.egress = egress;
+        config.fixed = Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
         self
     }
 
@@ -261,13 +321,13 @@ impl TimedConnector {
 
     /// Speaks TLS with `https://` proxies using `tls`.
     pub fn with_proxy_tls(mut self, tls: Arc<rustls::ClientConfig>) -> Self {
-        self.proxy_tls = Some(tokio_rustls::TlsConnector::from(tls));
+        Arc::make_mut(&mut self.0).proxy_tls = Some(tokio_rustls::TlsConnector::from(tls));
         self
     }
 
     /// Sends TCP keep-alive probes after `idle` without traffic (`None`: none).
     pub fn with_tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
-        self.tcp_keepalive = idle;
+        Arc::make_mut(&mut self.0).tcp_keepalive = idle;
         self
     }
 }
@@ -461,7 +521,7 @@ impl TimedConnector {
             _open: crate::metrics::connection_opened(),
         };
         if !https {
-            return Ok(MaybeHttpsStream::Http(timed));
+            return Ok(Stream::new(MaybeHttpsStream::Http(timed)));
         }
 
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
@@ -472,7 +532,7 @@ impl TimedConnector {
             ConnectError::new(ErrorKind::Tls, format!("TLS handshake with {host} failed: {e}"), Some(e))
         })?;
         meta.tls_nanos.store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(MaybeHttpsStream::Https(TokioIo::new(stream)))
+        Ok(Stream::new(MaybeHttpsStream::Https(TokioIo::new(stream))))
     }
 
     /// TLS with an `https://` proxy, verified against the server's trust roots.
@@ -722,6 +782,15 @@ async fn dial(
 mod tests {
     use super::*;
     use crate::client::NoProxy;
+
+    #[test]
+    fn the_stream_and_the_connector_are_one_pointer_each() {
+        // hyper-util keeps copies of the connector, and hyper the connection's stream, in state
+        // sized per request in flight (10d, fifth round): inline, the TLS stream alone is about
+        // a kilobyte there.
+        assert_eq!(std::mem::size_of::<Stream>(), std::mem::size_of::<usize>());
+        assert_eq!(std::mem::size_of::<TimedConnector>(), std::mem::size_of::<usize>());
+    }
 
     #[tokio::test]
     async fn fixed_addresses_match_names_however_written() {
