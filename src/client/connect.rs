@@ -291,7 +291,8 @@ impl TimedConnector {
     pub fn with_egress(mut self, egress: Arc<EgressPolicy>, fixed: &BTreeMap<String, Vec<IpAddr>>) -> Self {
         let config = Arc::make_mut(&mut self.0);
         config.egress = egress;
-        config.fixed = Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
+        config.fixed =
+            Arc::new(fixed.iter().map(|(name, ips)| (host::normalize(name), ips.clone())).collect());
         self
     }
 

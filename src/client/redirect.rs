@@ -255,7 +255,8 @@ impl<S> Follow<S> {
         tracing::debug!(status = status.as_u16(), to = %next.url.origin().ascii_serialization(), "following redirect");
         self.visited.push(next.url.clone());
         self.hop = next;
-        let request = AttemptRequest { http: self.hop.request()?, context: self.context.clone(), checked: None };
+        let request =
+            AttemptRequest { http: self.hop.request()?, context: self.context.clone(), checked: None };
         Ok(Some(Box::new(request)))
     }
 }
