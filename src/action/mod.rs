@@ -226,7 +226,7 @@ pub struct HttpAction {
     extract: extract::Extracts,
     /// Request signing, recomputed on every attempt (`signing()`).
     signing: Signing,
-    /// What most actions leave at its default; `None` when all of it is.
+    /// The parts most actions leave at their defaults; `None` when every one is.
     uncommon: Option<Box<Uncommon>>,
     /// Whether the executor polls a 202's Location itself (false: it reports the poll due, for
     /// the durable runner to store and run as an attempt of its own).

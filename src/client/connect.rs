@@ -49,9 +49,10 @@ tokio::task_local! {
 }
 
 /// The stream hyper talks over: the connection, or the target's TLS over it. Boxed: TLS state is
-/// about a kilobyte, and hyper keeps its connection's stream inline in state it allocates per
-/// request (hyper-util's connect-or-reuse future, and every HTTP/2 request's task, are sized by
-/// the connection task they could have been), so an inline stream costs every request in flight.
+/// about a kilobyte, and state that hyper and hyper-util allocate per request has room for the
+/// connection's stream (hyper-util's connect-or-reuse future holds a handshake; each HTTP/2
+/// request's task is an enum one of whose variants is the connection task), so an inline stream
+/// costs every request in flight.
 pub struct Stream(Box<MaybeHttpsStream<TimedConn>>);
 
 impl Stream {

@@ -140,8 +140,8 @@ pub struct ClientBuildError(#[from] tls::TlsConfigError);
 pub struct HttpClient {
     inner: Decompression<Pooled>,
     proxies: Arc<Proxies>,
-    /// The pool's connector, for previews of a connection (Render).
-    connector: Arc<connect::TimedConnector>,
+    /// The pool's connector, for previews of a connection (Render): one `Arc`.
+    connector: connect::TimedConnector,
 }
 
 /// hyper-util's pooled client behind an `Arc`: the client itself is hundreds of bytes (its
@@ -217,7 +217,7 @@ impl HttpClient {
         // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
         // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
         let inner = Decompression::new(Pooled(Arc::new(inner)));
-        Ok(Self { inner, proxies, connector: Arc::new(connector) })
+        Ok(Self { inner, proxies, connector })
     }
 
     /// The proxies this client connects through.
