@@ -334,10 +334,13 @@ impl TimedConnector {
     }
 }
 
+/// A connection being made.
+pub type Connecting = Pin<Box<dyn Future<Output = Result<Stream, ConnectError>> + Send>>;
+
 impl tower::Service<Uri> for TimedConnector {
     type Response = Stream;
     type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Stream, ConnectError>> + Send>>;
+    type Future = Connecting;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

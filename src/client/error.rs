@@ -20,13 +20,48 @@ impl SendFailure {
     }
 }
 
-pub(crate) fn classify(err: &hyper_util::client::legacy::Error) -> SendFailure {
-    if let Some(connect) = find::<ConnectError>(err) {
-        return SendFailure::new(connect.kind, connect.message.clone(), false);
+/// Why the pooled client produced no response: hyper-util's pool failed, a request on one of
+/// callout's own HTTP/2 connections failed, or a dial for one was already judged.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Pool(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    H2(hyper::Error),
+    #[error("{0}")]
+    Judged(SendFailure),
+}
+
+pub(crate) fn classify(err: &SendError) -> SendFailure {
+    match err {
+        SendError::Pool(err) => {
+            if let Some(connect) = find::<ConnectError>(err) {
+                return SendFailure::new(connect.kind, connect.message.clone(), false);
+            }
+            if err.is_connect() {
+                return SendFailure::new(ErrorKind::Connect, chain(err), false);
+            }
+            after_connect(err)
+        }
+        SendError::H2(err) => after_connect(err),
+        SendError::Judged(failure) => failure.clone(),
     }
-    if err.is_connect() {
-        return SendFailure::new(ErrorKind::Connect, chain(err), false);
+}
+
+/// An HTTP/2 handshake on a connection just made that failed: nothing was sent.
+pub(crate) fn handshake_failure(err: &hyper::Error) -> SendFailure {
+    match find_tls_error(err) {
+        Some(tls) => {
+            SendFailure::new(ErrorKind::Tls, format!("TLS failed after the handshake: {tls}"), false)
+        }
+        None => {
+            SendFailure::new(ErrorKind::Connect, format!("HTTP/2 handshake failed: {}", chain(err)), false)
+        }
     }
+}
+
+/// A failure once a connection was there: the request may have reached the upstream.
+fn after_connect(err: &(dyn StdError + 'static)) -> SendFailure {
     if let Some(hyper_err) = find::<hyper::Error>(err) {
         if hyper_err.is_parse() || hyper_err.is_parse_status() || hyper_err.is_user() {
             return SendFailure::new(

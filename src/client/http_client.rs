@@ -3,8 +3,10 @@
 use super::{
     attempt::AttemptRequest,
     connect,
+    connect::ConnInfo,
     egress::EgressPolicy,
-    error::{self, SendFailure},
+    error::{self, SendError, SendFailure},
+    h2_pool::{self, H2Pool, Handover, PoolClient, Route, Sent},
     proxy::Proxies,
     tls,
 };
@@ -36,8 +38,7 @@ use tokio::task::futures::TaskLocalFuture;
 use tower::{Service as _, ServiceExt as _};
 use tower_http::decompression::{Decompression, DecompressionBody, ResponseFuture as DecompressionFuture};
 
-/// Request bodies are built whole from the action, so a full buffer is enough.
-pub type RequestBody = Full<Bytes>;
+pub use super::h2_pool::RequestBody;
 
 /// A response body as the executor reads it: decoded per its Content-Encoding. Boxed: the
 /// decoder states make it ~350 bytes, and every layer of the attempt stack hands the response
@@ -144,23 +145,93 @@ pub struct HttpClient {
     connector: connect::TimedConnector,
 }
 
-/// hyper-util's pooled client behind an `Arc`: the client itself is hundreds of bytes (its
-/// builders and connector), and it sends through `&self`.
+/// The client's pools behind an `Arc`: hyper-util's client is hundreds of bytes (its builders
+/// and connector), and both send through `&self`.
 #[derive(Clone)]
-struct Pooled(Arc<Client<connect::TimedConnector, RequestBody>>);
+struct Pooled(Arc<Pools>);
+
+struct Pools {
+    /// hyper-util's pool: plain http, HTTP/1.1 origins, everything when `h2` is off.
+    pool: PoolClient,
+    /// callout's own h2 connections to https origins that negotiate h2.
+    h2: Option<Arc<H2Pool>>,
+}
 
 impl tower::Service<Request<RequestBody>> for Pooled {
     type Response = Response<Incoming>;
-    type Error = hyper_util::client::legacy::Error;
-    type Future = ResponseFuture;
+    type Error = SendError;
+    type Future = PooledFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // As hyper-util's own `Service` impl: the pool waits inside the call.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<RequestBody>) -> ResponseFuture {
-        self.0.request(request)
+    fn call(&mut self, request: Request<RequestBody>) -> PooledFuture {
+        let Some(h2) = &self.0.h2 else {
+            return PooledFuture::Pool(self.0.pool.request(request));
+        };
+        match h2.route(&request) {
+            Route::Pool => PooledFuture::Pool(self.0.pool.request(request)),
+            // Nearly every request: what waits is hyper's future and two pointers.
+            Route::H2(conn) => {
+                let (sending, info) = conn.try_send(request);
+                PooledFuture::H2 { sending, info, pools: self.0.clone() }
+            }
+            // The dial is a future of its own, so the requests that find a connection do not
+            // reserve room for one.
+            Route::Learn(authority, cell) => {
+                let (h2, pools) = (h2.clone(), self.0.clone());
+                PooledFuture::Boxed(Box::pin(async move {
+                    let learned = h2.clone().learn(authority, cell).await;
+                    h2.send_learned(learned, request, &pools.pool).await
+                }))
+            }
+        }
+    }
+}
+
+type BoxedSend = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
+
+/// A response from either pool.
+enum PooledFuture {
+    Pool(ResponseFuture),
+    H2 {
+        sending: h2_pool::Sending,
+        info: ConnInfo,
+        pools: Arc<Pools>,
+    },
+    /// A first request to an origin, or one sent again.
+    Boxed(BoxedSend),
+}
+
+impl Future for PooledFuture {
+    type Output = Result<Response<Incoming>, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            return match this {
+                Self::Pool(call) => Pin::new(call).poll(cx).map_err(SendError::Pool),
+                Self::Boxed(call) => call.as_mut().poll(cx),
+                Self::H2 { sending, info, pools } => {
+                    match h2_pool::sent(ready!(sending.as_mut().poll(cx)), info) {
+                        Sent::Response(response) => Poll::Ready(Ok(response)),
+                        Sent::Failed(e) => Poll::Ready(Err(e)),
+                        Sent::Unsent(request) => {
+                            let pools = pools.clone();
+                            *this = Self::Boxed(Box::pin(async move {
+                                match &pools.h2 {
+                                    Some(h2) => h2.clone().resend(request, &pools.pool).await,
+                                    None => pools.pool.request(request).await.map_err(SendError::Pool),
+                                }
+                            }));
+                            continue;
+                        }
+                    }
+                }
+            };
+        }
     }
 }
 
@@ -213,10 +284,20 @@ impl HttpClient {
             // PINGs also while idle, so a pooled h2 connection that died is found before use.
             builder.http2_keep_alive_interval(interval).http2_keep_alive_while_idle(true);
         }
-        let inner = builder.build(connector.clone());
+        let handover = Handover::new(connector.clone());
+        let pool = builder.build(handover.clone());
+        // With reuse off, hyper-util's pool makes every connection.
+        let h2 = (settings.http2 && settings.pool_max_idle_per_host > 0).then(|| {
+            Arc::new(H2Pool::new(
+                connector.clone(),
+                handover,
+                settings.pool_idle_timeout,
+                settings.http2_keep_alive_interval,
+            ))
+        });
         // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
         // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
-        let inner = Decompression::new(Pooled(Arc::new(inner)));
+        let inner = Decompression::new(Pooled(Arc::new(Pools { pool, h2 })));
         Ok(Self { inner, proxies, connector })
     }
 
@@ -327,7 +408,7 @@ impl tower::Service<AttemptRequest> for HttpClient {
 }
 
 /// What the pooled client's response future is, under the connect timeout's scope.
-type PooledCall = TaskLocalFuture<Duration, DecompressionFuture<ResponseFuture>>;
+type PooledCall = TaskLocalFuture<Duration, DecompressionFuture<PooledFuture>>;
 
 pin_project! {
     /// The response future of `HttpClient`: the pooled client's, its error classified.

@@ -55,6 +55,7 @@ pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod fair;
+pub mod h2_pool;
 pub mod host;
 pub mod host_pattern;
 pub mod http_client;

@@ -351,23 +351,7 @@ pub async fn tls_upstream_with(
     alpn: &[&[u8]],
     require_client_cert: bool,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = if require_client_cert {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.clone()).unwrap();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .unwrap();
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let mut config = builder.with_single_cert(vec![pki.leaf.clone()], pki.leaf_key.clone_key()).unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tls_acceptor(pki, alpn, require_client_cert);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -388,6 +372,27 @@ pub async fn tls_upstream_with(
         }
     });
     (addr, task, accepted)
+}
+
+/// TLS as the test CA's leaf, offering `alpn`; with `require_client_cert`, mutual TLS.
+pub fn tls_acceptor(pki: &TestPki, alpn: &[&[u8]], require_client_cert: bool) -> tokio_rustls::TlsAcceptor {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(vec![pki.leaf.clone()], pki.leaf_key.clone_key()).unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// A directory under the system's temp dir, removed with everything in it when dropped.

@@ -150,3 +150,104 @@ async fn bad_client_pem_is_invalid_and_nothing_connects() {
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing may connect for an invalid action");
     task.abort();
 }
+
+#[tokio::test]
+async fn a_cold_burst_to_an_h2_origin_makes_one_connection() {
+    let pki = pki();
+    let (addr, task, accepted) = tls_upstream_with(&pki, &[b"h2", b"http/1.1"], false).await;
+    let sidecar = Sidecar::start_with(trusting(&pki.ca_pem, true)).await;
+    let url = format!("https://{addr}/");
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (client, req) = (sidecar.client.clone(), request("GET", &url));
+        burst.spawn(async move { client.clone().execute(req).await.unwrap().into_inner() });
+    }
+    let mut handshakes_reported = 0;
+    while let Some(resp) = burst.join_next().await {
+        let resp = resp.unwrap();
+        assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "{resp:?}");
+        assert_eq!(resp.response.as_ref().unwrap().http_version, "HTTP/2.0");
+        let timing = resp.attempts[0].timing.as_ref().unwrap();
+        if !timing.reused_connection {
+            handshakes_reported += 1;
+        }
+    }
+    // One dial, waited on by the rest: one connection, its set-up reported by one action.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(handshakes_reported, 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_origin_that_chooses_http1_keeps_the_connection_dialled_for_it() {
+    let pki = pki();
+    let (addr, task, accepted) = tls_upstream_with(&pki, &[b"http/1.1"], false).await;
+    let sidecar = Sidecar::start_with(trusting(&pki.ca_pem, true)).await;
+    let url = format!("https://{addr}/");
+    let first = sidecar.execute(request("GET", &url)).await;
+    assert_eq!(first.outcome(), pb::Outcome::Succeeded, "{first:?}");
+    assert_eq!(first.response.as_ref().unwrap().http_version, "HTTP/1.1");
+    let timing = first.attempts[0].timing.as_ref().unwrap();
+    assert!(!timing.reused_connection, "{timing:?}");
+    assert!(timing.tls.as_ref().is_some_and(|t| t.seconds > 0 || t.nanos > 0), "{timing:?}");
+
+    // The connection that found out it speaks HTTP/1.1 carried the first action, and is pooled.
+    let second = sidecar.execute(request("GET", &url)).await;
+    assert_eq!(second.outcome(), pb::Outcome::Succeeded, "{second:?}");
+    assert!(second.attempts[0].timing.as_ref().unwrap().reused_connection);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_h2_connection_the_upstream_closes_is_dialled_again() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let pki = pki();
+    let acceptor = tls_acceptor(&pki, &[b"h2"], false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    // Each connection serves one request, then says GOAWAY and closes.
+    let task = tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            n += 1;
+            let (acceptor, closed_tx) = (acceptor.clone(), closed_tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let served = std::sync::Arc::new(tokio::sync::Notify::new());
+                let notify = served.clone();
+                let service = hyper::service::service_fn(move |_req| {
+                    notify.notify_one();
+                    async move { Ok::<_, std::io::Error>(hyper::Response::new(body(format!("connection {n}")))) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = served.notified() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                let _ = closed_tx.send(n);
+            });
+        }
+    });
+    let sidecar = Sidecar::start_with(trusting(&pki.ca_pem, true)).await;
+    let url = format!("https://{addr}/");
+    for n in 1..=3 {
+        let resp = sidecar.execute(request("GET", &url)).await;
+        assert_eq!(resp.outcome(), pb::Outcome::Succeeded, "action {n}: {resp:?}");
+        let response = resp.response.unwrap();
+        assert_eq!(response.http_version, "HTTP/2.0");
+        assert_eq!(response.body_text.as_deref(), Some(format!("connection {n}").as_str()));
+        assert!(!resp.attempts[0].timing.unwrap().reused_connection, "action {n} dialled anew");
+        // The upstream has closed; the sidecar sees the connection end before the next action.
+        assert_eq!(closed.recv().await, Some(n));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    task.abort();
+}
