@@ -3,7 +3,7 @@
 //! socket listener, optionally with TLS or mutual TLS.
 use crate::{
     accept::{accept_next, AcceptBackoff},
-    api::{auth::BearerAuth, Draining, HttpActionService},
+    api::{auth::BearerAuth, ActionRoutes, Draining, HttpActionService},
     durable::{service::DurableService, Durable},
     exec::Executor,
     pb::{
@@ -171,7 +171,6 @@ pub async fn serve_with(
     };
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let oversized: EdgeMap = crate::api::oversized_request;
-    let held: EdgeMap = crate::api::reply_hold::hold_until_sent;
     // One router per core, each on an executor of its own: core 0 on the one given, the others
     // on its limits and state with upstream pools of their own.
     let cores = options.cores.max(1);
@@ -182,10 +181,8 @@ pub async fn serve_with(
             _ => executor.for_another_core().map_err(|source| ServeError::CoreClients { index, source })?,
         };
         let service = HttpActionService::new(executor, draining.clone(), options.batch_max_in_flight);
-        let actions = InterceptedService::new(
-            HttpActionServiceServer::new(service).max_decoding_message_size(options.max_request_bytes),
-            auth.clone(),
-        );
+        let actions =
+            InterceptedService::new(ActionRoutes::new(service, options.max_request_bytes), auth.clone());
         let durable_actions = durable.clone().map(|d| {
             let service = DurableActionServiceServer::new(DurableService::new(d))
                 .max_decoding_message_size(options.max_request_bytes);
@@ -198,8 +195,6 @@ pub async fn serve_with(
         let router = server
             // tonic answers an oversized request OUT_OF_RANGE; it is the caller's INVALID_ARGUMENT.
             .layer(MapResponseLayer::new(oversized))
-            // An Execute reply's body keeps its memory budget until the reply went out.
-            .layer(MapResponseLayer::new(held))
             .add_service(health_service.clone())
             .add_service(reflection_v1.clone())
             .add_service(reflection_v1alpha.clone())
@@ -269,7 +264,7 @@ pub async fn serve_with(
 /// The responses' edge mapping, a plain function so a core's router has a type to name.
 type EdgeMap = fn(http::Response<Body>) -> http::Response<Body>;
 /// A core's router: the action, durable, health and reflection services behind the edge maps.
-type CoreRouter = Router<Stack<MapResponseLayer<EdgeMap>, Stack<MapResponseLayer<EdgeMap>, NoLayer>>>;
+type CoreRouter = Router<Stack<MapResponseLayer<EdgeMap>, NoLayer>>;
 
 /// Connections waiting for a core to take them: a core that stopped taking them holds up the
 /// dealing here rather than piling accepted sockets up.

@@ -8,8 +8,10 @@ pub mod convert;
 pub mod json;
 pub mod render;
 pub mod reply_hold;
+mod route;
 mod service;
 pub mod status;
 
 pub use call::{Draining, HttpActionService};
+pub use route::ActionRoutes;
 pub use status::{invalid_argument, oversized_request};

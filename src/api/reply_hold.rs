@@ -4,42 +4,41 @@
 //! encoded copies piling up outside the budget while new bodies take it.
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 use std::{
     pin::Pin,
     task::{Context, Poll},
 };
 
-/// A handle on a reply's body bytes, put in the response's extensions by the service and moved
-/// into the response body by `hold_until_sent`.
-#[derive(Clone)]
-pub struct HeldUntilSent(pub Bytes);
+/// `inner`, holding `bytes` until it is done and dropped. hyper polls the body's last frame (the
+/// gRPC trailers) only once the data before it found room in the connection's send window, so
+/// the hold ends about when the reply went out.
+pub fn held<B>(inner: B, bytes: Bytes) -> tonic::body::Body
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    tonic::body::Body::new(HeldBody { inner, _hold: bytes })
+}
 
-/// The server layer's function (`tower::util::MapResponseLayer`): a response carrying a
-/// `HeldUntilSent` gets a body that holds it until the body is done and dropped. hyper polls
-/// the body's last frame (the gRPC trailers) only once the data before it found room in the
-/// connection's send window, so the hold ends about when the reply went out.
-pub fn hold_until_sent(mut response: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
-    match response.extensions_mut().remove::<HeldUntilSent>() {
-        Some(hold) => response.map(|inner| tonic::body::Body::new(HeldBody { inner, _hold: hold.0 })),
-        None => response,
+pin_project! {
+    /// A response body and the bytes it keeps alive.
+    struct HeldBody<B> {
+        #[pin]
+        inner: B,
+        _hold: Bytes,
     }
 }
 
-/// A response body and the bytes it keeps alive.
-struct HeldBody {
-    inner: tonic::body::Body,
-    _hold: Bytes,
-}
-
-impl Body for HeldBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
+impl<B: Body> Body for HeldBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

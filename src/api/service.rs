@@ -7,9 +7,7 @@ use super::{
         action_of, grpc_deadline, overloaded, refused_draining, reply_of, trace_context, Draining,
         HttpActionService, RETRY_QUEUE_FULL,
     },
-    convert,
-    reply_hold::HeldUntilSent,
-    status,
+    convert, status,
 };
 use crate::{
     action::{AttemptRecord, AttemptTiming, HttpAction, PageRecord, ResponseHead},
@@ -40,7 +38,28 @@ impl HttpActionService {
     }
 }
 
+/// Execute's reply message, and the body bytes whose memory budget it keeps until it went out
+/// (`reply_hold`).
+pub(super) struct Reply {
+    pub message: pb::ExecuteHttpActionResponse,
+    pub held: Option<Bytes>,
+}
+
 impl HttpActionService {
+    /// Execute up to its reply: refused at once when not admitted; else a future that validates
+    /// the action (in a boxed future of its own: the request's message is freed before the
+    /// wait), runs it and builds the reply.
+    pub(super) fn start_execute(
+        &self,
+        request: Request<pb::ExecuteHttpActionRequest>,
+    ) -> Result<impl Future<Output = Result<Reply, Status>> + Send + '_, Status> {
+        let budget = grpc_deadline(request.metadata());
+        let admission = self.admit()?;
+        let trace = trace_context(request.metadata());
+        let validation = Box::pin(action_of(request.into_inner(), trace, &self.executor));
+        Ok(self.execute_admitted(admission, validation, budget))
+    }
+
     /// Execute once admitted: the action validated (`validation`, boxed by the caller), run,
     /// and its reply.
     async fn execute_admitted(
@@ -48,7 +67,7 @@ impl HttpActionService {
         admission: Admission,
         validation: impl Future<Output = Result<HttpAction, Status>>,
         budget: Option<Duration>,
-    ) -> Result<Response<pb::ExecuteHttpActionResponse>, Status> {
+    ) -> Result<Reply, Status> {
         // The action is dropped before the reply is built, so the reply's state shares its room.
         let outcome = {
             let action = validation.await?;
@@ -56,15 +75,11 @@ impl HttpActionService {
             self.executor.run_admitted(admission, &action, budget, &mut Buffered).await
         };
         // The body's bytes (and their memory budget) stay held until the reply went out.
-        let hold =
-            outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| HeldUntilSent(r.body.clone()));
+        let held = outcome.response.as_ref().filter(|r| !r.body.is_empty()).map(|r| r.body.clone());
         // Boxed: the reply's state (the outcome again, the message) is another kilobyte, which
         // would otherwise stay reserved in this future through the wait.
-        let mut reply = Response::new(Box::pin(reply_of(outcome)).await?);
-        if let Some(hold) = hold {
-            reply.extensions_mut().insert(hold);
-        }
-        Ok(reply)
+        let message = Box::pin(reply_of(outcome)).await?;
+        Ok(Reply { message, held })
     }
 
     /// Refuses at once an action whose tenant has its `max_queued` actions waiting already.
@@ -80,9 +95,9 @@ impl HttpActionService {
 
 #[tonic::async_trait]
 impl pb::http_action_service_server::HttpActionService for HttpActionService {
-    // Not an async fn: an async fn keeps its arguments reserved for its whole life, and the
-    // request is over a kilobyte. Taken apart here, its message goes into validation's own
-    // boxed future, freed before the wait (issue 17: memory in flight).
+    // The server answers Execute in `route` (tonic's unary path reserves the request and its
+    // decoding state through the action's wait); this is the generated trait's path, for callers
+    // of the service in process. It holds no reply body until sent: nothing sends it here.
     fn execute<'life0, 'async_trait>(
         &'life0 self,
         request: Request<pb::ExecuteHttpActionRequest>,
@@ -97,14 +112,10 @@ impl pb::http_action_service_server::HttpActionService for HttpActionService {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        let budget = grpc_deadline(request.metadata());
-        let admission = match self.admit() {
-            Ok(admission) => admission,
-            Err(refused) => return Box::pin(std::future::ready(Err(refused))),
-        };
-        let trace = trace_context(request.metadata());
-        let validation = Box::pin(action_of(request.into_inner(), trace, &self.executor));
-        Box::pin(self.execute_admitted(admission, validation, budget))
+        match self.start_execute(request) {
+            Ok(execute) => Box::pin(async move { execute.await.map(|reply| Response::new(reply.message)) }),
+            Err(refused) => Box::pin(std::future::ready(Err(refused))),
+        }
     }
 
     async fn render(

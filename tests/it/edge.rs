@@ -282,6 +282,54 @@ async fn invalid_utf8_is_invalid_argument_naming_the_field() {
     assert_eq!(upstream.hits(), 1);
 }
 
+/// Sends `messages` as they are on one Execute call, with `metadata`: a unary call carries
+/// exactly one message, but a client can write none or several.
+async fn send_messages(
+    channel: Channel,
+    messages: Vec<Bytes>,
+    metadata: &[(&'static str, &'static str)],
+) -> Result<Bytes, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/callout.v1.HttpActionService/Execute");
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    for (name, value) in metadata {
+        request.metadata_mut().insert(*name, tonic::metadata::MetadataValue::from_static(value));
+    }
+    grpc.client_streaming(request, path, RawCodec).await.map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn execute_reads_one_uncompressed_message_as_tonic_does() {
+    use prost::Message;
+    let upstream = Upstream::fixed(200, "ok").await;
+    let sidecar = Sidecar::start().await;
+    let action = Bytes::from(request("GET", &upstream.url("/")).encode_to_vec());
+
+    let status = send_messages(sidecar.channel().await, vec![], &[]).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.message(), "Missing request message.");
+
+    // No compression is enabled: refused before the message is read, naming what is accepted.
+    let gzip = [("grpc-encoding", "gzip")];
+    let status = send_messages(sidecar.channel().await, vec![action.clone()], &gzip).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(status.message(), "Content is compressed with `gzip` which isn't supported");
+    assert_eq!(status.metadata().get("grpc-accept-encoding").map(|v| v.to_str().unwrap()), Some("identity"));
+    assert_eq!(upstream.hits(), 0);
+
+    // `identity` is no compression; a second message is ignored, as tonic's unary path does.
+    let identity = [("grpc-encoding", "identity")];
+    for (messages, metadata) in
+        [(vec![action.clone()], &identity[..]), (vec![action.clone(), action.clone()], &[])]
+    {
+        let reply = send_messages(sidecar.channel().await, messages, metadata).await.unwrap();
+        let reply = pb::ExecuteHttpActionResponse::decode(reply).unwrap();
+        assert_eq!(reply.outcome(), pb::Outcome::Succeeded, "{reply:?}");
+    }
+    assert_eq!(upstream.hits(), 2);
+}
+
 /// The real server with `options`, and a client to it.
 async fn server_with(options: ServerOptions) -> (HttpActionServiceClient<Channel>, AbortOnDrop) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
