@@ -1,7 +1,8 @@
 //! The memory budget for buffered bodies, against the real `callout serve` binary: many large
 //! replies at once stay within `--max-buffered-bytes` (the process's peak RSS, VmHWM, grows
 //! far less than unbudgeted buffering needs), and every action completes or fails
-//! RATE_LIMITED within its deadline; none hangs.
+//! RATE_LIMITED within its deadline; none hangs. A reply the caller does not read keeps its
+//! body's budget until it has gone out.
 use crate::support::*;
 use bytes::Bytes;
 use callout::pb::{self, http_action_service_client::HttpActionServiceClient};
@@ -137,4 +138,68 @@ async fn a_body_larger_than_the_whole_budget_fails_body_too_large_at_once() {
         })
         .sum();
     assert_eq!(streamed, BODY);
+}
+
+/// The memory budget's use now, from the sidecar's `/metrics`.
+async fn buffered_bytes(metrics: &str) -> f64 {
+    metric(&http_get(metrics, "/metrics").await, "callout_buffered_body_bytes").unwrap_or(0.0)
+}
+
+/// Polls `buffered_bytes` until `done` says so (at most 5 s); the last value.
+async fn buffered_bytes_until(metrics: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let mut bytes = buffered_bytes(metrics).await;
+    for _ in 0..50 {
+        if done(bytes) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        bytes = buffered_bytes(metrics).await;
+    }
+    bytes
+}
+
+/// hyper hands a response body's frame to h2 as soon as the stream has any room, and h2 buffers
+/// what the window does not take: a reply sent as one frame ended (and freed its budget) at once
+/// though the caller had read 64 KiB of it (found 2026-12-03; `reply_hold` now hands it over in
+/// 16 KiB frames).
+#[tokio::test]
+async fn an_unread_reply_keeps_its_body_budget_until_it_went_out() {
+    use prost::Message;
+    let upstream = large_bodies().await;
+    let serve = ServeProcess::spawn(&["--max-buffered-bytes", &BUDGET.to_string()], &[]).await;
+    let metrics = serve.metrics.clone().expect("metrics on");
+    // A caller that reads nothing: HTTP/2's initial 64 KiB windows, never opened further.
+    let tcp = tokio::net::TcpStream::connect(&serve.grpc).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let message = request("GET", &upstream.url("/known")).encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let call = http::Request::post(format!("http://{}/callout.v1.HttpActionService/Execute", serve.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from(framed)))
+        .unwrap();
+    let reply = sender.send_request(call).await.unwrap();
+    assert_eq!(reply.status(), 200);
+
+    // The reply's head is out and its body cannot follow: the body's 2 MiB stay counted, though
+    // tonic has encoded them into its own buffer already.
+    let held = buffered_bytes_until(&metrics, |b| b >= BODY as f64).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let still = buffered_bytes(&metrics).await;
+    assert!(held >= BODY as f64 && still >= BODY as f64, "held {held}, then {still}");
+
+    // Read: the reply goes out whole and the budget is free.
+    let body = reply.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.len() > BODY, "{} bytes", body.len());
+    let left = buffered_bytes_until(&metrics, |b| b == 0.0).await;
+    assert_eq!(left, 0.0);
 }
