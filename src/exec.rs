@@ -273,11 +273,12 @@ impl<A: RunAttempt> Executor<A> {
         drop(queued);
         // `run` and `pages` are made only once the request has run: kept through the wait, they
         // would be 400 bytes reserved for nothing (issue 17: memory in flight).
-        let (run, pages) = match &running {
+        // The running slot and gauges (`_running`) are held to the end, as the outcome is logged.
+        let (run, pages, _running) = match running {
             Err(not_run) => {
-                (RequestRun { error: Some(not_run.clone()), ..RequestRun::default() }, Pages::default())
+                (RequestRun { error: Some(not_run), ..RequestRun::default() }, Pages::default(), None)
             }
-            Ok(_) => {
+            Ok(running) => {
                 let page = u32::from(action.paginate().is_some());
                 let page_started = Instant::now();
                 let mut run =
@@ -299,7 +300,7 @@ impl<A: RunAttempt> Executor<A> {
                     ))
                     .await;
                 }
-                (run, pages)
+                (run, pages, Some(running))
             }
         };
         let RequestRun { response, error, last_end, poll_due } = run;

@@ -240,12 +240,7 @@ impl Decoder for RawCodec {
 }
 
 async fn send_raw(channel: Channel, message: &[u8]) -> Result<Bytes, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let path = http::uri::PathAndQuery::from_static("/callout.v1.HttpActionService/Execute");
-    grpc.unary(tonic::Request::new(Bytes::copy_from_slice(message)), path, RawCodec)
-        .await
-        .map(|r| r.into_inner())
+    send_messages(channel, vec![Bytes::copy_from_slice(message)], &[]).await
 }
 
 #[tokio::test]
