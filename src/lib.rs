@@ -20,6 +20,7 @@ pub mod durable;
 pub mod exec;
 pub mod fleet;
 pub mod fmt;
+mod gathered_writes;
 pub mod metrics;
 pub mod render;
 pub mod runtime;

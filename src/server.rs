@@ -6,6 +6,7 @@ use crate::{
     api::{auth::BearerAuth, ActionRoutes, Draining, HttpActionService},
     durable::{service::DurableService, Durable},
     exec::Executor,
+    gathered_writes::GatheredWrites,
     pb::{
         self, durable_action_service_server::DurableActionServiceServer,
         http_action_service_server::HttpActionServiceServer,
@@ -404,7 +405,8 @@ async fn serve_core<C: Movable>(
     stop: watch::Receiver<Option<Instant>>,
 ) -> Result<(), tonic::transport::Error> {
     // Registered with this core's reactor as tonic takes it: polled on this runtime.
-    let incoming = ReceiverStream::new(connections).map(C::from_std);
+    // Small writes gathered per round of the connection's task (`gathered_writes`).
+    let incoming = ReceiverStream::new(connections).map(|std| C::from_std(std).map(GatheredWrites::new));
     let mut drained = stop.clone();
     let drained = async move {
         let _ = drained.wait_for(Option::is_some).await;

@@ -9,6 +9,7 @@ use callout::{
     server::{serve_with, Listener, ServerOptions},
 };
 use http::Response;
+use std::sync::Arc;
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     transport::Channel,
@@ -411,4 +412,79 @@ async fn a_url_with_no_written_host_is_refused() {
     // Written properly, the same host is reached.
     sidecar.execute(request("GET", &format!("http://{host}/x"))).await;
     assert_eq!(upstream.hits(), 1);
+}
+
+/// Data segments this end of a TCP connection has received (Linux `TCP_INFO`).
+fn data_segments_in(fd: std::os::fd::RawFd) -> u32 {
+    // SAFETY: `tcp_info` is plain data, and getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let done = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
+    };
+    assert_eq!(done, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// Replies that finish together go out together: h2 flushes after every DATA frame of 256 bytes
+/// or more, which was one write (and one segment on the caller's socket) per reply.
+#[tokio::test]
+async fn replies_finished_together_share_the_callers_segments() {
+    use prost::Message;
+    use std::os::fd::AsRawFd;
+    const CALLS: usize = 32;
+    // The upstream answers once all the calls have arrived, so their replies finish together.
+    let arrived = Arc::new(tokio::sync::Barrier::new(CALLS));
+    let upstream = Upstream::start(move |seen| {
+        let arrived = arrived.clone();
+        async move {
+            if seen.target == "/together" {
+                arrived.wait().await;
+            }
+            json(200, serde_json::json!({ "filler": "x".repeat(1024) }))
+        }
+    })
+    .await;
+    let serve = ServeProcess::spawn(&["--worker-threads", "1"], &[]).await;
+    let tcp = tokio::net::TcpStream::connect(&serve.grpc).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let fd = tcp.as_raw_fd();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let framed = |path: &str| {
+        let message = request("GET", &upstream.url(path)).encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&message);
+        Bytes::from(framed)
+    };
+    let call = |sender: &hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+                framed: Bytes| {
+        let request =
+            http::Request::post(format!("http://{}/callout.v1.HttpActionService/Execute", serve.grpc))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(http_body_util::Full::new(framed))
+                .unwrap();
+        let mut sender = sender.clone();
+        async move {
+            let reply = sender.send_request(request).await.unwrap();
+            assert_eq!(reply.status(), 200);
+            let body = http_body_util::BodyExt::collect(reply.into_body()).await.unwrap().to_bytes();
+            assert!(body.len() > 1024, "{} bytes", body.len());
+        }
+    };
+    // The connection's settings exchanged first, so only the replies are counted.
+    call(&sender, framed("/first")).await;
+    let before = data_segments_in(fd);
+    let together = framed("/together");
+    let all: Vec<_> = (0..CALLS).map(|_| tokio::spawn(call(&sender, together.clone()))).collect();
+    for one in all {
+        one.await.unwrap();
+    }
+    let segments = data_segments_in(fd) - before;
+    assert!(segments < CALLS as u32 / 2, "{CALLS} replies came in {segments} segments");
 }
