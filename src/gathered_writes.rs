@@ -1,13 +1,18 @@
-//! A caller's connection whose small writes are gathered and sent together once the connection's
-//! task has done a round of work, not one `writev` per reply.
+//! A caller's connection whose small writes, when replies come several to a round of the
+//! connection's task, are gathered and sent together, not one `writev` per reply.
 //!
 //! Why: h2 queues a DATA frame of 256 bytes or more by reference and must flush before it can
 //! queue the next one, so every reply (a 1 KiB body makes a ~1.3 KB frame) went out in its own
 //! `writev`: two syscalls per unary action instead of one, each also paying the caller's side of
-//! loopback TCP. Here a flush of small gathered bytes is put off to the connection's next
-//! round: the task is woken at once, and the bytes are written when it next reads (h2 reads
-//! before it writes in every round) or asks again with more than `GATHER_LIMIT` gathered. The
-//! replies finished while the task waited its turn go out in the same write.
+//! loopback TCP. While gathering, a flush of small gathered bytes is put off to the connection's
+//! next round: the task is woken at once, and the bytes are written when it next reads (h2
+//! reads before it writes in every round) or asks again with more than `GATHER_LIMIT`
+//! gathered; the replies finished while the task waited its turn go out in the same write.
+//!
+//! Gathering costs that extra round, which only pays when there is more than one reply to a
+//! round: it is on while the last round that wrote anything wrote `GATHER_FROM` times or more
+//! (a round of one reply writes twice: the head and DATA, then the trailers). A lone reply is
+//! written as h2 hands it over.
 use std::{
     io::{self, IoSlice},
     pin::Pin,
@@ -24,6 +29,8 @@ const GATHER_LIMIT: usize = 64 * 1024;
 const DIRECT: usize = 8 * 1024;
 /// Capacity kept while idle: a burst's larger buffer is freed once it has gone out.
 const KEEP: usize = 16 * 1024;
+/// Writes in a round from which the next round gathers: two replies or more.
+const GATHER_FROM: u32 = 3;
 
 pub struct GatheredWrites<T> {
     inner: T,
@@ -32,11 +39,15 @@ pub struct GatheredWrites<T> {
     sent: usize,
     /// The task was woken to send what is gathered; cleared once it has gone.
     woken: bool,
+    /// Writes taken since the round began (the first read after a write).
+    writes: u32,
+    /// Whether this round's flushes are put off.
+    gathering: bool,
 }
 
 impl<T> GatheredWrites<T> {
     pub fn new(inner: T) -> Self {
-        Self { inner, gathered: Vec::new(), sent: 0, woken: false }
+        Self { inner, gathered: Vec::new(), sent: 0, woken: false, writes: 0, gathering: false }
     }
 
     fn pending(&self) -> usize {
@@ -79,8 +90,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GatheredWrites<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        // A new round: what the last one gathered goes out before anything is read. If the
-        // socket is full the write's readiness wakes the task, and reading goes on meanwhile.
+        // A new round: gather in it if the last round that wrote had several replies.
+        if self.writes > 0 {
+            self.gathering = self.writes >= GATHER_FROM;
+            self.writes = 0;
+        }
+        // What the last round gathered goes out before anything is read. If the socket is
+        // full the write's readiness wakes the task, and reading goes on meanwhile.
         if self.pending() > 0 {
             if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                 return Poll::Ready(Err(e));
@@ -101,16 +117,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GatheredWrites<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum::<usize>();
-        if len >= DIRECT {
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let written = if len >= DIRECT || !self.gathering {
             ready!(self.poll_send(cx))?;
-            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        }
-        ready!(self.poll_room(cx, len))?;
-        let this = &mut *self;
-        for buf in bufs {
-            this.gathered.extend_from_slice(buf);
-        }
-        Poll::Ready(Ok(len))
+            ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?
+        } else {
+            ready!(self.poll_room(cx, len))?;
+            let this = &mut *self;
+            for buf in bufs {
+                this.gathered.extend_from_slice(buf);
+            }
+            len
+        };
+        self.writes = self.writes.saturating_add(1);
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -122,7 +144,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GatheredWrites<T> {
         if pending == 0 {
             return Pin::new(&mut self.inner).poll_flush(cx);
         }
-        if pending < GATHER_LIMIT {
+        if self.gathering && pending < GATHER_LIMIT {
             // Put off to the next round, which this wake makes sure of.
             if !self.woken {
                 self.woken = true;
@@ -248,6 +270,18 @@ mod tests {
             let mut buf = ReadBuf::new(&mut space);
             Pin::new(&mut self.io).poll_read(&mut cx, &mut buf)
         }
+        /// A round of several replies, written as h2 hands them over; the next round gathers.
+        fn busy() -> Self {
+            let mut io = Self::new();
+            for _ in 0..GATHER_FROM {
+                assert!(io.frame(b"head", b"reply").is_ready());
+            }
+            assert!(io.read().is_pending());
+            assert!(io.io.gathering);
+            io.io.inner.writes.clear();
+            assert_eq!(io.wakes(), 0);
+            io
+        }
         fn writes(&self) -> &[Vec<u8>] {
             &self.io.inner.writes
         }
@@ -257,8 +291,8 @@ mod tests {
     }
 
     #[test]
-    fn a_rounds_frames_go_out_in_one_write_when_the_next_round_reads() {
-        let mut io = Io::new();
+    fn after_a_busy_round_a_rounds_frames_go_out_in_one_write_when_the_next_round_reads() {
+        let mut io = Io::busy();
         for reply in [b'a', b'b', b'c'] {
             assert!(io.frame(b"head", &[reply; 1300]).is_ready());
         }
@@ -276,7 +310,7 @@ mod tests {
 
     #[test]
     fn a_large_write_follows_what_is_gathered_uncopied() {
-        let mut io = Io::new();
+        let mut io = Io::busy();
         assert!(io.frame(b"h1", b"small").is_ready());
         assert!(io.frame(b"h2", &[7; DIRECT]).is_ready());
         assert_eq!(io.writes().len(), 2);
@@ -287,7 +321,7 @@ mod tests {
 
     #[test]
     fn past_the_limit_what_is_gathered_goes_out_first() {
-        let mut io = Io::new();
+        let mut io = Io::busy();
         let piece = [1u8; DIRECT - 1];
         let fits = GATHER_LIMIT / piece.len();
         for _ in 0..fits {
@@ -302,7 +336,7 @@ mod tests {
 
     #[test]
     fn a_full_socket_holds_writes_back_and_reading_goes_on() {
-        let mut io = Io::new();
+        let mut io = Io::busy();
         io.io.inner.full = true;
         let piece = [2u8; DIRECT - 1];
         for _ in 0..GATHER_LIMIT / piece.len() {
@@ -318,7 +352,7 @@ mod tests {
 
     #[test]
     fn shutdown_sends_what_is_gathered_and_a_burst_frees_its_buffer() {
-        let mut io = Io::new();
+        let mut io = Io::busy();
         for _ in 0..8 {
             assert!(io.frame(b"", &[3u8; 4096]).is_ready());
         }
@@ -327,5 +361,33 @@ mod tests {
         assert_eq!(io.writes().concat().len(), 8 * 4096);
         assert!(io.io.inner.shut);
         assert_eq!(io.io.gathered.capacity(), 0, "a burst's buffer is not kept");
+    }
+
+    #[test]
+    fn a_lone_reply_is_written_as_handed_over_and_gathering_follows_the_last_round() {
+        let mut io = Io::new();
+        // One reply: its head and DATA, then its trailers.
+        assert!(io.frame(b"head", &[1; 1300]).is_ready());
+        assert!(io.frame(b"trailers", b"").is_ready());
+        assert_eq!(io.writes().len(), 2, "written at once, as h2 handed them over");
+        assert_eq!(io.wakes(), 0, "no round is added");
+        assert!(io.read().is_pending());
+        assert!(!io.io.gathering);
+        // Three writes in a round (two replies or more): the next round gathers.
+        for _ in 0..GATHER_FROM {
+            assert!(io.frame(b"head", b"reply").is_ready());
+        }
+        assert_eq!(io.writes().len(), 2 + GATHER_FROM as usize);
+        assert!(io.read().is_pending());
+        assert!(io.io.gathering);
+        // A round that writes nothing (the wake's own) keeps it; a round of one reply ends it.
+        assert!(io.read().is_pending());
+        assert!(io.io.gathering);
+        assert!(io.frame(b"head", b"lone").is_ready());
+        assert!(io.frame(b"trailers", b"").is_ready());
+        assert_eq!(io.writes().len(), 2 + GATHER_FROM as usize, "gathered while the round gathers");
+        assert!(io.read().is_pending());
+        assert_eq!(io.writes().len(), 3 + GATHER_FROM as usize, "sent as the next round read");
+        assert!(!io.io.gathering);
     }
 }

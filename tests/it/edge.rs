@@ -9,7 +9,6 @@ use callout::{
     server::{serve_with, Listener, ServerOptions},
 };
 use http::Response;
-use std::sync::Arc;
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     transport::Channel,
@@ -426,25 +425,16 @@ fn data_segments_in(fd: std::os::fd::RawFd) -> u32 {
     info.tcpi_data_segs_in
 }
 
-/// Replies that finish together go out together: h2 flushes after every DATA frame of 256 bytes
-/// or more, which was one write (and one segment on the caller's socket) per reply.
+/// Replies on a busy connection share writes: h2 flushes after every DATA frame of 256 bytes or
+/// more, which was one write (and one segment on the caller's socket) per reply.
 #[tokio::test]
-async fn replies_finished_together_share_the_callers_segments() {
+async fn replies_on_a_busy_connection_share_the_callers_segments() {
     use prost::Message;
     use std::os::fd::AsRawFd;
-    const CALLS: usize = 32;
-    // The upstream answers once all the calls have arrived, so their replies finish together.
-    let arrived = Arc::new(tokio::sync::Barrier::new(CALLS));
-    let upstream = Upstream::start(move |seen| {
-        let arrived = arrived.clone();
-        async move {
-            if seen.target == "/together" {
-                arrived.wait().await;
-            }
-            json(200, serde_json::json!({ "filler": "x".repeat(1024) }))
-        }
-    })
-    .await;
+    const CALLERS: usize = 32;
+    const EACH: usize = 10;
+    let upstream =
+        Upstream::start(|_| async { json(200, serde_json::json!({ "filler": "x".repeat(1024) })) }).await;
     let serve = ServeProcess::spawn(&["--worker-threads", "1"], &[]).await;
     let tcp = tokio::net::TcpStream::connect(&serve.grpc).await.unwrap();
     tcp.set_nodelay(true).unwrap();
@@ -454,37 +444,36 @@ async fn replies_finished_together_share_the_callers_segments() {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let framed = |path: &str| {
-        let message = request("GET", &upstream.url(path)).encode_to_vec();
-        let mut framed = vec![0];
-        framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-        framed.extend_from_slice(&message);
-        Bytes::from(framed)
-    };
-    let call = |sender: &hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
-                framed: Bytes| {
-        let request =
-            http::Request::post(format!("http://{}/callout.v1.HttpActionService/Execute", serve.grpc))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(http_body_util::Full::new(framed))
-                .unwrap();
-        let mut sender = sender.clone();
+    let message = request("GET", &upstream.url("/busy")).encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let framed = Bytes::from(framed);
+    let url = format!("http://{}/callout.v1.HttpActionService/Execute", serve.grpc);
+    let calls = |n: usize| {
+        let (mut sender, framed, url) = (sender.clone(), framed.clone(), url.clone());
         async move {
-            let reply = sender.send_request(request).await.unwrap();
-            assert_eq!(reply.status(), 200);
-            let body = http_body_util::BodyExt::collect(reply.into_body()).await.unwrap().to_bytes();
-            assert!(body.len() > 1024, "{} bytes", body.len());
+            for _ in 0..n {
+                let request = http::Request::post(&url)
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(http_body_util::Full::new(framed.clone()))
+                    .unwrap();
+                let reply = sender.send_request(request).await.unwrap();
+                assert_eq!(reply.status(), 200);
+                let body = http_body_util::BodyExt::collect(reply.into_body()).await.unwrap().to_bytes();
+                assert!(body.len() > 1024, "{} bytes", body.len());
+            }
         }
     };
-    // The connection's settings exchanged first, so only the replies are counted.
-    call(&sender, framed("/first")).await;
+    // A lone call first: the connection's settings are exchanged before counting.
+    calls(1).await;
     let before = data_segments_in(fd);
-    let together = framed("/together");
-    let all: Vec<_> = (0..CALLS).map(|_| tokio::spawn(call(&sender, together.clone()))).collect();
-    for one in all {
-        one.await.unwrap();
+    let callers: Vec<_> = (0..CALLERS).map(|_| tokio::spawn(calls(EACH))).collect();
+    for caller in callers {
+        caller.await.unwrap();
     }
     let segments = data_segments_in(fd) - before;
-    assert!(segments < CALLS as u32 / 2, "{CALLS} replies came in {segments} segments");
+    let replies = (CALLERS * EACH) as u32;
+    assert!(segments < replies / 2, "{replies} replies came in {segments} segments");
 }
