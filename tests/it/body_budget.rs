@@ -164,7 +164,6 @@ async fn buffered_bytes_until(metrics: &str, done: impl Fn(f64) -> bool) -> f64 
 /// 16 KiB frames).
 #[tokio::test]
 async fn an_unread_reply_keeps_its_body_budget_until_it_went_out() {
-    use prost::Message;
     let upstream = large_bodies().await;
     let serve = ServeProcess::spawn(&["--max-buffered-bytes", &BUDGET.to_string()], &[]).await;
     let metrics = serve.metrics.clone().expect("metrics on");
@@ -178,15 +177,7 @@ async fn an_unread_reply_keeps_its_body_budget_until_it_went_out() {
             .await
             .unwrap();
     tokio::spawn(connection);
-    let message = request("GET", &upstream.url("/known")).encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    framed.extend_from_slice(&message);
-    let call = http::Request::post(format!("http://{}/callout.v1.HttpActionService/Execute", serve.grpc))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(Bytes::from(framed)))
-        .unwrap();
+    let call = raw_execute(&serve.grpc, &request("GET", &upstream.url("/known")));
     let reply = sender.send_request(call).await.unwrap();
     assert_eq!(reply.status(), 200);
 

@@ -429,7 +429,6 @@ fn data_segments_in(fd: std::os::fd::RawFd) -> u32 {
 /// more, which was one write (and one segment on the caller's socket) per reply.
 #[tokio::test]
 async fn replies_on_a_busy_connection_share_the_callers_segments() {
-    use prost::Message;
     use std::os::fd::AsRawFd;
     const CALLERS: usize = 32;
     const EACH: usize = 10;
@@ -444,22 +443,12 @@ async fn replies_on_a_busy_connection_share_the_callers_segments() {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let message = request("GET", &upstream.url("/busy")).encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    framed.extend_from_slice(&message);
-    let framed = Bytes::from(framed);
-    let url = format!("http://{}/callout.v1.HttpActionService/Execute", serve.grpc);
+    let action = request("GET", &upstream.url("/busy"));
     let calls = |n: usize| {
-        let (mut sender, framed, url) = (sender.clone(), framed.clone(), url.clone());
+        let (mut sender, action, grpc) = (sender.clone(), action.clone(), serve.grpc.clone());
         async move {
             for _ in 0..n {
-                let request = http::Request::post(&url)
-                    .header("content-type", "application/grpc")
-                    .header("te", "trailers")
-                    .body(http_body_util::Full::new(framed.clone()))
-                    .unwrap();
-                let reply = sender.send_request(request).await.unwrap();
+                let reply = sender.send_request(raw_execute(&grpc, &action)).await.unwrap();
                 assert_eq!(reply.status(), 200);
                 let body = http_body_util::BodyExt::collect(reply.into_body()).await.unwrap().to_bytes();
                 assert!(body.len() > 1024, "{} bytes", body.len());

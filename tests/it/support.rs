@@ -243,6 +243,21 @@ pub fn request(method: &str, url: &str) -> pb::ExecuteHttpActionRequest {
     }
 }
 
+/// An Execute call of `req` as a caller speaking HTTP/2 itself sends it to `grpc` (HOST:PORT):
+/// one uncompressed gRPC message (flag, length, bytes).
+pub fn raw_execute(grpc: &str, req: &pb::ExecuteHttpActionRequest) -> Request<Full<Bytes>> {
+    use prost::Message;
+    let message = req.encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    Request::post(format!("http://{grpc}/callout.v1.HttpActionService/Execute"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(framed)))
+        .unwrap()
+}
+
 pub fn kv(name: &str, value: &str) -> pb::KeyValue {
     pb::KeyValue { name: name.into(), value: value.into() }
 }
