@@ -405,7 +405,8 @@ async fn serve_core<C: Movable>(
     stop: watch::Receiver<Option<Instant>>,
 ) -> Result<(), tonic::transport::Error> {
     // Registered with this core's reactor as tonic takes it: polled on this runtime.
-    // Small writes gathered per round of the connection's task (`gathered_writes`).
+    // While its rounds carry several replies, a connection gathers its small writes and sends
+    // them once per round (`gathered_writes`).
     let incoming = ReceiverStream::new(connections).map(|std| C::from_std(std).map(GatheredWrites::new));
     let mut drained = stop.clone();
     let drained = async move {
