@@ -14,7 +14,6 @@ use super::{
 };
 use crate::action::{ErrorKind, ProxyScheme, ProxyUrl};
 use http::{HeaderValue, Uri};
-use hyper_rustls::MaybeHttpsStream;
 use hyper_util::{
     client::legacy::connect::{
         proxy::{SocksV5, Tunnel},
@@ -48,54 +47,84 @@ tokio::task_local! {
     pub static CONNECT_TIMEOUT: Duration;
 }
 
-/// The stream hyper talks over: the connection, or the target's TLS over it. Boxed: TLS state is
-/// about a kilobyte, and state that hyper and hyper-util allocate per request has room for the
-/// connection's stream (hyper-util's connect-or-reuse future holds a handshake; each HTTP/2
-/// request's task is an enum one of whose variants is the connection task), so an inline stream
-/// costs every request in flight.
-pub struct Stream(Box<MaybeHttpsStream<TimedConn>>);
-
-impl Stream {
-    fn new(stream: MaybeHttpsStream<TimedConn>) -> Self {
-        Self(Box::new(stream))
-    }
+/// The stream hyper talks over: the connection, or the target's TLS over it. Each boxed: state
+/// that hyper and hyper-util allocate per request has room for the connection's stream
+/// (hyper-util's connect-or-reuse future holds a handshake; each HTTP/2 request's task is an enum
+/// one of whose variants is the connection task), so an inline stream costs every request in
+/// flight. Boxed apart, because TLS state is about a kilobyte and a plain connection's box would
+/// be sized by it (1,250 bytes for every plain HTTP/1.1 connection; 10d, ninth round).
+pub enum Stream {
+    Plain(Box<TimedConn>),
+    Tls(Box<TlsOverConn>),
 }
+
+/// The target's TLS over a connection.
+type TlsOverConn = TokioIo<tokio_rustls::client::TlsStream<TokioIo<TimedConn>>>;
 
 impl Connection for Stream {
     fn connected(&self) -> Connected {
-        self.0.connected()
+        match self {
+            Self::Plain(conn) => conn.connected(),
+            Self::Tls(tls) => {
+                let (conn, session) = tls.inner().get_ref();
+                let connected = conn.inner().connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
     }
 }
 
 impl hyper::rt::Read for Stream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_read(cx, buf)
+        match self.get_mut() {
+            Self::Plain(conn) => Pin::new(&mut **conn).poll_read(cx, buf),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
     }
 }
 
 impl hyper::rt::Write for Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0).poll_write(cx, buf)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(conn) => Pin::new(&mut **conn).poll_write(cx, buf),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(conn) => Pin::new(&mut **conn).poll_flush(cx),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(conn) => Pin::new(&mut **conn).poll_shutdown(cx),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        match self {
+            Self::Plain(conn) => conn.is_write_vectored(),
+            Self::Tls(tls) => tls.is_write_vectored(),
+        }
     }
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0).poll_write_vectored(cx, bufs)
+        match self.get_mut() {
+            Self::Plain(conn) => Pin::new(&mut **conn).poll_write_vectored(cx, bufs),
+            Self::Tls(tls) => Pin::new(&mut **tls).poll_write_vectored(cx, bufs),
+        }
     }
 }
 
@@ -526,7 +555,7 @@ impl TimedConnector {
             _open: crate::metrics::connection_opened(),
         };
         if !https {
-            return Ok(Stream::new(MaybeHttpsStream::Http(timed)));
+            return Ok(Stream::Plain(Box::new(timed)));
         }
 
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
@@ -537,7 +566,7 @@ impl TimedConnector {
             ConnectError::new(ErrorKind::Tls, format!("TLS handshake with {host} failed: {e}"), Some(e))
         })?;
         meta.tls_nanos.store(handshake.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(Stream::new(MaybeHttpsStream::Https(TokioIo::new(stream))))
+        Ok(Stream::Tls(Box::new(TokioIo::new(stream))))
     }
 
     /// TLS with an `https://` proxy, verified against the server's trust roots.
@@ -789,12 +818,16 @@ mod tests {
     use crate::client::NoProxy;
 
     #[test]
-    fn the_stream_and_the_connector_are_one_pointer_each() {
+    fn the_stream_and_the_connector_are_pointers_and_a_plain_connection_is_not_sized_by_tls() {
         // hyper-util keeps copies of the connector, and hyper the connection's stream, in state
         // sized per request in flight (10d, fifth round): inline, the TLS stream alone is about
-        // a kilobyte there.
-        assert_eq!(std::mem::size_of::<Stream>(), std::mem::size_of::<usize>());
+        // a kilobyte there. A plain connection's box holds the connection only (10d, ninth
+        // round: it was 1,250 bytes, a TLS stream's size, for every plain HTTP/1.1 connection).
+        assert_eq!(std::mem::size_of::<Stream>(), 2 * std::mem::size_of::<usize>());
         assert_eq!(std::mem::size_of::<TimedConnector>(), std::mem::size_of::<usize>());
+        let plain = std::mem::size_of::<TimedConn>();
+        assert!(plain <= 96, "a plain connection is {plain} bytes");
+        assert!(std::mem::size_of::<TlsOverConn>() > 8 * plain, "the TLS stream is the large one");
     }
 
     #[tokio::test]
