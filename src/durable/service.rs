@@ -280,7 +280,8 @@ impl Rpc for DurableService {
         let store = self.durable.store().map_err(status)?;
         let id = request.into_inner().action_id;
         required_id(&id)?;
-        match store.replay(&id, SystemTime::now()).await.map_err(status)? {
+        let max_pending = self.durable.settings().max_pending;
+        match store.replay(&id, SystemTime::now(), max_pending).await.map_err(status)? {
             Some(replayed) => {
                 self.durable.wake();
                 Ok(Response::new(record(replayed)))

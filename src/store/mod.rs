@@ -272,8 +272,10 @@ pub trait ActionStore: Send + Sync + 'static {
     fn cancel(&self, action_id: &str, now: SystemTime) -> StoreFuture<'_, Option<Record>>;
 
     /// FAILED or CANCELLED → PENDING, due now, with a new run (its own total time and attempt
-    /// budget), history kept. Other states are `WrongState`. `None` when unknown.
-    fn replay(&self, action_id: &str, now: SystemTime) -> StoreFuture<'_, Option<Record>>;
+    /// budget), history kept. Other states are `WrongState`; `Full`, nothing changed, when
+    /// `max_pending` unfinished actions are stored (a replayed action is unfinished again, as a
+    /// submitted one is). `None` when unknown.
+    fn replay(&self, action_id: &str, now: SystemTime, max_pending: u64) -> StoreFuture<'_, Option<Record>>;
 
     /// Deletes final actions that ended before `before`; returns how many.
     fn purge(&self, before: SystemTime) -> StoreFuture<'_, u64>;

@@ -551,6 +551,27 @@ impl Inner {
         Ok(last + 1 - n as u64)
     }
 
+    /// The next sequence, for a change that makes one more action unfinished; `Full` when
+    /// `max_pending` are (the row is locked by the update, so replicas cannot both take the last
+    /// place).
+    async fn reserve_unfinished<C: GenericClient>(&self, c: &C, max_pending: u64) -> Result<u64, StoreError> {
+        let max = max_pending.min(i64::MAX as u64) as i64;
+        let taken = self
+            .rows(
+                c,
+                "UPDATE callout_sequence SET last = last + 1, unfinished = unfinished + 1
+                 WHERE unfinished < $1 RETURNING last",
+                &[&max],
+            )
+            .await?;
+        if let Some(sequence) = taken.first().map(|r| row_u64(r, 0)) {
+            return Ok(sequence);
+        }
+        let pending = self.rows(c, "SELECT unfinished FROM callout_sequence", &[]).await?;
+        let pending = pending.first().map(|r| row_u64(r, 0)).unwrap_or(0);
+        Err(StoreError::Full { pending, max: max_pending })
+    }
+
     /// Writes `snapshot` as change `sequence` of the action.
     async fn change<C: GenericClient>(
         &self,
@@ -616,20 +637,12 @@ impl Inner {
                 .ok_or_else(|| StoreError::Corrupt(format!("action {} has no change", new.action_id)))?;
             return Ok(Submitted::Existing(stored));
         }
-        let max = new.max_pending.min(i64::MAX as u64) as i64;
-        let taken = self
-            .rows(
-                &tx,
-                "UPDATE callout_sequence SET last = last + 1, unfinished = unfinished + 1
-                 WHERE unfinished < $1 RETURNING last",
-                &[&max],
-            )
-            .await?;
-        let Some(sequence) = taken.first().map(|r| row_u64(r, 0)) else {
-            let pending = self.rows(&tx, "SELECT unfinished FROM callout_sequence", &[]).await?;
-            let pending = pending.first().map(|r| row_u64(r, 0)).unwrap_or(0);
-            tx.rollback().await.pg(self)?;
-            return Err(StoreError::Full { pending, max: new.max_pending });
+        let sequence = match self.reserve_unfinished(&tx, new.max_pending).await {
+            Ok(sequence) => sequence,
+            Err(e) => {
+                tx.rollback().await.pg(self)?;
+                return Err(e);
+            }
         };
         let snapshot = Snapshot {
             state,
@@ -1025,7 +1038,12 @@ impl Inner {
         Ok(Some(snapshot.record(action_id.to_owned(), sequence)?))
     }
 
-    async fn replay(&self, action_id: &str, now: SystemTime) -> Result<Option<Record>, StoreError> {
+    async fn replay(
+        &self,
+        action_id: &str,
+        now: SystemTime,
+        max_pending: u64,
+    ) -> Result<Option<Record>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.pg(self)?;
         let Some((stored, _)) = self.stored(&tx, action_id, true).await? else {
@@ -1046,7 +1064,13 @@ impl Inner {
         snapshot.result = None;
         snapshot.next_step = None;
         snapshot.updated_at = now;
-        let sequence = self.reserve(&tx, 1, 1).await?;
+        let sequence = match self.reserve_unfinished(&tx, max_pending).await {
+            Ok(sequence) => sequence,
+            Err(e) => {
+                tx.rollback().await.pg(self)?;
+                return Err(e);
+            }
+        };
         self.change(&tx, action_id, sequence, &snapshot).await?;
         self.notify(&tx, sequence).await?;
         tx.commit().await.pg(self)?;
@@ -1191,9 +1215,9 @@ impl ActionStore for PostgresStore {
         Box::pin(async move { self.inner.cancel(&id, now).await })
     }
 
-    fn replay(&self, action_id: &str, now: SystemTime) -> StoreFuture<'_, Option<Record>> {
+    fn replay(&self, action_id: &str, now: SystemTime, max_pending: u64) -> StoreFuture<'_, Option<Record>> {
         let id = action_id.to_owned();
-        Box::pin(async move { self.inner.replay(&id, now).await })
+        Box::pin(async move { self.inner.replay(&id, now, max_pending).await })
     }
 
     fn purge(&self, before: SystemTime) -> StoreFuture<'_, u64> {

@@ -753,11 +753,19 @@ impl Db {
         Ok(Some(snapshot.record(action_id.to_owned(), sequence)?))
     }
 
-    fn replay(&mut self, action_id: &str, now: SystemTime) -> Result<Option<Record>, StoreError> {
+    fn replay(
+        &mut self,
+        action_id: &str,
+        now: SystemTime,
+        max_pending: u64,
+    ) -> Result<Option<Record>, StoreError> {
         let Some((stored, _)) = self.stored(action_id)? else {
             return Ok(None);
         };
         stored.record.state.check_replay(action_id)?;
+        if self.unfinished >= max_pending {
+            return Err(StoreError::Full { pending: self.unfinished, max: max_pending });
+        }
         let now = to_millis(now);
         // An attempt cancelled in flight may still be open: it is closed by its own task, or
         // was cut off by a restart; either way the new run starts after it.
@@ -884,9 +892,9 @@ impl ActionStore for SqliteStore {
         self.call(move |db| db.cancel(&id, now))
     }
 
-    fn replay(&self, action_id: &str, now: SystemTime) -> StoreFuture<'_, Option<Record>> {
+    fn replay(&self, action_id: &str, now: SystemTime, max_pending: u64) -> StoreFuture<'_, Option<Record>> {
         let id = action_id.to_owned();
-        self.call(move |db| db.replay(&id, now))
+        self.call(move |db| db.replay(&id, now, max_pending))
     }
 
     fn purge(&self, before: SystemTime) -> StoreFuture<'_, u64> {
@@ -1170,9 +1178,18 @@ mod tests {
         let stored = store.get("c").await.unwrap().unwrap();
         assert_eq!(stored.record.state, State::Cancelled);
         assert_eq!(stored.record.attempts.len(), 1);
-        let replayed = store.replay("c", now).await.unwrap().unwrap();
+        store.submit(new("other", "h:80", now)).await.unwrap();
+        let full = store.replay("c", now, 1).await;
+        assert!(matches!(full, Err(StoreError::Full { pending: 1, max: 1 })), "{full:?}");
+        assert_eq!(store.get("c").await.unwrap().unwrap().record.state, State::Cancelled, "nothing changed");
+        let replayed = store.replay("c", now, 2).await.unwrap().unwrap();
         assert_eq!(replayed.state, State::Pending);
-        assert!(matches!(store.replay("c", now).await, Err(StoreError::WrongState { .. })));
+        let full = store.submit(NewAction { max_pending: 2, ..new("third", "h:80", now) }).await;
+        assert!(
+            matches!(full, Err(StoreError::Full { pending: 2, max: 2 })),
+            "the replay is counted: {full:?}"
+        );
+        assert!(matches!(store.replay("c", now, 100).await, Err(StoreError::WrongState { .. })));
         assert_eq!(store.stats(now).await.unwrap().retry_waiting, 0, "a replay starts a new run");
         assert!(store.get("unknown").await.unwrap().is_none());
     }

@@ -442,6 +442,18 @@ async fn pending_actions_are_bounded(kind: Kind) {
     let mut request = submit_request(action("b-3", "GET", "http://127.0.0.1:9/"));
     request.not_before = Some(later);
     assert!(server.client.clone().submit(request).await.unwrap().into_inner().created);
+    // A replay makes an action unfinished again: it takes a place, or is refused as Submit is.
+    let replay = |id: &str| {
+        let mut client = server.client.clone();
+        let request = pb::ReplayActionRequest { action_id: id.into() };
+        async move { client.replay_action(request).await }
+    };
+    let err = replay("b-0").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("durable.max_pending"), "{}", err.message());
+    assert_eq!(get(&server.client, "b-0").await.unwrap().state(), ActionState::Cancelled, "nothing changed");
+    server.client.clone().cancel_action(pb::CancelActionRequest { action_id: "b-1".into() }).await.unwrap();
+    assert_eq!(replay("b-0").await.unwrap().into_inner().state(), ActionState::Pending);
 }
 
 #[tokio::test]
