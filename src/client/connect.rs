@@ -376,22 +376,32 @@ impl tower::Service<Uri> for TimedConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = CONNECT_TIMEOUT.try_with(|t| *t).unwrap_or(self.default_timeout);
+        let timeout = self.timeout_here();
         let this = self.clone();
         Box::pin(async move {
             match tokio::time::timeout(timeout, this.connect(uri)).await {
                 Ok(result) => result,
-                Err(_) => Err(ConnectError::new(
-                    ErrorKind::Timeout,
-                    format!("connect timeout of {} elapsed", humantime::format_duration(timeout)),
-                    None,
-                )),
+                Err(_) => Err(ConnectError::timed_out(timeout)),
             }
         })
     }
 }
 
+impl ConnectError {
+    /// A connect that took longer than `timeout`.
+    pub fn timed_out(timeout: Duration) -> Self {
+        let message = format!("connect timeout of {} elapsed", humantime::format_duration(timeout));
+        Self::new(ErrorKind::Timeout, message, None)
+    }
+}
+
 impl TimedConnector {
+    /// The connect timeout of the action whose request is being sent in this task, else the
+    /// connector's default.
+    pub fn timeout_here(&self) -> Duration {
+        CONNECT_TIMEOUT.try_with(|t| *t).unwrap_or(self.default_timeout)
+    }
+
     /// The route to `uri`: its target, and the proxy and host dialled when one applies.
     fn route(&self, uri: &Uri) -> Result<Route, ConnectError> {
         let https = uri.scheme_str() == Some("https");

@@ -165,9 +165,16 @@ impl H2Pool {
     }
 
     /// What `authority` speaks: the dial's verdict, made by the first request to get here (if it
-    /// is dropped mid-dial, a waiting one dials instead).
+    /// is dropped mid-dial, a waiting one dials instead). Each request waits for it within its own
+    /// connect timeout, not the dialling request's: past it, this request fails as TIMEOUT and
+    /// the dial goes on for the others.
     pub async fn learn(self: Arc<Self>, authority: Authority, cell: Arc<OnceCell<Learned>>) -> Learned {
-        let learned = cell.get_or_init(|| self.dial(authority.clone())).await.clone();
+        let timeout = self.connector.timeout_here();
+        let verdict = tokio::time::timeout(timeout, cell.get_or_init(|| self.dial(authority.clone()))).await;
+        let Ok(learned) = verdict.map(Learned::clone) else {
+            let ConnectError { kind, message, .. } = ConnectError::timed_out(timeout);
+            return Learned::Failed(SendFailure::new(kind, message, false));
+        };
         let mut origins = self.origins();
         if matches!(origins.get(&authority), Some(Origin::Dialling(c)) if Arc::ptr_eq(c, &cell)) {
             let last_used = Instant::now();

@@ -251,3 +251,45 @@ async fn an_h2_connection_the_upstream_closes_is_dialled_again() {
     }
     task.abort();
 }
+
+#[tokio::test]
+async fn a_request_waiting_on_another_ones_dial_keeps_its_own_connect_timeout() {
+    use std::time::Duration;
+    // Accepts TCP and never answers the ClientHello: a dial that hangs until its timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+            let _ = accepted_tx.send(held.len());
+        }
+    });
+    let sidecar = Sidecar::start().await;
+    let url = format!("https://{addr}/");
+    let with_connect_timeout = |connect: Duration| {
+        let mut req = request("GET", &url);
+        req.timeouts = Some(Box::new(pb::Timeouts {
+            connect: Some(dur(connect)),
+            attempt: Some(dur(Duration::from_secs(30))),
+            total: None,
+        }));
+        req
+    };
+    let (client, slow) = (sidecar.client.clone(), with_connect_timeout(Duration::from_secs(20)));
+    let dialler = tokio::spawn(async move { client.clone().execute(slow).await });
+    assert_eq!(accepted.recv().await, Some(1), "the first request dials");
+
+    // The second finds the origin being dialled and waits on that dial, but only as long as
+    // its own connect timeout: it ends as TIMEOUT while the first one's dial still hangs.
+    let waiter = sidecar.execute(with_connect_timeout(Duration::from_millis(200))).await;
+    assert_eq!(waiter.outcome(), pb::Outcome::Failed, "{waiter:?}");
+    assert_eq!(error_kind(&waiter), pb::ErrorKind::Timeout, "{waiter:?}");
+    let message = &waiter.error.as_ref().unwrap().message;
+    assert!(message.contains("connect timeout of 200ms"), "{message}");
+    assert!(!dialler.is_finished(), "the first request's dial goes on");
+    assert!(accepted.try_recv().is_err(), "the waiter made no dial of its own");
+    dialler.abort();
+    task.abort();
+}
