@@ -1514,8 +1514,17 @@ async fn in_flight_burst(
     Ok(clients)
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, how, url] = &args[..] {
+        if flag == BARE_BURST_FLAG {
+            return bare_client_burst(how == "pool", url);
+        }
+    }
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> Result<(), Error> {
     let o = options()?;
     let ld = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -2088,6 +2097,62 @@ fn start_redis() -> Result<Option<(Proc, String)>, Error> {
 /// connection each) or `h2` (HTTPS upstream speaking h2, one connection), against one sidecar
 /// started under `--sidecar-wrap` when given (e.g. heaptrack) and stopped with SIGTERM, so the
 /// wrapper writes its report. For repeated memory measurements (issue 17, target 4).
+/// The argument that makes loadgen, run by itself, the bare client of `bare_client_burst`.
+const BARE_BURST_FLAG: &str = "--bare-client-burst";
+
+/// For scale beside the sidecar: `IN_FLIGHT` GETs of `url` at once from a bare client, in this
+/// process alone (loadgen runs itself for it) on one current-thread runtime: hyper-util's legacy
+/// pool (`pooled`: what callout sends plain http through), else a hyper HTTP/1.1 connection of
+/// its own per request. Prints the process's VmHWM in KiB.
+fn bare_client_burst(pooled: bool, url: &str) -> Result<(), Error> {
+    let uri: http::Uri = url.parse()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let authority = uri.authority().ok_or("no authority")?.to_string();
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            let (client, uri, authority) = (client.clone(), uri.clone(), authority.clone());
+            calls.spawn(async move {
+                let response = if pooled {
+                    client.get(uri).await?
+                } else {
+                    let tcp = tokio::net::TcpStream::connect(&authority).await?;
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                    tokio::spawn(conn);
+                    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                    let request = http::Request::get(path)
+                        .header(http::header::HOST, authority)
+                        .body(Full::<Bytes>::default())?;
+                    sender.send_request(request).await?
+                };
+                let ok = response.status().is_success();
+                response.into_body().collect().await?;
+                Ok::<_, Error>(ok)
+            });
+        }
+        let mut ok = 0;
+        while let Some(call) = calls.join_next().await {
+            ok += usize::from(call??);
+        }
+        let hwm = vm_kib(std::process::id(), "VmHWM").ok_or("no VmHWM")?;
+        println!("{ok} {hwm}");
+        Ok(())
+    })
+}
+
+/// Runs `bare_client_burst` in a process of its own; returns its VmHWM in KiB.
+fn bare_client_peak(pooled: bool, url: &str) -> Result<u64, Error> {
+    let how = if pooled { "pool" } else { "conn" };
+    let out = Command::new(std::env::current_exe()?).args([BARE_BURST_FLAG, how, url]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, hwm) = text.trim().split_once(' ').ok_or_else(|| format!("the bare client said {text:?}"))?;
+    if ok != IN_FLIGHT.to_string() {
+        return Err(format!("the bare client got {ok} of {IN_FLIGHT} responses").into());
+    }
+    Ok(hwm.parse()?)
+}
+
 async fn burst_only(o: &Options, over: &str) -> Result<(), Error> {
     let tls_dir = std::env::temp_dir().join(format!("callout-loadgen-tls-{}", std::process::id()));
     let tls_dir_arg = tls_dir.to_string_lossy().into_owned();
@@ -2116,8 +2181,23 @@ async fn burst_only(o: &Options, over: &str) -> Result<(), Error> {
     let url = upstream_url(&up, Workload::Get1k, Some(HOLD_MS));
     let clients = in_flight_burst(&tcp, side.pid(), &url, label).await?;
     drop(clients);
-    println!("| upstream VmHWM, for comparison | {} MiB |", mib(vm_kib(upstream.pid(), "VmHWM")));
+    let upstream_peak = vm_kib(upstream.pid(), "VmHWM");
+    println!("| upstream VmHWM, for comparison | {} MiB |", mib(upstream_peak));
     let stopped = stop_gracefully(&mut side, Duration::from_secs(120));
+    if !h2 {
+        // What the HTTP client library alone holds for the same requests: the floor under
+        // callout's own peak (which adds the callers' gRPC streams and the actions).
+        for (pooled, client) in
+            [(true, "hyper-util's legacy pool"), (false, "a hyper connection per request")]
+        {
+            let bare = bare_client_peak(pooled, &url)?;
+            let ratio = upstream_peak.map_or("?".into(), |up| format!("{:.2}", bare as f64 / up as f64));
+            println!(
+                "| a bare client ({client}), the same {IN_FLIGHT} GETs: VmHWM | {} MiB ({ratio}x the upstream's) |",
+                mib(Some(bare))
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&tls_dir);
     stopped
 }

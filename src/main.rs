@@ -202,7 +202,8 @@ struct ClientFlags {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
     pool_idle_timeout: Option<Duration>,
-    /// [client.pool_max_idle_per_host] idle connections kept per host; 0 turns reuse off [default: 64]
+    /// [client.pool_max_idle_per_host] idle connections kept per host (per worker with the per-core
+    /// runtime); 0 turns reuse off [default: 64]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pool_max_idle_per_host: Option<usize>,

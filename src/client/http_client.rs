@@ -54,7 +54,8 @@ pub struct ClientSettings {
     /// How long an idle pooled connection is kept. Default 90 s.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per host; 0 turns reuse off. Default 64.
+    /// Idle connections kept per host (per worker with the per-core runtime, whose workers each
+    /// have their own pools); 0 turns reuse off. Default 64.
     pub pool_max_idle_per_host: usize,
     /// Offer HTTP/2 by ALPN on https. Default true.
     pub http2: bool,
