@@ -9,6 +9,7 @@
 //! target/release/examples/loadgen --durable  # Submit (SQLite, PostgreSQL) and Redis-checked limits vs unary Execute
 //! target/release/examples/loadgen --nginx    # h2load → callout → nginx vs h2load → nginx reverse proxy → nginx
 //! ulimit -n 20000; target/release/examples/loadgen --burst h2 [--sidecar-wrap heaptrack]  # 10,000 in flight only
+//! ulimit -n 20000; target/release/examples/loadgen --burst h1  # the same over HTTP/1.1, then from bare clients
 //! target/release/examples/loadgen --count 2000 --conc 64 --sidecar-wrap 'valgrind --tool=callgrind'
 //! ```
 //!
