@@ -386,12 +386,16 @@ async fn the_callers_trace_continues_to_the_upstream() {
 }
 
 #[tokio::test]
-async fn json_logs_carry_one_line_per_action_with_its_span() {
+async fn json_logs_carry_one_line_per_action_with_its_fields() {
     let upstream = Upstream::fixed(201, "made").await;
     let serve = ServeProcess::spawn(&["--log-format", "json", "--log-actions", "all"], &[]).await;
     let mut client = HttpActionServiceClient::new(serve.channel().await);
     let mut req = request("POST", &upstream.url("/orders"));
     req.action_id = "wf-7/step-2".into();
+    req.tenant = "acme".into();
+    let mut req = tonic::Request::new(req);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    req.metadata_mut().insert("traceparent", parent.parse().unwrap());
     client.execute(req).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let logs = serve.logs();
@@ -406,8 +410,11 @@ async fn json_logs_carry_one_line_per_action_with_its_span() {
     assert_eq!(line["outcome"], "SUCCEEDED");
     assert_eq!(line["destination"], upstream.addr.to_string());
     assert!(line["duration_ms"].is_u64(), "whole milliseconds: {line}");
-    assert_eq!(line["span"]["name"], "action");
-    assert!(line.get("spans").is_none(), "the span's fields once, not again in a span list: {line}");
+    assert_eq!(line["tenant"], "acme");
+    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the caller's trace: {line}");
+    // At info the action's span is not made (nothing but this line would log in it, and the
+    // line has its fields): the fields once, with no span object or list beside them.
+    assert!(line.get("span").is_none() && line.get("spans").is_none(), "{line}");
 }
 
 /// By default only failed actions are logged: a line per success is an access log, asked for
