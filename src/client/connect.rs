@@ -206,6 +206,21 @@ impl ConnMeta {
     }
 }
 
+#[cfg(test)]
+impl ConnMeta {
+    /// A connection's timings for tests that make no connection.
+    pub(crate) fn for_tests() -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            dns: Duration::ZERO,
+            connect: Duration::ZERO,
+            tls_nanos: AtomicU64::new(0),
+            remote: SocketAddr::from(([127, 0, 0, 1], 9)),
+            claimed: AtomicBool::new(false),
+        })
+    }
+}
+
 /// The `Connected::extra` value: found in each response's extensions.
 #[derive(Debug, Clone)]
 pub struct ConnInfo(pub Arc<ConnMeta>);

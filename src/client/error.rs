@@ -21,13 +21,13 @@ impl SendFailure {
 }
 
 /// Why the pooled client produced no response: hyper-util's pool failed, a request on one of
-/// callout's own HTTP/2 connections failed, or a dial for one was already judged.
+/// callout's own connections (`h1_pool`, `h2_pool`) failed, or a dial for one was already judged.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error(transparent)]
     Pool(#[from] hyper_util::client::legacy::Error),
     #[error(transparent)]
-    H2(hyper::Error),
+    Conn(hyper::Error),
     #[error("{0}")]
     Judged(SendFailure),
 }
@@ -43,7 +43,7 @@ pub(crate) fn classify(err: &SendError) -> SendFailure {
             }
             after_connect(err)
         }
-        SendError::H2(err) => after_connect(err),
+        SendError::Conn(err) => after_connect(err),
         SendError::Judged(failure) => failure.clone(),
     }
 }

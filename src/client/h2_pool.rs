@@ -171,7 +171,7 @@ impl H2Pool {
     pub async fn learn(self: Arc<Self>, authority: Authority, cell: Arc<OnceCell<Learned>>) -> Learned {
         let timeout = self.connector.timeout_here();
         let verdict = tokio::time::timeout(timeout, cell.get_or_init(|| self.dial(authority.clone()))).await;
-        let Ok(learned) = verdict.map(Learned::clone) else {
+        let Ok(learned) = verdict.cloned() else {
             let ConnectError { kind, message, .. } = ConnectError::timed_out(timeout);
             return Learned::Failed(SendFailure::new(kind, message, false));
         };
@@ -362,7 +362,7 @@ pub fn sent(result: Result<Response<Incoming>, TrySendError>, info: &ConnInfo) -
         }
         Err(mut e) => match e.take_message() {
             Some(request) => Sent::Unsent(request),
-            None => Sent::Failed(SendError::H2(e.into_error())),
+            None => Sent::Failed(SendError::Conn(e.into_error())),
         },
     }
 }

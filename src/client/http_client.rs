@@ -6,6 +6,7 @@ use super::{
     connect::ConnInfo,
     egress::EgressPolicy,
     error::{self, SendError, SendFailure},
+    h1_pool::{self, H1Pool},
     h2_pool::{self, H2Pool, Handover, PoolClient, Route, Sent},
     proxy::Proxies,
     tls,
@@ -152,8 +153,11 @@ pub struct HttpClient {
 struct Pooled(Arc<Pools>);
 
 struct Pools {
-    /// hyper-util's pool: plain http, HTTP/1.1 origins, everything when `h2` is off.
+    /// hyper-util's pool: https origins that speak HTTP/1.1, plain http through a proxy,
+    /// HTTP/1.0, and what the two below do not take when they are off.
     pool: PoolClient,
+    /// callout's own HTTP/1.1 connections to plain http origins reached directly.
+    h1: Option<Arc<H1Pool>>,
     /// callout's own h2 connections to https origins that negotiate h2.
     h2: Option<Arc<H2Pool>>,
 }
@@ -169,6 +173,11 @@ impl tower::Service<Request<RequestBody>> for Pooled {
     }
 
     fn call(&mut self, request: Request<RequestBody>) -> PooledFuture {
+        if let Some(h1) = &self.0.h1 {
+            if let Some(authority) = H1Pool::carries(&request) {
+                return PooledFuture::Boxed(Box::pin(h1.clone().send(authority, request)));
+            }
+        }
         let Some(h2) = &self.0.h2 else {
             return PooledFuture::Pool(self.0.pool.request(request));
         };
@@ -287,8 +296,17 @@ impl HttpClient {
         }
         let handover = Handover::new(connector.clone());
         let pool = builder.build(handover.clone());
-        // With reuse off, hyper-util's pool makes every connection.
-        let h2 = (settings.http2 && settings.pool_max_idle_per_host > 0).then(|| {
+        // With reuse off, hyper-util's pool makes every connection. Plain http through a proxy
+        // (a forwarding one wants absolute-form targets and its own credentials) stays there.
+        let reuse = settings.pool_max_idle_per_host > 0;
+        let h1 = (reuse && proxies.configured_for(false).is_none()).then(|| {
+            Arc::new(H1Pool::new(
+                connector.clone(),
+                settings.pool_idle_timeout,
+                settings.pool_max_idle_per_host,
+            ))
+        });
+        let h2 = (settings.http2 && reuse).then(|| {
             Arc::new(H2Pool::new(
                 connector.clone(),
                 handover,
@@ -298,7 +316,7 @@ impl HttpClient {
         });
         // Decoding wraps the pooled client: it offers Accept-Encoding unless the action set
         // its own, and strips Content-Encoding/Content-Length from the responses it decodes.
-        let inner = Decompression::new(Pooled(Arc::new(Pools { pool, h2 })));
+        let inner = Decompression::new(Pooled(Arc::new(Pools { pool, h1, h2 })));
         Ok(Self { inner, proxies, connector })
     }
 
@@ -314,7 +332,7 @@ impl HttpClient {
 
     /// `request` with the headers this client adds on the way out, in the order they are
     /// written on an HTTP/1.1 connection: Proxy-Authorization (below), Accept-Encoding
-    /// (tower-http's decompression, unless set), Host (hyper-util's pool, unless set) and
+    /// (tower-http's decompression, unless set), Host (the pool, unless set) and
     /// Content-Length (hyper, for a body that is not empty). Render shows them; `send` and the
     /// attempt add the same ones on their own way down.
     pub fn wire_headers(&self, request: Request<Bytes>) -> Request<Bytes> {
@@ -333,14 +351,10 @@ impl HttpClient {
                 add(&mut request, header::ACCEPT_ENCODING, offered);
             }
         }
-        if let Some(host) = request.uri().host() {
-            // hyper-util's pool: the authority, its port only when not the scheme's default (the
-            // URL has none then).
-            let host = match request.uri().port_u16() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_owned(),
-            };
-            if let Ok(value) = HeaderValue::from_str(&host) {
+        if let Some(authority) = request.uri().authority() {
+            // The pools' Host: the authority, its port only when not the scheme's default.
+            let https = request.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
+            if let Ok(value) = HeaderValue::from_str(&h1_pool::host_header(authority, https)) {
                 add(&mut request, header::HOST, value);
             }
         }

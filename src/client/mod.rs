@@ -16,8 +16,10 @@
 //! 8. `timeout::AttemptTimeout`: the attempt starts; its clock bounds every hop.
 //! 9. `redirect::Redirect`: follows Location; each hop is its own dial (egress-checked by the
 //!    connector), credentials and sensitive headers dropped across origins.
-//! 10. `http_client::HttpClient`: tower-http's decompression over hyper-util's pooled client,
-//!     dialling through `connect` (DNS/TCP/proxy/TLS with timings and the egress check).
+//! 10. `http_client::HttpClient`: tower-http's decompression over the pools (callout's own
+//!     HTTP/1.1 connections to plain http origins, `h1_pool`, and h2 ones to https origins,
+//!     `h2_pool`; hyper-util's pooled client for the rest), dialling through `connect`
+//!     (DNS/TCP/proxy/TLS with timings and the egress check).
 //!
 //! Requests go down as `attempt::AttemptRequest`: the hop's HTTP request and the action's
 //! `attempt::AttemptContext` (destination, deadline, timeouts, redirect policy, the start
@@ -55,6 +57,7 @@ pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod fair;
+pub mod h1_pool;
 pub mod h2_pool;
 pub mod host;
 pub mod host_pattern;

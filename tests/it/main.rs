@@ -23,6 +23,7 @@ mod operations;
 mod otlp;
 mod paginate;
 mod poll;
+mod pool;
 mod properties;
 mod proto_compat;
 mod proxy;
