@@ -27,6 +27,8 @@ use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::client::legacy::connect::Connection as _;
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, MutexGuard, Weak,
@@ -79,24 +81,35 @@ impl H1Pool {
         uri.authority().filter(|_| eligible).cloned()
     }
 
-    /// Sends `request` to `authority` on a kept connection, else a new one.
-    pub async fn send(
+    /// Sends `request` to `authority` on a kept connection, else a new one. Not an async fn: the
+    /// request is handed to hyper here, so the future that waits for the response does not
+    /// also keep a copy's room (an async fn reserves its arguments for its whole life).
+    pub fn send(self: Arc<Self>, authority: Authority, request: Request<RequestBody>) -> BoxedSend {
+        let request = on_the_wire(request, &authority);
+        let Some(mut kept) = self.take(&authority) else {
+            return Box::pin(self.dial_and_send(authority, request));
+        };
+        let sending = kept.sender.try_send_request(request);
+        Box::pin(async move {
+            let again = match self.answered(&authority, kept, sending.await) {
+                Sent::Response(response) => return Ok(response),
+                Sent::Failed(e) => return Err(e),
+                // It closed as it was handed the request: a new connection takes it.
+                Sent::Unsent(request) => Box::pin(self.dial_and_send(authority, request)),
+            };
+            again.await
+        })
+    }
+
+    async fn dial_and_send(
         self: Arc<Self>,
         authority: Authority,
         request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        let mut request = on_the_wire(request, &authority);
-        if let Some(kept) = self.take(&authority) {
-            match self.send_on(&authority, kept, request).await {
-                Sent::Response(response) => return Ok(response),
-                Sent::Failed(e) => return Err(e),
-                // It closed as it was handed the request: a new connection takes it.
-                Sent::Unsent(unsent) => request = unsent,
-            }
-        }
-        // Boxed: the dial's state is reserved only by the requests that dial.
-        let kept = Box::pin(self.dial(&authority)).await?;
-        match self.send_on(&authority, kept, request).await {
+        // Boxed: the dial's state is reserved only until the connection is made.
+        let mut kept = Box::pin(self.dial(&authority)).await?;
+        let sending = kept.sender.try_send_request(request);
+        match self.answered(&authority, kept, sending.await) {
             Sent::Response(response) => Ok(response),
             Sent::Failed(e) => Err(e),
             Sent::Unsent(_) => Err(SendError::Judged(SendFailure::new(
@@ -124,14 +137,15 @@ impl H1Pool {
         taken
     }
 
-    async fn send_on(
+    /// How the request `kept` was handed ended; a response carries the connection's timings,
+    /// and the connection is kept once idle.
+    fn answered(
         self: &Arc<Self>,
         authority: &Authority,
-        mut kept: Kept,
-        request: Request<RequestBody>,
+        kept: Kept,
+        result: Result<Response<Incoming>, TrySendError>,
     ) -> Sent {
-        let sending = kept.sender.try_send_request(request);
-        match sending.await {
+        match result {
             Ok(mut response) => {
                 response.extensions_mut().insert(kept.info.clone());
                 self.keep_when_idle(authority.clone(), kept);
@@ -228,6 +242,11 @@ impl H1Pool {
         });
     }
 }
+
+/// A request on its way: boxed, as hyper-util's pool's is.
+pub type BoxedSend = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
+
+type TrySendError = hyper::client::conn::TrySendError<Request<RequestBody>>;
 
 /// How a request on a connection ended.
 enum Sent {
@@ -373,12 +392,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_waiting_for_its_response_reserves_little() {
+        // 10,000 in flight over HTTP/1.1 (RESULTS 10f): what each keeps through the wait. An
+        // async `send` taking the request was 1,056 bytes (704-728 now, in a test build).
+        let pool = pool(Duration::from_secs(90), 8);
+        let authority: Authority = "a.test".parse().unwrap();
+        let dialling =
+            pool.clone().send(authority.clone(), request(Method::GET, "http://a.test/", Version::HTTP_11));
+        let (idle, _peer) = kept(true).await;
+        pool.keep(&authority, idle);
+        let reusing = pool.clone().send(authority, request(Method::GET, "http://a.test/", Version::HTTP_11));
+        let (dialling, reusing) = (std::mem::size_of_val(&*dialling), std::mem::size_of_val(&*reusing));
+        assert!(dialling <= 768, "dialling: {dialling} bytes");
+        assert!(reusing <= 768, "on a kept connection: {reusing} bytes");
+    }
+
+    #[tokio::test]
     async fn a_connection_closed_before_it_took_the_request_gives_it_back() {
         let pool = pool(Duration::from_secs(90), 8);
-        let (closed, _peer) = kept(false).await;
+        let (mut closed, _peer) = kept(false).await;
         let authority: Authority = "a.test".parse().unwrap();
-        let sent = pool.send_on(&authority, closed, request(Method::POST, "/x", Version::HTTP_11)).await;
-        match sent {
+        let result = closed.sender.try_send_request(request(Method::POST, "/x", Version::HTTP_11)).await;
+        match pool.answered(&authority, closed, result) {
             Sent::Unsent(request) => assert_eq!(request.method(), Method::POST),
             Sent::Response(_) | Sent::Failed(_) => panic!("the request should come back unsent"),
         }

@@ -6,7 +6,7 @@ use super::{
     connect::ConnInfo,
     egress::EgressPolicy,
     error::{self, SendError, SendFailure},
-    h1_pool::{self, H1Pool},
+    h1_pool::{self, BoxedSend, H1Pool},
     h2_pool::{self, H2Pool, Handover, PoolClient, Route, Sent},
     proxy::Proxies,
     tls,
@@ -175,7 +175,7 @@ impl tower::Service<Request<RequestBody>> for Pooled {
     fn call(&mut self, request: Request<RequestBody>) -> PooledFuture {
         if let Some(h1) = &self.0.h1 {
             if let Some(authority) = H1Pool::carries(&request) {
-                return PooledFuture::Boxed(Box::pin(h1.clone().send(authority, request)));
+                return PooledFuture::Boxed(h1.clone().send(authority, request));
             }
         }
         let Some(h2) = &self.0.h2 else {
@@ -200,8 +200,6 @@ impl tower::Service<Request<RequestBody>> for Pooled {
         }
     }
 }
-
-type BoxedSend = Pin<Box<dyn Future<Output = Result<Response<Incoming>, SendError>> + Send>>;
 
 /// A response from either pool.
 enum PooledFuture {
