@@ -17,7 +17,7 @@
 use super::{
     connect::{ConnInfo, ConnectError, TimedConnector},
     error::{self, SendError, SendFailure},
-    h2_pool::RequestBody,
+    h2_pool::{sweep_while_alive, RequestBody},
 };
 use crate::action::ErrorKind;
 use http::{
@@ -29,10 +29,7 @@ use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
-    },
+    sync::{atomic::AtomicBool, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 use tower::ServiceExt as _;
@@ -217,20 +214,7 @@ impl H1Pool {
     /// Drops closed connections and those unused for the idle timeout, from now on, on the
     /// runtime of the first kept connection, until the pool is dropped.
     fn start_sweeping(self: &Arc<Self>) {
-        if self.sweeping.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let pool: Weak<Self> = Arc::downgrade(self);
-        let every = (self.idle_timeout / 4).max(Duration::from_secs(1));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(pool) = pool.upgrade() else { break };
-                pool.sweep(Instant::now());
-            }
-        });
+        sweep_while_alive(self, &self.sweeping, self.idle_timeout, Self::sweep);
     }
 
     /// Closes what has been idle for the idle timeout and forgets what is closed.

@@ -259,21 +259,9 @@ impl H2Pool {
     /// Sweeps idle origins from now on, on the runtime of the first h2 connection (the one that
     /// drives the connections), until the pool is dropped.
     fn start_sweeping(self: &Arc<Self>) {
-        if self.sweeping.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let pool: Weak<Self> = Arc::downgrade(self);
-        let every = (self.idle_timeout / 4).max(Duration::from_secs(1));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(pool) = pool.upgrade() else { break };
-                let now = Instant::now();
-                pool.forget_idle(&mut pool.origins(), now);
-                pool.handover.drop_stale(now);
-            }
+        sweep_while_alive(self, &self.sweeping, self.idle_timeout, |pool, now| {
+            pool.forget_idle(&mut pool.origins(), now);
+            pool.handover.drop_stale(now);
         });
     }
 
@@ -329,6 +317,30 @@ impl H2Pool {
             ))),
         }
     }
+}
+
+/// Runs `sweep` on `pool` every quarter of `idle_timeout` (at least every second), on the
+/// current runtime, until the pool is dropped; once per pool (`started`).
+pub(super) fn sweep_while_alive<T: Send + Sync + 'static>(
+    pool: &Arc<T>,
+    started: &AtomicBool,
+    idle_timeout: Duration,
+    sweep: fn(&T, Instant),
+) {
+    if started.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let pool: Weak<T> = Arc::downgrade(pool);
+    let every = (idle_timeout / 4).max(Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { break };
+            sweep(&pool, Instant::now());
+        }
+    });
 }
 
 /// A request on its way over an h2 connection: hyper's future, boxed because it has no name.
