@@ -429,12 +429,35 @@ fn data_segments_in(fd: std::os::fd::RawFd) -> u32 {
 /// more, which was one write (and one segment on the caller's socket) per reply.
 #[tokio::test]
 async fn replies_on_a_busy_connection_share_the_callers_segments() {
-    use std::os::fd::AsRawFd;
+    use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+    use tokio::sync::Barrier;
     const CALLERS: usize = 32;
     const EACH: usize = 10;
-    let upstream =
-        Upstream::start(|_| async { json(200, serde_json::json!({ "filler": "x".repeat(1024) })) }).await;
     let serve = ServeProcess::spawn(&["--worker-threads", "1"], &[]).await;
+    // Replies share writes when they are ready together. How often they are depends on how the
+    // two processes are scheduled (on one core, callout often takes each upstream answer as it
+    // comes and writes its reply alone), so each round of 32 is made ready together: once all 32
+    // requests are at the upstream, callout is stopped (SIGSTOP) while the upstream answers them
+    // all, and let go 50 ms later to find 32 answers at once.
+    let pid = libc::pid_t::try_from(serve.pid()).unwrap();
+    let (arrived, answering) = (Arc::new(Barrier::new(CALLERS)), Arc::new(Barrier::new(CALLERS)));
+    let upstream = Upstream::start(move |seen| {
+        let (arrived, answering) = (arrived.clone(), answering.clone());
+        async move {
+            if seen.target == "/busy" {
+                if arrived.wait().await.is_leader() {
+                    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT");
+                    });
+                }
+                answering.wait().await;
+            }
+            json(200, serde_json::json!({ "filler": "x".repeat(1024) }))
+        }
+    })
+    .await;
     let tcp = tokio::net::TcpStream::connect(&serve.grpc).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let fd = tcp.as_raw_fd();
@@ -443,9 +466,9 @@ async fn replies_on_a_busy_connection_share_the_callers_segments() {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let action = request("GET", &upstream.url("/busy"));
-    let calls = |n: usize| {
-        let (mut sender, action, grpc) = (sender.clone(), action.clone(), serve.grpc.clone());
+    let calls = |path: &str, n: usize| {
+        let action = request("GET", &upstream.url(path));
+        let (mut sender, grpc) = (sender.clone(), serve.grpc.clone());
         async move {
             for _ in 0..n {
                 let reply = sender.send_request(raw_execute(&grpc, &action)).await.unwrap();
@@ -456,9 +479,9 @@ async fn replies_on_a_busy_connection_share_the_callers_segments() {
         }
     };
     // A lone call first: the connection's settings are exchanged before counting.
-    calls(1).await;
+    calls("/warm", 1).await;
     let before = data_segments_in(fd);
-    let callers: Vec<_> = (0..CALLERS).map(|_| tokio::spawn(calls(EACH))).collect();
+    let callers: Vec<_> = (0..CALLERS).map(|_| tokio::spawn(calls("/busy", EACH))).collect();
     for caller in callers {
         caller.await.unwrap();
     }
