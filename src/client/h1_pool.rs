@@ -10,12 +10,15 @@
 //!
 //! A connection goes back to its origin's idle list once it can take another request (its
 //! response's body read: a small task waits for that, as hyper-util's pool does), unless the
-//! list has its fill; a request takes the most recently idle one, and dials when there is none.
+//! list has its fill; a request takes the most recently idle one. One that finds none dials,
+//! and takes the first of its dial and a connection another request is done with (as hyper-util's
+//! pool races its checkout and connect): a dial that loses goes on in a task of its own, and the
+//! connection it makes is kept for the next.
 //! One a server closed while idle is found closed and dropped; one that closes as a request is
 //! handed to it gives the request back unsent, and it goes on a new connection (as hyper-util's
 //! pool retries a request a reused connection never took).
 use super::{
-    connect::{ConnInfo, ConnectError, TimedConnector},
+    connect::{ConnInfo, ConnectError, TimedConnector, CONNECT_TIMEOUT},
     error::{self, SendError, SendFailure},
     h2_pool::{sweep_while_alive, RequestBody},
 };
@@ -26,12 +29,13 @@ use http::{
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::client::legacy::connect::Connection as _;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     pin::Pin,
     sync::{atomic::AtomicBool, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+use tokio::sync::oneshot;
 use tower::ServiceExt as _;
 
 /// One kept connection: its sender, how it was made (every response over it carries that),
@@ -42,12 +46,33 @@ struct Kept {
     since: Instant,
 }
 
+/// One origin's connections: the idle ones (most recently idle last), and the requests that
+/// found none, oldest first, each waiting for its own dial or one another request is done with.
+#[derive(Default)]
+struct Origin {
+    idle: Vec<Kept>,
+    waiting: VecDeque<Arc<Waiter>>,
+}
+
+/// Where a waiting request is handed its connection (or its own dial's error): taken by
+/// whichever comes first, the request's dial or a connection going idle.
+type Waiter = Mutex<Option<oneshot::Sender<Result<Kept, SendError>>>>;
+
+/// True once a waiter was handed something or its request is gone.
+fn gone(waiter: &Waiter) -> bool {
+    lock(waiter).as_ref().is_none_or(oneshot::Sender::is_closed)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The HTTP/1.1 connections of one client to plain http origins.
 pub struct H1Pool {
     connector: TimedConnector,
     idle_timeout: Duration,
     max_per_origin: usize,
-    kept: Mutex<HashMap<Authority, Vec<Kept>>>,
+    origins: Mutex<HashMap<Authority, Origin>>,
     sweeping: AtomicBool,
 }
 
@@ -59,13 +84,13 @@ impl H1Pool {
             connector,
             idle_timeout,
             max_per_origin,
-            kept: Mutex::default(),
+            origins: Mutex::default(),
             sweeping: AtomicBool::new(false),
         }
     }
 
-    fn kept(&self) -> MutexGuard<'_, HashMap<Authority, Vec<Kept>>> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    fn origins(&self) -> MutexGuard<'_, HashMap<Authority, Origin>> {
+        lock(&self.origins)
     }
 
     /// The origin `request` goes to when this pool carries it: plain http over HTTP/1.1 (not
@@ -84,52 +109,119 @@ impl H1Pool {
     pub fn send(self: Arc<Self>, authority: Authority, request: Request<RequestBody>) -> BoxedSend {
         let request = on_the_wire(request, &authority);
         let Some(mut kept) = self.take(&authority) else {
-            return Box::pin(self.dial_and_send(authority, request));
+            return Box::pin(self.connect_and_send(authority, request));
         };
         let sending = kept.sender.try_send_request(request);
         Box::pin(async move {
             let again = match self.answered(&authority, kept, sending.await) {
                 Sent::Response(response) => return Ok(response),
                 Sent::Failed(e) => return Err(e),
-                // It closed as it was handed the request: a new connection takes it.
-                Sent::Unsent(request) => Box::pin(self.dial_and_send(authority, request)),
+                // It closed as it was handed the request: another connection takes it.
+                Sent::Unsent(request) => Box::pin(self.connect_and_send(authority, request)),
             };
             again.await
         })
     }
 
-    async fn dial_and_send(
+    /// Sends `request` on the connection [`Self::connection`] gets; one that closes as it is
+    /// handed the request gives it back, and it gets one more.
+    async fn connect_and_send(
         self: Arc<Self>,
         authority: Authority,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        // Boxed: the dial's state is reserved only until the connection is made.
-        let mut kept = Box::pin(self.dial(&authority)).await?;
-        let sending = kept.sender.try_send_request(request);
-        match self.answered(&authority, kept, sending.await) {
-            Sent::Response(response) => Ok(response),
-            Sent::Failed(e) => Err(e),
-            Sent::Unsent(_) => Err(SendError::Judged(SendFailure::new(
+        for _ in 0..2 {
+            // Boxed: the wait for a connection is reserved only until it has one.
+            let mut kept = Box::pin(self.connection(&authority)).await?;
+            let sending = kept.sender.try_send_request(request);
+            match self.answered(&authority, kept, sending.await) {
+                Sent::Response(response) => return Ok(response),
+                Sent::Failed(e) => return Err(e),
+                Sent::Unsent(unsent) => request = unsent,
+            }
+        }
+        Err(SendError::Judged(SendFailure::new(
+            ErrorKind::Connect,
+            "the connection closed before the request was sent",
+            false,
+        )))
+    }
+
+    /// A connection to `authority`: an idle one, else the first of a new one and one another
+    /// request is done with. A dial that loses goes on (within this request's connect timeout)
+    /// and what it makes is kept.
+    async fn connection(self: &Arc<Self>, authority: &Authority) -> Result<Kept, SendError> {
+        let (handed, mut handed_here) = oneshot::channel();
+        let waiter = Arc::new(Mutex::new(Some(handed)));
+        {
+            let mut origins = self.origins();
+            let origin = origins.entry(authority.clone()).or_default();
+            if let Some(idle) = take_ready(&mut origin.idle) {
+                return Ok(idle);
+            }
+            origin.waiting.push_back(waiter.clone());
+        }
+        // The dial runs here while it leads, boxed as it is freed once done; a connection handed
+        // first sends the rest of it to a task of its own.
+        let timeout = self.connector.timeout_here();
+        let mut dial =
+            Box::pin(CONNECT_TIMEOUT.scope(timeout, self.clone().dial_for(authority.clone(), waiter)));
+        let handed = tokio::select! {
+            biased;
+            () = &mut dial => handed_here.await,
+            handed = &mut handed_here => {
+                tokio::spawn(dial);
+                handed
+            }
+        };
+        handed.unwrap_or_else(|_| {
+            Err(SendError::Judged(SendFailure::new(
                 ErrorKind::Connect,
-                "the connection closed before the request was sent",
+                "the dial ended without a connection",
                 false,
-            ))),
+            )))
+        })
+    }
+
+    /// Dials for `waiter`: what it makes (or its error) goes to the waiter if nothing was handed
+    /// to it first; else a connection is kept for the next request, and an error is dropped
+    /// (its request went on another connection).
+    async fn dial_for(self: Arc<Self>, authority: Authority, waiter: Arc<Waiter>) {
+        let dialled = self.dial(&authority).await;
+        let unserved = lock(&waiter).take();
+        match (unserved, dialled) {
+            (Some(handed), dialled) => {
+                if let Err(Ok(kept)) = handed.send(dialled) {
+                    self.keep(&authority, kept);
+                }
+            }
+            (None, Ok(kept)) => self.keep(&authority, kept),
+            (None, Err(_)) => {}
+        }
+        self.forget_gone(&authority);
+    }
+
+    /// Drops the waiters at the front of `authority`'s queue that were handed something or whose
+    /// requests are gone (dials end roughly in the order they began), and the origin once it has
+    /// neither idle connections nor waiting requests: one dialled only once is not remembered.
+    fn forget_gone(&self, authority: &Authority) {
+        let mut origins = self.origins();
+        let Some(origin) = origins.get_mut(authority) else { return };
+        while origin.waiting.front().is_some_and(|w| gone(w)) {
+            origin.waiting.pop_front();
+        }
+        if origin.idle.is_empty() && origin.waiting.is_empty() {
+            origins.remove(authority);
         }
     }
 
     /// The connection to `authority` most recently idle; closed ones met on the way are dropped.
     fn take(&self, authority: &Authority) -> Option<Kept> {
-        let mut kept = self.kept();
-        let list = kept.get_mut(authority)?;
-        let mut taken = None;
-        while let Some(idle) = list.pop() {
-            if idle.sender.is_ready() {
-                taken = Some(idle);
-                break;
-            }
-        }
-        if list.is_empty() {
-            kept.remove(authority);
+        let mut origins = self.origins();
+        let origin = origins.get_mut(authority)?;
+        let taken = take_ready(&mut origin.idle);
+        if origin.idle.is_empty() && origin.waiting.is_empty() {
+            origins.remove(authority);
         }
         taken
     }
@@ -168,15 +260,25 @@ impl H1Pool {
         });
     }
 
-    /// Keeps an idle connection, unless its origin has its fill of them.
+    /// Hands a connection that can take a request to the oldest request waiting for one, else
+    /// keeps it idle, unless its origin has its fill of them.
     fn keep(self: &Arc<Self>, authority: &Authority, mut kept: Kept) {
-        kept.since = Instant::now();
-        let mut all = self.kept();
-        let list = all.entry(authority.clone()).or_default();
-        if list.len() < self.max_per_origin {
-            list.push(kept);
+        let mut origins = self.origins();
+        let origin = origins.entry(authority.clone()).or_default();
+        while let Some(waiter) = origin.waiting.pop_front() {
+            let Some(handed) = lock(&waiter).take() else { continue };
+            match handed.send(Ok(kept)) {
+                Ok(()) => return,
+                // That request is gone: the next one, or the idle list.
+                Err(Ok(back)) => kept = back,
+                Err(Err(_)) => return,
+            }
         }
-        drop(all);
+        kept.since = Instant::now();
+        if origin.idle.len() < self.max_per_origin {
+            origin.idle.push(kept);
+        }
+        drop(origins);
         self.start_sweeping();
     }
 
@@ -220,11 +322,25 @@ impl H1Pool {
     /// Closes what has been idle for the idle timeout and forgets what is closed.
     fn sweep(&self, now: Instant) {
         let idle_timeout = self.idle_timeout;
-        self.kept().retain(|_, list| {
-            list.retain(|k| !k.sender.is_closed() && now.saturating_duration_since(k.since) < idle_timeout);
-            !list.is_empty()
+        self.origins().retain(|_, origin| {
+            origin
+                .idle
+                .retain(|k| !k.sender.is_closed() && now.saturating_duration_since(k.since) < idle_timeout);
+            origin.waiting.retain(|w| !gone(w));
+            !origin.idle.is_empty() || !origin.waiting.is_empty()
         });
     }
+}
+
+/// The most recently idle connection of `idle` that can take a request; closed ones met on the
+/// way are dropped.
+fn take_ready(idle: &mut Vec<Kept>) -> Option<Kept> {
+    while let Some(kept) = idle.pop() {
+        if kept.sender.is_ready() {
+            return Some(kept);
+        }
+    }
+    None
 }
 
 /// A request on its way: boxed, as hyper-util's pool's is.
@@ -350,8 +466,8 @@ mod tests {
             peers.push(peer);
             pool.keep(&authority, kept);
         }
-        assert_eq!(pool.kept()[&authority].len(), 2, "the third had no room");
-        let newest = pool.kept()[&authority][1].since;
+        assert_eq!(pool.origins()[&authority].idle.len(), 2, "the third had no room");
+        let newest = pool.origins()[&authority].idle[1].since;
         let taken = pool.take(&authority).expect("an idle one");
         assert_eq!(taken.since, newest, "the most recently idle first");
         assert!(pool.take(&"b.test".parse().unwrap()).is_none(), "other origins keep their own");
@@ -364,15 +480,15 @@ mod tests {
         let (closed, _peer) = kept(false).await;
         pool.keep(&authority, closed);
         assert!(pool.take(&authority).is_none(), "a closed connection is not taken");
-        assert!(pool.kept().is_empty(), "and is forgotten");
+        assert!(pool.origins().is_empty(), "and is forgotten");
 
         let (fresh, _peer) = kept(true).await;
         pool.keep(&authority, fresh);
         let now = Instant::now();
         pool.sweep(now);
-        assert_eq!(pool.kept()[&authority].len(), 1, "not idle long enough");
+        assert_eq!(pool.origins()[&authority].idle.len(), 1, "not idle long enough");
         pool.sweep(now + Duration::from_secs(90));
-        assert!(pool.kept().is_empty(), "idle for the idle timeout: closed");
+        assert!(pool.origins().is_empty(), "idle for the idle timeout: closed");
     }
 
     #[tokio::test]
@@ -389,6 +505,68 @@ mod tests {
         let (dialling, reusing) = (std::mem::size_of_val(&*dialling), std::mem::size_of_val(&*reusing));
         assert!(dialling <= 768, "dialling: {dialling} bytes");
         assert!(reusing <= 768, "on a kept connection: {reusing} bytes");
+    }
+
+    /// A waiter for a connection to `authority`, as `connection` leaves one.
+    fn waiting(
+        pool: &H1Pool,
+        authority: &Authority,
+    ) -> (Arc<Waiter>, oneshot::Receiver<Result<Kept, SendError>>) {
+        let (handed, handed_here) = oneshot::channel();
+        let waiter = Arc::new(Mutex::new(Some(handed)));
+        pool.origins().entry(authority.clone()).or_default().waiting.push_back(waiter.clone());
+        (waiter, handed_here)
+    }
+
+    #[tokio::test]
+    async fn a_connection_going_idle_goes_to_the_oldest_waiting_request_first() {
+        let pool = pool(Duration::from_secs(90), 8);
+        let authority: Authority = "a.test".parse().unwrap();
+        let (_, gone_request) = waiting(&pool, &authority);
+        drop(gone_request);
+        let (_, mut oldest) = waiting(&pool, &authority);
+        let (_, mut newer) = waiting(&pool, &authority);
+        let (idle, _peer) = kept(true).await;
+        pool.keep(&authority, idle);
+        assert!(matches!(oldest.try_recv(), Ok(Ok(_))), "the oldest request still waiting has it");
+        assert!(newer.try_recv().is_err(), "the newer one waits on");
+        assert!(pool.origins()[&authority].idle.is_empty(), "handed, not kept idle");
+        let (idle, _peer2) = kept(true).await;
+        pool.keep(&authority, idle);
+        assert!(matches!(newer.try_recv(), Ok(Ok(_))));
+        let (idle, _peer3) = kept(true).await;
+        pool.keep(&authority, idle);
+        assert_eq!(pool.origins()[&authority].idle.len(), 1, "nobody waiting: kept idle");
+        assert!(pool.origins()[&authority].waiting.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dial_whose_request_went_on_another_connection_is_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepting = tokio::spawn(async move { listener.accept().await.map(|(tcp, _)| tcp) });
+        let loopback =
+            crate::client::egress::EgressSettings { allow_private_networks: true, ..Default::default() };
+        let tls = super::super::tls::client_config(None, false, &TlsOptions::default()).unwrap();
+        let connector = TimedConnector::new(Arc::new(tls), Arc::default(), Duration::from_secs(5))
+            .with_egress(Arc::new(crate::client::egress::EgressPolicy::new(loopback)), &Default::default());
+        let pool = Arc::new(H1Pool::new(connector, Duration::from_secs(90), 8));
+        // Its request was handed another connection: the waiter is empty.
+        let (waiter, _handed_here) = waiting(&pool, &authority);
+        drop(lock(&waiter).take());
+        pool.clone().dial_for(authority.clone(), waiter).await;
+        let _upstream_end = accepting.await.unwrap().unwrap();
+        assert_eq!(pool.origins()[&authority].idle.len(), 1, "the new connection waits for the next request");
+
+        // A dial that fails hands its error to its own request.
+        let closed: Authority = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string().parse().unwrap()
+        };
+        let (waiter, handed_here) = waiting(&pool, &closed);
+        pool.clone().dial_for(closed.clone(), waiter).await;
+        assert!(matches!(handed_here.await, Ok(Err(SendError::Judged(_)))), "its own dial's error");
+        assert!(!pool.origins().contains_key(&closed), "an origin with nothing kept is forgotten");
     }
 
     #[tokio::test]

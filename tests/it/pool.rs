@@ -1,7 +1,8 @@
 //! Plain http upstream connections, as callout keeps them: one connection carries request after
 //! request (in origin form, with Host), a connection the upstream closed is not used again, at
 //! most `pool_max_idle_per_host` are kept per origin, and one idle for `pool_idle_timeout` is
-//! closed. The upstream is a raw HTTP/1.1 server on loopback that counts connections and
+//! closed; a request that finds none idle takes one going idle before its own dial is made.
+//! The upstream is a raw HTTP/1.1 server on loopback that counts connections and
 //! records each request head as it came over the wire.
 use crate::support::*;
 use callout::pb;
@@ -176,4 +177,73 @@ async fn a_connection_idle_for_the_idle_timeout_is_closed() {
     // The pool's sweep (every second here) closes it: the upstream reads the close.
     let closed = tokio::time::timeout(Duration::from_secs(10), upstream.closed.recv()).await;
     assert_eq!(closed.expect("closed within 10 s of going idle"), Some(1));
+}
+
+/// A request that finds every connection busy dials, and takes whichever comes first: its own
+/// new connection or one another request is done with. Here its dial cannot finish: the upstream
+/// listens with a backlog of zero and accepts one connection only, and a connection the test
+/// opens holds the accept queue's one place, so new connections' SYNs are dropped. The second
+/// action is sent while the first holds the one connection; when the first's answer comes, the
+/// second goes on that connection, inside its connect timeout. (Waiting on its own dial alone,
+/// it failed as TIMEOUT after the 2 s.)
+#[tokio::test]
+async fn a_request_takes_a_connection_going_idle_before_its_own_dial_is_made() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (first_in_tx, first_in) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counted = served.clone();
+    let _upstream = AbortOnDrop(tokio::spawn(async move {
+        // One connection is accepted, and no other.
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let _listener = listener;
+        let (mut first_in_tx, mut released) = (Some(first_in_tx), Some(released));
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                }
+                continue;
+            };
+            pending.drain(..end + 4);
+            // The first answer waits for the test's word.
+            if let (Some(first_in_tx), Some(released)) = (first_in_tx.take(), released.take()) {
+                let _ = first_in_tx.send(());
+                let _ = released.await;
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+            if tcp.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let sidecar = Sidecar::start().await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut first_client = sidecar.client.clone();
+    let first_req = request("GET", &url);
+    let first = tokio::spawn(async move { first_client.execute(first_req).await.unwrap().into_inner() });
+    first_in.await.unwrap();
+    // The accept queue's one place, taken: from now on a new connection is never made.
+    let _queued = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut second_req = request("GET", &url);
+    second_req.timeouts =
+        Some(Box::new(pb::Timeouts { connect: Some(dur(Duration::from_secs(2))), ..Default::default() }));
+    let mut second_client = sidecar.client.clone();
+    let second = tokio::spawn(async move { second_client.execute(second_req).await.unwrap().into_inner() });
+    // The second is dialling (its SYN dropped) when the first's answer frees the connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.outcome(), pb::Outcome::Succeeded, "{first:?}");
+    let second = second.await.unwrap();
+    assert_eq!(second.outcome(), pb::Outcome::Succeeded, "{second:?}");
+    assert!(reused(&second), "on the first's connection: {second:?}");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
 }
