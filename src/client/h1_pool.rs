@@ -151,6 +151,8 @@ impl H1Pool {
     /// request is done with. A dial that loses goes on (within this request's connect timeout)
     /// and what it makes is kept.
     async fn connection(self: &Arc<Self>, authority: &Authority) -> Result<Kept, SendError> {
+        // Dropped last: a request dropped while it waits leaves no place behind.
+        let _forget = ForgetGone { pool: self, authority };
         let (handed, mut handed_here) = oneshot::channel();
         let waiter = Arc::new(Mutex::new(Some(handed)));
         {
@@ -329,6 +331,19 @@ impl H1Pool {
             origin.waiting.retain(|w| !gone(w));
             !origin.idle.is_empty() || !origin.waiting.is_empty()
         });
+    }
+}
+
+/// Forgets what is gone from an origin's queue when a request's wait for a connection ends,
+/// however it ends.
+struct ForgetGone<'a> {
+    pool: &'a H1Pool,
+    authority: &'a Authority,
+}
+
+impl Drop for ForgetGone<'_> {
+    fn drop(&mut self) {
+        self.pool.forget_gone(self.authority);
     }
 }
 
@@ -540,17 +555,39 @@ mod tests {
         assert!(pool.origins()[&authority].waiting.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_dial_whose_request_went_on_another_connection_is_kept() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let accepting = tokio::spawn(async move { listener.accept().await.map(|(tcp, _)| tcp) });
+    /// A pool whose connector may dial loopback.
+    fn loopback_pool() -> Arc<H1Pool> {
         let loopback =
             crate::client::egress::EgressSettings { allow_private_networks: true, ..Default::default() };
         let tls = super::super::tls::client_config(None, false, &TlsOptions::default()).unwrap();
         let connector = TimedConnector::new(Arc::new(tls), Arc::default(), Duration::from_secs(5))
             .with_egress(Arc::new(crate::client::egress::EgressPolicy::new(loopback)), &Default::default());
-        let pool = Arc::new(H1Pool::new(connector, Duration::from_secs(90), 8));
+        Arc::new(H1Pool::new(connector, Duration::from_secs(90), 8))
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_it_dials_leaves_nothing_behind() {
+        // A listener with a backlog of zero whose one place is taken: a dial to it never ends.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let address = listener.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(address).unwrap();
+        let authority: Authority = address.to_string().parse().unwrap();
+        let pool = loopback_pool();
+        let url = format!("http://{address}/");
+        let sending = pool.clone().send(authority.clone(), request(Method::GET, &url, Version::HTTP_11));
+        let waited = tokio::time::timeout(Duration::from_millis(50), sending).await;
+        assert!(waited.is_err(), "the dial should still be hanging");
+        assert!(!pool.origins().contains_key(&authority), "its waiting place is gone with it");
+    }
+
+    #[tokio::test]
+    async fn a_dial_whose_request_went_on_another_connection_is_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepting = tokio::spawn(async move { listener.accept().await.map(|(tcp, _)| tcp) });
+        let pool = loopback_pool();
         // Its request was handed another connection: the waiter is empty.
         let (waiter, _handed_here) = waiting(&pool, &authority);
         drop(lock(&waiter).take());
