@@ -10,13 +10,14 @@
 //!
 //! A connection goes back to its origin's idle list once it can take another request (its
 //! response's body read: a small task waits for that, as hyper-util's pool does), unless the
-//! list has its fill; a request takes the most recently idle one. One that finds none dials,
-//! and takes the first of its dial and a connection another request is done with (as hyper-util's
-//! pool races its checkout and connect): a dial that loses goes on in a task of its own, and the
-//! connection it makes is kept for the next.
-//! One a server closed while idle is found closed and dropped; one that closes as a request is
-//! handed to it gives the request back unsent, and it goes on a new connection (as hyper-util's
-//! pool retries a request a reused connection never took).
+//! list has its fill; a request waiting for a connection is handed it first. A request takes the
+//! most recently idle one; one that finds none dials, and takes the first of its dial and a
+//! connection another request is done with (as hyper-util's pool races its checkout and connect):
+//! a dial that loses goes on in a task of its own, and the connection it makes is kept.
+//!
+//! A connection a server closed while idle is found closed and dropped; one that closes as a
+//! request is handed to it gives the request back unsent, and it goes on another connection (as
+//! hyper-util's pool retries a request a reused connection never took).
 use super::{
     connect::{ConnInfo, ConnectError, TimedConnector, CONNECT_TIMEOUT},
     error::{self, SendError, SendFailure},
