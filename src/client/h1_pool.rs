@@ -55,9 +55,22 @@ struct Origin {
     waiting: VecDeque<Arc<Waiter>>,
 }
 
+impl Origin {
+    /// Nothing kept and nobody waiting: the origin need not be remembered.
+    fn is_empty(&self) -> bool {
+        self.idle.is_empty() && self.waiting.is_empty()
+    }
+}
+
 /// Where a waiting request is handed its connection (or its own dial's error): taken by
 /// whichever comes first, the request's dial or a connection going idle.
 type Waiter = Mutex<Option<oneshot::Sender<Result<Kept, SendError>>>>;
+
+/// A new waiter, and where what it is handed arrives.
+fn waiter() -> (Arc<Waiter>, oneshot::Receiver<Result<Kept, SendError>>) {
+    let (handed, handed_here) = oneshot::channel();
+    (Arc::new(Mutex::new(Some(handed))), handed_here)
+}
 
 /// True once a waiter was handed something or its request is gone.
 fn gone(waiter: &Waiter) -> bool {
@@ -154,8 +167,7 @@ impl H1Pool {
     async fn connection(self: &Arc<Self>, authority: &Authority) -> Result<Kept, SendError> {
         // Dropped last: a request dropped while it waits leaves no place behind.
         let _forget = ForgetGone { pool: self, authority };
-        let (handed, mut handed_here) = oneshot::channel();
-        let waiter = Arc::new(Mutex::new(Some(handed)));
+        let (waiter, mut handed_here) = waiter();
         {
             let mut origins = self.origins();
             let origin = origins.entry(authority.clone()).or_default();
@@ -213,7 +225,7 @@ impl H1Pool {
         while origin.waiting.front().is_some_and(|w| gone(w)) {
             origin.waiting.pop_front();
         }
-        if origin.idle.is_empty() && origin.waiting.is_empty() {
+        if origin.is_empty() {
             origins.remove(authority);
         }
     }
@@ -223,7 +235,7 @@ impl H1Pool {
         let mut origins = self.origins();
         let origin = origins.get_mut(authority)?;
         let taken = take_ready(&mut origin.idle);
-        if origin.idle.is_empty() && origin.waiting.is_empty() {
+        if origin.is_empty() {
             origins.remove(authority);
         }
         taken
@@ -330,7 +342,7 @@ impl H1Pool {
                 .idle
                 .retain(|k| !k.sender.is_closed() && now.saturating_duration_since(k.since) < idle_timeout);
             origin.waiting.retain(|w| !gone(w));
-            !origin.idle.is_empty() || !origin.waiting.is_empty()
+            !origin.is_empty()
         });
     }
 }
@@ -528,8 +540,7 @@ mod tests {
         pool: &H1Pool,
         authority: &Authority,
     ) -> (Arc<Waiter>, oneshot::Receiver<Result<Kept, SendError>>) {
-        let (handed, handed_here) = oneshot::channel();
-        let waiter = Arc::new(Mutex::new(Some(handed)));
+        let (waiter, handed_here) = waiter();
         pool.origins().entry(authority.clone()).or_default().waiting.push_back(waiter.clone());
         (waiter, handed_here)
     }

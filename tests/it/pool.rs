@@ -53,26 +53,16 @@ impl RawUpstream {
                 let (recorded, barrier, closed_tx) = (recorded.clone(), barrier.clone(), closed_tx.clone());
                 tokio::spawn(async move {
                     let mut pending = Vec::new();
-                    let mut buf = [0u8; 4096];
                     loop {
-                        let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match tcp.read(&mut buf).await {
-                                Ok(0) | Err(_) => {
-                                    let _ = closed_tx.send(number);
-                                    return;
-                                }
-                                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                            }
-                            continue;
+                        let Some(head) = next_head(&mut tcp, &mut pending).await else {
+                            let _ = closed_tx.send(number);
+                            return;
                         };
-                        let head: Vec<u8> = pending.drain(..end + 4).collect();
                         recorded.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
                         if let Some(barrier) = &barrier {
                             barrier.wait().await;
                         }
-                        let reply =
-                            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
-                        if tcp.write_all(reply).await.is_err() {
+                        if tcp.write_all(OK).await.is_err() {
                             return;
                         }
                         if let Keep::CloseAfterOne = keep {
@@ -91,6 +81,24 @@ impl RawUpstream {
 
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// The raw upstreams' answer to every request.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+
+/// The next request head on `tcp` (bodiless requests only), `pending` holding what was read past
+/// the last one; `None` once the client closes.
+async fn next_head(tcp: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(pending.drain(..end + 4).collect());
+        }
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
     }
 }
 
@@ -202,24 +210,14 @@ async fn a_request_takes_a_connection_going_idle_before_its_own_dial_is_made() {
         let _listener = listener;
         let (mut first_in_tx, mut released) = (Some(first_in_tx), Some(released));
         let mut pending = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => pending.extend_from_slice(&buf[..n]),
-                }
-                continue;
-            };
-            pending.drain(..end + 4);
+        while next_head(&mut tcp, &mut pending).await.is_some() {
             // The first answer waits for the test's word.
             if let (Some(first_in_tx), Some(released)) = (first_in_tx.take(), released.take()) {
                 let _ = first_in_tx.send(());
                 let _ = released.await;
             }
             counted.fetch_add(1, Ordering::SeqCst);
-            let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
-            if tcp.write_all(reply).await.is_err() {
+            if tcp.write_all(OK).await.is_err() {
                 return;
             }
         }
